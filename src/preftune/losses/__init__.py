@@ -1,1 +1,35 @@
+"""The loss zoo: every direct-alignment method as a pure, registered function (ALGORITHMS.md §1–§3).
 
+from preftune import losses
+spec = losses.get("dpo")                     # LossSpec: fn + metadata
+out = spec(batch, state, beta=0.1)           # LossOutput(losses [E], metrics, state)
+losses.parse_objective("dpo:1.0,sft:0.2")    # [(spec, weight), ...]
+losses.pairwise("dpo", pc, pr, rc, rr, beta=0.1)   # functional API, per-pair losses [E]
+"""
+
+from __future__ import annotations
+
+# Importing the method modules registers their losses.
+from preftune.losses import pairwise as _pairwise_methods  # noqa: F401
+from preftune.losses import terms as _terms  # noqa: F401
+from preftune.losses.registry import (
+    REGISTRY,
+    HParam,
+    LossOutput,
+    LossSpec,
+    get,
+    parse_objective,
+    register,
+)
+from preftune.losses.terms import sft_token_count
+
+__all__ = [
+    "REGISTRY",
+    "HParam",
+    "LossOutput",
+    "LossSpec",
+    "get",
+    "parse_objective",
+    "register",
+    "sft_token_count",
+]

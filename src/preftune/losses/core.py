@@ -1,0 +1,97 @@
+"""Shared units of the loss zoo: float32 views of a batch, masks, log-ratios, reward metrics.
+
+Every loss computes in float32 whatever the model's dtype; entries of absent branches are replaced by
+0 *before* any arithmetic so that padding (even inf/NaN) never reaches a loss or its gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from preftune.errors import ConfigError
+from preftune.types import PreferenceBatch
+
+# exp(x) is linearised above this value: exp(40) ≈ 2.4e17 keeps β·exp(·) and its gradient finite in
+# float32 for log-ratios far beyond ±1e4 (ALGORITHMS.md §6), while being exact where training lives.
+EXP_LIMIT = 40.0
+
+
+def branch_mask(batch: PreferenceBatch) -> torch.Tensor:
+    """[E, K] bool, True where a branch exists."""
+    if batch.mask is None:
+        return torch.ones(batch.policy_logps.shape, dtype=torch.bool, device=batch.policy_logps.device)
+    return batch.mask.to(torch.bool)
+
+
+def valid_examples(batch: PreferenceBatch, branches: int) -> torch.Tensor:
+    """[E] bool, True where the first `branches` branches of an example all exist."""
+    mask = branch_mask(batch)
+    if mask.shape[1] < branches:
+        raise ConfigError(
+            f"the loss needs {branches} branches per example, the batch has {mask.shape[1]}; "
+            "check the data kind of the method"
+        )
+    return mask[:, :branches].all(dim=1)
+
+
+def clean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`x` in float32 with absent entries (mask False, broadcast over trailing dims) set to 0."""
+    x = x.float()
+    while mask.dim() < x.dim():
+        mask = mask.unsqueeze(-1)
+    return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def policy_logps(batch: PreferenceBatch) -> torch.Tensor:
+    """[E, K] float32 policy log-probs, 0 for absent branches."""
+    return clean(batch.policy_logps, branch_mask(batch))
+
+
+def lengths(batch: PreferenceBatch) -> torch.Tensor:
+    """[E, K] float32 response lengths |y|, at least 1 (absent branches count 1, never 0/0)."""
+    return clean(batch.lengths, branch_mask(batch)).clamp(min=1.0)
+
+
+def ref_logps(batch: PreferenceBatch, loss: str) -> torch.Tensor:
+    """[E, K] float32 reference log-probs; ConfigError if the batch has none."""
+    if batch.ref_logps is None:
+        raise ConfigError(f"loss '{loss}' needs reference log-probs (batch.ref_logps is None)")
+    return clean(batch.ref_logps, branch_mask(batch))
+
+
+def log_ratios(batch: PreferenceBatch, loss: str) -> torch.Tensor:
+    """[E, K] ρ = logp_θ − logp_ref in float32, 0 for absent branches."""
+    return policy_logps(batch) - ref_logps(batch, loss)
+
+
+def log_sigmoid(z: torch.Tensor) -> torch.Tensor:
+    """log σ(z) = −softplus(−z), stable for |z| up to the float32 range."""
+    return F.logsigmoid(z)
+
+
+def safe_exp(x: torch.Tensor, limit: float = EXP_LIMIT) -> torch.Tensor:
+    """exp(x) for x ≤ limit, continued by its tangent line above (finite value and gradient)."""
+    xc = x.clamp(max=limit)
+    return torch.exp(xc) * (1.0 + (x - xc))
+
+
+def pair_metrics(reward_w: torch.Tensor, reward_l: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-example implicit-reward metrics of a pair: chosen, rejected, margin, accuracy (margin > 0)."""
+    reward_w, reward_l = reward_w.detach().float(), reward_l.detach().float()
+    margin = reward_w - reward_l
+    return {
+        "rewards/chosen": reward_w,
+        "rewards/rejected": reward_l,
+        "rewards/margin": margin,
+        "rewards/accuracy": (margin > 0).float(),
+    }
+
+
+def finish(
+    losses: torch.Tensor, valid: torch.Tensor, metrics: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Zero the losses and metrics of invalid (masked-out) examples; metrics detached float32."""
+    zero = torch.zeros((), dtype=torch.float32, device=losses.device)
+    losses = torch.where(valid, losses.float(), zero)
+    return losses, {k: torch.where(valid, v.detach().float(), zero) for k, v in metrics.items()}
