@@ -1,0 +1,302 @@
+"""PNG plots for run and sweep reports, drawn with matplotlib's Agg canvas (no display, no pyplot state).
+
+Every function returns PNG bytes, so a report can embed them as base64 and stay one self-contained file.
+Noisy train curves are drawn twice: raw values faint, a centred moving average on top; eval points
+are drawn on the same axes in the same colour with markers, so over-fitting shows as the two lines parting.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")  # before any figure is made: reports are written on machines without a display
+
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+Record = Mapping[str, object]
+
+# One colour per concept across every plot: chosen green, rejected red, margin/other blue.
+CHOSEN, REJECTED, NEUTRAL, SECOND = "#2a9d8f", "#d1495b", "#3d5a98", "#e9a03b"
+PALETTE = ("#3d5a98", "#d1495b", "#2a9d8f", "#e9a03b", "#7b4b94", "#5c946e", "#c05f2a", "#4f4f4f")
+DPI = 110
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One metric drawn in a panel: `key` in metrics.jsonl, its legend `label` and `color`.
+
+    `smooth=False` for deterministic series (the learning-rate schedule), which an average would distort.
+    """
+
+    key: str
+    label: str
+    color: str = NEUTRAL
+    smooth: bool = True
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One axes: the curves it draws, its title and y label (with units), optional chance/zero line."""
+
+    title: str
+    ylabel: str
+    curves: tuple[Curve, ...]
+    hline: float | None = None
+    ylim: tuple[float, float] | None = None
+    log_y: bool = False
+
+
+def metric_series(records: Sequence[Record], key: str, split: str) -> tuple[list[float], list[float]]:
+    """Steps and values of `key` in records of `split`, skipping absent, non-numeric and non-finite values."""
+    steps: list[float] = []
+    values: list[float] = []
+    for rec in records:
+        if rec.get("split", "train") != split:
+            continue
+        value, step = rec.get(key), rec.get("step")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            continue
+        if isinstance(step, bool) or not isinstance(step, int | float):
+            continue
+        steps.append(float(step))
+        values.append(float(value))
+    return steps, values
+
+
+def smooth(values: Sequence[float], half_window: int) -> list[float]:
+    """Centred moving average: s_i = mean(v_j for |j − i| ≤ half_window), the window clipped at the ends.
+
+    Centred rather than an exponential average because a report is drawn after the fact: an EMA lags
+    the raw curve by its window, which would misplace trends and understate the final values.
+    """
+    if half_window <= 0:
+        return list(values)
+    prefix = [0.0]
+    for v in values:
+        prefix.append(prefix[-1] + v)
+    n = len(values)
+    out = []
+    for i in range(n):
+        lo, hi = max(0, i - half_window), min(n, i + half_window + 1)
+        out.append((prefix[hi] - prefix[lo]) / (hi - lo))
+    return out
+
+
+def smoothing_window(n: int) -> int:
+    """Half-width of the moving average for n points: about n/30 (none for fewer than 12 points)."""
+    return 0 if n < 12 else max(1, n // 30)
+
+
+def _style(ax: Axes, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set_title(title, fontsize=11, loc="left", fontweight="bold")
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.grid(True, alpha=0.3, linewidth=0.6)
+    ax.tick_params(labelsize=8)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", facecolor="white")
+    return buf.getvalue()
+
+
+def panel_has_data(records: Sequence[Record], panel: Panel) -> list[str]:
+    """Keys of `panel` with at least one value in `records` (any split)."""
+    return [
+        c.key for c in panel.curves if any(metric_series(records, c.key, s)[1] for s in ("train", "eval"))
+    ]
+
+
+def _draw_panel(ax: Axes, records: Sequence[Record], panel: Panel) -> None:
+    for curve in panel.curves:
+        steps, values = metric_series(records, curve.key, "train")
+        if values:
+            half = smoothing_window(len(values)) if curve.smooth else 0
+            if half > 0:
+                ax.plot(steps, values, color=curve.color, alpha=0.2, linewidth=0.8)
+                ax.plot(
+                    steps,
+                    smooth(values, half),
+                    color=curve.color,
+                    linewidth=1.8,
+                    label=f"{curve.label} (train, smoothed)",
+                )
+            else:
+                ax.plot(
+                    steps,
+                    values,
+                    color=curve.color,
+                    linewidth=1.6,
+                    marker="." if len(values) < 60 else None,
+                    markersize=4,
+                    label=f"{curve.label} (train)",
+                )
+        e_steps, e_values = metric_series(records, curve.key, "eval")
+        if e_values:
+            ax.plot(
+                e_steps,
+                e_values,
+                color=curve.color,
+                linewidth=1.2,
+                linestyle="--",
+                marker="o",
+                markersize=4.5,
+                markerfacecolor="white",
+                markeredgewidth=1.4,
+                label=f"{curve.label} (eval)",
+            )
+    drawn = [float(v) for line in ax.get_lines() for v in line.get_ydata()]  # type: ignore[union-attr,arg-type]
+    if panel.log_y and drawn and min(drawn) > 0:
+        ax.set_yscale("log")
+    else:
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 5), useOffset=False)
+    if panel.hline is not None:
+        ax.axhline(panel.hline, color="#888888", linewidth=0.9, linestyle=":", zorder=0)
+    if panel.ylim is not None:
+        ax.set_ylim(*panel.ylim)
+    _style(ax, panel.title, "optimizer step", panel.ylabel)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7.5, frameon=False, loc="best")
+
+
+def plot_panels(records: Sequence[Record], panels: Sequence[Panel]) -> bytes:
+    """Draw `panels` side by side (one row) from metrics records; returns PNG bytes."""
+    n = len(panels)
+    fig = Figure(figsize=(8.6 if n == 1 else 5.0 * n, 3.7))
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    for ax, panel in zip(axes, panels):
+        _draw_panel(ax, records, panel)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_accuracy_before_after(groups: Mapping[str, tuple[float, float]], *, title: str) -> bytes:
+    """Grouped bars of task accuracy before and after training, one group per decoding mode.
+
+    `groups` maps a mode name ("greedy", "sampled") to (before, after), each a fraction in [0, 1].
+    """
+    fig = Figure(figsize=(6.4, 3.7))
+    ax = fig.subplots()
+    names = list(groups)
+    width = 0.36
+    for offset, idx, label, color in ((-width / 2, 0, "before", "#9aa5b1"), (width / 2, 1, "after", NEUTRAL)):
+        xs = [i + offset for i in range(len(names))]
+        vals = [100.0 * groups[name][idx] for name in names]
+        bars = ax.bar(xs, vals, width=width * 0.95, color=color, label=label)
+        ax.bar_label(bars, labels=[f"{v:.1f}%" for v in vals], fontsize=8, padding=2)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylim(0, 109)
+    _style(ax, title, "decoding", "held-out accuracy (%)")
+    ax.legend(fontsize=8, frameon=False, loc="upper left", ncols=2)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_method_bars(
+    values: Mapping[str, float],
+    *,
+    title: str,
+    ylabel: str,
+    percent: bool = False,
+    baseline: float | None = None,
+    baseline_label: str = "before training",
+) -> bytes:
+    """One bar per method (a sweep), value labels on the bars, an optional dashed baseline line."""
+    fig = Figure(figsize=(max(5.0, 1.1 * len(values) + 2.5), 3.7))
+    ax = fig.subplots()
+    names = list(values)
+    scale = 100.0 if percent else 1.0
+    vals = [scale * values[n] for n in names]
+    bars = ax.bar(range(len(names)), vals, color=[PALETTE[i % len(PALETTE)] for i in range(len(names))])
+    ax.bar_label(bars, labels=[f"{v:.1f}%" if percent else f"{v:.3g}" for v in vals], fontsize=8, padding=2)
+    if baseline is not None:
+        ax.axhline(
+            scale * baseline,
+            color="#444444",
+            linestyle="--",
+            linewidth=1.0,
+            label=f"{baseline_label}: {scale * baseline:.1f}{'%' if percent else ''}",
+        )
+        ax.legend(fontsize=8, frameon=False, loc="upper left")
+    ax.set_xticks(range(len(names)), names)
+    if percent:
+        ax.set_ylim(0, 109)
+    _style(ax, title, "method", ylabel)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_kl_vs_accuracy(points: Mapping[str, tuple[float, float, float]], *, baseline: float | None) -> bytes:
+    """Scatter of held-out accuracy against KL to the reference, one labelled point per method.
+
+    `points` maps a method to (kl_nats, kl_stderr, accuracy in [0, 1]); error bars are ±1 standard error.
+    Up and to the left is better: more accuracy for less drift from the reference.
+    """
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.subplots()
+    for i, (name, (kl, err, acc)) in enumerate(points.items()):
+        color = PALETTE[i % len(PALETTE)]
+        ax.errorbar([kl], [100 * acc], xerr=[err], fmt="o", color=color, markersize=7, capsize=3)
+        ax.annotate(name, (kl, 100 * acc), textcoords="offset points", xytext=(6, 5), fontsize=9, color=color)
+    if baseline is not None:
+        ax.axhline(
+            100 * baseline,
+            color="#444444",
+            linestyle="--",
+            linewidth=1.0,
+            label=f"reference model: {100 * baseline:.1f}%",
+        )
+        ax.legend(fontsize=8, frameon=False, loc="lower right")
+    ax.axvline(0.0, color="#888888", linestyle=":", linewidth=0.9, zorder=0)
+    _style(
+        ax,
+        "Accuracy vs. drift from the reference",
+        "KL(policy ‖ reference), nats per response",
+        "held-out accuracy (%)",
+    )
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_runs_overlay(
+    runs: Mapping[str, Sequence[Record]], panels: Sequence[tuple[str, str, str, bool]]
+) -> bytes:
+    """Overlay one smoothed train curve per method in each panel.
+
+    `panels` holds (metrics key, title, y label, normalise): with normalise, each curve is divided by
+    the mean of its first 5% of values, so losses of different scales (IPO's 1/(4β²) vs DPO's log 2)
+    share one axis as "fraction of the starting loss".
+    """
+    fig = Figure(figsize=(5.0 * len(panels), 3.7))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (key, title, ylabel, normalise) in zip(axes, panels):
+        for i, (name, records) in enumerate(runs.items()):
+            steps, values = metric_series(records, key, "train")
+            if not values:
+                continue
+            if normalise:
+                head = values[: max(1, len(values) // 20)]
+                start = sum(head) / len(head)
+                if abs(start) > 1e-12:
+                    values = [v / start for v in values]
+            ax.plot(
+                steps,
+                smooth(values, smoothing_window(len(values))),
+                color=PALETTE[i % len(PALETTE)],
+                linewidth=1.7,
+                label=name,
+            )
+        _style(ax, title, "optimizer step", ylabel)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7.5, frameon=False, loc="best")
+    fig.tight_layout()
+    return _png(fig)
