@@ -1,0 +1,191 @@
+"""Records → the exact text of the prompt and of each response.
+
+Text records are used as they are (the tokenizer's BOS, if it adds one, goes before the prompt);
+conversational records go through the chat template. The response text is the *remainder* of the
+full conversation's render after the prompt's render (with the generation prompt), so
+
+    render(prompt + response) == prompt_text + response_text
+
+holds exactly; a template for which the prompt render is not a prefix of the full render is an
+error, never a silently moved boundary. Prompt and responses are then tokenized separately, so the
+prompt ids are the same for every response of a prompt and each response's token count is exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from preftune.data.schema import Message, Record, _wrap
+from preftune.errors import ConfigError, DataError
+
+
+@dataclass(frozen=True)
+class FormatOptions:
+    """How records become text.
+
+    chat_template:     a Jinja chat template that replaces the tokenizer's own (CLI --chat-template FILE).
+    use_chat_template: None = template for message lists, plain text as-is; True = also wrap text
+                       records as one user turn and one assistant turn and template them; False =
+                       never template (message lists are then an error). In a file mixing text and
+                       message records, each record is formatted by its own form.
+    add_eos:           append EOS to every response that does not already contain it.
+    """
+
+    chat_template: str | None = None
+    use_chat_template: bool | None = None
+    add_eos: bool = True
+
+    def fingerprint(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_tokenizer(tokenizer: Any) -> Any:
+    """Accept a tokenizer object or a folder / hub id (loaded with AutoTokenizer.from_pretrained)."""
+    if isinstance(tokenizer, (str, Path)):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(tokenizer))
+        except (OSError, ValueError) as err:
+            raise ConfigError(
+                f"cannot load a tokenizer from '{tokenizer}' ({err}) — give a folder "
+                "with tokenizer files (save_pretrained) or a model folder"
+            ) from err
+    return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of everything in the tokenizer that changes token ids or rendered text."""
+    h = hashlib.blake2b(digest_size=20)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(
+        json.dumps(
+            [
+                type(tokenizer).__name__,
+                tokenizer.bos_token_id,
+                tokenizer.eos_token_id,
+                getattr(tokenizer, "chat_template", None),
+                _bos_prefix(tokenizer),
+            ]
+        ).encode()
+    )
+    return h.hexdigest()
+
+
+def _bos_prefix(tokenizer: Any) -> list[int]:
+    """The BOS id the tokenizer puts before text by default ([] for GPT-2/Qwen style tokenizers)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return [bos] if ids[:1] == [bos] else []
+
+
+@dataclass
+class Formatter:
+    """Renders records of one tokenizer. Build with `Formatter.create`."""
+
+    tokenizer: Any
+    options: FormatOptions
+    template: str | None
+    bos_prefix: list[int]
+    eos_id: int
+
+    @classmethod
+    def create(
+        cls, tokenizer: Any, options: FormatOptions, *, conversational: bool, source: str = "data"
+    ) -> Formatter:
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise ConfigError(
+                "the tokenizer has no eos_token — set one (tokenizer.eos_token = '...') so responses can end"
+            )
+        template = options.chat_template or getattr(tokenizer, "chat_template", None)
+        if isinstance(template, dict):  # several named templates: use the default one
+            template = template.get("default") or next(iter(template.values()))
+        if conversational and options.use_chat_template is False:
+            raise DataError(
+                "records are message lists but use_chat_template=False",
+                path=source,
+                fix="allow the chat template, or give the prompt and responses as text",
+            )
+        if (conversational or options.use_chat_template) and not template:
+            name = getattr(tokenizer, "name_or_path", "") or "given"
+            what = (
+                "records are conversational (message lists)" if conversational else "use_chat_template=True"
+            )
+            raise DataError(
+                f"{what} but the {name} tokenizer has no chat template",
+                path=source,
+                fix="pass chat_template=... (CLI: --chat-template FILE with a Jinja template) or "
+                "use a tokenizer that ships one",
+            )
+        return cls(tokenizer, options, template or None, _bos_prefix(tokenizer), eos)
+
+    def templated(self, rec: Record) -> bool:
+        """Message lists always go through the template; text only when use_chat_template=True."""
+        return rec.conversational or bool(self.options.use_chat_template)
+
+    def render(self, rec: Record) -> tuple[str, list[str]]:
+        """Return (prompt text, [response text, ...]) of one record.
+
+        Raises DataError when the template's prompt render is not a prefix of the full render.
+        """
+        if not self.templated(rec):
+            assert isinstance(rec.prompt, str)
+            return rec.prompt, [r for r in rec.responses if isinstance(r, str)]
+        prompt: list[Message] = _wrap(rec.prompt, "user")
+        prompt_text = self._apply(prompt, add_generation_prompt=True)
+        out = []
+        for i, resp in enumerate(rec.responses):
+            full = self._apply(prompt + _wrap(resp, "assistant"), add_generation_prompt=False)
+            if not full.startswith(prompt_text):
+                raise DataError(
+                    "the chat template renders the prompt differently inside the full conversation, so "
+                    "the response boundary is not exact",
+                    row=rec.row,
+                    field=_response_field(rec, i),
+                    fix="use a template whose render of the prompt (with add_generation_prompt) is a "
+                    "prefix of the full render (--chat-template FILE)",
+                )
+            out.append(full[len(prompt_text) :])
+        return prompt_text, out
+
+    def _apply(self, messages: list[Message], *, add_generation_prompt: bool) -> str:
+        text = self.tokenizer.apply_chat_template(
+            messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        return str(text)
+
+    def encode(
+        self, prompts: list[str], responses: list[str], templated: list[bool]
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        """Tokenize prompts and responses in two batch calls, each text on its own.
+
+        Templated text (`templated[i]`) carries its own special tokens; plain prompts get the
+        tokenizer's BOS.
+        Responses get EOS appended unless they already contain it (templates that end the
+        assistant turn with EOS).
+        """
+        enc = self.tokenizer(prompts + responses, add_special_tokens=False)["input_ids"]
+        p_ids, r_ids = enc[: len(prompts)], enc[len(prompts) :]
+        if self.bos_prefix:
+            p_ids = [ids if t else self.bos_prefix + ids for ids, t in zip(p_ids, templated)]
+        if self.options.add_eos:
+            eos = self.eos_id
+            r_ids = [ids if eos in ids else ids + [eos] for ids in r_ids]
+        return p_ids, r_ids
+
+
+def _response_field(rec: Record, i: int) -> str:
+    if rec.kind == "pairwise":
+        return ("chosen", "rejected")[i]
+    return "completion" if rec.kind == "unpaired" else f"responses[{i}]"

@@ -1,0 +1,465 @@
+"""Read preference records from where people keep them: JSONL, JSON, Parquet, CSV, `datasets`.
+
+Every reader returns a `SourceData`: the records as plain dicts with the row a person would look up
+(1-based line for JSONL and CSV, 1-based record index for JSON arrays, Parquet and `datasets`), and
+the problems met while reading (a malformed line, non-UTF-8 bytes, an empty file...). Readers never
+stop at the first bad row, so `preftune data check` can list them all.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from preftune.errors import ConfigError, DataError, format_problem
+
+# Fields whose CSV cells hold JSON (message lists, lists of responses or numbers).
+_JSON_CELL_FIELDS = ("prompt", "chosen", "rejected", "completion", "responses", "scores", "margins")
+_NUMBER_CELL_FIELDS = ("score_chosen", "score_rejected")
+
+
+@dataclass
+class Problem:
+    """One thing wrong with the data, rendered as `PATH:ROW: field 'NAME': what — fix`."""
+
+    message: str
+    row: int | None = None
+    field: str | None = None
+    fix: str | None = None
+    path: str | None = None
+    reason: str | None = None  # short category used to count dropped rows, e.g. "chosen: empty text"
+
+    def render(self) -> str:
+        return format_problem(self.message, path=self.path, row=self.row, field=self.field, fix=self.fix)
+
+    @property
+    def category(self) -> str:
+        if self.reason:
+            return self.reason
+        return f"{self.field}: {self.message}" if self.field else self.message
+
+
+@dataclass
+class SourceData:
+    """Records read from one source.
+
+    path:     how the source is named in messages (file path, folder or hub id).
+    rows:     (row, record) in source order; record is None where the row could not be read.
+    problems: read problems; those with `row=None` concern the whole source.
+    """
+
+    path: str
+    rows: list[tuple[int, dict[str, Any] | None]] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+
+def parse_columns(spec: str | dict[str, str] | None) -> dict[str, str]:
+    """Parse `chosen=response_a,rejected=response_b` into {"chosen": "response_a", ...}.
+
+    Keys are preftune's field names, values the column names in the user's data.
+    """
+    if spec is None:
+        return {}
+    if isinstance(spec, dict):
+        pairs = dict(spec)
+    else:
+        pairs = {}
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            if "=" not in part:
+                raise ConfigError(
+                    f"--columns entry '{part}' is not NAME=COLUMN — write e.g. "
+                    "--columns chosen=response_a,rejected=response_b"
+                )
+            name, col = (s.strip() for s in part.split("=", 1))
+            pairs[name] = col
+    from preftune.data.schema import ALL_FIELDS
+
+    for name in pairs:
+        if name not in ALL_FIELDS:
+            raise ConfigError(
+                f"--columns names unknown field '{name}' — known fields: "
+                f"{', '.join(ALL_FIELDS)} (write FIELD=YOUR_COLUMN)"
+            )
+    return pairs
+
+
+_SPLIT_RE = re.compile(r"^(?P<name>[\w.-]+)(\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$")
+
+
+def parse_split(split: str | None) -> tuple[str | None, str | None, str | None]:
+    """`train[:90%]` → ("train", None, "90%"); `eval` → ("eval", None, None)."""
+    if split is None:
+        return None, None, None
+    m = _SPLIT_RE.match(split.strip())
+    if not m:
+        raise ConfigError(
+            f"split '{split}' is not NAME or NAME[START:STOP] — write e.g. train, train[:90%] or train[90%:]"
+        )
+    return m.group("name"), m.group("start"), m.group("stop")
+
+
+def _bound(text: str | None, n: int) -> int | None:
+    if text is None:
+        return None
+    if text.endswith("%"):
+        return int(n * int(text[:-1]) // 100)
+    return int(text)
+
+
+def _apply_slice(data: SourceData, start: str | None, stop: str | None) -> SourceData:
+    if start is None and stop is None:
+        return data
+    n = len(data.rows)
+    kept = data.rows[slice(_bound(start, n), _bound(stop, n))]
+    rows = {r for r, _ in kept}
+    problems = [p for p in data.problems if p.row is None or p.row in rows]
+    return SourceData(data.path, kept, problems)
+
+
+def read_source(source: str | Path | list[dict[str, Any]], *, split: str | None = None) -> SourceData:
+    """Read all records of `source`: a file, a `save_to_disk` folder, a hub id, or a list of dicts.
+
+    `split` picks a split of a dataset folder or hub id (default "train") and may slice it:
+    `train[:90%]`, `train[90%:]`, `train[10:200]`. A single file is the split "train".
+    """
+    name, start, stop = parse_split(split)
+    if isinstance(source, list):
+        data = _from_dicts("<records>", source, start_row=1)
+    else:
+        path = Path(source)
+        if path.is_dir():
+            data = _read_saved_dataset(path, name)
+        elif path.is_file():
+            if name not in (None, "train"):
+                raise ConfigError(
+                    f"{path} is a single file, which holds only the split 'train', not "
+                    f"'{name}' — hold out part of it with e.g. --split train[90%:]"
+                )
+            data = _read_file(path)
+        elif _looks_like_hub_id(str(source)):
+            data = _read_hub(str(source), name)
+        else:
+            raise DataError(
+                "no such file or folder",
+                path=str(source),
+                fix="check the path (a JSONL/JSON/Parquet/CSV file, a datasets folder or "
+                "a hub dataset id such as org/name)",
+            )
+    return _apply_slice(data, start, stop)
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", text)) and not re.search(
+        r"\.(jsonl|json|parquet|csv|tsv|ndjson)$", text
+    )
+
+
+def _read_file(path: Path) -> SourceData:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return read_jsonl(path)
+    if suffix == ".json":
+        return read_json(path)
+    if suffix == ".parquet":
+        return read_parquet(path)
+    if suffix in (".csv", ".tsv"):
+        return read_csv(path)
+    raise DataError(
+        f"unknown file type '{suffix}'",
+        path=str(path),
+        fix="use .jsonl, .json, .parquet or .csv (or a datasets save_to_disk folder)",
+    )
+
+
+def _empty(path: str) -> Problem:
+    return Problem("file is empty", path=path, fix="write at least one record")
+
+
+def _bad_utf8(path: str, row: int, err: UnicodeDecodeError, offset: int = 0) -> Problem:
+    byte = err.object[err.start : err.start + 1].hex()
+    return Problem(
+        f"bytes are not valid UTF-8 (0x{byte} at byte {offset + err.start + 1})",
+        row=row,
+        path=path,
+        reason="not valid UTF-8",
+        fix="re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)",
+    )
+
+
+def _not_object(path: str, row: int, value: Any, what: str = "line") -> Problem:
+    return Problem(
+        f"{what} is a JSON {type(value).__name__}, not an object",
+        row=row,
+        path=path,
+        reason=f"{what} is not an object",
+        fix='write one object per record, e.g. {"prompt": "...", "chosen": "...", "rejected": "..."}',
+    )
+
+
+def read_jsonl(path: Path) -> SourceData:
+    """One JSON object per line; ROW is the 1-based line number; blank lines are skipped."""
+    label = str(path)
+    raw = path.read_bytes()
+    data = SourceData(label)
+    if not raw.strip():
+        data.problems.append(_empty(label))
+        return data
+    for i, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            data.problems.append(_bad_utf8(label, i, err))
+            data.rows.append((i, None))
+            continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            data.problems.append(
+                Problem(
+                    f"malformed JSON: {err.msg} (column {err.colno})",
+                    row=i,
+                    path=label,
+                    reason="malformed JSON",
+                    fix="fix the JSON syntax; each line must be one complete object",
+                )
+            )
+            data.rows.append((i, None))
+            continue
+        if not isinstance(value, dict):
+            data.problems.append(_not_object(label, i, value))
+            data.rows.append((i, None))
+            continue
+        data.rows.append((i, value))
+    return data
+
+
+def read_json(path: Path) -> SourceData:
+    """A JSON array of objects; ROW is the 1-based index in the array. JSON lines in a .json file
+    are read as JSONL."""
+    label = str(path)
+    raw = path.read_bytes()
+    if not raw.strip():
+        return SourceData(label, problems=[_empty(label)])
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        return SourceData(label, problems=[_bad_utf8(label, line, err)])
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":
+            return read_jsonl(path)
+        return SourceData(
+            label,
+            problems=[
+                Problem(
+                    f"malformed JSON: {err.msg} (line {err.lineno}, column {err.colno})",
+                    path=label,
+                    fix="fix the JSON syntax; the file must hold one array of objects",
+                )
+            ],
+        )
+    if not isinstance(value, list):
+        return SourceData(
+            label,
+            problems=[
+                Problem(
+                    f"top level is a JSON {type(value).__name__}, not an array of objects",
+                    path=label,
+                    fix="write [{...}, {...}] or use JSONL (one object per line)",
+                )
+            ],
+        )
+    data = _from_dicts(label, value, start_row=1, what="record")
+    if not data.rows:
+        data.problems.append(_empty(label))
+    return data
+
+
+def _from_dicts(label: str, values: list[Any], *, start_row: int, what: str = "record") -> SourceData:
+    data = SourceData(label)
+    for i, value in enumerate(values, start=start_row):
+        if isinstance(value, dict):
+            data.rows.append((i, value))
+        else:
+            data.problems.append(_not_object(label, i, value, what))
+            data.rows.append((i, None))
+    return data
+
+
+def read_parquet(path: Path) -> SourceData:
+    """A Parquet table; ROW is the 1-based row index."""
+    import pyarrow.parquet as pq
+
+    label = str(path)
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several types for unreadable files
+        return SourceData(
+            label,
+            problems=[
+                Problem(
+                    f"not a readable Parquet file ({err})",
+                    path=label,
+                    fix="re-write it with pandas.to_parquet or pyarrow",
+                )
+            ],
+        )
+    data = _from_dicts(label, table.to_pylist(), start_row=1)
+    if not data.rows:
+        data.problems.append(_empty(label))
+    return data
+
+
+def _coerce_cell(name: str, cell: str) -> Any:
+    """CSV has only text: read JSON lists, booleans and numbers back from the fields that hold them."""
+    stripped = cell.strip()
+    if name == "label":
+        low = stripped.lower()
+        if low in ("true", "false"):
+            return low == "true"
+        try:
+            return float(stripped)
+        except ValueError:
+            return cell
+    if name in _NUMBER_CELL_FIELDS:
+        try:
+            return float(stripped)
+        except ValueError:
+            return cell
+    if name in _JSON_CELL_FIELDS and stripped[:1] in ("[", "{"):
+        try:
+            return json.loads(stripped)
+        except json.JSONDecodeError:
+            return cell
+    return cell
+
+
+def read_csv(path: Path) -> SourceData:
+    """A CSV (or TSV) file with a header row; ROW is the 1-based line number where the record ends.
+
+    Message lists, `responses`, `scores` and `margins` are JSON in their cells; `label` is
+    true/false (or a number for soft pairwise labels). Empty cells of optional fields are absent.
+    """
+    label = str(path)
+    raw = path.read_bytes()
+    if not raw.strip():
+        return SourceData(label, problems=[_empty(label)])
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        return SourceData(label, problems=[_bad_utf8(label, line, err)])
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    data = SourceData(label)
+    for record in reader:
+        row = reader.line_num
+        if None in record:
+            data.problems.append(
+                Problem(
+                    "row has more cells than the header",
+                    row=row,
+                    path=label,
+                    fix="quote cells that contain the delimiter",
+                )
+            )
+            data.rows.append((row, None))
+            continue
+        out: dict[str, Any] = {}
+        for key, cell in record.items():
+            if cell is None or (cell == "" and key in ("label", "scores", "margins", *_NUMBER_CELL_FIELDS)):
+                continue
+            out[key] = _coerce_cell(key, cell)
+        data.rows.append((row, out))
+    if not data.rows:
+        data.problems.append(_empty(label))
+    return data
+
+
+def _pick_split(dd: Any, name: str | None, label: str) -> Any:
+    splits = list(dd.keys())
+    if name is None:
+        name = "train" if "train" in splits or len(splits) != 1 else splits[0]
+    if name not in splits:
+        raise DataError(f"no split '{name}'", path=label, fix=f"use --split with one of: {', '.join(splits)}")
+    return dd[name]
+
+
+def _read_saved_dataset(path: Path, name: str | None) -> SourceData:
+    """A folder written by `datasets.Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    import datasets
+
+    label = str(path)
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except FileNotFoundError as err:
+        raise DataError(
+            f"folder is not a saved datasets dataset ({err})",
+            path=label,
+            fix="point at a folder written by Dataset.save_to_disk, or at a data file",
+        ) from err
+    if isinstance(ds, datasets.DatasetDict):
+        ds = _pick_split(ds, name, label)
+    elif name not in (None, "train"):
+        raise ConfigError(f"{label} holds a single split; use --split train (optionally sliced)")
+    data = _from_dicts(label, ds.to_list(), start_row=1)
+    if not data.rows:
+        data.problems.append(_empty(label))
+    return data
+
+
+def _read_hub(repo_id: str, name: str | None) -> SourceData:
+    """A dataset on the Hugging Face hub, through `datasets.load_dataset` (needs the network)."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(repo_id, split=name or "train")
+    except Exception as err:  # network, missing repo, missing split...
+        raise DataError(
+            f"cannot load hub dataset ({type(err).__name__}: {err})",
+            path=repo_id,
+            fix="check the dataset id and split, and that you are online",
+        ) from err
+    data = _from_dicts(repo_id, ds.to_list(), start_row=1)
+    if not data.rows:
+        data.problems.append(_empty(repo_id))
+    return data
+
+
+def content_hash(source: str | Path | list[dict[str, Any]], *, split: str | None = None) -> str:
+    """A hash of the data a source holds (file bytes; every file of a folder; a hub dataset's
+    datasets fingerprint). Cheap compared to parsing, so a cache hit skips reading the records."""
+    h = hashlib.blake2b(digest_size=20)
+    h.update(repr(split).encode())
+    if isinstance(source, list):
+        h.update(json.dumps(source, sort_keys=True, default=str).encode())
+        return h.hexdigest()
+    path = Path(source)
+    if path.is_file():
+        _hash_file(h, path)
+    elif path.is_dir():
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(str(f.relative_to(path)).encode())
+            _hash_file(h, f)
+    else:  # hub id: resolved by datasets, which fingerprints what it downloaded
+        import datasets
+
+        ds = datasets.load_dataset(str(source), split=parse_split(split)[0] or "train")
+        h.update(str(getattr(ds, "_fingerprint", source)).encode())
+    return h.hexdigest()
+
+
+def _hash_file(h: Any, path: Path) -> None:
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)

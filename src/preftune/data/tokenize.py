@@ -1,0 +1,307 @@
+"""Validated records → token ids, truncated, in batches, on both cores for large inputs.
+
+Truncation (counts reported in the summary):
+- the prompt keeps its last `max_prompt_length` tokens (left truncation; a leading BOS is kept);
+- each response keeps its first `max_length − len(prompt)` tokens (right truncation);
+- a row whose prompt leaves no room for one response token within `max_length` is dropped.
+
+Results are held flat (`Tokenized`: one int32 array of all segments plus offsets), which is what
+the worker processes send back and what the cache stores; `Tokenized.examples()` builds the
+`Example`s the trainer reads.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any
+
+import numpy as np
+
+from preftune.data.formatting import Formatter
+from preftune.data.schema import Record
+from preftune.data.sources import Problem
+from preftune.errors import ConfigError, DataError
+from preftune.types import Example
+
+PARALLEL_MIN_ROWS = 20_000  # below this, starting a second process costs more than it saves
+BATCH_ROWS = 512
+
+
+@dataclass
+class Tokenized:
+    """Token ids of E examples, stored flat.
+
+    tokens:   [T] int32, every segment back to back; example e's segments are its prompt, then
+              its K_e responses (best first).
+    offsets:  [S + 1] int64 segment boundaries, S = Σ_e (1 + K_e).
+    branches: [E] int32 K_e.
+    rows:     [E] int64 1-based source rows.
+    extras:   per example, the optional label / scores / margins ({} when none).
+    """
+
+    kind: str
+    tokens: np.ndarray
+    offsets: np.ndarray
+    branches: np.ndarray
+    rows: np.ndarray
+    extras: list[dict[str, Any]]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @classmethod
+    def build(
+        cls,
+        kind: str,
+        segments: list[list[int]],
+        branches: list[int],
+        rows: list[int],
+        extras: list[dict[str, Any]],
+    ) -> Tokenized:
+        lengths = np.fromiter((len(s) for s in segments), dtype=np.int64, count=len(segments))
+        offsets = np.zeros(len(segments) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = np.fromiter(chain.from_iterable(segments), dtype=np.int32, count=int(offsets[-1]))
+        return cls(
+            kind,
+            flat,
+            offsets,
+            np.asarray(branches, dtype=np.int32),
+            np.asarray(rows, dtype=np.int64),
+            extras,
+        )
+
+    @classmethod
+    def concat(cls, kind: str, parts: list[Tokenized]) -> Tokenized:
+        if not parts:
+            return cls.build(kind, [], [], [], [])
+        offsets = [parts[0].offsets]
+        base = int(parts[0].offsets[-1])
+        for p in parts[1:]:
+            offsets.append(p.offsets[1:] + base)
+            base += int(p.offsets[-1])
+        return cls(
+            kind,
+            np.concatenate([p.tokens for p in parts]),
+            np.concatenate(offsets),
+            np.concatenate([p.branches for p in parts]),
+            np.concatenate([p.rows for p in parts]),
+            [e for p in parts for e in p.extras],
+        )
+
+    def examples(self) -> list[Example]:
+        tokens = self.tokens.tolist()
+        offs = self.offsets.tolist()
+        out = []
+        seg = 0
+        for k, row, extra in zip(self.branches.tolist(), self.rows.tolist(), self.extras):
+            prompt = tokens[offs[seg] : offs[seg + 1]]
+            responses = [tokens[offs[s] : offs[s + 1]] for s in range(seg + 1, seg + 1 + k)]
+            seg += 1 + k
+            out.append(
+                Example(
+                    prompt,
+                    responses,
+                    kind=self.kind,  # type: ignore[arg-type]
+                    label=extra.get("label"),
+                    scores=extra.get("scores"),
+                    margins=extra.get("margins"),
+                    source_row=row,
+                )
+            )
+        return out
+
+    def lengths(self) -> dict[str, np.ndarray]:
+        """Prompt lengths [E], response lengths [Σ K], and prompt+response lengths [Σ K]."""
+        seg_len = np.diff(self.offsets)
+        starts = np.concatenate([[0], np.cumsum(1 + self.branches.astype(np.int64))[:-1]])
+        is_prompt = np.zeros(len(seg_len), dtype=bool)
+        is_prompt[starts.astype(np.int64)] = True
+        prompt = seg_len[is_prompt]
+        response = seg_len[~is_prompt]
+        total = response + np.repeat(prompt, self.branches.astype(np.int64))
+        return {"prompt": prompt, "response": response, "total": total}
+
+
+@dataclass(frozen=True)
+class Truncation:
+    max_length: int | None = None
+    max_prompt_length: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_length", "max_prompt_length"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"{name}={v} must be a positive number of tokens")
+        if self.max_length and self.max_prompt_length and self.max_prompt_length >= self.max_length:
+            raise ConfigError(
+                f"max_prompt_length={self.max_prompt_length} must be below max_length="
+                f"{self.max_length}, to leave room for the response"
+            )
+
+
+@dataclass
+class TokenizeResult:
+    data: Tokenized
+    problems: list[Problem] = field(default_factory=list)  # rows dropped (template or length)
+    counts: Counter[str] = field(default_factory=Counter)  # truncated_prompt / truncated_response / truncated
+
+
+def truncate(
+    prompt: list[int], responses: list[list[int]], trunc: Truncation, bos: int | None = None
+) -> tuple[list[int], list[list[int]], bool, bool] | None:
+    """Apply the truncation rules to one example; None when the prompt cannot fit max_length.
+
+    Returns (prompt, responses, prompt_was_truncated, a_response_was_truncated).
+    """
+    cut_p = cut_r = False
+    if trunc.max_prompt_length is not None and len(prompt) > trunc.max_prompt_length:
+        keep = trunc.max_prompt_length
+        if bos is not None and prompt[:1] == [bos] and keep > 1:
+            prompt = [bos] + prompt[len(prompt) - keep + 1 :]
+        else:
+            prompt = prompt[len(prompt) - keep :]
+        cut_p = True
+    if trunc.max_length is not None:
+        room = trunc.max_length - len(prompt)
+        if room < 1:
+            return None
+        if any(len(r) > room for r in responses):
+            responses = [r[:room] for r in responses]
+            cut_r = True
+    return prompt, responses, cut_p, cut_r
+
+
+def _extras(rec: Record) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if rec.label is not None:
+        out["label"] = rec.label
+    if rec.scores is not None:
+        out["scores"] = rec.scores
+    if rec.margins is not None:
+        out["margins"] = rec.margins
+    return out
+
+
+def tokenize_serial(
+    records: list[Record], formatter: Formatter, trunc: Truncation, kind: str, path: str = "data"
+) -> TokenizeResult:
+    """Tokenize in this process, BATCH_ROWS records per tokenizer call."""
+    segments: list[list[int]] = []
+    branches: list[int] = []
+    rows: list[int] = []
+    extras: list[dict[str, Any]] = []
+    problems: list[Problem] = []
+    counts: Counter[str] = Counter()
+    bos = formatter.tokenizer.bos_token_id
+    for start in range(0, len(records), BATCH_ROWS):
+        batch = records[start : start + BATCH_ROWS]
+        prompts: list[str] = []
+        responses: list[str] = []
+        kept: list[Record] = []
+        templated: list[bool] = []
+        for rec in batch:
+            try:
+                text, rs = formatter.render(rec)
+            except DataError as err:
+                problems.append(
+                    Problem(
+                        err.problem,
+                        row=rec.row,
+                        field=err.field,
+                        fix=err.fix,
+                        path=path,
+                        reason="chat template: prompt render is not a prefix",
+                    )
+                )
+                continue
+            kept.append(rec)
+            templated.append(formatter.templated(rec))
+            prompts.append(text)
+            responses.extend(rs)
+        p_ids, r_ids = formatter.encode(prompts, responses, templated)
+        j = 0
+        for rec, p in zip(kept, p_ids):
+            k = len(rec.responses)
+            rs_ids = r_ids[j : j + k]
+            j += k
+            cut = truncate(p, rs_ids, trunc, bos)
+            if cut is None:
+                problems.append(
+                    Problem(
+                        f"prompt has {len(p) if trunc.max_prompt_length is None else min(len(p), trunc.max_prompt_length)} "
+                        f"tokens, leaving no room for a response within max_length={trunc.max_length}",
+                        row=rec.row,
+                        field="prompt",
+                        path=path,
+                        reason="prompt does not fit max_length",
+                        fix="raise max_length, or set max_prompt_length below it",
+                    )
+                )
+                continue
+            p, rs_ids, cut_p, cut_r = cut
+            counts["truncated_prompt"] += cut_p
+            counts["truncated_response"] += cut_r
+            counts["truncated"] += cut_p or cut_r
+            segments.append(p)
+            segments.extend(rs_ids)
+            branches.append(k)
+            rows.append(rec.row)
+            extras.append(_extras(rec))
+    return TokenizeResult(Tokenized.build(kind, segments, branches, rows, extras), problems, counts)
+
+
+# Set in the parent just before forking workers, which inherit it (nothing large is pickled).
+_JOB: tuple[list[Record], Formatter, Truncation, str, str] | None = None
+
+
+def _run_chunk(bounds: tuple[int, int]) -> TokenizeResult:
+    assert _JOB is not None
+    records, formatter, trunc, kind, path = _JOB
+    # One thread per worker: the workers already use the cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    return tokenize_serial(records[bounds[0] : bounds[1]], formatter, trunc, kind, path)
+
+
+def default_num_proc(n_rows: int) -> int:
+    return 2 if n_rows > PARALLEL_MIN_ROWS and (os.cpu_count() or 1) >= 2 else 1
+
+
+def tokenize_records(
+    records: list[Record],
+    formatter: Formatter,
+    trunc: Truncation,
+    kind: str,
+    *,
+    path: str = "data",
+    num_proc: int | None = None,
+) -> TokenizeResult:
+    """Tokenize `records`; with num_proc > 1 (default: 2 above PARALLEL_MIN_ROWS rows on a machine with
+    2+ cores) the records are split into contiguous chunks, one forked worker each. Where fork is
+    unavailable, or a worker dies, it falls back to this process."""
+    n = num_proc if num_proc is not None else default_num_proc(len(records))
+    if n <= 1 or len(records) < 2 or "fork" not in mp.get_all_start_methods():
+        return tokenize_serial(records, formatter, trunc, kind, path)
+    global _JOB
+    _JOB = (records, formatter, trunc, kind, path)
+    step = -(-len(records) // n)
+    bounds = [(i, min(i + step, len(records))) for i in range(0, len(records), step)]
+    try:
+        with ProcessPoolExecutor(max_workers=len(bounds), mp_context=mp.get_context("fork")) as pool:
+            parts = list(pool.map(_run_chunk, bounds))
+    except (BrokenProcessPool, OSError):
+        return tokenize_serial(records, formatter, trunc, kind, path)
+    finally:
+        _JOB = None
+    counts: Counter[str] = Counter()
+    for p in parts:
+        counts.update(p.counts)
+    return TokenizeResult(
+        Tokenized.concat(kind, [p.data for p in parts]), [q for p in parts for q in p.problems], counts
+    )

@@ -1,0 +1,132 @@
+"""`preftune data check`: every problem of a data source, or a summary of valid data.
+
+The checks are those that run before every training run (`schema.validate`); with a tokenizer the
+records are also formatted and tokenized, which catches chat-template problems and gives token-length
+percentiles to choose `max_length` / `max_prompt_length` from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from preftune.data.sources import Problem, parse_columns, read_source
+
+PERCENTILES = (50, 90, 99, 100)
+
+
+@dataclass
+class CheckResult:
+    """problems: every problem in row order; summary: rows, valid, kind, conversational and, with a
+    tokenizer, token-length percentiles {"prompt"|"response"|"total": {"p50", "p90", "p99", "max"}}."""
+
+    problems: list[Problem] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check_data(
+    source: str | Path | list[dict[str, Any]],
+    *,
+    kind: str | None = None,
+    columns: str | dict[str, str] | None = None,
+    split: str | None = None,
+    tokenizer: Any = None,
+    chat_template: str | None = None,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+) -> CheckResult:
+    """Check `source` as training would, without writing any cache."""
+    from preftune.data.schema import validate
+
+    cols = parse_columns(columns)
+    data = read_source(source, split=split)
+    records, problems, found = validate(data, kind=kind, columns=cols)
+    summary: dict[str, Any] = {
+        "source": data.path,
+        "rows": len(data.rows),
+        "valid": len(records),
+        "kind": found,
+        "conversational": any(r.conversational for r in records),
+    }
+    result = CheckResult(problems, summary)
+    if tokenizer is None or not records:
+        return result
+    from preftune.data.formatting import FormatOptions, Formatter, load_tokenizer
+    from preftune.data.pipeline import _read_template
+    from preftune.data.tokenize import Truncation, tokenize_records
+
+    tok = load_tokenizer(tokenizer)
+    formatter = Formatter.create(
+        tok,
+        FormatOptions(chat_template=_read_template(chat_template)),
+        conversational=summary["conversational"],
+        source=data.path,
+    )
+    out = tokenize_records(
+        records, formatter, Truncation(max_length, max_prompt_length), str(found), path=data.path
+    )
+    result.problems = sorted(
+        problems + [p for p in out.problems if p.reason and p.reason.startswith("chat")],
+        key=lambda p: -1 if p.row is None else p.row,
+    )
+    summary["tokens"] = {name: _percentiles(v) for name, v in out.data.lengths().items()}
+    summary["truncated"] = out.counts["truncated"]
+    summary["dropped_by_length"] = sum(1 for p in out.problems if p.field == "prompt")
+    return result
+
+
+def _percentiles(values: np.ndarray) -> dict[str, int]:
+    if len(values) == 0:
+        return {}
+    qs = np.percentile(values, PERCENTILES, method="nearest")
+    return {("max" if q == 100 else f"p{q}"): int(v) for q, v in zip(PERCENTILES, qs)}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """One paragraph a trainer prints after `prepare_examples`: rows, kept, dropped and why, truncation."""
+    lines = [
+        f"{summary.get('source')}: {summary.get('rows')} rows, kind {summary.get('kind')} → "
+        f"{summary.get('examples')} examples ({summary.get('tokens', 0)} tokens; cache {summary.get('cache')})"
+    ]
+    if summary.get("dropped"):
+        why = ", ".join(
+            f"{k}: {v}" for k, v in sorted(summary.get("reasons", {}).items(), key=lambda x: -x[1])
+        )
+        lines.append(f"dropped {summary['dropped']} rows ({why})")
+    if summary.get("truncated"):
+        lines.append(
+            f"truncated {summary['truncated']} rows (prompt: {summary.get('truncated_prompt', 0)}, "
+            f"response: {summary.get('truncated_response', 0)})"
+        )
+    return "\n".join(lines)
+
+
+def format_check(result: CheckResult, cap: int = 20) -> str:
+    """What `preftune data check` prints."""
+    from preftune.data.pipeline import render_problems
+
+    s = result.summary
+    if not result.ok:
+        bad_rows = len({p.row for p in result.problems})
+        return (
+            render_problems(result.problems, cap) + f"\n{s['source']}: {len(result.problems)} problem(s) "
+            f"in {bad_rows} of {s['rows']} rows — fix them, or train with --on-invalid drop to skip them"
+        )
+    form = "messages" if s["conversational"] else "text"
+    lines = [f"{s['source']}: OK — {s['rows']} rows, kind {s['kind']} ({form})"]
+    if "tokens" in s:
+        lines.append(f"{'tokens':<10}" + "".join(f"{k:>8}" for k in ("p50", "p90", "p99", "max")))
+        for name, pct in s["tokens"].items():
+            lines.append(f"{name:<10}" + "".join(f"{pct.get(k, 0):>8}" for k in ("p50", "p90", "p99", "max")))
+        if s.get("truncated") or s.get("dropped_by_length"):
+            lines.append(
+                f"with these limits: {s['truncated']} rows truncated, {s['dropped_by_length']} dropped"
+            )
+    return "\n".join(lines)
