@@ -10,8 +10,17 @@ losses.pairwise("dpo", pc, pr, rc, rr, beta=0.1)   # functional API, per-pair lo
 from __future__ import annotations
 
 # Importing the method modules registers their losses.
-from preftune.losses import pairwise as _pairwise_methods  # noqa: F401
-from preftune.losses import terms as _terms  # noqa: F401
+from preftune.losses import (  # noqa: F401
+    bco,
+    divergences,
+    listwise_losses,
+    pairwise_losses,
+    reference_free,
+    regularised,
+    terms,
+    unpaired_losses,
+)
+from preftune.losses.functional import listwise, pairwise, unpaired
 from preftune.losses.registry import (
     REGISTRY,
     HParam,
@@ -31,5 +40,8 @@ __all__ = [
     "get",
     "parse_objective",
     "register",
+    "listwise",
+    "pairwise",
     "sft_token_count",
+    "unpaired",
 ]

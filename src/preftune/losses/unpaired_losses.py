@@ -1,0 +1,129 @@
+"""Unpaired and negative-only losses (ALGORITHMS.md §2): KTO on labelled single completions, D2O
+on human negatives anchored by self-generated samples."""
+
+from __future__ import annotations
+
+import torch
+
+from preftune.errors import ConfigError
+from preftune.losses.core import branch_mask, clean, finish, log_ratios, log_sigmoid, valid_examples
+from preftune.losses.pairwise_losses import BETA
+from preftune.losses.registry import HParam, LossOutput, register
+from preftune.types import PreferenceBatch
+
+
+def kto_reference_point(rho_mismatched: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """z₀ = max(0, mean of ρ(y′) over the present mismatched completions), detached; 0 if none."""
+    rho = rho_mismatched.detach()
+    w = present.float()
+    mean = (rho * w).sum() / w.sum().clamp(min=1)
+    return mean.clamp(min=0.0)
+
+
+@register(
+    "kto",
+    kind="unpaired",
+    needs_reference=True,
+    needs_mismatched=True,
+    hparams={
+        "beta": BETA,
+        "desirable_weight": HParam(1.0, "λ_D, weight of desirable examples", low=0.0),
+        "undesirable_weight": HParam(1.0, "λ_U, weight of undesirable examples", low=0.0),
+    },
+    paper="Ethayarajh et al. 2024, KTO: Model Alignment as Prospect Theoretic Optimization (ICML)",
+    equation="§4.1, the KTO loss L_KTO = E[λ_y − v(x, y)] (eq. number not verified offline)",
+)
+def kto(
+    batch: PreferenceBatch,
+    state: dict[str, torch.Tensor],
+    *,
+    beta: float,
+    desirable_weight: float,
+    undesirable_weight: float,
+) -> LossOutput:
+    """KTO: λ_D(1 − σ(β(ρ − z₀))) if desirable, λ_U(1 − σ(β(z₀ − ρ))) if undesirable.
+
+    Ethayarajh et al. 2024. Branch 0 is the completion y (label 1/0 in `batch.labels`), branch 1 a
+    completion y′ of a *different* prompt scored under this prompt; z₀ = max(0, mean ρ(y′)) over the
+    batch, detached (the paper's biased KL estimate). Defaults β = 0.1, λ_D = λ_U = 1 (the paper's;
+    it advises λ_D n_D / (λ_U n_U) ∈ [1, 4/3] for imbalanced data).
+    Note: z₀ is a mean over *this call's* batch; with gradient accumulation it is per micro-batch.
+    """
+    if batch.labels is None:
+        raise ConfigError("loss 'kto' needs a 0/1 label per completion (batch.labels)")
+    mask = branch_mask(batch)
+    if mask.shape[1] < 2:
+        raise ConfigError(
+            "loss 'kto' needs branch 1 = a completion of a different prompt (needs_mismatched) for its "
+            "reference point z₀; the batch has one branch"
+        )
+    valid = valid_examples(batch, 1)
+    rho = log_ratios(batch, "kto")
+    z0 = kto_reference_point(rho[:, 1], mask[:, 1])
+    desirable = clean(batch.labels, valid) > 0.5
+    rho_y = rho[:, 0]
+    losses = torch.where(
+        desirable,
+        desirable_weight * (1.0 - torch.sigmoid(beta * (rho_y - z0))),
+        undesirable_weight * (1.0 - torch.sigmoid(beta * (z0 - rho_y))),
+    )
+    metrics = {
+        "rewards/implicit": beta * rho_y,
+        "rewards/accuracy": torch.where(desirable, rho_y > z0, rho_y < z0).float(),
+        "kto/z0": z0.expand_as(rho_y),
+    }
+    losses, metrics = finish(losses, valid, metrics)
+    return LossOutput(losses, metrics, {})
+
+
+def last_present(mask: torch.Tensor) -> torch.Tensor:
+    """[E] index of the last True in each row of `mask` [E, K] (0 for an all-False row)."""
+    k = mask.shape[1]
+    idx = torch.arange(k, device=mask.device).expand_as(mask)
+    return torch.where(mask, idx, torch.zeros_like(idx)).max(dim=1).values
+
+
+@register(
+    "d2o",
+    kind="listwise",
+    needs_reference=True,
+    hparams={
+        "beta": HParam(
+            0.1, "β, weight of the self-sampled responses' mean log-ratio", low=0.0, low_open=True
+        ),
+        "alpha": HParam(0.1, "α, weight of the human negative's log-ratio", low=0.0, low_open=True),
+    },
+    paper="Duan et al. 2024, Negating Negatives: Alignment with Human Negative Samples via "
+    "Distributional Dispreference Optimization (D2O, Findings of EMNLP)",
+    equation="§3, the D2O loss (eq. number not verified offline)",
+)
+def d2o(batch: PreferenceBatch, state: dict[str, torch.Tensor], *, beta: float, alpha: float) -> LossOutput:
+    """D2O: −log σ((β/K) Σ_k ρ⁻(ŷ_k) − α ρ⁺(y_l)).
+
+    Duan et al. 2024. Data: a list whose *last present* branch is the human negative y_l and whose
+    other K ≥ 1 branches are responses self-sampled from the SFT model (ragged via the mask).
+    The paper uses two references (π_r⁻ for the samples, π_r⁺ for the negative) and two
+    coefficients β, α; here both references are the run's one reference model. With K = 1 and α = β
+    it is DPO with the sample as chosen. α = β = 0.1 defaults (not verified against the paper).
+    """
+    mask = branch_mask(batch)
+    last = last_present(mask)
+    count = mask.sum(dim=1)
+    valid = count >= 2
+    rho = log_ratios(batch, "d2o")
+    is_last = torch.arange(mask.shape[1], device=mask.device)[None, :] == last[:, None]
+    samples = mask & ~is_last
+    k = samples.sum(dim=1).clamp(min=1).float()
+    rho_samples = (rho * samples.float()).sum(dim=1) / k
+    rho_neg = rho.gather(1, last[:, None])[:, 0]
+    r_w, r_l = beta * rho_samples, alpha * rho_neg
+    losses = -log_sigmoid(r_w - r_l)
+    margin = (r_w - r_l).detach()
+    metrics = {
+        "rewards/chosen": r_w,
+        "rewards/rejected": r_l,
+        "rewards/margin": margin,
+        "rewards/accuracy": (margin > 0).float(),
+    }
+    losses, metrics = finish(losses, valid, metrics)
+    return LossOutput(losses, metrics, {})
