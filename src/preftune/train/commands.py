@@ -1,9 +1,169 @@
-"""CLI commands of this package (placeholder until they land)."""
+"""`preftune train METHOD`: every `TrainConfig` field is a flag, generated from the dataclass.
+
+    preftune train dpo --model ./sft --data prefs.jsonl --out runs/dpo1 --beta 0.2
+    preftune train simpo --config examples/simpo.yaml --gamma 0.5
+    torchrun --nproc_per_node 2 -m preftune train dpo ...
+
+Precedence: dataclass defaults < `--config` YAML < command line. Loss hyper-parameters (`--beta`,
+`--gamma`, ...) are added to the parser from the loss registry when the `train` command is parsed
+(so `preftune --help` stays free of torch imports); `--TERM.KEY value` sets one term's value.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from typing import Any
+
+from preftune.config import FIELDS, field_type
+
+_HPARAM_GROUP = "loss hyper-parameters (routed to every term of METHOD that declares them)"
+
+
+class _TrainParser(argparse.ArgumentParser):
+    """Adds the registry's loss flags on first use and collects unknown `--key value` pairs as overrides."""
+
+    _loss_flags_added = False
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        self._add_loss_flags()
+        ns, extras = super().parse_known_args(args, namespace)
+        ns.extra_overrides = self._pairs(list(extras))
+        return ns, []
+
+    def format_help(self) -> str:
+        self._add_loss_flags()
+        return super().format_help()
+
+    def _add_loss_flags(self) -> None:
+        if self._loss_flags_added:
+            return
+        self._loss_flags_added = True
+        from preftune import losses
+
+        users: dict[str, list[str]] = {}
+        docs: dict[str, str] = {}
+        for name, spec in sorted(losses.REGISTRY.items()):
+            for key, hp in spec.hparams.items():
+                users.setdefault(key, []).append(name)
+                docs.setdefault(key, f"{hp.doc} [{hp.range_text()}]")
+        group = self.add_argument_group(_HPARAM_GROUP)
+        for key in sorted(users):
+            if key in FIELDS:
+                continue
+            group.add_argument(
+                f"--{key}",
+                dest=f"hp__{key}",
+                default=argparse.SUPPRESS,
+                metavar="V",
+                help=f"{docs[key]} (used by {', '.join(users[key])})".replace("%", "%%"),
+            )
+
+    def _pairs(self, extras: list[str]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        i = 0
+        while i < len(extras):
+            item = extras[i]
+            if not item.startswith("--"):
+                self.error(f"unexpected argument '{item}' (options are written --key value)")
+            key, eq, value = item[2:].partition("=")
+            if not eq:
+                if i + 1 >= len(extras) or extras[i + 1].startswith("--"):
+                    self.error(f"option --{key} needs a value")
+                value = extras[i + 1]
+                i += 1
+            out[key.replace("-", "_")] = value
+            i += 1
+        return out
+
+
+def _add_field(parser: argparse.ArgumentParser, name: str) -> None:
+    f = FIELDS[name]
+    base, _ = field_type(name)
+    flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
+    help_text = str(f.metadata["help"]).replace("%", "%%")
+    default = None if f.default is dataclasses.MISSING else f.default
+    if default is not None:
+        help_text += f" (default: {default})"
+    if base is bool:
+        parser.add_argument(
+            *flags,
+            dest=name,
+            action=argparse.BooleanOptionalAction,
+            default=argparse.SUPPRESS,
+            help=help_text,
+        )
+    elif name == "resume":
+        parser.add_argument(
+            *flags,
+            dest=name,
+            nargs="?",
+            const="latest",
+            default=argparse.SUPPRESS,
+            metavar="CHECKPOINT",
+            help=help_text,
+        )
+    else:
+        parser.add_argument(
+            *flags, dest=name, default=argparse.SUPPRESS, metavar=name.upper(), help=help_text
+        )
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add this package's subcommands to `preftune`."""
+    """Add `preftune train`."""
+    p = sub.add_parser(
+        "train",
+        help="train a policy with a preference loss (DPO, IPO, KTO, SimPO, ...)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    p.__class__ = _TrainParser
+    p.add_argument(
+        "method_arg",
+        nargs="?",
+        metavar="METHOD",
+        help="loss or objective, e.g. dpo or 'dpo:1.0,sft:0.2' (same as --method)",
+    )
+    p.add_argument("--config", help="YAML file of config keys (command-line values override it)")
+    group = p.add_argument_group("run configuration (any key also works in --config YAML)")
+    for name in FIELDS:
+        if name != "hparams":
+            _add_field(group, name)  # type: ignore[arg-type]
+    p.set_defaults(func=run)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The config values given on the command line (fields and loss hyper-parameters)."""
+    values: dict[str, Any] = {}
+    hparams: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if key in FIELDS:
+            values[key] = value
+        elif key.startswith("hp__"):
+            hparams[key[4:]] = value
+    for key, value in getattr(args, "extra_overrides", {}).items():
+        if key in FIELDS:
+            values[key] = value
+        else:
+            hparams[key] = value
+    if getattr(args, "method_arg", None):
+        values["method"] = args.method_arg
+    if hparams:
+        values["hparams"] = hparams
+    return values
+
+
+def run(args: argparse.Namespace) -> int:
+    from preftune.config import load_config
+    from preftune.train.api import train
+
+    config = load_config(args.config, overrides_from_args(args))
+    result = train(config)
+    shown = {
+        k: round(v, 4)
+        for k, v in result.metrics.items()
+        if k in ("loss", "rewards/accuracy", "rewards/margin", "eval/loss", "eval/rewards/accuracy")
+    }
+    print(f"done: {result.steps} steps; final model in {result.final_dir}; {shown}")
+    return 0

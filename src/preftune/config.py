@@ -1,0 +1,421 @@
+"""The training configuration: one typed dataclass that is the defaults, the CLI `--help` and the logged
+run config at once (cleanrl's habit).
+
+`TrainConfig` fields carry their help text in `field(metadata={"help": ...})`; `preftune train --help`
+is generated from it. A config comes from YAML (`load_config`), then command-line overrides; loss
+hyper-parameters (`beta`, `gamma`, ...) may appear as flat keys and are routed to every term of the
+objective that declares them, or as `TERM.KEY` (e.g. `sft.weight`) for one term. `validate` checks
+everything that can be checked without a model: unknown keys (with a "did you mean"), ranges, choices,
+the loss hyper-parameters through `LossSpec.validate`, and whether the method's reference can exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from preftune.errors import ConfigError
+
+REFERENCE_STRATEGIES = ("auto", "cache", "model", "adapter", "none")
+SCHEDULERS = ("constant", "linear", "cosine")
+DTYPES = ("float32", "bfloat16", "float16")
+SINKS = ("tensorboard", "wandb", "mlflow")
+
+
+def _f(default: Any, help: str, **extra: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    """Everything one `preftune train` run needs. Each field's help is its documentation."""
+
+    # --- what to train ---
+    method: str = _f(
+        "dpo", "Loss or weighted objective, e.g. 'dpo' or 'dpo:1.0,sft:0.2' (see 'preftune losses')."
+    )
+    model: str = _f("", "Policy to train: a Hugging Face model folder or hub id (required).")
+    data: str = _f(
+        "", "Training data: JSONL / JSON / Parquet / CSV file, saved dataset folder or hub id (required)."
+    )
+    out: str = _f("", "Run folder: config.yaml, metrics.jsonl, checkpoints/, final/ (required).")
+    eval_data: str | None = _f(None, "Held-out data evaluated every `eval_every` steps and at the end.")
+    tokenizer: str | None = _f(None, "Tokenizer folder or hub id; default: the model's.")
+    hparams: dict[str, Any] = _f(
+        {}, "Loss hyper-parameters, e.g. {beta: 0.1}; flat keys such as --beta also land here."
+    )
+    # --- data ---
+    split: str | None = _f(None, "Split or slice of `data`, e.g. 'train' or 'train[:1000]'.")
+    eval_split: str | None = _f(None, "Split or slice of `eval_data`.")
+    kind: str | None = _f(
+        None, "Data kind (pairwise | unpaired | ranked); default: detected from the columns."
+    )
+    columns: str | None = _f(None, "Column mapping 'prompt=question,chosen=good,...' when names differ.")
+    max_length: int | None = _f(None, "Truncate prompt + response to this many tokens.", low=1)
+    max_prompt_length: int | None = _f(
+        None, "Truncate the prompt (from the left) to this many tokens.", low=1
+    )
+    on_invalid: str = _f(
+        "error",
+        "What to do with an invalid record: 'error' or 'drop' (counted in the log).",
+        choices=("error", "drop"),
+    )
+    ranked_pairs: str = _f(
+        "best_vs_worst",
+        "How a pairwise loss turns ranked data into pairs: best_vs_worst | best_vs_each | all_pairs.",
+        choices=("best_vs_worst", "best_vs_each", "all_pairs"),
+    )
+    cache_dir: str | None = _f(
+        None, "Cache of tokenized data and reference log-probs; default $PREFTUNE_CACHE or ~/.cache/preftune."
+    )
+    # --- model ---
+    dtype: str = _f("float32", "Weights dtype: float32 | bfloat16 (| float16 for inference).", choices=DTYPES)
+    lora: bool = _f(False, "Train LoRA adapters instead of all weights.")
+    lora_r: int = _f(8, "LoRA rank r.", low=1)
+    lora_alpha: float = _f(16.0, "LoRA scale α (update multiplied by α/r).", low=0.0, low_open=True)
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input.", low=0.0, high=1.0, high_open=True)
+    lora_target_modules: str = _f("all-linear", "Comma-separated module names to adapt, or 'all-linear'.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    # --- reference ---
+    reference: str = _f(
+        "auto",
+        "Reference strategy: auto | cache | model | adapter | none. auto: none for "
+        "reference-free losses, model with ref_sync_every, else cache (precomputed once, "
+        "reused across runs).",
+        choices=REFERENCE_STRATEGIES,
+    )
+    ref_model: str | None = _f(None, "Reference model folder; default: the policy's initial weights.")
+    ref_sync_every: int = _f(0, "TR-DPO: every N steps set π_ref ← α π_θ + (1−α) π_ref (0: never).", low=0)
+    ref_sync_alpha: float = _f(
+        0.6, "TR-DPO mixing weight α (1.0 = hard copy).", low=0.0, high=1.0, low_open=True
+    )
+    stages: int = _f(
+        1,
+        "Curriculum stages (Curry-DPO): data split easy→hard; each stage's reference is the "
+        "previous stage's policy.",
+        low=1,
+    )
+    rounds: int = _f(
+        1, "Iterative rounds over the data; each round's reference is the policy at its start.", low=1
+    )
+    apo_alpha: float = _f(0.0, "Accelerated PO: after each round θ ← θ̂ + α(θ̂ − θ_prev) (0: off).", low=0.0)
+    # --- optimisation ---
+    epochs: float = _f(
+        1.0, "Passes over the training data (ignored when max_steps > 0).", low=0.0, low_open=True
+    )
+    max_steps: int = _f(0, "Optimizer steps to run (0: from epochs).", low=0)
+    batch_size: int = _f(8, "Global batch: examples (pairs, completions or lists) per optimizer step.", low=1)
+    micro_batch_size: int = _f(0, "Examples per forward pass per process (0: batch_size / processes).", low=0)
+    lr: float = _f(1e-6, "Peak learning rate.", low=0.0, low_open=True)
+    optimizer: str = _f("adamw", "torch.optim optimizer by name: adamw, adam, sgd, rmsprop, ...")
+    optimizer_args: dict[str, Any] = _f({}, "Extra optimizer keyword arguments, e.g. {betas: [0.9, 0.95]}.")
+    weight_decay: float = _f(0.0, "Decoupled weight decay.", low=0.0)
+    scheduler: str = _f("linear", "Decay after warmup: constant | linear | cosine.", choices=SCHEDULERS)
+    warmup_steps: int = _f(0, "Linear warmup steps (overrides warmup_ratio when > 0).", low=0)
+    warmup_ratio: float = _f(
+        0.1, "Warmup as a fraction of the total steps.", low=0.0, high=1.0, high_open=True
+    )
+    min_lr_ratio: float = _f(0.0, "Final learning rate as a fraction of lr.", low=0.0, high=1.0)
+    max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this (0: no clipping).", low=0.0)
+    seed: int = _f(0, "Seed of data order, initialisation and dropout.")
+    on_nonfinite: str = _f(
+        "error",
+        "Non-finite loss or gradient: 'error' stops the run, 'skip' drops the step.",
+        choices=("error", "skip"),
+    )
+    # --- evaluation, checkpoints, logging ---
+    eval_every: int = _f(0, "Evaluate on eval_data every N steps (0: only at the end).", low=0)
+    eval_batch_size: int = _f(0, "Examples per evaluation forward (0: micro_batch_size).", low=0)
+    save_every: int = _f(0, "Checkpoint every N steps (0: only at the end).", low=0)
+    keep_last: int = _f(2, "Checkpoints kept on disk (oldest removed).", low=1)
+    resume: str | None = _f(None, "Resume: 'latest' (newest checkpoint in OUT) or a checkpoint folder.")
+    log_every: int = _f(1, "Log train metrics every N steps.", low=1)
+    report_to: list[str] = _f([], "Extra metric sinks: tensorboard, wandb, mlflow (must be installed).")
+    run_name: str | None = _f(None, "Run name for the sinks; default: the out folder's name.")
+    progress: bool = _f(True, "Show a progress bar with ETA and key metrics.")
+
+
+FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HINTS: dict[str, Any] = get_type_hints(TrainConfig)
+
+
+def field_type(name: str) -> tuple[type, bool]:
+    """(base type, optional) of a config field: `int | None` → (int, True)."""
+    hint = _HINTS[name]
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(hint) if a is not type(None)]
+        return _base(args[0]), True
+    return _base(hint), False
+
+
+def _base(hint: Any) -> type:
+    origin = get_origin(hint)
+    return origin if origin is not None else hint  # type: ignore[no-any-return]
+
+
+def did_you_mean(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def coerce_value(name: str, value: Any, where: str = "config") -> Any:
+    """Convert `value` (from YAML or the command line) to the type of field `name`."""
+    base, optional = field_type(name)
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"{where}: '{name}' = {value!r} {why} — {FIELDS[name].metadata['help']}")
+
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise bad("must be set")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise bad("is not true/false")
+    if base is int:
+        if isinstance(value, bool):
+            raise bad("is a boolean, expected an integer")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise bad("is not an integer") from None
+        if not number.is_integer():
+            raise bad("is not an integer")
+        return int(number)
+    if base is float:
+        if isinstance(value, bool):
+            raise bad("is a boolean, expected a number")
+        try:
+            out = float(value)
+        except (TypeError, ValueError):
+            raise bad("is not a number") from None
+        if not math.isfinite(out):
+            raise bad("is not finite")
+        return out
+    if base is str:
+        if isinstance(value, (dict, list)):
+            raise bad("is not a string")
+        return str(value)
+    if base is list:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)):
+            return [str(v) for v in value]
+        raise bad("is not a list")
+    if base is dict:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise bad("is not a JSON object") from None
+        if not isinstance(value, dict):
+            raise bad("is not a mapping")
+        return dict(value)
+    raise bad(f"has an unsupported type {base}")  # pragma: no cover - all fields covered above
+
+
+def config_from_dict(values: Mapping[str, Any], *, where: str = "config") -> TrainConfig:
+    """Build a `TrainConfig` from a flat mapping. Keys that are not fields are loss hyper-parameters
+    (checked by `validate` against the objective), so typos are reported there with a "did you mean"."""
+    kwargs: dict[str, Any] = {}
+    hparams: dict[str, Any] = {}
+    for key, value in values.items():
+        key = str(key).replace("-", "_") if str(key).replace("-", "_") in FIELDS else str(key)
+        if key == "hparams":
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}: 'hparams' must be a mapping such as {{beta: 0.1}}")
+            hparams.update(value)
+        elif key in FIELDS:
+            kwargs[key] = coerce_value(key, value, where)
+        else:
+            hparams[key] = value
+    config = TrainConfig(**kwargs)
+    config.hparams = hparams
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML config (optional), apply `overrides` (CLI values win), return the unvalidated config."""
+    values: dict[str, Any] = {}
+    where = "command line"
+    if path is not None:
+        p = Path(path)
+        where = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of keys to values")
+        values.update(loaded)
+    for key, value in (overrides or {}).items():
+        if key == "hparams":
+            values.setdefault("hparams", {})
+            values["hparams"] = {**values["hparams"], **value}
+        else:
+            values[key] = value
+    return config_from_dict(values, where=where)
+
+
+def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
+
+
+def _check_range(config: TrainConfig) -> None:
+    for name, f in FIELDS.items():
+        value = getattr(config, name)
+        meta = f.metadata
+        if value is None:
+            continue
+        if "choices" in meta and value not in meta["choices"]:
+            raise ConfigError(
+                f"'{name}' = {value!r} is not one of {', '.join(meta['choices'])}"
+                f"{did_you_mean(str(value), list(meta['choices']))}"
+            )
+        low, high = meta.get("low"), meta.get("high")
+        if low is not None and (value < low or (meta.get("low_open") and value == low)):
+            raise ConfigError(
+                f"'{name}' = {value} must be {'>' if meta.get('low_open') else '≥'} {low} — {meta['help']}"
+            )
+        if high is not None and (value > high or (meta.get("high_open") and value == high)):
+            raise ConfigError(
+                f"'{name}' = {value} must be {'<' if meta.get('high_open') else '≤'} {high} — {meta['help']}"
+            )
+
+
+def resolve_objective(config: TrainConfig) -> list[tuple[Any, float, dict[str, Any]]]:
+    """[(LossSpec, weight, validated hyper-parameters)] of the config's objective.
+
+    Flat keys go to every term that declares them; `TERM.KEY` to one term. A key no term declares is
+    an error with a "did you mean" over config fields and the terms' hyper-parameters.
+    """
+    from preftune import losses
+
+    terms = losses.parse_objective(config.method)
+    per_term: dict[str, dict[str, Any]] = {spec.name: {} for spec, _ in terms}
+    known = sorted({k for spec, _ in terms for k in spec.hparams} | set(FIELDS) - {"hparams"})
+    for key, value in config.hparams.items():
+        term, dot, name = str(key).rpartition(".")
+        if dot:
+            if term not in per_term:
+                raise ConfigError(
+                    f"hyper-parameter '{key}': '{term}' is not a term of method '{config.method}'"
+                )
+            per_term[term][name] = value
+            continue
+        takers = [spec.name for spec, _ in terms if key in spec.hparams]
+        if not takers:
+            raise ConfigError(
+                f"unknown option '{key}' for method '{config.method}'{did_you_mean(str(key), known)} "
+                f"(config fields: see 'preftune train --help'; loss options: 'preftune losses')"
+            )
+        for t in takers:
+            per_term[t].setdefault(name, value)
+    return [(spec, weight, spec.validate(per_term[spec.name])) for spec, weight in terms]
+
+
+def reference_strategy(config: TrainConfig, needs_reference: bool) -> str:
+    """The reference strategy a run uses: 'none', 'cache', 'model' or 'adapter' ('auto' resolved)."""
+    if not needs_reference:
+        return "none"
+    if config.reference != "auto":
+        return config.reference
+    return "model" if config.ref_sync_every > 0 else "cache"
+
+
+def validate(config: TrainConfig) -> list[tuple[Any, float, dict[str, Any]]]:
+    """Check `config` before any model loads; return the resolved objective (see `resolve_objective`)."""
+    for name in ("model", "data", "out"):
+        if not getattr(config, name):
+            raise ConfigError(f"'{name}' is required — {FIELDS[name].metadata['help']}")
+    _check_range(config)
+    for sink in config.report_to:
+        if sink not in SINKS:
+            raise ConfigError(
+                f"report_to: unknown sink '{sink}'{did_you_mean(sink, list(SINKS))} (known: {', '.join(SINKS)})"
+            )
+    _check_optimizer(config.optimizer)
+    objective = resolve_objective(config)
+    needs_ref = any(spec.needs_reference for spec, _, _ in objective)
+    strategy = reference_strategy(config, needs_ref)
+    if needs_ref and strategy == "none":
+        raise ConfigError(
+            f"method '{config.method}' needs a reference model but reference='none' — use "
+            "reference=cache (default), model or adapter"
+        )
+    if not needs_ref and (
+        config.ref_model or config.reference not in ("auto", "none") or config.ref_sync_every
+    ):
+        raise ConfigError(
+            f"method '{config.method}' is reference-free: remove ref_model / reference / "
+            "ref_sync_every (they would be ignored)"
+        )
+    if strategy == "adapter" and not config.lora:
+        raise ConfigError("reference='adapter' (the policy with LoRA adapters disabled) needs lora=true")
+    if strategy == "adapter" and config.ref_model:
+        raise ConfigError("reference='adapter' uses the policy's base weights; remove ref_model")
+    if config.ref_sync_every and strategy != "model":
+        raise ConfigError(
+            f"ref_sync_every (TR-DPO) updates the reference during training, which needs "
+            f"reference='model', not '{strategy}'"
+        )
+    if config.eval_every and not config.eval_data:
+        raise ConfigError("eval_every > 0 needs eval_data")
+    if config.apo_alpha and config.rounds < 2:
+        raise ConfigError("apo_alpha (Accelerated PO) extrapolates between rounds: set rounds ≥ 2")
+    if config.stages > 1 and config.rounds > 1:
+        raise ConfigError("stages (Curry-DPO) and rounds (iterative / Accelerated PO) cannot be combined")
+    if (config.stages > 1 or config.rounds > 1) and not needs_ref:
+        raise ConfigError("stages and rounds move the reference between stages; the method uses none")
+    return objective
+
+
+def _check_optimizer(name: str) -> None:
+    import torch.optim
+
+    if optimizer_class(name) is None:
+        names = [
+            n
+            for n in dir(torch.optim)
+            if isinstance(getattr(torch.optim, n), type)
+            and issubclass(getattr(torch.optim, n), torch.optim.Optimizer)
+            and n != "Optimizer"
+        ]
+        raise ConfigError(
+            f"optimizer '{name}' is not a torch.optim optimizer"
+            f"{did_you_mean(name.lower(), [n.lower() for n in names])} (known: {', '.join(names)})"
+        )
+
+
+def optimizer_class(name: str) -> Any:
+    """The torch.optim class called `name`, case-insensitive ('adamw' → AdamW), or None."""
+    import torch.optim
+
+    for attr in dir(torch.optim):
+        obj = getattr(torch.optim, attr)
+        if attr.lower() == name.lower() and isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer):
+            return obj
+    return None

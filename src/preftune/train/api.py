@@ -1,0 +1,412 @@
+"""`train(config) -> RunResult` and `evaluate(...)`: the Python API behind `preftune train` / `preftune eval`.
+
+A run is a list of *phases* (one, or Curry-DPO stages, or iterative rounds); each phase sets up its
+reference (ALGORITHMS.md §4), then runs optimizer steps (loop.py). Checkpoints record the next
+position (phase, step in phase), so `--resume` continues exactly where a killed run stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from preftune.config import TrainConfig, config_to_dict, save_config, validate
+from preftune.errors import ConfigError, TrainingError
+from preftune.train import checkpoint as ckpt
+from preftune.train.batches import objective_kind
+from preftune.train.distributed import World, barrier, broadcast_params, init_world, shutdown
+from preftune.train.logging import MetricsLogger, Progress, check_sinks
+from preftune.train.loop import (
+    Objective,
+    batch_indices,
+    evaluate_examples,
+    gather_sums,
+    objective_on_batch,
+    reduce_gradients,
+    sync_loss_state,
+)
+from preftune.train.optim import build_optimizer, build_scheduler
+from preftune.train.setup import (
+    build_phases,
+    extrapolate,
+    load_examples,
+    load_policy,
+    phase_steps,
+    save_final,
+    setup_reference,
+    trainable_state,
+)
+
+
+@dataclass
+class RunResult:
+    """What a finished run returns. metrics: the last train step's, plus `eval/*` of the final evaluation."""
+
+    out_dir: Path
+    final_dir: Path
+    steps: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def train(config: TrainConfig) -> RunResult:
+    """Train `config.model` on `config.data` with `config.method`; write the run folder (see common layout)."""
+    objective = Objective(validate(config), "")
+    objective.kind = objective_kind(objective.terms)
+    check_sinks(config.report_to)
+    world = init_world()
+    try:
+        return _train(config, objective, world)
+    finally:
+        shutdown(world)
+
+
+def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult:
+    from preftune.data.formatting import load_tokenizer
+
+    out = Path(config.out)
+    if world.is_main:
+        if not config.resume and (out / "metrics.jsonl").exists():
+            raise ConfigError(
+                f"run folder {out} already has a run — pass --resume to continue it, or another --out"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_partial(out / "checkpoints")
+        save_config(config, out / "config.yaml")
+    barrier(world)
+    seed_everything(config.seed)
+    tokenizer = load_tokenizer(config.tokenizer or config.model)
+    examples = load_examples(config.data, config, objective, tokenizer, split=config.split)
+    eval_examples = (
+        load_examples(config.eval_data, config, objective, tokenizer, split=config.eval_split)
+        if config.eval_data
+        else []
+    )
+    phases = build_phases(config, examples)
+    steps = phase_steps(config, phases)
+    total = sum(steps)
+    micro = config.micro_batch_size or max(1, -(-config.batch_size // world.size))
+    eval_micro = config.eval_batch_size or micro
+
+    model = load_policy(config, world)
+    broadcast_params(model, world)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, config)
+    scheduler = build_scheduler(optimizer, config, total)
+
+    phase, step_in_phase, global_step = 0, 0, 0
+    loss_state: dict[str, dict[str, torch.Tensor]] = {}
+    resume_state: dict[str, Any] | None = None
+    extra: dict[str, dict[str, torch.Tensor]] = {}
+    last_good: Path | None = None
+    if config.resume:
+        path = ckpt.find_resume(out, config.resume)
+        resume_state, loss_state, extra = ckpt.load_checkpoint(
+            path, model=model, optimizer=optimizer, scheduler=scheduler
+        )
+        phase, step_in_phase = int(resume_state["phase"]), int(resume_state["step_in_phase"])
+        global_step, last_good = int(resume_state["step"]), path
+        if resume_state.get("total_steps") != total:
+            raise TrainingError(
+                f"resume: {path} belongs to a run of {resume_state.get('total_steps')} steps, "
+                f"this config gives {total}; resume with the run's own config ({out / 'config.yaml'})"
+            )
+
+    logger = MetricsLogger(
+        out,
+        sinks=config.report_to,
+        run_name=config.run_name or out.name,
+        config=config_to_dict(config),
+        enabled=world.is_main,
+    )
+    progress = Progress(total, enabled=config.progress and world.is_main, start=global_step)
+    log = progress.print if world.is_main else (lambda _msg: None)
+    log(
+        f"preftune train {config.method}: {len(examples)} examples, {total} steps over {len(phases)} "
+        f"phase(s), batch {config.batch_size} = {world.size} process(es) × micro-batches of {micro}"
+    )
+    last: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    try:
+        while phase < len(phases):
+            data = phases[phase]
+            mid = resume_state is not None and step_in_phase > 0
+            ref = setup_reference(
+                config,
+                objective,
+                model,
+                phase,
+                [data, eval_examples],
+                world,
+                log=log,
+                resume_state=resume_state if mid else None,
+                resume_weights=extra.get("reference") if mid else None,
+            )
+            phase_start = (
+                extra["phase_start"]
+                if (mid and "phase_start" in extra)
+                else (trainable_state(model) if config.apo_alpha else None)
+            )
+            resume_state = None
+            while step_in_phase < steps[phase]:
+                t0 = time.perf_counter()
+                idx = batch_indices(
+                    len(data), config.batch_size, seed=config.seed, phase=phase, step=step_in_phase
+                )
+                batch = [data[i] for i in idx]
+                sums = objective_on_batch(
+                    model,
+                    batch,
+                    objective=objective,
+                    reference=ref.provider,
+                    loss_state=loss_state,
+                    world=world,
+                    micro_batch_size=micro,
+                    backward=True,
+                )
+                metrics = gather_sums(sums, world)
+                grad_norm = reduce_gradients(params, world, config.max_grad_norm)
+                lr = float(scheduler.get_last_lr()[0])
+                finite = np.isfinite(metrics["loss"]) and np.isfinite(grad_norm)
+                if not finite and config.on_nonfinite == "error":
+                    where = (
+                        f"the last good checkpoint is {last_good}"
+                        if last_good
+                        else "no checkpoint was written yet"
+                    )
+                    raise TrainingError(
+                        f"non-finite {'loss' if not np.isfinite(metrics['loss']) else 'gradient'} at "
+                        f"step {global_step + 1} (loss={metrics['loss']}, grad_norm={grad_norm}); "
+                        f"{where}. Lower lr, check the data, or set on_nonfinite=skip"
+                    )
+                if finite:
+                    optimizer.step()
+                    scheduler.step()
+                else:
+                    log(f"step {global_step + 1}: non-finite loss/gradient, step skipped (on_nonfinite=skip)")
+                optimizer.zero_grad(set_to_none=True)
+                sync_loss_state(loss_state, world)
+                global_step += 1
+                step_in_phase += 1
+                if config.ref_sync_every and global_step % config.ref_sync_every == 0:
+                    ref.provider.sync(model, config.ref_sync_alpha)
+                seconds = max(time.perf_counter() - t0, 1e-9)
+                last = {
+                    **{k: v for k, v in metrics.items() if k not in ("tokens", "examples")},
+                    "grad_norm": grad_norm,
+                    "lr": lr,
+                    "tokens_per_s": metrics["tokens"] / seconds,
+                    "examples_per_s": metrics["examples"] / seconds,
+                    "skipped": float(not finite),
+                }
+                if global_step % config.log_every == 0 or step_in_phase == steps[phase]:
+                    logger.log({"step": global_step, "split": "train", "phase": phase, **last})
+                progress.update(global_step, last)
+                phase_done = step_in_phase == steps[phase]
+                if phase_done and config.apo_alpha and phase_start is not None:
+                    extrapolate(model, phase_start, config.apo_alpha)
+                if eval_examples and (
+                    (config.eval_every and global_step % config.eval_every == 0)
+                    or (phase_done and phase == len(phases) - 1)
+                ):
+                    eval_metrics = _evaluate(
+                        model,
+                        eval_examples,
+                        objective,
+                        ref.provider,
+                        loss_state,
+                        world,
+                        eval_micro,
+                        global_step,
+                        logger,
+                    )
+                if (config.save_every and global_step % config.save_every == 0) or global_step == total:
+                    position = (phase + 1, 0) if phase_done else (phase, step_in_phase)
+                    last_good = _save(
+                        out,
+                        global_step,
+                        total,
+                        position,
+                        model,
+                        optimizer,
+                        scheduler,
+                        loss_state,
+                        config,
+                        ref,
+                        phase_start,
+                        world,
+                        last,
+                    )
+            phase += 1
+            step_in_phase = 0
+    finally:
+        progress.close()
+        logger.close()
+    final = out / "final"
+    if world.is_main:
+        save_final(model, tokenizer, final)
+        summary = {
+            "method": config.method,
+            "steps": global_step,
+            "train": last,
+            "eval": eval_metrics,
+            "checkpoint": str(last_good) if last_good else None,
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    barrier(world)
+    return RunResult(out, final, global_step, {**last, **{f"eval/{k}": v for k, v in eval_metrics.items()}})
+
+
+def _evaluate(
+    model: Any,
+    examples: list[Any],
+    objective: Objective,
+    reference: Any,
+    loss_state: dict[str, dict[str, torch.Tensor]],
+    world: World,
+    batch_size: int,
+    step: int,
+    logger: MetricsLogger,
+) -> dict[str, float]:
+    metrics = evaluate_examples(
+        model,
+        examples,
+        objective=objective,
+        reference=reference,
+        loss_state=loss_state,
+        world=world,
+        batch_size=batch_size,
+    )
+    metrics = {k: v for k, v in metrics.items() if k not in ("tokens",)}
+    logger.log({"step": step, "split": "eval", **metrics})
+    return metrics
+
+
+def _save(
+    out: Path,
+    step: int,
+    total: int,
+    position: tuple[int, int],
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    loss_state: dict[str, dict[str, torch.Tensor]],
+    config: TrainConfig,
+    ref: Any,
+    phase_start: dict[str, torch.Tensor] | None,
+    world: World,
+    metrics: dict[str, float],
+) -> Path:
+    extra: dict[str, dict[str, torch.Tensor]] = {}
+    moving = ref.moving_weights(position[0], config)
+    if moving is not None:
+        extra["reference"] = moving
+    if phase_start is not None and position[1] > 0:
+        extra["phase_start"] = phase_start
+    path = out / "checkpoints" / f"step-{step}"
+    if world.is_main:
+        state = {
+            "phase": position[0],
+            "step_in_phase": position[1],
+            "total_steps": total,
+            "reference_fingerprint": ref.fingerprint,
+            "metrics": metrics,
+        }
+        path = ckpt.save_checkpoint(
+            out / "checkpoints",
+            step,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            trainer_state=state,
+            loss_state=loss_state,
+            keep_last=config.keep_last,
+            extra=extra,
+        )
+    barrier(world)
+    return path
+
+
+def evaluate(
+    model: Any,
+    data: str | list[Any],
+    *,
+    method: str = "dpo",
+    ref_model: str | None = None,
+    tokenizer: Any = None,
+    hparams: dict[str, Any] | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    cache_dir: str | None = None,
+    kind: str | None = None,
+) -> dict[str, float]:
+    """Preference metrics (ALGORITHMS.md §5) and the objective's loss of `model` on held-out `data`.
+
+    model: a model folder (full weights or a PEFT adapter folder such as a LoRA run's OUT/final) or a
+        loaded module. data: a data source path or a list of `Example`s (already tokenized).
+    ref_model: the reference folder (a run's base `model`); for a PEFT adapter it defaults to the base
+        weights with adapters disabled. Reference log-probs go through the same on-disk cache as training.
+    Returns e.g. {"loss", "rewards/accuracy", "rewards/margin", "logps/chosen", "policy_rank_accuracy", ...}.
+    """
+    from preftune.data.formatting import load_tokenizer
+    from preftune.models.load import load_causal_lm
+
+    path = None if isinstance(model, torch.nn.Module) else str(model)
+    config = TrainConfig(
+        method=method,
+        model=path or "<module>",
+        data="<eval>",
+        out="<none>",
+        ref_model=ref_model,
+        cache_dir=cache_dir,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        kind=kind,
+        hparams=dict(hparams or {}),
+        micro_batch_size=batch_size,
+    )
+    objective = Objective(validate(config), "")
+    objective.kind = objective_kind(objective.terms)
+    world = World()
+    if path is not None:
+        if Path(path, "adapter_config.json").is_file():
+            from peft import AutoPeftModelForCausalLM
+
+            model = AutoPeftModelForCausalLM.from_pretrained(path)
+            config.lora = True
+        else:
+            model = load_causal_lm(path)
+    if isinstance(data, list):
+        examples = data
+    else:
+        tok = load_tokenizer(tokenizer or path)
+        examples = load_examples(data, config, objective, tok, split=None)
+    if objective.needs_reference and ref_model is None and not hasattr(model, "disable_adapter"):
+        raise ConfigError(
+            f"evaluate: method '{method}' needs a reference — pass ref_model (the run's base model)"
+        )
+    ref = setup_reference(config, objective, model, 0, [examples], world, log=lambda _m: None)
+    return evaluate_examples(
+        model,
+        examples,
+        objective=objective,
+        reference=ref.provider,
+        loss_state={},
+        world=world,
+        batch_size=batch_size,
+    )

@@ -1,0 +1,95 @@
+"""Data parallelism on torch.distributed: the same command under `torchrun` (gloo on CPU, nccl on GPU).
+
+Every process sees the same global batch of each optimizer step and takes its own slice, so the
+normalisers (global example and token counts) are known on every rank without communication. Each
+rank sums its micro-batch losses divided by those *global* counts; gradients are then all-reduced
+with SUM — this is exactly the gradient of the global-batch loss (what DDP computes after rescaling
+its mean by the world size), whatever the world size and micro-batching. See docs/distributed.md.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    """rank / world size of this process; `device` the one it computes on."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_world() -> World:
+    """Join the process group torchrun set up (RANK/WORLD_SIZE env), or a world of one."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if size <= 1:
+        return World(device=device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend)
+    return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local_rank, device=device)
+
+
+def shutdown(world: World) -> None:
+    if world.size > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor, world: World) -> torch.Tensor:
+    """In-place SUM over ranks (no-op in a world of one); returns `t`."""
+    if world.size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_grads(params: list[torch.nn.Parameter], world: World) -> None:
+    """SUM the gradients over ranks in one flat bucket (one collective per step, like DDP's buckets)."""
+    if world.size <= 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(g).to(g.dtype)
+        offset += n
+
+
+def broadcast_params(module: torch.nn.Module, world: World) -> None:
+    """Make every rank start from rank 0's weights (all ranks load the same folder; this guards it)."""
+    if world.size <= 1:
+        return
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
+def barrier(world: World) -> None:
+    if world.size > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj: object, world: World) -> object:
+    """Rank 0's `obj` on every rank."""
+    if world.size <= 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

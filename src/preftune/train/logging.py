@@ -1,0 +1,154 @@
+"""Where metrics go: OUT/metrics.jsonl always, a rich progress bar, and optional sinks.
+
+TensorBoard, Weights & Biases and MLflow are used only when asked for (`report_to`) and installed;
+asking for one that is not installed is a ConfigError before any model loads, never a silent no-op.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from preftune.errors import ConfigError
+
+SINK_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+PROGRESS_KEYS = ("loss", "rewards/accuracy", "rewards/margin", "lr")
+
+
+def check_sinks(names: list[str]) -> None:
+    """Raise ConfigError for a requested sink whose package is missing."""
+    for name in names:
+        package = SINK_PACKAGES.get(name)
+        if package is None:
+            raise ConfigError(f"report_to: unknown sink '{name}' (known: {', '.join(SINK_PACKAGES)})")
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(
+                f"report_to: '{name}' is not installed — pip install 'preftune[{name}]' "
+                f"or remove it from report_to"
+            )
+
+
+def _clean(record: dict[str, Any]) -> dict[str, Any]:
+    """JSON-safe: non-finite floats become null (the JSON standard has no NaN)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
+class MetricsLogger:
+    """Append one JSON object per line to OUT/metrics.jsonl and forward numbers to the sinks."""
+
+    def __init__(
+        self, out: Path, *, sinks: list[str], run_name: str, config: dict[str, Any], enabled: bool = True
+    ) -> None:
+        self.enabled = enabled
+        self.path = out / "metrics.jsonl"
+        self._sinks: list[Any] = []
+        if not enabled:
+            return
+        check_sinks(sinks)
+        for name in sinks:
+            self._sinks.append(_open_sink(name, out, run_name, config))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(_clean(record)) + "\n")
+        step, split = int(record.get("step", 0)), record.get("split", "train")
+        numbers = {
+            f"{split}/{k}": float(v)
+            for k, v in record.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"
+        }
+        for sink in self._sinks:
+            sink(numbers, step)
+
+    def close(self) -> None:
+        for sink in self._sinks:
+            getattr(sink, "close", lambda: None)()
+
+
+class _Sink:
+    def __init__(self, write: Any, close: Any) -> None:
+        self._write, self.close = write, close
+
+    def __call__(self, numbers: dict[str, float], step: int) -> None:
+        self._write(numbers, step)
+
+
+def _open_sink(name: str, out: Path, run_name: str, config: dict[str, Any]) -> _Sink:
+    if name == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+
+        def write_tb(numbers: dict[str, float], step: int) -> None:
+            for k, v in numbers.items():
+                writer.add_scalar(k, v, step)
+
+        return _Sink(write_tb, writer.close)
+    if name == "wandb":
+        import wandb
+
+        run = wandb.init(name=run_name, config=config, dir=str(out))
+        return _Sink(lambda numbers, step: run.log(numbers, step=step), run.finish)
+    import mlflow
+
+    mlflow.start_run(run_name=run_name)
+    mlflow.log_params({k: str(v)[:250] for k, v in config.items()})
+    return _Sink(
+        lambda numbers, step: mlflow.log_metrics(
+            {k.replace("/", "_"): v for k, v in numbers.items()}, step=step
+        ),
+        mlflow.end_run,
+    )
+
+
+class Progress:
+    """A rich progress bar with ETA and the key metrics (disabled off rank 0 or with progress=false)."""
+
+    def __init__(self, total: int, *, enabled: bool, start: int = 0) -> None:
+        self._bar: Any = None
+        if not enabled:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+        from rich.progress import Progress as RichProgress
+
+        self._bar = RichProgress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            transient=False,
+        )
+        self._task = self._bar.add_task("train", total=total, completed=start, info="")
+        self._bar.start()
+
+    def update(self, step: int, metrics: dict[str, Any]) -> None:
+        if self._bar is None:
+            return
+        info = "  ".join(
+            f"{k.split('/')[-1]}={metrics[k]:.4g}" for k in PROGRESS_KEYS if isinstance(metrics.get(k), float)
+        )
+        self._bar.update(self._task, completed=step, info=info)
+
+    def print(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.console.print(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()

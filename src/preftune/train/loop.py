@@ -1,0 +1,181 @@
+"""One optimizer step, exactly normalised, and evaluation — the pieces `api.train` strings together.
+
+Exact reduction (ALGORITHMS.md §6, torchtitan's habit): every rank sees the whole global batch of a
+step, so it knows the normalisers without communication — E, the global example count, and for
+`reduction="token"` terms T, the global token count. Each micro-batch contributes
+Σ_term w · Σ_e loss_e / (E or T) to the backward pass; gradients are then SUMmed over ranks. The
+gradient is the gradient of the global-batch loss for any micro-batch size and world size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from preftune.train.batches import build_batch, micro_batches, shard, token_count
+from preftune.train.distributed import World, all_reduce_grads, all_reduce_sum
+from preftune.train.metrics import MetricSums, preference_metrics
+from preftune.types import Example, SequenceStats
+
+
+class Reference(Protocol):
+    def stats(self, examples: Sequence[Example], token_logps: bool = False) -> SequenceStats: ...
+
+
+@dataclass
+class Objective:
+    """A run's weighted sum of registered loss terms and what they need from the trainer."""
+
+    terms: list[tuple[Any, float, dict[str, Any]]]  # (LossSpec, weight, validated hyper-parameters)
+    kind: str
+
+    @property
+    def needs_reference(self) -> bool:
+        return any(s.needs_reference for s, _, _ in self.terms)
+
+    @property
+    def needs_token_logps(self) -> bool:
+        return any(s.needs_token_logps for s, _, _ in self.terms)
+
+    @property
+    def needs_mismatched(self) -> bool:
+        return any(s.needs_mismatched for s, _, _ in self.terms)
+
+    @property
+    def beta(self) -> float | None:
+        return next((float(h["beta"]) for _, _, h in self.terms if "beta" in h), None)
+
+
+def batch_indices(n: int, batch_size: int, *, seed: int, phase: int, step: int) -> list[int]:
+    """Example indices of optimizer step `step` (0-based, within `phase`): a seeded permutation per
+    epoch, cut into consecutive batches (the last one of an epoch may be smaller). Depends only on its
+    arguments, so the data position of a resumed run is its step number."""
+    per_epoch = math.ceil(n / batch_size)
+    epoch, b = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + phase * 10_007 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    return perm[b * batch_size : (b + 1) * batch_size]
+
+
+def objective_on_batch(
+    model: Any,
+    global_batch: Sequence[Example],
+    *,
+    objective: Objective,
+    reference: Reference | None,
+    loss_state: dict[str, dict[str, torch.Tensor]],
+    world: World,
+    micro_batch_size: int,
+    backward: bool,
+) -> MetricSums:
+    """Forward (and backward) this rank's share of `global_batch`; return its metric sums.
+
+    Totals: `loss` and `loss/TERM` (already divided by the global counts: summing them over ranks
+    gives the global loss), `tokens`, `examples`. Means: the losses' per-example metrics and §5's.
+    `loss_state` is updated in place by stateful terms (pass a copy to leave it untouched).
+    """
+    from preftune.models.logprobs import example_stats
+
+    need_tok = objective.needs_token_logps
+    denominators = [
+        float(len(global_batch)) if spec.reduction == "example" else max(token_count(spec, global_batch), 1.0)
+        for spec, _, _ in objective.terms
+    ]
+    sums = MetricSums()
+    mine = shard(global_batch, world.rank, world.size)
+    first_names: set[str] = set()
+    for micro in micro_batches(mine, micro_batch_size):
+        with torch.set_grad_enabled(backward):
+            policy = example_stats(model, micro, token_logps=need_tok)
+            ref = reference.stats(micro, token_logps=need_tok) if reference is not None else None
+            batch = build_batch(micro, policy, ref)
+            total = policy.logps.new_zeros(())
+            for i, ((spec, weight, hparams), denom) in enumerate(zip(objective.terms, denominators)):
+                out = spec.fn(batch, dict(loss_state.get(spec.name, {})), **hparams)
+                term = out.losses.float().sum() / denom
+                total = total + weight * term
+                if spec.stateful:
+                    loss_state[spec.name] = {k: v.detach() for k, v in out.state.items()}
+                if len(objective.terms) > 1:
+                    sums.add_total(f"loss/{spec.name}", float(term.detach()))
+                for name, values in out.metrics.items():
+                    key = name if i == 0 or name not in first_names else f"{spec.name}/{name}"
+                    if i == 0:
+                        first_names.add(name)
+                    sums.add(key, values)
+        if backward and total.requires_grad:
+            total.backward()
+        sums.add_total("loss", float(total.detach()))
+        sums.add_total("tokens", float(sum(e.num_tokens for e in micro)))
+        sums.add_total("examples", float(len(micro)))
+        preference_metrics(batch, sums, unpaired=objective.kind == "unpaired")
+    return sums
+
+
+def gather_sums(sums: MetricSums, world: World) -> dict[str, float]:
+    """Merge every rank's sums; return the step's metrics (identical on every rank)."""
+    if world.size > 1:
+        import torch.distributed as dist
+
+        states: list[Any] = [None] * world.size
+        dist.all_gather_object(states, sums.state())
+        merged = MetricSums()
+        for st in states:
+            merged.merge(st)
+        sums = merged
+    return sums.result()
+
+
+def reduce_gradients(params: list[torch.nn.Parameter], world: World, max_grad_norm: float) -> float:
+    """SUM gradients over ranks, clip the global norm (when > 0), return the norm before clipping."""
+    all_reduce_grads(params, world)
+    limit = max_grad_norm if max_grad_norm > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(params, limit, error_if_nonfinite=False)
+    return float(norm)
+
+
+def sync_loss_state(loss_state: dict[str, dict[str, torch.Tensor]], world: World) -> None:
+    """Average running loss state (e.g. BCO's δ) over ranks so that every rank keeps the same."""
+    if world.size <= 1:
+        return
+    for state in loss_state.values():
+        for k, v in state.items():
+            t = v.detach().clone().float()
+            all_reduce_sum(t, world)
+            state[k] = (t / world.size).to(v.dtype)
+
+
+def evaluate_examples(
+    model: Any,
+    examples: Sequence[Example],
+    *,
+    objective: Objective,
+    reference: Reference | None,
+    loss_state: dict[str, dict[str, torch.Tensor]],
+    world: World,
+    batch_size: int,
+) -> dict[str, float]:
+    """The objective and §5 metrics over `examples` (no gradients, loss state untouched).
+
+    The whole set is one "global batch": the loss is normalised by its example/token counts.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        sums = objective_on_batch(
+            model,
+            examples,
+            objective=objective,
+            reference=reference,
+            loss_state={k: dict(v) for k, v in loss_state.items()},
+            world=world,
+            micro_batch_size=batch_size,
+            backward=False,
+        )
+    finally:
+        model.train(was_training)
+    return gather_sums(sums, world)

@@ -1,0 +1,231 @@
+"""Building a run's parts from its config: data, phases (stages / rounds), policy, reference."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from preftune.config import TrainConfig, reference_strategy
+from preftune.errors import ConfigError, TrainingError
+from preftune.models.reference import (
+    AdapterReference,
+    CachedReference,
+    ModelReference,
+    ReferenceTable,
+    default_cache_dir,
+    precompute_reference,
+)
+from preftune.train.batches import adapt_examples
+from preftune.train.distributed import World
+from preftune.train.loop import Objective
+from preftune.types import Example
+
+
+def load_examples(
+    source: str, config: TrainConfig, objective: Objective, tokenizer: Any, *, split: str | None
+) -> list[Example]:
+    """Tokenized examples of `source` in the layout the objective trains on (see `adapt_examples`)."""
+    from preftune.data.pipeline import prepare_examples, ranked_to_pairs
+
+    prepared = prepare_examples(
+        source,
+        tokenizer=tokenizer,
+        kind=config.kind,
+        columns=config.columns,
+        split=split,
+        max_length=config.max_length,
+        max_prompt_length=config.max_prompt_length,
+        on_invalid=config.on_invalid,
+        cache_dir=config.cache_dir,
+    )
+    examples = prepared.examples
+    if objective.kind == "pairwise" and any(e.kind == "ranked" for e in examples):
+        examples = [
+            p
+            for e in examples
+            for p in (ranked_to_pairs(e, config.ranked_pairs) if e.kind == "ranked" else [e])
+        ]
+    if not examples:
+        raise ConfigError(f"{source}: no usable examples (summary: {prepared.summary})")
+    return adapt_examples(examples, objective.kind, mismatched=objective.needs_mismatched, where=str(source))
+
+
+def build_phases(config: TrainConfig, examples: list[Example]) -> list[list[Example]]:
+    """The data of each phase: Curry-DPO stages (easy → hard), `rounds` passes, or one phase."""
+    if config.stages > 1:
+        import importlib
+
+        transforms: Any = importlib.import_module("preftune.data.transforms")
+        stages = transforms.curriculum_stages(examples, config.stages)
+        stages = [list(s) for s in stages if s]
+        if not stages:
+            raise ConfigError("curriculum: no stage has examples (Curry-DPO needs scored pairs)")
+        return stages
+    return [examples] * config.rounds
+
+
+def phase_steps(config: TrainConfig, phases: Sequence[Sequence[Example]]) -> list[int]:
+    """Optimizer steps of each phase: max_steps split evenly (remainder to the last), else epochs."""
+    if config.max_steps > 0:
+        base, rest = divmod(config.max_steps, len(phases))
+        steps = [base] * len(phases)
+        steps[-1] += rest
+        return steps
+    per_epoch = [-(-len(p) // config.batch_size) for p in phases]
+    return [max(1, round(config.epochs * n)) for n in per_epoch]
+
+
+def lora_settings(config: TrainConfig) -> Any:
+    if not config.lora:
+        return None
+    from preftune.models.load import LoraSettings
+
+    targets: list[str] | str = config.lora_target_modules
+    if targets != "all-linear":
+        targets = [t.strip() for t in str(targets).split(",") if t.strip()]
+    return LoraSettings(
+        r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=targets
+    )
+
+
+def load_policy(config: TrainConfig, world: World) -> Any:
+    from preftune.models.load import load_causal_lm
+
+    model = load_causal_lm(
+        config.model,
+        dtype=config.dtype,
+        lora=lora_settings(config),
+        gradient_checkpointing=config.gradient_checkpointing,
+    )
+    return model.to(world.device)
+
+
+def trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    """Detached copies of the trainable parameters (what Accelerated PO extrapolates)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def extrapolate(model: Any, previous: dict[str, torch.Tensor], alpha: float) -> None:
+    """Accelerated PO (He et al. 2024, Alg. 1): θ ← θ̂ + α(θ̂ − θ_prev), Nesterov momentum between rounds."""
+    for name, p in model.named_parameters():
+        if name in previous:
+            p.add_(p - previous[name].to(p.device), alpha=alpha)
+
+
+@dataclass
+class ReferenceSetup:
+    """The reference of the current phase and what a checkpoint must store to rebuild it."""
+
+    provider: Any  # CachedReference | ModelReference | AdapterReference | None
+    strategy: str
+    fingerprint: str | None = None
+
+    def moving_weights(self, phase: int, config: TrainConfig) -> dict[str, torch.Tensor] | None:
+        """Reference weights to checkpoint: only a separate model that moved (TR-DPO) or is a stage's policy."""
+        if isinstance(self.provider, ModelReference) and (config.ref_sync_every or phase > 0):
+            return {k: v.detach() for k, v in self.provider.model.state_dict().items()}
+        return None
+
+
+def setup_reference(
+    config: TrainConfig,
+    objective: Objective,
+    policy: Any,
+    phase: int,
+    example_sets: Sequence[Sequence[Example]],
+    world: World,
+    *,
+    log: Callable[[str], None],
+    resume_state: dict[str, Any] | None = None,
+    resume_weights: dict[str, torch.Tensor] | None = None,
+) -> ReferenceSetup:
+    """Build the reference of `phase` (phase 0: `ref_model` or the initial policy; later phases: the
+    policy at the phase start). On a resume in the middle of a phase the reference is rebuilt from
+    what the checkpoint recorded (cache fingerprint, or the reference weights)."""
+    strategy = reference_strategy(config, objective.needs_reference)
+    if strategy == "none":
+        return ReferenceSetup(None, strategy)
+    if strategy == "adapter":
+        return ReferenceSetup(AdapterReference(policy), strategy)
+    mid_phase = resume_state is not None
+    resume_state = resume_state or {}
+    if strategy == "model":
+        from preftune.models.load import load_causal_lm
+
+        if phase == 0 or mid_phase:
+            ref = load_causal_lm(config.ref_model or config.model, dtype=config.dtype).to(world.device)
+        else:
+            ref = copy.deepcopy(policy)
+        if mid_phase and resume_weights is not None:
+            ref.load_state_dict(resume_weights)
+        return ReferenceSetup(ModelReference(ref), strategy)
+    cache_dir = default_cache_dir(config.cache_dir)
+    if mid_phase and resume_state.get("reference_fingerprint"):
+        fp = str(resume_state["reference_fingerprint"])
+        table = ReferenceTable(cache_dir / "reference" / f"{fp}.safetensors")
+        missing = table.missing([e for s in example_sets for e in s], objective.needs_token_logps)
+        if missing:
+            raise TrainingError(
+                f"resume: the reference cache {table.path} lacks {len(missing)} sequences; "
+                "it was deleted or the data changed — restart the run without --resume"
+            )
+        log(f"reference: resumed from the cache {table.path}; reference pass skipped")
+        return ReferenceSetup(CachedReference(table, fp), strategy, fp)
+    source, adapter_off, temporary = policy, False, False
+    if phase == 0 and config.ref_model:
+        from preftune.models.load import load_causal_lm
+
+        source, temporary = load_causal_lm(config.ref_model, dtype=config.dtype).to(world.device), True
+    elif phase == 0 and config.lora:
+        adapter_off = True
+    gather, write = _gatherer(world)
+    cached = precompute_reference(
+        source,
+        example_sets,
+        cache_dir=cache_dir,
+        token_logps=objective.needs_token_logps,
+        batch_size=max(1, config.eval_batch_size or config.micro_batch_size or 8),
+        adapter_off=adapter_off,
+        log=log,
+        gather=gather,
+        shard=(world.rank, world.size),
+        write=write,
+    )
+    if temporary:
+        del source
+    return ReferenceSetup(cached, strategy, cached.fingerprint)
+
+
+def _gatherer(world: World) -> tuple[Callable[[list[Any]], list[Any]], bool]:
+    if world.size <= 1:
+        return (lambda x: x), True
+    import torch.distributed as dist
+
+    def gather(items: list[Any]) -> list[Any]:
+        parts: list[Any] = [None] * world.size
+        dist.all_gather_object(parts, items)
+        return [x for part in parts for x in part]
+
+    return gather, world.is_main
+
+
+def save_final(model: Any, tokenizer: Any, folder: Path) -> None:
+    """OUT/final/: a standard Hugging Face folder (safetensors, or the PEFT adapter) with the tokenizer."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    tmp.rename(folder)

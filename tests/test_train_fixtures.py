@@ -1,0 +1,75 @@
+"""Shared helpers of the training tests: a tiny model, a char tokenizer and small data files.
+
+Everything is built locally (no download) and loaded back through the real `from_pretrained` path.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from preftune.data.char_tokenizer import build_char_tokenizer
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 =+?:."
+
+
+def tiny_model(folder: Path, *, arch: str = "llama", seed: int = 0, hidden_size: int = 32) -> Path:
+    """A 2-layer `arch` model with a 48-token char vocabulary, saved with its tokenizer."""
+    from preftune.models.tiny import save_tiny_model
+
+    if (folder / "config.json").is_file():
+        return folder
+    tok = build_char_tokenizer(ALPHABET)
+    return save_tiny_model(
+        arch, folder, vocab_size=48, hidden_size=hidden_size, num_layers=2, tokenizer=tok, seed=seed
+    )
+
+
+def pair_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Learnable pairs: the chosen answer is the sum, the rejected one a wrong digit string."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        wrong = (a + b + rng.randint(1, 5)) % 19
+        rows.append({"prompt": f"{a}+{b}=", "chosen": f"{a + b}.", "rejected": f"{wrong}x."})
+    return rows
+
+
+def unpaired_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    rows = []
+    for i, r in enumerate(pair_rows(n, seed)):
+        good = i % 2 == 0
+        rows.append(
+            {"prompt": r["prompt"], "completion": r["chosen"] if good else r["rejected"], "label": good}
+        )
+    return rows
+
+
+def ranked_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    rows = []
+    for r in pair_rows(n, seed):
+        rows.append(
+            {
+                "prompt": r["prompt"],
+                "responses": [r["chosen"], r["rejected"] + "a", r["rejected"]],
+                "scores": [3.0, 2.0, 1.0],
+            }
+        )
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_pair_rows_are_learnable_and_seeded() -> None:
+    rows = pair_rows(20, seed=3)
+    assert rows == pair_rows(20, seed=3)
+    for r in rows:
+        a, b = (int(c) for c in r["prompt"][:-1].split("+"))
+        assert r["chosen"] == f"{a + b}."
+        assert r["rejected"] != r["chosen"]
