@@ -1,0 +1,234 @@
+"""Per-sequence log-probs of response tokens, from hidden states through the LM head in chunks.
+
+    log π(y | x) = Σ_t log softmax(f(h_t) / τ)[y_t]
+
+where h_t is the final hidden state at the token before y_t, f the LM head followed by the config's
+logit scaling and soft-capping (Gemma 2: c·tanh(z/c)), and τ a sampling temperature. Only the hidden
+states that predict response tokens go through the head, `chunk_tokens` at a time, each chunk under
+activation checkpointing: neither forward nor backward ever holds `[tokens, vocab]` logits for more than
+one chunk. The forward pass uses the packed prefix-shared layout of `preftune.models.packing` when the
+architecture supports it (one prompt computation per example), else padded rows, with a warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from preftune.errors import ConfigError
+from preftune.models.load import unwrap_model
+from preftune.models.packing import RowBatch, attention_masks, build_packed, build_padded, packing_support
+from preftune.types import Example, SequenceStats
+
+# Elements of one chunk's logits: 2^24 float32 values = 64 MiB (128 tokens at a 128k vocabulary).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+class LogitTransform:
+    """The config's map from LM-head output z to the logits the model samples from, then 1/τ.
+
+    Cohere-style `logit_scale` (z·s), Granite-style `logits_scaling` (z/s), Gemma-2-style
+    `final_logit_softcapping` (c·tanh(z/c)), then temperature τ (z/τ).
+    """
+
+    def __init__(self, config: Any, temperature: float = 1.0) -> None:
+        if not temperature > 0:
+            raise ConfigError(f"temperature={temperature}: must be > 0")
+        self.scale = getattr(config, "logit_scale", None)
+        self.divide = getattr(config, "logits_scaling", None)
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.temperature = float(temperature)
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        if self.scale is not None:
+            z = z * self.scale
+        if self.divide is not None:
+            z = z / self.divide
+        if self.softcap is not None:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        if self.temperature != 1.0:
+            z = z / self.temperature
+        return z
+
+
+def _chunk_logps(
+    hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, transform: LogitTransform
+) -> torch.Tensor:
+    """log softmax(f(h))[y] for one chunk: hidden [C, H], targets [C] → [C] float32."""
+    logits = transform(head(hidden).float())  # [C, V], the only vocabulary-sized tensor
+    picked = logits.gather(-1, targets[:, None]).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def chunked_token_logps(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head: torch.nn.Module,
+    transform: LogitTransform,
+    *,
+    chunk_tokens: int | None = None,
+) -> torch.Tensor:
+    """Per-token log-probs of `targets` [M] given the hidden states [M, H] that predict them → [M] float32.
+
+    Processes `chunk_tokens` rows at a time (default: 2^24 / vocab); with autograd on, each chunk is
+    checkpointed, so backward recomputes that chunk's logits instead of keeping them.
+    """
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    weight: torch.Tensor = head.weight  # type: ignore[assignment]  # an nn.Linear or a LoRA-wrapped one
+    vocab = getattr(head, "out_features", None) or weight.shape[0]
+    size = chunk_tokens or max(16, _CHUNK_ELEMENTS // max(int(vocab), 1))
+    outs = []
+    for start in range(0, hidden.shape[0], size):
+        h, y = hidden[start : start + size], targets[start : start + size]
+        if torch.is_grad_enabled():
+            out = checkpoint(_chunk_logps, h, y, head, transform, use_reentrant=False)
+        else:
+            out = _chunk_logps(h, y, head, transform)
+        outs.append(out)
+    return torch.cat(outs)
+
+
+def _hidden_states(model: Any, batch: RowBatch) -> torch.Tensor:
+    """Final hidden states [R, L, H] (after the final norm) for the rows of `batch`."""
+    lm = unwrap_model(model)
+    backbone = getattr(lm, lm.base_model_prefix)
+    device = next(lm.parameters()).device
+    ids = batch.input_ids.to(device)
+    if batch.shared:
+        mask = attention_masks(batch, lm.config, lm.dtype, device)
+        out = backbone(
+            input_ids=ids, attention_mask=mask, position_ids=batch.position_ids.to(device), use_cache=False
+        )
+    else:
+        out = backbone(
+            input_ids=ids, attention_mask=(batch.example_ids >= 0).long().to(device), use_cache=False
+        )
+    return out.last_hidden_state
+
+
+def _warn_fallback(reason: str) -> None:
+    warnings.warn(f"prefix-shared packing is off, using padded rows: {reason}", RuntimeWarning, stacklevel=3)
+
+
+def _compute(
+    model: Any,
+    prompts: list[list[int]],
+    branches: list[list[list[int]]],
+    *,
+    pack: bool,
+    temperature: float,
+    max_tokens_per_row: int | None,
+    chunk_tokens: int | None,
+    source_rows: list[int] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logps [N], lengths [N], token log-probs [M], and for each of the M tokens its (n, t) index [M, 2])."""
+    lm = unwrap_model(model)
+    if pack:
+        reason = packing_support(lm.config)
+        if reason is not None:
+            _warn_fallback(reason)
+            pack = False
+    if pack:
+        batch = build_packed(
+            prompts, branches, max_tokens_per_row=max_tokens_per_row, source_rows=source_rows
+        )
+    else:
+        batch = build_padded(prompts, branches, source_rows=source_rows)
+    hidden = _hidden_states(model, batch)
+    device = hidden.device
+    picked = hidden[batch.pred_rows.to(device), batch.pred_cols.to(device)]  # [M, H]
+    tok = chunked_token_logps(
+        picked,
+        batch.targets.to(device),
+        lm.get_output_embeddings(),
+        LogitTransform(lm.config, temperature),
+        chunk_tokens=chunk_tokens,
+    )
+    seq_index = batch.seq_index.to(device)
+    logps = torch.zeros(len(batch.lengths), dtype=torch.float32, device=device).index_add(0, seq_index, tok)
+    index = torch.stack([seq_index, batch.tok_index.to(device)], dim=1)
+    return logps, batch.lengths.to(device), tok, index
+
+
+def _token_matrix(tok: torch.Tensor, index: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Scatter per-token log-probs into [N, T] (T = longest response), zero past each length."""
+    width = int(lengths.max()) if len(lengths) else 0
+    out = tok.new_zeros(len(lengths), width)
+    return out.index_put((index[:, 0], index[:, 1]), tok)
+
+
+def example_stats(
+    model: Any,
+    examples: list[Example],
+    *,
+    token_logps: bool = False,
+    temperature: float = 1.0,
+    max_tokens_per_row: int | None = None,
+    pack: bool = True,
+    chunk_tokens: int | None = None,
+) -> SequenceStats:
+    """Statistics of every response branch of `examples` under `model`, flat and differentiable.
+
+    Order: example 0 branch 0, example 0 branch 1, …, example 1 branch 0, … (N = Σ K_e sequences).
+    logps [N] = Σ_t log π(y_t | x, y_<t) / per token at temperature τ (Rafailov et al. 2023, eq. 7 uses
+    these sums); lengths [N]; token_logps [N, T] when asked. `max_tokens_per_row` caps a packed row
+    (default: the longest example). `pack=False` forces padded rows.
+    """
+    prompts = [e.prompt_ids for e in examples]
+    branches = [e.response_ids for e in examples]
+    rows = [e.source_row for e in examples]
+    logps, lengths, tok, index = _compute(
+        model,
+        prompts,
+        branches,
+        pack=pack,
+        temperature=temperature,
+        max_tokens_per_row=max_tokens_per_row,
+        chunk_tokens=chunk_tokens,
+        source_rows=rows,
+    )
+    matrix = _token_matrix(tok, index, lengths) if token_logps else None
+    return SequenceStats(logps=logps, lengths=lengths, token_logps=matrix)
+
+
+def sequence_logps(
+    model: Any,
+    prompt_ids: list[list[int]],
+    response_ids: list[list[list[int]]],
+    *,
+    pack: bool = True,
+    token_logps: bool = False,
+    temperature: float = 1.0,
+    max_tokens_per_row: int | None = None,
+) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Summed response log-probs per prompt: `response_ids[i]` are the K_i responses to `prompt_ids[i]`.
+
+    Returns a list with, for each prompt, a float32 tensor [K_i] of Σ_t log π(y_t | x, y_<t).
+    With `token_logps=True`, returns `(sums, tokens)` where `tokens[i]` is [K_i, T_i] (T_i the longest of
+    the K_i responses), zero past each response's end. Differentiable with respect to the model.
+    `pack=True` computes each prompt once, shared by its responses; `pack=False` runs one padded row per
+    response (the reference layout). Both give the same values.
+    """
+    logps, lengths, tok, index = _compute(
+        model,
+        prompt_ids,
+        response_ids,
+        pack=pack,
+        temperature=temperature,
+        max_tokens_per_row=max_tokens_per_row,
+        chunk_tokens=None,
+        source_rows=None,
+    )
+    counts = [len(r) for r in response_ids]
+    sums = list(torch.split(logps, counts))
+    if not token_logps:
+        return sums
+    matrix = _token_matrix(tok, index, lengths)
+    tokens = []
+    for part, lens in zip(torch.split(matrix, counts), torch.split(lengths, counts)):
+        tokens.append(part[:, : int(lens.max()) if len(lens) else 0])
+    return sums, tokens

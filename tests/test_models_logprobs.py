@@ -1,0 +1,176 @@
+"""Packed prefix-shared log-probs and gradients equal separate unpadded forward passes, per architecture."""
+
+from __future__ import annotations
+
+import random
+import warnings
+
+import pytest
+import torch
+
+from preftune.errors import DataError
+from preftune.models.load import LoraSettings, load_causal_lm
+from preftune.models.logprobs import example_stats, sequence_logps
+from preftune.models.packing import build_packed, packing_support
+from preftune.models.tiny import TINY_ARCHS, save_tiny_model
+from preftune.types import Example
+
+VOCAB = 96
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    # A large init scale makes attention sharp, so a masking mistake moves log-probs by ≫ 1e-5.
+    return {
+        a: save_tiny_model(a, root / a, vocab_size=VOCAB, config_overrides={"initializer_range": 0.3})
+        for a in TINY_ARCHS
+    }
+
+
+def _data(seed: int = 0):
+    """Prompts of 3–30 tokens with K = 2, 1, 3, 2 responses of 1–19 tokens (lengths cross sliding windows)."""
+    rng = random.Random(seed)
+    prompts = [[1] + [rng.randrange(3, VOCAB) for _ in range(rng.randrange(2, 30))] for _ in range(4)]
+    responses = [
+        [[rng.randrange(3, VOCAB) for _ in range(rng.randrange(1, 20))] for _ in range(k)]
+        for k in (2, 1, 3, 2)
+    ]
+    return prompts, responses
+
+
+def _separate(model, prompts, responses, temperature=1.0):
+    """Reference: one unpadded forward per (prompt, response), full logits, log_softmax, gather."""
+    out = []
+    for prompt, branches in zip(prompts, responses):
+        rows = []
+        for resp in branches:
+            logits = model(input_ids=torch.tensor([prompt + resp])).logits[0].float() / temperature
+            logp = logits.log_softmax(-1)[len(prompt) - 1 : -1]
+            rows.append(logp.gather(-1, torch.tensor(resp)[:, None]).squeeze(-1))
+        out.append(rows)
+    return out
+
+
+def _grads(model, loss):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_packed_and_padded_equal_separate_forwards(model_dirs, arch):
+    model = load_causal_lm(model_dirs[arch])
+    prompts, responses = _data()
+    # a budget of 70 tokens puts several examples (of different K) into one row
+    packed = build_packed(prompts, responses, max_tokens_per_row=70)
+    assert packed.input_ids.shape[0] < len(prompts)
+    ref = _separate(model, prompts, responses)
+    weights = torch.linspace(0.5, 1.5, sum(len(b) for b in responses))  # distinct weight per sequence
+    ref_loss = (torch.stack([r.sum() for rows in ref for r in rows]) * weights).sum()
+    ref_grads = _grads(model, ref_loss)
+    for pack in (True, False):
+        sums, tokens = sequence_logps(
+            model, prompts, responses, pack=pack, token_logps=True, max_tokens_per_row=70
+        )
+        for i, rows in enumerate(ref):
+            assert sums[i].shape == (len(rows),)
+            for k, r in enumerate(rows):
+                torch.testing.assert_close(tokens[i][k, : len(r)], r, atol=1e-5, rtol=0)
+                assert torch.all(tokens[i][k, len(r) :] == 0)
+                torch.testing.assert_close(sums[i][k], r.sum(), atol=1e-5, rtol=1e-6)
+        grads = _grads(model, (torch.cat(sums) * weights).sum())
+        for g, rg in zip(grads, ref_grads):
+            # float32 sums of ~100 terms: compare to 1e-5 relative to the gradient tensor's scale
+            assert (g - rg).abs().max() <= 1e-5 * max(1.0, rg.abs().max().item())
+
+
+def test_context_changes_logps_so_the_equality_test_has_power(model_dirs):
+    """If a branch could see its sibling, its log-probs would move by far more than the 1e-5 tolerance."""
+    model = load_causal_lm(model_dirs["llama"])
+    prompts, responses = _data()
+    p, (b0, b1) = prompts[0], responses[0]
+    alone = _separate(model, [p], [[b1]])[0][0]
+    after_sibling = _separate(model, [p + b0], [[b1]])[0][0]
+    assert (alone - after_sibling).abs().max() > 1e-2
+
+
+def test_temperature_and_gemma2_softcap(model_dirs):
+    model = load_causal_lm(model_dirs["gemma2"])
+    assert model.config.final_logit_softcapping == 5.0
+    prompts, responses = _data(1)
+    ref = _separate(model, prompts, responses, temperature=0.7)  # HF logits already soft-capped
+    sums = sequence_logps(model, prompts, responses, temperature=0.7)
+    for i, rows in enumerate(ref):
+        torch.testing.assert_close(sums[i], torch.stack([r.sum() for r in rows]), atol=1e-5, rtol=1e-6)
+    # soft-capped logits lie in (-5, 5): a token's log-prob is above log(e^-5 / (e^-5 + (V-1)e^5))
+    floor = -10.0 - torch.log(torch.tensor(float(VOCAB - 1)))
+    assert all(
+        bool((s > floor * torch.tensor([len(r) for r in resp])).all())
+        for s, resp in zip(sequence_logps(model, prompts, responses), responses)
+    )
+
+
+def test_example_stats_flat_order_lengths_and_token_matrix(model_dirs):
+    model = load_causal_lm(model_dirs["qwen2"])
+    prompts, responses = _data(2)
+    examples = [
+        Example(prompt_ids=p, response_ids=r, kind="ranked" if len(r) > 2 else "pairwise")
+        for p, r in zip(prompts, responses)
+    ]
+    stats = example_stats(model, examples, token_logps=True, max_tokens_per_row=50)
+    flat = [r for rs in responses for r in rs]
+    assert stats.lengths.tolist() == [len(r) for r in flat]
+    assert stats.token_logps is not None and stats.token_logps.shape == (len(flat), max(map(len, flat)))
+    torch.testing.assert_close(stats.token_logps.sum(1), stats.logps)
+    ref = [r.sum() for rows in _separate(model, prompts, responses) for r in rows]
+    torch.testing.assert_close(stats.logps, torch.stack(ref), atol=1e-5, rtol=1e-6)
+    assert stats.logps.requires_grad
+
+
+def test_chunking_does_not_change_values(model_dirs):
+    model = load_causal_lm(model_dirs["gpt2"])
+    prompts, responses = _data(3)
+    examples = [Example(prompt_ids=p, response_ids=r) for p, r in zip(prompts, responses)]
+    whole = example_stats(model, examples)
+    chunked = example_stats(model, examples, chunk_tokens=3)
+    torch.testing.assert_close(chunked.logps, whole.logps, atol=1e-5, rtol=1e-6)
+
+
+def test_unsupported_architecture_falls_back_to_padding_with_reason(model_dirs):
+    model = load_causal_lm(model_dirs["llama"])
+    prompts, responses = _data()
+    expected = sequence_logps(model, prompts, responses, pack=False)
+    model.config.model_type = "unverified_arch"
+    assert "unverified_arch" in (packing_support(model.config) or "")
+    with pytest.warns(RuntimeWarning, match="padded rows: model type 'unverified_arch'"):
+        got = sequence_logps(model, prompts, responses)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+    model.config.model_type = "llama"
+    model.config._attn_implementation = "flash_attention_2"
+    assert "flash_attention_2" in (packing_support(model.config) or "")
+
+
+def test_lora_and_gradient_checkpointing_keep_values(model_dirs):
+    plain = load_causal_lm(model_dirs["mistral"])
+    prompts, responses = _data(4)
+    expected = sequence_logps(plain, prompts, responses)
+    model = load_causal_lm(
+        model_dirs["mistral"], lora=LoraSettings(r=4, alpha=8.0), gradient_checkpointing=True
+    )
+    model.train()  # checkpointing is active in train mode only; dropout is 0
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback: packing works through PEFT
+        got = sequence_logps(model, prompts, responses)
+    for g, e in zip(got, expected):  # LoRA's B starts at zero, so the adapted model equals the base
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-6)
+    torch.cat(got).sum().backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert trained and all("lora_" in n for n in trained)
+
+
+def test_empty_prompt_is_a_data_error(model_dirs):
+    model = load_causal_lm(model_dirs["llama"])
+    with pytest.raises(DataError, match="row 7: field 'prompt_ids': empty prompt"):
+        example_stats(model, [Example(prompt_ids=[], response_ids=[[4, 5]], source_row=7)])
