@@ -80,10 +80,10 @@ def save(path: Path, data: Tokenized, summary: dict[str, Any]) -> None:
 
 
 def load(path: Path) -> tuple[Tokenized, dict[str, Any]] | None:
-    """Read a cache file: None when absent, CacheCorrupt when it fails a check."""
+    """Read a cache file: None when absent or unreadable, CacheCorrupt when it fails a check."""
     try:
         raw = path.read_bytes()
-    except FileNotFoundError:
+    except OSError:  # absent, or a folder we cannot read: same as no cache
         return None
     if raw[:8] != MAGIC or len(raw) < 16:
         raise CacheCorrupt("bad magic")

@@ -175,6 +175,8 @@ class Formatter:
         Responses get EOS appended unless they already contain it (templates that end the
         assistant turn with EOS).
         """
+        if not prompts:  # transformers fails on an empty batch
+            return [], []
         enc = self.tokenizer(prompts + responses, add_special_tokens=False)["input_ids"]
         p_ids, r_ids = enc[: len(prompts)], enc[len(prompts) :]
         if self.bos_prefix:

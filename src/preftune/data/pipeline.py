@@ -231,6 +231,7 @@ def prepare_examples(
         "tokens": int(len(result.data.tokens)),
         "problems": [p.render() for p in (problems + result.problems)[:SHOWN_PROBLEMS]],
         "tokenize_seconds": round(t_tok, 3),
+        "num_proc": result.num_proc,
     }
     if use_cache:
         try:

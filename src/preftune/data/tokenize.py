@@ -151,6 +151,7 @@ class TokenizeResult:
     data: Tokenized
     problems: list[Problem] = field(default_factory=list)  # rows dropped (template or length)
     counts: Counter[str] = field(default_factory=Counter)  # truncated_prompt / truncated_response / truncated
+    num_proc: int = 1  # processes that did the work
 
 
 def truncate(
@@ -303,5 +304,8 @@ def tokenize_records(
     for p in parts:
         counts.update(p.counts)
     return TokenizeResult(
-        Tokenized.concat(kind, [p.data for p in parts]), [q for p in parts for q in p.problems], counts
+        Tokenized.concat(kind, [p.data for p in parts]),
+        [q for p in parts for q in p.problems],
+        counts,
+        num_proc=len(parts),
     )

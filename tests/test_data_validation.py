@@ -1,0 +1,261 @@
+"""`preftune data check` and `schema.validate`: each format is accepted, each listed problem is
+reported with its row and field, and the exit status says which happened."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from preftune.cli import main
+from preftune.data.validate import check_data
+
+
+def write_jsonl(path: Path, rows: list[object]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def msgs(*pairs: tuple[str, str]) -> list[dict[str, str]]:
+    return [{"role": r, "content": c} for r, c in pairs]
+
+
+GOOD = {"prompt": "2+2=", "chosen": "4", "rejected": "5"}
+
+
+def only_problem(path: Path, rows: list[object], **kw: object) -> tuple[int | None, str | None, str]:
+    """Write GOOD then `rows`; check; return (row, field, rendered) of the single problem."""
+    res = check_data(write_jsonl(path, [GOOD, *rows]), **kw)  # type: ignore[arg-type]
+    assert len(res.problems) == 1, [p.render() for p in res.problems]
+    p = res.problems[0]
+    return p.row, p.field, p.render()
+
+
+# --- every listed rejection, one test each ------------------------------------------------------
+
+
+def test_missing_field(tmp_path):
+    row, field, text = only_problem(tmp_path / "d.jsonl", [{"prompt": "x", "chosen": "a"}])
+    assert (row, field) == (2, "rejected")
+    assert text.startswith(f"{tmp_path / 'd.jsonl'}:2: field 'rejected': missing — add 'rejected'")
+
+
+def test_wrong_type(tmp_path):
+    row, field, text = only_problem(tmp_path / "d.jsonl", [{"prompt": "x", "chosen": 7, "rejected": "b"}])
+    assert (row, field) == (2, "chosen") and "is an int, expected text or a list of messages" in text
+
+
+def test_empty_text(tmp_path):
+    row, field, _ = only_problem(tmp_path / "d.jsonl", [{"prompt": "x", "chosen": "  ", "rejected": "b"}])
+    assert (row, field) == (2, "chosen")
+
+
+def test_chosen_identical_to_rejected(tmp_path):
+    row, field, text = only_problem(
+        tmp_path / "d.jsonl", [{"prompt": "x", "chosen": "same", "rejected": "same"}]
+    )
+    assert (row, field) == (2, "rejected") and "identical to chosen" in text
+
+
+def test_malformed_json_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps(GOOD) + "\n" + '{"prompt": "x", "chosen": \n' + json.dumps(GOOD) + "\n")
+    res = check_data(p)
+    assert [(q.row, q.field) for q in res.problems] == [(2, None)]
+    assert res.problems[0].render().startswith(f"{p}:2: malformed JSON")
+    assert res.summary["valid"] == 2
+
+
+def test_non_utf8_bytes(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(json.dumps(GOOD).encode() + b'\n{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
+    res = check_data(p)
+    assert [q.row for q in res.problems] == [2] and "not valid UTF-8 (0xe9" in res.problems[0].render()
+
+
+def test_empty_file(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n  \n")
+    res = check_data(p)
+    assert [q.render() for q in res.problems] == [f"{p}: file is empty — write at least one record"]
+
+
+def test_line_not_an_object(tmp_path):
+    row, field, text = only_problem(tmp_path / "d.jsonl", [["prompt", "chosen"]])
+    assert (row, field) == (2, None) and "line is a JSON list, not an object" in text
+
+
+def test_unknown_message_role(tmp_path):
+    conv = {
+        "chosen": msgs(("human", "hi"), ("assistant", "a")),
+        "rejected": msgs(("user", "hi"), ("assistant", "b")),
+    }
+    row, field, text = only_problem(tmp_path / "d.jsonl", [conv])
+    assert (row, field) == (2, "chosen[0].role") and "unknown role 'human'" in text
+
+
+def test_missing_message_role(tmp_path):
+    bad = [{"content": "hi"}, {"role": "assistant", "content": "a"}]
+    row, field, _ = only_problem(tmp_path / "d.jsonl", [{"prompt": "q", "chosen": bad, "rejected": "b"}])
+    assert (row, field) == (2, "chosen[0].role")
+
+
+def test_last_message_not_assistant(tmp_path):
+    conv = {
+        "prompt": msgs(("user", "hi")),
+        "chosen": msgs(("assistant", "a")),
+        "rejected": msgs(("assistant", "b"), ("user", "more?")),
+    }
+    row, field, text = only_problem(tmp_path / "d.jsonl", [conv])
+    assert (row, field) == (2, "rejected[1].role") and "last message is from 'user', not 'assistant'" in text
+
+
+def test_implicit_prompt_without_common_prefix(tmp_path):
+    row, field, text = only_problem(tmp_path / "d.jsonl", [{"chosen": "Yes indeed", "rejected": "No way"}])
+    assert (row, field) == (2, "prompt") and "share no prefix" in text
+
+
+def test_implicit_message_prompt_without_common_prefix(tmp_path):
+    conv = {
+        "chosen": msgs(("user", "hi"), ("assistant", "a")),
+        "rejected": msgs(("user", "yo"), ("assistant", "b")),
+    }
+    row, field, _ = only_problem(tmp_path / "d.jsonl", [conv])
+    assert (row, field) == (2, "prompt")
+
+
+def test_non_boolean_label(tmp_path):
+    rows = [
+        {"prompt": "p", "completion": "c", "label": True},
+        {"prompt": "p", "completion": "c", "label": "yes"},
+        {"prompt": "p", "completion": "c", "label": 1},
+    ]
+    res = check_data(write_jsonl(tmp_path / "u.jsonl", rows))
+    assert res.summary["kind"] == "unpaired"
+    assert [(q.row, q.field) for q in res.problems] == [(2, "label"), (3, "label")]
+    assert "'yes' is not a boolean — write true (desirable) or false" in res.problems[0].render()
+
+
+def test_scores_wrong_length(tmp_path):
+    rows = [
+        {"prompt": "p", "responses": ["a", "b"], "scores": [1, 0]},
+        {"prompt": "p", "responses": ["a", "b", "c"], "scores": [1, 0]},
+    ]
+    res = check_data(write_jsonl(tmp_path / "r.jsonl", rows))
+    assert [(q.row, q.field) for q in res.problems] == [(2, "scores")]
+    assert "has 2 values for 3 responses" in res.problems[0].render()
+
+
+def test_scores_not_finite(tmp_path):
+    p = tmp_path / "r.jsonl"
+    p.write_text(
+        '{"prompt": "p", "responses": ["a", "b"], "scores": [1.0, NaN]}\n'
+        '{"prompt": "p", "responses": ["a", "b"], "scores": [Infinity, 0]}\n'
+    )
+    res = check_data(p, kind="ranked")
+    assert [(q.row, q.field) for q in res.problems] == [(1, "scores[1]"), (2, "scores[0]")]
+
+
+def test_fewer_than_two_responses(tmp_path):
+    res = check_data(write_jsonl(tmp_path / "r.jsonl", [{"prompt": "p", "responses": ["a"], "scores": [1]}]))
+    assert [(q.row, q.field) for q in res.problems] == [(1, "responses")]
+    assert "ranking needs at least 2" in res.problems[0].render()
+
+
+def test_soft_label_and_margins_checked(tmp_path):
+    rows = [
+        {**GOOD, "label": 1.5},
+        {**GOOD, "margins": [[0.1, 0.2], [0.3]]},
+        {**GOOD, "margins": [[0.1], [math.inf]]},
+    ]
+    p = tmp_path / "d.jsonl"
+    res = check_data(write_jsonl(p, rows))  # json writes inf as Infinity, which json reads back
+    assert [(q.row, q.field) for q in res.problems] == [(1, "label"), (2, "margins[1]"), (3, "margins[1][0]")]
+
+
+def test_all_problems_listed_and_capped_in_cli(tmp_path, capsys):
+    rows = [{"prompt": "x", "chosen": "", "rejected": ""} for _ in range(30)]
+    p = write_jsonl(tmp_path / "d.jsonl", rows)
+    assert len(check_data(p).problems) == 60
+    assert main(["data", "check", str(p)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert len([line for line in out if "field 'chosen'" in line or "field 'rejected'" in line]) == 20
+    assert "... and 40 more problems (60 in total)" in out
+    assert out[-1].startswith(f"{p}: 60 problem(s) in 30 of 30 rows")
+
+
+def test_undetectable_kind(tmp_path):
+    res = check_data(write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}]))
+    assert len(res.problems) == 1 and "pass --kind" in res.problems[0].render()
+
+
+# --- every accepted format ----------------------------------------------------------------------
+
+PAIRS = [
+    {"prompt": "2+2=", "chosen": "4", "rejected": "5"},
+    {"prompt": "1+2=", "chosen": "3", "rejected": "4"},
+]
+
+
+def test_json_array_parquet_csv_and_saved_dataset_are_read_alike(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "d.json").write_text(json.dumps(PAIRS))
+    pq.write_table(pa.Table.from_pylist(PAIRS), tmp_path / "d.parquet")
+    (tmp_path / "d.csv").write_text("prompt,chosen,rejected\n2+2=,4,5\n1+2=,3,4\n")
+    datasets.Dataset.from_list(PAIRS).save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(PAIRS[:1]), "test": datasets.Dataset.from_list(PAIRS[1:])}
+    ).save_to_disk(str(tmp_path / "dd"))
+    for name in ("d.json", "d.parquet", "d.csv", "saved"):
+        res = check_data(tmp_path / name)
+        assert res.ok and res.summary["valid"] == 2 and res.summary["kind"] == "pairwise", name
+    assert check_data(tmp_path / "dd", split="test").summary["valid"] == 1
+
+
+def test_csv_rows_are_file_lines_and_cells_hold_json(tmp_path):
+    p = tmp_path / "r.csv"
+    p.write_text('prompt,responses,scores\nq,"[""a"", ""b""]","[2, 1]"\nq,"[""a""]","[2]"\n')
+    res = check_data(p)
+    assert res.summary["kind"] == "ranked"
+    assert [(q.row, q.field) for q in res.problems] == [(3, "responses")]
+
+
+def test_column_mapping_and_error_names_user_column(tmp_path):
+    rows = [{"question": "q", "response_a": "a", "response_b": "b"}, {"question": "q", "response_a": "a"}]
+    res = check_data(
+        write_jsonl(tmp_path / "d.jsonl", rows),
+        columns="prompt=question,chosen=response_a,rejected=response_b",
+    )
+    assert res.summary["kind"] == "pairwise" and res.summary["valid"] == 1
+    assert [(q.row, q.field) for q in res.problems] == [(2, "response_b")]
+    assert "missing (mapped from column 'response_b')" in res.problems[0].render()
+
+
+def test_split_slices_and_single_file_split_name(tmp_path):
+    from preftune.errors import ConfigError
+
+    p = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 10)
+    assert check_data(p, split="train[:80%]").summary["rows"] == 8
+    assert check_data(p, split="train[80%:]").summary["rows"] == 2
+    with pytest.raises(ConfigError, match="single file"):
+        check_data(p, split="eval")
+
+
+def test_cli_ok_summary_with_token_percentiles(tmp_path, capsys):
+    from preftune.data.char_tokenizer import build_char_tokenizer
+
+    build_char_tokenizer().save_pretrained(tmp_path / "tok")
+    p = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "abcd", "chosen": "ab", "rejected": "abcdef"}] * 3)
+    assert main(["data", "check", str(p), "--tokenizer", str(tmp_path / "tok")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{p}: OK — 3 rows, kind pairwise (text)"
+    # char tokenizer without BOS: prompt 4 tokens; responses 2+EOS and 6+EOS; totals 7 and 11.
+    assert out[1].split() == ["tokens", "p50", "p90", "p99", "max"]
+    assert out[2].split() == ["prompt", "4", "4", "4", "4"]
+    assert out[3].split() == ["response", "3", "7", "7", "7"]
+    assert out[4].split() == ["total", "7", "11", "11", "11"]
