@@ -1,0 +1,89 @@
+"""Generate docs/methods.md from the registry: `python -m preftune.losses.docs > docs/methods.md`.
+
+The page is never edited by hand; tests/test_losses_docs.py fails when it is stale.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+
+from preftune.losses.registry import REGISTRY, HParam, LossSpec
+
+HEADER = """# Methods
+
+Every registered loss of `preftune.losses`, generated from the registry by
+`python -m preftune.losses.docs > docs/methods.md` — do not edit by hand.
+Notation (see ALGORITHMS.md): ρ = logp_θ − logp_ref, h = ρ_w − ρ_l, ℓ = logp_θ/|y|.
+Losses are per example; the trainer divides their sum by the global example count
+(`reduction: example`) or the global token count (`reduction: token`).
+Combine terms with an objective such as `dpo:1.0,sft:0.2`.
+"""
+
+
+def _default(hp: HParam) -> str:
+    value = hp.default
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return "(" + ", ".join(f"{v:g}" for v in value) + ")" if value else "()"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def hparam_summary(spec: LossSpec) -> str:
+    """`beta=0.1, epsilon=0.1` — names and defaults, for tables."""
+    return ", ".join(f"{k}={_default(hp)}" for k, hp in spec.hparams.items()) or "—"
+
+
+def needs(spec: LossSpec) -> list[str]:
+    out = ["reference model" if spec.needs_reference else "no reference"]
+    if spec.needs_token_logps:
+        out.append("per-token log-probs")
+    if spec.needs_mismatched:
+        out.append("a mismatched completion per example")
+    if spec.stateful:
+        out.append("running state (checkpointed)")
+    return out
+
+
+def method_section(spec: LossSpec) -> str:
+    doc = inspect.cleandoc(spec.fn.__doc__ or "")
+    lines = [
+        f"## `{spec.name}`",
+        "",
+        f"- **data**: {spec.kind}; **needs**: {', '.join(needs(spec))}; **reduction**: {spec.reduction}",
+        f"- **paper**: {spec.paper}",
+        f"- **equation**: {spec.equation}",
+        "",
+    ]
+    if spec.hparams:
+        lines += ["| hyper-parameter | default | valid | meaning |", "|---|---|---|---|"]
+        for key, hp in spec.hparams.items():
+            lines.append(f"| `{key}` | {_default(hp)} | {hp.range_text()} | {hp.doc.replace('|', '/')} |")
+        lines.append("")
+    lines += [doc, ""]
+    return "\n".join(lines)
+
+
+def render() -> str:
+    """The whole docs/methods.md text."""
+    specs = [REGISTRY[name] for name in sorted(REGISTRY)]
+    table = ["| method | data | reference | hyper-parameters | paper |", "|---|---|---|---|---|"]
+    for spec in specs:
+        table.append(
+            f"| [`{spec.name}`](#{spec.name}) | {spec.kind} | {'yes' if spec.needs_reference else 'no'} "
+            f"| {hparam_summary(spec)} | {spec.paper} |"
+        )
+    body = "\n".join(method_section(s) for s in specs)
+    return f"{HEADER}\n" + "\n".join(table) + "\n\n" + body.rstrip() + "\n"
+
+
+def main() -> int:
+    import preftune.losses  # noqa: F401  (registers every loss)
+
+    sys.stdout.write(render())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
