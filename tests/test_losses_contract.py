@@ -168,6 +168,8 @@ def test_losses_are_unreduced_and_sum_decomposes(name):
     """losses has one entry per example, and the gradient of Σ losses w.r.t. example i's statistics
     depends only on example i (no hidden mean inside the loss)."""
     spec = REGISTRY[name]
+    if spec.stateful or spec.needs_mismatched:
+        pytest.skip("batch statistics (δ, z₀) are detached, but their value depends on the batch")
     rho = torch.tensor([[0.7, -0.3, 0.2, -0.1], [0.1, 0.4, -0.2, 0.3], [-0.5, 0.5, 0.1, 0.0]])
     batch, leaf = make_batch(spec, rho, ref=-6.0)
     out = call(spec, batch)
@@ -176,7 +178,24 @@ def test_losses_are_unreduced_and_sum_decomposes(name):
     batch0, leaf0 = make_batch(spec, rho[:1], ref=-6.0)
     batch0.margins = None if batch.margins is None else batch.margins[:1]
     batch0.labels = None if batch.labels is None else batch.labels[:1]
-    if spec.stateful or spec.needs_mismatched:
-        pytest.skip("batch statistics (δ, z₀) are detached, but their value depends on the batch")
     (g0,) = torch.autograd.grad(call(spec, batch0).losses.sum(), leaf0)
     torch.testing.assert_close(g_all[:1], g0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_four_micro_batches_of_two_equal_one_batch_of_eight(name):
+    """ALGORITHMS.md §6 at the loss level: per-example losses of 4 micro-batches of 2, concatenated,
+    equal those of the batch of 8 — so Σ / global count is the same however the batch is split.
+    Losses with batch statistics (bco's δ, kto's z₀) are exempt: theirs is per call, documented."""
+    spec = REGISTRY[name]
+    if spec.stateful or spec.needs_mismatched:
+        pytest.skip("batch statistic (δ / z₀) is computed per call")
+    g = torch.Generator().manual_seed(3)
+    rho = torch.randn(8, 4, generator=g)
+    full, _ = make_batch(spec, rho, ref=-6.0)
+    parts = []
+    for i in range(0, 8, 2):
+        part, _ = make_batch(spec, rho[i : i + 2], ref=-6.0)
+        part.margins = None if full.margins is None else full.margins[i : i + 2]
+        parts.append(call(spec, part).losses)
+    torch.testing.assert_close(torch.cat(parts), call(spec, full).losses)
