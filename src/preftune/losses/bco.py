@@ -58,7 +58,8 @@ def bco(
     """BCO: −log σ(βρ_w − δ) − log σ(−(βρ_l − δ)), δ the running mean of the implicit rewards.
 
     Jung et al. 2024. δ is updated with this batch's chosen and rejected rewards first and then
-    used (detached), as the reference implementation does (TRL's RunningMoments); it lives in
+    used (detached), as the reference implementation does (TRL's RunningMoments; TRL averages
+    per-batch means, we average rewards — equal for equal batch sizes); it lives in
     `state` and is checkpointed. β = 0.1 default. With π_θ = π_ref and δ = 0 the loss is 2 log 2.
     Note: δ moves once per call, so with gradient accumulation it moves per micro-batch.
     """

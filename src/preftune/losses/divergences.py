@@ -63,7 +63,9 @@ def fdpo(
 ) -> LossOutput:
     """f-DPO: −log σ(β (g(ρ_w) − g(ρ_l))), g from the divergence (see `divergence_reward`).
 
-    Wang et al. 2023. reverse_kl is DPO exactly. α = 0.5 default (the paper reports α ∈ {0.3, 0.5,
+    Wang et al. 2023. g per divergence: reverse_kl ρ; forward_kl −e^{−ρ}; js log σ(ρ) + log 2;
+    alpha (1 − e^{−αρ})/α with 0 < α < 1 — our α convention: α → 0 recovers reverse KL (DPO),
+    α → 1 forward KL (g → 1 − e^{−ρ}, the forward-KL g up to a constant). reverse_kl is DPO exactly. α = 0.5 default (the paper reports α ∈ {0.3, 0.5,
     0.7}-style sweeps; not verified offline). Reward metrics are β g(ρ).
     Deviation: e^{x} is continued linearly above x = 40 (forward KL, α-divergence) so that
     log-ratios of ±1e4 give finite losses and gradients; exact for |ρ| < 40 (α·|ρ| < 40).
