@@ -1,0 +1,134 @@
+"""TrainConfig: YAML + CLI precedence, validation before any model loads, loss hyper-parameter routing,
+and the learning-rate schedule (hand-derived values). No model is built here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from preftune.cli import build_parser
+from preftune.config import TrainConfig, load_config, validate
+from preftune.errors import ConfigError
+from preftune.train.commands import overrides_from_args
+from preftune.train.optim import lr_factor
+
+BASE = {"model": "m", "data": "d.jsonl", "out": "o"}
+
+
+def cfg(**kw: object) -> TrainConfig:
+    return load_config(None, {**BASE, **kw})
+
+
+def test_yaml_then_cli_overrides(tmp_path: Path) -> None:
+    y = tmp_path / "c.yaml"
+    y.write_text("method: ipo\nmodel: m\ndata: d\nout: o\nlr: 1e-5\nbeta: 0.3\nbatch_size: 16\n")
+    args = build_parser().parse_args(["train", "--config", str(y), "--lr", "2e-5", "--beta", "0.5"])
+    c = load_config(args.config, overrides_from_args(args))
+    assert (c.method, c.lr, c.batch_size) == ("ipo", 2e-5, 16)  # YAML kept, CLI wins
+    assert c.hparams == {"beta": "0.5"}
+    [(spec, weight, hp)] = validate(c)
+    assert (spec.name, weight, hp["beta"]) == ("ipo", 1.0, 0.5)  # coerced by the loss spec
+
+
+def test_positional_method_and_any_key_on_the_command_line() -> None:
+    args = build_parser().parse_args(
+        [
+            "train",
+            "dpo:1.0,sft:0.2",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--out",
+            "o",
+            "--max-steps",
+            "3",
+            "--sft.weight_not_a_key",
+            "1",
+            "--no-progress",
+            "--resume",
+        ]
+    )
+    values = overrides_from_args(args)
+    assert values["method"] == "dpo:1.0,sft:0.2"
+    assert values["max_steps"] == "3" and values["progress"] is False and values["resume"] == "latest"
+    c = load_config(None, values)
+    assert c.max_steps == 3
+    with pytest.raises(ConfigError, match="sft"):
+        validate(c)  # the sft term has no such hyper-parameter
+
+
+def test_help_lists_fields_and_loss_hparams(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--max-steps", "--micro-batch-size", "--ref-sync-every", "--beta", "--gamma", "--resume"):
+        assert flag in text
+    assert "Peak learning rate" in text  # the field's help string
+
+
+def test_objective_routes_flat_and_dotted_hparams() -> None:
+    terms = validate(cfg(method="dpo:1.0,sft:0.2", hparams={"beta": 0.25}))
+    assert [(s.name, w) for s, w, _ in terms] == [("dpo", 1.0), ("sft", 0.2)]
+    assert terms[0][2] == {"beta": 0.25} and terms[1][2] == {}
+    terms = validate(cfg(method="cdpo", hparams={"cdpo.beta": 0.4}))
+    assert terms[0][2]["beta"] == 0.4
+
+
+@pytest.mark.parametrize(
+    ("values", "match"),
+    [
+        ({"betta": 0.1}, "did you mean 'beta'"),
+        ({"lerning_rate": 1}, "unknown option 'lerning_rate'"),
+        ({"max_step": 3}, "did you mean 'max_steps'"),
+        ({"lr": -1}, "'lr' = -1.0 must be >"),
+        ({"warmup_ratio": 1.5}, "warmup_ratio"),
+        ({"scheduler": "cosin"}, "did you mean 'cosine'"),
+        ({"beta": -0.1}, "beta"),
+        ({"batch_size": "eight"}, "not an integer"),
+        ({"method": "dpoo"}, "did you mean 'dpo'"),
+        ({"reference": "none"}, "needs a reference"),
+        ({"reference": "adapter"}, "needs lora=true"),
+        ({"ref_sync_every": 4, "reference": "cache"}, "reference='model'"),
+        ({"method": "simpo", "ref_model": "x"}, "reference-free"),
+        ({"optimizer": "adamm"}, "did you mean 'adam"),
+        ({"report_to": ["tensorbord"]}, "did you mean 'tensorboard'"),
+        ({"eval_every": 5}, "needs eval_data"),
+        ({"apo_alpha": 0.3}, "rounds"),
+        ({"model": ""}, "'model' is required"),
+    ],
+)
+def test_validation_errors(values: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        validate(cfg(**values))
+
+
+def test_tr_dpo_resolves_to_model_reference() -> None:
+    from preftune.config import reference_strategy
+
+    c = cfg(ref_sync_every=4)
+    validate(c)
+    assert reference_strategy(c, True) == "model"
+    assert reference_strategy(cfg(), True) == "cache"
+    assert reference_strategy(cfg(method="simpo"), False) == "none"
+
+
+def test_bad_yaml_names_the_file(tmp_path: Path) -> None:
+    y = tmp_path / "bad.yaml"
+    y.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(y)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_lr_schedule_hand_values() -> None:
+    # warmup 2 of 10 steps: (s+1)/2 during warmup, then p = (s − 2)/8.
+    lin = [lr_factor(s, total=10, warmup=2, kind="linear") for s in range(10)]
+    assert lin[:3] == [0.5, 1.0, 1.0]
+    assert lin[6] == pytest.approx(0.5)  # p = 4/8
+    cos = lr_factor(6, total=10, warmup=2, kind="cosine")
+    assert cos == pytest.approx(0.5)  # (1 + cos(π/2)) / 2
+    assert lr_factor(10, total=10, warmup=2, kind="cosine", min_ratio=0.1) == pytest.approx(0.1)
+    assert lr_factor(9, total=10, warmup=0, kind="constant") == 1.0
