@@ -52,6 +52,11 @@ class Panel:
     log_y: bool = False
 
 
+def method_colors(names: Sequence[str]) -> dict[str, str]:
+    """One palette colour per name, in order (cycling after eight)."""
+    return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
+
+
 def metric_series(records: Sequence[Record], key: str, split: str) -> tuple[list[float], list[float]]:
     """Steps and values of `key` in records of `split`, skipping absent, non-numeric and non-finite values."""
     steps: list[float] = []
@@ -93,11 +98,12 @@ def smoothing_window(n: int) -> int:
     return 0 if n < 12 else max(1, n // 30)
 
 
-def _style(ax: Axes, title: str, xlabel: str, ylabel: str) -> None:
+def _style(ax: Axes, title: str, xlabel: str, ylabel: str, grid: str = "both") -> None:
     ax.set_title(title, fontsize=11, loc="left", fontweight="bold")
     ax.set_xlabel(xlabel, fontsize=9)
     ax.set_ylabel(ylabel, fontsize=9)
-    ax.grid(True, alpha=0.3, linewidth=0.6)
+    ax.set_axisbelow(True)  # grid lines behind bars and curves
+    ax.grid(True, axis=grid, alpha=0.3, linewidth=0.6)  # type: ignore[arg-type]
     ax.tick_params(labelsize=8)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
@@ -195,7 +201,7 @@ def plot_accuracy_before_after(groups: Mapping[str, tuple[float, float]], *, tit
         ax.bar_label(bars, labels=[f"{v:.1f}%" for v in vals], fontsize=8, padding=2)
     ax.set_xticks(range(len(names)), names)
     ax.set_ylim(0, 109)
-    _style(ax, title, "decoding", "held-out accuracy (%)")
+    _style(ax, title, "decoding", "held-out accuracy (%)", grid="y")
     ax.legend(fontsize=8, frameon=False, loc="upper left", ncols=2)
     fig.tight_layout()
     return _png(fig)
@@ -209,14 +215,19 @@ def plot_method_bars(
     percent: bool = False,
     baseline: float | None = None,
     baseline_label: str = "before training",
+    colors: Mapping[str, str] | None = None,
 ) -> bytes:
-    """One bar per method (a sweep), value labels on the bars, an optional dashed baseline line."""
+    """One bar per method (a sweep), value labels on the bars, an optional dashed baseline line.
+
+    `colors` maps a method to its colour, so one method has one colour in every plot of a report.
+    """
     fig = Figure(figsize=(max(5.0, 1.1 * len(values) + 2.5), 3.7))
     ax = fig.subplots()
     names = list(values)
     scale = 100.0 if percent else 1.0
     vals = [scale * values[n] for n in names]
-    bars = ax.bar(range(len(names)), vals, color=[PALETTE[i % len(PALETTE)] for i in range(len(names))])
+    colors = colors or method_colors(names)
+    bars = ax.bar(range(len(names)), vals, color=[colors[n] for n in names])
     ax.bar_label(bars, labels=[f"{v:.1f}%" if percent else f"{v:.3g}" for v in vals], fontsize=8, padding=2)
     if baseline is not None:
         ax.axhline(
@@ -230,12 +241,17 @@ def plot_method_bars(
     ax.set_xticks(range(len(names)), names)
     if percent:
         ax.set_ylim(0, 109)
-    _style(ax, title, "method", ylabel)
+    _style(ax, title, "method", ylabel, grid="y")
     fig.tight_layout()
     return _png(fig)
 
 
-def plot_kl_vs_accuracy(points: Mapping[str, tuple[float, float, float]], *, baseline: float | None) -> bytes:
+def plot_kl_vs_accuracy(
+    points: Mapping[str, tuple[float, float, float]],
+    *,
+    baseline: float | None,
+    colors: Mapping[str, str] | None = None,
+) -> bytes:
     """Scatter of held-out accuracy against KL to the reference, one labelled point per method.
 
     `points` maps a method to (kl_nats, kl_stderr, accuracy in [0, 1]); error bars are ±1 standard error.
@@ -243,8 +259,9 @@ def plot_kl_vs_accuracy(points: Mapping[str, tuple[float, float, float]], *, bas
     """
     fig = Figure(figsize=(6.4, 4.0))
     ax = fig.subplots()
-    for i, (name, (kl, err, acc)) in enumerate(points.items()):
-        color = PALETTE[i % len(PALETTE)]
+    colors = colors or method_colors(list(points))
+    for name, (kl, err, acc) in points.items():
+        color = colors[name]
         ax.errorbar([kl], [100 * acc], xerr=[err], fmt="o", color=color, markersize=7, capsize=3)
         ax.annotate(name, (kl, 100 * acc), textcoords="offset points", xytext=(6, 5), fontsize=9, color=color)
     if baseline is not None:
@@ -268,7 +285,9 @@ def plot_kl_vs_accuracy(points: Mapping[str, tuple[float, float, float]], *, bas
 
 
 def plot_runs_overlay(
-    runs: Mapping[str, Sequence[Record]], panels: Sequence[tuple[str, str, str, bool]]
+    runs: Mapping[str, Sequence[Record]],
+    panels: Sequence[tuple[str, str, str, bool]],
+    colors: Mapping[str, str] | None = None,
 ) -> bytes:
     """Overlay one smoothed train curve per method in each panel.
 
@@ -276,10 +295,11 @@ def plot_runs_overlay(
     the mean of its first 5% of values, so losses of different scales (IPO's 1/(4β²) vs DPO's log 2)
     share one axis as "fraction of the starting loss".
     """
+    colors = colors or method_colors(list(runs))
     fig = Figure(figsize=(5.0 * len(panels), 3.7))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (key, title, ylabel, normalise) in zip(axes, panels):
-        for i, (name, records) in enumerate(runs.items()):
+        for name, records in runs.items():
             steps, values = metric_series(records, key, "train")
             if not values:
                 continue
@@ -291,7 +311,7 @@ def plot_runs_overlay(
             ax.plot(
                 steps,
                 smooth(values, smoothing_window(len(values))),
-                color=PALETTE[i % len(PALETTE)],
+                color=colors[name],
                 linewidth=1.7,
                 label=name,
             )

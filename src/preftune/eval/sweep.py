@@ -1,0 +1,323 @@
+"""`preftune sweep`: train several methods on the same model and data, then compare them in one report.
+
+Every method trains from the same starting model with the same config except `method` and `out`
+(`DIR/METHOD`), and all share one reference cache folder, so the reference log-probs are computed by
+the first method that needs them and read from disk by the others (DESIGN.md, "Reference cache").
+Whether a run reused the cache is observed, not assumed: the run's reference-cache files must be
+unchanged by it (the trainer writes them only when it computes missing sequences).
+
+After training, each policy is compared with the starting model (the reference) on held-out prompts:
+task accuracy when a verifiable task is given, and the sequence-level KL(π_θ ‖ π_ref) of eval/kl.py.
+A method that fails is recorded with its error and the sweep goes on with the next one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from preftune.errors import ConfigError
+from preftune.eval.kl import KLEstimate
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class SweepTask:
+    """Held-out material shared by every method of a sweep.
+
+    prompts:           held-out prompts as token ids (the KL estimate samples responses to them).
+    accuracy:          model folder → held-out task accuracy in [0, 1]; None without a verifiable task.
+    baseline_accuracy: that accuracy for the starting model, drawn as the line to beat.
+    name:              what the held-out set is, for the report.
+    """
+
+    prompts: list[list[int]]
+    accuracy: Callable[[Path], float] | None = None
+    baseline_accuracy: float | None = None
+    name: str = "held-out prompts"
+
+
+@dataclass
+class MethodResult:
+    """The outcome of one method. status: "ok", or "failed" (training raised; `error` says why).
+
+    reference_cache: "computed" (this run filled the shared cache), "reused" (cache files untouched),
+    "reference-free" (no reference), or the reference strategy when it is not the cache ("model", ...).
+    eval_error: an error of the post-training evaluation (accuracy or KL); the trained run is kept.
+    """
+
+    method: str
+    run_dir: str
+    status: str = "ok"
+    seconds: float = 0.0
+    steps: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    accuracy: float | None = None
+    kl: dict[str, float] | None = None
+    reference_cache: str = "unknown"
+    error: str | None = None
+    eval_error: str | None = None
+
+
+@dataclass
+class SweepResult:
+    """All methods' results, in the order run, and where the comparison was written."""
+
+    out_dir: Path
+    results: list[MethodResult]
+    baseline_accuracy: float | None
+    cache_dir: str
+    task_name: str
+    config: dict[str, Any]
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        reused = [r.method for r in self.results if r.reference_cache == "reused"]
+        computed = [r.method for r in self.results if r.reference_cache == "computed"]
+        return {
+            "methods": [r.method for r in self.results],
+            "task": self.task_name,
+            "baseline_accuracy": self.baseline_accuracy,
+            "seconds": self.seconds,
+            "reference_cache": {"dir": self.cache_dir, "computed_by": computed, "reused_by": reused},
+            "config": self.config,
+            "results": [dataclasses.asdict(r) for r in self.results],
+        }
+
+
+def parse_methods(text: str) -> list[str]:
+    """'dpo,ipo, simpo' → ['dpo', 'ipo', 'simpo'], each checked against the loss registry."""
+    from preftune import losses
+
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    if not methods:
+        raise ConfigError("sweep: --methods is empty — give a comma-separated list, e.g. dpo,ipo,simpo")
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"sweep: --methods lists a method twice ({text}); each needs its own run folder")
+    for m in methods:
+        losses.parse_objective(m)  # raises ConfigError with a "did you mean" for an unknown name
+    return methods
+
+
+def _needs_reference(method: str) -> bool:
+    from preftune import losses
+
+    return any(spec.needs_reference for spec, _ in losses.parse_objective(method))
+
+
+def cache_snapshot(cache_dir: Path) -> dict[str, tuple[int, int]]:
+    """name → (size, mtime_ns) of the reference-cache files (the trainer's layout: CACHE/reference/*)."""
+    folder = cache_dir / "reference"
+    if not folder.is_dir():
+        return {}
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _short_error(err: BaseException) -> str:
+    frames = traceback.extract_tb(err.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    return f"{type(err).__name__}: {err}{where}"
+
+
+def _default_train(config: Any) -> Any:
+    from preftune.train.api import train
+
+    return train(config)
+
+
+def run_sweep(
+    methods: Sequence[str],
+    base: Any,
+    out_dir: str | Path,
+    *,
+    task: SweepTask | None = None,
+    train_fn: Callable[[Any], Any] | None = None,
+    evaluate_fn: Callable[[Path, Any], tuple[float | None, KLEstimate | None]] | None = None,
+    write: bool = True,
+    log: Log = print,
+) -> SweepResult:
+    """Train each of `methods` from `base` (a TrainConfig) into OUT/METHOD; return and write the comparison.
+
+    train_fn(config) → an object with `final_dir`, `steps`, `metrics` (default: preftune.train.api.train).
+    evaluate_fn(final_dir, config) → (task accuracy | None, KL estimate | None) (default: `PolicyEvaluator`
+    built from `task`). Writes OUT/sweep.json and OUT/sweep.html when `write`.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(base.cache_dir) if base.cache_dir else out / "cache"
+    train_fn = train_fn or _default_train
+    if evaluate_fn is None and task is not None:
+        evaluate_fn = PolicyEvaluator(base, task, log=log)
+    from preftune.config import reference_strategy
+
+    started = time.perf_counter()
+    results: list[MethodResult] = []
+    for i, method in enumerate(methods, start=1):
+        config = dataclasses.replace(base, method=method, out=str(out / method), cache_dir=str(cache_dir))
+        res = MethodResult(method=method, run_dir=str(out / method))
+        results.append(res)
+        log(f"sweep [{i}/{len(methods)}] {method} → {res.run_dir}")
+        try:
+            strategy = reference_strategy(config, _needs_reference(method))
+            before = cache_snapshot(cache_dir)
+            t0 = time.perf_counter()
+            run = train_fn(config)
+            res.seconds = time.perf_counter() - t0
+            res.steps = int(run.steps)
+            res.metrics = {k: float(v) for k, v in dict(run.metrics).items()}
+            if strategy == "none":
+                res.reference_cache = "reference-free"
+            elif strategy == "cache":
+                res.reference_cache = "reused" if cache_snapshot(cache_dir) == before else "computed"
+            else:
+                res.reference_cache = strategy
+            final_dir = Path(run.final_dir)
+        except Exception as err:  # one failing method must not lose the others
+            res.status, res.error = "failed", _short_error(err)
+            log(f"sweep: {method} failed — {res.error}; going on with the next method")
+            continue
+        _write_run_report(Path(res.run_dir), log)
+        if evaluate_fn is not None:
+            try:
+                accuracy, kl = evaluate_fn(final_dir, config)
+                res.accuracy = accuracy
+                res.kl = dataclasses.asdict(kl) if kl is not None else None
+            except Exception as err:
+                res.eval_error = _short_error(err)
+                log(f"sweep: evaluating {method} failed — {res.eval_error}")
+    computed = [r.method for r in results if r.reference_cache == "computed"]
+    if len(computed) > 1:
+        log(
+            f"sweep: warning — the reference cache was written by {len(computed)} runs ({', '.join(computed)}), "
+            "not one: their reference inputs differ (e.g. per-token log-probs or KTO's mismatched pairs)"
+        )
+    elif any(r.reference_cache == "reused" for r in results):
+        reused = [r.method for r in results if r.reference_cache == "reused"]
+        log(f"sweep: reference log-probs reused from the cache by {', '.join(reused)} ({cache_dir})")
+    result = SweepResult(
+        out_dir=out,
+        results=results,
+        baseline_accuracy=task.baseline_accuracy if task else None,
+        cache_dir=str(cache_dir),
+        task_name=task.name if task else "none",
+        config=_config_dict(base),
+        seconds=time.perf_counter() - started,
+    )
+    if write:
+        from preftune.eval.sweep_report import write_sweep
+
+        write_sweep(result)
+    return result
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        data = dataclasses.asdict(config)
+    else:
+        data = dict(vars(config))
+    return {k: v for k, v in data.items() if k not in ("method", "out")}
+
+
+def _write_run_report(run_dir: Path, log: Log) -> None:
+    if not (run_dir / "metrics.jsonl").is_file():
+        return
+    try:
+        from preftune.eval.report import write_report
+
+        write_report(run_dir)
+    except Exception as err:  # a report is a convenience; the sweep's numbers do not depend on it
+        log(f"sweep: could not write {run_dir / 'report.html'} — {_short_error(err)}")
+
+
+class PolicyEvaluator:
+    """Held-out accuracy and KL to the reference of a trained policy folder; the reference loads once."""
+
+    def __init__(
+        self,
+        base: Any,
+        task: SweepTask,
+        *,
+        kl_samples: int = 4,
+        max_new_tokens: int = 64,
+        seed: int = 0,
+        log: Log = print,
+    ) -> None:
+        self.base, self.task, self.log = base, task, log
+        self.kl_samples, self.max_new_tokens, self.seed = kl_samples, max_new_tokens, seed
+        self._reference: Any = None
+
+    def reference(self) -> Any:
+        if self._reference is None:
+            from preftune.models.load import load_causal_lm
+
+            self._reference = load_causal_lm(self.base.ref_model or self.base.model)
+        return self._reference
+
+    def __call__(self, final_dir: Path, config: Any) -> tuple[float | None, KLEstimate | None]:
+        from preftune.data.formatting import load_tokenizer
+        from preftune.eval.kl import sequence_kl
+
+        accuracy = self.task.accuracy(final_dir) if self.task.accuracy is not None else None
+        kl = None
+        if self.task.prompts:
+            policy = load_policy_folder(final_dir)
+            tokenizer = load_tokenizer(config.tokenizer or final_dir)
+            kl = sequence_kl(
+                policy,
+                self.reference(),
+                tokenizer,
+                self.task.prompts,
+                samples_per_prompt=self.kl_samples,
+                max_new_tokens=self.max_new_tokens,
+                seed=self.seed,
+            )
+            self.log(
+                f"  KL(policy ‖ reference) = {kl.mean:.4g} ± {kl.stderr:.2g} nats ({kl.samples} samples)"
+            )
+        return accuracy, kl
+
+
+def load_policy_folder(folder: Path) -> Any:
+    """A run's OUT/final as a module: full weights, or a PEFT adapter folder on its base model."""
+    if (folder / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForCausalLM
+
+        return AutoPeftModelForCausalLM.from_pretrained(str(folder)).eval()
+    from preftune.models.load import load_causal_lm
+
+    return load_causal_lm(folder)
+
+
+def prompts_from_data(
+    source: str,
+    tokenizer: Any,
+    *,
+    limit: int,
+    max_prompt_length: int | None = None,
+    cache_dir: str | None = None,
+) -> list[list[int]]:
+    """The first `limit` distinct prompts of a preference data file, tokenized as the trainer does."""
+    from preftune.data.pipeline import prepare_examples
+
+    prepared = prepare_examples(
+        source, tokenizer=tokenizer, max_prompt_length=max_prompt_length, cache_dir=cache_dir
+    )
+    seen: dict[tuple[int, ...], None] = {}
+    for ex in prepared.examples:
+        seen.setdefault(tuple(ex.prompt_ids))
+        if len(seen) >= limit:
+            break
+    return [list(p) for p in seen]
+
+
+def write_sweep_json(result: SweepResult) -> Path:
+    path = result.out_dir / "sweep.json"
+    path.write_text(json.dumps(result.to_json(), indent=1, default=str), encoding="utf-8")
+    return path

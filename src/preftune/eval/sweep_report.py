@@ -1,0 +1,196 @@
+"""The comparison report of a sweep: OUT/sweep.json (machine-readable) and OUT/sweep.html (for people)."""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+from preftune.eval import plots
+from preftune.eval.report import fmt, html_table, page, read_metrics, write_atomic
+from preftune.eval.sweep import MethodResult, SweepResult, write_sweep_json
+
+# (column title, key in MethodResult.metrics): final train values and the final evaluation's.
+METRIC_COLUMNS = (
+    ("train loss", "loss"),
+    ("eval loss", "eval/loss"),
+    ("eval reward acc.", "eval/rewards/accuracy"),
+    ("eval margin β·h", "eval/rewards/margin"),
+    ("eval log p chosen /tok", "eval/logps/chosen"),
+    ("eval log p rejected /tok", "eval/logps/rejected"),
+    ("eval ranking acc.", "eval/policy_rank_accuracy"),
+)
+
+
+def _cell(value: float | None, percent: bool = False) -> str:
+    if value is None or not math.isfinite(value):
+        return "–"
+    return f"{100 * value:.1f}%" if percent else fmt(value)
+
+
+def comparison_rows(results: list[MethodResult]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the per-method table (status, metrics, task accuracy, KL, reference cache)."""
+    shown = [(t, k) for t, k in METRIC_COLUMNS if any(k in r.metrics for r in results)]
+    header = ["method", "status", "steps", "time (s)"] + [t for t, _ in shown]
+    header += ["task accuracy", "KL to ref. (nats)", "reference"]
+    rows = []
+    for r in results:
+        kl = f"{r.kl['mean']:.3g} ± {r.kl['stderr']:.2g}" if r.kl else "–"
+        status = r.status if not r.eval_error else f"{r.status} (eval failed)"
+        rows.append(
+            [r.method, status, str(r.steps), f"{r.seconds:.0f}"]
+            + [_cell(r.metrics.get(k)) for _, k in shown]
+            + [_cell(r.accuracy, percent=True), kl, r.reference_cache]
+        )
+    return header, rows
+
+
+def _figure(sid: str, png: bytes, alt: str) -> str:
+    from preftune.eval.report import figure
+
+    return figure(sid, png, alt)
+
+
+def _run_records(result: SweepResult) -> dict[str, list[dict[str, Any]]]:
+    runs = {}
+    for r in result.results:
+        path = Path(r.run_dir) / "metrics.jsonl"
+        if path.is_file():
+            try:
+                runs[r.method] = read_metrics(path)[0]
+            except Exception:  # a run that died before logging has no curve; the table already says so
+                continue
+    return runs
+
+
+def build_sweep_html(result: SweepResult) -> str:
+    """The sweep page: summary cards, failures, the comparison table, comparison plots, the shared config."""
+    ok = [r for r in result.results if r.status == "ok"]
+    failed = [r for r in result.results if r.status != "ok"]
+    data = result.to_json()["reference_cache"]
+    cards = [
+        ("methods trained", f"{len(ok)} of {len(result.results)}"),
+        ("wall time", f"{result.seconds:.0f} s"),
+        ("reference pass computed by", ", ".join(data["computed_by"]) or "none (all cached)"),
+    ]
+    if result.baseline_accuracy is not None:
+        cards.append(("reference model accuracy", f"{100 * result.baseline_accuracy:.1f}%"))
+    body = ['<div class="cards">']
+    body += [
+        f'<div class="card"><div class="v">{html.escape(v)}</div><div class="k">{html.escape(k)}</div></div>'
+        for k, v in cards
+    ]
+    body.append("</div>")
+    if failed or any(r.eval_error for r in result.results):
+        items = [f"<li><b>{html.escape(r.method)}</b>: {html.escape(r.error or '')}</li>" for r in failed]
+        items += [
+            f"<li><b>{html.escape(r.method)}</b> (evaluation): {html.escape(r.eval_error)}</li>"
+            for r in result.results
+            if r.eval_error
+        ]
+        body.append(f'<h2 id="failures">Failures</h2><ul class="err">{"".join(items)}</ul>')
+
+    header, rows = comparison_rows(result.results)
+    body.append(
+        '<h2 id="comparison">Final metrics per method</h2><p class="about">Train values are the last '
+        "step's; eval values come from the final evaluation on held-out pairs. Task accuracy and KL are "
+        f"measured on {html.escape(result.task_name)}: KL(π_θ ‖ π_ref) is a Monte-Carlo estimate from "
+        'policy samples (temperature 1), ± one standard error. "reused" in the reference column means '
+        "the run read its reference log-probs from the shared cache without computing any.</p>"
+    )
+    body.append(html_table(header, rows))
+    links = [
+        f'<a href="{html.escape(r.method)}/report.html">{html.escape(r.method)}</a>'
+        for r in result.results
+        if (Path(r.run_dir) / "report.html").is_file()
+    ]
+    if links:
+        body.append(f"<p>Per-run reports: {' · '.join(links)}</p>")
+
+    colors = plots.method_colors([r.method for r in result.results])
+    accuracy = {r.method: r.accuracy for r in ok if r.accuracy is not None}
+    kl = {r.method: r.kl for r in ok if r.kl}
+    if accuracy:
+        body.append('<h2 id="accuracy">Held-out task accuracy</h2>')
+        png = plots.plot_method_bars(
+            accuracy,
+            title="Held-out task accuracy per method",
+            ylabel="accuracy (%)",
+            percent=True,
+            baseline=result.baseline_accuracy,
+            baseline_label="reference model",
+            colors=colors,
+        )
+        body.append(_figure("accuracy", png, "task accuracy per method"))
+    if accuracy and kl:
+        points = {m: (kl[m]["mean"], kl[m]["stderr"], accuracy[m]) for m in accuracy if m in kl}
+        body.append(
+            '<h2 id="kl-accuracy">Accuracy against KL to the reference</h2><p class="about">Up and to the '
+            "left is better: more accuracy for less drift from the starting model.</p>"
+        )
+        body.append(
+            _figure(
+                "kl-accuracy",
+                plots.plot_kl_vs_accuracy(points, baseline=result.baseline_accuracy, colors=colors),
+                "KL vs accuracy",
+            )
+        )
+    elif kl:
+        body.append('<h2 id="kl">KL to the reference</h2>')
+        png = plots.plot_method_bars(
+            {m: v["mean"] for m, v in kl.items()},
+            title="KL(policy ‖ reference) per method",
+            ylabel="nats per response",
+            colors=colors,
+        )
+        body.append(_figure("kl", png, "KL per method"))
+    reward_acc = {
+        r.method: r.metrics["eval/rewards/accuracy"] for r in ok if "eval/rewards/accuracy" in r.metrics
+    }
+    if reward_acc:
+        body.append('<h2 id="reward-accuracy">Held-out reward accuracy</h2>')
+        png = plots.plot_method_bars(
+            reward_acc,
+            title="Held-out reward accuracy per method",
+            ylabel="fraction of pairs (%)",
+            percent=True,
+            baseline=0.5,
+            baseline_label="chance",
+            colors=colors,
+        )
+        body.append(_figure("reward-accuracy", png, "reward accuracy per method"))
+    runs = _run_records(result)
+    if runs:
+        body.append(
+            '<h2 id="curves">Training curves</h2><p class="about">Smoothed train curves of every method. '
+            "Losses have different scales (IPO's starts at 1/(4β²), DPO's at log 2), so each is divided by "
+            "its starting value. Log-probabilities are per token and directly comparable: a method whose "
+            "chosen log-probability falls fastest is pushing all responses down.</p>"
+        )
+        panels = [
+            ("loss", "Loss (relative to its start)", "loss / initial loss", True),
+            ("rewards/accuracy", "Reward accuracy (train)", "fraction of pairs", False),
+            ("logps/chosen", "Chosen log-probability", "nats per token", False),
+        ]
+        body.append(
+            _figure("curves", plots.plot_runs_overlay(runs, panels, colors), "training curves per method")
+        )
+    body.append('<h2 id="config">Shared configuration</h2>')
+    body.append(
+        html_table(
+            ["key", "value"], [(k, v) for k, v in result.config.items() if v not in (None, "", [], {})]
+        )
+    )
+    methods = ", ".join(r.method for r in result.results)
+    return page(
+        f"preftune sweep: {methods}", f"{len(result.results)} methods · {result.out_dir}", "".join(body)
+    )
+
+
+def write_sweep(result: SweepResult) -> tuple[Path, Path]:
+    """Write OUT/sweep.json and OUT/sweep.html; return their paths."""
+    json_path = write_sweep_json(result)
+    html_path = result.out_dir / "sweep.html"
+    write_atomic(html_path, build_sweep_html(result))
+    return json_path, html_path

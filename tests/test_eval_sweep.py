@@ -1,0 +1,122 @@
+"""Sweep orchestration with an injected train function: shared reference cache, failures kept, report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from preftune.config import TrainConfig
+from preftune.errors import ConfigError
+from preftune.eval.kl import KLEstimate
+from preftune.eval.sweep import parse_methods, run_sweep
+
+
+class FakeTrainer:
+    """Writes a run folder like the trainer and, like it, writes the reference cache only on a miss."""
+
+    def __init__(self, fail: str) -> None:
+        self.fail = fail
+        self.configs: list[TrainConfig] = []
+
+    def __call__(self, config: TrainConfig):
+        self.configs.append(config)
+        if config.method == self.fail:
+            raise RuntimeError("loss went NaN")
+        out = Path(config.out)
+        out.mkdir(parents=True)
+        if config.method != "simpo":  # reference-free: never touches the cache
+            table = Path(config.cache_dir) / "reference" / "fp.safetensors"
+            if not table.exists():
+                table.parent.mkdir(parents=True, exist_ok=True)
+                table.write_bytes(b"reference log-probs")
+        start = {"dpo": 0.69, "rdpo": 0.7, "simpo": 1.2}[config.method]
+        lines = [
+            json.dumps(
+                {
+                    "step": s,
+                    "split": "train",
+                    "loss": start / s,
+                    "rewards/accuracy": 0.5 + s / 40,
+                    "logps/chosen": -1.0 - s / 100,
+                }
+            )
+            for s in range(1, 21)
+        ]
+        lines.append(json.dumps({"step": 20, "split": "eval", "loss": start / 15, "rewards/accuracy": 0.75}))
+        (out / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        metrics = {"loss": start / 20, "eval/loss": start / 15, "eval/rewards/accuracy": 0.75}
+        return SimpleNamespace(final_dir=out / "final", steps=20, metrics=metrics)
+
+
+def test_sweep_shares_the_reference_cache_and_keeps_going_after_a_failure(tmp_path):
+    base = TrainConfig(model="m", data="d.jsonl", out="ignored", max_steps=20)
+    trainer = FakeTrainer(fail="ipo")
+    evaluated = []
+
+    def evaluate(final_dir, config):
+        evaluated.append(config.method)
+        acc = {"dpo": 0.6, "rdpo": 0.55, "simpo": 0.5}[config.method]
+        return acc, KLEstimate(mean=2.0 * acc, stderr=0.1, samples=8, mean_length=5.0)
+
+    result = run_sweep(
+        ["dpo", "ipo", "rdpo", "simpo"],
+        base,
+        tmp_path / "sweep",
+        train_fn=trainer,
+        evaluate_fn=evaluate,
+        log=lambda _m: None,
+    )
+    # every run asked for the same cache folder, each wrote its own run folder
+    assert {c.cache_dir for c in trainer.configs} == {str(tmp_path / "sweep" / "cache")}
+    assert [c.out for c in trainer.configs] == [
+        str(tmp_path / "sweep" / m) for m in ("dpo", "ipo", "rdpo", "simpo")
+    ]
+    assert all(c.max_steps == 20 and c.model == "m" for c in trainer.configs)
+    by = {r.method: r for r in result.results}
+    assert [by[m].reference_cache for m in ("dpo", "rdpo", "simpo")] == [
+        "computed",
+        "reused",
+        "reference-free",
+    ]
+    assert by["ipo"].status == "failed" and "RuntimeError: loss went NaN" in by["ipo"].error
+    assert evaluated == ["dpo", "rdpo", "simpo"]  # the failed method is not evaluated, the others are
+    assert by["rdpo"].accuracy == 0.55 and by["rdpo"].kl["mean"] == pytest.approx(1.1)
+
+    data = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert data["methods"] == ["dpo", "ipo", "rdpo", "simpo"]
+    assert data["reference_cache"]["computed_by"] == ["dpo"] and data["reference_cache"]["reused_by"] == [
+        "rdpo"
+    ]
+    assert data["results"][1]["error"].startswith("RuntimeError: loss went NaN")
+    page = (tmp_path / "sweep" / "sweep.html").read_text()
+    assert "loss went NaN" in page and 'id="failures"' in page
+    for sid in ("accuracy", "kl-accuracy", "reward-accuracy", "curves"):
+        assert f'<figure id="plot-{sid}"><img' in page
+    assert "<td>rdpo</td><td>ok</td><td>20</td>" in page and "55.0%" in page and "1.1 ± 0.1" in page
+    assert (tmp_path / "sweep" / "dpo" / "report.html").is_file()  # each run gets its own report
+
+
+def test_a_run_that_recomputes_the_reference_is_reported_as_computed(tmp_path):
+    base = TrainConfig(model="m", data="d.jsonl", out="x", cache_dir=str(tmp_path / "c"))
+
+    def train(config):
+        table = Path(config.cache_dir) / "reference" / "fp.safetensors"
+        table.parent.mkdir(parents=True, exist_ok=True)
+        table.write_bytes(table.read_bytes() + b"x" if table.exists() else b"x")  # every run misses
+        return SimpleNamespace(final_dir=Path(config.out), steps=1, metrics={})
+
+    messages = []
+    result = run_sweep(["dpo", "ipo"], base, tmp_path / "s", train_fn=train, write=False, log=messages.append)
+    assert [r.reference_cache for r in result.results] == ["computed", "computed"]
+    assert any("written by 2 runs" in m for m in messages)
+
+
+def test_parse_methods_checks_names():
+    assert parse_methods("dpo, ipo,simpo") == ["dpo", "ipo", "simpo"]
+    with pytest.raises(ConfigError):
+        parse_methods("dpo,dpoo")
+    with pytest.raises(ConfigError, match="twice"):
+        parse_methods("dpo,dpo")
