@@ -201,3 +201,19 @@ def test_four_micro_batches_of_two_equal_one_batch_of_eight(name):
         part.margins = None if full.margins is None else full.margins[i : i + 2]
         parts.append(call(spec, part).losses)
     torch.testing.assert_close(torch.cat(parts), call(spec, full).losses)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradient_descent_raises_the_better_response(name):
+    """Sign check (catches a loss trained the wrong way round): at π_θ = π_ref, a gradient step on
+    the policy log-probs raises the preferred response (branch 0: chosen / best / a D2O sample, or a
+    desirable completion) and does not raise the dispreferred one (last branch, or an undesirable
+    completion)."""
+    spec = REGISTRY[name]
+    batch, leaf = make_batch(spec, torch.zeros(2, 4), ref=-6.0)
+    (grad,) = torch.autograd.grad(call(spec, batch).losses.sum(), leaf)
+    if spec.kind == "unpaired":  # example 0 desirable, example 1 undesirable (make_batch labels)
+        assert grad[0, 0] < 0 and grad[1, 0] > 0, grad
+    else:
+        assert (grad[:, 0] < 0).all(), grad
+        assert (grad[:, -1] >= 0).all(), grad
