@@ -81,7 +81,7 @@ def test_curry_stages_best_vs_rest_and_errors():
     records = [{"prompt": "p", "responses": ["b", "a", "c"], "scores": [5, 9, 1]}]
     stages = curry_stages(records, 2, pairs="best_vs_rest")
     assert [[(p["chosen"], p["rejected"]) for p in s] for s in stages] == [[("a", "c")], [("a", "b")]]
-    with pytest.raises(DataError, match="cannot fill 5 stages"):
+    with pytest.raises(DataError, match="empty"):
         curry_stages(records, 5, pairs="best_vs_rest")
     with pytest.raises(ConfigError):
         curry_stages(records, 0)
@@ -123,3 +123,24 @@ def test_step_dpo_pairs():
                 }
             ]
         )
+
+
+def test_curry_stages_per_prompt_is_the_papers_grouping():
+    """K = 4 per prompt, best_vs_rest, 3 stages. p1 scores a=4, b=3, c=2, d=0: gaps (a,d) 4, (a,c) 2,
+    (a,b) 1. p2 e=9, f=5, g=4, h=0: (e,h) 9, (e,g) 5, (e,f) 4.
+    per_prompt: stage k holds each prompt's k-th easiest pair: [(a,d),(e,h)], [(a,c),(e,g)], [(a,b),(e,f)].
+    global: gaps 9, 5, 4, 4, 2, 1 → [(e,h),(e,g)], [(a,d),(e,f)], [(a,c),(a,b)]."""
+    records = [
+        {"prompt": "p1", "responses": ["a", "b", "c", "d"], "scores": [4, 3, 2, 0]},
+        {"prompt": "p2", "responses": ["e", "f", "g", "h"], "scores": [9, 5, 4, 0]},
+    ]
+
+    def names(stages):
+        return [[(p["chosen"], p["rejected"]) for p in s] for s in stages]
+
+    per_prompt = curry_stages(records, 3, pairs="best_vs_rest", order="per_prompt")
+    assert names(per_prompt) == [[("a", "d"), ("e", "h")], [("a", "c"), ("e", "g")], [("a", "b"), ("e", "f")]]
+    globally = curry_stages(records, 3, pairs="best_vs_rest")
+    assert names(globally) == [[("e", "h"), ("e", "g")], [("a", "d"), ("e", "f")], [("a", "c"), ("a", "b")]]
+    with pytest.raises(ConfigError):
+        curry_stages(records, 2, order="random")

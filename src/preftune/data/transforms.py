@@ -131,38 +131,52 @@ def _ranked_pairs(record: Record, row: int, pairs: str) -> list[tuple[float, Rec
     return out
 
 
-def curry_stages(records: Sequence[Record], num_stages: int, *, pairs: str = "all") -> list[list[Record]]:
+def curry_stages(
+    records: Sequence[Record], num_stages: int, *, pairs: str = "all", order: str = "global"
+) -> list[list[Record]]:
     """Curry-DPO curriculum (Pattnaik et al. 2024): ranked records → `num_stages` lists of pairs, easy → hard.
 
     Every ranked record (`prompt`, `responses`, `scores`) gives pairs (y_i ≻ y_j, s_i > s_j): all of
     them (`pairs="all"`) or the best response against each other one (`"best_vs_rest"`, the
-    paper's main setting). A pair is easier the larger its score gap s_i − s_j; pairs are sorted
-    by gap, largest first (ties keep input order), and cut into `num_stages` contiguous stages of
-    sizes differing by at most one. The trainer runs the stages in order, each stage's reference
-    being the policy at the end of the previous one (ALGORITHMS.md §3–4).
-    Deviation: the paper orders the K−1 pairs of *each prompt* by rank (stage k = every prompt's
-    k-th easiest pair); here stages cut one global order by gap, which equals the paper's when all
-    prompts share the score scale and `num_stages` = K − 1.
+    paper's main setting). A pair is easier the larger its score gap s_i − s_j.
+    order="global": all pairs sorted by gap, largest first (ties keep input order), cut into
+    `num_stages` contiguous stages whose sizes differ by at most one.
+    order="per_prompt" (the paper's): each prompt's pairs sorted by gap; its i-th of n pairs goes
+    to stage ⌊i·num_stages/n⌋, so with best_vs_rest and num_stages = K − 1, stage k holds every
+    prompt's k-th easiest pair.
+    The trainer runs the stages in order, each stage's reference being the policy at the end of
+    the previous one (ALGORITHMS.md §3–4).
     """
     if num_stages < 1:
         raise ConfigError(f"curry_stages: num_stages={num_stages} must be ≥ 1")
     if pairs not in ("all", "best_vs_rest"):
         raise ConfigError(f"curry_stages: pairs={pairs!r}, use 'all' or 'best_vs_rest'")
-    scored = [p for row, record in enumerate(records, start=1) for p in _ranked_pairs(record, row, pairs)]
-    order = sorted(range(len(scored)), key=lambda i: -scored[i][0])
-    ordered = [scored[i][1] for i in order]
-    if len(ordered) < num_stages:
+    if order not in ("global", "per_prompt"):
+        raise ConfigError(f"curry_stages: order={order!r}, use 'global' or 'per_prompt'")
+    per_record = [_ranked_pairs(record, row, pairs) for row, record in enumerate(records, start=1)]
+    stages: list[list[Record]] = [[] for _ in range(num_stages)]
+    if order == "per_prompt":
+        for scored in per_record:
+            ranked = [p for _, p in sorted(scored, key=lambda gp: -gp[0])]  # stable for equal gaps
+            for i, pair in enumerate(ranked):
+                stages[i * num_stages // len(ranked)].append(pair)
+    else:
+        flat = [pair for scored in per_record for pair in scored]
+        ordered = [p for _, p in sorted(flat, key=lambda gp: -gp[0])]
+        base, extra = divmod(len(ordered), num_stages)
+        start = 0
+        for s in range(num_stages):
+            size = base + (1 if s < extra else 0)
+            stages[s] = ordered[start : start + size]
+            start += size
+    empty = [i + 1 for i, stage in enumerate(stages) if not stage]
+    if empty:
+        total = sum(len(st) for st in stages)
         raise DataError(
-            f"{len(ordered)} pairs cannot fill {num_stages} stages",
+            f"{total} pairs leave stage(s) {empty} of {num_stages} empty",
             field="scores",
             fix="use fewer stages or more ranked records (tied scores make no pair)",
         )
-    base, extra = divmod(len(ordered), num_stages)
-    stages, start = [], 0
-    for s in range(num_stages):
-        size = base + (1 if s < extra else 0)
-        stages.append(ordered[start : start + size])
-        start += size
     return stages
 
 

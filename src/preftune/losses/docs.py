@@ -65,6 +65,22 @@ def method_section(spec: LossSpec) -> str:
     return "\n".join(lines)
 
 
+def transforms_section() -> str:
+    """The data transforms (not losses) that build training data for some methods."""
+    from preftune.data import transforms
+
+    parts = [
+        "## Data transforms",
+        "",
+        "Not losses: functions of `preftune.data.transforms` that turn raw records into new records "
+        "(feed the result to `prepare_examples`).",
+        "",
+    ]
+    for fn in (transforms.reward_augmented_pairs, transforms.curry_stages, transforms.step_dpo_pairs):
+        parts += [f"### `{fn.__name__}`", "", inspect.cleandoc(fn.__doc__ or ""), ""]
+    return "\n".join(parts)
+
+
 def render() -> str:
     """The whole docs/methods.md text."""
     specs = [REGISTRY[name] for name in sorted(REGISTRY)]
@@ -75,7 +91,7 @@ def render() -> str:
             f"| {hparam_summary(spec)} | {spec.paper} |"
         )
     body = "\n".join(method_section(s) for s in specs)
-    return f"{HEADER}\n" + "\n".join(table) + "\n\n" + body.rstrip() + "\n"
+    return f"{HEADER}\n" + "\n".join(table) + "\n\n" + body + "\n" + transforms_section().rstrip() + "\n"
 
 
 def main() -> int:
