@@ -74,7 +74,8 @@ def lambda_weights(labels: torch.Tensor, rewards: torch.Tensor, mask: torch.Tens
     order = torch.argsort(r, dim=1, descending=True, stable=True)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(1, r.shape[1] + 1, device=r.device).expand_as(order))
-    gain = torch.pow(2.0, labels) - 1.0
+    # ψ are graded relevance labels (small numbers); capping at 60 keeps 2^ψ finite in float32.
+    gain = torch.pow(2.0, labels.clamp(max=60.0)) - 1.0
     inv_discount = 1.0 / torch.log2(1.0 + rank.float())
     w = (gain[:, :, None] - gain[:, None, :]).abs() * (
         inv_discount[:, :, None] - inv_discount[:, None, :]
@@ -103,7 +104,8 @@ def tpo(
     Liao et al. 2024 frame alignment on a preference tree as preference list ranking with a
     lambda-weighted (LambdaLoss, as LiPO-λ) pairwise logistic loss over the implicit rewards; ψ are
     the responses' scores (`batch.scores`, e.g. the tree's correctness values), or, without scores,
-    graded labels from the ranking (K−1 for the best … 0 for the last).
+    graded labels from the ranking (K−1 for the best … 0 for the last). The gain 2^ψ − 1 grows fast:
+    give small graded scores (e.g. correctness values in [0, 1] or ranks), not raw reward values.
     Deviations: (1) the paper's Adaptive Step Reward (Eq. 10) re-weights each reasoning step's
     reward by the cosine similarity of step embeddings between branches; that needs step boundaries
     and hidden states, which the loss's statistics do not carry, so all steps weigh equally — with
