@@ -339,3 +339,15 @@ def test_micro_batches_sum_to_the_full_batch():
         torch.testing.assert_close(split, whole)
     tokens = sum(losses.sft_token_count(p) for p in parts)
     assert tokens == losses.sft_token_count(full) == n[:, 0].sum()
+
+
+def test_kto_uses_a_given_global_reference_point():
+    """state["z0"] = 1 overrides the batch estimate (which would be 0 here): desirable ρ = 1, β = 1
+    ⇒ 1 − σ(0) = 0.5 instead of 1 − σ(1) = 0.2689414."""
+    ref = torch.full((1, 2), -5.0)
+    batch = PreferenceBatch(
+        policy_logps=ref + T([[1.0, -1.0]]), lengths=torch.ones(1, 2), ref_logps=ref, labels=T([1.0])
+    )
+    spec = losses.get("kto")
+    assert spec(batch, beta=1.0).losses.item() == approx(0.2689414)
+    assert spec(batch, {"z0": T(1.0)}, beta=1.0).losses.item() == approx(0.5)

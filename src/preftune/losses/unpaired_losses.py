@@ -47,7 +47,8 @@ def kto(
     completion y′ of a *different* prompt scored under this prompt; z₀ = max(0, mean ρ(y′)) over the
     batch, detached (the paper's biased KL estimate). Defaults β = 0.1, λ_D = λ_U = 1 (the paper's;
     it advises λ_D n_D / (λ_U n_U) ∈ [1, 4/3] for imbalanced data).
-    Note: z₀ is a mean over *this call's* batch; with gradient accumulation it is per micro-batch.
+    Note: z₀ is a mean over *this call's* batch, so with gradient accumulation it is per
+    micro-batch — unless the caller passes the global batch's z₀ as `state["z0"]` (then used as is).
     """
     if batch.labels is None:
         raise ConfigError("loss 'kto' needs a 0/1 label per completion (batch.labels)")
@@ -59,7 +60,9 @@ def kto(
         )
     valid = valid_examples(batch, 1)
     rho = log_ratios(batch, "kto")
-    z0 = kto_reference_point(rho[:, 1], mask[:, 1])
+    # A caller that estimated z₀ over the whole global batch passes it as state["z0"], making the
+    # loss independent of how the batch is split into micro-batches.
+    z0 = state["z0"].detach().float() if "z0" in state else kto_reference_point(rho[:, 1], mask[:, 1])
     desirable = clean(batch.labels, valid) > 0.5
     rho_y = rho[:, 0]
     losses = torch.where(
