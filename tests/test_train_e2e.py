@@ -172,6 +172,13 @@ def test_rounds_restart_the_reference(env: dict[str, Path]) -> None:
     assert records[2]["loss"] == pytest.approx(math.log(2), rel=1e-4)  # new round: reference = policy
 
 
+def test_curry_stages_use_the_previous_stage_as_reference(env: dict[str, Path]) -> None:
+    records = run(env, "dpo", "curry", "--stages", "2", "--max-steps", "4", "--lr", "3e-3", data="listwise")
+    assert [r["phase"] for r in records] == [0, 0, 1, 1]
+    assert records[1]["loss"] < math.log(2) - 1e-4
+    assert records[2]["loss"] == pytest.approx(math.log(2), rel=1e-4)  # stage 2 starts at ρ = 0
+
+
 def test_accelerated_po_extrapolates() -> None:
     from preftune.train.setup import extrapolate
 

@@ -106,6 +106,17 @@ class TrainConfig:
         "previous stage's policy.",
         low=1,
     )
+    curriculum_pairs: str = _f(
+        "best_vs_rest",
+        "Curry-DPO pairs from each ranked record: best_vs_rest (the paper's main setting) or all.",
+        choices=("best_vs_rest", "all"),
+    )
+    curriculum_order: str = _f(
+        "per_prompt",
+        "Curry-DPO stage assignment: per_prompt (the paper's: each prompt's k-th easiest pair in stage k) "
+        "or global (all pairs sorted by score gap).",
+        choices=("per_prompt", "global"),
+    )
     rounds: int = _f(
         1, "Iterative rounds over the data; each round's reference is the policy at its start.", low=1
     )
@@ -388,6 +399,22 @@ def validate(config: TrainConfig) -> list[tuple[Any, float, dict[str, Any]]]:
         raise ConfigError("apo_alpha (Accelerated PO) extrapolates between rounds: set rounds ≥ 2")
     if config.stages > 1 and config.rounds > 1:
         raise ConfigError("stages (Curry-DPO) and rounds (iterative / Accelerated PO) cannot be combined")
+    if config.stages > 1 and any(spec.kind not in ("pairwise", "any") for spec, _, _ in objective):
+        raise ConfigError("stages (Curry-DPO) build pairs from ranked data: use a pairwise loss")
+    if (config.stages > 1 or config.rounds > 1) and strategy == "adapter":
+        raise ConfigError(
+            "stages / rounds move the reference to the policy of the previous phase; "
+            "reference='adapter' cannot follow it — use reference=cache (default)"
+        )
+    if (
+        (config.stages > 1 or config.rounds > 1 or config.ref_sync_every)
+        and strategy == "model"
+        and config.lora
+    ):
+        raise ConfigError(
+            "a moving reference model (TR-DPO sync, stages, rounds) needs full fine-tuning, "
+            "not lora — or use reference=cache for stages/rounds"
+        )
     if (config.stages > 1 or config.rounds > 1) and not needs_ref:
         raise ConfigError("stages and rounds move the reference between stages; the method uses none")
     return objective

@@ -89,13 +89,17 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
     barrier(world)
     seed_everything(config.seed)
     tokenizer = load_tokenizer(config.tokenizer or config.model)
-    examples = load_examples(config.data, config, objective, tokenizer, split=config.split)
+    examples = (
+        load_examples(config.data, config, objective, tokenizer, split=config.split)
+        if config.stages <= 1
+        else []
+    )
     eval_examples = (
         load_examples(config.eval_data, config, objective, tokenizer, split=config.eval_split)
         if config.eval_data
         else []
     )
-    phases = build_phases(config, examples)
+    phases = build_phases(config, examples, objective, tokenizer)
     steps = phase_steps(config, phases)
     total = sum(steps)
     micro = config.micro_batch_size or max(1, -(-config.batch_size // world.size))
@@ -133,10 +137,11 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
         config=config_to_dict(config),
         enabled=world.is_main,
     )
+    logger.truncate_after(global_step)
     progress = Progress(total, enabled=config.progress and world.is_main, start=global_step)
     log = progress.print if world.is_main else (lambda _msg: None)
     log(
-        f"preftune train {config.method}: {len(examples)} examples, {total} steps over {len(phases)} "
+        f"preftune train {config.method}: {'+'.join(str(len(p)) for p in phases)} examples, {total} steps over {len(phases)} "
         f"phase(s), batch {config.batch_size} = {world.size} process(es) × micro-batches of {micro}"
     )
     last: dict[str, float] = {}

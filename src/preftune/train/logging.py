@@ -65,6 +65,16 @@ class MetricsLogger:
         for sink in self._sinks:
             sink(numbers, step)
 
+    def truncate_after(self, step: int) -> None:
+        """Drop records after `step` (a resumed run redoes them; no step is logged twice)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp.replace(self.path)
+
     def close(self) -> None:
         for sink in self._sinks:
             getattr(sink, "close", lambda: None)()

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from preftune.config import TrainConfig, reference_strategy
-from preftune.errors import ConfigError, TrainingError
+from preftune.errors import ConfigError, DataError, TrainingError
 from preftune.models.reference import (
     AdapterReference,
     CachedReference,
@@ -27,7 +27,13 @@ from preftune.types import Example
 
 
 def load_examples(
-    source: str, config: TrainConfig, objective: Objective, tokenizer: Any, *, split: str | None
+    source: str | list[dict[str, Any]],
+    config: TrainConfig,
+    objective: Objective,
+    tokenizer: Any,
+    *,
+    split: str | None,
+    kind: str | None = None,
 ) -> list[Example]:
     """Tokenized examples of `source` in the layout the objective trains on (see `adapt_examples`)."""
     from preftune.data.pipeline import prepare_examples, ranked_to_pairs
@@ -35,7 +41,7 @@ def load_examples(
     prepared = prepare_examples(
         source,
         tokenizer=tokenizer,
-        kind=config.kind,
+        kind=kind or config.kind,
         columns=config.columns,
         split=split,
         max_length=config.max_length,
@@ -50,23 +56,37 @@ def load_examples(
             for e in examples
             for p in (ranked_to_pairs(e, config.ranked_pairs) if e.kind == "ranked" else [e])
         ]
+    where = source if isinstance(source, str) else "<curriculum stage>"
     if not examples:
-        raise ConfigError(f"{source}: no usable examples (summary: {prepared.summary})")
-    return adapt_examples(examples, objective.kind, mismatched=objective.needs_mismatched, where=str(source))
+        raise ConfigError(f"{where}: no usable examples (summary: {prepared.summary})")
+    return adapt_examples(examples, objective.kind, mismatched=objective.needs_mismatched, where=where)
 
 
-def build_phases(config: TrainConfig, examples: list[Example]) -> list[list[Example]]:
-    """The data of each phase: Curry-DPO stages (easy → hard), `rounds` passes, or one phase."""
-    if config.stages > 1:
-        import importlib
+def build_phases(
+    config: TrainConfig, examples: list[Example], objective: Objective, tokenizer: Any
+) -> list[list[Example]]:
+    """The data of each phase: Curry-DPO stages (easy → hard), `rounds` passes, or one phase.
 
-        transforms: Any = importlib.import_module("preftune.data.transforms")
-        stages = transforms.curriculum_stages(examples, config.stages)
-        stages = [list(s) for s in stages if s]
-        if not stages:
-            raise ConfigError("curriculum: no stage has examples (Curry-DPO needs scored pairs)")
-        return stages
-    return [examples] * config.rounds
+    Curry-DPO (Pattnaik et al. 2024) stages are built from the *raw* ranked records by
+    `data.transforms.curry_stages`, then tokenized like any data; the records must use the standard
+    field names (prompt, responses, scores).
+    """
+    if config.stages <= 1:
+        return [examples] * config.rounds
+    from preftune.data.sources import read_source
+    from preftune.data.transforms import curry_stages
+
+    source = read_source(config.data, split=config.split)
+    fatal = [p for p in source.problems if p.row is None]
+    if fatal:
+        raise DataError(fatal[0].render())
+    records = [r for _, r in source.rows if r is not None]
+    stages = curry_stages(
+        records, config.stages, pairs=config.curriculum_pairs, order=config.curriculum_order
+    )
+    return [
+        load_examples(stage, config, objective, tokenizer, split=None, kind="pairwise") for stage in stages
+    ]
 
 
 def phase_steps(config: TrainConfig, phases: Sequence[Sequence[Example]]) -> list[int]:
