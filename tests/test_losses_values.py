@@ -145,9 +145,12 @@ def ld_batch(alpha_tokens):
 def test_ld_dpo():
     """k = min(3, 2) = 2, α = ½: policy_w = (−1 −2) + ½(−3) = −4.5, ref_w = −2 + ½(−1) = −2.5 ⇒ ρ_w = −2;
     rejected fits in k: ρ_l = −2 + 4 = 2. β = ½: ½(−2 − 2) = −2 ⇒ sp(2) = 2.1269280.
-    α = 1 is DPO on the full sums: ρ_w = −6 + 3 = −3, ρ_l = 2."""
+    α = 1 is DPO on the full sums: ρ_w = −6 + 3 = −3, ρ_l = 2 (with either reference handling)."""
     kw = ld_batch(None)
     assert losses.pairwise("ld_dpo", **kw, beta=0.5, alpha=0.5).item() == approx(2.1269280)
+    # TRL's form desensitises the policy only: ρ_w = −4.5 + 3 = −1.5, ρ_l = 2 ⇒ sp(1.75) = 1.9102242.
+    trl = losses.pairwise("ld_dpo", **kw, beta=0.5, alpha=0.5, desensitise_reference=False)
+    assert trl.item() == approx(1.9102242)
     dpo = losses.pairwise(
         "dpo",
         kw["policy_chosen_logps"],
@@ -157,15 +160,28 @@ def test_ld_dpo():
         beta=0.5,
     )
     torch.testing.assert_close(losses.pairwise("ld_dpo", **kw, beta=0.5, alpha=1.0), dpo)
+    torch.testing.assert_close(
+        losses.pairwise("ld_dpo", **kw, beta=0.5, alpha=1.0, desensitise_reference=False), dpo
+    )
 
 
 def test_rpo_paper_and_token_mean_forms():
-    """ρ_w = 1, ρ_l = −1, β = ½, logp_θ(y_w) = −3 over 4 tokens, η = 2. Paper: sp(−1) + η·β·3 = 3.3132617.
+    """ρ_w = 1, ρ_l = −1, β = ½, logp_θ(y_w) = −3 over 4 tokens, η = 2. Paper (Eq. 4.8): sp(−1) + η·β·3
+    = 3.3132617.
     token_mean: sp(−1) + 2·3/4 = 1.8132617."""
     args = (T([-3.0]), T([-6.0]), T([-4.0]), T([-5.0]))
     kw = dict(chosen_lengths=T([4]), rejected_lengths=T([2]), beta=0.5, sft_weight=2.0)
     assert losses.pairwise("rpo", *args, **kw).item() == approx(3.3132617)
     assert losses.pairwise("rpo", *args, **kw, sft_form="token_mean").item() == approx(1.8132617)
+
+
+def test_rpo_default_is_the_papers_eta():
+    """Liu et al. Eq. 4.8 with the paper's η = 0.005 (§6): at β = ½ the SFT term adds
+    0.005·½·3 = 0.0075 to sp(−1) = 0.3132617 ⇒ 0.3207617."""
+    args = (T([-3.0]), T([-6.0]), T([-4.0]), T([-5.0]))
+    out = losses.pairwise("rpo", *args, chosen_lengths=T([4]), rejected_lengths=T([2]), beta=0.5)
+    assert out.item() == approx(0.3207617)
+    assert losses.get("rpo").hparams["sft_weight"].default == 0.005
 
 
 def test_modpo():

@@ -158,9 +158,11 @@ def ipo(
 ) -> LossOutput:
     """IPO: (h̄ − 1/(2β))², h̄ = ρ_w/|y_w| − ρ_l/|y_l| (token_mean) or ρ_w − ρ_l.
 
-    Azar et al. 2023, Eq. 17 with τ = β. The paper writes summed log-ratios; the per-token mean is
-    the authors' later recommendation (followed by TRL and ALGORITHMS.md), kept as the default. The
-    paper gives no LLM default for τ; β = 0.1.
+    Azar et al. 2023, Eq. 17 with τ = β (the equation TRL's IPO loss cites). The paper writes summed
+    log-ratios; the per-token mean (policy and reference log-probs divided by |y|) is what TRL
+    applies for IPO, following the DPO repository's discussion of IPO (eric-mitchell/
+    direct-preference-optimization issue 40); kept as the default per ALGORITHMS.md. The paper gives
+    no LLM default for τ; β = 0.1.
     """
     rho_w, rho_l, valid = pair_log_ratios(batch, "ipo")
     if token_mean:

@@ -38,7 +38,9 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     needs_reference=False,
     hparams={
         "beta": HParam(2.0, "β, scale of the length-normalised reward β·logp/|y|", low=0.0, low_open=True),
-        "gamma": HParam(1.0, "γ, target reward margin", low=0.0),
+        "gamma": HParam(
+            1.0, "γ, target reward margin (absolute, as Eq. 6; the authors' γ/β ratio times β)", low=0.0
+        ),
     },
     paper="Meng et al. 2024, SimPO: Simple Preference Optimization with a Reference-Free Reward (NeurIPS)",
     equation="Eq. 6",
@@ -46,9 +48,12 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 def simpo(batch: PreferenceBatch, state: dict[str, torch.Tensor], *, beta: float, gamma: float) -> LossOutput:
     """SimPO: −log σ(β ℓ_w − β ℓ_l − γ), ℓ = logp_θ(y)/|y|; no reference.
 
-    Meng et al. 2024, Eq. 6. Defaults β = 2.0, γ = 1.0 (in the ranges of the paper's Table of
-    hyper-parameters, β ∈ [2, 2.5], γ ∈ [0.3, 1.6]; γ not verified against one setting offline).
-    Rewards metrics are SimPO's implicit reward β ℓ.
+    Meng et al. 2024, Eq. 6 (Eq. 5 is the margin Bradley–Terry model). γ is the paper's absolute
+    margin, not the authors' later `gamma_beta_ratio` = γ/β (their code computes γ = ratio·β).
+    Defaults β = 2.0, γ = 1.0, i.e. γ/β = 0.5, the authors' recommended starting ratio (README);
+    their released settings are β ∈ {2.0, 2.5}, γ/β ∈ {0.1, 0.5, 0.55, 0.8} (Mistral-Base: β = 2,
+    γ = 1.6). Checked against the authors' repository (princeton-nlp/SimPO). Rewards metrics are
+    SimPO's implicit reward β ℓ.
     """
     ell_w, ell_l, valid = mean_logps(batch)
     losses = -log_sigmoid(beta * (ell_w - ell_l) - gamma)
@@ -67,10 +72,12 @@ def simpo(batch: PreferenceBatch, state: dict[str, torch.Tensor], *, beta: float
 def orpo(batch: PreferenceBatch, state: dict[str, torch.Tensor], *, odds_ratio_weight: float) -> LossOutput:
     """ORPO: −ℓ_w − λ log σ(log odds(y_w) − log odds(y_l)), log odds(y) = ℓ − log(1 − e^ℓ).
 
-    Hong et al. 2024, Eq. 6–7, ℓ = logp_θ(y)/|y| (the paper's length-normalised likelihood). The SFT
-    part is the per-token NLL of y_w *per example*; the paper averages tokens over the batch (the
-    causal-LM loss), which weighs long responses more — add an `sft` term for that form. λ = 0.1 is
-    the paper's default. Reward metrics are the log odds.
+    Hong et al. 2024, Eq. 6 (L_SFT + λ·L_OR), Eq. 7 (L_OR), odds from Eq. 4 with ℓ = logp_θ(y)/|y|
+    (the paper's length-normalised likelihood); the log-odds formula matches TRL's ORPO loss ("Eqs.
+    (4) and (7)"). The SFT part is the per-token NLL of y_w *per example*; the reference
+    implementations take the causal-LM loss averaged over all chosen tokens of the batch, which
+    weighs long responses more — add an `sft` term for that form. λ = 0.1 (TRL's ORPO default for
+    the paper's λ). Reward metrics are the log odds.
     """
     ell_w, ell_l, valid = mean_logps(batch)
     odds_w, odds_l = ell_w - log1mexp(ell_w), ell_l - log1mexp(ell_l)

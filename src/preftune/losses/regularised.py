@@ -46,28 +46,48 @@ def desensitised_logps(
         "alpha": HParam(
             0.5, "α, weight of the tokens beyond the shorter response's length", low=0.0, high=1.0
         ),
+        "desensitise_reference": HParam(
+            True,
+            "also desensitise the reference log-prob (ALGORITHMS.md; ρ = 0 at π_θ = π_ref); false = "
+            "policy only, as TRL's ld_alpha implementation",
+        ),
     },
     paper="Liu et al. 2024, Length Desensitization in Direct Preference Optimization (LD-DPO)",
-    equation="§4, the desensitised likelihood p̂ (eq. number not verified offline)",
+    equation="§4, the desensitised likelihood p̂ with public length l_p (eq. number not verified: "
+    "paper text not reachable)",
 )
 def ld_dpo(
-    batch: PreferenceBatch, state: dict[str, torch.Tensor], *, beta: float, alpha: float
+    batch: PreferenceBatch,
+    state: dict[str, torch.Tensor],
+    *,
+    beta: float,
+    alpha: float,
+    desensitise_reference: bool,
 ) -> LossOutput:
-    """LD-DPO: DPO on ℓ(y) = Σ_{t≤k} log π(y_t) + α Σ_{t>k} log π(y_t), k = min(|y_w|, |y_l|).
+    """LD-DPO: DPO with logp_θ(y) replaced by Σ_{t≤l_p} log π_θ(y_t) + α Σ_{t>l_p} log π_θ(y_t).
 
-    Applied to policy and reference alike. The paper tunes α per model (§5); 0.5 is a middle value,
-    not a paper default. α = 1 is DPO; α = 0 compares the two responses' common-length prefixes only.
+    l_p = min(|y_w|, |y_l|), the pair's "public length". The split at l_p matches TRL's ld_alpha
+    implementation; the paper's text was not reachable offline. Open difference: TRL desensitises
+    the *policy only* (the reference keeps its full summed log-prob, so ρ ≠ 0 at π_θ = π_ref when
+    the lengths differ); ALGORITHMS.md desensitises the reference too, which is the default here
+    (ρ = 0 at the start, as the trainer's invariants expect); desensitise_reference=false gives
+    TRL's form. The paper tunes α per model (its reviewers note a different α for every model;
+    TRL: "between 0 and 1"); 0.5 is a middle value, not a paper default. α = 1 is DPO either way;
+    α = 0 keeps only the common-length prefixes.
     """
     _, _, valid = pair_log_ratios(batch, "ld_dpo")
-    if batch.policy_token_logps is None or batch.ref_token_logps is None:
+    if batch.policy_token_logps is None or (desensitise_reference and batch.ref_token_logps is None):
         raise ConfigError(
-            "loss 'ld_dpo' needs per-token log-probs of policy and reference (token_logps=True)"
+            "loss 'ld_dpo' needs per-token log-probs of the policy (and of the reference with "
+            "desensitise_reference) (token_logps=True)"
         )
     mask = branch_mask(batch)[:, :2]
     n = clean(batch.lengths[:, :2], mask).long()
-    pol_tok, ref_tok = clean(batch.policy_token_logps[:, :2], mask), clean(batch.ref_token_logps[:, :2], mask)
+    pol_tok = clean(batch.policy_token_logps[:, :2], mask)
     pol = desensitised_logps(policy_logps(batch)[:, :2], pol_tok, n, alpha)
-    ref = desensitised_logps(ref_logps(batch, "ld_dpo")[:, :2], ref_tok, n, alpha)
+    ref = ref_logps(batch, "ld_dpo")[:, :2]
+    if desensitise_reference and batch.ref_token_logps is not None:
+        ref = desensitised_logps(ref, clean(batch.ref_token_logps[:, :2], mask), n, alpha)
     rho = pol - ref
     losses = -log_sigmoid(beta * (rho[:, 0] - rho[:, 1]))
     losses, metrics = finish(losses, valid, pair_metrics(beta * rho[:, 0], beta * rho[:, 1]))
@@ -80,27 +100,35 @@ def ld_dpo(
     needs_reference=True,
     hparams={
         "beta": BETA,
-        "sft_weight": HParam(1.0, "η (paper) / λ, weight of the SFT term", low=0.0),
+        "sft_weight": HParam(
+            0.005,
+            "η (paper) / λ, weight of the SFT term; 0.005 is the paper's (§6, App. D.1, with β = "
+            "0.01 / 0.05); token_mean runs used 0.2 (authors' OpenRLHF script) or 1 (Pang et al.)",
+            low=0.0,
+        ),
         "sft_form": HParam(
             "paper",
-            "paper: η·β·NLL(y_w) summed over tokens (Liu et al.); token_mean: λ·NLL(y_w)/|y_w| "
-            "(ALGORITHMS.md, Pang et al. 2024, TRL rpo_alpha)",
+            "paper: η·β·NLL(y_w) summed over tokens (Liu et al. Eq. 4.8); token_mean: λ·NLL(y_w)/|y_w| "
+            "(the authors' averaged variant, ALGORITHMS.md, Pang et al. 2024, TRL rpo_alpha)",
             choices=("paper", "token_mean"),
         ),
     },
     paper="Liu et al. 2024, Provably Mitigating Overoptimization in RLHF: Your SFT Loss is Implicitly "
     "an Adversarial Regularizer (RPO, NeurIPS)",
-    equation="§4, RPO objective (Algorithm 2): η·β·E[−log π_θ(y_w|x)] + L_DPO",
+    equation="Eq. 4.8 (Algorithm 2): L_RPO = η·β·E[−log π_θ(y_w|x)] + L_DPO",
 )
 def rpo(
     batch: PreferenceBatch, state: dict[str, torch.Tensor], *, beta: float, sft_weight: float, sft_form: str
 ) -> LossOutput:
     """RPO: −log σ(βh) + η·β·(−logp_θ(y_w)), the SFT term an adversarial regulariser.
 
-    Liu et al. 2024 (§4, Algorithm 2): the SFT term's coefficient is η·β and it is the *summed*
-    negative log-likelihood of the chosen response (its baseline distribution). ALGORITHMS.md's
-    `dpo + λ·NLL/|y_w|` (per-token mean, no β) is the Iterative RPO / TRL form; it is available as
-    sft_form="token_mean". η = 1 default (not verified against the paper offline).
+    Liu et al. 2024, Eq. 4.8 (Algorithm 2): the SFT term's coefficient is η·β and it is the *summed*
+    negative log-likelihood of a baseline response, in practice the chosen one (§6). Checked against
+    the arXiv HTML text and the authors' code (alignment-handbook rpo_trainer: loss −= β·η·logp_w,
+    summed log-probs). η = 0.005 default: the paper's value for both its model series (§6, App. D.1,
+    with β = 0.01 and 0.05). ALGORITHMS.md's `dpo + λ·NLL/|y_w|` (per-token mean, no β) is the
+    authors' "average SFT loss" variant (their OpenRLHF script: η = 0.2, β = 0.5) and the Iterative
+    RPO / TRL rpo_alpha form (λ = 1); it is sft_form="token_mean" — set sft_weight for it.
     """
     rho_w, rho_l, valid = pair_log_ratios(batch, "rpo")
     nll_w = -clean(batch.policy_logps[:, 0], valid)

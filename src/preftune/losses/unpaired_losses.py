@@ -98,16 +98,19 @@ def last_present(mask: torch.Tensor) -> torch.Tensor:
     },
     paper="Duan et al. 2024, Negating Negatives: Alignment with Human Negative Samples via "
     "Distributional Dispreference Optimization (D2O, Findings of EMNLP)",
-    equation="§3, the D2O loss (eq. number not verified offline)",
+    equation="§3.2, Eq. 3 (number from a transcription of arXiv v2, not the paper itself)",
 )
 def d2o(batch: PreferenceBatch, state: dict[str, torch.Tensor], *, beta: float, alpha: float) -> LossOutput:
-    """D2O: −log σ((β/K) Σ_k ρ⁻(ŷ_k) − α ρ⁺(y_l)).
+    """D2O: −log σ((β/K) Σ_k ρ⁻(ŷ_k) − α ρ⁺(y_l)), ρ^± = logp_θ − logp of reference π_r^±.
 
-    Duan et al. 2024. Data: a list whose *last present* branch is the human negative y_l and whose
-    other K ≥ 1 branches are responses self-sampled from the SFT model (ragged via the mask).
-    The paper uses two references (π_r⁻ for the samples, π_r⁺ for the negative) and two
-    coefficients β, α; here both references are the run's one reference model. With K = 1 and α = β
-    it is DPO with the sample as chosen. α = β = 0.1 defaults (not verified against the paper).
+    Duan et al. 2024, §3.2 Eq. 3 — form, coefficients and defaults checked against two independent
+    transcriptions of the paper (a course excerpt of arXiv v2 and a reimplementation's README); the
+    paper text itself was not reachable. Data: a list whose *last present* branch is the human
+    negative y_l and whose other K ≥ 1 branches are responses ŷ_k ∼ π_r self-sampled from the
+    initial (SFT) model (ragged via the mask). The paper allows two references — π_r⁻ (more
+    harmful) for the samples, π_r⁺ (more helpful) for the negative — but its experiments set both
+    to the initial model, as here (the run's one reference model). With K = 1 and α = β it is DPO
+    with the sample as chosen. Defaults α = β = 0.1: the paper's setting (§4, K = 11 samples).
     """
     mask = branch_mask(batch)
     last = last_present(mask)
