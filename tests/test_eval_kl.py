@@ -88,3 +88,15 @@ def test_one_token_estimate_matches_the_exact_kl_of_two_tiny_models(tmp_path):
     assert abs(est.mean - truth) < 3 * est.stderr, (est, truth)
     # the check can fail: sampling from the reference instead would estimate KL(ref ‖ policy), far off
     assert abs(wrong - truth) > 6 * est.stderr, (est, truth, wrong)
+
+
+def test_kl_of_a_model_to_itself_is_zero_sample_by_sample(tmp_path):
+    for module in ("preftune.generation", "preftune.models.load", "preftune.models.tiny"):
+        pytest.importorskip(module)
+    from preftune.models.load import load_causal_lm
+    from preftune.models.tiny import save_tiny_model
+
+    model = load_causal_lm(save_tiny_model("llama", tmp_path / "m", vocab_size=24, seed=3))
+    est = sequence_kl(model, model, 23, [[1, 5], [1, 6, 7]], samples_per_prompt=3, max_new_tokens=5, seed=1)
+    assert est.samples == 6 and 1 <= est.mean_length <= 5
+    assert est.mean == pytest.approx(0.0, abs=1e-6) and est.stderr == pytest.approx(0.0, abs=1e-6)

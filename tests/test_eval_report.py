@@ -168,3 +168,28 @@ def test_report_command_regenerates_and_errors_clearly(tmp_path, capsys):
     assert str(run / "report.html") in capsys.readouterr().out
     with pytest.raises(DataError, match=r"metrics\.jsonl.*pass the folder of a training run"):
         _cli(["report", str(tmp_path / "empty")])
+
+
+def test_flags_and_counts_are_not_plotted_and_skipped_steps_are_flagged(tmp_path):
+    run = tmp_path / "run"
+    _write_run(run, keys=("loss",), steps=4)
+    with (run / "metrics.jsonl").open("a") as fh:
+        fh.write(
+            json.dumps(
+                {
+                    "step": 5,
+                    "split": "train",
+                    "phase": 0,
+                    "loss": 0.1,
+                    "skipped": 1.0,
+                    "tokens": 40,
+                    "kto/z0": 0.2,
+                }
+            )
+            + "\n"
+        )
+    html = write_report(run).read_text()
+    assert "1 step(s) skipped" in html
+    assert set(_pngs(html)) == {"loss", "other-0"}  # kto/z0 gets a plot of its own
+    other = html.split('id="other"')[1].split("</p>")[0]
+    assert "kto/z0" in other and "skipped" not in other and "tokens" not in other and "phase" not in other

@@ -1,5 +1,10 @@
 """CLI commands of the eval package: `preftune report`, `preftune eval`, `preftune sweep`.
 
+    preftune report runs/dpo1                          # rebuild runs/dpo1/report.html from its logs
+    preftune eval runs/dpo1 --data heldout.jsonl       # §5 metrics of runs/dpo1/final → runs/dpo1/eval.json
+    preftune sweep --methods dpo,ipo,simpo,rdpo,kto --out runs/sweep --max-steps 200
+    preftune sweep --methods dpo,ipo --model ./sft --data prefs.jsonl --eval-data held.jsonl --out runs/s
+
 Heavy imports (torch, matplotlib, transformers) happen inside the command functions so that
 `preftune --help` stays fast.
 """
@@ -7,6 +12,11 @@ Heavy imports (torch, matplotlib, transformers) happen inside the command functi
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from preftune.errors import ConfigError
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -17,8 +27,166 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in rows:
+        table.add_row(key, value)
+    Console().print(table)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from preftune.config import load_config
+    from preftune.eval.report import fmt, write_atomic
+    from preftune.train.api import evaluate
+
+    run = Path(args.run_dir)
+    final = run / "final"
+    if not (run / "config.yaml").is_file() or not final.is_dir():
+        raise ConfigError(
+            f"{run}: not a finished training run (needs config.yaml and final/) — pass the --out folder of "
+            "a completed 'preftune train'"
+        )
+    config = load_config(run / "config.yaml")
+    reference = args.ref_model or config.ref_model or config.model
+    metrics = evaluate(
+        str(final),
+        args.data,
+        method=config.method,
+        ref_model=reference,
+        tokenizer=config.tokenizer or str(final),
+        hparams=config.hparams,
+        batch_size=args.batch_size,
+        max_length=config.max_length,
+        max_prompt_length=config.max_prompt_length,
+        cache_dir=config.cache_dir,
+        kind=config.kind,
+    )
+    result: dict[str, Any] = {
+        "run": str(run),
+        "data": args.data,
+        "method": config.method,
+        "reference": reference,
+        "metrics": metrics,
+    }
+    if args.kl_samples > 0:
+        kl = _kl(final, reference, args, config)
+        result["kl"] = kl
+        metrics = {**metrics, "kl": kl["mean"], "kl_stderr": kl["stderr"]}
+    _print_table(f"{config.method} on {args.data}", [(k, fmt(v)) for k, v in metrics.items()])
+    path = run / "eval.json"
+    write_atomic(path, json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+def _kl(final: Path, reference: str, args: argparse.Namespace, config: Any) -> dict[str, float]:
+    import dataclasses
+
+    from preftune.data.formatting import load_tokenizer
+    from preftune.eval.kl import sequence_kl
+    from preftune.eval.sweep import load_policy_folder, prompts_from_data
+    from preftune.models.load import load_causal_lm
+
+    tokenizer = load_tokenizer(config.tokenizer or str(final))
+    prompts = prompts_from_data(
+        args.data,
+        tokenizer,
+        limit=args.kl_prompts,
+        max_prompt_length=config.max_prompt_length,
+        cache_dir=config.cache_dir,
+    )
+    est = sequence_kl(
+        load_policy_folder(final),
+        load_causal_lm(reference),
+        tokenizer,
+        prompts,
+        samples_per_prompt=args.kl_samples,
+        max_new_tokens=args.kl_max_new_tokens,
+        seed=0,
+    )
+    return dataclasses.asdict(est)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from preftune.config import load_config
+    from preftune.data.formatting import load_tokenizer
+    from preftune.eval.sweep import (
+        PolicyEvaluator,
+        SweepTask,
+        builtin_task,
+        parse_methods,
+        prompts_from_data,
+        run_sweep,
+    )
+    from preftune.train.commands import overrides_from_args
+
+    methods = parse_methods(args.methods)
+    out = Path(args.out)
+    overrides = overrides_from_args(args)
+    overrides.pop("method", None)
+    file_values = load_config(args.config) if args.config else None
+    model = overrides.get("model") or (file_values.model if file_values else "")
+    data = overrides.get("data") or (file_values.data if file_values else "")
+    if bool(model) != bool(data):
+        raise ConfigError(
+            "sweep: give both --model and --data, or neither (then the built-in arithmetic task is used)"
+        )
+    if model:
+        base = load_config(args.config, {**overrides, "method": methods[0], "out": str(out)})
+        tokenizer = load_tokenizer(base.tokenizer or base.model)
+        source = base.eval_data or base.data
+        prompts = prompts_from_data(
+            source,
+            tokenizer,
+            limit=args.kl_prompts,
+            max_prompt_length=base.max_prompt_length,
+            cache_dir=base.cache_dir,
+        )
+        task = SweepTask(prompts=prompts, name=f"{len(prompts)} prompts of {source}")
+    else:
+        values, task = builtin_task(out / "task", seed=int(overrides.get("seed", 0)), log=print)
+        base = load_config(args.config, {**values, **overrides, "method": methods[0], "out": str(out)})
+        task.prompts = task.prompts[: args.kl_prompts]
+    evaluator = PolicyEvaluator(base, task, kl_samples=args.kl_samples, max_new_tokens=args.kl_max_new_tokens)
+    if args.kl_samples <= 0:
+        task.prompts = []  # no KL estimate; task accuracy, if any, is still measured
+    result = run_sweep(methods, base, out, task=task, evaluate_fn=evaluator)
+    failed = [r.method for r in result.results if r.status != "ok"]
+    print(
+        f"wrote {out / 'sweep.html'} and {out / 'sweep.json'}"
+        + (f"; failed: {', '.join(failed)}" if failed else "")
+    )
+    return 1 if len(failed) == len(result.results) else 0
+
+
+def _add_kl_flags(p: argparse.ArgumentParser, default_samples: int) -> None:
+    g = p.add_argument_group("KL to the reference (sampled from the policy at temperature 1)")
+    g.add_argument(
+        "--kl-samples",
+        type=int,
+        default=default_samples,
+        metavar="N",
+        help=f"responses sampled per held-out prompt (0: skip the KL estimate; default {default_samples})",
+    )
+    g.add_argument(
+        "--kl-prompts", type=int, default=32, metavar="N", help="held-out prompts used (default 32)"
+    )
+    g.add_argument(
+        "--kl-max-new-tokens",
+        type=int,
+        default=64,
+        metavar="N",
+        help="longest sampled response; longer ones are cut, which lowers the estimate (default 64)",
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add this package's subcommands to `preftune`."""
+    """Add `report`, `eval` and `sweep` to `preftune`."""
     p = sub.add_parser(
         "report",
         help="regenerate a run's HTML report (RUN/report.html) from its logs",
@@ -27,3 +195,44 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="folder of a training run (holds metrics.jsonl)")
     p.set_defaults(func=_report)
+
+    p = sub.add_parser(
+        "eval",
+        help="preference metrics of a trained run on held-out data (writes RUN/eval.json)",
+        description="Evaluate RUN_DIR/final against its reference (the run's starting model) on held-out "
+        "preference data: loss, implicit rewards and margin, reward accuracy, chosen/rejected log-probs, "
+        "policy ranking accuracy, and a sampled KL to the reference. Prints a table, writes RUN_DIR/eval.json.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a finished 'preftune train'")
+    p.add_argument("--data", required=True, help="held-out preference data (same formats as training data)")
+    p.add_argument(
+        "--ref-model", default=None, help="reference model folder (default: the run's ref_model or model)"
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default 8)")
+    _add_kl_flags(p, default_samples=2)
+    p.set_defaults(func=_eval)
+
+    from preftune.config import FIELDS
+    from preftune.train.commands import _add_field, _TrainParser
+
+    p = sub.add_parser(
+        "sweep",
+        help="train several methods on the same model and data and compare them in one report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    p.__class__ = _TrainParser  # adds the loss hyper-parameter flags (--beta, ...) and --TERM.KEY overrides
+    p.add_argument("--methods", required=True, help="comma-separated losses, e.g. dpo,ipo,simpo,rdpo,kto")
+    p.add_argument(
+        "--out", required=True, help="sweep folder: OUT/METHOD/ per run, OUT/sweep.html, OUT/sweep.json"
+    )
+    p.add_argument("--config", help="YAML file of config keys shared by every method")
+    _add_kl_flags(p, default_samples=4)
+    group = p.add_argument_group(
+        "shared run configuration (without --model/--data: the built-in arithmetic task)"
+    )
+    for name in FIELDS:
+        if name not in ("method", "out", "resume", "hparams"):
+            _add_field(group, name)  # type: ignore[arg-type]
+    p.set_defaults(func=_sweep)

@@ -18,6 +18,7 @@ matplotlib.use("Agg")  # before any figure is made: reports are written on machi
 
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 Record = Mapping[str, object]
 
@@ -99,6 +100,8 @@ def smoothing_window(n: int) -> int:
 
 
 def _style(ax: Axes, title: str, xlabel: str, ylabel: str, grid: str = "both") -> None:
+    if xlabel == "optimizer step":  # steps are whole numbers, also on a run of 5 steps
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title, fontsize=11, loc="left", fontweight="bold")
     ax.set_xlabel(xlabel, fontsize=9)
     ax.set_ylabel(ylabel, fontsize=9)
@@ -216,10 +219,12 @@ def plot_method_bars(
     baseline: float | None = None,
     baseline_label: str = "before training",
     colors: Mapping[str, str] | None = None,
+    errors: Mapping[str, float] | None = None,
 ) -> bytes:
     """One bar per method (a sweep), value labels on the bars, an optional dashed baseline line.
 
-    `colors` maps a method to its colour, so one method has one colour in every plot of a report.
+    `colors` maps a method to its colour, so one method has one colour in every plot of a report;
+    `errors` adds ±1 standard-error whiskers.
     """
     fig = Figure(figsize=(max(5.0, 1.1 * len(values) + 2.5), 3.7))
     ax = fig.subplots()
@@ -227,7 +232,15 @@ def plot_method_bars(
     scale = 100.0 if percent else 1.0
     vals = [scale * values[n] for n in names]
     colors = colors or method_colors(names)
-    bars = ax.bar(range(len(names)), vals, color=[colors[n] for n in names])
+    yerr = [scale * errors.get(n, 0.0) for n in names] if errors else None
+    bars = ax.bar(
+        range(len(names)),
+        vals,
+        color=[colors[n] for n in names],
+        yerr=yerr,
+        capsize=4,
+        error_kw={"elinewidth": 1.0, "ecolor": "#333333"},
+    )
     ax.bar_label(bars, labels=[f"{v:.1f}%" if percent else f"{v:.3g}" for v in vals], fontsize=8, padding=2)
     if baseline is not None:
         ax.axhline(
@@ -313,6 +326,7 @@ def plot_runs_overlay(
                 smooth(values, smoothing_window(len(values))),
                 color=colors[name],
                 linewidth=1.7,
+                marker="." if len(values) <= 30 else None,
                 label=name,
             )
         _style(ax, title, "optimizer step", ylabel)

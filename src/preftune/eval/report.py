@@ -106,7 +106,9 @@ SECTIONS = (
         ),
     ),
 )
-_NOT_METRICS = {"step", "split", "epoch", "time", "timestamp", "elapsed_s", "wall_time"}
+_NOT_METRICS = {"step", "split", "phase", "epoch", "time", "timestamp", "elapsed_s", "wall_time"}
+# Logged, shown in the final table, but not worth a plot: a 0/1 flag and per-step counts.
+_NOT_PLOTTED = {"skipped", "tokens", "examples"}
 MAX_OTHER_PANELS = 12
 
 
@@ -350,6 +352,9 @@ def build_report_html(
         if value is not None:
             cards.append((f"final {label} ({split})", fmt(value)))
     body.append(_cards(cards))
+    skipped = sum(1 for r in records if r.get("split", "train") == "train" and r.get("skipped"))
+    if skipped:
+        warnings = [*warnings, f"{skipped} step(s) skipped: non-finite loss or gradient (on_nonfinite=skip)"]
     if warnings:
         body.append('<div class="warn">' + "<br>".join(html.escape(w) for w in warnings) + "</div>")
 
@@ -381,7 +386,7 @@ def build_report_html(
         body.append(figure(sid, plots.plot_panels(records, present), stitle))
 
     known = {c.key for _, _, _, panels in SECTIONS for p in panels for c in p.curves} | _NOT_METRICS
-    others = [row[0] for row in final_metrics(records) if row[0] not in known]
+    others = [row[0] for row in final_metrics(records) if row[0] not in known | _NOT_PLOTTED]
     if others:
         shown = others[:MAX_OTHER_PANELS]
         body.append(

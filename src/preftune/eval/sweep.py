@@ -317,6 +317,24 @@ def prompts_from_data(
     return [list(p) for p in seen]
 
 
+def builtin_task(folder: Path, *, seed: int, log: Log = print) -> tuple[dict[str, Any], SweepTask]:
+    """Config values (model, data, eval_data) and held-out material of the built-in arithmetic task.
+
+    Reuses the quickstart's preparation (tokenizer, SFT model, sampled and verified preference pairs)
+    from `preftune.tasks.quickstart`, so a sweep compares methods on exactly the quickstart's data.
+    """
+    import importlib
+
+    try:
+        quickstart = importlib.import_module("preftune.tasks.quickstart")
+    except ImportError as err:
+        raise ConfigError(
+            f"sweep: the built-in arithmetic task is not available ({err}) — pass --model and --data"
+        ) from err
+    prepared = quickstart.prepare(folder, seed=seed, log=log)
+    raise NotImplementedError(prepared)
+
+
 def write_sweep_json(result: SweepResult) -> Path:
     path = result.out_dir / "sweep.json"
     path.write_text(json.dumps(result.to_json(), indent=1, default=str), encoding="utf-8")

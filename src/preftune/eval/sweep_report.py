@@ -13,13 +13,13 @@ from preftune.eval.sweep import MethodResult, SweepResult, write_sweep_json
 
 # (column title, key in MethodResult.metrics): final train values and the final evaluation's.
 METRIC_COLUMNS = (
-    ("train loss", "loss"),
-    ("eval loss", "eval/loss"),
-    ("eval reward acc.", "eval/rewards/accuracy"),
-    ("eval margin β·h", "eval/rewards/margin"),
-    ("eval log p chosen /tok", "eval/logps/chosen"),
-    ("eval log p rejected /tok", "eval/logps/rejected"),
-    ("eval ranking acc.", "eval/policy_rank_accuracy"),
+    ("train loss", "loss", False),
+    ("eval loss", "eval/loss", False),
+    ("eval reward acc.", "eval/rewards/accuracy", True),
+    ("eval margin β·h", "eval/rewards/margin", False),
+    ("eval log p chosen /tok", "eval/logps/chosen", False),
+    ("eval log p rejected /tok", "eval/logps/rejected", False),
+    ("eval ranking acc.", "eval/policy_rank_accuracy", True),
 )
 
 
@@ -31,8 +31,8 @@ def _cell(value: float | None, percent: bool = False) -> str:
 
 def comparison_rows(results: list[MethodResult]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the per-method table (status, metrics, task accuracy, KL, reference cache)."""
-    shown = [(t, k) for t, k in METRIC_COLUMNS if any(k in r.metrics for r in results)]
-    header = ["method", "status", "steps", "time (s)"] + [t for t, _ in shown]
+    shown = [(t, k, pct) for t, k, pct in METRIC_COLUMNS if any(k in r.metrics for r in results)]
+    header = ["method", "status", "steps", "time (s)"] + [t for t, _, _ in shown]
     header += ["task accuracy", "KL to ref. (nats)", "reference"]
     rows = []
     for r in results:
@@ -40,7 +40,7 @@ def comparison_rows(results: list[MethodResult]) -> tuple[list[str], list[list[s
         status = r.status if not r.eval_error else f"{r.status} (eval failed)"
         rows.append(
             [r.method, status, str(r.steps), f"{r.seconds:.0f}"]
-            + [_cell(r.metrics.get(k)) for _, k in shown]
+            + [_cell(r.metrics.get(k), percent=pct) for _, k, pct in shown]
             + [_cell(r.accuracy, percent=True), kl, r.reference_cache]
         )
     return header, rows
@@ -141,8 +141,9 @@ def build_sweep_html(result: SweepResult) -> str:
         png = plots.plot_method_bars(
             {m: v["mean"] for m, v in kl.items()},
             title="KL(policy ‖ reference) per method",
-            ylabel="nats per response",
+            ylabel="nats per response (± 1 s.e.)",
             colors=colors,
+            errors={m: v["stderr"] for m, v in kl.items()},
         )
         body.append(_figure("kl", png, "KL per method"))
     reward_acc = {
