@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from typing import Any
 
 from preftune.config import FIELDS, field_type
@@ -165,5 +166,6 @@ def run(args: argparse.Namespace) -> int:
         for k, v in result.metrics.items()
         if k in ("loss", "rewards/accuracy", "rewards/margin", "eval/loss", "eval/rewards/accuracy")
     }
-    print(f"done: {result.steps} steps; final model in {result.final_dir}; {shown}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"done: {result.steps} steps; final model in {result.final_dir}; {shown}")
     return 0
