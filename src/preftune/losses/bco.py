@@ -50,7 +50,7 @@ def update_delta(
     stateful=True,
     hparams={"beta": BETA, "delta_momentum": MOMENTUM},
     paper="Jung et al. 2024, Binary Classifier Optimization for Large Language Model Alignment (BCO)",
-    equation="§4, BCO loss with reward shift δ (eq. number not verified offline)",
+    equation="§4, BCO loss with reward shift δ (eq. number not verified: paper text not reachable)",
 )
 def bco(
     batch: PreferenceBatch, state: dict[str, torch.Tensor], *, beta: float, delta_momentum: float
@@ -58,8 +58,9 @@ def bco(
     """BCO: −log σ(βρ_w − δ) − log σ(−(βρ_l − δ)), δ the running mean of the implicit rewards.
 
     Jung et al. 2024. δ is updated with this batch's chosen and rejected rewards first and then
-    used (detached), as the reference implementation does (TRL's RunningMoments; TRL averages
-    per-batch means, we average rewards — equal for equal batch sizes); it lives in
+    used (detached), as the reference implementation does (checked: TRL's bco_pair updates
+    RunningMoments with the mean of cat(chosen, rejected) rewards, then uses its mean as δ; TRL
+    averages per-batch means, we average rewards — equal for equal batch sizes); it lives in
     `state` and is checkpointed. β = 0.1 default. With π_θ = π_ref and δ = 0 the loss is 2 log 2.
     Note: δ moves once per call, so with gradient accumulation it moves per micro-batch.
     """
@@ -81,7 +82,7 @@ def bco(
     stateful=True,
     hparams={"beta": BETA, "delta_momentum": MOMENTUM},
     paper="Jung et al. 2024, Binary Classifier Optimization for Large Language Model Alignment (BCO)",
-    equation="§4, BCO loss on unpaired binary feedback (eq. number not verified offline)",
+    equation="§4, BCO loss on unpaired binary feedback (eq. number not verified: paper text not reachable)",
 )
 def bco_unpaired(
     batch: PreferenceBatch, state: dict[str, torch.Tensor], *, beta: float, delta_momentum: float

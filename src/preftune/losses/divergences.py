@@ -56,7 +56,7 @@ def divergence_reward(rho: torch.Tensor, divergence: str, alpha: float) -> torch
     },
     paper="Wang et al. 2023, Beyond Reverse KL: Generalizing Direct Preference Optimization with "
     "Diverse Divergence Constraints (f-DPO, ICLR 2024)",
-    equation="§4, f-DPO loss with β f′(π_θ/π_ref) (eq. number not verified offline)",
+    equation="§4, f-DPO loss with β f′(π_θ/π_ref) (eq. number not verified: paper text not reachable)",
 )
 def fdpo(
     batch: PreferenceBatch, state: dict[str, torch.Tensor], *, beta: float, divergence: str, alpha: float
@@ -65,8 +65,11 @@ def fdpo(
 
     Wang et al. 2023. g per divergence: reverse_kl ρ; forward_kl −e^{−ρ}; js log σ(ρ) + log 2;
     alpha (1 − e^{−αρ})/α with 0 < α < 1 — our α convention: α → 0 recovers reverse KL (DPO),
-    α → 1 forward KL (g → 1 − e^{−ρ}, the forward-KL g up to a constant). reverse_kl is DPO exactly. α = 0.5 default (the paper reports α ∈ {0.3, 0.5,
-    0.7}-style sweeps; not verified offline). Reward metrics are β g(ρ).
+    α → 1 forward KL (g → 1 − e^{−ρ}, the forward-KL g up to a constant). reverse_kl is DPO exactly.
+    The α-divergence g and the JS g match TRL's f-divergence DPO (alpha: (u_l^{−α} − u_w^{−α})/α;
+    js: h − (softplus(ρ_w) − softplus(ρ_l))), so the convention is the one TRL took from the paper.
+    α = 0.5 default, inside the open interval; TRL's default α = 1 equals forward_kl here. The
+    paper's own α grid and equation number were not verifiable offline. Reward metrics are β g(ρ).
     Deviation: e^{x} is continued linearly above x = 40 (forward KL, α-divergence) so that
     log-ratios of ±1e4 give finite losses and gradients; exact for |ρ| < 40 (α·|ρ| < 40).
     """

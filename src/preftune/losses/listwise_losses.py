@@ -38,7 +38,7 @@ def list_metrics(rewards: torch.Tensor, mask: torch.Tensor, better: torch.Tensor
     needs_reference=True,
     hparams={"beta": BETA},
     paper="Rafailov et al. 2023, DPO, App. A.3 (Plackett–Luce); Liu et al. 2024, LiPO (list MLE)",
-    equation="DPO App. A.3, Plackett–Luce objective (eq. number not verified offline)",
+    equation="DPO App. A.3, Plackett–Luce objective (eq. number not verified: paper text not reachable)",
 )
 def listwise_pl(batch: PreferenceBatch, state: dict[str, torch.Tensor], *, beta: float) -> LossOutput:
     """Plackett–Luce: −Σ_k log( exp(βρ_k) / Σ_{j≥k} exp(βρ_j) ) over the present branches, best first.
@@ -110,8 +110,12 @@ def tpo(
     reward by the cosine similarity of step embeddings between branches; that needs step boundaries
     and hidden states, which the loss's statistics do not carry, so all steps weigh equally — with
     equal weights the step-averaged reward is the per-token mean log-ratio, hence token_mean=True.
-    (2) pair terms are summed per list (LiPO-λ) rather than divided by K(K−1) as the authors' code
-    does. β = 0.1 default, as the authors' code.
+    (2) pair terms are summed per list (LiPO-λ) rather than divided by K(K−1). Checked against the
+    authors' code (MrBlankness/TPO loss.py), which differs further: it uses no ΔNDCG weights (every
+    ordered pair, −log σ(Δr·sign(ψ_i − ψ_j)), ties included at log 2), divides by K(K−1), and then
+    returns −log σ(β·that mean) with the log-ratio unscaled — we keep the paper's lambda-weighted
+    ranking over βρ instead (the paper's text was not reachable to settle it). β = 0.1 default, as
+    the authors' code.
     """
     mask = branch_mask(batch)
     valid = mask.sum(dim=1) >= 2

@@ -52,7 +52,8 @@ def sigmoid_pair_loss(z: torch.Tensor, p: torch.Tensor | float = 1.0) -> torch.T
 def dpo(batch: PreferenceBatch, state: dict[str, torch.Tensor], *, beta: float = 0.1) -> LossOutput:
     """DPO: −log σ(β h), h = ρ_w − ρ_l.
 
-    Rafailov et al. 2023, Eq. 7. Default β = 0.1 (the paper's main-experiment value, §6).
+    Rafailov et al. 2023, Eq. 7 (the equation TRL and OpenRLHF cite for this loss). Default β = 0.1,
+    the paper's default ("Unless noted otherwise, we use β = 0.1", App. B; 0.5 for TL;DR).
     """
     rho_w, rho_l, valid = pair_log_ratios(batch, "dpo")
     losses = -log_sigmoid(beta * (rho_w - rho_l))
@@ -73,15 +74,16 @@ def _eps(default: float, doc: str) -> HParam:
         "epsilon": _eps(0.1, "ε, label smoothing: assumed probability a label is flipped"),
     },
     paper="Mitchell 2023, A note on DPO with noisy preferences & relationship to IPO (conservative DPO)",
-    equation="note, §2 (no equation number)",
+    equation="note, Eq. 3 (as cited by OpenRLHF's and TRL's label-smoothed DPO)",
 )
 def cdpo(
     batch: PreferenceBatch, state: dict[str, torch.Tensor], *, beta: float, epsilon: float
 ) -> LossOutput:
     """Conservative DPO: −(1−ε) log σ(βh) − ε log σ(−βh).
 
-    Mitchell 2023 (the cDPO note): the BCE of DPO's logit against the smoothed label 1−ε. The note
-    recommends no value; ε = 0.1 here as a moderate assumed flip rate. ε = 0 is DPO.
+    Mitchell 2023 (the cDPO note, Eq. 3 as cited by OpenRLHF): the BCE of DPO's logit against the
+    smoothed label 1−ε — TRL's `label_smoothing` DPO, identical form. The note recommends no value
+    (TRL's default is 0); ε = 0.1 here as a moderate assumed flip rate. ε = 0 is DPO.
     """
     rho_w, rho_l, valid = pair_log_ratios(batch, "cdpo")
     losses = sigmoid_pair_loss(beta * (rho_w - rho_l), 1.0 - epsilon)
@@ -95,7 +97,7 @@ def cdpo(
     needs_reference=True,
     hparams={"beta": BETA, "epsilon": _eps(0.1, "ε, known label-flip rate, 0 ≤ ε < ½")},
     paper="Chowdhury et al. 2024, Provably Robust DPO: Aligning Language Models with Noisy Feedback (ICML)",
-    equation="§3, the de-biased loss ℓ̂ (eq. number not verified offline)",
+    equation="§3, the de-biased loss ℓ̂ (eq. number not verified: paper text not reachable)",
 )
 def rdpo(
     batch: PreferenceBatch, state: dict[str, torch.Tensor], *, beta: float, epsilon: float
@@ -103,8 +105,9 @@ def rdpo(
     """Robust DPO: [−(1−ε) log σ(βh) + ε log σ(−βh)] / (1 − 2ε).
 
     Chowdhury et al. 2024: an unbiased estimate of the clean-label DPO loss when each label is
-    flipped with known probability ε (E over flips equals −log σ(βh)). It can be negative; that is
-    expected. ε = 0.1 default (the paper's experiments inject 10%–40% flips and set ε to the rate).
+    flipped with known probability ε (E over flips equals −log σ(βh), tested). The form matches
+    TRL's `robust` loss. It can be negative; that is expected. ε = 0.1 default (a moderate assumed
+    flip rate; the paper sets ε to the injected flip rate — its exact grid not verified offline).
     """
     rho_w, rho_l, valid = pair_log_ratios(batch, "rdpo")
     z = beta * (rho_w - rho_l)
@@ -119,7 +122,7 @@ def rdpo(
     needs_reference=True,
     hparams={"beta": BETA},
     paper="Lu et al. 2025, SmPO: Smoothed Preference Optimization (soft preference labels)",
-    equation="soft-label BCE of the DPO logit (eq. number not verified offline)",
+    equation="soft-label BCE of the DPO logit (paper not found offline; form = TRL label smoothing with ε = 1 − p)",
 )
 def smooth_dpo(batch: PreferenceBatch, state: dict[str, torch.Tensor], *, beta: float) -> LossOutput:
     """Smoothed DPO: −p log σ(βh) − (1−p) log σ(−βh), p ∈ [0, 1] per pair from `batch.labels`.

@@ -159,7 +159,7 @@ def rpo(
     },
     paper="Zhou et al. 2023, Beyond One-Preference-Fits-All Alignment: Multi-Objective Direct "
     "Preference Optimization (MODPO)",
-    equation="§3, MODPO loss (eq. number not verified offline)",
+    equation="§3, MODPO loss (form checked against the authors' modpo_trainer; eq. number not verified)",
 )
 def modpo(
     batch: PreferenceBatch, state: dict[str, torch.Tensor], *, beta: float, weights: tuple[float, ...]
@@ -167,7 +167,9 @@ def modpo(
     """MODPO: −log σ((β/w₀) h − (1/w₀) Σ_k w_k (m_k(y_w) − m_k(y_l))).
 
     Zhou et al. 2023: m_k are the margin rewards of the M other objectives, precomputed per response
-    (`batch.margins` [E, 2, M]). With no margins (M = 0) and w₀ = 1 it is DPO. β = 0.1 default.
+    (`batch.margins` [E, 2, M]). Same form as the authors' code (ZHZisZZ/modpo modpo_trainer:
+    r = (1/w₀)(β ρ − m·w₁:)). With no margins (M = 0) and w₀ = 1 it is DPO. β = 0.1 default; the
+    authors require w explicitly — equal weights 1/(M+1) when none are given is ours.
     """
     rho_w, rho_l, valid = pair_log_ratios(batch, "modpo")
     m_count = 0 if batch.margins is None else batch.margins.shape[-1]

@@ -31,7 +31,7 @@ def kto_reference_point(rho_mismatched: torch.Tensor, present: torch.Tensor) -> 
         "undesirable_weight": HParam(1.0, "λ_U, weight of undesirable examples", low=0.0),
     },
     paper="Ethayarajh et al. 2024, KTO: Model Alignment as Prospect Theoretic Optimization (ICML)",
-    equation="§4.1, the KTO loss L_KTO = E[λ_y − v(x, y)] (eq. number not verified offline)",
+    equation="Eq. 8, L_KTO = E[λ_y − v(x, y)] (number from transcriptions of the paper)",
 )
 def kto(
     batch: PreferenceBatch,
@@ -43,10 +43,12 @@ def kto(
 ) -> LossOutput:
     """KTO: λ_D(1 − σ(β(ρ − z₀))) if desirable, λ_U(1 − σ(β(z₀ − ρ))) if undesirable.
 
-    Ethayarajh et al. 2024. Branch 0 is the completion y (label 1/0 in `batch.labels`), branch 1 a
-    completion y′ of a *different* prompt scored under this prompt; z₀ = max(0, mean ρ(y′)) over the
-    batch, detached (the paper's biased KL estimate). Defaults β = 0.1, λ_D = λ_U = 1 (the paper's;
-    it advises λ_D n_D / (λ_U n_U) ∈ [1, 4/3] for imbalanced data).
+    Ethayarajh et al. 2024, Eq. 8 with v(x, y) = λ_D σ(β(r_θ − z₀)) / λ_U σ(β(z₀ − r_θ)), so
+    λ_y − v = λ_y(1 − σ(·)); r_θ = ρ unscaled, z₀ on the same scale. Branch 0 is the completion y
+    (label 1/0 in `batch.labels`), branch 1 a completion y′ of a *different* prompt scored under this
+    prompt; z₀ = max(0, mean ρ(y′)) over the micro-batch, detached (the paper's estimate ẑ₀, as TRL's
+    KL term). Defaults β = 0.1, λ_D = λ_U = 1 (TRL's defaults; the paper advises
+    λ_D n_D / (λ_U n_U) ∈ [1, 4/3] for imbalanced data — that range not re-verified offline).
     Note: z₀ is a mean over *this call's* batch, so with gradient accumulation it is per
     micro-batch — unless the caller passes the global batch's z₀ as `state["z0"]` (then used as is).
     """
