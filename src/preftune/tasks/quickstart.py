@@ -1,0 +1,417 @@
+"""The quickstart pipeline: SFT → self-sampled, verifier-labelled pairs → preference training → accuracy.
+
+    prepare(out_dir)         steps 1-3: task + SFT model, K samples per training prompt labelled by the
+                             verifier, response-level pairs (correct ≻ incorrect) and Step-DPO pairs
+                             (Lai et al. 2024: prompt + correct steps before the first error; chosen =
+                             the correct step, rejected = the wrong one), held-out prompts, and the SFT
+                             model's held-out accuracy (the "before" figures).
+    run_quickstart(out_dir)  prepare, then step 4 (`preftune.train.api.train` from the SFT model, the run
+                             folder is out_dir itself) and step 5 (held-out accuracy after, greedy and
+                             sampled); writes out_dir/summary.json and out_dir/report.html.
+
+Deviation from a pure on-policy recipe: a training prompt whose K samples are all wrong gets the task's
+reference solution as its chosen response (the verifier knows it), so hard prompts still teach.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from preftune.errors import ConfigError
+from preftune.generation import generate
+from preftune.tasks.arithmetic import ArithmeticTask, parse_prompt
+from preftune.tasks.sft import SFTConfig, encode, train_sft
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class QuickstartConfig:
+    """Sizes of every stage (defaults: a few minutes on 2 CPU cores)."""
+
+    level: int = 2
+    """Arithmetic difficulty (preftune.tasks.arithmetic.LEVELS)."""
+    ops: str = "+-*"
+    """Operations drawn."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """The SFT run."""
+    train_prompts: int = 400
+    """Training prompts sampled for preference data."""
+    heldout_prompts: int = 200
+    """Held-out prompts for accuracy (never trained on, neither by SFT nor by preference training)."""
+    samples_per_prompt: int = 4
+    """K responses sampled per training prompt."""
+    temperature: float = 1.0
+    """Sampling temperature for training data and for the sampled accuracy."""
+    pairs_per_prompt: int = 2
+    """At most this many (correct, incorrect) pairs per prompt."""
+    eval_fraction: float = 0.1
+    """Fraction of prompts whose pairs go to eval_pairs.jsonl (preference metrics on held-out pairs)."""
+    eval_samples: int = 2
+    """Samples per held-out prompt for the sampled accuracy."""
+    threads: int = 1
+    """torch intra-op threads; tiny models are overhead-bound, one thread wastes least on a busy CPU."""
+    max_steps: int = 150
+    """Preference-training optimizer steps."""
+    batch_size: int = 32
+    """Pairs per preference-training step."""
+    lr: float = 3e-4
+    """Preference-training peak learning rate."""
+    beta: float = 0.1
+    """β of DPO-family methods (ignored by methods without it)."""
+
+
+@dataclass
+class Artifacts:
+    """What `prepare` leaves: the task, the SFT model folder and the data files (all under out_dir)."""
+
+    out_dir: Path
+    task: ArithmeticTask
+    sft_dir: Path
+    pairs_path: Path
+    eval_pairs_path: Path
+    step_pairs_path: Path
+    heldout_path: Path
+    heldout_prompts: list[str]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _load(model_dir_or_model: Any, task: ArithmeticTask) -> tuple[Any, Any]:
+    if isinstance(model_dir_or_model, torch.nn.Module):
+        return model_dir_or_model, task.build_tokenizer()
+    from transformers import AutoTokenizer
+
+    from preftune.models.load import load_causal_lm
+
+    return load_causal_lm(str(model_dir_or_model)), AutoTokenizer.from_pretrained(str(model_dir_or_model))
+
+
+def max_new_tokens_for(task: ArithmeticTask, prompts: list[str]) -> int:
+    """Room for the longest reference answer of `prompts` plus 25% (wrong answers may run longer)."""
+    longest = max(len(task.solution(parse_prompt(p))) for p in prompts)
+    return int(longest * 1.25) + 8
+
+
+def sample_responses(
+    model_dir_or_model: Any,
+    task: ArithmeticTask,
+    prompts: list[str],
+    *,
+    num_samples: int,
+    temperature: float,
+    seed: int,
+    batch_size: int = 128,
+) -> list[list[str]]:
+    """[prompt][sample] → decoded response text (EOS and padding stripped); temperature 0 is greedy."""
+    model, tokenizer = _load(model_dir_or_model, task)
+    ids = [encode(tokenizer, p)[0] for p in prompts]
+    out = generate(
+        model,
+        tokenizer,
+        ids,
+        num_samples=num_samples,
+        max_new_tokens=max_new_tokens_for(task, prompts),
+        temperature=temperature,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    return [[tokenizer.decode(s, skip_special_tokens=True) for s in row] for row in out]
+
+
+def evaluate_accuracy(
+    model_dir_or_model: Any,
+    task: ArithmeticTask,
+    prompts: list[str],
+    *,
+    greedy: bool = True,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> float:
+    """Mean `task.reward` over held-out prompts (× `num_samples` samples when not greedy), in [0, 1]."""
+    responses = sample_responses(
+        model_dir_or_model,
+        task,
+        prompts,
+        num_samples=1 if greedy else num_samples,
+        temperature=0.0 if greedy else temperature,
+        seed=seed,
+    )
+    rewards = [task.reward(p, r) for p, rs in zip(prompts, responses) for r in rs]
+    return sum(rewards) / max(1, len(rewards))
+
+
+def build_pairs(
+    task: ArithmeticTask, prompts: list[str], responses: list[list[str]], *, pairs_per_prompt: int, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
+    """Response-level and step-level preference records from verifier-labelled samples.
+
+    Response pairs: chosen = a fully correct sample (steps and answer; the reference solution when none
+    was sampled), rejected = a sample with a wrong answer; distinct texts only. Step pairs (Step-DPO,
+    Lai et al. 2024) via `preftune.data.transforms.step_dpo_pairs`, one per distinct wrong sample whose
+    first error is on a line it wrote.
+    """
+    from preftune.data.transforms import step_dpo_pairs
+
+    rng = random.Random(f"pairs:{seed}")
+    pairs: list[dict[str, Any]] = []
+    step_records: list[dict[str, Any]] = []
+    counts = {"samples": 0, "correct": 0, "fully_correct": 0, "reference_chosen": 0}
+    for prompt, samples in zip(prompts, responses):
+        unique = list(dict.fromkeys(samples))
+        verdicts = [task.verify(prompt, s) for s in unique]
+        by_text = dict(zip(unique, verdicts))
+        counts["samples"] += len(samples)
+        counts["correct"] += sum(int(by_text[s].correct) for s in samples)
+        counts["fully_correct"] += sum(int(by_text[s].fully_correct) for s in samples)
+        good = [s for s, v in zip(unique, verdicts) if v.fully_correct]
+        # An empty response (EOS first) is wrong but cannot be a data record: it is left out.
+        bad = [(s, v) for s, v in zip(unique, verdicts) if not v.correct and s.strip()]
+        if bad and not good:
+            good = [task.solution(parse_prompt(prompt))]
+            counts["reference_chosen"] += 1
+        rng.shuffle(good)
+        for i, (s, _) in enumerate(bad[:pairs_per_prompt]):
+            pairs.append({"prompt": prompt, "chosen": good[i % len(good)], "rejected": s})
+        reference = task.solution(parse_prompt(prompt)).split("\n")
+        for s, v in bad:
+            lines = s.split("\n")
+            k = v.first_error
+            if k is not None and k < len(lines) and k < len(reference):
+                step_records.append(
+                    {
+                        "prompt": prompt.rstrip("\n"),
+                        "steps": lines,
+                        "first_error": k,
+                        "correct_step": reference[k],
+                    }
+                )
+    return pairs, step_dpo_pairs(step_records, separator="\n"), counts
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def prepare(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    config: QuickstartConfig | None = None,
+    log: Log = print,
+    on_sft_step: Callable[[int, float], None] | None = None,
+) -> Artifacts:
+    """Steps 1-3 of the quickstart (see module docstring), plus the SFT model's held-out accuracy.
+
+    Writes out_dir/sft/ (HF model + tokenizer) and out_dir/data/{pairs,eval_pairs,step_pairs,heldout}.jsonl.
+    """
+    cfg = config or QuickstartConfig()
+    if cfg.samples_per_prompt < 2:
+        raise ConfigError("quickstart: samples_per_prompt must be ≥ 2 to find correct and wrong samples")
+    torch.set_num_threads(max(1, cfg.threads))
+    out = Path(out_dir)
+    task = ArithmeticTask(level=cfg.level, ops=cfg.ops)
+    heldout = [p.prompt for p in task.problems(cfg.heldout_prompts, seed=10_000 + seed)]
+    train_prompts = [
+        p.prompt for p in task.problems(cfg.train_prompts, seed=20_000 + seed, exclude=set(heldout))
+    ]
+    stats: dict[str, Any] = {"level": cfg.level, "ops": cfg.ops}
+
+    t0 = time.perf_counter()
+    sft_cfg = SFTConfig(**{**asdict(cfg.sft), "seed": seed})
+    log(f"[1/5] SFT: tiny Llama ({sft_cfg.hidden_size}×{sft_cfg.num_layers}) on level-{cfg.level} arithmetic")
+    sft = train_sft(task, out / "sft", sft_cfg, exclude_prompts=set(heldout), on_step=on_sft_step)
+    stats["sft"] = {"steps": sft.steps, "seconds": round(sft.seconds, 1), "final_loss": sft.losses[-1]}
+    log(f"      {sft.steps} steps in {sft.seconds:.0f}s, final loss {sft.losses[-1]:.3f}")
+
+    t1 = time.perf_counter()
+    K = cfg.samples_per_prompt
+    log(f"[2/5] sampling {K} responses for each of {len(train_prompts)} training prompts")
+    model, _ = _load(sft.model_dir, task)
+    responses = sample_responses(
+        model, task, train_prompts, num_samples=K, temperature=cfg.temperature, seed=seed
+    )
+    pairs, step_pairs, counts = build_pairs(
+        task, train_prompts, responses, pairs_per_prompt=cfg.pairs_per_prompt, seed=seed
+    )
+    stats["sampling"] = {**counts, "seconds": round(time.perf_counter() - t1, 1)}
+    log(
+        f"      {counts['correct']}/{counts['samples']} samples right; "
+        f"{len(pairs)} pairs, {len(step_pairs)} step pairs"
+    )
+    if not pairs:
+        raise ConfigError(
+            "quickstart: the SFT model got every sampled answer right, so there are no pairs — "
+            "raise the level or lower the SFT steps"
+        )
+
+    log("[3/5] writing data and measuring the SFT model on held-out prompts")
+    eval_prompts = set(train_prompts[: max(1, int(len(train_prompts) * cfg.eval_fraction))])
+    data = out / "data"
+    artifacts = Artifacts(
+        out_dir=out,
+        task=task,
+        sft_dir=sft.model_dir,
+        pairs_path=_write_jsonl(data / "pairs.jsonl", [r for r in pairs if r["prompt"] not in eval_prompts]),
+        eval_pairs_path=_write_jsonl(
+            data / "eval_pairs.jsonl", [r for r in pairs if r["prompt"] in eval_prompts]
+        ),
+        step_pairs_path=_write_jsonl(data / "step_pairs.jsonl", step_pairs),
+        heldout_path=_write_jsonl(
+            data / "heldout.jsonl",
+            [{"prompt": p, "answer": parse_prompt(p).answer} for p in heldout],
+        ),
+        heldout_prompts=heldout,
+        stats=stats,
+    )
+    before = held_out_accuracy(model, task, heldout, cfg, seed=seed)
+    stats["accuracy_before"] = before
+    stats["prepare_seconds"] = round(time.perf_counter() - t0, 1)
+    log(f"      SFT held-out accuracy: greedy {before['greedy']:.1%}, sampled {before['sampled']:.1%}")
+    return artifacts
+
+
+def held_out_accuracy(
+    model_dir_or_model: Any, task: ArithmeticTask, prompts: list[str], cfg: QuickstartConfig, *, seed: int
+) -> dict[str, float]:
+    """{"greedy": ..., "sampled": ...} accuracy on held-out prompts."""
+    model, _ = _load(model_dir_or_model, task)
+    return {
+        "greedy": evaluate_accuracy(model, task, prompts, greedy=True),
+        "sampled": evaluate_accuracy(
+            model,
+            task,
+            prompts,
+            greedy=False,
+            num_samples=cfg.eval_samples,
+            temperature=cfg.temperature,
+            seed=seed + 1,
+        ),
+    }
+
+
+def _sample_table(task: ArithmeticTask, prompts: list[str], before: list[str], after: list[str]) -> str:
+    """A few held-out prompts with the greedy answer before and after training, checked by the verifier."""
+    blocks = []
+    for p, b, a in zip(prompts, before, after):
+        rows = [f"prompt: {p.strip()}"]
+        for name, text in (("before", b), ("after", a)):
+            v = task.verify(p, text)
+            mark = "right" if v.fully_correct else "answer right" if v.correct else "wrong"
+            where = "" if v.first_error is None else f" (line {v.first_error}: {v.reason})"
+            rows.append(f"{name} [{mark}{where}]:\n  " + text.replace("\n", "\n  "))
+        blocks.append("\n".join(rows))
+    return "\n\n".join(blocks)
+
+
+def run_quickstart(
+    out_dir: str | Path,
+    *,
+    method: str = "dpo",
+    seed: int = 0,
+    config: QuickstartConfig | None = None,
+    log: Log = print,
+    on_sft_step: Callable[[int, float], None] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The whole quickstart; out_dir becomes a run folder (config.yaml, metrics.jsonl, final/, ...) with
+    summary.json (method, accuracy_before/after greedy and sampled, steps, seconds) and report.html.
+    """
+    from preftune.config import TrainConfig
+    from preftune.losses import parse_objective
+    from preftune.train.api import train
+
+    cfg = config or QuickstartConfig()
+    out = Path(out_dir)
+    if (out / "metrics.jsonl").exists():
+        raise ConfigError(f"quickstart: {out} already holds a run — pass another --out or delete it")
+    terms = parse_objective(method)  # a misspelled method fails here, before any training
+    start = time.perf_counter()
+    art = prepare(out, seed=seed, config=cfg, log=log, on_sft_step=on_sft_step)
+
+    log(f"[4/5] training {method} from the SFT model on {art.pairs_path.name}")
+    hparams = {"beta": cfg.beta} if any("beta" in spec.hparams for spec, _ in terms) else {}
+    t4 = time.perf_counter()
+    result = train(
+        TrainConfig(
+            method=method,
+            model=str(art.sft_dir),
+            data=str(art.pairs_path),
+            eval_data=str(art.eval_pairs_path),
+            out=str(out),
+            hparams=hparams,
+            max_steps=cfg.max_steps,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            seed=seed,
+            cache_dir=str(out / "cache"),
+            eval_every=max(1, cfg.max_steps // 6),
+            progress=progress,
+        )
+    )
+    train_seconds = time.perf_counter() - t4
+
+    log("[5/5] held-out accuracy of the trained model")
+    before = art.stats["accuracy_before"]
+    after = held_out_accuracy(result.final_dir, art.task, art.heldout_prompts, cfg, seed=seed)
+    shown = art.heldout_prompts[:6]
+    samples = _sample_table(
+        art.task,
+        shown,
+        [r[0] for r in sample_responses(art.sft_dir, art.task, shown, num_samples=1, temperature=0, seed=0)],
+        [
+            r[0]
+            for r in sample_responses(result.final_dir, art.task, shown, num_samples=1, temperature=0, seed=0)
+        ],
+    )
+    train_summary_path = out / "summary.json"
+    train_summary = json.loads(train_summary_path.read_text()) if train_summary_path.exists() else {}
+    summary = {
+        **train_summary,
+        "method": method,
+        "seed": seed,
+        "accuracy_before": before["greedy"],
+        "accuracy_after": after["greedy"],
+        "accuracy_before_sampled": before["sampled"],
+        "accuracy_after_sampled": after["sampled"],
+        "steps": result.steps,
+        "seconds": round(time.perf_counter() - start, 1),
+        "train_seconds": round(train_seconds, 1),
+        "heldout_prompts": len(art.heldout_prompts),
+        "quickstart": {**art.stats, "config": asdict(cfg)},
+    }
+    train_summary_path.write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
+    try:
+        from preftune.eval.report import write_report
+
+        write_report(out, extra={"held-out samples (greedy)": samples, **_flat(art.stats)})
+    except ImportError as err:  # the report module is optional for the numbers above
+        log(f"      (no report: {err})")
+    log(
+        f"      accuracy greedy {before['greedy']:.1%} → {after['greedy']:.1%}, "
+        f"sampled {before['sampled']:.1%} → {after['sampled']:.1%}  ({summary['seconds']:.0f}s in all)"
+    )
+    return summary
+
+
+def _flat(stats: dict[str, Any]) -> dict[str, Any]:
+    """Nested stats as 'a.b' → value, for the report's details table."""
+    flat: dict[str, Any] = {}
+    for k, v in stats.items():
+        if isinstance(v, dict):
+            flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            flat[k] = v
+    return flat

@@ -1,0 +1,131 @@
+"""Quickstart pieces: pair building from labelled samples (by hand), and prepare() end to end at toy size
+(files, labels, held-out separation, token ids as the trainer sees them, accuracy recomputed)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from preftune.tasks.arithmetic import ArithmeticTask, Problem, parse_prompt, solution
+from preftune.tasks.quickstart import (
+    QuickstartConfig,
+    build_pairs,
+    evaluate_accuracy,
+    prepare,
+)
+from preftune.tasks.sft import SFTConfig, encode
+
+RIGHT = solution(Problem(347, "+", 586))
+CARRY_DROPPED = "7+6+0=13 r3\n4+8+0=12 r23\n3+5+1=9 r923\nanswer: 923"
+
+
+def test_build_pairs_by_hand() -> None:
+    task = ArithmeticTask()
+    p = "347+586=\n"
+    pairs, steps, counts = build_pairs(
+        task, [p], [[RIGHT, CARRY_DROPPED, RIGHT, "7+6+0=13 r3"]], pairs_per_prompt=2, seed=0
+    )
+    # Distinct wrong answers: the carry error and the truncated one; both paired with the right answer.
+    assert pairs == [
+        {"prompt": p, "chosen": RIGHT, "rejected": CARRY_DROPPED},
+        {"prompt": p, "chosen": RIGHT, "rejected": "7+6+0=13 r3"},
+    ]
+    # Step-DPO: context = prompt + the correct line before the error; chosen/rejected = line 1.
+    # The truncated sample's first error is a missing line: no step pair for it.
+    assert steps == [{"prompt": p + "7+6+0=13 r3\n", "chosen": "4+8+1=13 r33", "rejected": "4+8+0=12 r23"}]
+    assert counts == {"samples": 4, "correct": 2, "fully_correct": 2, "reference_chosen": 0}
+
+
+def test_all_wrong_prompt_gets_the_reference_solution_as_chosen() -> None:
+    task = ArithmeticTask()
+    pairs, _, counts = build_pairs(task, ["347+586=\n"], [[CARRY_DROPPED] * 3], pairs_per_prompt=2, seed=0)
+    assert pairs == [{"prompt": "347+586=\n", "chosen": RIGHT, "rejected": CARRY_DROPPED}]
+    assert counts["reference_chosen"] == 1 and counts["correct"] == 0
+    # All right: nothing to prefer.
+    assert build_pairs(task, ["347+586=\n"], [[RIGHT] * 2], pairs_per_prompt=2, seed=0)[0] == []
+
+
+TOY = QuickstartConfig(
+    level=1,
+    sft=SFTConfig(hidden_size=24, num_layers=1, steps=25, batch_size=16, warmup_steps=5),
+    train_prompts=24,
+    heldout_prompts=8,
+    samples_per_prompt=2,
+    eval_samples=1,
+    eval_fraction=0.25,
+)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    before = torch.get_num_threads()
+    out = tmp_path_factory.mktemp("qs")
+    logs: list[str] = []
+    art = prepare(out, seed=3, config=TOY, log=logs.append)
+    yield art, logs
+    torch.set_num_threads(before)
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_prepare_writes_labelled_disjoint_data(toy) -> None:
+    art, logs = toy
+    task = art.task
+    assert (art.sft_dir / "config.json").is_file() and (art.sft_dir / "tokenizer.json").is_file()
+    train, evals = _rows(art.pairs_path), _rows(art.eval_pairs_path)
+    assert train and evals
+    held = set(art.heldout_prompts)
+    assert len(held) == TOY.heldout_prompts
+    assert not ({r["prompt"] for r in train} & {r["prompt"] for r in evals})
+    for r in train + evals:
+        assert r["prompt"] not in held
+        assert task.verify(r["prompt"], r["chosen"]).fully_correct
+        assert not task.verify(r["prompt"], r["rejected"]).correct
+    for r in _rows(art.heldout_path):
+        assert r["answer"] == parse_prompt(r["prompt"]).answer
+    for r in _rows(art.step_pairs_path):
+        problem, *done = r["prompt"].split("\n")[:-1]
+        ref = solution(parse_prompt(problem + "=\n" if not problem.endswith("=") else problem)).split("\n")
+        assert done == ref[: len(done)] and r["chosen"] == ref[len(done)] != r["rejected"]
+    assert any(line.startswith("[1/5]") for line in logs) and any("[3/5]" in line for line in logs)
+
+
+def test_prepare_accuracy_is_reproducible_and_in_range(toy) -> None:
+    art, _ = toy
+    before = art.stats["accuracy_before"]
+    assert 0.0 <= before["greedy"] <= 1.0 and 0.0 <= before["sampled"] <= 1.0
+    again = evaluate_accuracy(art.sft_dir, art.task, art.heldout_prompts, greedy=True)
+    assert again == before["greedy"]
+    # A perfect "model" — the reference answer — scores 1 on the same prompts through the same reward.
+    assert all(art.task.reward(p, art.task.solution(parse_prompt(p))) == 1.0 for p in art.heldout_prompts)
+
+
+def test_trainer_sees_the_same_token_ids_as_sft_and_generation(toy) -> None:
+    from transformers import AutoTokenizer
+
+    from preftune.data.pipeline import prepare_examples
+
+    art, _ = toy
+    tok = AutoTokenizer.from_pretrained(art.sft_dir)
+    rows = _rows(art.pairs_path)
+    examples = prepare_examples(str(art.pairs_path), tokenizer=tok, cache_dir=str(art.out_dir / "c")).examples
+    assert len(examples) == len(rows)
+    for ex, r in zip(examples, rows):
+        assert ex.prompt_ids == encode(tok, r["prompt"])[0]
+        assert ex.response_ids == [
+            encode(tok, r["prompt"], r["chosen"])[1],
+            encode(tok, r["prompt"], r["rejected"])[1],
+        ]
+
+
+def test_config_errors(tmp_path) -> None:
+    from preftune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="samples_per_prompt"):
+        prepare(tmp_path, config=replace(TOY, samples_per_prompt=1), log=lambda _m: None)
