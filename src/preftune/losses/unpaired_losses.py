@@ -48,7 +48,7 @@ def kto(
     (label 1/0 in `batch.labels`), branch 1 a completion y′ of a *different* prompt scored under this
     prompt; z₀ = max(0, mean ρ(y′)) over the micro-batch, detached (the paper's estimate ẑ₀, as TRL's
     KL term). Defaults β = 0.1, λ_D = λ_U = 1 (TRL's defaults; the paper advises
-    λ_D n_D / (λ_U n_U) ∈ [1, 4/3] for imbalanced data — that range not re-verified offline).
+    λ_D n_D / (λ_U n_U) ∈ [1, 4/3] for imbalanced data, the bounds TRL's KTOTrainer warns outside).
     Note: z₀ is a mean over *this call's* batch, so with gradient accumulation it is per
     micro-batch — unless the caller passes the global batch's z₀ as `state["z0"]` (then used as is).
     """
