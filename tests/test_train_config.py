@@ -132,3 +132,22 @@ def test_lr_schedule_hand_values() -> None:
     assert cos == pytest.approx(0.5)  # (1 + cos(π/2)) / 2
     assert lr_factor(10, total=10, warmup=2, kind="cosine", min_ratio=0.1) == pytest.approx(0.1)
     assert lr_factor(9, total=10, warmup=0, kind="constant") == 1.0
+
+
+@pytest.mark.parametrize(
+    "path", sorted(Path(__file__).parent.parent.glob("examples/*.yaml")), ids=lambda p: p.name
+)
+def test_example_configs_validate(path: Path) -> None:
+    c = load_config(path, BASE)
+    terms = validate(c)
+    assert terms and c.method.split(":")[0] == terms[0][0].name
+
+
+def test_docs_config_table_is_generated_from_the_dataclass() -> None:
+    from preftune.config import reference_markdown
+
+    docs = (Path(__file__).parent.parent / "docs" / "training.md").read_text(encoding="utf-8")
+    table = docs.split("<!-- config-table:start -->\n")[1].split("\n<!-- config-table:end -->")[0]
+    assert table == reference_markdown(), (
+        "regenerate the table: python -c 'from preftune.config import reference_markdown; print(reference_markdown())'"
+    )

@@ -134,6 +134,19 @@ def test_dpo_learns_and_evaluates(env: dict[str, Path]) -> None:
     final = env["root"] / "learn" / "final"
     assert AutoModelForCausalLM.from_pretrained(final).config.num_hidden_layers == 2
     assert AutoTokenizer.from_pretrained(final)("1+2=")["input_ids"]
+    # the public evaluate() (used by `preftune eval`) reproduces the run's final evaluation
+    from preftune.train.api import evaluate
+
+    again = evaluate(
+        final,
+        str(env["eval"]),
+        method="dpo",
+        ref_model=str(env["model"]),
+        hparams={"beta": 0.5},
+        cache_dir=str(env["cache"]),
+    )
+    for key in ("loss", "rewards/accuracy", "rewards/margin", "logps/chosen", "policy_rank_accuracy"):
+        assert again[key] == pytest.approx(evals[-1][key], rel=1e-4, abs=1e-6), key
 
 
 def test_second_run_skips_the_reference_pass(

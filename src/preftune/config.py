@@ -446,3 +446,14 @@ def optimizer_class(name: str) -> Any:
         if attr.lower() == name.lower() and isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer):
             return obj
     return None
+
+
+def reference_markdown() -> str:
+    """The config reference as a Markdown table, generated from the field help (docs/training.md
+    embeds it between markers; a test keeps the two in sync)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for name, f in FIELDS.items():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
+        text = str(f.metadata["help"]).replace("|", "\\|")
+        rows.append(f"| `{name}` | `{default!r}` | {text} |")
+    return "\n".join(rows)

@@ -67,6 +67,9 @@ def train(config: TrainConfig) -> RunResult:
     objective = Objective(validate(config), "")
     objective.kind = objective_kind(objective.terms)
     check_sinks(config.report_to)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file "Loading weights" bars would interleave with ours
     world = init_world()
     try:
         return _train(config, objective, world)
