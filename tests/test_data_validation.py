@@ -259,3 +259,61 @@ def test_cli_ok_summary_with_token_percentiles(tmp_path, capsys):
     assert out[2].split() == ["prompt", "4", "4", "4", "4"]
     assert out[3].split() == ["response", "3", "7", "7", "7"]
     assert out[4].split() == ["total", "7", "11", "11", "11"]
+
+
+def test_utf8_bom_and_crlf_lines_are_read(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\r\n" + json.dumps(GOOD).encode() + b"\r\n")
+    res = check_data(p)
+    assert res.ok and res.summary["valid"] == 2
+
+
+def test_missing_path_is_named(tmp_path):
+    from preftune.errors import DataError
+
+    for missing in (tmp_path / "nope.jsonl", "./nope"):
+        with pytest.raises(DataError, match="no such file or folder"):
+            check_data(missing)
+
+
+def test_cli_reports_template_problem_with_tokenizer(tmp_path, capsys):
+    from preftune.data.char_tokenizer import build_char_tokenizer
+
+    odd = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant:\n' }}{% endif %}"
+    )
+    build_char_tokenizer(chat_template=odd).save_pretrained(tmp_path / "tok")
+    p = write_jsonl(
+        tmp_path / "d.jsonl",
+        [{"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"}],
+    )
+    assert main(["data", "check", str(p), "--tokenizer", str(tmp_path / "tok")]) == 1
+    assert (
+        f"{p}:1: field 'chosen': the chat template renders the prompt differently" in capsys.readouterr().out
+    )
+
+
+def test_format_summary_says_what_was_dropped_and_truncated():
+    from preftune.data.validate import format_summary
+
+    text = format_summary(
+        {
+            "source": "d.jsonl",
+            "rows": 10,
+            "kind": "pairwise",
+            "examples": 7,
+            "tokens": 99,
+            "cache": "miss",
+            "dropped": 3,
+            "reasons": {"chosen: empty text": 1, "chosen identical to rejected": 2},
+            "truncated": 2,
+            "truncated_prompt": 1,
+            "truncated_response": 1,
+        }
+    )
+    assert text.splitlines() == [
+        "d.jsonl: 10 rows, kind pairwise → 7 examples (99 tokens; cache miss)",
+        "dropped 3 rows (chosen identical to rejected: 2, chosen: empty text: 1)",
+        "truncated 2 rows (prompt: 1, response: 1)",
+    ]

@@ -177,7 +177,7 @@ class Formatter:
         """
         if not prompts:  # transformers fails on an empty batch
             return [], []
-        enc = self.tokenizer(prompts + responses, add_special_tokens=False)["input_ids"]
+        enc = self._encode_batch(prompts + responses)
         p_ids, r_ids = enc[: len(prompts)], enc[len(prompts) :]
         if self.bos_prefix:
             p_ids = [ids if t else self.bos_prefix + ids for ids, t in zip(p_ids, templated)]
@@ -185,6 +185,15 @@ class Formatter:
             eos = self.eos_id
             r_ids = [ids if eos in ids else ids + [eos] for ids in r_ids]
         return p_ids, r_ids
+
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # The Rust backend directly: the same ids as tokenizer(texts, add_special_tokens=False),
+        # without building offsets and attention masks (about a quarter of the time).
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+            return [e.ids for e in encode(texts, add_special_tokens=False)]
+        return list(self.tokenizer(texts, add_special_tokens=False)["input_ids"])
 
 
 def _response_field(rec: Record, i: int) -> str:

@@ -155,7 +155,7 @@ def read_source(source: str | Path | list[dict[str, Any]], *, split: str | None 
 
 
 def _looks_like_hub_id(text: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", text)) and not re.search(
+    return bool(re.fullmatch(r"\w[\w.-]*(/\w[\w.-]*)?", text)) and not re.search(
         r"\.(jsonl|json|parquet|csv|tsv|ndjson)$", text
     )
 
@@ -214,7 +214,7 @@ def read_jsonl(path: Path) -> SourceData:
         if not line.strip():
             continue
         try:
-            text = line.decode("utf-8")
+            text = line.decode("utf-8-sig" if i == 1 else "utf-8")  # a BOM may open the file
         except UnicodeDecodeError as err:
             data.problems.append(_bad_utf8(label, i, err))
             data.rows.append((i, None))

@@ -120,6 +120,9 @@ class Tokenized:
     def lengths(self) -> dict[str, np.ndarray]:
         """Prompt lengths [E], response lengths [Σ K], and prompt+response lengths [Σ K]."""
         seg_len = np.diff(self.offsets)
+        if len(self.rows) == 0:
+            empty = np.zeros(0, dtype=np.int64)
+            return {"prompt": empty, "response": empty, "total": empty}
         starts = np.concatenate([[0], np.cumsum(1 + self.branches.astype(np.int64))[:-1]])
         is_prompt = np.zeros(len(seg_len), dtype=bool)
         is_prompt[starts.astype(np.int64)] = True
