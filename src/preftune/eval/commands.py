@@ -18,6 +18,17 @@ from typing import Any
 
 from preftune.errors import ConfigError
 
+SWEEP_DOC = """Train each of --methods on the same model and data (OUT/METHOD/ per run), sharing one
+reference pass through the reference cache, then compare them: OUT/sweep.html and OUT/sweep.json hold
+each method's final metrics, held-out task accuracy (built-in task only) and KL to the reference.
+
+    preftune sweep --methods dpo,ipo,simpo,rdpo,kto --out runs/sweep            # built-in arithmetic task
+    preftune sweep --methods dpo,ipo --model ./sft --data prefs.jsonl --eval-data held.jsonl --out runs/s
+
+Without --model and --data the sweep first runs the quickstart's preparation (SFT model, self-sampled
+verifier-labelled pairs) into OUT/task/ and trains with the quickstart's schedule; any flag overrides it.
+A method that fails is recorded in the report and the sweep goes on."""
+
 
 def _report(args: argparse.Namespace) -> int:
     from preftune.eval.report import write_report
@@ -218,7 +229,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "sweep",
         help="train several methods on the same model and data and compare them in one report",
-        description=__doc__,
+        description=SWEEP_DOC,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
