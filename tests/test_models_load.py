@@ -12,6 +12,14 @@ from preftune.models.load import LoraSettings, load_causal_lm
 from preftune.models.tiny import TINY_ARCHS, save_tiny_model
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_tiny_model_round_trips_with_tokenizer(tmp_path, arch):
     tok = build_char_tokenizer()

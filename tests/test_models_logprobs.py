@@ -18,6 +18,15 @@ from preftune.types import Example
 VOCAB = 96
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and a shared CPU punishes spinning OpenMP workers."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
@@ -168,6 +177,17 @@ def test_lora_and_gradient_checkpointing_keep_values(model_dirs):
     torch.cat(got).sum().backward()
     trained = {n for n, p in model.named_parameters() if p.grad is not None}
     assert trained and all("lora_" in n for n in trained)
+
+
+def test_empty_batch_and_empty_response(model_dirs):
+    model = load_causal_lm(model_dirs["gpt2"])
+    stats = example_stats(model, [], token_logps=True)
+    assert stats.logps.shape == (0,) and stats.lengths.shape == (0,)
+    prompts, responses = [[1, 5, 6]], [[[7, 8], []]]
+    for pack in (True, False):
+        sums = sequence_logps(model, prompts, responses, pack=pack)[0]
+        assert sums[1].item() == 0.0  # an empty response has log-prob log 1 = 0
+        torch.testing.assert_close(sums[0], _separate(model, prompts, [[[7, 8]]])[0][0].sum())
 
 
 def test_empty_prompt_is_a_data_error(model_dirs):

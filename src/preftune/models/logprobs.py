@@ -95,7 +95,12 @@ def chunked_token_logps(
 def _hidden_states(model: Any, batch: RowBatch) -> torch.Tensor:
     """Final hidden states [R, L, H] (after the final norm) for the rows of `batch`."""
     lm = unwrap_model(model)
-    backbone = getattr(lm, lm.base_model_prefix)
+    backbone = getattr(lm, getattr(lm, "base_model_prefix", ""), None)
+    if backbone is None or lm.get_output_embeddings() is None:
+        raise ConfigError(
+            f"{type(lm).__name__} has no decoder body '{getattr(lm, 'base_model_prefix', '')}' and LM head: "
+            "load a *ForCausalLM model (AutoModelForCausalLM)"
+        )
     device = next(lm.parameters()).device
     ids = batch.input_ids.to(device)
     if batch.shared:
@@ -127,6 +132,11 @@ def _compute(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logps [N], lengths [N], token log-probs [M], and for each of the M tokens its (n, t) index [M, 2])."""
     lm = unwrap_model(model)
+    if not prompts:
+        device = next(lm.parameters()).device
+        empty = torch.zeros(0, dtype=torch.float32, device=device)
+        index = torch.zeros(0, 2, dtype=torch.long, device=device)
+        return empty, torch.zeros(0, dtype=torch.long, device=device), empty, index
     if pack:
         reason = packing_support(lm.config)
         if reason is not None:
