@@ -263,3 +263,29 @@ def test_two_processes_give_the_same_examples_as_one(plain_tok, tmp_path):
     assert one.examples == two.examples and len(one.examples) == 300
     assert one.summary["truncated"] == two.summary["truncated"] > 0
     assert (one.summary["num_proc"], two.summary["num_proc"]) == (1, 2)
+
+
+def test_template_that_raises_on_a_record_is_reported_for_that_row(plain_tok, tmp_path):
+    strict = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}"
+        "{% endif %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    rows = [
+        {"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"},
+        {
+            "prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}],
+            "chosen": "a",
+            "rejected": "b",
+        },
+    ]
+    with pytest.raises(
+        DataError,
+        match=r"<records>:2: field 'prompt': the chat template fails on this record "
+        r"\(TemplateError: no system role\)",
+    ):
+        prep(rows, plain_tok, tmp_path, chat_template=strict)
+    out = prep(rows, plain_tok, tmp_path, chat_template=strict, on_invalid="drop")
+    assert [e.source_row for e in out.examples] == [1]
+    assert out.summary["reasons"] == {"chat template: fails": 1}
+    assert plain_tok.decode(out.examples[0].response_ids[0]) == "a\n</s>"

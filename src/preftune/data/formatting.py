@@ -137,33 +137,69 @@ class Formatter:
     def render(self, rec: Record) -> tuple[str, list[str]]:
         """Return (prompt text, [response text, ...]) of one record.
 
-        Raises DataError when the template's prompt render is not a prefix of the full render.
+        Raises DataError when the template fails on the record or its prompt render is not a
+        prefix of the full render.
         """
-        if not self.templated(rec):
-            assert isinstance(rec.prompt, str)
-            return rec.prompt, [r for r in rec.responses if isinstance(r, str)]
-        prompt: list[Message] = _wrap(rec.prompt, "user")
-        prompt_text = self._apply(prompt, add_generation_prompt=True)
-        out = []
-        for i, resp in enumerate(rec.responses):
-            full = self._apply(prompt + _wrap(resp, "assistant"), add_generation_prompt=False)
-            if not full.startswith(prompt_text):
-                raise DataError(
-                    "the chat template renders the prompt differently inside the full conversation, so "
-                    "the response boundary is not exact",
-                    row=rec.row,
-                    field=_response_field(rec, i),
-                    fix="use a template whose render of the prompt (with add_generation_prompt) is a "
-                    "prefix of the full render (--chat-template FILE)",
-                )
-            out.append(full[len(prompt_text) :])
-        return prompt_text, out
+        out = self.render_many([rec])[0]
+        if isinstance(out, DataError):
+            raise out
+        return out
 
-    def _apply(self, messages: list[Message], *, add_generation_prompt: bool) -> str:
-        text = self.tokenizer.apply_chat_template(
-            messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
+    def render_many(self, recs: list[Record]) -> list[tuple[str, list[str]] | DataError]:
+        """`render` of many records, with two batched template calls; a record's problem is returned
+        in its place (as a DataError naming its row and field), never raised."""
+        out: list[tuple[str, list[str]] | DataError] = []
+        todo: list[int] = []
+        for i, rec in enumerate(recs):
+            if self.templated(rec):
+                todo.append(i)
+                out.append(DataError("not rendered"))  # placeholder, replaced below
+            else:
+                out.append((str(rec.prompt), [str(r) for r in rec.responses]))
+        if not todo:
+            return out
+        prompts = [_wrap(recs[i].prompt, "user") for i in todo]
+        fulls = [p + _wrap(r, "assistant") for i, p in zip(todo, prompts) for r in recs[i].responses]
+        try:
+            prompt_texts = self._apply(prompts, add_generation_prompt=True)
+            full_texts = self._apply(fulls, add_generation_prompt=False)
+        except Exception as err:  # some record trips the template: find which, one by one
+            if len(todo) == 1:
+                out[todo[0]] = _template_failure(recs[todo[0]], err)
+                return out
+            for i in todo:
+                out[i] = self.render_many([recs[i]])[0]
+            return out
+        j = 0
+        for i, prompt_text in zip(todo, prompt_texts):
+            rec = recs[i]
+            responses = []
+            for k in range(len(rec.responses)):
+                full = full_texts[j + k]
+                if not full.startswith(prompt_text):
+                    out[i] = DataError(
+                        "the chat template renders the prompt differently inside the full conversation, "
+                        "so the response boundary is not exact",
+                        row=rec.row,
+                        field=_response_field(rec, k),
+                        fix="use a template whose render of the prompt (with add_generation_prompt) is a "
+                        "prefix of the full render (--chat-template FILE)",
+                    )
+                    break
+                responses.append(full[len(prompt_text) :])
+            else:
+                out[i] = (prompt_text, responses)
+            j += len(rec.responses)
+        return out
+
+    def _apply(self, conversations: list[list[Message]], *, add_generation_prompt: bool) -> list[str]:
+        texts = self.tokenizer.apply_chat_template(
+            conversations,
+            chat_template=self.template,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
         )
-        return str(text)
+        return [str(t) for t in texts]
 
     def encode(
         self, prompts: list[str], responses: list[str], templated: list[bool]
@@ -194,6 +230,15 @@ class Formatter:
             encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
             return [e.ids for e in encode(texts, add_special_tokens=False)]
         return list(self.tokenizer(texts, add_special_tokens=False)["input_ids"])
+
+
+def _template_failure(rec: Record, err: Exception) -> DataError:
+    return DataError(
+        f"the chat template fails on this record ({type(err).__name__}: {err})",
+        row=rec.row,
+        field="prompt",
+        fix="check the roles and turn order this template accepts (--chat-template FILE to use another)",
+    )
 
 
 def _response_field(rec: Record, i: int) -> str:

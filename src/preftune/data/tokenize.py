@@ -210,21 +210,21 @@ def tokenize_serial(
         responses: list[str] = []
         kept: list[Record] = []
         templated: list[bool] = []
-        for rec in batch:
-            try:
-                text, rs = formatter.render(rec)
-            except DataError as err:
+        for rec, rendered in zip(batch, formatter.render_many(batch)):
+            if isinstance(rendered, DataError):
                 problems.append(
                     Problem(
-                        err.problem,
+                        rendered.problem,
                         row=rec.row,
-                        field=err.field,
-                        fix=err.fix,
+                        field=rendered.field,
+                        fix=rendered.fix,
                         path=path,
-                        reason="chat template: prompt render is not a prefix",
+                        reason="chat template: "
+                        + ("fails" if "fails" in rendered.problem else "prompt render is not a prefix"),
                     )
                 )
                 continue
+            text, rs = rendered
             kept.append(rec)
             templated.append(formatter.templated(rec))
             prompts.append(text)
