@@ -24,7 +24,7 @@ from preftune.errors import DataError
 
 # Families whose attention reads a custom 4-D mask and explicit position ids, checked token by token
 # against separate forward passes in tests/test_models_logprobs.py.
-PACKING_VERIFIED = ("llama", "qwen2", "mistral", "gemma", "gemma2", "gpt2")
+PACKING_VERIFIED = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2", "gemma3_text", "gpt2")
 _MASK_ATTENTION = ("sdpa", "eager")
 _LAYER_TYPES = ("full_attention", "sliding_attention")
 

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedToken
 
 from preftune.errors import ConfigError
 
-TINY_ARCHS = ("llama", "qwen2", "mistral", "gemma", "gemma2", "gpt2")
+TINY_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2", "gemma3_text", "gpt2")
 
 
 def _tiny_config(
@@ -45,6 +45,27 @@ def _tiny_config(
         from transformers import Qwen2Config
 
         return Qwen2Config(tie_word_embeddings=True, **common)
+    if arch == "qwen3":
+        from transformers import Qwen3Config
+
+        return Qwen3Config(head_dim=hidden_size // heads, tie_word_embeddings=True, **common)
+    if arch == "phi3":
+        from transformers import Phi3Config
+
+        return Phi3Config(tie_word_embeddings=False, **common)
+    if arch == "gemma3_text":
+        from transformers import Gemma3TextConfig
+
+        # Gemma 3: sliding layers with their own RoPE base, q/k norms, final-logit soft-capping.
+        return Gemma3TextConfig(
+            head_dim=hidden_size // heads,
+            query_pre_attn_scalar=hidden_size // heads,
+            sliding_window=16,
+            layer_types=(["sliding_attention", "full_attention"] * num_layers)[:num_layers],
+            final_logit_softcapping=5.0,
+            tie_word_embeddings=True,
+            **common,
+        )
     if arch == "mistral":
         from transformers import MistralConfig
 
@@ -96,7 +117,8 @@ def save_tiny_model(
 ) -> Path:
     """Build a randomly initialised tiny `arch` model and save it (and `tokenizer`, if given) to `out_dir`.
 
-    arch: one of llama, qwen2, mistral, gemma, gemma2, gpt2. The weights depend only on `seed`.
+    arch: one of `TINY_ARCHS` (llama, qwen2, qwen3, mistral, phi3, gemma, gemma2, gemma3_text, gpt2).
+    The weights depend only on `seed`.
     `config_overrides` sets config attributes after the defaults (e.g. `initializer_range`).
     Special-token ids come from `tokenizer` when given (pad/bos/eos), else pad=0, bos=1, eos=2 (the ids
     of `preftune.data.char_tokenizer`). Returns the folder, loadable by `load_causal_lm`.
