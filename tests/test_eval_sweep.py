@@ -120,3 +120,19 @@ def test_parse_methods_checks_names():
         parse_methods("dpo,dpoo")
     with pytest.raises(ConfigError, match="twice"):
         parse_methods("dpo,dpo")
+
+
+def test_an_interrupted_sweep_still_writes_what_it_has(tmp_path):
+    base = TrainConfig(model="m", data="d.jsonl", out="x")
+    trainer = FakeTrainer(fail="none")
+
+    def train(config):
+        if config.method == "rdpo":
+            raise KeyboardInterrupt  # Ctrl-C is not a method failure: it stops the sweep
+        return trainer(config)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(["dpo", "rdpo", "simpo"], base, tmp_path / "s", train_fn=train, log=lambda _m: None)
+    data = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert data["methods"] == ["dpo"] and data["results"][0]["status"] == "ok"
+    assert "<td>dpo</td><td>ok</td>" in (tmp_path / "s" / "sweep.html").read_text()

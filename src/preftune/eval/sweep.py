@@ -14,6 +14,7 @@ A method that fails is recorded with its error and the sweep goes on with the ne
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import time
 import traceback
@@ -155,66 +156,94 @@ def run_sweep(
     train_fn = train_fn or _default_train
     if evaluate_fn is None and task is not None:
         evaluate_fn = PolicyEvaluator(base, task, log=log)
-    from preftune.config import reference_strategy
 
     started = time.perf_counter()
     results: list[MethodResult] = []
-    for i, method in enumerate(methods, start=1):
-        config = dataclasses.replace(base, method=method, out=str(out / method), cache_dir=str(cache_dir))
-        res = MethodResult(method=method, run_dir=str(out / method))
-        results.append(res)
-        log(f"sweep [{i}/{len(methods)}] {method} → {res.run_dir}")
+
+    def summarise() -> SweepResult:
+        return SweepResult(
+            out_dir=out,
+            results=results,
+            baseline_accuracy=task.baseline_accuracy if task else None,
+            cache_dir=str(cache_dir),
+            task_name=task.name if task else "none",
+            config=_config_dict(base),
+            seconds=time.perf_counter() - started,
+        )
+
+    try:
+        for i, method in enumerate(methods, start=1):
+            log(f"sweep [{i}/{len(methods)}] {method} → {out / method}")
+            results.append(_run_method(method, base, out, cache_dir, train_fn, evaluate_fn, log))
+            if write:  # after every method, so an interrupted sweep still leaves its numbers
+                write_sweep_json(summarise())
+            gc.collect()
+    finally:
+        result = summarise()
+        if write and results:
+            from preftune.eval.sweep_report import write_sweep
+
+            write_sweep(result)
+    _log_cache_use(results, cache_dir, log)
+    return result
+
+
+def _run_method(
+    method: str,
+    base: Any,
+    out: Path,
+    cache_dir: Path,
+    train_fn: Callable[[Any], Any],
+    evaluate_fn: Callable[[Path, Any], tuple[float | None, KLEstimate | None]] | None,
+    log: Log,
+) -> MethodResult:
+    """Train one method and evaluate it; any exception is recorded in the result, never raised."""
+    from preftune.config import reference_strategy
+
+    config = dataclasses.replace(base, method=method, out=str(out / method), cache_dir=str(cache_dir))
+    res = MethodResult(method=method, run_dir=str(out / method))
+    try:
+        strategy = reference_strategy(config, _needs_reference(method))
+        before = cache_snapshot(cache_dir)
+        t0 = time.perf_counter()
+        run = train_fn(config)
+        res.seconds = time.perf_counter() - t0
+        res.steps = int(run.steps)
+        res.metrics = {k: float(v) for k, v in dict(run.metrics).items()}
+        if strategy == "none":
+            res.reference_cache = "reference-free"
+        elif strategy == "cache":
+            res.reference_cache = "reused" if cache_snapshot(cache_dir) == before else "computed"
+        else:
+            res.reference_cache = strategy
+        final_dir = Path(run.final_dir)
+    except Exception as err:  # one failing method must not lose the others
+        res.status, res.error = "failed", _short_error(err)
+        log(f"sweep: {method} failed — {res.error}; going on with the next method")
+        _write_run_report(Path(res.run_dir), log)  # the curves up to the failure, when there are any
+        return res
+    _write_run_report(Path(res.run_dir), log)
+    if evaluate_fn is not None:
         try:
-            strategy = reference_strategy(config, _needs_reference(method))
-            before = cache_snapshot(cache_dir)
-            t0 = time.perf_counter()
-            run = train_fn(config)
-            res.seconds = time.perf_counter() - t0
-            res.steps = int(run.steps)
-            res.metrics = {k: float(v) for k, v in dict(run.metrics).items()}
-            if strategy == "none":
-                res.reference_cache = "reference-free"
-            elif strategy == "cache":
-                res.reference_cache = "reused" if cache_snapshot(cache_dir) == before else "computed"
-            else:
-                res.reference_cache = strategy
-            final_dir = Path(run.final_dir)
-        except Exception as err:  # one failing method must not lose the others
-            res.status, res.error = "failed", _short_error(err)
-            log(f"sweep: {method} failed — {res.error}; going on with the next method")
-            continue
-        _write_run_report(Path(res.run_dir), log)
-        if evaluate_fn is not None:
-            try:
-                accuracy, kl = evaluate_fn(final_dir, config)
-                res.accuracy = accuracy
-                res.kl = dataclasses.asdict(kl) if kl is not None else None
-            except Exception as err:
-                res.eval_error = _short_error(err)
-                log(f"sweep: evaluating {method} failed — {res.eval_error}")
+            accuracy, kl = evaluate_fn(final_dir, config)
+            res.accuracy = accuracy
+            res.kl = dataclasses.asdict(kl) if kl is not None else None
+        except Exception as err:
+            res.eval_error = _short_error(err)
+            log(f"sweep: evaluating {method} failed — {res.eval_error}")
+    return res
+
+
+def _log_cache_use(results: list[MethodResult], cache_dir: Path, log: Log) -> None:
     computed = [r.method for r in results if r.reference_cache == "computed"]
+    reused = [r.method for r in results if r.reference_cache == "reused"]
     if len(computed) > 1:
         log(
             f"sweep: warning — the reference cache was written by {len(computed)} runs ({', '.join(computed)}), "
             "not one: their reference inputs differ (e.g. per-token log-probs or KTO's mismatched pairs)"
         )
-    elif any(r.reference_cache == "reused" for r in results):
-        reused = [r.method for r in results if r.reference_cache == "reused"]
+    if reused:
         log(f"sweep: reference log-probs reused from the cache by {', '.join(reused)} ({cache_dir})")
-    result = SweepResult(
-        out_dir=out,
-        results=results,
-        baseline_accuracy=task.baseline_accuracy if task else None,
-        cache_dir=str(cache_dir),
-        task_name=task.name if task else "none",
-        config=_config_dict(base),
-        seconds=time.perf_counter() - started,
-    )
-    if write:
-        from preftune.eval.sweep_report import write_sweep
-
-        write_sweep(result)
-    return result
 
 
 def _config_dict(config: Any) -> dict[str, Any]:
