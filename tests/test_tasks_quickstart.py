@@ -129,3 +129,28 @@ def test_config_errors(tmp_path) -> None:
 
     with pytest.raises(ConfigError, match="samples_per_prompt"):
         prepare(tmp_path, config=replace(TOY, samples_per_prompt=1), log=lambda _m: None)
+
+
+def test_run_quickstart_toy_writes_summary_and_report(tmp_path) -> None:
+    from preftune.errors import ConfigError
+    from preftune.tasks.quickstart import run_quickstart
+
+    cfg = replace(TOY, max_steps=2, batch_size=4)
+    summary = run_quickstart(tmp_path, seed=1, config=cfg, log=lambda _m: None, progress=False)
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["method"] == summary["method"] == "dpo"
+    assert on_disk["steps"] == 2 and on_disk["seconds"] > 0
+    for key in ("accuracy_before", "accuracy_after", "accuracy_before_sampled", "accuracy_after_sampled"):
+        assert 0.0 <= on_disk[key] <= 1.0
+    # "before" is the SFT model's greedy accuracy, recomputed independently.
+    sft = evaluate_accuracy(tmp_path / "sft", ArithmeticTask(level=TOY.level), on_disk_heldout(tmp_path))
+    assert sft == on_disk["accuracy_before"]
+    html = (tmp_path / "report.html").read_text()
+    assert "task-accuracy" in html and "held-out samples" in html
+    assert (tmp_path / "final" / "config.json").is_file()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_quickstart(tmp_path, config=cfg, log=lambda _m: None, progress=False)
+
+
+def on_disk_heldout(run: Path) -> list[str]:
+    return [r["prompt"] for r in _rows(run / "data" / "heldout.jsonl")]

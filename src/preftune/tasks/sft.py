@@ -31,7 +31,7 @@ class SFTConfig:
     """Width of the Llama model; heads of 24 dims each."""
     num_layers: int = 3
     """Number of transformer blocks."""
-    steps: int = 500
+    steps: int = 400
     """Optimizer steps; each sees `batch_size` new problems."""
     batch_size: int = 48
     """Problems per step."""
