@@ -179,10 +179,10 @@ def test_tr_dpo_hard_sync_resets_the_margin(env: dict[str, Path]) -> None:
 
 
 def test_rounds_restart_the_reference(env: dict[str, Path]) -> None:
-    records = run(env, "dpo", "rounds", "--rounds", "2", "--max-steps", "4")
-    assert [r["phase"] for r in records] == [0, 0, 1, 1]
-    assert records[1]["loss"] < math.log(2) - 1e-4
-    assert records[2]["loss"] == pytest.approx(math.log(2), rel=1e-4)  # new round: reference = policy
+    # one step per round: without the reset step 2 would start below log 2 (see the no-sync run above)
+    records = run(env, "dpo", "rounds", "--rounds", "2")
+    assert [r["phase"] for r in records] == [0, 1]
+    assert records[1]["loss"] == pytest.approx(math.log(2), rel=1e-4)  # new round: reference = policy
 
 
 def test_curry_stages_use_the_previous_stage_as_reference(env: dict[str, Path]) -> None:

@@ -1,6 +1,8 @@
-"""`--resume` is exact: a run killed with SIGKILL mid-training (in step 4; step 3's work is lost, the
-step-2 checkpoint is the newest) and resumed ends with bit-identical final weights to an uninterrupted run. The loss is
-BCO, whose running δ is checkpointed loss state; the reference comes from the on-disk cache."""
+"""`--resume` is exact: a run stopped in step 4 (step 3's work lost, the step-2 checkpoint the newest)
+and resumed ends with bit-identical final weights to an uninterrupted run. The loss is BCO, whose
+running δ is checkpointed loss state; the reference comes from the on-disk cache; cosine schedule with
+warmup. Stopped two ways: an exception inside the step (fast, default suite) and SIGKILL of a
+subprocess (slow: a second interpreter)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
+import preftune.train.api as api
 from preftune.cli import main
 from test_train_fixtures import pair_rows, tiny_model, write_jsonl
 
@@ -32,9 +37,11 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
-    model = tiny_model(tmp_path / "model")
-    data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(24))
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    root = tmp_path_factory.mktemp("resume")
+    model = tiny_model(root / "model")
+    data = write_jsonl(root / "pairs.jsonl", pair_rows(24))
     args = [
         "train",
         "bco",
@@ -43,11 +50,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
         "--data",
         str(data),
         "--cache-dir",
-        str(tmp_path / "cache"),
+        str(root / "cache"),
         "--batch-size",
         "4",
-        "--micro-batch-size",
-        "2",
         "--max-steps",
         "5",
         "--save-every",
@@ -60,29 +65,57 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
         "cosine",
         "--no-progress",
     ]
-    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    assert main([*args, "--out", str(root / "whole")]) == 0
+    return root, args
 
-    killed = tmp_path / "killed"
+
+def check_resumed(root: Path, args: list[str], out: Path) -> None:
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3  # steps 1-3 ran
+    assert not (out / "final").exists()
+    assert main([*args, "--out", str(out), "--resume"]) == 0
+    expected = load_file(str(root / "whole" / "final" / "model.safetensors"))
+    resumed = load_file(str(out / "final" / "model.safetensors"))
+    start = load_file(str(root / "model" / "model.safetensors"))
+    assert expected.keys() == resumed.keys()
+    for k in expected:
+        assert torch.equal(expected[k], resumed[k]), k
+    assert any(not torch.equal(expected[k], start[k]) for k in expected)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]  # step 3 was redone after the resume and is logged once
+    state = json.loads((out / "checkpoints" / "step-5" / "trainer_state.json").read_text())
+    assert state["step"] == 5 and state["phase"] == 1 and state["step_in_phase"] == 0  # run finished
+
+
+def test_interrupted_then_resume_equals_uninterrupted(
+    whole: tuple[Path, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, args = whole
+    real, calls = api.objective_on_batch, {"n": 0}
+
+    def stopping(*a: Any, **kw: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("stopped in step 4")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(api, "objective_on_batch", stopping)
+    with pytest.raises(RuntimeError, match="step 4"):
+        main([*args, "--out", str(root / "stopped")])
+    monkeypatch.setattr(api, "objective_on_batch", real)
+    check_resumed(root, args, root / "stopped")
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted(whole: tuple[Path, list[str]]) -> None:
+    root, args = whole
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.run(
-        [sys.executable, "-c", DRIVER, *args, "--out", str(killed)],
+        [sys.executable, "-c", DRIVER, *args, "--out", str(root / "killed")],
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == -9, proc.stderr[-2000:]  # killed by SIGKILL, not finished
-    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step-2"]
-    assert len((killed / "metrics.jsonl").read_text().splitlines()) == 3  # steps 1-3 ran
-    assert not (killed / "final").exists()
-
-    assert main([*args, "--out", str(killed), "--resume"]) == 0
-    whole = load_file(str(tmp_path / "whole" / "final" / "model.safetensors"))
-    resumed = load_file(str(killed / "final" / "model.safetensors"))
-    start = load_file(str(model / "model.safetensors"))
-    assert whole.keys() == resumed.keys()
-    for k in whole:
-        assert torch.equal(whole[k], resumed[k]), k
-    assert any(not torch.equal(whole[k], start[k]) for k in whole)
-    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5]  # step 3 was redone after the resume and is logged once
+    check_resumed(root, args, root / "killed")

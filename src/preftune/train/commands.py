@@ -52,8 +52,9 @@ class _TrainParser(argparse.ArgumentParser):
         for key in sorted(users):
             if key in FIELDS:
                 continue
+            flags = [f"--{key.replace('_', '-')}"] + ([f"--{key}"] if "_" in key else [])
             group.add_argument(
-                f"--{key}",
+                *flags,
                 dest=f"hp__{key}",
                 default=argparse.SUPPRESS,
                 metavar="V",
@@ -118,6 +119,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
+        usage="preftune train [METHOD] --model M --data D --out O [--config FILE.yaml] [--KEY VALUE ...]",
     )
     p.__class__ = _TrainParser
     p.add_argument(
