@@ -69,3 +69,37 @@ def test_sampler_token_budget():
     assert list(dropped) == [[3, 0, 5, 2]] and len(dropped) == 1
     with pytest.raises(ConfigError, match="exactly one"):
         LengthBucketSampler(lengths)
+
+
+def test_packed_mask_by_hand():
+    from types import SimpleNamespace
+
+    import torch
+
+    from preftune.models.packing import attention_masks
+
+    # row: [1 5 6 | 8 9 | 10] [1 7 | 11 12 13]: example 0 (prompt, branch A, branch B), example 1
+    b = build_packed([[1, 5, 6], [1, 7]], [[[8, 9], [10]], [[11, 12, 13]]], max_tokens_per_row=11)
+    cfg = SimpleNamespace(_attn_implementation="sdpa", sliding_window=None, layer_types=None)
+    m = attention_masks(b, cfg, torch.float32, torch.device("cpu"))
+    assert isinstance(m, torch.Tensor) and m.shape == (1, 1, 11, 11)
+    sees = {q: [k for k in range(11) if m[0, 0, q, k]] for q in range(11)}
+    assert sees[4] == [0, 1, 2, 3, 4]  # branch A: its prompt and itself
+    assert sees[5] == [0, 1, 2, 5]  # branch B: its prompt and itself, not branch A
+    assert sees[6] == [6] and sees[10] == [6, 7, 8, 9, 10]  # example 1 never sees example 0
+    # sliding window 2 on positions: branch B's token (position 3) keeps keys at positions 2 and 3
+    windowed = attention_masks(
+        b,
+        SimpleNamespace(
+            _attn_implementation="eager",
+            sliding_window=2,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+        torch.float32,
+        torch.device("cpu"),
+    )
+    assert isinstance(windowed, dict)
+    slide, full = windowed["sliding_attention"], windowed["full_attention"]
+    assert [k for k in range(11) if slide[0, 0, 5, k] == 0] == [2, 5]
+    assert [k for k in range(11) if full[0, 0, 5, k] == 0] == [0, 1, 2, 5]
+    assert slide[0, 0, 5, 3] == torch.finfo(torch.float32).min  # eager: additive minimum, not -inf
