@@ -289,3 +289,39 @@ def test_template_that_raises_on_a_record_is_reported_for_that_row(plain_tok, tm
     assert [e.source_row for e in out.examples] == [1]
     assert out.summary["reasons"] == {"chat template: fails": 1}
     assert plain_tok.decode(out.examples[0].response_ids[0]) == "a\n</s>"
+
+
+def test_message_extra_keys_reach_the_template_and_nulls_do_not(plain_tok, tmp_path):
+    named = (
+        "{% for m in messages %}{{ m['role'] }}{% if m.name is defined %}({{ m.name }}){% endif %}"
+        "{{ ': ' + m['content'] + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    row = {
+        "prompt": [
+            {"role": "user", "content": "hi", "name": "ann"},
+            {"role": "user", "content": "yo", "name": None},
+        ],
+        "chosen": "a",
+        "rejected": "b",
+    }
+    (ex,) = prep([row], plain_tok, tmp_path, chat_template=named).examples
+    assert plain_tok.decode(ex.prompt_ids) == "user(ann): hi\nuser: yo\nassistant: "
+
+
+def test_ultrafeedback_style_replies_that_repeat_the_prompt_are_not_duplicated(char_tok, tmp_path):
+    def m(role, text):
+        return {"role": role, "content": text}
+
+    row = {
+        "prompt": "hi",
+        "chosen": [m("user", "hi"), m("assistant", "hello")],
+        "rejected": [m("user", "hi"), m("assistant", "go")],
+    }
+    (ex,) = prep([row], char_tok, tmp_path).examples
+    assert char_tok.decode(ex.prompt_ids) == "<|user|>\nhi\n<|assistant|>\n"
+    assert [char_tok.decode(r) for r in ex.response_ids] == ["hello</s>\n", "go</s>\n"]
+    bad = {"prompt": "hi", "chosen": [m("user", "other"), m("assistant", "a")], "rejected": "b"}
+    with pytest.raises(
+        DataError, match=r"<records>:1: field 'chosen\[0\].role': response opens with a 'user' turn"
+    ):
+        prep([bad], char_tok, tmp_path)

@@ -165,7 +165,9 @@ class _Checker:
                 ok = False
         if not ok:
             return None
-        msgs = [{"role": m["role"], "content": m["content"]} for m in value]
+        # Keep every key a template may read (name, tool_calls...), minus the nulls that Parquet's
+        # merged schemas add to messages that never had them.
+        msgs = [{k: v for k, v in m.items() if v is not None} for m in value]
         last = msgs[-1]
         if response and last["role"] != "assistant":
             self.add(
@@ -256,6 +258,31 @@ def _type(v: Any) -> str:
 
 def _wrap(content: Content, role: str) -> list[Message]:
     return content if isinstance(content, list) else [{"role": role, "content": content}]
+
+
+def _reply(c: _Checker, field: str, prompt: list[Message], reply: list[Message]) -> list[Message] | None:
+    """The reply turns of a response. A response that repeats the prompt's turns first (as in
+    UltraFeedback, whose chosen/rejected hold the whole conversation next to a text prompt) has them
+    removed; a response that still opens with a non-assistant turn is an error."""
+    n = len(prompt)
+    if reply[:n] == prompt and len(reply) > n:
+        reply = reply[n:]
+    elif (
+        reply[0]["role"] == "user"
+        and prompt[-1]["role"] == "user"
+        and reply[0]["content"] == prompt[-1]["content"]
+    ):
+        reply = reply[1:] if len(reply) > 1 else reply  # the prompt's last user turn, without the system turn
+    if reply[0]["role"] not in ("assistant",):
+        c.add(
+            f"{field}[0].role",
+            f"response opens with a {reply[0]['role']!r} turn that is not in the prompt",
+            "put every turn before the reply into 'prompt' (or leave 'prompt' out to use the shared prefix "
+            "of chosen and rejected)",
+            reason=f"{field.split('[')[0]}: opens with a non-assistant turn",
+        )
+        return None
+    return reply
 
 
 def _text_split(chosen: str, rejected: str) -> int:
@@ -360,11 +387,11 @@ def _pairwise(c: _Checker, r: dict[str, Any]) -> Record | None:
             return None
     assert prompt is not None
     if conv:
-        prompt, chosen, rejected = (
-            _wrap(prompt, "user"),
-            _wrap(chosen, "assistant"),
-            _wrap(rejected, "assistant"),
-        )
+        prompt = _wrap(prompt, "user")
+        chosen = _reply(c, "chosen", prompt, _wrap(chosen, "assistant"))
+        rejected = _reply(c, "rejected", prompt, _wrap(rejected, "assistant"))
+        if chosen is None or rejected is None:
+            return None
     if chosen == rejected:
         c.add(
             "rejected",
@@ -405,7 +432,10 @@ def _unpaired(c: _Checker, r: dict[str, Any]) -> Record | None:
         return None
     conv = isinstance(prompt, list) or isinstance(completion, list)
     if conv:
-        prompt, completion = _wrap(prompt, "user"), _wrap(completion, "assistant")
+        prompt = _wrap(prompt, "user")
+        completion = _reply(c, "completion", prompt, _wrap(completion, "assistant"))
+        if completion is None:
+            return None
     return Record(c.row, "unpaired", prompt, [completion], conv, label=1.0 if label else 0.0)
 
 
@@ -442,7 +472,11 @@ def _ranked(c: _Checker, r: dict[str, Any]) -> Record | None:
     conv = isinstance(prompt, list) or any(isinstance(x, list) for x in responses)
     resp = [x for x in responses if x is not None]
     if conv:
-        prompt, resp = _wrap(prompt, "user"), [_wrap(x, "assistant") for x in resp]
+        prompt = _wrap(prompt, "user")
+        replies = [_reply(c, f"responses[{i}]", prompt, _wrap(x, "assistant")) for i, x in enumerate(resp)]
+        if any(r is None for r in replies):
+            return None
+        resp = [r for r in replies if r is not None]
     order = sorted(range(len(resp)), key=lambda i: -scores[i])  # stable: ties keep file order
     return Record(c.row, "ranked", prompt, [resp[i] for i in order], conv, scores=[scores[i] for i in order])
 
