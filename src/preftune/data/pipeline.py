@@ -114,7 +114,7 @@ def _code_hash() -> str:
     h = hashlib.blake2b(digest_size=12)
     h.update(preftune.__version__.encode())
     here = Path(__file__).parent
-    for name in ("sources", "schema", "formatting", "tokenize", "cache", "pipeline"):
+    for name in ("sources", "tabular", "checks", "schema", "formatting", "tokenize", "cache", "pipeline"):
         h.update((here / f"{name}.py").read_bytes())
     return h.hexdigest()
 

@@ -13,15 +13,15 @@ stops at the first one.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
+from preftune.data.checks import ROLES as ROLES
+from preftune.data.checks import Checker, Content, Message, _is_number, _type
 from preftune.data.sources import Problem, SourceData
 from preftune.types import Kind
 
 KINDS: tuple[str, ...] = ("pairwise", "unpaired", "ranked")
-ROLES = ("system", "user", "assistant", "tool")
 ALL_FIELDS = (
     "prompt",
     "chosen",
@@ -34,9 +34,6 @@ ALL_FIELDS = (
     "score_chosen",
     "score_rejected",
 )
-
-Message = dict[str, str]
-Content = str | list[Message]
 
 
 @dataclass
@@ -82,185 +79,11 @@ def apply_columns(record: dict[str, Any], columns: dict[str, str]) -> dict[str, 
     return out
 
 
-class _Checker:
-    """Collects the problems of one row; `name` shows the user's column name when it was mapped."""
-
-    def __init__(self, path: str, row: int, columns: dict[str, str]) -> None:
-        self.path, self.row, self.columns = path, row, columns
-        self.problems: list[Problem] = []
-
-    def name(self, field: str) -> str:
-        head, sep, rest = field.partition("[")
-        col = self.columns.get(head)
-        return f"{col}{sep}{rest}" if col and col != head else field
-
-    def add(self, field: str, message: str, fix: str, reason: str | None = None) -> None:
-        top = field.split("[", 1)[0].split(".", 1)[0]
-        self.problems.append(
-            Problem(
-                message,
-                row=self.row,
-                field=self.name(field),
-                fix=fix,
-                path=self.path,
-                reason=reason or f"{top}: {message}",
-            )
-        )
-
-    def missing(self, field: str, kind: str) -> None:
-        mapped = f" (mapped from column '{self.columns[field]}')" if field in self.columns else ""
-        self.add(
-            field,
-            f"missing{mapped}",
-            f"add '{field}' to every {kind} record, or map your column with --columns {field}=YOUR_COLUMN",
-            reason=f"{field}: missing",
-        )
-
-    def messages(self, field: str, value: list[Any], *, response: bool) -> list[Message] | None:
-        if not value:
-            self.add(
-                field,
-                "is an empty list",
-                "give at least one message, or plain text",
-                reason=f"{field.split('[')[0]}: empty text",
-            )
-            return None
-        ok = True
-        for i, m in enumerate(value):
-            where = f"{field}[{i}]"
-            if not isinstance(m, dict):
-                self.add(
-                    where,
-                    f"is a {type(m).__name__}, not a message object",
-                    'write {"role": "user", "content": "..."}',
-                    reason=f"{field}: wrong type",
-                )
-                ok = False
-                continue
-            role = m.get("role")
-            if role is None:
-                self.add(
-                    f"{where}.role",
-                    "missing role",
-                    f"give each message a role: {', '.join(ROLES)}",
-                    reason="message: missing role",
-                )
-                ok = False
-            elif role not in ROLES:
-                self.add(
-                    f"{where}.role",
-                    f"unknown role {role!r}",
-                    f"use one of {', '.join(ROLES)}",
-                    reason="message: unknown role",
-                )
-                ok = False
-            if not isinstance(m.get("content"), str):
-                got = "missing" if "content" not in m else f"a {type(m.get('content')).__name__}"
-                self.add(
-                    f"{where}.content",
-                    f"content is {got}, not a string",
-                    "give each message its text as a string in 'content'",
-                    reason="message: content not a string",
-                )
-                ok = False
-        if not ok:
-            return None
-        # Keep every key a template may read (name, tool_calls...), minus the nulls that Parquet's
-        # merged schemas add to messages that never had them.
-        msgs = [{k: v for k, v in m.items() if v is not None} for m in value]
-        last = msgs[-1]
-        if response and last["role"] != "assistant":
-            self.add(
-                f"{field}[{len(msgs) - 1}].role",
-                f"last message is from {last['role']!r}, not 'assistant'",
-                "end each response with the assistant's reply",
-                reason=f"{field}: last message not assistant",
-            )
-            return None
-        if response and not last["content"].strip():
-            self.add(
-                f"{field}[{len(msgs) - 1}].content",
-                "empty text",
-                "give the reply some text",
-                reason=f"{field}: empty text",
-            )
-            return None
-        if not response and last["role"] == "assistant":
-            self.add(
-                f"{field}[{len(msgs) - 1}].role",
-                "prompt ends with an 'assistant' message",
-                "end the prompt with a user (or tool) message; the reply belongs in the response",
-            )
-            return None
-        return msgs
-
-    def content(self, field: str, value: Any, *, response: bool) -> Content | None:
-        if isinstance(value, str):
-            if not value.strip():
-                fix = (
-                    "give the response some text"
-                    if response
-                    else "give the prompt some text, or (pairwise) leave out 'prompt' to use the shared "
-                    "prefix of chosen and rejected"
-                )
-                self.add(field, "empty text", fix, reason=f"{field.split('[')[0]}: empty text")
-                return None
-            return value
-        if isinstance(value, list):
-            return self.messages(field, value, response=response)
-        self.add(
-            field,
-            f"is {_type(value)}, expected text or a list of messages",
-            'write a string, or [{"role": "user", "content": "..."}, ...]',
-            reason=f"{field.split('[')[0]}: wrong type",
-        )
-        return None
-
-    def numbers(self, field: str, value: Any, length: int | None, fix_len: str) -> list[float] | None:
-        if not isinstance(value, list) or not all(_is_number(v) for v in value):
-            self.add(
-                field,
-                f"is {_type(value)}, expected a list of numbers",
-                "write e.g. [7.5, 3.0]",
-                reason=f"{field}: wrong type",
-            )
-            return None
-        if length is not None and len(value) != length:
-            self.add(
-                field,
-                f"has {len(value)} values for {length} responses",
-                fix_len,
-                reason=f"{field}: wrong length",
-            )
-            return None
-        bad = [i for i, v in enumerate(value) if not math.isfinite(v)]
-        if bad:
-            self.add(
-                f"{field}[{bad[0]}]",
-                f"is {value[bad[0]]}, not a finite number",
-                "replace NaN/inf scores with real numbers or drop the row",
-                reason=f"{field}: not finite",
-            )
-            return None
-        return [float(v) for v in value]
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _type(v: Any) -> str:
-    if v is None:
-        return "null"
-    name = type(v).__name__
-    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
-
-
 def _wrap(content: Content, role: str) -> list[Message]:
     return content if isinstance(content, list) else [{"role": role, "content": content}]
 
 
-def _reply(c: _Checker, field: str, prompt: list[Message], reply: list[Message]) -> list[Message] | None:
+def _reply(c: Checker, field: str, prompt: list[Message], reply: list[Message]) -> list[Message] | None:
     """The reply turns of a response. A response that repeats the prompt's turns first (as in
     UltraFeedback, whose chosen/rejected hold the whole conversation next to a text prompt) has them
     removed; a response that still opens with a non-assistant turn is an error."""
@@ -319,7 +142,7 @@ def _message_split(chosen: list[Message], rejected: list[Message]) -> int:
     return n
 
 
-def _pairwise(c: _Checker, r: dict[str, Any]) -> Record | None:
+def _pairwise(c: Checker, r: dict[str, Any]) -> Record | None:
     for f in ("chosen", "rejected"):
         if r.get(f) is None:
             c.missing(f, "pairwise")
@@ -412,7 +235,7 @@ def _pairwise(c: _Checker, r: dict[str, Any]) -> Record | None:
     )
 
 
-def _unpaired(c: _Checker, r: dict[str, Any]) -> Record | None:
+def _unpaired(c: Checker, r: dict[str, Any]) -> Record | None:
     for f in ("prompt", "completion", "label"):
         if r.get(f) is None:
             c.missing(f, "unpaired")
@@ -439,7 +262,7 @@ def _unpaired(c: _Checker, r: dict[str, Any]) -> Record | None:
     return Record(c.row, "unpaired", prompt, [completion], conv, label=1.0 if label else 0.0)
 
 
-def _ranked(c: _Checker, r: dict[str, Any]) -> Record | None:
+def _ranked(c: Checker, r: dict[str, Any]) -> Record | None:
     for f in ("prompt", "responses", "scores"):
         if r.get(f) is None:
             c.missing(f, "ranked")
@@ -516,7 +339,7 @@ def validate(
     for row, raw in data.rows:
         if raw is None:
             continue
-        c = _Checker(data.path, row, columns)
+        c = Checker(data.path, row, columns)
         rec = check(c, apply_columns(raw, columns))
         problems.extend(c.problems)
         if rec is not None:

@@ -8,9 +8,7 @@ stop at the first bad row, so `preftune data check` can list them all.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -18,10 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from preftune.errors import ConfigError, DataError, format_problem
-
-# Fields whose CSV cells hold JSON (message lists, lists of responses or numbers).
-_JSON_CELL_FIELDS = ("prompt", "chosen", "rejected", "completion", "responses", "scores", "margins")
-_NUMBER_CELL_FIELDS = ("score_chosen", "score_rejected")
 
 
 @dataclass
@@ -128,13 +122,15 @@ def read_source(source: str | Path | list[dict[str, Any]], *, split: str | None 
     `split` picks a split of a dataset folder or hub id (default "train") and may slice it:
     `train[:90%]`, `train[90%:]`, `train[10:200]`. A single file is the split "train".
     """
+    from preftune.data.tabular import read_hub, read_saved_dataset
+
     name, start, stop = parse_split(split)
     if isinstance(source, list):
         data = _from_dicts("<records>", source, start_row=1)
     else:
         path = Path(source)
         if path.is_dir():
-            data = _read_saved_dataset(path, name)
+            data = read_saved_dataset(path, name)
         elif path.is_file():
             if name not in (None, "train"):
                 raise ConfigError(
@@ -143,7 +139,7 @@ def read_source(source: str | Path | list[dict[str, Any]], *, split: str | None 
                 )
             data = _read_file(path)
         elif _looks_like_hub_id(str(source)):
-            data = _read_hub(str(source), name)
+            data = read_hub(str(source), name)
         else:
             raise DataError(
                 "no such file or folder",
@@ -161,6 +157,8 @@ def _looks_like_hub_id(text: str) -> bool:
 
 
 def _read_file(path: Path) -> SourceData:
+    from preftune.data.tabular import read_csv, read_parquet
+
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         return read_jsonl(path)
@@ -293,146 +291,6 @@ def _from_dicts(label: str, values: list[Any], *, start_row: int, what: str = "r
         else:
             data.problems.append(_not_object(label, i, value, what))
             data.rows.append((i, None))
-    return data
-
-
-def read_parquet(path: Path) -> SourceData:
-    """A Parquet table; ROW is the 1-based row index."""
-    import pyarrow.parquet as pq
-
-    label = str(path)
-    try:
-        table = pq.read_table(path)
-    except Exception as err:  # pyarrow raises several types for unreadable files
-        return SourceData(
-            label,
-            problems=[
-                Problem(
-                    f"not a readable Parquet file ({err})",
-                    path=label,
-                    fix="re-write it with pandas.to_parquet or pyarrow",
-                )
-            ],
-        )
-    data = _from_dicts(label, table.to_pylist(), start_row=1)
-    if not data.rows:
-        data.problems.append(_empty(label))
-    return data
-
-
-def _coerce_cell(name: str, cell: str) -> Any:
-    """CSV has only text: read JSON lists, booleans and numbers back from the fields that hold them."""
-    stripped = cell.strip()
-    if name == "label":
-        low = stripped.lower()
-        if low in ("true", "false"):
-            return low == "true"
-        try:
-            return float(stripped)
-        except ValueError:
-            return cell
-    if name in _NUMBER_CELL_FIELDS:
-        try:
-            return float(stripped)
-        except ValueError:
-            return cell
-    if name in _JSON_CELL_FIELDS and stripped[:1] in ("[", "{"):
-        try:
-            return json.loads(stripped)
-        except json.JSONDecodeError:
-            return cell
-    return cell
-
-
-def read_csv(path: Path) -> SourceData:
-    """A CSV (or TSV) file with a header row; ROW is the 1-based line number where the record ends.
-
-    Message lists, `responses`, `scores` and `margins` are JSON in their cells; `label` is
-    true/false (or a number for soft pairwise labels). Empty cells of optional fields are absent.
-    """
-    label = str(path)
-    raw = path.read_bytes()
-    if not raw.strip():
-        return SourceData(label, problems=[_empty(label)])
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        return SourceData(label, problems=[_bad_utf8(label, line, err)])
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    data = SourceData(label)
-    for record in reader:
-        row = reader.line_num
-        if None in record:
-            data.problems.append(
-                Problem(
-                    "row has more cells than the header",
-                    row=row,
-                    path=label,
-                    fix="quote cells that contain the delimiter",
-                )
-            )
-            data.rows.append((row, None))
-            continue
-        out: dict[str, Any] = {}
-        for key, cell in record.items():
-            if cell is None or (cell == "" and key in ("label", "scores", "margins", *_NUMBER_CELL_FIELDS)):
-                continue
-            out[key] = _coerce_cell(key, cell)
-        data.rows.append((row, out))
-    if not data.rows:
-        data.problems.append(_empty(label))
-    return data
-
-
-def _pick_split(dd: Any, name: str | None, label: str) -> Any:
-    splits = list(dd.keys())
-    if name is None:
-        name = "train" if "train" in splits or len(splits) != 1 else splits[0]
-    if name not in splits:
-        raise DataError(f"no split '{name}'", path=label, fix=f"use --split with one of: {', '.join(splits)}")
-    return dd[name]
-
-
-def _read_saved_dataset(path: Path, name: str | None) -> SourceData:
-    """A folder written by `datasets.Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
-    import datasets
-
-    label = str(path)
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except FileNotFoundError as err:
-        raise DataError(
-            f"folder is not a saved datasets dataset ({err})",
-            path=label,
-            fix="point at a folder written by Dataset.save_to_disk, or at a data file",
-        ) from err
-    if isinstance(ds, datasets.DatasetDict):
-        ds = _pick_split(ds, name, label)
-    elif name not in (None, "train"):
-        raise ConfigError(f"{label} holds a single split; use --split train (optionally sliced)")
-    data = _from_dicts(label, ds.to_list(), start_row=1)
-    if not data.rows:
-        data.problems.append(_empty(label))
-    return data
-
-
-def _read_hub(repo_id: str, name: str | None) -> SourceData:
-    """A dataset on the Hugging Face hub, through `datasets.load_dataset` (needs the network)."""
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(repo_id, split=name or "train")
-    except Exception as err:  # network, missing repo, missing split...
-        raise DataError(
-            f"cannot load hub dataset ({type(err).__name__}: {err})",
-            path=repo_id,
-            fix="check the dataset id and split, and that you are online",
-        ) from err
-    data = _from_dicts(repo_id, ds.to_list(), start_row=1)
-    if not data.rows:
-        data.problems.append(_empty(repo_id))
     return data
 
 
