@@ -174,9 +174,13 @@ def test_lora_and_gradient_checkpointing_keep_values(model_dirs):
         got = sequence_logps(model, prompts, responses)
     for g, e in zip(got, expected):  # LoRA's B starts at zero, so the adapted model equals the base
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-6)
-    torch.cat(got).sum().backward()
-    trained = {n for n, p in model.named_parameters() if p.grad is not None}
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trained and all("lora_" in n for n in trained)
+    ref = _separate(model, prompts, responses)
+    ref_grads = _grads(model, torch.stack([r.sum() for rows in ref for r in rows]).sum())
+    for g, rg in zip(_grads(model, torch.cat(got).sum()), ref_grads):
+        assert (g - rg).abs().max() <= 1e-5 * max(1.0, rg.abs().max().item())
+    assert any(g.abs().max() > 0 for g in ref_grads)  # lora_B gets a gradient even at B = 0
 
 
 def test_empty_batch_and_empty_response(model_dirs):
@@ -243,3 +247,24 @@ def test_chunked_peak_memory_is_a_small_fraction_of_full_logits_at_128k_vocab():
     # 2^22 elements (32 tokens) keep each copy at 16 MiB. Measured ≈ 0.13.
     print(f"chunked / full-logits peak memory at vocab 128k: {ratio:.3f}")
     assert ratio < 0.25
+
+
+def test_frozen_head_path_gives_the_same_gradients(model_dirs):
+    """LoRA-style frozen head (gemma2: tied, soft-capped, temperature 0.7): no recomputation, same grads."""
+    from preftune.models.logprobs import LogitTransform, chunked_token_logps
+
+    model = load_causal_lm(model_dirs["gemma2"])
+    model.get_input_embeddings().weight.requires_grad_(False)  # tied: freezes the head too
+    head = model.get_output_embeddings()
+    h = torch.randn(7, 32, requires_grad=True)
+    out = chunked_token_logps(h, torch.arange(7) + 3, head, LogitTransform(model.config, 0.7), chunk_tokens=3)
+    assert out.grad_fn is not None and "FrozenHeadLogps" in type(out.grad_fn).__name__
+    prompts, responses = _data(5)
+    ref = _separate(model, prompts, responses, temperature=0.7)
+    weights = torch.linspace(0.5, 1.5, sum(len(b) for b in responses))
+    ref_grads = _grads(model, (torch.stack([r.sum() for rows in ref for r in rows]) * weights).sum())
+    sums = sequence_logps(model, prompts, responses, temperature=0.7)
+    for s, rows in zip(sums, ref):
+        torch.testing.assert_close(s, torch.stack([r.sum() for r in rows]), atol=1e-5, rtol=1e-6)
+    for g, rg in zip(_grads(model, (torch.cat(sums) * weights).sum()), ref_grads):
+        assert (g - rg).abs().max() <= 1e-5 * max(1.0, rg.abs().max().item())

@@ -63,6 +63,41 @@ def _chunk_logps(
     return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
 
 
+class _FrozenHeadLogps(torch.autograd.Function):
+    """Chunked log-probs through a head whose parameters are frozen (LoRA, or a frozen output layer).
+
+    Each logp_m depends on its own hidden row h_m only, so ∂logp_m/∂h_m [M, H] can be formed chunk by
+    chunk in forward and kept (it is hidden-sized, not vocabulary-sized); backward is then
+    g_m · ∂logp_m/∂h_m with no recomputation: two head matmuls per token instead of three.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        head: torch.nn.Module,
+        transform: LogitTransform,
+        size: int,
+    ) -> torch.Tensor:
+        outs, grads = [], []
+        for start in range(0, hidden.shape[0], size):
+            with torch.enable_grad():
+                h = hidden[start : start + size].detach().requires_grad_(True)
+                logp = _chunk_logps(h, targets[start : start + size], head, transform)
+                (grad,) = torch.autograd.grad(logp.sum(), h)
+            outs.append(logp.detach())
+            grads.append(grad)
+        ctx.save_for_backward(torch.cat(grads))
+        return torch.cat(outs)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: torch.Tensor) -> Any:
+        (dlogp_dh,) = ctx.saved_tensors
+        grad_h = grad_outputs[0][:, None].to(dlogp_dh.dtype) * dlogp_dh
+        return grad_h, None, None, None, None
+
+
 def chunked_token_logps(
     hidden: torch.Tensor,
     targets: torch.Tensor,
@@ -73,14 +108,19 @@ def chunked_token_logps(
 ) -> torch.Tensor:
     """Per-token log-probs of `targets` [M] given the hidden states [M, H] that predict them → [M] float32.
 
-    Processes `chunk_tokens` rows at a time (default: 2^22 / vocab); with autograd on, each chunk is
-    checkpointed, so backward recomputes that chunk's logits instead of keeping them.
+    Processes `chunk_tokens` rows at a time (default: 2^22 / vocab). With autograd on and a trainable
+    head, each chunk is checkpointed, so backward recomputes that chunk's logits instead of keeping
+    them; with a frozen head (LoRA), ∂logp/∂h is formed in forward and nothing is recomputed.
     """
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
     weight: torch.Tensor = head.weight  # type: ignore[assignment]  # an nn.Linear or a LoRA-wrapped one
     vocab = getattr(head, "out_features", None) or weight.shape[0]
     size = chunk_tokens or max(16, _CHUNK_ELEMENTS // max(int(vocab), 1))
+    frozen_head = not any(p.requires_grad for p in head.parameters())
+    if torch.is_grad_enabled() and hidden.requires_grad and frozen_head:
+        out: torch.Tensor = _FrozenHeadLogps.apply(hidden, targets, head, transform, size)
+        return out
     outs = []
     for start in range(0, hidden.shape[0], size):
         h, y = hidden[start : start + size], targets[start : start + size]
