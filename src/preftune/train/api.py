@@ -22,6 +22,7 @@ from preftune.errors import ConfigError, TrainingError
 from preftune.train import checkpoint as ckpt
 from preftune.train.batches import objective_kind
 from preftune.train.distributed import World, barrier, broadcast_params, init_world, shutdown
+from preftune.train.evaluation import evaluate
 from preftune.train.logging import MetricsLogger, Progress, check_sinks
 from preftune.train.loop import (
     Objective,
@@ -43,6 +44,8 @@ from preftune.train.setup import (
     setup_reference,
     trainable_state,
 )
+
+__all__ = ["RunResult", "evaluate", "train"]
 
 
 @dataclass
@@ -116,6 +119,7 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
     scheduler = build_scheduler(optimizer, config, total)
 
     phase, step_in_phase, global_step = 0, 0, 0
+    last: dict[str, float] = {}
     loss_state: dict[str, dict[str, torch.Tensor]] = {}
     resume_state: dict[str, Any] | None = None
     extra: dict[str, dict[str, torch.Tensor]] = {}
@@ -127,6 +131,7 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
         )
         phase, step_in_phase = int(resume_state["phase"]), int(resume_state["step_in_phase"])
         global_step, last_good = int(resume_state["step"]), path
+        last = dict(resume_state.get("metrics", {}))
         if resume_state.get("total_steps") != total:
             raise TrainingError(
                 f"resume: {path} belongs to a run of {resume_state.get('total_steps')} steps, "
@@ -147,7 +152,6 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
         f"preftune train {config.method}: {'+'.join(str(len(p)) for p in phases)} examples, {total} steps over {len(phases)} "
         f"phase(s), batch {config.batch_size} = {world.size} process(es) × micro-batches of {micro}"
     )
-    last: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     try:
         while phase < len(phases):
@@ -347,74 +351,3 @@ def _save(
         )
     barrier(world)
     return path
-
-
-def evaluate(
-    model: Any,
-    data: str | list[Any],
-    *,
-    method: str = "dpo",
-    ref_model: str | None = None,
-    tokenizer: Any = None,
-    hparams: dict[str, Any] | None = None,
-    batch_size: int = 8,
-    max_length: int | None = None,
-    max_prompt_length: int | None = None,
-    cache_dir: str | None = None,
-    kind: str | None = None,
-) -> dict[str, float]:
-    """Preference metrics (ALGORITHMS.md §5) and the objective's loss of `model` on held-out `data`.
-
-    model: a model folder (full weights or a PEFT adapter folder such as a LoRA run's OUT/final) or a
-        loaded module. data: a data source path or a list of `Example`s (already tokenized).
-    ref_model: the reference folder (a run's base `model`); for a PEFT adapter it defaults to the base
-        weights with adapters disabled. Reference log-probs go through the same on-disk cache as training.
-    Returns e.g. {"loss", "rewards/accuracy", "rewards/margin", "logps/chosen", "policy_rank_accuracy", ...}.
-    """
-    from preftune.data.formatting import load_tokenizer
-    from preftune.models.load import load_causal_lm
-
-    path = None if isinstance(model, torch.nn.Module) else str(model)
-    config = TrainConfig(
-        method=method,
-        model=path or "<module>",
-        data="<eval>",
-        out="<none>",
-        ref_model=ref_model,
-        cache_dir=cache_dir,
-        max_length=max_length,
-        max_prompt_length=max_prompt_length,
-        kind=kind,
-        hparams=dict(hparams or {}),
-        micro_batch_size=batch_size,
-    )
-    objective = Objective(validate(config), "")
-    objective.kind = objective_kind(objective.terms)
-    world = World()
-    if path is not None:
-        if Path(path, "adapter_config.json").is_file():
-            from peft import AutoPeftModelForCausalLM
-
-            model = AutoPeftModelForCausalLM.from_pretrained(path)
-            config.lora = True
-        else:
-            model = load_causal_lm(path)
-    if isinstance(data, list):
-        examples = data
-    else:
-        tok = load_tokenizer(tokenizer or path)
-        examples = load_examples(data, config, objective, tok, split=None)
-    if objective.needs_reference and ref_model is None and not hasattr(model, "disable_adapter"):
-        raise ConfigError(
-            f"evaluate: method '{method}' needs a reference — pass ref_model (the run's base model)"
-        )
-    ref = setup_reference(config, objective, model, 0, [examples], world, log=lambda _m: None)
-    return evaluate_examples(
-        model,
-        examples,
-        objective=objective,
-        reference=ref.provider,
-        loss_state={},
-        world=world,
-        batch_size=batch_size,
-    )
