@@ -33,12 +33,14 @@ class Curve:
     """One metric drawn in a panel: `key` in metrics.jsonl, its legend `label` and `color`.
 
     `smooth=False` for deterministic series (the learning-rate schedule), which an average would distort.
+    `optional=True` for a metric only some methods log: its absence is not reported as missing.
     """
 
     key: str
     label: str
     color: str = NEUTRAL
     smooth: bool = True
+    optional: bool = False
 
 
 @dataclass(frozen=True)

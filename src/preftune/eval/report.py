@@ -34,18 +34,23 @@ SECTIONS = (
         "Loss",
         "The training objective (lower is better). Eval points use the same loss on "
         "held-out pairs; a widening gap between the lines is over-fitting.",
-        Panel("Loss", "loss (nats)", (Curve("loss", "loss", NEUTRAL),)),
+        Panel("Loss", "loss (the objective's units)", (Curve("loss", "loss", NEUTRAL),)),
     ),
     _section(
         "rewards",
         "Implicit rewards and margin",
         "Implicit reward r̂(y) = β·(log π_θ(y) − log π_ref(y)) of chosen and rejected responses, and "
         "the margin β·h = r̂(chosen) − r̂(rejected). Training should open the margin; both rewards "
-        "falling together means the policy lowers every response, not just the rejected ones.",
+        "falling together means the policy lowers every response, not just the rejected ones. Unpaired "
+        "methods (KTO) log one implicit reward over all their completions instead.",
         Panel(
             "Implicit rewards",
             "β · log-ratio (nats)",
-            (Curve("rewards/chosen", "chosen", CHOSEN), Curve("rewards/rejected", "rejected", REJECTED)),
+            (
+                Curve("rewards/chosen", "chosen", CHOSEN),
+                Curve("rewards/rejected", "rejected", REJECTED),
+                Curve("rewards/implicit", "all completions (unpaired)", SECOND, optional=True),
+            ),
             hline=0.0,
         ),
         Panel("Reward margin", "β · h (nats)", (Curve("rewards/margin", "margin", NEUTRAL),), hline=0.0),
@@ -375,7 +380,10 @@ def build_report_html(
     for sid, stitle, about, panels in SECTIONS:
         present = [p for p in panels if plots.panel_has_data(records, p)]
         absent_keys = [
-            c.key for p in panels for c in p.curves if c.key not in plots.panel_has_data(records, p)
+            c.key
+            for p in panels
+            for c in p.curves
+            if not c.optional and c.key not in plots.panel_has_data(records, p)
         ]
         if not present:
             missing.append(f"{stitle} ({', '.join(absent_keys)})")
