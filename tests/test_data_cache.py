@@ -102,3 +102,14 @@ def test_unwritable_cache_dir_does_not_stop_preparation(tmp_path, tok_dir):
     blocker.write_text("a file where the cache folder should go")
     out = prepare_examples(ROWS, tokenizer=tok_dir, cache_dir=blocker / "c")
     assert out.summary["cache"].startswith("not written") and len(out.examples) == 20
+
+
+def test_dropped_rows_are_announced_on_every_run(tmp_path, tok_dir, caplog):
+    data = write(tmp_path / "d.jsonl", ROWS + [{"prompt": "p", "chosen": "", "rejected": "a"}])
+    for expected in ("miss", "hit"):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="preftune.data"):
+            out = prepare_examples(data, tokenizer=tok_dir, cache_dir=tmp_path / "c", on_invalid="drop")
+        assert out.summary["cache"] == expected
+        assert f"{data}: 21 rows, kind pairwise → 20 examples" in caplog.text
+        assert "dropped 1 row (chosen: empty text: 1)" in caplog.text

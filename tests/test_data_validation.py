@@ -317,3 +317,28 @@ def test_format_summary_says_what_was_dropped_and_truncated():
         "dropped 3 rows (chosen identical to rejected: 2, chosen: empty text: 1)",
         "truncated 2 rows (prompt: 1, response: 1)",
     ]
+
+
+def test_parquet_message_lists_with_merged_schema_nulls(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": "hi", "name": "ann"}],
+            "chosen": [{"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "assistant", "content": "b"}],
+        },
+        {
+            "prompt": [{"role": "user", "content": "yo"}],
+            "chosen": [{"role": "assistant", "content": "c"}],
+            "rejected": [{"role": "bot", "content": "d"}],
+        },
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
+    assert (
+        pq.read_table(tmp_path / "m.parquet").to_pylist()[1]["prompt"][0]["name"] is None
+    )  # the null we drop
+    res = check_data(tmp_path / "m.parquet")
+    assert res.summary["conversational"] is True
+    assert [(q.row, q.field) for q in res.problems] == [(2, "rejected[0].role")]

@@ -16,6 +16,7 @@ import functools
 import gc
 import hashlib
 import json
+import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -31,6 +32,8 @@ from preftune.data.sources import Problem, content_hash, parse_columns, read_sou
 from preftune.data.tokenize import Tokenized, Truncation, tokenize_records
 from preftune.errors import ConfigError, DataError
 from preftune.types import Example
+
+log = logging.getLogger("preftune.data")
 
 RANKED_PAIRS = ("best_vs_worst", "best_vs_each", "all_pairs")
 ON_INVALID = ("error", "drop")
@@ -311,4 +314,9 @@ def _finish(
         examples = [pair for ex in examples for pair in ranked_to_pairs(ex, ranked_pairs)]
         summary.update(ranked_pairs=ranked_pairs, examples=len(examples))
     summary["seconds"] = round(time.perf_counter() - start, 3)
+    if summary.get("dropped") or summary.get("truncated"):
+        # Said on every run, cached or not: nothing is dropped or cut silently.
+        from preftune.data.validate import format_summary
+
+        log.warning(format_summary(summary))
     return PreparedData(examples, fingerprint, summary)

@@ -99,13 +99,17 @@ def format_summary(summary: dict[str, Any]) -> str:
         why = ", ".join(
             f"{k}: {v}" for k, v in sorted(summary.get("reasons", {}).items(), key=lambda x: -x[1])
         )
-        lines.append(f"dropped {summary['dropped']} rows ({why})")
+        lines.append(f"dropped {_rows(summary['dropped'])} ({why})")
     if summary.get("truncated"):
         lines.append(
-            f"truncated {summary['truncated']} rows (prompt: {summary.get('truncated_prompt', 0)}, "
+            f"truncated {_rows(summary['truncated'])} (prompt: {summary.get('truncated_prompt', 0)}, "
             f"response: {summary.get('truncated_response', 0)})"
         )
     return "\n".join(lines)
+
+
+def _rows(n: int) -> str:
+    return f"{n} row" if n == 1 else f"{n} rows"
 
 
 def format_check(result: CheckResult, cap: int = 20) -> str:
