@@ -7,7 +7,9 @@ the only difference is the row layout:
 - shared: one prompt per pair, both responses as branches (custom 4-D mask, positions continue from the
   prompt), examples packed into rows up to the longest example's length;
 - padded: the layout TRL uses for DPO — chosen and rejected as two rows that both carry the prompt,
-  right-padded to the longest row.
+  right-padded to the longest row;
+- padded_full (context, not part of the comparison above): padded rows with full `[rows, T, vocab]`
+  logits and log_softmax, the way TRL computes DPO log-probs.
 
 Throughput counts the same logical tokens for both (Σ over pairs of 2·|prompt| + |chosen| + |rejected|,
 what the padded layout processes without its padding), so tokens/s compare like for like. Layouts run
@@ -67,15 +69,36 @@ def build_model(args: argparse.Namespace) -> Any:
     return AutoModelForCausalLM.from_config(config, dtype=dtype).to(args.device).train()
 
 
-def step(model: Any, examples: list[Any], pack: bool, device: str) -> tuple[float, float]:
+def full_logits_logps(model: Any, examples: list[Any]) -> torch.Tensor:
+    """Summed response log-probs from padded rows and full-vocabulary logits (TRL's computation)."""
+    rows = [(e.prompt_ids, r) for e in examples for r in e.response_ids]
+    width = max(len(p) + len(r) for p, r in rows)
+    device = next(model.parameters()).device
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100)
+    for i, (p, r) in enumerate(rows):
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        mask[i, : len(p) + len(r)] = 1
+        labels[i, len(p) : len(p) + len(r)] = torch.tensor(r)
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+    labels = labels[:, 1:].to(device)
+    logp = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    return (logp * (labels >= 0)).sum(-1)
+
+
+def step(model: Any, examples: list[Any], layout: str, device: str) -> tuple[float, float]:
     """One forward + backward; returns (wall seconds, process CPU seconds)."""
     from preftune.models.logprobs import example_stats
 
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     start, cpu_start = time.perf_counter(), time.process_time()
-    stats = example_stats(model, examples, pack=pack)
-    stats.logps.sum().backward()
+    if layout == "padded_full":
+        logps = full_logits_logps(model, examples)
+    else:
+        logps = example_stats(model, examples, pack=layout == "shared").logps
+    logps.sum().backward()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
@@ -98,6 +121,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--full-logits", action="store_true", help="also time padded_full (TRL-style)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,19 +133,31 @@ def main() -> int:
     prompts = [e.prompt_ids for e in examples]
     branches = [e.response_ids for e in examples]
     logical = sum(2 * len(e.prompt_ids) + sum(len(r) for r in e.response_ids) for e in examples)
-    layouts = {"shared": True, "padded": False}
+    padded_slots = int(build_padded(prompts, branches).input_ids.numel())
     slots = {
         "shared": int(build_packed(prompts, branches).input_ids.numel()),
-        "padded": int(build_padded(prompts, branches).input_ids.numel()),
+        "padded": padded_slots,
+        "padded_full": padded_slots,
     }
+    layouts = list(slots) if args.full_logits else ["shared", "padded"]
     wall: dict[str, list[float]] = {name: [] for name in layouts}
     cpu: dict[str, list[float]] = {name: [] for name in layouts}
-    for pack in layouts.values():  # warm-up: allocator, kernels, lazy init
-        step(model, examples, pack, args.device)
+    from preftune.models.logprobs import example_stats
+
+    with torch.no_grad():  # the layouts compute the same numbers (float32: to ~1e-4 relative)
+        values = [
+            example_stats(model, examples, pack=True).logps,
+            example_stats(model, examples, pack=False).logps,
+        ]
+        values.append(full_logits_logps(model, examples))
+        for v in values[1:]:
+            torch.testing.assert_close(v.float(), values[0].float(), rtol=1e-3, atol=1e-2)
+    for name in layouts:  # warm-up: allocator, kernels, lazy init
+        step(model, examples, name, args.device)
     for rep in range(args.reps):
         order = list(layouts) if rep % 2 == 0 else list(reversed(layouts))
         for name in order:
-            w, c = step(model, examples, layouts[name], args.device)
+            w, c = step(model, examples, name, args.device)
             wall[name].append(w)
             cpu[name].append(c)
 
@@ -135,7 +171,7 @@ def main() -> int:
         "logical_tokens": logical,
     }
     # On a shared CPU, wall time includes waiting for a core; process CPU time (one thread) does not.
-    print(f"{'layout':<8} {'row slots':>10} {'median s':>10} {'tokens/s':>10} {'pairs/s':>8} {'cpu s':>8}")
+    print(f"{'layout':<12} {'row slots':>10} {'median s':>10} {'tokens/s':>10} {'pairs/s':>8} {'cpu s':>8}")
     for name in layouts:
         med, med_cpu = statistics.median(wall[name]), statistics.median(cpu[name])
         result[name] = {
@@ -148,7 +184,7 @@ def main() -> int:
             "pairs_per_s": args.pairs / med,
         }
         print(
-            f"{name:<8} {slots[name]:>10} {med:>10.3f} {logical / med:>10.0f} {args.pairs / med:>8.2f} {med_cpu:>8.3f}"
+            f"{name:<12} {slots[name]:>10} {med:>10.3f} {logical / med:>10.0f} {args.pairs / med:>8.2f} {med_cpu:>8.3f}"
         )
     result["speedup"] = result["shared"]["tokens_per_s"] / result["padded"]["tokens_per_s"]
     result["cpu_speedup"] = result["padded"]["cpu_median_s"] / result["shared"]["cpu_median_s"]
