@@ -193,3 +193,22 @@ def test_flags_and_counts_are_not_plotted_and_skipped_steps_are_flagged(tmp_path
     assert set(_pngs(html)) == {"loss", "other-0"}  # kto/z0 gets a plot of its own
     other = html.split('id="other"')[1].split("</p>")[0]
     assert "kto/z0" in other and "skipped" not in other and "tokens" not in other and "phase" not in other
+
+
+def test_findings_name_over_optimisation_and_over_fitting_by_their_rules():
+    from preftune.eval.diagnose import findings
+
+    records = [
+        {"step": s, "split": "train", "logps/chosen": -1.0 - 0.025 * (s - 1), "rewards/margin": 0.1 * s}
+        for s in range(1, 21)
+    ]
+    records += [{"step": 10 * i, "split": "eval", "loss": v} for i, v in enumerate((0.6, 0.5, 0.58), start=1)]
+    notes = findings(records)
+    # ends: mean of the first two (−1, −1.025) and of the last two (−1.45, −1.475) train values
+    assert len(notes) == 2
+    assert (
+        "fell from -1.01 to -1.46 nats per token" in notes[0] and "while the reward margin grew" in notes[0]
+    )
+    assert "lowest at step 20 (0.5) and ended 16% higher (0.58)" in notes[1]
+    flat = [{**r, "logps/chosen": -1.0} for r in records if r["split"] == "train"]
+    assert findings(flat) == []  # chosen likelihood held, no eval loss: nothing to report

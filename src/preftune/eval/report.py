@@ -20,6 +20,7 @@ from typing import Any
 
 from preftune.errors import DataError
 from preftune.eval import plots
+from preftune.eval.diagnose import findings
 from preftune.eval.plots import CHOSEN, NEUTRAL, REJECTED, SECOND, Curve, Panel
 
 
@@ -283,7 +284,8 @@ th,td{border:1px solid #d0d7de;padding:.25em .7em;text-align:left;vertical-align
 td:not(:first-child){font-variant-numeric:tabular-nums}.warn{background:#fff8c5;border:1px solid #d4a72c;
 border-radius:6px;padding:.5em 1em;font-size:.9em}.missing{color:#59636e;font-size:.9em}
 pre{background:#f6f8fa;padding:.6em;border-radius:6px;overflow-x:auto;font-size:.85em}
-.err{color:#b42318}
+.err{color:#b42318}.finding{background:#fff1f0;border:1px solid #e5a3a0;border-radius:6px;
+padding:.5em 1em;margin:1em 0;font-size:.92em}.finding ul{margin:.3em 0}
 """
 
 
@@ -357,6 +359,13 @@ def build_report_html(
         if value is not None:
             cards.append((f"final {label} ({split})", fmt(value)))
     body.append(_cards(cards))
+    notes = findings(records)
+    if notes:
+        body.append(
+            '<div class="finding"><b>Findings</b><ul>'
+            + "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+            + "</ul></div>"
+        )
     skipped = sum(1 for r in records if r.get("split", "train") == "train" and r.get("skipped"))
     if skipped:
         warnings = [*warnings, f"{skipped} step(s) skipped: non-finite loss or gradient (on_nonfinite=skip)"]
