@@ -119,3 +119,62 @@ def test_sigkill_then_resume_equals_uninterrupted(whole: tuple[Path, list[str]])
     )
     assert proc.returncode == -9, proc.stderr[-2000:]  # killed by SIGKILL, not finished
     check_resumed(root, args, root / "killed")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "extra", "ranked"),
+    [
+        ("tr_dpo", ["--ref-sync-every", "2", "--ref-sync-alpha", "0.5"], False),
+        ("apo", ["--rounds", "2", "--apo-alpha", "0.5"], False),
+        ("curry", ["--stages", "2"], True),
+    ],
+)
+def test_moving_references_resume_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, extra: list[str], ranked: bool
+) -> None:
+    """Stopped in the second phase (or after a TR-DPO sync): the checkpoint's reference weights /
+    cache fingerprint and the round-start weights (Accelerated PO) rebuild the same run."""
+    from test_train_fixtures import ranked_rows
+
+    model = tiny_model(tmp_path / "model")
+    rows = ranked_rows(12) if ranked else pair_rows(24)
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    args = [
+        "train",
+        "dpo",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "6",
+        "--save-every",
+        "2",
+        "--lr",
+        "3e-3",
+        "--no-progress",
+        *extra,
+    ]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    real, calls = api.objective_on_batch, {"n": 0}
+
+    def stopping(*a: Any, **kw: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise RuntimeError("stopped in step 6")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(api, "objective_on_batch", stopping)
+    with pytest.raises(RuntimeError):
+        main([*args, "--out", str(tmp_path / "stopped")])
+    monkeypatch.setattr(api, "objective_on_batch", real)
+    assert main([*args, "--out", str(tmp_path / "stopped"), "--resume"]) == 0
+    expected = load_file(str(tmp_path / "whole" / "final" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "stopped" / "final" / "model.safetensors"))
+    for k in expected:
+        assert torch.equal(expected[k], resumed[k]), k
