@@ -101,7 +101,7 @@ def objective_on_batch(
                 if spec.stateful:
                     loss_state[spec.name] = {k: v.detach() for k, v in out.state.items()}
                 if len(objective.terms) > 1:
-                    sums.add_total(f"loss/{spec.name}", float(term.detach()))
+                    sums.add_total(f"loss/{spec.name}", term)
                 for name, values in out.metrics.items():
                     key = name if i == 0 or name not in first_names else f"{spec.name}/{name}"
                     if i == 0:
@@ -109,7 +109,7 @@ def objective_on_batch(
                     sums.add(key, values)
         if backward and total.requires_grad:
             total.backward()
-        sums.add_total("loss", float(total.detach()))
+        sums.add_total("loss", total)
         sums.add_total("tokens", float(sum(e.num_tokens for e in micro)))
         sums.add_total("examples", float(len(micro)))
         preference_metrics(batch, sums, unpaired=objective.kind == "unpaired")

@@ -24,38 +24,50 @@ from preftune.types import PreferenceBatch
 
 
 class MetricSums:
-    """Means (name → [Σ values, count]) and totals (name → Σ, e.g. the loss, already globally
-    normalised), merged across micro-batches and, through `state`/`merge`, across ranks."""
+    """Means (name → Σ values, count) and totals (name → Σ, e.g. the loss, already globally
+    normalised), merged across micro-batches and, through `state`/`merge`, across ranks.
+
+    Values stay tensors on their device until `state()`/`result()`, so a GPU step synchronises once,
+    not once per metric and micro-batch.
+    """
 
     def __init__(self) -> None:
-        self.sums: dict[str, list[float]] = {}
-        self.totals: dict[str, float] = {}
+        self._sums: dict[str, list[Any]] = {}
+        self._totals: dict[str, Any] = {}
 
     def add(self, name: str, values: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         v = values.detach().double().reshape(-1)
         keep = torch.ones_like(v, dtype=torch.bool) if valid is None else valid.reshape(-1).to(torch.bool)
-        s = self.sums.setdefault(name, [0.0, 0.0])
-        s[0] += float(v[keep].sum())
-        s[1] += float(keep.sum())
+        s = self._sums.setdefault(name, [0.0, 0.0])
+        s[0] = s[0] + torch.where(keep, v, torch.zeros_like(v)).sum()
+        s[1] = s[1] + keep.sum()
 
-    def add_total(self, name: str, value: float) -> None:
-        self.totals[name] = self.totals.get(name, 0.0) + value
+    def add_total(self, name: str, value: float | torch.Tensor) -> None:
+        if isinstance(value, torch.Tensor):
+            value = value.detach().double()
+        self._totals[name] = self._totals.get(name, 0.0) + value
+
+    @property
+    def totals(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self._totals.items()}
 
     def state(self) -> dict[str, Any]:
-        return {"sums": self.sums, "totals": self.totals}
+        """Plain floats: {"sums": {name: [Σ, count]}, "totals": {name: Σ}} (what ranks exchange)."""
+        return {"sums": {k: [float(s), float(c)] for k, (s, c) in self._sums.items()}, "totals": self.totals}
 
     def merge(self, state: Mapping[str, Any]) -> None:
         for name, (total, count) in state["sums"].items():
-            s = self.sums.setdefault(name, [0.0, 0.0])
-            s[0] += total
-            s[1] += count
+            s = self._sums.setdefault(name, [0.0, 0.0])
+            s[0] = s[0] + total
+            s[1] = s[1] + count
         for name, value in state["totals"].items():
             self.add_total(name, value)
 
     def result(self) -> dict[str, float]:
         """Totals, then means of the names that had at least one valid value."""
-        out = dict(self.totals)
-        out.update({k: s / c for k, (s, c) in self.sums.items() if c > 0})
+        st = self.state()
+        out = dict(st["totals"])
+        out.update({k: s / c for k, (s, c) in st["sums"].items() if c > 0})
         return out
 
 
