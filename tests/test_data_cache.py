@@ -113,3 +113,27 @@ def test_dropped_rows_are_announced_on_every_run(tmp_path, tok_dir, caplog):
         assert out.summary["cache"] == expected
         assert f"{data}: 21 rows, kind pairwise → 20 examples" in caplog.text
         assert "dropped 1 row (chosen: empty text: 1)" in caplog.text
+
+
+def test_cli_prepare_fills_the_cache_that_training_then_hits(tmp_path, tok_dir, capsys):
+    from preftune.cli import main
+
+    data = write(tmp_path / "d.jsonl", ROWS)
+    args = [
+        "data",
+        "prepare",
+        str(data),
+        "--tokenizer",
+        str(tok_dir),
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--max-length",
+        "9",
+    ]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{data}: 20 rows, kind pairwise → 20 examples") and "cache miss" in lines[0]
+    fingerprint = json.loads(lines[-1])["fingerprint"]
+    again = prepare_examples(data, tokenizer=tok_dir, cache_dir=tmp_path / "c", max_length=9)
+    assert again.summary["cache"] == "hit" and again.fingerprint == fingerprint
+    assert main(["data", "prepare", str(data)]) == 2  # no tokenizer: a ConfigError, exit 2

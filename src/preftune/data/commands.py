@@ -1,4 +1,5 @@
-"""`preftune data check`: validate a preference data source before training on it."""
+"""`preftune data check` validates a preference data source before training on it;
+`preftune data prepare` tokenizes it into the cache ahead of a run (same options as training)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add `data` (a group with `check`) to `preftune`."""
+    """Add `data` (a group with `check` and `prepare`) to `preftune`."""
     data = sub.add_parser(
         "data",
         help="inspect and validate preference data",
@@ -22,32 +23,53 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "exits 1 if there is any; otherwise prints a summary (with --tokenizer, token-length "
         "percentiles) and exits 0.",
     )
-    check.add_argument("path", metavar="PATH", help="data file, datasets folder or hub dataset id")
-    check.add_argument(
+    _common(
+        check,
+        tokenizer_help="tokenizer or model folder: also format and tokenize, and report "
+        "token-length percentiles",
+    )
+    check.add_argument("--max-problems", type=int, default=20, help="problems to print (default 20)")
+    check.set_defaults(func=_check)
+    prepare = data_sub.add_parser(
+        "prepare",
+        help="tokenize data into the cache before training",
+        description="Validate, format and tokenize PATH exactly as 'preftune train' will with the same "
+        "options, and store the result in the tokenized-data cache; prints the summary and the "
+        "fingerprint. A later run with the same data, tokenizer and options loads it from the cache.",
+    )
+    _common(prepare, tokenizer_help="tokenizer or model folder (required)")
+    prepare.add_argument(
+        "--on-invalid",
+        choices=("error", "drop"),
+        default="error",
+        help="skip bad rows instead of stopping (default: error)",
+    )
+    prepare.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="cache folder (default $PREFTUNE_CACHE_DIR or ~/.cache/preftune/tokenized)",
+    )
+    prepare.add_argument("--num-proc", type=int, help="tokenizer processes (default 2 above 20k rows)")
+    prepare.set_defaults(func=_prepare)
+
+
+def _common(p: argparse.ArgumentParser, *, tokenizer_help: str) -> None:
+    p.add_argument("path", metavar="PATH", help="data file, datasets folder or hub dataset id")
+    p.add_argument(
         "--kind",
         choices=("pairwise", "unpaired", "ranked"),
         help="record kind (default: detected from the fields)",
     )
-    check.add_argument(
-        "--tokenizer",
-        metavar="DIR",
-        help="tokenizer or model folder: also format and tokenize, and report token-length percentiles",
-    )
-    check.add_argument(
+    p.add_argument("--tokenizer", metavar="DIR", help=tokenizer_help)
+    p.add_argument(
         "--columns", metavar="MAP", help="field=column mapping, e.g. chosen=response_a,rejected=response_b"
     )
-    check.add_argument(
+    p.add_argument(
         "--split", help="split of a datasets folder or hub id, optionally sliced: train, train[:90%%]"
     )
-    check.add_argument(
-        "--chat-template", metavar="FILE", help="Jinja chat template replacing the tokenizer's"
-    )
-    check.add_argument(
-        "--max-length", type=int, help="count rows truncated/dropped at this prompt+response length"
-    )
-    check.add_argument("--max-prompt-length", type=int, help="count prompts truncated at this length")
-    check.add_argument("--max-problems", type=int, default=20, help="problems to print (default 20)")
-    check.set_defaults(func=_check)
+    p.add_argument("--chat-template", metavar="FILE", help="Jinja chat template replacing the tokenizer's")
+    p.add_argument("--max-length", type=int, help="prompt + response tokens; longer responses are cut")
+    p.add_argument("--max-prompt-length", type=int, help="prompt tokens; longer prompts lose their start")
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -65,3 +87,30 @@ def _check(args: argparse.Namespace) -> int:
     )
     print(format_check(result, args.max_problems))
     return 0 if result.ok else 1
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    import json
+
+    from preftune.data.pipeline import prepare_examples
+    from preftune.data.validate import format_summary
+    from preftune.errors import ConfigError
+
+    if not args.tokenizer:
+        raise ConfigError("preftune data prepare needs --tokenizer DIR (the model's tokenizer)")
+    out = prepare_examples(
+        args.path,
+        tokenizer=args.tokenizer,
+        kind=args.kind,
+        columns=args.columns,
+        split=args.split,
+        chat_template=args.chat_template,
+        max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length,
+        on_invalid=args.on_invalid,
+        cache_dir=args.cache_dir,
+        num_proc=args.num_proc,
+    )
+    print(format_summary(out.summary))
+    print(json.dumps({"fingerprint": out.fingerprint, "cache_file": out.summary.get("cache_file")}))
+    return 0
