@@ -136,3 +136,53 @@ def test_an_interrupted_sweep_still_writes_what_it_has(tmp_path):
     data = json.loads((tmp_path / "s" / "sweep.json").read_text())
     assert data["methods"] == ["dpo"] and data["results"][0]["status"] == "ok"
     assert "<td>dpo</td><td>ok</td>" in (tmp_path / "s" / "sweep.html").read_text()
+
+
+def test_builtin_task_reuses_a_prepared_folder_with_the_same_seed(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from preftune.data.char_tokenizer import build_char_tokenizer
+    from preftune.eval import builtin
+
+    build_char_tokenizer().save_pretrained(tmp_path / "sft")
+    for name in ("pairs.jsonl", "eval_pairs.jsonl"):
+        (tmp_path / name).write_text("{}\n")
+    manifest = {
+        "seed": 0,
+        "level": 1,
+        "ops": "+",
+        "sft_dir": str(tmp_path / "sft"),
+        "pairs_path": str(tmp_path / "pairs.jsonl"),
+        "eval_pairs_path": str(tmp_path / "eval_pairs.jsonl"),
+        "heldout_prompts": ["12+3=\n", "4+5=\n"],
+        "accuracy_before": {"greedy": 0.7, "sampled": 0.5},
+    }
+    (tmp_path / "task.json").write_text(json.dumps(manifest))
+
+    def prepare(*_a, **_k):
+        raise AssertionError("prepare must not run again")
+
+    fake = SimpleNamespace(
+        QuickstartConfig=lambda: SimpleNamespace(max_steps=60, batch_size=8, lr=1e-4),
+        prepare=prepare,
+        evaluate_accuracy=lambda final, task, prompts, greedy: (
+            0.25 if (task.level, len(prompts)) == (1, 2) else 0
+        ),
+    )
+    monkeypatch.setattr(builtin, "_quickstart", lambda: fake)
+    values, task = builtin.builtin_task(tmp_path, seed=0, log=lambda _m: None)
+    assert values == {
+        "model": str(tmp_path / "sft"),
+        "data": str(tmp_path / "pairs.jsonl"),
+        "eval_data": str(tmp_path / "eval_pairs.jsonl"),
+        "max_steps": 60,
+        "batch_size": 8,
+        "lr": 1e-4,
+        "eval_every": 10,
+        "seed": 0,
+    }
+    assert task.baseline_accuracy == 0.7 and task.accuracy(tmp_path) == 0.25
+    # char ids: <pad>,<s>,</s>,<unk> are 0-3, then a-z, A-Z, 0-9: '1' = 4 + 52 + 1
+    assert task.prompts[0][:2] == [57, 58] and len(task.prompts) == 2
+    with pytest.raises(AssertionError, match="must not run again"):  # another seed: a fresh preparation
+        builtin.builtin_task(tmp_path, seed=1, log=lambda _m: None)

@@ -126,10 +126,10 @@ def _kl(final: Path, reference: str, args: argparse.Namespace, config: Any) -> d
 def _sweep(args: argparse.Namespace) -> int:
     from preftune.config import load_config
     from preftune.data.formatting import load_tokenizer
+    from preftune.eval.builtin import builtin_task
     from preftune.eval.sweep import (
         PolicyEvaluator,
         SweepTask,
-        builtin_task,
         parse_methods,
         prompts_from_data,
         run_sweep,

@@ -346,53 +346,6 @@ def prompts_from_data(
     return [list(p) for p in seen]
 
 
-def builtin_task(folder: Path, *, seed: int, log: Log = print) -> tuple[dict[str, Any], SweepTask]:
-    """Config values and held-out material of the built-in arithmetic task (the quickstart's data).
-
-    Runs the quickstart's preparation into `folder` (SFT model, verifier-labelled self-sampled pairs,
-    held-out prompts) and returns (config values: model, data, eval_data and the quickstart's training
-    schedule; a SweepTask whose accuracy is greedy held-out accuracy, baseline = the SFT model's).
-    Loss hyper-parameters are left to each method's paper default.
-    """
-    import importlib
-
-    try:
-        quickstart = importlib.import_module("preftune.tasks.quickstart")
-    except ImportError as err:
-        raise ConfigError(
-            f"sweep: the built-in arithmetic task is not available ({err}) — pass --model and --data"
-        ) from err
-    from transformers import AutoTokenizer
-
-    from preftune.tasks.sft import encode
-
-    qcfg = quickstart.QuickstartConfig()
-    art = quickstart.prepare(folder, seed=seed, config=qcfg, log=log)
-    tokenizer = AutoTokenizer.from_pretrained(str(art.sft_dir))
-    heldout: list[str] = list(art.heldout_prompts)
-
-    def accuracy(final_dir: Path) -> float:
-        return float(quickstart.evaluate_accuracy(final_dir, art.task, heldout, greedy=True))
-
-    values = {
-        "model": str(art.sft_dir),
-        "data": str(art.pairs_path),
-        "eval_data": str(art.eval_pairs_path),
-        "max_steps": qcfg.max_steps,
-        "batch_size": qcfg.batch_size,
-        "lr": qcfg.lr,
-        "eval_every": max(1, qcfg.max_steps // 6),
-        "seed": seed,
-    }
-    task = SweepTask(
-        prompts=[encode(tokenizer, p)[0] for p in heldout],
-        accuracy=accuracy,
-        baseline_accuracy=float(art.stats["accuracy_before"]["greedy"]),
-        name=f"{len(heldout)} held-out arithmetic prompts (greedy accuracy)",
-    )
-    return values, task
-
-
 def write_sweep_json(result: SweepResult) -> Path:
     path = result.out_dir / "sweep.json"
     path.write_text(json.dumps(result.to_json(), indent=1, default=str), encoding="utf-8")
