@@ -342,3 +342,17 @@ def test_parquet_message_lists_with_merged_schema_nulls(tmp_path):
     res = check_data(tmp_path / "m.parquet")
     assert res.summary["conversational"] is True
     assert [(q.row, q.field) for q in res.problems] == [(2, "rejected[0].role")]
+
+
+def test_pair_scores_need_both_finite(tmp_path):
+    rows = [
+        {**GOOD, "score_chosen": 2},
+        {**GOOD, "score_chosen": 2, "score_rejected": "high"},
+        {**GOOD, "score_chosen": 2.5, "score_rejected": 1},
+    ]
+    res = check_data(write_jsonl(tmp_path / "d.jsonl", rows))
+    assert [(q.row, q.field) for q in res.problems] == [(1, "score_rejected"), (2, "score_rejected")]
+    assert (
+        "is null, expected a finite number — give both score_chosen and score_rejected"
+        in res.problems[0].render()
+    )

@@ -13,6 +13,7 @@ stops at the first one.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,7 +177,17 @@ def _pairwise(c: Checker, r: dict[str, Any]) -> Record | None:
             margins = [mc, mr] if mc is not None and mr is not None else None
     scores = None
     if r.get("score_chosen") is not None or r.get("score_rejected") is not None:
-        scores = c.numbers("score_chosen", [r.get("score_chosen"), r.get("score_rejected")], None, "")
+        for f in ("score_chosen", "score_rejected"):
+            v = r.get(f)
+            if not _is_number(v) or not math.isfinite(v):
+                c.add(
+                    f,
+                    f"is {_type(v) if not _is_number(v) else v}, expected a finite number",
+                    "give both score_chosen and score_rejected as numbers, or neither",
+                    reason=f"{f}: not a finite number",
+                )
+        if not c.problems:
+            scores = [float(r["score_chosen"]), float(r["score_rejected"])]
     if c.problems or chosen is None or rejected is None:
         return None
     conv = any(isinstance(x, list) for x in (prompt, chosen, rejected))
@@ -297,9 +308,9 @@ def _ranked(c: Checker, r: dict[str, Any]) -> Record | None:
     if conv:
         prompt = _wrap(prompt, "user")
         replies = [_reply(c, f"responses[{i}]", prompt, _wrap(x, "assistant")) for i, x in enumerate(resp)]
-        if any(r is None for r in replies):
+        if any(x is None for x in replies):
             return None
-        resp = [r for r in replies if r is not None]
+        resp = [x for x in replies if x is not None]
     order = sorted(range(len(resp)), key=lambda i: -scores[i])  # stable: ties keep file order
     return Record(c.row, "ranked", prompt, [resp[i] for i in order], conv, scores=[scores[i] for i in order])
 
