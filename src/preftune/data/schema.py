@@ -178,7 +178,7 @@ def _pairwise(c: Checker, r: dict[str, Any]) -> Record | None:
     scores = None
     if r.get("score_chosen") is not None or r.get("score_rejected") is not None:
         for f in ("score_chosen", "score_rejected"):
-            v = r.get(f)
+            v: Any = r.get(f)
             if not _is_number(v) or not math.isfinite(v):
                 c.add(
                     f,
