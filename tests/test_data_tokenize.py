@@ -325,3 +325,16 @@ def test_ultrafeedback_style_replies_that_repeat_the_prompt_are_not_duplicated(c
         DataError, match=r"<records>:1: field 'chosen\[0\].role': response opens with a 'user' turn"
     ):
         prep([bad], char_tok, tmp_path)
+
+
+def test_backend_fast_path_gives_the_ordinary_ids(tmp_path):
+    from dataclasses import replace
+
+    from preftune.data.formatting import FormatOptions, Formatter
+
+    for tok in (_merge_tokenizer(tmp_path), _bos_tok(tmp_path)):
+        fast = Formatter.create(tok, FormatOptions(), conversational=False)
+        assert fast.use_backend
+        slow = replace(fast, use_backend=False)
+        texts = ["xab=xa", "abc def", "</s>x"]
+        assert fast.encode(texts, texts, [False] * 3) == slow.encode(texts, texts, [False] * 3)

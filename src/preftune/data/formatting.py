@@ -98,6 +98,7 @@ class Formatter:
     template: str | None
     bos_prefix: list[int]
     eos_id: int
+    use_backend: bool = False
 
     @classmethod
     def create(
@@ -128,7 +129,9 @@ class Formatter:
                 fix="pass chat_template=... (CLI: --chat-template FILE with a Jinja template) or "
                 "use a tokenizer that ships one",
             )
-        return cls(tokenizer, options, template or None, _bos_prefix(tokenizer), eos)
+        return cls(
+            tokenizer, options, template or None, _bos_prefix(tokenizer), eos, _backend_agrees(tokenizer)
+        )
 
     def templated(self, rec: Record) -> bool:
         """Message lists always go through the template; text only when use_chat_template=True."""
@@ -223,13 +226,25 @@ class Formatter:
         return p_ids, r_ids
 
     def _encode_batch(self, texts: list[str]) -> list[list[int]]:
-        # The Rust backend directly: the same ids as tokenizer(texts, add_special_tokens=False),
-        # without building offsets and attention masks (about a quarter of the time).
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is not None:
+        if self.use_backend:
+            backend = self.tokenizer.backend_tokenizer
             encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
             return [e.ids for e in encode(texts, add_special_tokens=False)]
         return list(self.tokenizer(texts, add_special_tokens=False)["input_ids"])
+
+
+def _backend_agrees(tokenizer: Any) -> bool:
+    """Whether the Rust backend alone gives the ids of tokenizer(text, add_special_tokens=False).
+
+    Calling it directly skips building offsets and attention masks (about a quarter of the time);
+    a tokenizer with Python-side pre-processing keeps the ordinary call.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    sample = [f"Hello  world 12, {tokenizer.eos_token or ''} é\n\tx", " leading space", ""]
+    direct = [e.ids for e in backend.encode_batch(sample, add_special_tokens=False)]
+    return bool(direct == list(tokenizer(sample, add_special_tokens=False)["input_ids"]))
 
 
 def _template_failure(rec: Record, err: Exception) -> DataError:
