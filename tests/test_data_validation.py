@@ -75,11 +75,13 @@ def test_non_utf8_bytes(tmp_path):
     assert [q.row for q in res.problems] == [2] and "not valid UTF-8 (0xe9" in res.problems[0].render()
 
 
-def test_empty_file(tmp_path):
+def test_empty_file(tmp_path, capsys):
     p = tmp_path / "d.jsonl"
     p.write_text("\n  \n")
     res = check_data(p)
     assert [q.render() for q in res.problems] == [f"{p}: file is empty — write at least one record"]
+    assert main(["data", "check", str(p)]) == 1
+    assert capsys.readouterr().out.splitlines()[-1] == f"{p}: 1 problem(s) — fix the file"
 
 
 def test_line_not_an_object(tmp_path):

@@ -118,10 +118,13 @@ def format_check(result: CheckResult, cap: int = 20) -> str:
 
     s = result.summary
     if not result.ok:
-        bad_rows = len({p.row for p in result.problems})
+        bad_rows = len({p.row for p in result.problems if p.row is not None})
+        whole = any(p.row is None for p in result.problems)
+        where = f" in {bad_rows} of {s['rows']} rows" if bad_rows else ""
+        advice = "fix the file" if whole else "fix them, or train with --on-invalid drop to skip them"
         return (
-            render_problems(result.problems, cap) + f"\n{s['source']}: {len(result.problems)} problem(s) "
-            f"in {bad_rows} of {s['rows']} rows — fix them, or train with --on-invalid drop to skip them"
+            render_problems(result.problems, cap)
+            + f"\n{s['source']}: {len(result.problems)} problem(s){where} — {advice}"
         )
     form = "messages" if s["conversational"] else "text"
     lines = [f"{s['source']}: OK — {s['rows']} rows, kind {s['kind']} ({form})"]
