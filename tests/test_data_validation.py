@@ -358,3 +358,23 @@ def test_pair_scores_need_both_finite(tmp_path):
         "is null, expected a finite number — give both score_chosen and score_rejected"
         in res.problems[0].render()
     )
+
+
+def test_hub_id_goes_through_datasets_load_dataset(monkeypatch, tmp_path):
+    """No network: load_dataset is replaced by a local Dataset, to check the hub path around it."""
+    import datasets
+
+    from preftune.data.char_tokenizer import build_char_tokenizer
+    from preftune.data.pipeline import prepare_examples
+
+    calls = []
+
+    def fake_load(repo_id, split=None):
+        calls.append((repo_id, split))
+        return datasets.Dataset.from_list(PAIRS)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    res = check_data("org/prefs", split="test")
+    assert res.ok and res.summary["valid"] == 2 and calls == [("org/prefs", "test")]
+    out = prepare_examples("org/prefs", tokenizer=build_char_tokenizer(), cache_dir=tmp_path / "c")
+    assert len(out.examples) == 2 and calls[-1] == ("org/prefs", "train")
