@@ -14,8 +14,15 @@ class ConfigError(PreftuneError):
 class DataError(PreftuneError):
     """A data file or record is unusable. The message names PATH:ROW, the field and the fix."""
 
-    def __init__(self, message: str, *, path: str | None = None, row: int | None = None,
-                 field: str | None = None, fix: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        row: int | None = None,
+        field: str | None = None,
+        fix: str | None = None,
+    ) -> None:
         self.path, self.row, self.field, self.fix = path, row, field, fix
         self.problem = message
         super().__init__(format_problem(message, path=path, row=row, field=field, fix=fix))
@@ -25,8 +32,14 @@ class TrainingError(PreftuneError):
     """A run cannot go on (for example a non-finite loss); the message names the step and checkpoint."""
 
 
-def format_problem(message: str, *, path: str | None = None, row: int | None = None,
-                   field: str | None = None, fix: str | None = None) -> str:
+def format_problem(
+    message: str,
+    *,
+    path: str | None = None,
+    row: int | None = None,
+    field: str | None = None,
+    fix: str | None = None,
+) -> str:
     """Render `PATH:ROW: field 'NAME': what is wrong — how to fix`, leaving out the parts not known."""
     where = ""
     if path is not None:

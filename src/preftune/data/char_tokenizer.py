@@ -26,8 +26,9 @@ CHAT_TEMPLATE = (
 DEFAULT_ALPHABET = string.ascii_letters + string.digits + string.punctuation + " \n\t"
 
 
-def build_char_tokenizer(alphabet: str = DEFAULT_ALPHABET, *, chat_template: str | None = None,
-                         model_max_length: int = 4096) -> PreTrainedTokenizerFast:
+def build_char_tokenizer(
+    alphabet: str = DEFAULT_ALPHABET, *, chat_template: str | None = None, model_max_length: int = 4096
+) -> PreTrainedTokenizerFast:
     """Return a fast tokenizer with one token per character of `alphabet` plus 4 special tokens.
 
     Ids: <pad>=0, <s>=1, </s>=2, <unk>=3, then the characters in the order given (duplicates
@@ -38,10 +39,9 @@ def build_char_tokenizer(alphabet: str = DEFAULT_ALPHABET, *, chat_template: str
     for ch in chars:
         vocab.setdefault(ch, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # "." would miss "\n"
     tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length,
-                                   **SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length, **SPECIAL_TOKENS)
     if chat_template is not None:
         fast.chat_template = chat_template
     return fast
