@@ -215,11 +215,12 @@ def packing_support(config: Any) -> str | None:
     return None
 
 
-def _allowed(batch: RowBatch, window: int | None) -> torch.Tensor:
-    """[R, 1, L, L] bool: may query token q attend to key token k."""
-    ex, br, pos = batch.example_ids, batch.branch_ids, batch.position_ids
+def _allowed(batch: RowBatch, window: int | None, device: torch.device) -> torch.Tensor:
+    """[R, 1, L, L] bool on `device`: may query token q attend to key token k."""
+    # built where attention runs: the mask is L² per row, the ids only L
+    ex, br, pos = (t.to(device) for t in (batch.example_ids, batch.branch_ids, batch.position_ids))
     length = ex.shape[1]
-    idx = torch.arange(length)
+    idx = torch.arange(length, device=device)
     causal = idx[None, :, None] >= idx[None, None, :]  # [1, L(q), L(k)]
     same_example = (ex[:, :, None] == ex[:, None, :]) & (ex[:, None, :] >= 0)
     # a key in the prompt (branch 0) is visible to every branch; a branch key only to its own branch.
@@ -228,7 +229,7 @@ def _allowed(batch: RowBatch, window: int | None) -> torch.Tensor:
     if window is not None:
         allowed &= (pos[:, :, None] - pos[:, None, :]) < window
     # padding attends to itself only, so that no softmax row is empty (its output is never read).
-    allowed |= (ex < 0)[:, :, None] & torch.eye(length, dtype=torch.bool)[None]
+    allowed |= (ex < 0)[:, :, None] & torch.eye(length, dtype=torch.bool, device=device)[None]
     return allowed[:, None]
 
 
@@ -244,7 +245,7 @@ def attention_masks(
     impl = getattr(config, "_attn_implementation", "sdpa")
 
     def render(window: int | None) -> torch.Tensor:
-        allowed = _allowed(batch, window).to(device)
+        allowed = _allowed(batch, window, device)
         if impl == "sdpa":
             return allowed
         zero = torch.zeros((), dtype=dtype, device=device)
