@@ -252,3 +252,19 @@ def test_nonfinite_step_is_skipped_when_asked(env: dict[str, Path], monkeypatch:
     records = run(env, "dpo", "nan-skip", "--max-steps", "3", "--on-nonfinite", "skip")
     assert [r["skipped"] for r in records] == [0.0, 1.0, 0.0]
     assert math.isfinite(records[2]["loss"])
+
+
+def test_reference_fingerprint_covers_weights_and_architecture(env: dict[str, Path]) -> None:
+    from preftune.models.load import LoraSettings, load_causal_lm
+    from preftune.models.reference import model_fingerprint
+
+    plain = load_causal_lm(env["model"])
+    lora = load_causal_lm(env["model"], lora=LoraSettings(r=4))
+    assert model_fingerprint(plain) == model_fingerprint(lora, adapters=False)  # base of the LoRA policy
+    assert model_fingerprint(plain) != model_fingerprint(lora)  # adapters on: other weights
+    with torch.no_grad():
+        next(plain.parameters())[0, 0] += 1e-3
+    changed = model_fingerprint(plain)
+    assert changed != model_fingerprint(lora, adapters=False)
+    plain.config.rms_norm_eps = 1e-3  # same weights, other architecture settings
+    assert model_fingerprint(plain) != changed

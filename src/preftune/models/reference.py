@@ -15,6 +15,7 @@ Three ways to get `logp_ref` for a batch, behind one `stats(examples)` method:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -47,6 +48,17 @@ def model_fingerprint(model: Any, *, adapters: bool = True) -> str:
     """Hash of the weights a reference computes with, dtype and shape included; `adapters=False`
     leaves out LoRA weights (the policy under `disable_adapter()` computes with its base only)."""
     h = hashlib.blake2b(digest_size=16)
+    # The architecture settings too (same weights with another rope_theta or window give other log-probs);
+    # names and bookkeeping keys are left out so that a saved copy of the same model matches.
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(lm, "config", None)
+    if config is not None:
+        settings = {
+            k: v
+            for k, v in config.to_dict().items()
+            if not k.startswith("_") and k not in ("transformers_version", "use_cache", "name_or_path")
+        }
+        h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for name, t in model.state_dict().items():
         if not adapters and "lora_" in name:
             continue
