@@ -58,18 +58,36 @@ def all_reduce_sum(t: torch.Tensor, world: World) -> torch.Tensor:
     return t
 
 
-def all_reduce_grads(params: list[torch.nn.Parameter], world: World) -> None:
-    """SUM the gradients over ranks in one flat bucket (one collective per step, like DDP's buckets)."""
+def all_reduce_grads(params: list[torch.nn.Parameter], world: World, bucket_bytes: int = 64 * 2**20) -> None:
+    """SUM the gradients over ranks in flat buckets of ≤ `bucket_bytes` (per dtype), like DDP's buckets:
+    few collectives, and no full-model float32 copy of the gradients."""
     if world.size <= 1:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    grads: list[torch.Tensor] = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for g in grads:
+        nbytes = g.numel() * g.element_size()
+        if bucket and (g.dtype != bucket[0].dtype or size + nbytes > bucket_bytes):
+            _reduce_bucket(bucket)
+            bucket, size = [], 0
+        bucket.append(g)
+        size += nbytes
+    if bucket:
+        _reduce_bucket(bucket)
+
+
+def _reduce_bucket(grads: list[torch.Tensor]) -> None:
+    flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(g).to(g.dtype)
-        offset += n
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def broadcast_params(module: torch.nn.Module, world: World) -> None:
