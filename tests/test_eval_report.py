@@ -113,7 +113,7 @@ def test_missing_metrics_are_skipped_and_named(tmp_path):
 
 def test_truncated_last_line_is_a_warning_not_an_error(tmp_path):
     run = tmp_path / "run"
-    _write_run(run, steps=12, extra_lines=['{"step": 13, "split": "tr'])
+    _write_run(run, keys=("loss",), steps=12, extra_lines=['{"step": 13, "split": "tr'])
     records, warnings = read_metrics(run / "metrics.jsonl")
     assert len(records) == 12 + 1  # 12 train records and the eval record at step 10
     assert len(warnings) == 1 and "metrics.jsonl:14" in warnings[0]
