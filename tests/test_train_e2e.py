@@ -249,9 +249,31 @@ def test_nonfinite_loss_stops_and_names_the_checkpoint(
 
 def test_nonfinite_step_is_skipped_when_asked(env: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     _nan_on_step(monkeypatch, 2)
-    records = run(env, "dpo", "nan-skip", "--max-steps", "3", "--on-nonfinite", "skip")
+    records = run(
+        env,
+        "bco",
+        "nan-skip",
+        "--max-steps",
+        "3",
+        "--on-nonfinite",
+        "skip",
+        "--save-every",
+        "1",
+        "--keep-last",
+        "3",
+    )
     assert [r["skipped"] for r in records] == [0.0, 1.0, 0.0]
     assert math.isfinite(records[2]["loss"])
+    from safetensors.torch import load_file
+
+    ckpts = env["root"] / "nan-skip" / "checkpoints"
+    deltas = [load_file(str(ckpts / f"step-{s}" / "loss_state.safetensors")) for s in (1, 2, 3)]
+    assert deltas[0] and deltas[1].keys() == deltas[0].keys()  # BCO keeps its running δ as loss state
+    assert all(torch.equal(deltas[1][k], deltas[0][k]) for k in deltas[0])
+    assert all(torch.isfinite(v).all() for d in deltas for v in d.values())  # BCO's δ never saw the NaN
+    w1 = load_file(str(ckpts / "step-1" / "model.safetensors"))
+    w2 = load_file(str(ckpts / "step-2" / "model.safetensors"))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)  # the skipped step did not move the weights
 
 
 def test_reference_fingerprint_covers_weights_and_architecture(env: dict[str, Path]) -> None:

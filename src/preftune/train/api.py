@@ -180,6 +180,7 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
                     len(data), config.batch_size, seed=config.seed, phase=phase, step=step_in_phase
                 )
                 batch = [data[i] for i in idx]
+                state_before = {k: dict(v) for k, v in loss_state.items()}
                 sums = objective_on_batch(
                     model,
                     batch,
@@ -210,6 +211,8 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
                     scheduler.step()
                 else:
                     log(f"step {global_step + 1}: non-finite loss/gradient, step skipped (on_nonfinite=skip)")
+                    loss_state.clear()  # a NaN must not enter running loss state (BCO's δ) either
+                    loss_state.update(state_before)
                 optimizer.zero_grad(set_to_none=True)
                 sync_loss_state(loss_state, world)
                 global_step += 1
