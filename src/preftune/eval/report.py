@@ -115,6 +115,7 @@ SECTIONS = (
 _NOT_METRICS = {"step", "split", "phase", "epoch", "time", "timestamp", "elapsed_s", "wall_time"}
 # Logged, shown in the final table, but not worth a plot: a 0/1 flag and per-step counts.
 _NOT_PLOTTED = {"skipped", "tokens", "examples"}
+_NOT_SMOOTHED = {"lr", "skipped"}  # schedules and flags: an average would misstate them
 MAX_OTHER_PANELS = 12
 
 
@@ -265,7 +266,8 @@ def final_metrics(records: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, 
     for key in keys:
         _, train = plots.metric_series(records, key, "train")
         _, ev = plots.metric_series(records, key, "eval")
-        smooth = plots.smooth(train, plots.smoothing_window(len(train)))[-1] if train else None
+        window = 0 if key in _NOT_SMOOTHED else plots.smoothing_window(len(train))
+        smooth = plots.smooth(train, window)[-1] if train else None
         rows.append(
             (key, fmt(train[-1]) if train else "–", fmt(smooth) if train else "–", fmt(ev[-1]) if ev else "–")
         )
@@ -435,7 +437,8 @@ def build_report_html(
                 [
                     (k, v)
                     for k, v in flatten(summary).items()
-                    if k != "config" and not k.startswith("config.")
+                    # the trainer's final train/eval metrics are already in the table above
+                    if k.split(".")[0] not in ("config", "train", "eval")
                 ],
             )
         )
