@@ -160,7 +160,14 @@ def _sweep(args: argparse.Namespace) -> int:
         )
         task = SweepTask(prompts=prompts, name=f"{len(prompts)} prompts of {source}")
     else:
-        values, task = builtin_task(out / "task", seed=int(overrides.get("seed", 0)), log=print)
+        values, task = builtin_task(
+            out / "task", seed=int(overrides.get("seed", file_values.seed if file_values else 0)), log=print
+        )
+        if args.config:  # precedence: built-in schedule < --config YAML < command line
+            import yaml
+
+            in_file = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}
+            values = {k: v for k, v in values.items() if k not in in_file}
         base = load_config(args.config, {**values, **overrides, "method": methods[0], "out": str(out)})
         task.prompts = task.prompts[: args.kl_prompts]
     evaluator = PolicyEvaluator(base, task, kl_samples=args.kl_samples, max_new_tokens=args.kl_max_new_tokens)
