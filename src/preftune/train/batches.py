@@ -9,9 +9,10 @@ A loss declares the data it trains on (`LossSpec.kind`); the trainer adapts the 
 
 Losses that set `needs_mismatched` (KTO's z₀) get a second branch per unpaired example: the completion
 of the next example (in data order) whose prompt differs, scored under this example's prompt.
-Deviation from the brief's "shift by one inside the micro-batch": pairing once in data order keeps
-the pairing reproducible, so the reference statistics of mismatched branches can be cached and an
-optimizer step does not depend on how it is split into micro-batches.
+The KTO paper takes y′ from the same micro-batch; TRL builds its "KL dataset" once, shifting completions
+by one in dataset order before shuffling. We pair once in data order too (skipping same-prompt
+neighbours, e.g. the two halves of a converted pair): the pairing is reproducible, so the reference
+statistics of mismatched branches can be cached, and a step does not depend on its micro-batching.
 """
 
 from __future__ import annotations
