@@ -97,6 +97,48 @@ def child(a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def finish(res: dict[str, Any]) -> str:
+    """Add the speedups to `res` (in place) and return the markdown table.
+
+    `after_first`: the methods after the first one only. The first run of every mode also pays the
+    process's one-off costs (lazy imports, allocator warm-up), which at these small sizes are as
+    large as the reference pass itself; methods 2-5 show what the shared cache saves per method.
+    """
+    runs = res["runs"]
+    for r in runs.values():
+        r["train_s_after_first"] = sum(list(r["per_method_s"].values())[1:])
+    for other in ("independent_model", "independent_cache"):
+        for key, suffix in (("train_s", ""), ("train_s_after_first", "_after_first")):
+            res[f"speedup_vs_{other}{suffix}"] = runs[other][key] / runs["sweep_cache"][key]
+    rows = [
+        [
+            mode,
+            r["train_s"],
+            r["train_s_after_first"],
+            r["wall_s"],
+            round(r["peak_rss_mb"]),
+            ", ".join(f"{m} {s:.1f}s" for m, s in r["per_method_s"].items()),
+        ]
+        for mode, r in runs.items()
+    ]
+    head = [
+        "mode",
+        "train s (5 methods)",
+        "train s (methods 2-5)",
+        "process wall s",
+        "peak RSS MiB",
+        "per method",
+    ]
+    return (
+        bu.md_table(head, rows)
+        + f"\n\nSweep speedup, all 5 methods: {res['speedup_vs_independent_model']:.2f}x over independent runs "
+        f"with an online reference model, {res['speedup_vs_independent_cache']:.2f}x over independent runs each "
+        f"filling its own cache; methods 2-5: {res['speedup_vs_independent_model_after_first']:.2f}x and "
+        f"{res['speedup_vs_independent_cache_after_first']:.2f}x. Reference cache use in the sweep: "
+        f"{runs['sweep_cache']['reference_cache']}. Command: `{res['command']}`.\n"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
@@ -106,8 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", type=float, default=0.5, help="multiply the prompt-heavy lengths")
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--render", metavar="JSON", help="only re-render the table of a saved results file")
     a = ap.parse_args(argv)
+    if a.render:
+        res = json.loads(Path(a.render).read_text())
+        bu.save_results("ref_cache", res, finish(res))
+        return 0
     if a.child:
         print(json.dumps(child(a)))
         return 0
@@ -149,26 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         "batch": a.batch,
         "steps": a.steps,
         "runs": runs,
-        "speedup_vs_independent_model": runs["independent_model"]["train_s"] / runs["sweep_cache"]["train_s"],
-        "speedup_vs_independent_cache": runs["independent_cache"]["train_s"] / runs["sweep_cache"]["train_s"],
     }
-    rows = [
-        [
-            mode,
-            r["train_s"],
-            r["wall_s"],
-            round(r["peak_rss_mb"]),
-            ", ".join(f"{m} {s:.1f}s" for m, s in r["per_method_s"].items()),
-        ]
-        for mode, r in runs.items()
-    ]
-    table = (
-        bu.md_table(["mode", "train s (5 methods)", "process wall s", "peak RSS MiB", "per method"], rows)
-        + f"\n\nSweep speedup: {res['speedup_vs_independent_model']:.2f}x over independent runs with an "
-        f"online reference model, {res['speedup_vs_independent_cache']:.2f}x over independent runs each "
-        f"filling its own cache. Reference cache use in the sweep: {runs['sweep_cache']['reference_cache']}. "
-        f"Command: `{res['command']}`.\n"
-    )
+    table = finish(res)
     bu.save_results("ref_cache", res, table)
     print(table, file=sys.stderr)
     print(json.dumps({k: round(v, 3) for k, v in res.items() if k.startswith("speedup")}))
