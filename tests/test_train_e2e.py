@@ -192,6 +192,42 @@ def test_curry_stages_use_the_previous_stage_as_reference(env: dict[str, Path]) 
     assert records[2]["loss"] == pytest.approx(math.log(2), rel=1e-4)  # stage 2 starts at ρ = 0
 
 
+def test_accelerated_po_rounds_extrapolate_from_the_previous_result(env: dict[str, Path]) -> None:
+    """2 rounds of 1 step, α = 0.5: θ_1 = θ̂_1 + α(θ̂_1 − θ_0), θ_2 = θ̂_2 + α(θ̂_2 − θ̂_1), checked on
+    the checkpoints (which hold θ_t as weights and θ̂_t as `apo_prev`)."""
+    from safetensors.torch import load_file
+
+    run(
+        env,
+        "dpo",
+        "apo",
+        "--rounds",
+        "2",
+        "--apo-alpha",
+        "0.5",
+        "--save-every",
+        "1",
+        "--keep-last",
+        "2",
+        "--lr",
+        "1e-2",
+    )
+    ck = env["root"] / "apo" / "checkpoints"
+    theta0 = load_file(str(env["model"] / "model.safetensors"))
+    w1, hat1 = (
+        load_file(str(ck / "step-1" / "model.safetensors")),
+        load_file(str(ck / "step-1" / "apo_prev.safetensors")),
+    )
+    w2, hat2 = (
+        load_file(str(ck / "step-2" / "model.safetensors")),
+        load_file(str(ck / "step-2" / "apo_prev.safetensors")),
+    )
+    assert any(not torch.equal(hat1[k], theta0[k]) for k in hat1)
+    for k in hat1:
+        torch.testing.assert_close(w1[k], hat1[k] + 0.5 * (hat1[k] - theta0[k]))
+        torch.testing.assert_close(w2[k], hat2[k] + 0.5 * (hat2[k] - hat1[k]))
+
+
 def test_accelerated_po_extrapolates() -> None:
     from preftune.train.setup import extrapolate
 

@@ -120,7 +120,11 @@ class TrainConfig:
     rounds: int = _f(
         1, "Iterative rounds over the data; each round's reference is the policy at its start.", low=1
     )
-    apo_alpha: float = _f(0.0, "Accelerated PO: after each round θ ← θ̂ + α(θ̂ − θ_prev) (0: off).", low=0.0)
+    apo_alpha: float = _f(
+        0.0,
+        "Accelerated PO: after round t, θ ← θ̂_t + α(θ̂_t − θ̂_{t−1}) (θ̂: a round's result before extrapolation; 0: off).",
+        low=0.0,
+    )
     # --- optimisation ---
     epochs: float = _f(
         1.0, "Passes over the training data (ignored when max_steps > 0).", low=0.0, low_open=True

@@ -153,6 +153,7 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
         f"phase(s), batch {config.batch_size} = {world.size} process(es) × micro-batches of {micro}"
     )
     eval_metrics: dict[str, float] = {}
+    apo_prev: dict[str, torch.Tensor] | None = None
     try:
         while phase < len(phases):
             data = phases[phase]
@@ -168,11 +169,9 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
                 resume_state=resume_state if mid else None,
                 resume_weights=extra.get("reference") if mid else None,
             )
-            phase_start = (
-                extra["phase_start"]
-                if (mid and "phase_start" in extra)
-                else (trainable_state(model) if config.apo_alpha else None)
-            )
+            if config.apo_alpha and apo_prev is None:
+                # θ̂_t of Accelerated PO: the previous round's *un-extrapolated* result (θ̂_0 = θ_0)
+                apo_prev = extra["apo_prev"] if "apo_prev" in extra else trainable_state(model)
             resume_state = None
             while step_in_phase < steps[phase]:
                 t0 = time.perf_counter()
@@ -232,8 +231,10 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
                     logger.log({"step": global_step, "split": "train", "phase": phase, **last})
                 progress.update(global_step, last)
                 phase_done = step_in_phase == steps[phase]
-                if phase_done and config.apo_alpha and phase_start is not None:
-                    extrapolate(model, phase_start, config.apo_alpha)
+                if phase_done and apo_prev is not None:
+                    hat = trainable_state(model)
+                    extrapolate(model, apo_prev, config.apo_alpha)  # θ_{t+1} = θ̂_{t+1} + α(θ̂_{t+1} − θ̂_t)
+                    apo_prev = hat
                 if eval_examples and (
                     (config.eval_every and global_step % config.eval_every == 0)
                     or (phase_done and phase == len(phases) - 1)
@@ -262,7 +263,7 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
                         loss_state,
                         config,
                         ref,
-                        phase_start,
+                        apo_prev,
                         world,
                         last,
                     )
@@ -322,7 +323,7 @@ def _save(
     loss_state: dict[str, dict[str, torch.Tensor]],
     config: TrainConfig,
     ref: Any,
-    phase_start: dict[str, torch.Tensor] | None,
+    apo_prev: dict[str, torch.Tensor] | None,
     world: World,
     metrics: dict[str, float],
 ) -> Path:
@@ -330,8 +331,8 @@ def _save(
     moving = ref.moving_weights(position[0], config)
     if moving is not None:
         extra["reference"] = moving
-    if phase_start is not None and position[1] > 0:
-        extra["phase_start"] = phase_start
+    if apo_prev is not None:
+        extra["apo_prev"] = apo_prev
     path = out / "checkpoints" / f"step-{step}"
     if world.is_main:
         state = {

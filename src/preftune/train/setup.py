@@ -132,7 +132,9 @@ def trainable_state(model: Any) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def extrapolate(model: Any, previous: dict[str, torch.Tensor], alpha: float) -> None:
-    """Accelerated PO (He et al. 2024, Alg. 1): θ ← θ̂ + α(θ̂ − θ_prev), Nesterov momentum between rounds."""
+    """Accelerated PO (He et al. 2024, Alg. 1): θ_{t+1} = θ̂_{t+1} + α(θ̂_{t+1} − θ̂_t), Nesterov momentum
+    between rounds; `model` holds θ̂_{t+1}, `previous` is θ̂_t (the previous round's un-extrapolated
+    result, θ̂_0 = θ_0)."""
     for name, p in model.named_parameters():
         if name in previous:
             p.add_(p - previous[name].to(p.device), alpha=alpha)
