@@ -229,5 +229,8 @@ def precompute_reference(
     for key, logp, n, tok in gather(results):
         table.entries[key] = (logp, n, tok)
     if write:
-        table.save()
+        try:
+            table.save()
+        except OSError as err:  # a read-only or full disk must not stop training; the values are in memory
+            log(f"reference: could not write the cache {table.path} ({err.strerror}); continuing without it")
     return CachedReference(table, fingerprint)
