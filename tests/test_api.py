@@ -19,3 +19,16 @@ def test_char_tokenizer_round_trips_newlines_and_reloads(tmp_path):
     assert len(ids) == len(text)  # one token per character, newlines included
     assert tok.unk_token_id not in ids
     assert tok.decode(ids) == text
+
+
+def test_top_level_api_forwards_to_the_trainer(monkeypatch):
+    import preftune
+    import preftune.train.api as api
+
+    seen = []
+    monkeypatch.setattr(api, "train", lambda config: seen.append(config) or "result")
+    assert preftune.train("cfg") == "result" and seen == ["cfg"]
+    # the package stays a package: its submodules import as usual
+    assert preftune.train.api is api
+    assert preftune.losses.get("dpo").name == "dpo"
+    assert preftune.sequence_logps.__module__ == "preftune.models.logprobs"
