@@ -15,6 +15,7 @@ from preftune.tasks.quickstart import (
     QuickstartConfig,
     build_pairs,
     evaluate_accuracy,
+    first_error_prefix,
     prepare,
 )
 from preftune.tasks.sft import SFTConfig, encode
@@ -26,14 +27,18 @@ CARRY_DROPPED = "7+6+0=13 r3\n4+8+0=12 r23\n3+5+1=9 r923\nanswer: 923"
 def test_build_pairs_by_hand() -> None:
     task = ArithmeticTask()
     p = "347+586=\n"
-    pairs, steps, counts = build_pairs(
-        task, [p], [[RIGHT, CARRY_DROPPED, RIGHT, "7+6+0=13 r3"]], pairs_per_prompt=2, seed=0
-    )
+    samples = [[RIGHT, CARRY_DROPPED, RIGHT, "7+6+0=13 r3"]]
+    pairs, steps, counts = build_pairs(task, [p], samples, pairs_per_prompt=2, seed=0, rejected="full")
     # Distinct wrong answers: the carry error and the truncated one; both paired with the right answer.
     assert pairs == [
         {"prompt": p, "chosen": RIGHT, "rejected": CARRY_DROPPED},
         {"prompt": p, "chosen": RIGHT, "rejected": "7+6+0=13 r3"},
     ]
+    # first_error: the carry sample is cut right after the wrong carry digit; the truncated sample
+    # is a prefix of the right answer, so it stays whole (its EOS is the mistake).
+    cut, _, _ = build_pairs(task, [p], samples, pairs_per_prompt=2, seed=0)
+    assert [r["rejected"] for r in cut] == ["7+6+0=13 r3\n4+8+0", "7+6+0=13 r3"]
+    assert first_error_prefix(RIGHT, RIGHT + "\nanswer: 1") == RIGHT + "\n"
     # Step-DPO: context = prompt + the correct line before the error; chosen/rejected = line 1.
     # The truncated sample's first error is a missing line: no step pair for it.
     assert steps == [{"prompt": p + "7+6+0=13 r3\n", "chosen": "4+8+1=13 r33", "rejected": "4+8+0=12 r23"}]
@@ -43,7 +48,7 @@ def test_build_pairs_by_hand() -> None:
 def test_all_wrong_prompt_gets_the_reference_solution_as_chosen() -> None:
     task = ArithmeticTask()
     pairs, _, counts = build_pairs(task, ["347+586=\n"], [[CARRY_DROPPED] * 3], pairs_per_prompt=2, seed=0)
-    assert pairs == [{"prompt": "347+586=\n", "chosen": RIGHT, "rejected": CARRY_DROPPED}]
+    assert pairs == [{"prompt": "347+586=\n", "chosen": RIGHT, "rejected": "7+6+0=13 r3\n4+8+0"}]
     assert counts["reference_chosen"] == 1 and counts["correct"] == 0
     # All right: nothing to prefer.
     assert build_pairs(task, ["347+586=\n"], [[RIGHT] * 2], pairs_per_prompt=2, seed=0)[0] == []
@@ -87,6 +92,7 @@ def test_prepare_writes_labelled_disjoint_data(toy) -> None:
         assert r["prompt"] not in held
         assert task.verify(r["prompt"], r["chosen"]).fully_correct
         assert not task.verify(r["prompt"], r["rejected"]).correct
+        assert r["rejected"][:-1] == r["chosen"][: len(r["rejected"]) - 1]  # cut at the first error
     for r in _rows(art.heldout_path):
         assert r["answer"] == parse_prompt(r["prompt"]).answer
     for r in _rows(art.step_pairs_path):

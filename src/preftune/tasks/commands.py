@@ -31,8 +31,11 @@ def _quickstart(args: argparse.Namespace) -> int:
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from transformers.utils import logging as hf_logging
 
     from preftune.tasks.quickstart import QuickstartConfig, run_quickstart
+
+    hf_logging.disable_progress_bar()  # per-file "Loading weights" bars would drown the stage lines
 
     cfg = QuickstartConfig()
     changes = {
