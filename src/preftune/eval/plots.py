@@ -267,18 +267,26 @@ def plot_kl_vs_accuracy(
     baseline: float | None,
     colors: Mapping[str, str] | None = None,
 ) -> bytes:
-    """Scatter of held-out accuracy against KL to the reference, one labelled point per method.
+    """Scatter of held-out accuracy against KL to the reference, one point per method (named in the legend).
 
     `points` maps a method to (kl_nats, kl_stderr, accuracy in [0, 1]); error bars are ±1 standard error.
-    Up and to the left is better: more accuracy for less drift from the reference.
+    Up and to the left is better: more accuracy for less drift from the reference. Names go in a
+    legend rather than next to the points, where methods with similar results would overprint.
     """
-    fig = Figure(figsize=(6.4, 4.0))
+    fig = Figure(figsize=(7.4, 4.2))
     ax = fig.subplots()
     colors = colors or method_colors(list(points))
     for name, (kl, err, acc) in points.items():
-        color = colors[name]
-        ax.errorbar([kl], [100 * acc], xerr=[err], fmt="o", color=color, markersize=7, capsize=3)
-        ax.annotate(name, (kl, 100 * acc), textcoords="offset points", xytext=(6, 5), fontsize=9, color=color)
+        ax.errorbar(
+            [kl],
+            [100 * acc],
+            xerr=[err],
+            fmt="o",
+            color=colors[name],
+            markersize=7,
+            capsize=3,
+            label=f"{name}: {100 * acc:.1f}%, KL {kl:.3g}",
+        )
     if baseline is not None:
         ax.axhline(
             100 * baseline,
@@ -287,14 +295,15 @@ def plot_kl_vs_accuracy(
             linewidth=1.0,
             label=f"reference model: {100 * baseline:.1f}%",
         )
-        ax.legend(fontsize=8, frameon=False, loc="lower right")
     ax.axvline(0.0, color="#888888", linestyle=":", linewidth=0.9, zorder=0)
+    ax.set_ylim(0, 105)
     _style(
         ax,
         "Accuracy vs. drift from the reference",
-        "KL(policy ‖ reference), nats per response",
+        "KL(policy ‖ reference), nats per response (± 1 s.e.)",
         "held-out accuracy (%)",
     )
+    ax.legend(fontsize=8, frameon=False, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     return _png(fig)
 
