@@ -97,6 +97,15 @@ def test_sweep_shares_the_reference_cache_and_keeps_going_after_a_failure(tmp_pa
         assert f'<figure id="plot-{sid}"><img' in page
     assert "<td>rdpo</td><td>ok</td><td>20</td>" in page and "55.0%" in page and "1.1 ± 0.1" in page
     assert (tmp_path / "sweep" / "dpo" / "report.html").is_file()  # each run gets its own report
+    # chosen log-prob −1 − s/100: mean of the first two steps −1.015, of the last two −1.195 → flagged
+    assert "Best held-out accuracy: dpo with 60.0%." in page
+    assert "Over-optimisation signature (the chosen" in page and "in: dpo, rdpo, simpo" in page
+    # `preftune report SWEEP_DIR` rebuilds the page from sweep.json alone
+    (tmp_path / "sweep" / "sweep.html").unlink()
+    from preftune.cli import main
+
+    assert main(["report", str(tmp_path / "sweep")]) == 0
+    assert "<td>rdpo</td><td>ok</td><td>20</td>" in (tmp_path / "sweep" / "sweep.html").read_text()
 
 
 def test_a_run_that_recomputes_the_reference_is_reported_as_computed(tmp_path):

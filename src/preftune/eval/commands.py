@@ -33,7 +33,14 @@ A method that fails is recorded in the report and the sweep goes on."""
 def _report(args: argparse.Namespace) -> int:
     from preftune.eval.report import write_report
 
-    path = write_report(args.run_dir)
+    folder = Path(args.run_dir)
+    if (folder / "sweep.json").is_file() and not (folder / "metrics.jsonl").is_file():
+        from preftune.eval.sweep import read_sweep
+        from preftune.eval.sweep_report import write_sweep
+
+        print(f"wrote {write_sweep(read_sweep(folder))[1]}")
+        return 0
+    path = write_report(folder)
     print(f"wrote {path}")
     return 0
 
@@ -211,7 +218,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         description="Rebuild RUN_DIR/report.html from RUN_DIR/metrics.jsonl, summary.json and "
         "config.yaml: one self-contained HTML file with plots of every logged metric.",
     )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="folder of a training run (holds metrics.jsonl)")
+    p.add_argument(
+        "run_dir",
+        metavar="RUN_DIR",
+        help="folder of a training run (holds metrics.jsonl) or of a sweep (sweep.json)",
+    )
     p.set_defaults(func=_report)
 
     p = sub.add_parser(

@@ -346,6 +346,21 @@ def prompts_from_data(
     return [list(p) for p in seen]
 
 
+def read_sweep(out_dir: str | Path) -> SweepResult:
+    """A sweep's results back from OUT/sweep.json (to regenerate its report)."""
+    out = Path(out_dir)
+    data = json.loads((out / "sweep.json").read_text(encoding="utf-8"))
+    return SweepResult(
+        out_dir=out,
+        results=[MethodResult(**r) for r in data["results"]],
+        baseline_accuracy=data.get("baseline_accuracy"),
+        cache_dir=data["reference_cache"]["dir"],
+        task_name=data.get("task", "none"),
+        config=data.get("config", {}),
+        seconds=float(data.get("seconds", 0.0)),
+    )
+
+
 def write_sweep_json(result: SweepResult) -> Path:
     path = result.out_dir / "sweep.json"
     path.write_text(json.dumps(result.to_json(), indent=1, default=str), encoding="utf-8")

@@ -64,6 +64,32 @@ def _run_records(result: SweepResult) -> dict[str, list[dict[str, Any]]]:
     return runs
 
 
+def sweep_findings(result: SweepResult, runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """One-line conclusions: the best method against the starting model, and over-optimised runs."""
+    from preftune.eval.diagnose import findings
+
+    notes = []
+    acc = {r.method: r.accuracy for r in result.results if r.status == "ok" and r.accuracy is not None}
+    if acc:
+        best = max(acc, key=lambda m: acc[m])
+        if result.baseline_accuracy is not None:
+            verdict = "above" if acc[best] > result.baseline_accuracy else "not above"
+            notes.append(
+                f"Best held-out accuracy: {best} with {100 * acc[best]:.1f}%, {verdict} the starting "
+                f"model's {100 * result.baseline_accuracy:.1f}%."
+            )
+        else:
+            notes.append(f"Best held-out accuracy: {best} with {100 * acc[best]:.1f}%.")
+    over = [m for m, recs in runs.items() if any(n.startswith("Over-optimisation") for n in findings(recs))]
+    if over:
+        notes.append(
+            "Over-optimisation signature (the chosen responses' log-probability falls while the margin "
+            f"grows) in: {', '.join(over)} — see each run's report; a lower lr, fewer steps or an SFT "
+            "term usually helps."
+        )
+    return notes
+
+
 def build_sweep_html(result: SweepResult) -> str:
     """The sweep page: summary cards, failures, the comparison table, comparison plots, the shared config."""
     ok = [r for r in result.results if r.status == "ok"]
@@ -91,6 +117,14 @@ def build_sweep_html(result: SweepResult) -> str:
         ]
         body.append(f'<h2 id="failures">Failures</h2><ul class="err">{"".join(items)}</ul>')
 
+    runs = _run_records(result)
+    notes = sweep_findings(result, runs)
+    if notes:
+        body.append(
+            '<div class="finding"><b>Findings</b><ul>'
+            + "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+            + "</ul></div>"
+        )
     header, rows = comparison_rows(result.results)
     body.append(
         '<h2 id="comparison">Final metrics per method</h2><p class="about">Train values are the last '
@@ -161,7 +195,6 @@ def build_sweep_html(result: SweepResult) -> str:
             colors=colors,
         )
         body.append(_figure("reward-accuracy", png, "reward accuracy per method"))
-    runs = _run_records(result)
     if runs:
         body.append(
             '<h2 id="curves">Training curves</h2><p class="about">Smoothed train curves of every method. '
