@@ -79,7 +79,9 @@ def prompt_sweep(a: argparse.Namespace, model: Path, work: Path) -> list[dict[st
     points = []
     for i, p in enumerate(int(x) for x in a.prompts.split(",")):
         shape = bu.Shape(f"prompt{p}", (p, p), (a.response, a.response))
-        data = bu.write_jsonl(bu.synth_pairs(shape, a.batch, seed=1), work / f"p{p}.jsonl")
+        rows = bu.synth_pairs(shape, a.batch, seed=1)
+        data = bu.write_jsonl(rows, work / f"p{p}.jsonl")
+        expected = [[q, c + 1, r + 1] for q, c, r in (row["_lengths"] for row in rows)]  # +1: EOS
         point: dict[str, Any] = {"prompt": p, "response": a.response}
         for side in ["trl", "preftune"] if i % 2 == 0 else ["preftune", "trl"]:
             res = bu.run_child(
@@ -104,6 +106,8 @@ def prompt_sweep(a: argparse.Namespace, model: Path, work: Path) -> list[dict[st
                 ],
                 timeout=3600,
             )
+            if res["lengths"] != expected:
+                raise RuntimeError(f"{side} tokenized prompt {p} differently: {res['lengths']} vs {expected}")
             wall, cpu, _ = bu.steps_rate(res["stamps"])
             point[side] = {
                 "s_per_pair": wall / a.batch,
