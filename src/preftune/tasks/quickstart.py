@@ -46,7 +46,7 @@ class QuickstartConfig:
     """Operations drawn."""
     sft: SFTConfig = field(default_factory=SFTConfig)
     """The SFT run."""
-    train_prompts: int = 400
+    train_prompts: int = 800
     """Training prompts sampled for preference data."""
     heldout_prompts: int = 200
     """Held-out prompts for accuracy (never trained on, neither by SFT nor by preference training)."""
@@ -65,11 +65,11 @@ class QuickstartConfig:
     """Samples per held-out prompt for the sampled accuracy."""
     threads: int = 1
     """torch intra-op threads; tiny models are overhead-bound, one thread wastes least on a busy CPU."""
-    max_steps: int = 150
+    max_steps: int = 100
     """Preference-training optimizer steps."""
     batch_size: int = 32
     """Pairs per preference-training step."""
-    lr: float = 3e-4
+    lr: float = 1e-5
     """Preference-training peak learning rate."""
     beta: float = 0.1
     """β of DPO-family methods (ignored by methods without it)."""
