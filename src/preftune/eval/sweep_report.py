@@ -131,7 +131,8 @@ def build_sweep_html(result: SweepResult) -> str:
         "step's; eval values come from the final evaluation on held-out pairs. Task accuracy and KL are "
         f"measured on {html.escape(result.task_name)}: KL(π_θ ‖ π_ref) is a Monte-Carlo estimate from "
         'policy samples (temperature 1), ± one standard error. "reused" in the reference column means '
-        "the run read its reference log-probs from the shared cache without computing any.</p>"
+        "the run read its reference log-probs from the shared cache without computing any; the time of a "
+        'run marked "computed" includes that reference pass.</p>'
     )
     body.append(html_table(header, rows))
     links = [
