@@ -2,12 +2,13 @@
 
 `builtin_task(folder)` runs the quickstart's preparation once (SFT from scratch, self-sampled and
 verifier-labelled pairs, held-out prompts, the SFT model's accuracy) and records what it made in
-`folder/task.json`; a later sweep into the same folder with the same seed reuses it instead of
-training the SFT model again.
+`folder/task.json`; a later sweep into the same folder with the same seed and the same quickstart
+recipe (QuickstartConfig) reuses it instead of training the SFT model again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 from collections.abc import Callable
@@ -31,17 +32,24 @@ def _quickstart() -> Any:
 
 def _prepared(folder: Path, seed: int, log: Callable[[str], None]) -> dict[str, Any]:
     """The manifest of a preparation in `folder`: reused when it matches `seed`, else made now."""
+    quickstart = _quickstart()
+    qcfg = quickstart.QuickstartConfig()
+    fields = dataclasses.asdict(qcfg) if dataclasses.is_dataclass(qcfg) and not isinstance(qcfg, type) else {}
+    recipe = json.loads(json.dumps(fields, default=str))  # as it reads back from task.json
+        json.dumps(dataclasses.asdict(qcfg) if dataclasses.is_dataclass(qcfg) else {}, default=str)
+    )
     path = folder / MANIFEST
     if path.is_file():
         manifest = json.loads(path.read_text(encoding="utf-8"))
         paths = [manifest.get(k, "") for k in ("sft_dir", "pairs_path", "eval_pairs_path")]
-        if manifest.get("seed") == seed and all(p and Path(p).exists() for p in paths):
+        same = manifest.get("seed") == seed and manifest.get("recipe", recipe) == recipe
+        if same and all(p and Path(p).exists() for p in paths):
             log(f"sweep: reusing the prepared task in {folder} (SFT model and pairs; delete it to rebuild)")
             return dict(manifest)
-    quickstart = _quickstart()
-    art = quickstart.prepare(folder, seed=seed, config=quickstart.QuickstartConfig(), log=log)
+    art = quickstart.prepare(folder, seed=seed, config=qcfg, log=log)
     manifest = {
         "seed": seed,
+        "recipe": recipe,
         "level": art.task.level,
         "ops": art.task.ops,
         "sft_dir": str(art.sft_dir),
