@@ -195,3 +195,6 @@ def test_builtin_task_reuses_a_prepared_folder_with_the_same_seed(tmp_path, monk
     assert task.prompts[0][:2] == [57, 58] and len(task.prompts) == 2
     with pytest.raises(AssertionError, match="must not run again"):  # another seed: a fresh preparation
         builtin.builtin_task(tmp_path, seed=1, log=lambda _m: None)
+    (tmp_path / "task.json").write_text(json.dumps({**manifest, "recipe": {"max_steps": 150}}))
+    with pytest.raises(AssertionError, match="must not run again"):  # another recipe: a fresh preparation
+        builtin.builtin_task(tmp_path, seed=0, log=lambda _m: None)

@@ -36,8 +36,6 @@ def _prepared(folder: Path, seed: int, log: Callable[[str], None]) -> dict[str, 
     qcfg = quickstart.QuickstartConfig()
     fields = dataclasses.asdict(qcfg) if dataclasses.is_dataclass(qcfg) and not isinstance(qcfg, type) else {}
     recipe = json.loads(json.dumps(fields, default=str))  # as it reads back from task.json
-        json.dumps(dataclasses.asdict(qcfg) if dataclasses.is_dataclass(qcfg) else {}, default=str)
-    )
     path = folder / MANIFEST
     if path.is_file():
         manifest = json.loads(path.read_text(encoding="utf-8"))
