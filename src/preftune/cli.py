@@ -15,8 +15,8 @@ from preftune import __version__
 from preftune.errors import PreftuneError
 
 COMMAND_MODULES: tuple[str, ...] = (
-    "preftune.train.commands",  # train, sweep
-    "preftune.eval.commands",  # eval, report
+    "preftune.train.commands",  # train
+    "preftune.eval.commands",  # eval, report, sweep
     "preftune.tasks.commands",  # quickstart
     "preftune.data.commands",  # data check
     "preftune.losses.commands",  # losses
