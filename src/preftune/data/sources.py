@@ -239,18 +239,27 @@ def read_jsonl(path: Path) -> SourceData:
     return data
 
 
-def read_json(path: Path) -> SourceData:
-    """A JSON array of objects; ROW is the 1-based index in the array. JSON lines in a .json file
-    are read as JSONL."""
+def read_text(path: Path) -> str | SourceData:
+    """The whole file decoded as UTF-8 (a BOM allowed), or a `SourceData` holding the problem:
+    an empty file, or non-UTF-8 bytes reported at their 1-based line."""
     label = str(path)
     raw = path.read_bytes()
     if not raw.strip():
         return SourceData(label, problems=[_empty(label)])
     try:
-        text = raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
         return SourceData(label, problems=[_bad_utf8(label, line, err)])
+
+
+def read_json(path: Path) -> SourceData:
+    """A JSON array of objects; ROW is the 1-based index in the array. JSON lines in a .json file
+    are read as JSONL."""
+    label = str(path)
+    text = read_text(path)
+    if isinstance(text, SourceData):
+        return text
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from preftune.data.sources import Problem, SourceData, _bad_utf8, _empty, _from_dicts
+from preftune.data.sources import Problem, SourceData, _empty, _from_dicts, read_text
 from preftune.errors import ConfigError, DataError
 
 # Fields whose CSV cells hold JSON (message lists, lists of responses or numbers).
@@ -75,14 +75,9 @@ def read_csv(path: Path) -> SourceData:
     true/false (or a number for soft pairwise labels). Empty cells of optional fields are absent.
     """
     label = str(path)
-    raw = path.read_bytes()
-    if not raw.strip():
-        return SourceData(label, problems=[_empty(label)])
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        return SourceData(label, problems=[_bad_utf8(label, line, err)])
+    text = read_text(path)
+    if isinstance(text, SourceData):
+        return text
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     data = SourceData(label)
