@@ -254,6 +254,12 @@ def measure_shape(
     }
 
 
+def best_of(r: dict[str, Any]) -> float:
+    """Speedup from each side's fastest repetition. Other load on a shared machine only ever slows
+    a run down, so the least-disturbed repetition is the best estimate of the undisturbed speed."""
+    return max(x["pairs_s"] for x in r["runs"]["preftune"]) / max(x["pairs_s"] for x in r["runs"]["trl"])
+
+
 def render_table(res: dict[str, Any]) -> str:
     rows = []
     for name, r in res["shapes"].items():
@@ -287,6 +293,7 @@ def render_table(res: dict[str, Any]) -> str:
             r["speedup"],
             r["speedup_paired_median"],
             r["speedup_cpu_time"],
+            best_of(r),
             r["memory_ratio"],
             r["max_abs_loss_diff"],
         ]
@@ -294,7 +301,7 @@ def render_table(res: dict[str, Any]) -> str:
     ]
     return (
         f"{bu.md_table(head, rows)}\n\n"
-        f"{bu.md_table(['shape', 'speedup (median pairs/s)', 'speedup (paired median)', 'speedup (CPU time)', 'memory ratio', 'max abs loss diff'], ratios)}\n\n"
+        f"{bu.md_table(['shape', 'speedup (median pairs/s)', 'speedup (paired median)', 'speedup (CPU time)', 'speedup (best of reps)', 'memory ratio', 'max abs loss diff'], ratios)}\n\n"
         f"Command: `{res['command']}`; {res['reps']} repetitions × {res['steps']} steps of {res['batch']} pairs, "
         f"model {res['params']['total'] / 1e6:.1f}M params; matmul peak {res['matmul_peak_flops'] / 1e9:.1f} GFLOP/s.\n"
     )
@@ -323,7 +330,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peak-seconds", type=float, default=3.0)
     ap.add_argument("--child-timeout", type=float, default=1800.0)
     ap.add_argument("--name", default=None, help="results file stem (default dpo_vs_trl[_quick])")
+    ap.add_argument(
+        "--render", metavar="JSON", help="only re-render the markdown table of a saved results file"
+    )
     a = ap.parse_args(argv)
+    if a.render:
+        path = Path(a.render)
+        res = json.loads(path.read_text())
+        bu.save_results(path.stem, res, render_table(res))
+        return 0
     if a.child:
         fn = {"trl": child_trl, "preftune": child_preftune, "peak": child_peak}[a.child]
         out = fn(a)
@@ -366,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     headline = {f"speedup_{n}": round(r["speedup"], 3) for n, r in shapes.items()}
     headline.update({f"memory_ratio_{n}": round(r["memory_ratio"], 3) for n, r in shapes.items()})
     headline.update({f"max_abs_loss_diff_{n}": r["max_abs_loss_diff"] for n, r in shapes.items()})
+    headline.update({f"speedup_best_of_reps_{n}": round(best_of(r), 3) for n, r in shapes.items()})
     headline["elapsed_s"] = round(res["elapsed_s"], 1)
     print(json.dumps(headline))
     return 0
