@@ -112,6 +112,33 @@ def test_prepare_accuracy_is_reproducible_and_in_range(toy) -> None:
     assert all(art.task.reward(p, art.task.solution(parse_prompt(p))) == 1.0 for p in art.heldout_prompts)
 
 
+def test_greedy_mistakes_are_the_first_rejected_of_their_prompt(toy) -> None:
+    from preftune.tasks.quickstart import sample_responses
+
+    art, _ = toy
+    task = art.task
+    assert TOY.include_greedy
+    # The same training prompts prepare() drew (seed 3), greedy-decoded in the same single batch.
+    prompts = [
+        p.prompt for p in task.problems(TOY.train_prompts, seed=20_003, exclude=set(art.heldout_prompts))
+    ]
+    greedy = [
+        r[0] for r in sample_responses(art.sft_dir, task, prompts, num_samples=1, temperature=0, seed=3)
+    ]
+    # K sampled + 1 greedy response per prompt were labelled.
+    assert art.stats["sampling"]["samples"] == TOY.train_prompts * (TOY.samples_per_prompt + 1)
+    first: dict[str, str] = {}
+    for r in _rows(art.pairs_path) + _rows(art.eval_pairs_path):
+        first.setdefault(r["prompt"], r["rejected"])
+    checked = 0
+    for p, g in zip(prompts, greedy):
+        cut = first_error_prefix(task.solution(parse_prompt(p)), g)
+        if not task.verify(p, g).correct and cut.strip():
+            assert first[p] == cut
+            checked += 1
+    assert checked > 0  # the toy model (25 SFT steps) makes greedy mistakes
+
+
 def test_trainer_sees_the_same_token_ids_as_sft_and_generation(toy) -> None:
     from transformers import AutoTokenizer
 
