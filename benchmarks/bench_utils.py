@@ -159,6 +159,34 @@ def write_jsonl(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def preftune_config(
+    *, model: str, data: str, out: str | Path, steps: int, batch: int, **overrides: Any
+) -> Any:
+    """The preftune `TrainConfig` every benchmark shares: DPO, float32, one micro-batch per step,
+    constant lr 1e-5 with no warm-up, seed 0, no checkpoints, no progress bar; `overrides` win."""
+    from preftune.config import TrainConfig
+
+    settings: dict[str, Any] = {
+        "method": "dpo",
+        "model": model,
+        "data": data,
+        "out": str(out),
+        "dtype": "float32",
+        "max_steps": steps,
+        "batch_size": batch,
+        "micro_batch_size": batch,
+        "lr": 1e-5,
+        "scheduler": "constant",
+        "warmup_steps": 0,
+        "warmup_ratio": 0.0,
+        "seed": 0,
+        "save_every": 0,
+        "progress": False,
+    }
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
 def install_step_clock() -> list[tuple[float, float]]:
     """Record (wall `perf_counter`, process CPU `process_time`) after every optimizer step of any
     torch optimizer in this process.

@@ -116,33 +116,24 @@ def child_trl(a: argparse.Namespace) -> dict[str, Any]:
 
 def child_preftune(a: argparse.Namespace) -> dict[str, Any]:
     stamps = bu.install_step_clock()
-    from preftune.config import TrainConfig
     from preftune.train.api import train
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(
-            method="dpo",
+        cfg = bu.preftune_config(
             model=a.model,
             data=a.data,
-            out=str(Path(tmp) / "run"),
+            out=Path(tmp) / "run",
+            steps=a.steps,
+            batch=a.batch,
             hparams={"beta": a.beta},
             reference="model",
             ref_model=a.model,
-            dtype="float32",
             gradient_checkpointing=False,
-            max_steps=a.steps,
-            batch_size=a.batch,
-            micro_batch_size=a.batch,
             lr=a.lr,
-            scheduler="constant",
-            warmup_steps=0,
-            warmup_ratio=0.0,
             weight_decay=0.0,
             max_grad_norm=1.0,
             optimizer="adamw",
             seed=a.seed,
-            save_every=0,
-            progress=False,
             cache_dir=str(Path(tmp) / "cache"),
         )
         train(cfg)

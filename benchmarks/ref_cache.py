@@ -34,25 +34,7 @@ MODES = ["sweep_cache", "independent_model", "independent_cache"]
 
 
 def base_config(a: argparse.Namespace, out: Path) -> Any:
-    from preftune.config import TrainConfig
-
-    return TrainConfig(
-        method="dpo",
-        model=a.model,
-        data=a.data,
-        out=str(out),
-        dtype="float32",
-        max_steps=a.steps,
-        batch_size=a.batch,
-        micro_batch_size=a.batch,
-        lr=1e-5,
-        scheduler="constant",
-        warmup_steps=0,
-        warmup_ratio=0.0,
-        seed=0,
-        save_every=0,
-        progress=False,
-    )
+    return bu.preftune_config(model=a.model, data=a.data, out=out, steps=a.steps, batch=a.batch)
 
 
 def child(a: argparse.Namespace) -> dict[str, Any]:

@@ -30,29 +30,19 @@ HERE = Path(__file__).resolve().parent
 
 def child_listwise(a: argparse.Namespace) -> dict[str, Any]:
     stamps = bu.install_step_clock()
-    from preftune.config import TrainConfig
     from preftune.train.api import train
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(
-            method="listwise_pl",
+        cfg = bu.preftune_config(
             model=a.model,
             data=a.data,
-            out=str(Path(tmp) / "run"),
+            out=Path(tmp) / "run",
+            steps=a.steps,
+            batch=a.batch,
+            method="listwise_pl",
             hparams={"beta": 0.1},
             reference="model",
             ref_model=a.model,
-            dtype="float32",
-            max_steps=a.steps,
-            batch_size=a.batch,
-            micro_batch_size=a.batch,
-            lr=1e-5,
-            scheduler="constant",
-            warmup_steps=0,
-            warmup_ratio=0.0,
-            seed=0,
-            save_every=0,
-            progress=False,
             cache_dir=str(Path(tmp) / "cache"),
         )
         train(cfg)
