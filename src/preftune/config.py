@@ -66,6 +66,11 @@ class TrainConfig:
     max_prompt_length: int | None = _f(
         None, "Truncate the prompt (from the left) to this many tokens.", low=1
     )
+    add_eos: bool = _f(
+        True,
+        "Append EOS to every response; false for responses cut mid-answer (step-level or "
+        "first-error pairs), where an EOS would be a token the model never meant to emit.",
+    )
     on_invalid: str = _f(
         "error",
         "What to do with an invalid record: 'error' or 'drop' (counted in the log).",

@@ -159,6 +159,7 @@ def prepare_examples(
     use_chat_template: bool | None = None,
     num_proc: int | None = None,
     use_cache: bool = True,
+    add_eos: bool = True,
 ) -> PreparedData:
     """Read, validate, format, tokenize (or load from the cache) the records of `source`.
 
@@ -172,6 +173,8 @@ def prepare_examples(
     ranked_pairs:  turn ranked examples into pairwise ones: best_vs_worst | best_vs_each | all_pairs.
     chat_template: Jinja text or a file that replaces the tokenizer's template.
     num_proc:      tokenizer processes (default 2 for more than 20k rows on a 2+ core machine).
+
+    add_eos:       append EOS to every response (False for responses cut mid-answer).
 
     Rows whose prompt cannot fit `max_length` are always dropped and counted.
     """
@@ -191,6 +194,7 @@ def prepare_examples(
             use_chat_template=use_chat_template,
             num_proc=num_proc,
             use_cache=use_cache,
+            add_eos=add_eos,
         )
 
 
@@ -210,6 +214,7 @@ def _prepare(
     use_chat_template: bool | None,
     num_proc: int | None,
     use_cache: bool,
+    add_eos: bool,
 ) -> PreparedData:
     start = time.perf_counter()
     if on_invalid not in ON_INVALID:
@@ -218,7 +223,9 @@ def _prepare(
         raise ConfigError(f"ranked_pairs='{ranked_pairs}' — use one of {', '.join(RANKED_PAIRS)}")
     cols = parse_columns(columns)
     tok = load_tokenizer(tok_arg)
-    fmt = FormatOptions(chat_template=_read_template(chat_template), use_chat_template=use_chat_template)
+    fmt = FormatOptions(
+        chat_template=_read_template(chat_template), use_chat_template=use_chat_template, add_eos=add_eos
+    )
     trunc = Truncation(max_length, max_prompt_length)
     label = "<records>" if isinstance(source, list) else str(source)
     key = json.dumps(

@@ -48,6 +48,7 @@ def load_examples(
         max_prompt_length=config.max_prompt_length,
         on_invalid=config.on_invalid,
         cache_dir=config.cache_dir,
+        add_eos=config.add_eos,
     )
     examples = prepared.examples
     if objective.kind == "pairwise" and any(e.kind == "ranked" for e in examples):
