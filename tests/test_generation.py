@@ -13,14 +13,7 @@ from preftune.generation import generate, sample_next
 VOCAB = 40
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # A model this small is dominated by per-op overhead; on a busy 2-core machine a second
-    # intra-op thread only adds waiting. Restored after the module.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

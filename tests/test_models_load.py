@@ -11,13 +11,7 @@ from preftune.errors import ConfigError
 from preftune.models.load import LoraSettings, load_causal_lm
 from preftune.models.tiny import TINY_ARCHS, save_tiny_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
