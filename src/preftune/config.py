@@ -92,6 +92,11 @@ class TrainConfig:
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input.", low=0.0, high=1.0, high_open=True)
     lora_target_modules: str = _f("all-linear", "Comma-separated module names to adapt, or 'all-linear'.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    fsdp: bool = _f(
+        False,
+        "Under torchrun: shard weights, gradients and optimizer state over the processes (FSDP2) "
+        "instead of a full copy on each (data parallel). Full fine-tuning with a cached or no reference.",
+    )
     # --- reference ---
     reference: str = _f(
         "auto",
@@ -424,9 +429,26 @@ def validate(config: TrainConfig) -> list[tuple[Any, float, dict[str, Any]]]:
             "a moving reference model (TR-DPO sync, stages, rounds) needs full fine-tuning, "
             "not lora — or use reference=cache for stages/rounds"
         )
+    if config.fsdp:
+        _check_fsdp(config, strategy)
     if (config.stages > 1 or config.rounds > 1) and not needs_ref:
         raise ConfigError("stages and rounds move the reference between stages; the method uses none")
     return objective
+
+
+def _check_fsdp(config: TrainConfig, strategy: str) -> None:
+    """What the FSDP2 path does not cover yet, each with the way out."""
+    if config.lora:
+        raise ConfigError(
+            "fsdp: LoRA runs keep a full copy per process anyway — set fsdp=false (data parallel)"
+        )
+    if strategy in ("model", "adapter"):
+        raise ConfigError(
+            f"fsdp: reference='{strategy}' is not supported with fsdp — use reference=cache (the default), "
+            "or fsdp=false"
+        )
+    if config.apo_alpha:
+        raise ConfigError("fsdp: apo_alpha (Accelerated PO) is not supported with fsdp — set fsdp=false")
 
 
 def _check_optimizer(name: str) -> None:

@@ -228,6 +228,16 @@ def example_stats(
     these sums); lengths [N]; token_logps [N, T] when asked. `max_tokens_per_row` caps a packed row
     (default: the longest example). `pack=False` forces padded rows.
     """
+    if getattr(model, "is_sharded_policy", False):  # FSDP2 root: its forward runs this function
+        logps, lengths, matrix = model(
+            examples,
+            token_logps,
+            temperature=temperature,
+            max_tokens_per_row=max_tokens_per_row,
+            pack=pack,
+            chunk_tokens=chunk_tokens,
+        )
+        return SequenceStats(logps=logps, lengths=lengths, token_logps=matrix)
     prompts = [e.prompt_ids for e in examples]
     branches = [e.response_ids for e in examples]
     rows = [e.source_row for e in examples]

@@ -62,6 +62,8 @@ def model_fingerprint(model: Any, *, adapters: bool = True) -> str:
     for name, t in model.state_dict().items():
         if not adapters and "lora_" in name:
             continue
+        full = getattr(t, "full_tensor", None)  # a sharded (FSDP) weight: gather it, all ranks in step
+        t = full() if full is not None else t
         h.update(f"{tuple(t.shape)}{t.dtype}".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -200,11 +202,14 @@ def precompute_reference(
     gather: Callable[[list[Any]], list[Any]] = lambda x: x,
     shard: tuple[int, int] = (0, 1),
     write: bool = True,
+    equal_forwards: bool = False,
 ) -> CachedReference:
     """Fill the reference cache of `model` for every sequence of `example_sets`; return the lookup.
 
     `shard=(rank, size)` splits the missing sequences across processes; `gather` concatenates the
     per-rank results (identity in one process); only the process with `write=True` writes the file.
+    `equal_forwards`: `model` is sharded (FSDP), so every rank runs as many forward passes as the rank
+    with the most sequences (the others repeat one, discarded).
     """
     fingerprint = model_fingerprint(model, adapters=not adapter_off)
     table = ReferenceTable(cache_dir / "reference" / f"{fingerprint}.safetensors")
@@ -218,8 +223,15 @@ def precompute_reference(
     rank, size = shard
     mine = missing[rank::size]
     results: list[tuple[bytes, float, int, torch.Tensor | None]] = []
-    for i in range(0, len(mine), batch_size):
+    # A sharded model runs collectives in each forward: every rank runs as many as the busiest one.
+    passes = -(-len(missing[::size]) // batch_size) if equal_forwards else -(-len(mine) // batch_size)
+    for i in range(0, passes * batch_size, batch_size):
         chunk = mine[i : i + batch_size]
+        if not chunk:
+            _model_stats(
+                model, [Example(prompt_ids=missing[0][1], response_ids=[missing[0][2]])], False, False
+            )
+            continue
         exs = [Example(prompt_ids=p, response_ids=[r]) for _, p, r in chunk]
         st = _model_stats(model, exs, token_logps, adapter_off)
         for j, (key, _, _) in enumerate(chunk):

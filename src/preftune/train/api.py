@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,8 @@ def train(config: TrainConfig) -> RunResult:
 
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars would interleave with ours
     world = init_world()
+    if config.fsdp and world.size > 1:  # one process has nothing to shard: it trains unsharded
+        world = replace(world, fsdp=True)
     try:
         return _train(config, objective, world)
     finally:
@@ -113,6 +115,20 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
 
     model = load_policy(config, world)
     broadcast_params(model, world)
+    resume_path = ckpt.find_resume(out, config.resume) if config.resume else None
+    if resume_path is not None:
+        written_sharded = bool(ckpt.trainer_state(resume_path).get("fsdp", False))
+        if written_sharded != world.fsdp:
+            raise TrainingError(
+                f"resume: {resume_path} was written with fsdp={str(written_sharded).lower()}; "
+                f"resume with the same setting (its optimizer state is stored differently)"
+            )
+    if world.fsdp:
+        from preftune.models.sharding import shard_policy
+
+        if resume_path is not None:
+            ckpt.load_weights(model, resume_path)  # whole weights into the whole model, then shard
+        model = shard_policy(model, device=world.device, world_size=world.size)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, config)
@@ -124,10 +140,15 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
     resume_state: dict[str, Any] | None = None
     extra: dict[str, dict[str, torch.Tensor]] = {}
     last_good: Path | None = None
-    if config.resume:
-        path = ckpt.find_resume(out, config.resume)
+    if resume_path is not None:
+        path = resume_path
         resume_state, loss_state, extra = ckpt.load_checkpoint(
-            path, model=model, optimizer=optimizer, scheduler=scheduler
+            path,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            weights=not world.fsdp,
+            load_optimizer=_fsdp_optimizer_loader(model, optimizer) if world.fsdp else None,
         )
         phase, step_in_phase = int(resume_state["phase"]), int(resume_state["step_in_phase"])
         global_step, last_good = int(resume_state["step"]), path
@@ -273,8 +294,15 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
         progress.close()
         logger.close()
     final = out / "final"
-    if world.is_main:
+    if world.fsdp:
+        from preftune.models.sharding import full_state_dict
+
+        whole = full_state_dict(model, keep=world.is_main)  # a collective: every rank takes part
+        if world.is_main:
+            save_final(model.lm, tokenizer, final, state_dict=whole)
+    elif world.is_main:
         save_final(model, tokenizer, final)
+    if world.is_main:
         summary = {
             "method": config.method,
             "steps": global_step,
@@ -334,6 +362,12 @@ def _save(
     if apo_prev is not None:
         extra["apo_prev"] = apo_prev
     path = out / "checkpoints" / f"step-{step}"
+    weights = optimizer_state = None
+    if world.fsdp:  # gather whole tensors first: collectives, so every rank takes part
+        from preftune.models.sharding import checkpoint_weights, full_optimizer_state
+
+        weights = checkpoint_weights(model, keep=world.is_main)
+        optimizer_state = full_optimizer_state(model, optimizer)
     if world.is_main:
         state = {
             "phase": position[0],
@@ -341,6 +375,7 @@ def _save(
             "total_steps": total,
             "reference_fingerprint": ref.fingerprint,
             "metrics": metrics,
+            "fsdp": world.fsdp,
         }
         path = ckpt.save_checkpoint(
             out / "checkpoints",
@@ -352,6 +387,15 @@ def _save(
             loss_state=loss_state,
             keep_last=config.keep_last,
             extra=extra,
+            weights=weights,
+            optimizer_state=optimizer_state,
         )
     barrier(world)
     return path
+
+
+def _fsdp_optimizer_loader(model: Any, optimizer: Any) -> Any:
+    """Load a checkpoint's optimizer state into the sharded optimizer (each rank keeps its shard)."""
+    from preftune.models.sharding import load_full_optimizer_state
+
+    return lambda state: load_full_optimizer_state(model, optimizer, state)

@@ -21,6 +21,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,21 +99,32 @@ def save_checkpoint(
     loss_state: dict[str, dict[str, torch.Tensor]],
     keep_last: int,
     extra: dict[str, dict[str, torch.Tensor]] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `root/step-{step}/` atomically, then delete all but the newest `keep_last`; return the folder."""
+    """Write `root/step-{step}/` atomically, then delete all but the newest `keep_last`; return the folder.
+
+    `weights` / `optimizer_state`: already gathered whole (a sharded FSDP policy, see
+    `preftune.models.sharding`), written instead of `model`'s and `optimizer`'s own state.
+    """
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    _save_weights(model, tmp)
+    if weights is not None:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+    else:
+        _save_weights(model, tmp)
     for name, tensors in (extra or {}).items():
         save_file(
             {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()},
             str(tmp / f"{name}.safetensors"),
         )
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(
+        optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt"
+    )
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     flat = {
@@ -165,12 +177,35 @@ def find_resume(out: Path, resume: str) -> Path:
     return found[-1]
 
 
-def load_checkpoint(
-    path: Path, *, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any
-) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]], dict[str, dict[str, torch.Tensor]]]:
-    """Restore weights, optimizer, scheduler and RNG from `path`; return (trainer_state, loss_state, extra)."""
+def trainer_state(path: Path) -> dict[str, Any]:
+    """The checkpoint's trainer_state.json (step, position, how it was written)."""
+    return json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+
+
+def load_weights(model: Any, path: Path) -> None:
+    """The checkpoint's model weights into `model` (before FSDP shards it: a sharded model loads whole
+    weights this way, then shards them)."""
     _load_weights(model, path)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+
+
+def load_checkpoint(
+    path: Path,
+    *,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    weights: bool = True,
+    load_optimizer: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]], dict[str, dict[str, torch.Tensor]]]:
+    """Restore weights, optimizer, scheduler and RNG from `path`; return (trainer_state, loss_state, extra).
+
+    `weights=False`: the weights were loaded already (`load_weights`, FSDP); `load_optimizer`: how to
+    load the saved optimizer state (FSDP: a whole state keyed by parameter name), else its load_state_dict.
+    """
+    if weights:
+        _load_weights(model, path)
+    saved = torch.load(path / "optimizer.pt", weights_only=False)
+    (load_optimizer or optimizer.load_state_dict)(saved)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     loss_state: dict[str, dict[str, torch.Tensor]] = {}

@@ -24,6 +24,9 @@ class World:
     size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    fsdp: bool = False
+    """The policy is sharded (FSDP2): every forward/backward is a collective, so all ranks must run
+    the same number of them, and FSDP reduces the gradients itself."""
 
     @property
     def is_main(self) -> bool:

@@ -88,7 +88,15 @@ def objective_on_batch(
     sums = MetricSums()
     mine = shard(global_batch, world.rank, world.size)
     first_names: set[str] = set()
-    for micro in micro_batches(mine, micro_batch_size):
+    groups = micro_batches(mine, micro_batch_size)
+    for _ in range(padding_forwards(len(global_batch), len(groups), micro_batch_size, world)):
+        # FSDP: this rank has fewer micro-batches than another; a zero-weighted pass keeps the
+        # collectives (one all-gather per unit per forward, one reduce-scatter per backward) in step.
+        with torch.set_grad_enabled(backward):
+            dummy = example_stats(model, [global_batch[0]])
+            if backward:
+                (dummy.logps.sum() * 0.0).backward()
+    for micro in groups:
         with torch.set_grad_enabled(backward):
             policy = example_stats(model, micro, token_logps=need_tok)
             ref = reference.stats(micro, token_logps=need_tok) if reference is not None else None
@@ -116,6 +124,15 @@ def objective_on_batch(
     return sums
 
 
+def padding_forwards(global_count: int, own_groups: int, micro_batch_size: int, world: World) -> int:
+    """Zero-weighted forwards this rank adds so that every rank runs as many as the busiest one (FSDP
+    only: the busiest rank holds ceil(global_count / world size) examples)."""
+    if not world.fsdp or global_count == 0:
+        return 0
+    busiest = -(-global_count // world.size)
+    return -(-busiest // micro_batch_size) - own_groups
+
+
 def gather_sums(sums: MetricSums, world: World) -> dict[str, float]:
     """Merge every rank's sums; return the step's metrics (identical on every rank)."""
     if world.size > 1:
@@ -131,11 +148,16 @@ def gather_sums(sums: MetricSums, world: World) -> dict[str, float]:
 
 
 def reduce_gradients(params: list[torch.nn.Parameter], world: World, max_grad_norm: float) -> float:
-    """SUM gradients over ranks, clip the global norm (when > 0), return the norm before clipping."""
-    all_reduce_grads(params, world)
+    """SUM gradients over ranks, clip the global norm (when > 0), return the norm before clipping.
+
+    Under FSDP the backward pass has already reduce-scattered the gradients (a SUM, see
+    `preftune.models.sharding`); the norm of sharded gradients is a DTensor over all shards."""
+    if not world.fsdp:
+        all_reduce_grads(params, world)
     limit = max_grad_norm if max_grad_norm > 0 else float("inf")
     norm = torch.nn.utils.clip_grad_norm_(params, limit, error_if_nonfinite=False)
-    return float(norm)
+    full = getattr(norm, "full_tensor", None)
+    return float(full() if full is not None else norm)
 
 
 def sync_loss_state(loss_state: dict[str, dict[str, torch.Tensor]], world: World) -> None:

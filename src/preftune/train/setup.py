@@ -219,6 +219,7 @@ def setup_reference(
         gather=gather,
         shard=(world.rank, world.size),
         write=write,
+        equal_forwards=world.fsdp and not temporary,
     )
     if temporary:
         del source
@@ -238,14 +239,19 @@ def _gatherer(world: World) -> tuple[Callable[[list[Any]], list[Any]], bool]:
     return gather, world.is_main
 
 
-def save_final(model: Any, tokenizer: Any, folder: Path) -> None:
-    """OUT/final/: a standard Hugging Face folder (safetensors, or the PEFT adapter) with the tokenizer."""
+def save_final(
+    model: Any, tokenizer: Any, folder: Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
+    """OUT/final/: a standard Hugging Face folder (safetensors, or the PEFT adapter) with the tokenizer.
+
+    `state_dict`: whole weights gathered from a sharded (FSDP) `model`, written under its config."""
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         import shutil
 
         shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    whole = {} if state_dict is None else {"state_dict": state_dict}
+    model.save_pretrained(str(tmp), safe_serialization=True, **whole)
     tokenizer.save_pretrained(str(tmp))
     if folder.exists():
         import shutil

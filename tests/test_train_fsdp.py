@@ -1,0 +1,154 @@
+"""FSDP2 (`fsdp: true`) under `torchrun --nproc_per_node 2` on CPU (gloo): the same run as one unsharded
+process with the same global batch, with uneven per-rank shares (padding forwards), an exact resume
+from a sharded checkpoint, and a final folder `from_pretrained` loads. Slow: it starts interpreters."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from preftune.cli import main
+from preftune.config import TrainConfig, validate
+from preftune.errors import ConfigError
+from preftune.train.distributed import World
+from preftune.train.loop import padding_forwards
+from test_train_distributed import free_port
+from test_train_fixtures import pair_rows, tiny_model, write_jsonl
+
+
+def test_padding_forwards_evens_out_the_ranks() -> None:
+    two = World(rank=1, size=2, fsdp=True)
+    # 7 examples over 2 ranks: rank 0 has 4, rank 1 has 3; micro-batches of 3 → 2 vs 1 forwards.
+    assert padding_forwards(7, own_groups=1, micro_batch_size=3, world=two) == 1
+    assert padding_forwards(7, own_groups=2, micro_batch_size=3, world=World(size=2, fsdp=True)) == 0
+    # 1 example over 2 ranks: the empty rank still runs one forward.
+    assert padding_forwards(1, own_groups=0, micro_batch_size=4, world=two) == 1
+    # data parallel needs none: its only collective is the gradient all-reduce after the step
+    assert padding_forwards(7, own_groups=1, micro_batch_size=3, world=World(rank=1, size=2)) == 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ({"lora": True}, "LoRA"),
+        ({"reference": "model"}, "reference='model'"),
+        ({"rounds": 2, "apo_alpha": 0.5}, "apo_alpha"),
+    ],
+)
+def test_fsdp_config_limits_are_named(extra: dict[str, object], needle: str) -> None:
+    config = TrainConfig(method="dpo", model="m", data="d", out="o", fsdp=True, **extra)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="fsdp") as err:
+        validate(config)
+    assert needle in str(err.value)
+
+
+def _torchrun(args: list[str]) -> subprocess.CompletedProcess[str]:
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "preftune", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2's tiny config ties the head to the embeddings
+def test_fsdp_two_processes_equal_one_and_resume(tmp_path: Path, arch: str) -> None:
+    model = tiny_model(tmp_path / "model", arch=arch)
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(21))
+    evals = write_jsonl(tmp_path / "eval.jsonl", pair_rows(7, seed=1))  # evaluation pads like training
+    args = [
+        "train",
+        "dpo:1.0,sft:0.3",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--eval-data",
+        str(evals),
+        "--batch-size",
+        "7",  # 4 + 3 per rank: with micro-batches of 3, rank 1 pads one forward
+        "--micro-batch-size",
+        "3",
+        "--max-steps",
+        "4",
+        "--lr",
+        "3e-3",
+        "--no-progress",
+        "--save-every",
+        "2",
+    ]
+    one = tmp_path / "one"
+    assert main([*args, "--out", str(one), "--cache-dir", str(tmp_path / "c1")]) == 0
+    two = tmp_path / "two"
+    proc = _torchrun([*args, "--fsdp", "--out", str(two), "--cache-dir", str(tmp_path / "c2")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    w1 = load_file(str(one / "final" / "model.safetensors"))
+    w2 = load_file(str(two / "final" / "model.safetensors"))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=2e-5, rtol=1e-4)
+    m1 = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["split"]) for m in m1] == [(m["step"], m["split"]) for m in m2]
+    for a, b in zip(m1, m2):
+        for key in ("loss", "rewards/margin", "logps/chosen", "grad_norm"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    # the sharded checkpoint holds whole tensors in the unsharded layout
+    ck1, ck2 = (load_file(str(d / "checkpoints" / "step-2" / "model.safetensors")) for d in (one, two))
+    assert ck1.keys() == ck2.keys()
+
+    # resume the sharded run from step 2 into a fresh folder: same final weights
+    saved = tmp_path / "step-2"
+    shutil.copytree(two / "checkpoints" / "step-2", saved)
+    again = tmp_path / "again"
+    proc = _torchrun(
+        [*args, "--fsdp", "--out", str(again), "--cache-dir", str(tmp_path / "c2"), "--resume", str(saved)]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    w3 = load_file(str(again / "final" / "model.safetensors"))
+    for k in w2:
+        torch.testing.assert_close(w3[k], w2[k], atol=1e-6, rtol=0)
+
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(two / "final"))
+    ref = AutoModelForCausalLM.from_pretrained(str(one / "final"))
+    for (n, p), (_, q) in zip(loaded.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.slow
+def test_fsdp_rounds_reference_pass_on_the_sharded_policy(tmp_path: Path) -> None:
+    """Round 2's reference is the policy after round 1: its reference pass and cache fingerprint run on
+    the sharded model (gathered weights), and the run still equals one unsharded process."""
+    model = tiny_model(tmp_path / "model")
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(9))
+    args = ["train", "dpo", "--model", str(model), "--data", str(data), "--batch-size", "3"]
+    args += ["--rounds", "2", "--epochs", "1", "--lr", "3e-3", "--no-progress"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*args, "--out", str(one), "--cache-dir", str(tmp_path / "c1")]) == 0
+    proc = _torchrun([*args, "--fsdp", "--out", str(two), "--cache-dir", str(tmp_path / "c2")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    w1 = load_file(str(one / "final" / "model.safetensors"))
+    w2 = load_file(str(two / "final" / "model.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=2e-5, rtol=1e-4)
+    # round 1's reference pass ran on the sharded initial weights under the unsharded fingerprint (the
+    # cache is shared); round 2's on the sharded policy after round 1 (float-level different weights
+    # from the one-process run, so its own entry)
+    from preftune.models.load import load_causal_lm
+    from preftune.models.reference import model_fingerprint
+
+    initial = f"{model_fingerprint(load_causal_lm(str(model)))}.safetensors"
+    names = [sorted(p.name for p in (c / "reference").iterdir()) for c in (tmp_path / "c1", tmp_path / "c2")]
+    assert initial in names[0] and initial in names[1]
+    assert len(names[0]) == len(names[1]) == 2
