@@ -152,3 +152,25 @@ def test_fsdp_rounds_reference_pass_on_the_sharded_policy(tmp_path: Path) -> Non
     names = [sorted(p.name for p in (c / "reference").iterdir()) for c in (tmp_path / "c1", tmp_path / "c2")]
     assert initial in names[0] and initial in names[1]
     assert len(names[0]) == len(names[1]) == 2
+
+
+def test_resume_refuses_a_checkpoint_written_the_other_way(tmp_path: Path) -> None:
+    """A sharded run stores its optimizer state by parameter name, an unsharded one per tensor index:
+    resuming one as the other must fail with the way out, before any weights load."""
+    from preftune.errors import TrainingError
+    from preftune.train.api import train
+
+    model = tiny_model(tmp_path / "model")
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(4))
+    config = TrainConfig(
+        method="dpo", model=str(model), data=str(data), out=str(tmp_path / "run"), max_steps=1,
+        batch_size=2, progress=False, cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    train(config)
+    state_file = tmp_path / "run" / "checkpoints" / "step-1" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["fsdp"] is False
+    state_file.write_text(json.dumps({**state, "fsdp": True}))
+    again = TrainConfig(**{**config.__dict__, "resume": "latest"})
+    with pytest.raises(TrainingError, match="written by a sharded run.*fsdp=true under torchrun"):
+        train(again)

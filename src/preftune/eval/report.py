@@ -382,7 +382,11 @@ def build_report_html(
         body.append(
             figure(
                 "accuracy",
-                plots.plot_accuracy_before_after(groups, title="Held-out task accuracy"),
+                plots.plot_accuracy_before_after(
+                    groups,
+                    title="Held-out task accuracy"
+                    + (f" ({summary['heldout_prompts']} prompts)" if summary.get("heldout_prompts") else ""),
+                ),
                 "task accuracy before and after training",
             )
         )

@@ -120,8 +120,13 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
         written_sharded = bool(ckpt.trainer_state(resume_path).get("fsdp", False))
         if written_sharded != world.fsdp:
             raise TrainingError(
-                f"resume: {resume_path} was written with fsdp={str(written_sharded).lower()}; "
-                f"resume with the same setting (its optimizer state is stored differently)"
+                f"resume: {resume_path} was written "
+                + (
+                    "by a sharded run (fsdp under torchrun); resume it with fsdp=true under torchrun"
+                    if written_sharded
+                    else "by an unsharded run; resume it with fsdp=false"
+                )
+                + " (the optimizer state is stored differently)"
             )
     if world.fsdp:
         from preftune.models.sharding import shard_policy
@@ -172,6 +177,8 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
     log(
         f"preftune train {config.method}: {'+'.join(str(len(p)) for p in phases)} examples, {total} steps over {len(phases)} "
         f"phase(s), batch {config.batch_size} = {world.size} process(es) × micro-batches of {micro}"
+        + (", sharded (fsdp)" if world.fsdp else "")
+        + (" (fsdp: one process, nothing to shard)" if config.fsdp and not world.fsdp else "")
     )
     eval_metrics: dict[str, float] = {}
     apo_prev: dict[str, torch.Tensor] | None = None
