@@ -187,3 +187,29 @@ def test_run_quickstart_toy_writes_summary_and_report(tmp_path) -> None:
 
 def on_disk_heldout(run: Path) -> list[str]:
     return [r["prompt"] for r in _rows(run / "data" / "heldout.jsonl")]
+
+
+def test_sft_stops_at_its_accuracy_target(tmp_path: Path) -> None:
+    """Checks every `check_every` steps from `check_from`; a reachable target (0: any model reaches it)
+    stops at the first check, an unreachable one runs every step with a check at each scheduled step."""
+    from preftune.tasks.sft import greedy_accuracy, train_sft
+
+    task = ArithmeticTask(level=1)
+    small = SFTConfig(hidden_size=24, num_layers=1, steps=12, batch_size=8, warmup_steps=2, check_prompts=6)
+    stop = train_sft(task, tmp_path / "a", replace(small, target_accuracy=0.0, check_from=4, check_every=3))
+    assert stop.reached_target and stop.steps == 4 and [s for s, _ in stop.checks] == [4]
+    full = train_sft(task, tmp_path / "b", replace(small, target_accuracy=1.0, check_from=4, check_every=3))
+    assert not full.reached_target and full.steps == 12
+    assert [s for s, _ in full.checks] == [4, 7, 10]
+    # the check's accuracy is the quickstart's greedy accuracy on the same prompts
+    from transformers import AutoTokenizer
+
+    from preftune.models.load import load_causal_lm
+
+    prompts = [p.prompt for p in task.problems(6, seed=5)]
+    model = load_causal_lm(str(full.model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(full.model_dir))
+    assert greedy_accuracy(model, tokenizer, task, prompts) == evaluate_accuracy(model, task, prompts)
+    model.train()  # greedy_accuracy evaluates in eval mode and leaves the mode as it found it
+    greedy_accuracy(model, tokenizer, task, prompts)
+    assert model.training

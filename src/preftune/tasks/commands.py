@@ -18,7 +18,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--method", default="dpo", help="loss or objective, e.g. dpo, ipo, 'dpo:1,sft:0.2'")
     p.add_argument("--seed", type=int, default=0, help="seed of problems, SFT and sampling (default 0)")
     p.add_argument("--level", type=int, default=None, help="arithmetic difficulty 1-5 (default 2)")
-    p.add_argument("--sft-steps", type=int, default=None, help="SFT optimizer steps")
+    p.add_argument("--sft-steps", type=int, default=None, help="most SFT optimizer steps (default 500)")
+    p.add_argument(
+        "--sft-target",
+        type=float,
+        default=None,
+        help="stop SFT once greedy accuracy on 100 check prompts reaches this (default 0.5; 0: never stop early)",
+    )
     p.add_argument("--steps", type=int, default=None, help="preference-training optimizer steps")
     p.add_argument("--lr", type=float, default=None, help="preference-training learning rate")
     p.add_argument("--beta", type=float, default=None, help="β of DPO-family methods")
@@ -33,6 +39,7 @@ def _quickstart(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from transformers.utils import logging as hf_logging
 
+    from preftune.errors import ConfigError
     from preftune.tasks.quickstart import QuickstartConfig, run_quickstart
 
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars would drown the stage lines
@@ -48,6 +55,12 @@ def _quickstart(args: argparse.Namespace) -> int:
     cfg = replace(cfg, **{k: v for k, v in changes.items() if v is not None})
     if args.sft_steps is not None:
         cfg.sft = replace(cfg.sft, steps=args.sft_steps)
+    if args.sft_target is not None:
+        if not 0 <= args.sft_target <= 1:
+            raise ConfigError(
+                f"--sft-target {args.sft_target}: an accuracy in [0, 1] (0: run every SFT step)"
+            )
+        cfg.sft = replace(cfg.sft, target_accuracy=args.sft_target or None)
     console = Console()
     bar = Progress(
         TextColumn("[bold]sft"),
@@ -64,8 +77,10 @@ def _quickstart(args: argparse.Namespace) -> int:
         if step == 1:
             bar.start()
         bar.update(task_id, completed=step, loss=f"{loss:.3f}")
-        if step == cfg.sft.steps:
-            bar.stop()
+
+    def log(message: str) -> None:
+        bar.stop()  # the SFT may stop before its last step (accuracy target): the next line ends the bar
+        console.print(message)
 
     try:
         summary = run_quickstart(
@@ -73,7 +88,7 @@ def _quickstart(args: argparse.Namespace) -> int:
             method=args.method,
             seed=args.seed,
             config=cfg,
-            log=console.print,
+            log=log,
             on_sft_step=on_sft_step,
         )
     finally:
