@@ -198,3 +198,17 @@ def test_builtin_task_reuses_a_prepared_folder_with_the_same_seed(tmp_path, monk
     (tmp_path / "task.json").write_text(json.dumps({**manifest, "recipe": {"max_steps": 150}}))
     with pytest.raises(AssertionError, match="must not run again"):  # another recipe: a fresh preparation
         builtin.builtin_task(tmp_path, seed=0, log=lambda _m: None)
+
+
+def test_sweep_into_a_folder_with_runs_fails_before_any_work(tmp_path: Path, capsys) -> None:
+    """A second sweep into the same --out would train the SFT model again and then fail per method;
+    it stops at once and names the way to reuse the prepared task."""
+    from preftune.cli import main
+
+    (tmp_path / "s" / "ipo").mkdir(parents=True)
+    (tmp_path / "s" / "ipo" / "metrics.jsonl").write_text("{}\n")
+    assert main(["sweep", "--methods", "dpo,ipo", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 's' / 'ipo'} already holds a run" in err
+    assert f"--task-dir {tmp_path / 's' / 'task'}" in err
+    assert not (tmp_path / "s" / "task").exists()  # nothing was prepared

@@ -145,6 +145,16 @@ def _sweep(args: argparse.Namespace) -> int:
 
     methods = parse_methods(args.methods)
     out = Path(args.out)
+    taken = [m for m in methods if (out / m / "metrics.jsonl").is_file()]
+    if taken:  # checked before any work, not after the SFT model and the first runs
+        raise ConfigError(
+            f"sweep: {out / taken[0]} already holds a run — pass another --out"
+            + (
+                ""
+                if getattr(args, "model", None)
+                else f" (with --task-dir {out / 'task'} to reuse the prepared built-in task)"
+            )
+        )
     overrides = overrides_from_args(args)
     overrides.pop("method", None)
     file_values = load_config(args.config) if args.config else None
@@ -168,7 +178,9 @@ def _sweep(args: argparse.Namespace) -> int:
         task = SweepTask(prompts=prompts, name=f"{len(prompts)} prompts of {source}")
     else:
         values, task = builtin_task(
-            out / "task", seed=int(overrides.get("seed", file_values.seed if file_values else 0)), log=print
+            Path(args.task_dir) if args.task_dir else out / "task",
+            seed=int(overrides.get("seed", file_values.seed if file_values else 0)),
+            log=print,
         )
         if args.config:  # precedence: built-in schedule < --config YAML < command line
             import yaml
@@ -257,6 +269,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--out", required=True, help="sweep folder: OUT/METHOD/ per run, OUT/sweep.html, OUT/sweep.json"
     )
     p.add_argument("--config", help="YAML file of config keys shared by every method")
+    p.add_argument(
+        "--task-dir",
+        help="folder of the built-in task's SFT model and pairs (default OUT/task); "
+        "another sweep's OUT/task is reused when its seed and recipe match",
+    )
     _add_kl_flags(p, default_samples=4)
     group = p.add_argument_group(
         "shared run configuration (without --model/--data: the built-in arithmetic task)"
