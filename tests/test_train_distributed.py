@@ -25,9 +25,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def run_torchrun(args: list[str]) -> subprocess.CompletedProcess[str]:
+    """`torchrun --nproc_per_node 2 -m preftune ARGS` on a free port, one torch thread per process."""
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "preftune", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path: Path) -> None:
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     model = tiny_model(tmp_path / "model")
     data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(24))
     args = [
@@ -48,16 +55,8 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
         "2",
     ]
     assert main([*args, "--out", str(tmp_path / "one"), "--cache-dir", str(tmp_path / "c1")]) == 0
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
+    proc = run_torchrun(
         [
-            torchrun,
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            "-m",
-            "preftune",
             *args,
             "--micro-batch-size",
             "2",
@@ -65,11 +64,7 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
             str(tmp_path / "two"),
             "--cache-dir",
             str(tmp_path / "c2"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        ]
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("done: 3 steps") == 1  # only rank 0 reports

@@ -5,10 +5,7 @@ from a sharded checkpoint, and a final folder `from_pretrained` loads. Slow: it 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,7 @@ from preftune.config import TrainConfig, validate
 from preftune.errors import ConfigError
 from preftune.train.distributed import World
 from preftune.train.loop import padding_forwards
-from test_train_distributed import free_port
+from test_train_distributed import run_torchrun
 from test_train_fixtures import pair_rows, tiny_model, write_jsonl
 
 
@@ -48,13 +45,6 @@ def test_fsdp_config_limits_are_named(extra: dict[str, object], needle: str) -> 
     with pytest.raises(ConfigError, match="fsdp") as err:
         validate(config)
     assert needle in str(err.value)
-
-
-def _torchrun(args: list[str]) -> subprocess.CompletedProcess[str]:
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "preftune", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
@@ -87,7 +77,7 @@ def test_fsdp_two_processes_equal_one_and_resume(tmp_path: Path, arch: str) -> N
     one = tmp_path / "one"
     assert main([*args, "--out", str(one), "--cache-dir", str(tmp_path / "c1")]) == 0
     two = tmp_path / "two"
-    proc = _torchrun([*args, "--fsdp", "--out", str(two), "--cache-dir", str(tmp_path / "c2")])
+    proc = run_torchrun([*args, "--fsdp", "--out", str(two), "--cache-dir", str(tmp_path / "c2")])
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     w1 = load_file(str(one / "final" / "model.safetensors"))
@@ -110,7 +100,7 @@ def test_fsdp_two_processes_equal_one_and_resume(tmp_path: Path, arch: str) -> N
     saved = tmp_path / "step-2"
     shutil.copytree(two / "checkpoints" / "step-2", saved)
     again = tmp_path / "again"
-    proc = _torchrun(
+    proc = run_torchrun(
         [*args, "--fsdp", "--out", str(again), "--cache-dir", str(tmp_path / "c2"), "--resume", str(saved)]
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -136,7 +126,7 @@ def test_fsdp_rounds_reference_pass_on_the_sharded_policy(tmp_path: Path) -> Non
     args += ["--rounds", "2", "--epochs", "1", "--lr", "3e-3", "--no-progress"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main([*args, "--out", str(one), "--cache-dir", str(tmp_path / "c1")]) == 0
-    proc = _torchrun([*args, "--fsdp", "--out", str(two), "--cache-dir", str(tmp_path / "c2")])
+    proc = run_torchrun([*args, "--fsdp", "--out", str(two), "--cache-dir", str(tmp_path / "c2")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     w1 = load_file(str(one / "final" / "model.safetensors"))
     w2 = load_file(str(two / "final" / "model.safetensors"))
