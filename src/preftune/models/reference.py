@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from preftune.models.sharding import full_tensor
 from preftune.types import Example, SequenceStats
 
 Entry = tuple[float, int, "torch.Tensor | None"]
@@ -62,8 +63,7 @@ def model_fingerprint(model: Any, *, adapters: bool = True) -> str:
     for name, t in model.state_dict().items():
         if not adapters and "lora_" in name:
             continue
-        full = getattr(t, "full_tensor", None)  # a sharded (FSDP) weight: gather it, all ranks in step
-        t = full() if full is not None else t
+        t = full_tensor(t)  # a sharded (FSDP) weight is gathered: every rank hashes in step
         h.update(f"{tuple(t.shape)}{t.dtype}".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
+from preftune.models.sharding import full_tensor
 from preftune.train.batches import build_batch, micro_batches, shard, token_count
 from preftune.train.distributed import World, all_reduce_grads, all_reduce_sum
 from preftune.train.metrics import MetricSums, preference_metrics
@@ -156,8 +157,7 @@ def reduce_gradients(params: list[torch.nn.Parameter], world: World, max_grad_no
         all_reduce_grads(params, world)
     limit = max_grad_norm if max_grad_norm > 0 else float("inf")
     norm = torch.nn.utils.clip_grad_norm_(params, limit, error_if_nonfinite=False)
-    full = getattr(norm, "full_tensor", None)
-    return float(full() if full is not None else norm)
+    return float(full_tensor(norm))
 
 
 def sync_loss_state(loss_state: dict[str, dict[str, torch.Tensor]], world: World) -> None:
