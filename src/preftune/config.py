@@ -86,6 +86,13 @@ class TrainConfig:
     )
     # --- model ---
     dtype: str = _f("float32", "Weights dtype: float32 | bfloat16 (| float16 for inference).", choices=DTYPES)
+    mixed_precision: str = _f(
+        "no",
+        "bf16: forward and backward in bfloat16, weights, gradients and optimizer state in float32 "
+        "(torch.autocast; under fsdp a MixedPrecisionPolicy that gathers bf16 and reduces float32). "
+        "Needs dtype=float32. The reference is computed the same way (its cache entry says so).",
+        choices=("no", "bf16"),
+    )
     lora: bool = _f(False, "Train LoRA adapters instead of all weights.")
     lora_r: int = _f(8, "LoRA rank r.", low=1)
     lora_alpha: float = _f(16.0, "LoRA scale α (update multiplied by α/r).", low=0.0, low_open=True)
@@ -428,6 +435,12 @@ def validate(config: TrainConfig) -> list[tuple[Any, float, dict[str, Any]]]:
         raise ConfigError(
             "a moving reference model (TR-DPO sync, stages, rounds) needs full fine-tuning, "
             "not lora — or use reference=cache for stages/rounds"
+        )
+    if config.mixed_precision != "no" and config.dtype != "float32":
+        raise ConfigError(
+            f"mixed_precision={config.mixed_precision} keeps float32 weights and computes in bfloat16; "
+            f"dtype={config.dtype} would already hold the weights in low precision — set dtype=float32, "
+            "or mixed_precision=no"
         )
     if config.fsdp:
         _check_fsdp(config, strategy)

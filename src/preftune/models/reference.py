@@ -203,6 +203,9 @@ def precompute_reference(
     shard: tuple[int, int] = (0, 1),
     write: bool = True,
     equal_forwards: bool = False,
+    compute_dtype: torch.dtype | None = None,
+    autocast: bool = True,
+    device_type: str = "cpu",
 ) -> CachedReference:
     """Fill the reference cache of `model` for every sequence of `example_sets`; return the lookup.
 
@@ -210,8 +213,19 @@ def precompute_reference(
     per-rank results (identity in one process); only the process with `write=True` writes the file.
     `equal_forwards`: `model` is sharded (FSDP), so every rank runs as many forward passes as the rank
     with the most sequences (the others repeat one, discarded).
+    `compute_dtype` (mixed precision): the log-probs are computed in this dtype — under `torch.autocast`
+    when `autocast`, else the model casts by itself (FSDP) — and the cache file is keyed by it too.
     """
     fingerprint = model_fingerprint(model, adapters=not adapter_off)
+    if compute_dtype is not None:  # the same weights computing in bf16 give other log-probs
+        fingerprint = hashlib.blake2b(
+            f"{fingerprint}:compute={compute_dtype}".encode(), digest_size=16
+        ).hexdigest()
+    cast = (
+        torch.autocast(device_type, dtype=compute_dtype)
+        if compute_dtype is not None and autocast
+        else nullcontext()
+    )
     table = ReferenceTable(cache_dir / "reference" / f"{fingerprint}.safetensors")
     examples = [e for s in example_sets for e in s]
     total = len({sequence_key(e.prompt_ids, r) for e in examples for r in e.response_ids})
@@ -228,12 +242,14 @@ def precompute_reference(
     for i in range(0, passes * batch_size, batch_size):
         chunk = mine[i : i + batch_size]
         if not chunk:
-            _model_stats(
-                model, [Example(prompt_ids=missing[0][1], response_ids=[missing[0][2]])], False, False
-            )
+            with cast:
+                _model_stats(
+                    model, [Example(prompt_ids=missing[0][1], response_ids=[missing[0][2]])], False, False
+                )
             continue
         exs = [Example(prompt_ids=p, response_ids=[r]) for _, p, r in chunk]
-        st = _model_stats(model, exs, token_logps, adapter_off)
+        with cast:
+            st = _model_stats(model, exs, token_logps, adapter_off)
         for j, (key, _, _) in enumerate(chunk):
             n = int(st.lengths[j])
             tok = st.token_logps[j, :n].detach().cpu().clone() if st.token_logps is not None else None

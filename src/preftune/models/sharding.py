@@ -75,18 +75,27 @@ def tied_duplicates(lm: nn.Module) -> set[str]:
     return {name for names in groups.values() for name in sorted(names)[1:]}
 
 
-def shard_policy(lm: nn.Module, *, device: torch.device, world_size: int) -> ShardedPolicy:
-    """Wrap and shard `lm` in place (every rank must call this, with the same weights); return the root."""
+def shard_policy(
+    lm: nn.Module, *, device: torch.device, world_size: int, compute_dtype: torch.dtype | None = None
+) -> ShardedPolicy:
+    """Wrap and shard `lm` in place (every rank must call this, with the same weights); return the root.
+
+    `compute_dtype` (mixed precision): units gather their weights in this dtype and compute in it, while
+    the sharded weights, gradients and optimizer state stay float32 and gradients are reduced in float32.
+    """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     if hasattr(lm, "peft_config"):
         raise ConfigError("fsdp: LoRA (peft) policies are not supported with fsdp; use data parallel")
     mesh = init_device_mesh(device.type, (world_size,))
+    mp = MixedPrecisionPolicy(
+        param_dtype=compute_dtype, reduce_dtype=torch.float32 if compute_dtype else None
+    )
     for layer in decoder_layers(lm):
-        fully_shard(layer, mesh=mesh)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
     policy = ShardedPolicy(lm)
-    fully_shard(policy, mesh=mesh)
+    fully_shard(policy, mesh=mesh, mp_policy=mp)
     for module in policy.modules():
         if isinstance(module, FSDPModule):
             # SUM, not the default mean: each rank's loss is already its share of the global loss. Forcing

@@ -36,6 +36,7 @@ from preftune.train.loop import (
 from preftune.train.optim import build_optimizer, build_scheduler
 from preftune.train.setup import (
     build_phases,
+    compute_dtype,
     extrapolate,
     load_examples,
     load_policy,
@@ -133,8 +134,11 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
 
         if resume_path is not None:
             ckpt.load_weights(model, resume_path)  # whole weights into the whole model, then shard
-        model = shard_policy(model, device=world.device, world_size=world.size)
+        model = shard_policy(
+            model, device=world.device, world_size=world.size, compute_dtype=compute_dtype(config)
+        )
     model.train()
+    autocast = None if world.fsdp else compute_dtype(config)  # FSDP casts through its own policy
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, config)
     scheduler = build_scheduler(optimizer, config, total)
@@ -217,6 +221,7 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
                     world=world,
                     micro_batch_size=micro,
                     backward=True,
+                    autocast=autocast,
                 )
                 metrics = gather_sums(sums, world)
                 grad_norm = reduce_gradients(params, world, config.max_grad_norm)
@@ -277,6 +282,7 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
                         eval_micro,
                         global_step,
                         logger,
+                        autocast,
                     )
                 if (config.save_every and global_step % config.save_every == 0) or global_step == total:
                     position = (phase + 1, 0) if phase_done else (phase, step_in_phase)
@@ -332,6 +338,7 @@ def _evaluate(
     batch_size: int,
     step: int,
     logger: MetricsLogger,
+    autocast: torch.dtype | None,
 ) -> dict[str, float]:
     metrics = evaluate_examples(
         model,
@@ -341,6 +348,7 @@ def _evaluate(
         loss_state=loss_state,
         world=world,
         batch_size=batch_size,
+        autocast=autocast,
     )
     metrics = {k: v for k, v in metrics.items() if k not in ("tokens",)}
     logger.log({"step": step, "split": "eval", **metrics})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -72,12 +73,15 @@ def objective_on_batch(
     world: World,
     micro_batch_size: int,
     backward: bool,
+    autocast: torch.dtype | None = None,
 ) -> MetricSums:
     """Forward (and backward) this rank's share of `global_batch`; return its metric sums.
 
     Totals: `loss` and `loss/TERM` (already divided by the global counts: summing them over ranks
     gives the global loss), `tokens`, `examples`. Means: the losses' per-example metrics and §5's.
     `loss_state` is updated in place by stateful terms (pass a copy to leave it untouched).
+    `autocast`: run the policy and reference forwards under `torch.autocast` in this dtype (mixed
+    precision); the losses are computed from their float32 log-probs.
     """
     from preftune.models.logprobs import example_stats
 
@@ -93,14 +97,15 @@ def objective_on_batch(
     for _ in range(padding_forwards(len(global_batch), len(groups), micro_batch_size, world)):
         # FSDP: this rank has fewer micro-batches than another; a zero-weighted pass keeps the
         # collectives (one all-gather per unit per forward, one reduce-scatter per backward) in step.
-        with torch.set_grad_enabled(backward):
+        with torch.set_grad_enabled(backward), compute(autocast, world):
             dummy = example_stats(model, [global_batch[0]])
             if backward:
                 (dummy.logps.sum() * 0.0).backward()
     for micro in groups:
         with torch.set_grad_enabled(backward):
-            policy = example_stats(model, micro, token_logps=need_tok)
-            ref = reference.stats(micro, token_logps=need_tok) if reference is not None else None
+            with compute(autocast, world):
+                policy = example_stats(model, micro, token_logps=need_tok)
+                ref = reference.stats(micro, token_logps=need_tok) if reference is not None else None
             batch = build_batch(micro, policy, ref)
             total = policy.logps.new_zeros(())
             for i, ((spec, weight, hparams), denom) in enumerate(zip(objective.terms, denominators)):
@@ -123,6 +128,11 @@ def objective_on_batch(
         sums.add_total("examples", float(len(micro)))
         preference_metrics(batch, sums, unpaired=objective.kind == "unpaired")
     return sums
+
+
+def compute(dtype: torch.dtype | None, world: World) -> Any:
+    """`torch.autocast` in `dtype` on this rank's device, or nothing (full precision)."""
+    return torch.autocast(world.device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def padding_forwards(global_count: int, own_groups: int, micro_batch_size: int, world: World) -> int:
@@ -180,6 +190,7 @@ def evaluate_examples(
     loss_state: dict[str, dict[str, torch.Tensor]],
     world: World,
     batch_size: int,
+    autocast: torch.dtype | None = None,
 ) -> dict[str, float]:
     """The objective and §5 metrics over `examples` (no gradients, loss state untouched).
 
@@ -197,6 +208,7 @@ def evaluate_examples(
             world=world,
             micro_batch_size=batch_size,
             backward=False,
+            autocast=autocast,
         )
     finally:
         model.train(was_training)

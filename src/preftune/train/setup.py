@@ -101,6 +101,11 @@ def phase_steps(config: TrainConfig, phases: Sequence[Sequence[Example]]) -> lis
     return [max(1, round(config.epochs * n)) for n in per_epoch]
 
 
+def compute_dtype(config: TrainConfig) -> torch.dtype | None:
+    """The dtype forward and backward compute in under mixed precision (None: the weights' own)."""
+    return torch.bfloat16 if config.mixed_precision == "bf16" else None
+
+
 def lora_settings(config: TrainConfig) -> Any:
     if not config.lora:
         return None
@@ -220,6 +225,9 @@ def setup_reference(
         shard=(world.rank, world.size),
         write=write,
         equal_forwards=world.fsdp and not temporary,
+        compute_dtype=compute_dtype(config),
+        autocast=not (world.fsdp and not temporary),  # a sharded policy casts by itself
+        device_type=world.device.type,
     )
     if temporary:
         del source
