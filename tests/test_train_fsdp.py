@@ -47,6 +47,16 @@ def test_fsdp_config_limits_are_named(extra: dict[str, object], needle: str) -> 
     assert needle in str(err.value)
 
 
+def one_and_sharded(tmp_path: Path, args: list[str]) -> tuple[Path, Path]:
+    """`preftune ARGS` in this process (OUT one/) and under torchrun with --fsdp (OUT two/), each with
+    its own reference cache; returns the two run folders."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*args, "--out", str(one), "--cache-dir", str(tmp_path / "c1")]) == 0
+    proc = run_torchrun([*args, "--fsdp", "--out", str(two), "--cache-dir", str(tmp_path / "c2")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return one, two
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2's tiny config ties the head to the embeddings
 def test_fsdp_two_processes_equal_one_and_resume(tmp_path: Path, arch: str) -> None:
@@ -74,11 +84,7 @@ def test_fsdp_two_processes_equal_one_and_resume(tmp_path: Path, arch: str) -> N
         "--save-every",
         "2",
     ]
-    one = tmp_path / "one"
-    assert main([*args, "--out", str(one), "--cache-dir", str(tmp_path / "c1")]) == 0
-    two = tmp_path / "two"
-    proc = run_torchrun([*args, "--fsdp", "--out", str(two), "--cache-dir", str(tmp_path / "c2")])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = one_and_sharded(tmp_path, args)
 
     w1 = load_file(str(one / "final" / "model.safetensors"))
     w2 = load_file(str(two / "final" / "model.safetensors"))
@@ -124,10 +130,7 @@ def test_fsdp_rounds_reference_pass_on_the_sharded_policy(tmp_path: Path) -> Non
     data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(9))
     args = ["train", "dpo", "--model", str(model), "--data", str(data), "--batch-size", "3"]
     args += ["--rounds", "2", "--epochs", "1", "--lr", "3e-3", "--no-progress"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert main([*args, "--out", str(one), "--cache-dir", str(tmp_path / "c1")]) == 0
-    proc = run_torchrun([*args, "--fsdp", "--out", str(two), "--cache-dir", str(tmp_path / "c2")])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = one_and_sharded(tmp_path, args)
     w1 = load_file(str(one / "final" / "model.safetensors"))
     w2 = load_file(str(two / "final" / "model.safetensors"))
     for k in w1:
@@ -178,10 +181,7 @@ def test_fsdp_bf16_mixed_precision_tracks_one_process(tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(12))
     args = ["train", "dpo", "--model", str(model), "--data", str(data), "--batch-size", "4"]
     args += ["--max-steps", "4", "--lr", "3e-3", "--no-progress", "--mixed-precision", "bf16"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert main([*args, "--out", str(one), "--cache-dir", str(tmp_path / "c1")]) == 0
-    proc = run_torchrun([*args, "--fsdp", "--out", str(two), "--cache-dir", str(tmp_path / "c2")])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = one_and_sharded(tmp_path, args)
     m1 = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
     m2 = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
     assert m2[0]["loss"] == pytest.approx(math.log(2), abs=5e-6)
