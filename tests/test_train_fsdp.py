@@ -35,7 +35,6 @@ def test_padding_forwards_evens_out_the_ranks() -> None:
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
-        ({"lora": True}, "LoRA"),
         ({"reference": "model"}, "reference='model'"),
         ({"rounds": 2, "apo_alpha": 0.5}, "apo_alpha"),
     ],
@@ -189,3 +188,44 @@ def test_fsdp_bf16_mixed_precision_tracks_one_process(tmp_path: Path) -> None:
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-3)
     weights = load_file(str(two / "final" / "model.safetensors"))
     assert {str(t.dtype) for t in weights.values()} == {"torch.float32"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reference", ["cache", "adapter"])
+def test_fsdp_lora_equals_one_process_and_resumes(tmp_path: Path, reference: str) -> None:
+    """LoRA under FSDP: the frozen base is sharded with the adapters; the reference is the base alone
+    (cached, or the adapters disabled at every step). Checkpoints and OUT/final hold the adapter only."""
+    model = tiny_model(tmp_path / "model")
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(12))
+    args = ["train", "dpo", "--model", str(model), "--data", str(data), "--batch-size", "4", "--lora"]
+    args += [
+        "--reference",
+        reference,
+        "--max-steps",
+        "3",
+        "--lr",
+        "3e-3",
+        "--no-progress",
+        "--save-every",
+        "2",
+    ]
+    one, two = one_and_sharded(tmp_path, args)
+    adapter = "adapter_model.safetensors"
+    a1, a2 = (load_file(str(d / "final" / adapter)) for d in (one, two))
+    assert a1.keys() == a2.keys() and all("lora_" in k for k in a2)
+    for k in a1:
+        torch.testing.assert_close(a2[k], a1[k], atol=2e-5, rtol=1e-4)
+    assert sorted(p.name for p in (two / "checkpoints" / "step-2").iterdir() if "safetensors" in p.name) == [
+        adapter,
+        "loss_state.safetensors",
+    ]
+    saved = tmp_path / "step-2"
+    shutil.copytree(two / "checkpoints" / "step-2", saved)
+    again = tmp_path / "again"
+    proc = run_torchrun(
+        [*args, "--fsdp", "--out", str(again), "--cache-dir", str(tmp_path / "c2"), "--resume", str(saved)]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a3 = load_file(str(again / "final" / adapter))
+    for k in a2:
+        torch.testing.assert_close(a3[k], a2[k], atol=1e-6, rtol=0)

@@ -102,7 +102,7 @@ class TrainConfig:
     fsdp: bool = _f(
         False,
         "Under torchrun: shard weights, gradients and optimizer state over the processes (FSDP2) "
-        "instead of a full copy on each (data parallel). Full fine-tuning with a cached or no reference.",
+        "instead of a full copy on each (data parallel). Reference: cache, adapter (LoRA) or none.",
     )
     # --- reference ---
     reference: str = _f(
@@ -451,14 +451,10 @@ def validate(config: TrainConfig) -> list[tuple[Any, float, dict[str, Any]]]:
 
 def _check_fsdp(config: TrainConfig, strategy: str) -> None:
     """What the FSDP2 path does not cover yet, each with the way out."""
-    if config.lora:
+    if strategy == "model":
         raise ConfigError(
-            "fsdp: LoRA runs keep a full copy per process anyway — set fsdp=false (data parallel)"
-        )
-    if strategy in ("model", "adapter"):
-        raise ConfigError(
-            f"fsdp: reference='{strategy}' is not supported with fsdp — use reference=cache (the default), "
-            "or fsdp=false"
+            "fsdp: reference='model' (a separate reference model, TR-DPO sync) is not supported with fsdp "
+            "yet — use reference=cache (the default), or fsdp=false"
         )
     if config.apo_alpha:
         raise ConfigError("fsdp: apo_alpha (Accelerated PO) is not supported with fsdp — set fsdp=false")

@@ -44,6 +44,10 @@ class ShardedPolicy(nn.Module):
     def config(self) -> Any:
         return self.lm.config
 
+    def disable_adapter(self) -> Any:
+        """A LoRA (peft) policy's base weights alone: the `adapter` reference, and its cache pass."""
+        return self.lm.disable_adapter()  # type: ignore[operator]
+
     def forward(
         self, examples: list[Example], token_logps: bool = False, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -86,8 +90,6 @@ def shard_policy(
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-    if hasattr(lm, "peft_config"):
-        raise ConfigError("fsdp: LoRA (peft) policies are not supported with fsdp; use data parallel")
     mesh = init_device_mesh(device.type, (world_size,))
     mp = MixedPrecisionPolicy(
         param_dtype=compute_dtype, reduce_dtype=torch.float32 if compute_dtype else None
@@ -130,8 +132,16 @@ def full_state_dict(policy: ShardedPolicy, *, keep: bool) -> dict[str, torch.Ten
 
 
 def checkpoint_weights(policy: ShardedPolicy, *, keep: bool) -> dict[str, torch.Tensor]:
-    """`full_state_dict` without tied duplicates: the tensors `safetensors.torch.save_model` would write
-    for the unsharded model, so a checkpoint loads the same way whether it was written sharded or not."""
+    """What a checkpoint stores, whole: for a LoRA (peft) policy its adapter weights (as
+    `get_peft_model_state_dict` names them), else `full_state_dict` without tied duplicates — the tensors
+    `safetensors.torch.save_model` writes for the unsharded model. Either way a checkpoint loads the same
+    whether it was written sharded or not."""
+    if hasattr(policy.lm, "peft_config"):
+        from peft import get_peft_model_state_dict
+
+        adapter = get_peft_model_state_dict(policy.lm)
+        gathered = {k: full_tensor(v.detach()) for k, v in adapter.items()}
+        return {k: v.cpu().clone() for k, v in gathered.items()} if keep else {}
     dups = tied_duplicates(policy.lm)
     return {k: v for k, v in full_state_dict(policy, keep=keep).items() if k not in dups}
 

@@ -395,7 +395,7 @@ def _save(
         path = ckpt.save_checkpoint(
             out / "checkpoints",
             step,
-            model=model,
+            model=model.lm if world.fsdp else model,
             optimizer=optimizer,
             scheduler=scheduler,
             trainer_state=state,

@@ -114,7 +114,8 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     if weights is not None:
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+        name = "adapter_model.safetensors" if is_peft(model) else "model.safetensors"
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / name))
     else:
         _save_weights(model, tmp)
     for name, tensors in (extra or {}).items():
