@@ -102,7 +102,8 @@ class TrainConfig:
     fsdp: bool = _f(
         False,
         "Under torchrun: shard weights, gradients and optimizer state over the processes (FSDP2) "
-        "instead of a full copy on each (data parallel). Reference: cache, adapter (LoRA) or none.",
+        "instead of a full copy on each (data parallel). Works with LoRA, TR-DPO and Accelerated PO; "
+        "not with stages/rounds under reference=model.",
     )
     # --- reference ---
     reference: str = _f(
@@ -451,13 +452,11 @@ def validate(config: TrainConfig) -> list[tuple[Any, float, dict[str, Any]]]:
 
 def _check_fsdp(config: TrainConfig, strategy: str) -> None:
     """What the FSDP2 path does not cover yet, each with the way out."""
-    if strategy == "model":
+    if strategy == "model" and (config.stages > 1 or config.rounds > 1):
         raise ConfigError(
-            "fsdp: reference='model' (a separate reference model, TR-DPO sync) is not supported with fsdp "
-            "yet — use reference=cache (the default), or fsdp=false"
+            "fsdp: stages / rounds with reference='model' would copy the sharded policy into a new "
+            "reference at each phase, which fsdp does not do yet — use reference=cache (the default)"
         )
-    if config.apo_alpha:
-        raise ConfigError("fsdp: apo_alpha (Accelerated PO) is not supported with fsdp — set fsdp=false")
 
 
 def _check_optimizer(name: str) -> None:

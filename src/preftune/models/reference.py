@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from preftune.models.sharding import full_tensor
+from preftune.models.sharding import full_tensor, release
 from preftune.types import Example, SequenceStats
 
 Entry = tuple[float, int, "torch.Tensor | None"]
@@ -154,6 +154,7 @@ def _model_stats(
         with torch.no_grad(), ctx:
             return example_stats(model, list(examples), token_logps=token_logps)
     finally:
+        release(model)
         model.train(was_training)
 
 
@@ -164,6 +165,11 @@ class ModelReference:
         self.model = model
         for p in model.parameters():
             p.requires_grad_(False)
+
+    @property
+    def collective(self) -> bool:
+        """A sharded (FSDP) model: every forward is a collective, so all ranks must run as many."""
+        return bool(getattr(self.model, "is_sharded_policy", False))
 
     def stats(self, examples: Sequence[Example], token_logps: bool = False) -> SequenceStats:
         return _model_stats(self.model, examples, token_logps, adapter_off=False)

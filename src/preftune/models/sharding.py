@@ -80,12 +80,19 @@ def tied_duplicates(lm: nn.Module) -> set[str]:
 
 
 def shard_policy(
-    lm: nn.Module, *, device: torch.device, world_size: int, compute_dtype: torch.dtype | None = None
+    lm: nn.Module,
+    *,
+    device: torch.device,
+    world_size: int,
+    compute_dtype: torch.dtype | None = None,
+    inference: bool = False,
 ) -> ShardedPolicy:
     """Wrap and shard `lm` in place (every rank must call this, with the same weights); return the root.
 
     `compute_dtype` (mixed precision): units gather their weights in this dtype and compute in it, while
     the sharded weights, gradients and optimizer state stay float32 and gradients are reduced in float32.
+    `inference`: a model only run without gradients (a reference): the root unit is freed after each
+    forward too (FSDP keeps a root gathered for the backward pass that training would run next).
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -97,7 +104,7 @@ def shard_policy(
     for layer in decoder_layers(lm):
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     policy = ShardedPolicy(lm)
-    fully_shard(policy, mesh=mesh, mp_policy=mp)
+    fully_shard(policy, mesh=mesh, mp_policy=mp, reshard_after_forward=True if inference else None)
     for module in policy.modules():
         if isinstance(module, FSDPModule):
             # SUM, not the default mean: each rank's loss is already its share of the global loss. Forcing
@@ -107,10 +114,40 @@ def shard_policy(
     return policy
 
 
+def release(model: Any) -> None:
+    """Free the gathered weights a forward without gradients left behind (no-op unless `model` is a
+    `ShardedPolicy`). FSDP keeps the root unit gathered after a forward for the backward pass that
+    usually follows; after an evaluation or a reference pass none does, and the parameters must be
+    shards again before anyone reads or updates them (TR-DPO sync, Accelerated PO, the optimizer)."""
+    if not getattr(model, "is_sharded_policy", False):
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a (possibly) sharded one: a collective for a DTensor (all ranks must call)."""
     full = getattr(t, "full_tensor", None)
     return full() if full is not None else t
+
+
+def shard_like(tensors: dict[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:
+    """Whole tensors named like `module`'s parameters, sharded as those parameters are (each rank keeps
+    its own piece of the whole tensor it holds: no communication). Unsharded parameters pass through."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = dict(module.named_parameters())
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        p = params.get(name)
+        if isinstance(p, DTensor):
+            out[name] = distribute_tensor(t.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+        else:
+            out[name] = t
+    return out
 
 
 def full_state_dict(policy: ShardedPolicy, *, keep: bool) -> dict[str, torch.Tensor]:

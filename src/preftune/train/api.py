@@ -204,6 +204,10 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
             if config.apo_alpha and apo_prev is None:
                 # θ̂_t of Accelerated PO: the previous round's *un-extrapolated* result (θ̂_0 = θ_0)
                 apo_prev = extra["apo_prev"] if "apo_prev" in extra else trainable_state(model)
+                if world.fsdp and "apo_prev" in extra:  # saved whole: shard it like the parameters
+                    from preftune.models.sharding import shard_like
+
+                    apo_prev = shard_like(apo_prev, model)
             resume_state = None
             while step_in_phase < steps[phase]:
                 t0 = time.perf_counter()
@@ -371,10 +375,14 @@ def _save(
     metrics: dict[str, float],
 ) -> Path:
     extra: dict[str, dict[str, torch.Tensor]] = {}
-    moving = ref.moving_weights(position[0], config)
+    moving = ref.moving_weights(position[0], config, keep=world.is_main)
     if moving is not None:
         extra["reference"] = moving
     if apo_prev is not None:
+        if world.fsdp:  # whole tensors, gathered by every rank in step
+            from preftune.models.sharding import full_tensor
+
+            apo_prev = {k: full_tensor(v) for k, v in apo_prev.items()}
         extra["apo_prev"] = apo_prev
     path = out / "checkpoints" / f"step-{step}"
     weights = optimizer_state = None

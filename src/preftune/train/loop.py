@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
-from preftune.models.sharding import full_tensor
+from preftune.models.sharding import full_tensor, release
 from preftune.train.batches import build_batch, micro_batches, shard, token_count
 from preftune.train.distributed import World, all_reduce_grads, all_reduce_sum
 from preftune.train.metrics import MetricSums, preference_metrics
@@ -99,6 +99,8 @@ def objective_on_batch(
         # collectives (one all-gather per unit per forward, one reduce-scatter per backward) in step.
         with torch.set_grad_enabled(backward), compute(autocast, world):
             dummy = example_stats(model, [global_batch[0]])
+            if getattr(reference, "collective", False):  # a sharded reference model: in step too
+                reference.stats([global_batch[0]])  # type: ignore[union-attr]
             if backward:
                 (dummy.logps.sum() * 0.0).backward()
     for micro in groups:
@@ -211,5 +213,6 @@ def evaluate_examples(
             autocast=autocast,
         )
     finally:
+        release(model)
         model.train(was_training)
     return gather_sums(sums, world)

@@ -154,10 +154,19 @@ class ReferenceSetup:
     strategy: str
     fingerprint: str | None = None
 
-    def moving_weights(self, phase: int, config: TrainConfig) -> dict[str, torch.Tensor] | None:
-        """Reference weights to checkpoint: only a separate model that moved (TR-DPO) or is a stage's policy."""
+    def moving_weights(
+        self, phase: int, config: TrainConfig, *, keep: bool = True
+    ) -> dict[str, torch.Tensor] | None:
+        """Reference weights to checkpoint: only a separate model that moved (TR-DPO) or is a stage's policy.
+
+        A sharded reference is gathered (a collective: every rank calls this); only `keep` ranks get it."""
         if isinstance(self.provider, ModelReference) and (config.ref_sync_every or phase > 0):
-            return {k: v.detach() for k, v in self.provider.model.state_dict().items()}
+            model = self.provider.model
+            if getattr(model, "is_sharded_policy", False):
+                from preftune.models.sharding import full_state_dict
+
+                return full_state_dict(model, keep=keep)
+            return {k: v.detach() for k, v in model.state_dict().items()}
         return None
 
 
@@ -192,6 +201,16 @@ def setup_reference(
             ref = copy.deepcopy(policy)
         if mid_phase and resume_weights is not None:
             ref.load_state_dict(resume_weights)
+        if world.fsdp:  # sharded like the policy, so that TR-DPO's update is shard by shard
+            from preftune.models.sharding import shard_policy
+
+            ref = shard_policy(
+                ref,
+                device=world.device,
+                world_size=world.size,
+                compute_dtype=compute_dtype(config),
+                inference=True,
+            )
         return ReferenceSetup(ModelReference(ref), strategy)
     cache_dir = default_cache_dir(config.cache_dir)
     if mid_phase and resume_state.get("reference_fingerprint"):
