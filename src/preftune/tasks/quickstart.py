@@ -285,8 +285,8 @@ def prepare(
     }
     stopped = ""
     if sft.checks:
-        how = "stopped at the" if sft.reached_target else "did not reach the"
-        stopped = f"; check accuracy {sft.checks[-1][1]:.0%} ({how} {sft_cfg.target_accuracy:.0%} target)"
+        missed = "" if sft.reached_target else ", not reached"
+        stopped = f"; check accuracy {sft.checks[-1][1]:.0%} (target {sft_cfg.target_accuracy:.0%}{missed})"
     log(f"      {sft.steps} steps in {sft.seconds:.0f}s, final loss {sft.losses[-1]:.3f}{stopped}")
 
     t1 = time.perf_counter()
