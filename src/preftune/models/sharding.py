@@ -17,6 +17,7 @@ Every FSDP forward is a collective: all ranks must run the same number of forwar
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -150,16 +151,21 @@ def shard_like(tensors: dict[str, torch.Tensor], module: nn.Module) -> dict[str,
     return out
 
 
-def full_state_dict(policy: ShardedPolicy, *, keep: bool) -> dict[str, torch.Tensor]:
+def full_state_dict(
+    policy: ShardedPolicy, *, keep: bool, only: Callable[[str], bool] | None = None
+) -> dict[str, torch.Tensor]:
     """The causal LM's state dict with whole tensors on the CPU, under its own (Hugging Face) names.
 
     A collective: every rank gathers tensor by tensor (one at a time, so a rank never holds more than
     one whole tensor beyond what it keeps); only ranks with `keep` return them (the others: {}). Tied
     names map to one shared tensor, so `save_pretrained` drops the tied copy as it does unsharded.
+    `only(name)`: gather just those tensors (a LoRA run's adapter, not its frozen base).
     """
     out: dict[str, torch.Tensor] = {}
     gathered: dict[int, torch.Tensor] = {}  # tied names share one tensor, as in the unsharded model
     for name, t in policy.lm.state_dict(keep_vars=True).items():
+        if only is not None and not only(name):
+            continue
         if id(t) not in gathered:
             whole = full_tensor(t.detach())
             gathered[id(t)] = whole.cpu().clone() if keep else whole[:0]

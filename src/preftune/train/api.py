@@ -314,7 +314,9 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
     if world.fsdp:
         from preftune.models.sharding import full_state_dict
 
-        whole = full_state_dict(model, keep=world.is_main)  # a collective: every rank takes part
+        # a collective: every rank takes part; a LoRA run gathers its adapter only (peft keeps that)
+        lora = (lambda name: "lora_" in name) if hasattr(model.lm, "peft_config") else None
+        whole = full_state_dict(model, keep=world.is_main, only=lora)
         if world.is_main:
             save_final(model.lm, tokenizer, final, state_dict=whole)
     elif world.is_main:
