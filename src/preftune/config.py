@@ -102,8 +102,8 @@ class TrainConfig:
     fsdp: bool = _f(
         False,
         "Under torchrun: shard weights, gradients and optimizer state over the processes (FSDP2) "
-        "instead of a full copy on each (data parallel). Works with LoRA, TR-DPO and Accelerated PO; "
-        "not with stages/rounds under reference=model.",
+        "instead of a full copy on each (data parallel). Works with LoRA, every reference strategy, "
+        "TR-DPO, stages and rounds.",
     )
     # --- reference ---
     reference: str = _f(
@@ -443,20 +443,9 @@ def validate(config: TrainConfig) -> list[tuple[Any, float, dict[str, Any]]]:
             f"dtype={config.dtype} would already hold the weights in low precision — set dtype=float32, "
             "or mixed_precision=no"
         )
-    if config.fsdp:
-        _check_fsdp(config, strategy)
     if (config.stages > 1 or config.rounds > 1) and not needs_ref:
         raise ConfigError("stages and rounds move the reference between stages; the method uses none")
     return objective
-
-
-def _check_fsdp(config: TrainConfig, strategy: str) -> None:
-    """What the FSDP2 path does not cover yet, each with the way out."""
-    if strategy == "model" and (config.stages > 1 or config.rounds > 1):
-        raise ConfigError(
-            "fsdp: stages / rounds with reference='model' would copy the sharded policy into a new "
-            "reference at each phase, which fsdp does not do yet — use reference=cache (the default)"
-        )
 
 
 def _check_optimizer(name: str) -> None:

@@ -197,6 +197,13 @@ def setup_reference(
 
         if phase == 0 or mid_phase:
             ref = load_causal_lm(config.ref_model or config.model, dtype=config.dtype).to(world.device)
+        elif world.fsdp:  # a copy of the sharded policy: gathered whole on every rank, then sharded again
+            from preftune.models.sharding import full_state_dict
+
+            whole = full_state_dict(policy, keep=True)
+            ref = load_causal_lm(config.model, dtype=config.dtype).to(world.device)
+            ref.load_state_dict(whole)
+            del whole
         else:
             ref = copy.deepcopy(policy)
         if mid_phase and resume_weights is not None:
