@@ -190,8 +190,9 @@ def checkpoint_weights(policy: ShardedPolicy, *, keep: bool) -> dict[str, torch.
 
 
 def full_optimizer_state(policy: ShardedPolicy, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer's state with whole tensors, keyed by parameter name (a collective; whole on every
-    rank's CPU: torch's `get_optimizer_state_dict` with `full_state_dict=True, cpu_offload=True`)."""
+    """The optimizer's state with whole tensors, keyed by parameter name (a collective: every rank calls
+    it; rank 0 gets the state on its CPU, the others {} — torch's `get_optimizer_state_dict` with
+    `full_state_dict=True, cpu_offload=True`)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
