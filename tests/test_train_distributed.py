@@ -77,3 +77,23 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
     for a, b in zip(m1, m2):
         for key in ("loss", "loss/sft", "rewards/margin", "logps/chosen", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_an_error_on_rank_0_stops_every_rank(tmp_path: Path) -> None:
+    """Rank 0 alone prepares the run folder and tokenizes first; when it fails, the other rank gets
+    the same error instead of waiting at the next collective until the 30-minute timeout."""
+    model = tiny_model(tmp_path / "model")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1=", "chosen": "2."}\n', encoding="utf-8")  # no rejected
+    args = ["train", "dpo", "--model", str(model), "--data", str(bad), "--max-steps", "1", "--no-progress"]
+    proc = run_torchrun([*args, "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "c")])
+    assert proc.returncode != 0
+    assert proc.stderr.count("bad.jsonl:1") >= 2, proc.stderr[-2000:]  # both ranks name the row
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "metrics.jsonl").write_text("{}\n")
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(4))
+    args[args.index(str(bad))] = str(data)
+    proc = run_torchrun([*args, "--out", str(tmp_path / "taken"), "--cache-dir", str(tmp_path / "c")])
+    assert proc.returncode != 0
+    assert proc.stderr.count("already has a run") == 2, proc.stderr[-2000:]

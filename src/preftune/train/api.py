@@ -21,7 +21,15 @@ from preftune.config import TrainConfig, config_to_dict, save_config, validate
 from preftune.errors import ConfigError, TrainingError
 from preftune.train import checkpoint as ckpt
 from preftune.train.batches import objective_kind
-from preftune.train.distributed import World, barrier, broadcast_params, init_world, shutdown
+from preftune.train.distributed import (
+    World,
+    barrier,
+    broadcast_params,
+    init_world,
+    main_first,
+    main_only,
+    shutdown,
+)
 from preftune.train.evaluation import evaluate
 from preftune.train.logging import MetricsLogger, Progress, check_sinks
 from preftune.train.loop import (
@@ -87,7 +95,8 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
     from preftune.data.formatting import load_tokenizer
 
     out = Path(config.out)
-    if world.is_main:
+
+    def prepare_folder() -> None:
         if not config.resume and (out / "metrics.jsonl").exists():
             raise ConfigError(
                 f"run folder {out} already has a run — pass --resume to continue it, or another --out"
@@ -95,20 +104,26 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
         out.mkdir(parents=True, exist_ok=True)
         ckpt.remove_partial(out / "checkpoints")
         save_config(config, out / "config.yaml")
-    barrier(world)
+
+    main_only(world, prepare_folder)  # an error on rank 0 stops every rank
     seed_everything(config.seed)
     tokenizer = load_tokenizer(config.tokenizer or config.model)
-    examples = (
-        load_examples(config.data, config, objective, tokenizer, split=config.split)
-        if config.stages <= 1
-        else []
-    )
-    eval_examples = (
-        load_examples(config.eval_data, config, objective, tokenizer, split=config.eval_split)
-        if config.eval_data
-        else []
-    )
-    phases = build_phases(config, examples, objective, tokenizer)
+
+    def load_data() -> tuple[list[Any], list[Any], list[Any]]:
+        examples = (
+            load_examples(config.data, config, objective, tokenizer, split=config.split)
+            if config.stages <= 1
+            else []
+        )
+        eval_examples = (
+            load_examples(config.eval_data, config, objective, tokenizer, split=config.eval_split)
+            if config.eval_data
+            else []
+        )
+        return examples, eval_examples, build_phases(config, examples, objective, tokenizer)
+
+    # rank 0 tokenizes and fills the cache; the others read it (and see rank 0's data error, if any)
+    examples, eval_examples, phases = main_first(world, load_data)
     steps = phase_steps(config, phases)
     total = sum(steps)
     micro = config.micro_batch_size or max(1, -(-config.batch_size // world.size))

@@ -10,10 +10,14 @@ its mean by the world size), whatever the world size and micro-batching. See doc
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -114,3 +118,43 @@ def broadcast_object(obj: object, world: World) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def main_first(world: World, fn: Callable[[], T]) -> T:
+    """Run `fn` on rank 0, then on the other ranks, which wait for it: rank 0 fills on-disk caches
+    (tokenized data) that the others then read instead of redoing the work. An exception on rank 0 is
+    raised on every rank (see `main_only`)."""
+    if world.size <= 1:
+        return fn()
+    if world.is_main:
+        return _run_and_announce(world, fn)
+    _wait_for_main(world)
+    return fn()
+
+
+def main_only(world: World, fn: Callable[[], None]) -> None:
+    """Run `fn` on rank 0 alone (preparing the run folder) while the other ranks wait. An exception
+    on rank 0 is sent to every rank and raised there too, so that no rank waits forever at a later
+    collective for a rank that has stopped."""
+    if world.size <= 1:
+        fn()
+    elif world.is_main:
+        _run_and_announce(world, fn)
+    else:
+        _wait_for_main(world)
+
+
+def _run_and_announce(world: World, fn: Callable[[], T]) -> T:
+    try:
+        result = fn()
+    except Exception as err:
+        broadcast_object(err, world)
+        raise
+    broadcast_object(None, world)
+    return result
+
+
+def _wait_for_main(world: World) -> None:
+    failed = broadcast_object(None, world)
+    if isinstance(failed, Exception):
+        raise failed
