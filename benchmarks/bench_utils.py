@@ -163,7 +163,8 @@ def preftune_config(
     *, model: str, data: str, out: str | Path, steps: int, batch: int, **overrides: Any
 ) -> Any:
     """The preftune `TrainConfig` every benchmark shares: DPO, float32, one micro-batch per step,
-    constant lr 1e-5 with no warm-up, seed 0, no checkpoints, no progress bar; `overrides` win."""
+    constant lr 1e-5 with no warm-up, foreach AdamW, seed 0, no checkpoints, no progress bar;
+    `overrides` win."""
     from preftune.config import TrainConfig
 
     settings: dict[str, Any] = {
@@ -182,6 +183,9 @@ def preftune_config(
         "seed": 0,
         "save_every": 0,
         "progress": False,
+        # The unfused multi-tensor AdamW: the implementation the TRL side runs (optim="adamw_torch"),
+        # so both sides pay the same optimizer step (preftune's own default is the fused kernel).
+        "optimizer_args": {"foreach": True},
     }
     settings.update(overrides)
     return TrainConfig(**settings)
