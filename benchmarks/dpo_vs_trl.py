@@ -74,7 +74,7 @@ def child_trl(a: argparse.Namespace) -> dict[str, Any]:
             warmup_steps=0,
             weight_decay=0.0,
             max_grad_norm=1.0,
-            optim="adamw_torch",
+            optim="adamw_torch_fused" if a.optimizer == "fused" else "adamw_torch",
             beta=a.beta,
             loss_type=["sigmoid"],
             bf16=False,
@@ -133,6 +133,9 @@ def child_preftune(a: argparse.Namespace) -> dict[str, Any]:
             weight_decay=0.0,
             max_grad_norm=1.0,
             optimizer="adamw",
+            optimizer_args={}
+            if a.optimizer == "fused"
+            else {"foreach": True},  # {}: preftune's fused default
             seed=a.seed,
             cache_dir=str(Path(tmp) / "cache"),
         )
@@ -198,6 +201,8 @@ def measure_shape(
         str(a.beta),
         "--seed",
         str(a.seed),
+        "--optimizer",
+        a.optimizer,
     ]
     runs: dict[str, list[dict[str, Any]]] = {"trl": [], "preftune": []}
     for rep in range(a.reps):
@@ -316,6 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--optimizer",
+        choices=["unfused", "fused"],
+        default="unfused",
+        help="AdamW on both sides: unfused (torch foreach; the published tables) or fused (both tools' default)",
+    )
     ap.add_argument("--shapes", default="prompt_heavy,balanced")
     ap.add_argument("--compare-steps", type=int, default=3, help="first losses compared between sides")
     ap.add_argument("--peak-seconds", type=float, default=3.0)
