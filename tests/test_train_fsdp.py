@@ -41,6 +41,19 @@ def one_and_sharded(tmp_path: Path, args: list[str]) -> tuple[Path, Path]:
     return one, two
 
 
+def resume_sharded(tmp_path: Path, args: list[str], checkpoint: Path) -> Path:
+    """Copy `checkpoint` aside (so the run that wrote it cannot touch it), resume from it under torchrun
+    with --fsdp into a fresh folder, and return that folder."""
+    saved = tmp_path / f"saved-{checkpoint.name}"
+    shutil.copytree(checkpoint, saved)
+    again = tmp_path / "again"
+    proc = run_torchrun(
+        [*args, "--fsdp", "--out", str(again), "--cache-dir", str(tmp_path / "c2"), "--resume", str(saved)]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return again
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2's tiny config ties the head to the embeddings
 def test_fsdp_two_processes_equal_one_and_resume(tmp_path: Path, arch: str) -> None:
@@ -87,13 +100,7 @@ def test_fsdp_two_processes_equal_one_and_resume(tmp_path: Path, arch: str) -> N
     assert ck1.keys() == ck2.keys()
 
     # resume the sharded run from step 2 into a fresh folder: same final weights
-    saved = tmp_path / "step-2"
-    shutil.copytree(two / "checkpoints" / "step-2", saved)
-    again = tmp_path / "again"
-    proc = run_torchrun(
-        [*args, "--fsdp", "--out", str(again), "--cache-dir", str(tmp_path / "c2"), "--resume", str(saved)]
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = resume_sharded(tmp_path, args, two / "checkpoints" / "step-2")
     w3 = load_file(str(again / "final" / "model.safetensors"))
     for k in w2:
         torch.testing.assert_close(w3[k], w2[k], atol=1e-6, rtol=0)
@@ -204,13 +211,7 @@ def test_fsdp_lora_equals_one_process_and_resumes(tmp_path: Path, reference: str
         adapter,
         "loss_state.safetensors",
     ]
-    saved = tmp_path / "step-2"
-    shutil.copytree(two / "checkpoints" / "step-2", saved)
-    again = tmp_path / "again"
-    proc = run_torchrun(
-        [*args, "--fsdp", "--out", str(again), "--cache-dir", str(tmp_path / "c2"), "--resume", str(saved)]
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = resume_sharded(tmp_path, args, two / "checkpoints" / "step-2")
     a3 = load_file(str(again / "final" / adapter))
     for k in a2:
         torch.testing.assert_close(a3[k], a2[k], atol=1e-6, rtol=0)
@@ -239,15 +240,12 @@ def test_fsdp_moving_references_equal_one_process_and_resume(tmp_path: Path, ext
     w1, w2 = (load_file(str(d / "final" / "model.safetensors")) for d in (one, two))
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], atol=2e-5, rtol=1e-4)
-    saved = tmp_path / "step-4"  # mid-run: TR-DPO's reference has moved, rounds are in their second
-    shutil.copytree(two / "checkpoints" / "step-4", saved)
+    step4 = (
+        two / "checkpoints" / "step-4"
+    )  # mid-run: TR-DPO's reference has moved, rounds are in their second
     moved = "apo_prev" if "--apo-alpha" in extra else "reference"
-    assert (saved / f"{moved}.safetensors").is_file()
-    again = tmp_path / "again"
-    proc = run_torchrun(
-        [*args, "--fsdp", "--out", str(again), "--cache-dir", str(tmp_path / "c2"), "--resume", str(saved)]
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (step4 / f"{moved}.safetensors").is_file()
+    again = resume_sharded(tmp_path, args, step4)
     w3 = load_file(str(again / "final" / "model.safetensors"))
     for k in w2:
         torch.testing.assert_close(w3[k], w2[k], atol=1e-6, rtol=0)
