@@ -201,15 +201,19 @@ def test_sft_stops_at_its_accuracy_target(tmp_path: Path) -> None:
     full = train_sft(task, tmp_path / "b", replace(small, target_accuracy=1.0, check_from=4, check_every=3))
     assert not full.reached_target and full.steps == 12
     assert [s for s, _ in full.checks] == [4, 7, 10]
-    # the check's accuracy is the quickstart's greedy accuracy on the same prompts
+    # the check's accuracy is the verifier's verdict on the decoded greedy answers, counted by hand
     from transformers import AutoTokenizer
 
     from preftune.models.load import load_causal_lm
+    from preftune.tasks.quickstart import sample_responses
 
     prompts = [p.prompt for p in task.problems(6, seed=5)]
     model = load_causal_lm(str(full.model_dir))
     tokenizer = AutoTokenizer.from_pretrained(str(full.model_dir))
-    assert greedy_accuracy(model, tokenizer, task, prompts) == evaluate_accuracy(model, task, prompts)
+    answers = sample_responses(model, task, prompts, num_samples=1, temperature=0.0, seed=0)
+    right = sum(task.reward(p, a[0]) for p, a in zip(prompts, answers))
+    assert greedy_accuracy(model, tokenizer, task, prompts) == right / len(prompts)
+    assert evaluate_accuracy(model, task, prompts) == right / len(prompts)  # the quickstart's greedy figure
     model.train()  # greedy_accuracy evaluates in eval mode and leaves the mode as it found it
     greedy_accuracy(model, tokenizer, task, prompts)
     assert model.training

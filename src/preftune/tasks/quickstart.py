@@ -32,7 +32,7 @@ import torch
 from preftune.errors import ConfigError
 from preftune.generation import generate
 from preftune.tasks.arithmetic import ArithmeticTask, parse_prompt
-from preftune.tasks.sft import SFTConfig, encode, max_new_tokens_for, train_sft
+from preftune.tasks.sft import SFTConfig, encode, greedy_accuracy, max_new_tokens_for, train_sft
 
 Log = Callable[[str], None]
 
@@ -148,12 +148,15 @@ def evaluate_accuracy(
     seed: int = 0,
 ) -> float:
     """Mean `task.reward` over held-out prompts (× `num_samples` samples when not greedy), in [0, 1]."""
+    if greedy:
+        model, tokenizer = _load(model_dir_or_model, task)
+        return greedy_accuracy(model, tokenizer, task, prompts, batch_size=128)
     responses = sample_responses(
         model_dir_or_model,
         task,
         prompts,
-        num_samples=1 if greedy else num_samples,
-        temperature=0.0 if greedy else temperature,
+        num_samples=num_samples,
+        temperature=temperature,
         seed=seed,
     )
     rewards = [task.reward(p, r) for p, rs in zip(prompts, responses) for r in rs]

@@ -190,9 +190,15 @@ def train_sft(
 
 @torch.no_grad()
 def greedy_accuracy(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: ArithmeticTask, prompts: list[str]
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    task: ArithmeticTask,
+    prompts: list[str],
+    *,
+    batch_size: int = 64,
 ) -> float:
-    """Fraction of `prompts` whose greedy answer `task.reward` accepts (the model is left as it was)."""
+    """Fraction of `prompts` whose greedy answer `task.reward` accepts (the model is left as it was).
+    The SFT's stopping check and the quickstart's greedy held-out accuracy both measure with this."""
     from preftune.generation import generate
 
     was_training = model.training
@@ -200,7 +206,12 @@ def greedy_accuracy(
     try:
         ids = [encode(tokenizer, p)[0] for p in prompts]
         out = generate(
-            model, tokenizer, ids, max_new_tokens=max_new_tokens_for(task, prompts), temperature=0.0
+            model,
+            tokenizer,
+            ids,
+            max_new_tokens=max_new_tokens_for(task, prompts),
+            temperature=0.0,
+            batch_size=batch_size,
         )
     finally:
         model.train(was_training)
