@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from preftune.data.sources import Problem
+from preftune.data.rows import Problem
 
 ROLES = ("system", "user", "assistant", "tool")
 

@@ -89,6 +89,19 @@ def _bos_prefix(tokenizer: Any) -> list[int]:
     return [bos] if ids[:1] == [bos] else []
 
 
+def read_template(chat_template: str | None) -> str | None:
+    """A template given as text, or as the path of a file holding it."""
+    if chat_template is None or "{" in chat_template:
+        return chat_template
+    path = Path(chat_template)
+    if not path.is_file():
+        raise ConfigError(
+            f"chat template '{chat_template}' is neither Jinja text nor a file — give "
+            "--chat-template FILE with a Jinja template"
+        )
+    return path.read_text(encoding="utf-8")
+
+
 @dataclass
 class Formatter:
     """Renders records of one tokenizer. Build with `Formatter.create`."""

@@ -26,10 +26,19 @@ from pathlib import Path
 from typing import Any
 
 from preftune.data import cache as cache_io
-from preftune.data.formatting import FormatOptions, Formatter, load_tokenizer, tokenizer_fingerprint
+from preftune.data.formatting import (
+    FormatOptions,
+    Formatter,
+    load_tokenizer,
+    read_template,
+    tokenizer_fingerprint,
+)
+from preftune.data.layouts import parse_columns
+from preftune.data.rows import Problem, render_problems
 from preftune.data.schema import validate
-from preftune.data.sources import Problem, content_hash, parse_columns, read_source
+from preftune.data.sources import content_hash, read_source
 from preftune.data.tokenize import Tokenized, Truncation, tokenize_records
+from preftune.data.validate import format_summary
 from preftune.errors import ConfigError, DataError
 from preftune.types import Example
 
@@ -87,27 +96,6 @@ def ranked_to_pairs(example: Example, how: str) -> list[Example]:
     ]
 
 
-def render_problems(problems: list[Problem], cap: int = SHOWN_PROBLEMS) -> str:
-    """The first `cap` problems, one per line, then 'and N more problems'."""
-    lines = [p.render() for p in problems[:cap]]
-    if len(problems) > cap:
-        lines.append(f"... and {len(problems) - cap} more problems ({len(problems)} in total)")
-    return "\n".join(lines)
-
-
-def _read_template(chat_template: str | None) -> str | None:
-    """A template given as text, or as the path of a file holding it."""
-    if chat_template is None or "{" in chat_template:
-        return chat_template
-    path = Path(chat_template)
-    if not path.is_file():
-        raise ConfigError(
-            f"chat template '{chat_template}' is neither Jinja text nor a file — give "
-            "--chat-template FILE with a Jinja template"
-        )
-    return path.read_text(encoding="utf-8")
-
-
 @functools.lru_cache(maxsize=1)
 def _code_hash() -> str:
     """The data layer's own code, so a change in how data is read or tokenized invalidates caches.
@@ -116,8 +104,10 @@ def _code_hash() -> str:
 
     h = hashlib.blake2b(digest_size=12)
     h.update(preftune.__version__.encode())
+    from preftune.data import MODULES
+
     here = Path(__file__).parent
-    for name in ("sources", "tabular", "checks", "schema", "formatting", "tokenize", "cache", "pipeline"):
+    for name in MODULES[: MODULES.index("pipeline") + 1]:
         h.update((here / f"{name}.py").read_bytes())
     return h.hexdigest()
 
@@ -224,7 +214,7 @@ def _prepare(
     cols = parse_columns(columns)
     tok = load_tokenizer(tok_arg)
     fmt = FormatOptions(
-        chat_template=_read_template(chat_template), use_chat_template=use_chat_template, add_eos=add_eos
+        chat_template=read_template(chat_template), use_chat_template=use_chat_template, add_eos=add_eos
     )
     trunc = Truncation(max_length, max_prompt_length)
     label = "<records>" if isinstance(source, list) else str(source)
@@ -323,7 +313,5 @@ def _finish(
     summary["seconds"] = round(time.perf_counter() - start, 3)
     if summary.get("dropped") or summary.get("truncated"):
         # Said on every run, cached or not: nothing is dropped or cut silently.
-        from preftune.data.validate import format_summary
-
         log.warning(format_summary(summary))
     return PreparedData(examples, fingerprint, summary)

@@ -19,22 +19,12 @@ from typing import Any
 
 from preftune.data.checks import ROLES as ROLES
 from preftune.data.checks import Checker, Content, Message, _is_number, _type
-from preftune.data.sources import Problem, SourceData
+from preftune.data.layouts import ALL_FIELDS as ALL_FIELDS
+from preftune.data.layouts import apply_columns, detect_kind
+from preftune.data.rows import Problem, SourceData
 from preftune.types import Kind
 
 KINDS: tuple[str, ...] = ("pairwise", "unpaired", "ranked")
-ALL_FIELDS = (
-    "prompt",
-    "chosen",
-    "rejected",
-    "completion",
-    "label",
-    "responses",
-    "scores",
-    "margins",
-    "score_chosen",
-    "score_rejected",
-)
 
 
 @dataclass
@@ -53,31 +43,6 @@ class Record:
     label: float | None = None
     scores: list[float] | None = None
     margins: list[list[float]] | None = None
-
-
-def detect_kind(record: dict[str, Any]) -> Kind | None:
-    """Guess the kind from the fields present: responses → ranked, completion → unpaired,
-    chosen/rejected → pairwise."""
-    if "responses" in record:
-        return "ranked"
-    if "completion" in record:
-        return "unpaired"
-    if "chosen" in record or "rejected" in record:
-        return "pairwise"
-    return None
-
-
-def apply_columns(record: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
-    """Rename the user's columns to preftune's field names (columns maps field → column)."""
-    if not columns:
-        return record
-    out = dict(record)
-    for name, col in columns.items():
-        if name != col:
-            out.pop(name, None)
-            if col in record:
-                out[name] = record[col]
-    return out
 
 
 def _wrap(content: Content, role: str) -> list[Message]:

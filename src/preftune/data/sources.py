@@ -11,77 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preftune.errors import ConfigError, DataError, format_problem
-
-
-@dataclass
-class Problem:
-    """One thing wrong with the data, rendered as `PATH:ROW: field 'NAME': what — fix`."""
-
-    message: str
-    row: int | None = None
-    field: str | None = None
-    fix: str | None = None
-    path: str | None = None
-    reason: str | None = None  # short category used to count dropped rows, e.g. "chosen: empty text"
-
-    def render(self) -> str:
-        return format_problem(self.message, path=self.path, row=self.row, field=self.field, fix=self.fix)
-
-    @property
-    def category(self) -> str:
-        if self.reason:
-            return self.reason
-        return f"{self.field}: {self.message}" if self.field else self.message
-
-
-@dataclass
-class SourceData:
-    """Records read from one source.
-
-    path:     how the source is named in messages (file path, folder or hub id).
-    rows:     (row, record) in source order; record is None where the row could not be read.
-    problems: read problems; those with `row=None` concern the whole source.
-    """
-
-    path: str
-    rows: list[tuple[int, dict[str, Any] | None]] = field(default_factory=list)
-    problems: list[Problem] = field(default_factory=list)
-
-
-def parse_columns(spec: str | dict[str, str] | None) -> dict[str, str]:
-    """Parse `chosen=response_a,rejected=response_b` into {"chosen": "response_a", ...}.
-
-    Keys are preftune's field names, values the column names in the user's data.
-    """
-    if spec is None:
-        return {}
-    if isinstance(spec, dict):
-        pairs = dict(spec)
-    else:
-        pairs = {}
-        for part in filter(None, (p.strip() for p in spec.split(","))):
-            if "=" not in part:
-                raise ConfigError(
-                    f"--columns entry '{part}' is not NAME=COLUMN — write e.g. "
-                    "--columns chosen=response_a,rejected=response_b"
-                )
-            name, col = (s.strip() for s in part.split("=", 1))
-            pairs[name] = col
-    from preftune.data.schema import ALL_FIELDS
-
-    for name in pairs:
-        if name not in ALL_FIELDS:
-            raise ConfigError(
-                f"--columns names unknown field '{name}' — known fields: "
-                f"{', '.join(ALL_FIELDS)} (write FIELD=YOUR_COLUMN)"
-            )
-    return pairs
-
+from preftune.data.rows import Problem as Problem
+from preftune.data.rows import SourceData as SourceData
+from preftune.data.rows import _bad_utf8, _empty, _from_dicts, _not_object, read_text
+from preftune.data.tabular import read_csv, read_hub, read_parquet, read_saved_dataset
+from preftune.errors import ConfigError, DataError
 
 _SPLIT_RE = re.compile(r"^(?P<name>[\w.-]+)(\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$")
 
@@ -122,8 +59,6 @@ def read_source(source: str | Path | list[dict[str, Any]], *, split: str | None 
     `split` picks a split of a dataset folder or hub id (default "train") and may slice it:
     `train[:90%]`, `train[90%:]`, `train[10:200]`. A single file is the split "train".
     """
-    from preftune.data.tabular import read_hub, read_saved_dataset
-
     name, start, stop = parse_split(split)
     if isinstance(source, list):
         data = _from_dicts("<records>", source, start_row=1)
@@ -157,8 +92,6 @@ def _looks_like_hub_id(text: str) -> bool:
 
 
 def _read_file(path: Path) -> SourceData:
-    from preftune.data.tabular import read_csv, read_parquet
-
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         return read_jsonl(path)
@@ -172,31 +105,6 @@ def _read_file(path: Path) -> SourceData:
         f"unknown file type '{suffix}'",
         path=str(path),
         fix="use .jsonl, .json, .parquet or .csv (or a datasets save_to_disk folder)",
-    )
-
-
-def _empty(path: str) -> Problem:
-    return Problem("file is empty", path=path, fix="write at least one record")
-
-
-def _bad_utf8(path: str, row: int, err: UnicodeDecodeError, offset: int = 0) -> Problem:
-    byte = err.object[err.start : err.start + 1].hex()
-    return Problem(
-        f"bytes are not valid UTF-8 (0x{byte} at byte {offset + err.start + 1})",
-        row=row,
-        path=path,
-        reason="not valid UTF-8",
-        fix="re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)",
-    )
-
-
-def _not_object(path: str, row: int, value: Any, what: str = "line") -> Problem:
-    return Problem(
-        f"{what} is a JSON {type(value).__name__}, not an object",
-        row=row,
-        path=path,
-        reason=f"{what} is not an object",
-        fix='write one object per record, e.g. {"prompt": "...", "chosen": "...", "rejected": "..."}',
     )
 
 
@@ -239,20 +147,6 @@ def read_jsonl(path: Path) -> SourceData:
     return data
 
 
-def read_text(path: Path) -> str | SourceData:
-    """The whole file decoded as UTF-8 (a BOM allowed), or a `SourceData` holding the problem:
-    an empty file, or non-UTF-8 bytes reported at their 1-based line."""
-    label = str(path)
-    raw = path.read_bytes()
-    if not raw.strip():
-        return SourceData(label, problems=[_empty(label)])
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        return SourceData(label, problems=[_bad_utf8(label, line, err)])
-
-
 def read_json(path: Path) -> SourceData:
     """A JSON array of objects; ROW is the 1-based index in the array. JSON lines in a .json file
     are read as JSONL."""
@@ -289,17 +183,6 @@ def read_json(path: Path) -> SourceData:
     data = _from_dicts(label, value, start_row=1, what="record")
     if not data.rows:
         data.problems.append(_empty(label))
-    return data
-
-
-def _from_dicts(label: str, values: list[Any], *, start_row: int, what: str = "record") -> SourceData:
-    data = SourceData(label)
-    for i, value in enumerate(values, start=start_row):
-        if isinstance(value, dict):
-            data.rows.append((i, value))
-        else:
-            data.problems.append(_not_object(label, i, value, what))
-            data.rows.append((i, None))
     return data
 
 

@@ -1,6 +1,6 @@
 """Readers of tabular sources: Parquet, CSV/TSV, `datasets` folders and hub datasets.
 
-Each returns a `SourceData` like the JSON readers in `sources.py`; ROW is the 1-based row (CSV: the
+Each returns a `SourceData` like the JSON readers in `sources.py` (which dispatches to these); ROW is the 1-based row (CSV: the
 1-based line where the record ends).
 """
 
@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from preftune.data.sources import Problem, SourceData, _empty, _from_dicts, read_text
+from preftune.data.rows import Problem, SourceData, _empty, _from_dicts, read_text
 from preftune.errors import ConfigError, DataError
 
 # Fields whose CSV cells hold JSON (message lists, lists of responses or numbers).

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from preftune.data.formatting import Formatter
+from preftune.data.rows import Problem
 from preftune.data.schema import Record
-from preftune.data.sources import Problem
 from preftune.errors import ConfigError, DataError
 from preftune.types import Example
 

@@ -13,7 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from preftune.data.sources import Problem, parse_columns, read_source
+from preftune.data.formatting import FormatOptions, Formatter, load_tokenizer, read_template
+from preftune.data.layouts import parse_columns
+from preftune.data.rows import Problem, render_problems
+from preftune.data.schema import validate
+from preftune.data.sources import read_source
+from preftune.data.tokenize import Truncation, tokenize_records
 
 PERCENTILES = (50, 90, 99, 100)
 
@@ -43,8 +48,6 @@ def check_data(
     max_prompt_length: int | None = None,
 ) -> CheckResult:
     """Check `source` as training would, without writing any cache."""
-    from preftune.data.schema import validate
-
     cols = parse_columns(columns)
     data = read_source(source, split=split)
     records, problems, found = validate(data, kind=kind, columns=cols)
@@ -58,14 +61,10 @@ def check_data(
     result = CheckResult(problems, summary)
     if tokenizer is None or not records:
         return result
-    from preftune.data.formatting import FormatOptions, Formatter, load_tokenizer
-    from preftune.data.pipeline import _read_template
-    from preftune.data.tokenize import Truncation, tokenize_records
-
     tok = load_tokenizer(tokenizer)
     formatter = Formatter.create(
         tok,
-        FormatOptions(chat_template=_read_template(chat_template)),
+        FormatOptions(chat_template=read_template(chat_template)),
         conversational=summary["conversational"],
         source=data.path,
     )
@@ -114,8 +113,6 @@ def _rows(n: int) -> str:
 
 def format_check(result: CheckResult, cap: int = 20) -> str:
     """What `preftune data check` prints."""
-    from preftune.data.pipeline import render_problems
-
     s = result.summary
     if not result.ok:
         bad_rows = len({p.row for p in result.problems if p.row is not None})
