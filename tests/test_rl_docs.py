@@ -1,4 +1,4 @@
-"""docs/online.md names every registered estimator."""
+"""docs/online.md names every registered estimator and policy term."""
 
 from __future__ import annotations
 
@@ -14,3 +14,9 @@ def test_every_estimator_is_documented() -> None:
     missing = [name for name in rl.ESTIMATORS if f"| `{name}` |" not in text]
     assert not missing, f"docs/online.md lacks estimators {missing}"
     assert "not yet available" in text
+
+
+def test_every_policy_term_and_aggregation_is_documented() -> None:
+    text = DOC.read_text()
+    assert not [name for name in rl.POLICY_LOSSES if f"| `{name}` |" not in text]
+    assert not [name for name in rl.AGGREGATIONS if f"| `{name}` |" not in text]

@@ -18,8 +18,9 @@ import torch
 from preftune.errors import ConfigError
 from preftune.types import PreferenceBatch
 
-LossKind = Literal["pairwise", "unpaired", "listwise", "any"]
-Reduction = Literal["example", "token"]
+LossKind = Literal["pairwise", "unpaired", "listwise", "any", "policy"]
+# "aggregation": a policy term (see losses.policy_losses) divides by its aggregation's global count.
+Reduction = Literal["example", "token", "aggregation"]
 HParamType = Literal["float", "int", "bool", "str", "floats"]
 
 
@@ -249,18 +250,22 @@ def register(
     return wrap
 
 
-def get(name: str) -> LossSpec:
-    """The registered loss `name`; ConfigError with a "did you mean" if unknown."""
+def get(name: str, registry: Mapping[str, LossSpec] | None = None) -> LossSpec:
+    """The registered loss `name` (in `registry`, default the offline losses); ConfigError with a
+    "did you mean" if unknown."""
+    table = REGISTRY if registry is None else registry
     try:
-        return REGISTRY[name]
+        return table[name]
     except KeyError:
         raise ConfigError(
-            f"unknown loss '{name}'{_did_you_mean(name, list(REGISTRY))} "
-            f"(run 'preftune losses' to list them: {', '.join(sorted(REGISTRY))})"
+            f"unknown loss '{name}'{_did_you_mean(name, list(table))} "
+            f"(run 'preftune losses' to list them: {', '.join(sorted(table))})"
         ) from None
 
 
-def parse_objective(text: str) -> list[tuple[LossSpec, float]]:
+def parse_objective(
+    text: str, registry: Mapping[str, LossSpec] | None = None
+) -> list[tuple[LossSpec, float]]:
     """Parse a weighted sum of registered terms, e.g. "dpo:1.0,sft:0.2" → [(dpo, 1.0), (sft, 0.2)].
 
     A term without a weight has weight 1. Terms must be distinct, weights finite and > 0, and the
@@ -271,7 +276,7 @@ def parse_objective(text: str) -> list[tuple[LossSpec, float]]:
         if not part:
             raise ConfigError(f"objective '{text}': empty term; write e.g. 'dpo:1.0,sft:0.2'")
         name, _, weight_text = part.partition(":")
-        spec = get(name.strip())
+        spec = get(name.strip(), registry)
         try:
             weight = float(weight_text) if weight_text.strip() else 1.0
         except ValueError:

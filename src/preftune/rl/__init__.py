@@ -1,19 +1,42 @@
-"""Online RL from rewards: advantage estimators (and, next to them, policy losses and rollouts).
+"""Online RL from rewards: advantage estimators and policy losses (docs/online.md).
 
 from preftune import rl
 rl.advantages("grpo", rewards, groups)           # [N] advantages, groups = prompt index per sample
 rl.estimate("rloo", rewards, groups).metrics     # {"zero_signal_fraction": ..., ...}
 rl.ESTIMATORS["remax"].paper                     # metadata: paper, equation, hyper-parameters
+terms = rl.parse_policy_objective("ppo_clip:1,kl:0.04")   # policy loss terms (kind "policy")
 """
 
 from __future__ import annotations
 
+from preftune.losses.policy_losses import (
+    AGGREGATIONS,
+    POLICY_LOSSES,
+    PolicyBatch,
+    get_policy,
+    global_denominators,
+    kl_penalty,
+    kl_tokens,
+    local_denominator,
+    parse_policy_objective,
+    policy_objective,
+)
 from preftune.rl import estimators  # noqa: F401  (registers the estimators)
 from preftune.rl.registry import REGISTRY as ESTIMATORS
 from preftune.rl.registry import Estimate, EstimatorSpec, advantages, estimate
 from preftune.rl.registry import get as get_estimator
 
 __all__ = [
+    "AGGREGATIONS",
+    "POLICY_LOSSES",
+    "PolicyBatch",
+    "get_policy",
+    "global_denominators",
+    "kl_penalty",
+    "kl_tokens",
+    "local_denominator",
+    "parse_policy_objective",
+    "policy_objective",
     "ESTIMATORS",
     "Estimate",
     "EstimatorSpec",
