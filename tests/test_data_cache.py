@@ -53,6 +53,8 @@ def test_any_change_gives_a_new_fingerprint(tmp_path, tok_dir):
     variants = {
         "max_length": prepare_examples(data, max_length=50, **kw),
         "max_prompt_length": prepare_examples(data, max_prompt_length=3, **kw),
+        "max_completion_length": prepare_examples(data, max_completion_length=2, **kw),
+        "truncation": prepare_examples(data, truncation="drop", **kw),
         "split": prepare_examples(data, split="train[:50%]", **kw),
         "template": prepare_examples(data, tokenizer=other_tok, cache_dir=tmp_path / "c"),
         "use_chat_template": prepare_examples(data, use_chat_template=True, **kw),

@@ -150,10 +150,15 @@ def test_truncation_counts_and_dropping(plain_tok, tmp_path):
     assert c.num_tokens == 2 + 2 + 2
     s = out.summary
     assert (s["truncated"], s["truncated_prompt"], s["truncated_response"], s["dropped"]) == (2, 1, 1, 0)
-    # Without max_prompt_length a prompt that leaves no room for one response token is dropped.
+    # Without max_prompt_length a prompt that leaves no room for a response keeps its last
+    # max_length // 2 tokens (the default keeps the row); truncation="drop" drops every row over a limit.
     out = prep(rows, plain_tok, tmp_path, max_length=8)
-    assert [e.source_row for e in out.examples] == [2, 3]
-    assert out.summary["dropped"] == 1 and out.summary["reasons"] == {"prompt does not fit max_length": 1}
+    a, b, _ = out.examples
+    assert a.prompt_ids == ids(plain_tok, "efgh") and a.response_ids[0] == ids(plain_tok, "x") + [EOS]
+    assert b.response_ids[0] == ids(plain_tok, "123456")  # 2 + 6 = max_length; EOS cut
+    out = prep(rows, plain_tok, tmp_path, max_length=8, truncation="drop")
+    assert [e.source_row for e in out.examples] == [3]
+    assert out.summary["dropped"] == 2 and out.summary["reasons"] == {"longer than max_length": 2}
     with pytest.raises(ConfigError, match="max_prompt_length=8 must be below max_length=8"):
         prep(rows, plain_tok, tmp_path, max_length=8, max_prompt_length=8)
 

@@ -62,9 +62,23 @@ class TrainConfig:
         None, "Data kind (pairwise | unpaired | ranked); default: detected from the columns."
     )
     columns: str | None = _f(None, "Column mapping 'prompt=question,chosen=good,...' when names differ.")
-    max_length: int | None = _f(None, "Truncate prompt + response to this many tokens.", low=1)
+    max_length: int | None = _f(
+        1024,
+        "Tokens of prompt + response (TRL's default 1024); 0 or null: no limit. A longer row is cut "
+        "or dropped (see `truncation`).",
+        low=0,
+    )
     max_prompt_length: int | None = _f(
         None, "Truncate the prompt (from the left) to this many tokens.", low=1
+    )
+    max_completion_length: int | None = _f(
+        None, "Truncate each response (from the right) to this many tokens; null: no separate limit.", low=1
+    )
+    truncation: str = _f(
+        "truncate",
+        "A row over a length limit: 'truncate' keeps it cut (the prompt keeps its end, each response "
+        "its start) or 'drop' skips it; both are counted in the data summary.",
+        choices=("truncate", "drop"),
     )
     add_eos: bool = _f(
         True,

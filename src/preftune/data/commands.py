@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "options, and store the result in the tokenized-data cache; prints the summary and the "
         "fingerprint. A later run with the same data, tokenizer and options loads it from the cache.",
     )
-    _common(prepare, tokenizer_help="tokenizer or model folder (required)")
+    _common(prepare, tokenizer_help="tokenizer or model folder (required)", max_length=1024)
     prepare.add_argument(
         "--on-invalid",
         choices=("error", "drop"),
@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     prepare.set_defaults(func=_prepare)
 
 
-def _common(p: argparse.ArgumentParser, *, tokenizer_help: str) -> None:
+def _common(p: argparse.ArgumentParser, *, tokenizer_help: str, max_length: int | None = None) -> None:
     p.add_argument("path", metavar="PATH", help="data file, datasets folder or hub dataset id")
     p.add_argument(
         "--kind",
@@ -68,8 +68,24 @@ def _common(p: argparse.ArgumentParser, *, tokenizer_help: str) -> None:
         "--split", help="split of a datasets folder or hub id, optionally sliced: train, train[:90%%]"
     )
     p.add_argument("--chat-template", metavar="FILE", help="Jinja chat template replacing the tokenizer's")
-    p.add_argument("--max-length", type=int, help="prompt + response tokens; longer responses are cut")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=max_length,
+        help="prompt + response tokens; longer responses lose their end "
+        + ("(default 1024, as in training; 0: no limit)" if max_length else "(default: no limit)"),
+    )
     p.add_argument("--max-prompt-length", type=int, help="prompt tokens; longer prompts lose their start")
+    p.add_argument(
+        "--max-completion-length", type=int, help="tokens of each response; longer ones lose their end"
+    )
+    p.add_argument(
+        "--truncation",
+        choices=("truncate", "drop"),
+        default="truncate",
+        help="a row over a limit: truncate it (the prompt keeps its end, responses their start) "
+        "or drop it (default: truncate)",
+    )
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -84,6 +100,8 @@ def _check(args: argparse.Namespace) -> int:
         chat_template=args.chat_template,
         max_length=args.max_length,
         max_prompt_length=args.max_prompt_length,
+        max_completion_length=args.max_completion_length,
+        truncation=args.truncation,
     )
     print(format_check(result, args.max_problems))
     return 0 if result.ok else 1
@@ -107,6 +125,8 @@ def _prepare(args: argparse.Namespace) -> int:
         chat_template=args.chat_template,
         max_length=args.max_length,
         max_prompt_length=args.max_prompt_length,
+        max_completion_length=args.max_completion_length,
+        truncation=args.truncation,
         on_invalid=args.on_invalid,
         cache_dir=args.cache_dir,
         num_proc=args.num_proc,

@@ -38,7 +38,7 @@ from preftune.data.rows import Problem, render_problems
 from preftune.data.schema import validate
 from preftune.data.sources import content_hash, read_source
 from preftune.data.tokenize import Tokenized, Truncation, tokenize_records
-from preftune.data.validate import format_summary
+from preftune.data.validate import check_positions, format_summary
 from preftune.errors import ConfigError, DataError
 from preftune.types import Example
 
@@ -142,6 +142,9 @@ def prepare_examples(
     split: str | None = None,
     max_length: int | None = None,
     max_prompt_length: int | None = None,
+    max_completion_length: int | None = None,
+    truncation: str = "truncate",
+    max_positions: int | None = None,
     on_invalid: str = "error",
     cache_dir: str | Path | None = None,
     ranked_pairs: str | None = None,
@@ -163,10 +166,12 @@ def prepare_examples(
     ranked_pairs:  turn ranked examples into pairwise ones: best_vs_worst | best_vs_each | all_pairs.
     chat_template: Jinja text or a file that replaces the tokenizer's template.
     num_proc:      tokenizer processes (default 2 for more than 20k rows on a 2+ core machine).
-
     add_eos:       append EOS to every response (False for responses cut mid-answer).
-
-    Rows whose prompt cannot fit `max_length` are always dropped and counted.
+    max_length, max_prompt_length, max_completion_length: token limits (None or 0: no limit).
+    truncation:    "truncate" cuts a row over a limit (the prompt keeps its end, each response its
+                   start); "drop" skips it; either way the summary counts them (see `tokenize`).
+    max_positions: the model's max_position_embeddings: sequences longer than it are a warning,
+                   or an error naming the row when max_length is unset.
     """
     with gc_paused():
         return _prepare(
@@ -175,8 +180,10 @@ def prepare_examples(
             kind=kind,
             columns=columns,
             split=split,
-            max_length=max_length,
-            max_prompt_length=max_prompt_length,
+            trunc=Truncation(
+                max_length or None, max_prompt_length or None, max_completion_length or None, truncation
+            ),
+            max_positions=max_positions,
             on_invalid=on_invalid,
             cache_dir=cache_dir,
             ranked_pairs=ranked_pairs,
@@ -195,8 +202,8 @@ def _prepare(
     kind: str | None,
     columns: str | dict[str, str] | None,
     split: str | None,
-    max_length: int | None,
-    max_prompt_length: int | None,
+    trunc: Truncation,
+    max_positions: int | None,
     on_invalid: str,
     cache_dir: str | Path | None,
     ranked_pairs: str | None,
@@ -216,7 +223,6 @@ def _prepare(
     fmt = FormatOptions(
         chat_template=read_template(chat_template), use_chat_template=use_chat_template, add_eos=add_eos
     )
-    trunc = Truncation(max_length, max_prompt_length)
     label = "<records>" if isinstance(source, list) else str(source)
     key = json.dumps(
         {
@@ -228,8 +234,7 @@ def _prepare(
             "on_invalid": on_invalid,
             "tokenizer": tokenizer_fingerprint(tok),
             "formatting": fmt.fingerprint(),
-            "max_length": max_length,
-            "max_prompt_length": max_prompt_length,
+            "lengths": trunc.fingerprint(),
         },
         sort_keys=True,
     )
@@ -244,7 +249,7 @@ def _prepare(
         if hit is not None:
             data, cached = hit
             cached.update(cache="hit", cache_file=str(cache_path))
-            return _finish(data, cached, fingerprint, ranked_pairs, start)
+            return _finish(data, cached, fingerprint, ranked_pairs, start, (trunc, max_positions))
         status = "rebuilt" if status == "rebuilt" else "miss"
 
     source_data = read_source(source, split=split)
@@ -295,12 +300,18 @@ def _prepare(
         except OSError as err:  # a read-only or full disk must not stop training
             status = f"not written ({err.strerror})"
     summary["cache"] = status
-    return _finish(result.data, summary, fingerprint, ranked_pairs, start)
+    return _finish(result.data, summary, fingerprint, ranked_pairs, start, (trunc, max_positions))
 
 
 def _finish(
-    data: Tokenized, summary: dict[str, Any], fingerprint: str, ranked_pairs: str | None, start: float
+    data: Tokenized,
+    summary: dict[str, Any],
+    fingerprint: str,
+    ranked_pairs: str | None,
+    start: float,
+    lengths: tuple[Truncation, int | None],
 ) -> PreparedData:
+    too_long = check_positions(data, lengths[0].max_length, lengths[1], str(summary.get("source")))
     examples = data.examples()
     if ranked_pairs is not None and data.kind != "ranked":
         raise ConfigError(
@@ -314,4 +325,6 @@ def _finish(
     if summary.get("dropped") or summary.get("truncated"):
         # Said on every run, cached or not: nothing is dropped or cut silently.
         log.warning(format_summary(summary))
+    if too_long:
+        log.warning(too_long)
     return PreparedData(examples, fingerprint, summary)

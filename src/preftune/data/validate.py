@@ -18,9 +18,11 @@ from preftune.data.layouts import parse_columns
 from preftune.data.rows import Problem, render_problems
 from preftune.data.schema import validate
 from preftune.data.sources import read_source
-from preftune.data.tokenize import Truncation, tokenize_records
+from preftune.data.tokenize import Tokenized, Truncation, tokenize_records
+from preftune.errors import DataError
 
 PERCENTILES = (50, 90, 99, 100)
+GIANT_ROW = 1 << 17  # tokens: with no max_length and no known model limit, a longer row is a mistake
 
 
 @dataclass
@@ -46,6 +48,8 @@ def check_data(
     chat_template: str | None = None,
     max_length: int | None = None,
     max_prompt_length: int | None = None,
+    max_completion_length: int | None = None,
+    truncation: str = "truncate",
 ) -> CheckResult:
     """Check `source` as training would, without writing any cache."""
     cols = parse_columns(columns)
@@ -69,7 +73,11 @@ def check_data(
         source=data.path,
     )
     out = tokenize_records(
-        records, formatter, Truncation(max_length, max_prompt_length), str(found), path=data.path
+        records,
+        formatter,
+        Truncation(max_length or None, max_prompt_length or None, max_completion_length or None, truncation),
+        str(found),
+        path=data.path,
     )
     result.problems = sorted(
         problems + [p for p in out.problems if p.reason and p.reason.startswith("chat")],
@@ -77,8 +85,44 @@ def check_data(
     )
     summary["tokens"] = {name: _percentiles(v) for name, v in out.data.lengths().items()}
     summary["truncated"] = out.counts["truncated"]
-    summary["dropped_by_length"] = sum(1 for p in out.problems if p.field == "prompt")
+    summary["dropped_by_length"] = sum(1 for p in out.problems if not (p.reason or "").startswith("chat"))
     return result
+
+
+def check_positions(
+    data: Tokenized, max_length: int | None, max_positions: int | None, source: str
+) -> str | None:
+    """Sequences (prompt + response) longer than the model's `max_positions`: a warning to log (their
+    count, the longest and its row) when max_length allows them; with max_length unset, a DataError
+    naming the row and the option, raised before any model sees the data (also above GIANT_ROW
+    tokens when the model's limit is unknown)."""
+    total = data.lengths()["total"]
+    if len(total) == 0:
+        return None
+    i = int(np.argmax(total))
+    longest = int(total[i])
+    row = int(np.repeat(data.rows, data.branches.astype(np.int64))[i])
+    if max_length is None:
+        limit = max_positions or GIANT_ROW
+        if longest > limit:
+            what = (
+                f"the model's max_position_embeddings={max_positions}" if max_positions else f"{limit} tokens"
+            )
+            raise DataError(
+                f"prompt + response has {longest} tokens, over {what}, and max_length is unset",
+                path=source,
+                row=row,
+                fix=f"set max_length (CLI --max-length {max_positions or 1024}) to truncate long rows, "
+                "with truncation='drop' to skip them instead",
+            )
+        return None
+    if max_positions and longest > max_positions:
+        n = int((total > max_positions).sum())
+        return (
+            f"{source}: {n} sequence(s) longer than the model's max_position_embeddings={max_positions} "
+            f"(longest: {longest} tokens, row {row}) — lower max_length to {max_positions}"
+        )
+    return None
 
 
 def _percentiles(values: np.ndarray) -> dict[str, int]:

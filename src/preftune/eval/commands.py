@@ -81,6 +81,8 @@ def _eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_length=config.max_length,
         max_prompt_length=config.max_prompt_length,
+        max_completion_length=config.max_completion_length,
+        truncation=config.truncation,
         cache_dir=config.cache_dir,
         kind=config.kind,
     )

@@ -29,6 +29,8 @@ def evaluate(
     batch_size: int = 8,
     max_length: int | None = None,
     max_prompt_length: int | None = None,
+    max_completion_length: int | None = None,
+    truncation: str = "truncate",
     cache_dir: str | None = None,
     kind: str | None = None,
 ) -> dict[str, float]:
@@ -53,6 +55,8 @@ def evaluate(
         cache_dir=cache_dir,
         max_length=max_length,
         max_prompt_length=max_prompt_length,
+        max_completion_length=max_completion_length,
+        truncation=truncation,
         kind=kind,
         hparams=dict(hparams or {}),
         micro_batch_size=batch_size,

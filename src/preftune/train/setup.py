@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,9 @@ def load_examples(
         split=split,
         max_length=config.max_length,
         max_prompt_length=config.max_prompt_length,
+        max_completion_length=config.max_completion_length,
+        truncation=config.truncation,
+        max_positions=model_max_positions(config.model),
         on_invalid=config.on_invalid,
         cache_dir=config.cache_dir,
         add_eos=config.add_eos,
@@ -61,6 +65,20 @@ def load_examples(
     if not examples:
         raise ConfigError(f"{where}: no usable examples (summary: {prepared.summary})")
     return adapt_examples(examples, objective.kind, mismatched=objective.needs_mismatched, where=where)
+
+
+@functools.lru_cache(maxsize=8)
+def model_max_positions(model: str) -> int | None:
+    """The model's position limit (`max_position_embeddings`, GPT-2's `n_positions`) from its
+    config.json; None when it has none or the config cannot be read (a module, an adapter folder)."""
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(model)
+    except Exception:  # not a loadable model name: the model loader reports that, not this check
+        return None
+    value = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def build_phases(
