@@ -63,7 +63,7 @@ def test_metadata_is_complete(name):
     assert spec.name == name and spec.paper and spec.equation
     assert spec.kind in ("pairwise", "unpaired", "listwise", "any")
     assert spec.reduction in ("example", "token")
-    assert spec.fn.__doc__ and "ALGORITHMS" not in spec.summary[:0]
+    assert spec.fn.__doc__
     for hname, hp in spec.hparams.items():
         assert hp.doc, f"{name}.{hname} has no doc"
         assert hp.coerce(hname, hp.default, name) == hp.default  # defaults are in range
@@ -170,7 +170,7 @@ def test_losses_are_unreduced_and_sum_decomposes(name):
     """losses has one entry per example, and the gradient of Σ losses w.r.t. example i's statistics
     depends only on example i (no hidden mean inside the loss)."""
     spec = REGISTRY[name]
-    if spec.stateful or spec.needs_mismatched:
+    if spec.batch_statistic is not None or spec.coupled:
         pytest.skip("batch statistics (δ, z₀) are detached, but their value depends on the batch")
     rho = torch.tensor([[0.7, -0.3, 0.2, -0.1], [0.1, 0.4, -0.2, 0.3], [-0.5, 0.5, 0.1, 0.0]])
     batch, leaf = make_batch(spec, rho, ref=-6.0)
@@ -184,14 +184,24 @@ def test_losses_are_unreduced_and_sum_decomposes(name):
     torch.testing.assert_close(g_all[:1], g0)
 
 
+def global_state(spec: LossSpec, parts: list[PreferenceBatch]) -> dict[str, torch.Tensor]:
+    """The state a trainer passes for a step over `parts`: the batch statistic's sums added over them."""
+    assert spec.batch_statistic is not None
+    hp = spec.defaults()
+    sums = [spec.batch_statistic.sums(p, **hp) for p in parts]
+    total = {k: sum(s[k] for s in sums) for k in sums[0]}
+    return spec.batch_statistic.state({}, total, **hp)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_four_micro_batches_of_two_equal_one_batch_of_eight(name):
-    """ALGORITHMS.md §6 at the loss level: per-example losses of 4 micro-batches of 2, concatenated,
+    """docs/algorithms.md §6 at the loss level: per-example losses of 4 micro-batches of 2, concatenated,
     equal those of the batch of 8 — so Σ / global count is the same however the batch is split.
-    Losses with batch statistics (bco's δ, kto's z₀) are exempt: theirs is per call, documented."""
+    Losses with a batch statistic (bco's δ, kto's z₀) get it from the whole batch, as the trainer
+    does; coupled losses (computed per micro-batch by definition) are exempt."""
     spec = REGISTRY[name]
-    if spec.stateful or spec.needs_mismatched:
-        pytest.skip("batch statistic (δ / z₀) is computed per call")
+    if spec.coupled:
+        pytest.skip("the loss couples the examples of one call (documented)")
     g = torch.Generator().manual_seed(3)
     rho = torch.randn(8, 4, generator=g)
     full, _ = make_batch(spec, rho, ref=-6.0)
@@ -199,8 +209,12 @@ def test_four_micro_batches_of_two_equal_one_batch_of_eight(name):
     for i in range(0, 8, 2):
         part, _ = make_batch(spec, rho[i : i + 2], ref=-6.0)
         part.margins = None if full.margins is None else full.margins[i : i + 2]
-        parts.append(call(spec, part).losses)
-    torch.testing.assert_close(torch.cat(parts), call(spec, full).losses)
+        parts.append(part)
+    state = global_state(spec, parts) if spec.batch_statistic else {}
+    if spec.batch_statistic:
+        torch.testing.assert_close(global_state(spec, [full]), state)
+    split = torch.cat([spec(p, state).losses for p in parts])
+    torch.testing.assert_close(split, spec(full, state).losses)
 
 
 @pytest.mark.parametrize("name", NAMES)

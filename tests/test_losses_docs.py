@@ -31,8 +31,33 @@ def test_losses_cli_lists_every_method(capsys, monkeypatch):
     out = capsys.readouterr().out
     for name in losses.REGISTRY:
         assert name in out
-    assert "beta=0.1, epsilon=0.1" in out  # cdpo's hyper-parameters with defaults
+    assert "epsilon=0.1" in out  # cdpo's hyper-parameters with defaults
+    assert "not verified" not in out and "Eq." not in out  # notes stay on the method's page
     assert main(["losses", "ipo"]) == 0
     assert "token_mean" in capsys.readouterr().out
     assert main(["losses", "dpoo"]) == 2
     assert "did you mean 'dpo'" in capsys.readouterr().err
+
+
+def test_losses_table_fits_80_columns_and_compact_view(capsys, monkeypatch):
+    """At 80 columns no hyper-parameter name is cut inside; --compact gives one plain line per
+    method (name, data kind, reference, every hyper-parameter with its default)."""
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["losses"]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    assert "desensitise_reference=true" in out and "divergence=reverse_kl" in out
+    assert main(["losses", "--compact"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(losses.REGISTRY) + 1 and max(len(line) for line in lines) <= 80
+    cdpo = next(line for line in lines if line.startswith("cdpo "))
+    assert cdpo.split() == ["cdpo", "pairwise", "yes", "beta=0.1,", "epsilon=0.1"]
+
+
+def test_a_literal_bar_in_a_formula_renders_as_a_bar(capsys, monkeypatch):
+    """SimPO's β·logp/|y| was printed as β·logp//y/: table cells escape `|` instead of replacing it."""
+    assert "β·logp/\\|y\\|" in render()
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["losses", "simpo"]) == 0
+    out = capsys.readouterr().out
+    assert "β·logp/|y|" in out and "//y/" not in out

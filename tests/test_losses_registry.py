@@ -39,7 +39,7 @@ def test_parse_objective_weights_default_and_errors():
 
 
 def test_spec_call_dpo_equal_policy_and_reference_is_log2():
-    """ρ_w = ρ_l = 0 ⇒ −log σ(0) = log 2 (ALGORITHMS.md §6)."""
+    """ρ_w = ρ_l = 0 ⇒ −log σ(0) = log 2 (docs/algorithms.md §6)."""
     batch = PreferenceBatch(
         policy_logps=torch.tensor([[-1.0, -2.0]]),
         lengths=torch.tensor([[3, 4]]),

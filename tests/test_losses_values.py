@@ -1,5 +1,5 @@
 """Every loss against numbers derived by hand (derivation in each docstring), and the invariants
-of ALGORITHMS.md §6. Notation: ρ = logp_θ − logp_ref, h = ρ_w − ρ_l, sp(x) = log(1 + eˣ), so
+of docs/algorithms.md §6. Notation: ρ = logp_θ − logp_ref, h = ρ_w − ρ_l, sp(x) = log(1 + eˣ), so
 −log σ(z) = sp(−z)."""
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def test_fdpo_divergences():
 
 
 def test_fdpo_alpha_limits_and_reverse_kl_is_dpo():
-    """Reverse KL is DPO exactly; α → 0 tends to reverse KL (our α convention)."""
+    """Reverse KL is DPO exactly; α → 0 tends to reverse KL (our α convention; TRL's a = 1 − α)."""
     rw, rl = [0.3, -1.2, 2.0], [0.1, 0.5, -1.0]
     torch.testing.assert_close(pair("fdpo", rw, rl, beta=0.7), pair("dpo", rw, rl, beta=0.7))
     torch.testing.assert_close(
@@ -148,7 +148,7 @@ def test_ld_dpo():
     α = 1 is DPO on the full sums: ρ_w = −6 + 3 = −3, ρ_l = 2 (with either reference handling)."""
     kw = ld_batch(None)
     assert losses.pairwise("ld_dpo", **kw, beta=0.5, alpha=0.5).item() == approx(2.1269280)
-    # TRL's form desensitises the policy only: ρ_w = −4.5 + 3 = −1.5, ρ_l = 2 ⇒ sp(1.75) = 1.9102242.
+    # policy only (older TRL releases): ρ_w = −4.5 + 3 = −1.5, ρ_l = 2 ⇒ sp(1.75) = 1.9102242.
     trl = losses.pairwise("ld_dpo", **kw, beta=0.5, alpha=0.5, desensitise_reference=False)
     assert trl.item() == approx(1.9102242)
     dpo = losses.pairwise(
@@ -298,7 +298,7 @@ def test_tpo_lambda_weights():
     assert losses.listwise("tpo", pol, ref, scores=T([[3.0, 1.0]]), **kw).item() == approx(0.6936934)
 
 
-# ---- ALGORITHMS.md §6 invariants -------------------------------------------------------------
+# ---- docs/algorithms.md §6 invariants -------------------------------------------------------------
 
 
 @pytest.mark.parametrize("beta", [0.1, 0.5, 2.0])

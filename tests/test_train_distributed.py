@@ -1,5 +1,5 @@
 """`torchrun --nproc_per_node 2 -m preftune train` on CPU (gloo) gives the same run as one process with
-the same global batch (ALGORITHMS.md §6: 2 ranks × 4 = 1 × 8). Slow: it starts two interpreters."""
+the same global batch (docs/algorithms.md §6: 2 ranks × 4 = 1 × 8). Slow: it starts two interpreters."""
 
 from __future__ import annotations
 

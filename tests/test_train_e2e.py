@@ -60,7 +60,7 @@ def run(
     return [json.loads(line) for line in lines]
 
 
-# Losses at π_θ = π_ref (first step, the reference is the initial policy), ALGORITHMS.md §6.
+# Losses at π_θ = π_ref (first step, the reference is the initial policy), docs/algorithms.md §6.
 AT_REFERENCE = {
     "dpo": math.log(2),
     "cdpo": math.log(2),

@@ -1,4 +1,4 @@
-"""ALGORITHMS.md §6: one step of batch 8 = 4 micro-batches of 2 = 2 ranks × 4, to float tolerance,
+"""docs/algorithms.md §6: one step of batch 8 = 4 micro-batches of 2 = 2 ranks × 4, to float tolerance,
 including a token-level term (sft) normalised by the global token count."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The bundles that cross the boundaries of the data flow (see docs/design.md).
+"""The bundles that cross the boundaries of the data flow (docs/algorithms.md, "Data flow").
 
 data/  → `Example` (token ids of one prompt and its K response branches)
 models/ → `SequenceStats` (per-sequence log-prob statistics, the only thing losses see from a model)

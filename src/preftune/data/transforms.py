@@ -1,4 +1,4 @@
-"""Data transforms that build new preference data from raw records (ALGORITHMS.md §1, §3).
+"""Data transforms that build new preference data from raw records (docs/algorithms.md §1, §3).
 
 They operate on *raw records* — the dicts of a JSONL file (`prompt`, `chosen`, `rejected`,
 `score_chosen`, ... as in data/schema.py) — and return raw records, so their output goes through
@@ -145,7 +145,7 @@ def curry_stages(
     to stage ⌊i·num_stages/n⌋, so with best_vs_rest and num_stages = K − 1, stage k holds every
     prompt's k-th easiest pair.
     The trainer runs the stages in order, each stage's reference being the policy at the end of
-    the previous one (ALGORITHMS.md §3–4).
+    the previous one (docs/algorithms.md §3–4).
     """
     if num_stages < 1:
         raise ConfigError(f"curry_stages: num_stages={num_stages} must be ≥ 1")

@@ -4,7 +4,7 @@
                     ≈ (1/N) Σ_i ( logp_θ(y_i) − logp_ref(y_i) ),   y_i ~ π_θ(·|x_i)
 
 (the KL term of the RLHF objective that DPO optimises implicitly, Rafailov et al. 2023, eq. 3; the
-"sequence-level KL estimate to the reference on held-out prompts" of ALGORITHMS.md §5).
+"sequence-level KL estimate to the reference on held-out prompts" of docs/algorithms.md §5).
 
 The estimator is unbiased only when y is drawn from π_θ itself, so samples are taken at temperature 1
 with top-p 1; both log-probs are recomputed by a forward pass over the same token ids rather than taken

@@ -1,7 +1,7 @@
 """The HTML report of one run: `RUN/report.html`, one self-contained file (PNG plots inlined as base64).
 
 It is built only from what a run leaves on disk — `metrics.jsonl` (one JSON object per logged step, with
-`step`, `split` and the metrics of ALGORITHMS.md §5), `summary.json` and `config.yaml` — so
+`step`, `split` and the metrics of docs/algorithms.md §5), `summary.json` and `config.yaml` — so
 `preftune report RUN` can regenerate it at any time, also for a run that is still going or that died.
 A metric that was not logged is not plotted, and the report says which ones are missing.
 """

@@ -2,7 +2,7 @@
 
 Every method trains from the same starting model with the same config except `method` and `out`
 (`DIR/METHOD`), and all share one reference cache folder, so the reference log-probs are computed by
-the first method that needs them and read from disk by the others (DESIGN.md, "Reference cache").
+the first method that needs them and read from disk by the others (docs/training.md, "Reference strategies").
 Whether a run reused the cache is observed, not assumed: the run's reference-cache files must be
 unchanged by it (the trainer writes them only when it computes missing sequences).
 

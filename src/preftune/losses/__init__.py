@@ -1,4 +1,4 @@
-"""The loss zoo: every direct-alignment method as a pure, registered function (ALGORITHMS.md §1–§3).
+"""The loss zoo: every direct-alignment method as a pure, registered function (docs/algorithms.md §1–§3).
 
 from preftune import losses
 spec = losses.get("dpo")                     # LossSpec: fn + metadata

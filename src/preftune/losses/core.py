@@ -13,7 +13,8 @@ from preftune.errors import ConfigError
 from preftune.types import PreferenceBatch
 
 # exp(x) is linearised above this value: exp(40) ≈ 2.4e17 keeps β·exp(·) and its gradient finite in
-# float32 for log-ratios far beyond ±1e4 (ALGORITHMS.md §6), while being exact where training lives.
+# float32 for log-ratios far beyond ±1e4 (docs/algorithms.md §6), while being exact where
+# training lives.
 EXP_LIMIT = 40.0
 
 
@@ -74,6 +75,12 @@ def safe_exp(x: torch.Tensor, limit: float = EXP_LIMIT) -> torch.Tensor:
     """exp(x) for x ≤ limit, continued by its tangent line above (finite value and gradient)."""
     xc = x.clamp(max=limit)
     return torch.exp(xc) * (1.0 + (x - xc))
+
+
+def safe_expm1(x: torch.Tensor, limit: float = EXP_LIMIT) -> torch.Tensor:
+    """e^x − 1 for x ≤ limit (accurate near 0, where exp(x) − 1 cancels), continued by its tangent line above."""
+    xc = x.clamp(max=limit)
+    return torch.expm1(xc) + torch.exp(xc) * (x - xc)
 
 
 def pair_metrics(reward_w: torch.Tensor, reward_l: torch.Tensor) -> dict[str, torch.Tensor]:

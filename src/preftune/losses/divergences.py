@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from preftune.losses.core import finish, log_sigmoid, pair_metrics, safe_exp
+from preftune.losses.core import finish, log_sigmoid, pair_metrics, safe_exp, safe_expm1
 from preftune.losses.pairwise_losses import BETA, pair_log_ratios
 from preftune.losses.registry import HParam, LossOutput, register
 from preftune.types import PreferenceBatch
@@ -26,6 +26,8 @@ def divergence_reward(rho: torch.Tensor, divergence: str, alpha: float) -> torch
     js          f(u) = u log u − (1+u) log((1+u)/2) g(ρ) = log σ(ρ) + log 2
     alpha       f(u) = (u^{1−α} − (1−α)u − α)/(α(α−1)),  g(ρ) = (1 − e^{−αρ})/α,  0 < α < 1
     α convention: α → 0 recovers reverse KL (g → ρ), α → 1 forward KL (g → 1 − e^{−ρ}).
+    The α form is computed as −expm1(−αρ)/α: 1 − e^{−αρ} cancels catastrophically for small αρ
+    (float32 loses ~3 digits at α = 1e-6), expm1 does not.
     """
     if divergence == "reverse_kl":
         return rho
@@ -34,7 +36,7 @@ def divergence_reward(rho: torch.Tensor, divergence: str, alpha: float) -> torch
     if divergence == "js":
         return log_sigmoid(rho) + math.log(2.0)
     if divergence == "alpha":
-        return (1.0 - safe_exp(-alpha * rho)) / alpha
+        return -safe_expm1(-alpha * rho) / alpha
     raise ValueError(f"unknown divergence {divergence!r}")  # unreachable: HParam choices checked
 
 
@@ -66,10 +68,12 @@ def fdpo(
     Wang et al. 2023. g per divergence: reverse_kl ρ; forward_kl −e^{−ρ}; js log σ(ρ) + log 2;
     alpha (1 − e^{−αρ})/α with 0 < α < 1 — our α convention: α → 0 recovers reverse KL (DPO),
     α → 1 forward KL (g → 1 − e^{−ρ}, the forward-KL g up to a constant). reverse_kl is DPO exactly.
-    The α-divergence g and the JS g match TRL's f-divergence DPO (alpha: (u_l^{−α} − u_w^{−α})/α;
-    js: h − (softplus(ρ_w) − softplus(ρ_l))), so the convention is the one TRL took from the paper.
-    α = 0.5 default, inside the open interval; TRL's default α = 1 equals forward_kl here. The
-    paper's own α grid and equation number were not verifiable offline. Reward metrics are β g(ρ).
+    TRL 1.16 (`f_divergence_type`, dpo_trainer.py) uses the same forward-KL (1 − e^{−ρ}) and JS
+    (log 2 + log σ(ρ)) scores, and for `alpha_divergence` the score (e^{(a−1)ρ} − 1)/(a − 1) with
+    a = `f_alpha_divergence_coef` (default 0.5): TRL's convention is flipped, a = 1 − α — TRL's
+    a → 1 is reverse KL, a → 0 forward KL; both defaults (0.5) coincide. Tested against TRL's
+    expression. α = 0.5 default, inside the open interval. The paper's own α grid and equation
+    number were not verifiable offline. Reward metrics are β g(ρ).
     Deviation: e^{x} is continued linearly above x = 40 (forward KL, α-divergence) so that
     log-ratios of ±1e4 give finite losses and gradients; exact for |ρ| < 40 (α·|ρ| < 40).
     """

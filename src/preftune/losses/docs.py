@@ -14,7 +14,7 @@ HEADER = """# Methods
 
 Every registered loss of `preftune.losses`, generated from the registry by
 `python -m preftune.losses.docs > docs/methods.md` — do not edit by hand.
-Notation (see ALGORITHMS.md): ρ = logp_θ − logp_ref, h = ρ_w − ρ_l, ℓ = logp_θ/|y|.
+Notation (docs/algorithms.md): ρ = logp_θ − logp_ref, h = ρ_w − ρ_l, ℓ = logp_θ/|y|.
 Losses are per example; the trainer divides their sum by the global example count
 (`reduction: example`) or the global token count (`reduction: token`).
 Combine terms with an objective such as `dpo:1.0,sft:0.2`.
@@ -33,6 +33,16 @@ def _default(hp: HParam) -> str:
 def hparam_summary(spec: LossSpec) -> str:
     """`beta=0.1, epsilon=0.1` — names and defaults, for tables."""
     return ", ".join(f"{k}={_default(hp)}" for k, hp in spec.hparams.items()) or "—"
+
+
+def cell(text: str) -> str:
+    """`text` for a Markdown table cell: a literal `|` (as in |y|) escaped, not turned into another sign."""
+    return text.replace("|", "\\|")
+
+
+def short_paper(spec: LossSpec) -> str:
+    """The paper's authors and year (the text before the first comma), for narrow tables."""
+    return spec.paper.split(",")[0]
 
 
 def needs(spec: LossSpec) -> list[str]:
@@ -59,7 +69,7 @@ def method_section(spec: LossSpec) -> str:
     if spec.hparams:
         lines += ["| hyper-parameter | default | valid | meaning |", "|---|---|---|---|"]
         for key, hp in spec.hparams.items():
-            lines.append(f"| `{key}` | {_default(hp)} | {hp.range_text()} | {hp.doc.replace('|', '/')} |")
+            lines.append(f"| `{key}` | {_default(hp)} | {cell(hp.range_text())} | {cell(hp.doc)} |")
         lines.append("")
     lines += [doc, ""]
     return "\n".join(lines)
@@ -88,7 +98,7 @@ def render() -> str:
     for spec in specs:
         table.append(
             f"| [`{spec.name}`](#{spec.name}) | {spec.kind} | {'yes' if spec.needs_reference else 'no'} "
-            f"| {hparam_summary(spec)} | {spec.paper} |"
+            f"| {cell(hparam_summary(spec))} | {cell(spec.paper)} |"
         )
     body = "\n".join(method_section(s) for s in specs)
     return f"{HEADER}\n" + "\n".join(table) + "\n\n" + body + "\n" + transforms_section().rstrip() + "\n"

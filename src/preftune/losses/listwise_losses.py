@@ -1,4 +1,4 @@
-"""Listwise losses on K ranked responses, best first, ragged K via the mask (ALGORITHMS.md §3)."""
+"""Listwise losses on K ranked responses, best first, ragged K via the mask (docs/algorithms.md §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Pairwise direct-alignment losses (ALGORITHMS.md §1): the DPO family on (chosen, rejected) pairs.
+"""Pairwise direct-alignment losses (docs/algorithms.md §1): the DPO family on (chosen, rejected) pairs.
 
 Notation: ρ = logp_θ − logp_ref, h = ρ_w − ρ_l. Each function returns per-pair losses [E] and the
 metrics rewards/{chosen,rejected,margin,accuracy} (β ρ, or the method's own implicit reward).
@@ -82,8 +82,10 @@ def cdpo(
     """Conservative DPO: −(1−ε) log σ(βh) − ε log σ(−βh).
 
     Mitchell 2023 (the cDPO note, Eq. 3 as cited by OpenRLHF): the BCE of DPO's logit against the
-    smoothed label 1−ε — TRL's `label_smoothing` DPO, identical form. The note recommends no value
-    (TRL's default is 0); ε = 0.1 here as a moderate assumed flip rate. ε = 0 is DPO.
+    smoothed label 1−ε. TRL 1.16's DPO (`sigmoid`) ignores `label_smoothing` (only its `robust`,
+    `exo_pair` and `aot` losses read it), so cDPO has no TRL 1.16 counterpart; earlier TRL releases
+    had this form. The note recommends no value; ε = 0.1 here as a moderate assumed flip rate.
+    ε = 0 is DPO.
     """
     rho_w, rho_l, valid = pair_log_ratios(batch, "cdpo")
     losses = sigmoid_pair_loss(beta * (rho_w - rho_l), 1.0 - epsilon)
@@ -164,8 +166,8 @@ def ipo(
     Azar et al. 2023, Eq. 17 with τ = β (the equation TRL's IPO loss cites). The paper writes summed
     log-ratios; the per-token mean (policy and reference log-probs divided by |y|) is what TRL
     applies for IPO, following the DPO repository's discussion of IPO (eric-mitchell/
-    direct-preference-optimization issue 40); kept as the default per ALGORITHMS.md. The paper gives
-    no LLM default for τ; β = 0.1.
+    direct-preference-optimization issue 40; TRL notes the IPO authors confirmed it); kept as the
+    default. The paper gives no LLM default for τ; β = 0.1.
     """
     rho_w, rho_l, valid = pair_log_ratios(batch, "ipo")
     if token_mean:

@@ -74,10 +74,12 @@ def orpo(batch: PreferenceBatch, state: dict[str, torch.Tensor], *, odds_ratio_w
 
     Hong et al. 2024, Eq. 6 (L_SFT + λ·L_OR), Eq. 7 (L_OR), odds from Eq. 4 with ℓ = logp_θ(y)/|y|
     (the paper's length-normalised likelihood); the log-odds formula matches TRL's ORPO loss ("Eqs.
-    (4) and (7)"). The SFT part is the per-token NLL of y_w *per example*; the reference
-    implementations take the causal-LM loss averaged over all chosen tokens of the batch, which
-    weighs long responses more — add an `sft` term for that form. λ = 0.1 (TRL's ORPO default for
-    the paper's λ). Reward metrics are the log odds.
+    (4) and (7)"). The SFT part is the per-token NLL of y_w's *response* tokens, *per example*.
+    The reference implementations differ in two ways: TRL's (experimental/orpo, "computed over the
+    full prompt and response") and the authors' take the causal-LM loss over the prompt tokens
+    too, averaged over all chosen tokens of the batch (long rows weigh more). Prompt tokens never
+    count here; add an `sft` term for the batch-token-mean form (over response tokens).
+    λ = 0.1 (TRL's ORPO default for the paper's λ). Reward metrics are the log odds.
     """
     ell_w, ell_l, valid = mean_logps(batch)
     odds_w, odds_l = ell_w - log1mexp(ell_w), ell_l - log1mexp(ell_l)

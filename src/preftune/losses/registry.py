@@ -47,6 +47,22 @@ F = TypeVar("F", bound=LossFn)
 
 
 @dataclass(frozen=True)
+class BatchStatistic:
+    """A detached statistic of the whole global batch that a loss needs (KTO's z₀, BCO's δ).
+
+    sums(batch, **hparams) -> {name: scalar tensor}: detached sums over the batch's examples,
+        additive, so that the trainer adds them over all micro-batches and all ranks of a step;
+    state(state, sums, **hparams) -> the state to call the loss with on every micro-batch of the
+        step, given the loss's running state and the global sums.
+    The loss function stays pure: called without this state it estimates the statistic from its
+    own batch.
+    """
+
+    sums: Callable[..., dict[str, torch.Tensor]]
+    state: Callable[..., dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
 class HParam:
     """One hyper-parameter of a loss: default, meaning and valid range.
 
@@ -162,6 +178,11 @@ class LossSpec:
     stateful:         the loss keeps running state (e.g. BCO's δ) that the trainer checkpoints.
     reduction:        "example": divide Σ losses by the global example count; "token": `losses` are
                       per-example token sums, divide by the global response-token count.
+    batch_statistic:  a statistic of the whole global batch the trainer computes before the step's
+                      micro-batches (see `BatchStatistic`); None for losses without one.
+    coupled:          the per-example losses depend on the other examples of the call beyond a
+                      batch statistic (e.g. AOT sorts the batch): the loss is computed per
+                      micro-batch, so the objective depends on the micro-batch size.
     """
 
     name: str
@@ -175,6 +196,8 @@ class LossSpec:
     needs_mismatched: bool = False
     stateful: bool = False
     reduction: Reduction = "example"
+    batch_statistic: BatchStatistic | None = None
+    coupled: bool = False
 
     @property
     def summary(self) -> str:
@@ -226,6 +249,8 @@ def register(
     needs_mismatched: bool = False,
     stateful: bool = False,
     reduction: Reduction = "example",
+    batch_statistic: BatchStatistic | None = None,
+    coupled: bool = False,
 ) -> Callable[[F], F]:
     """Decorator: add a loss function to `REGISTRY` under `name` with its metadata."""
 
@@ -244,6 +269,8 @@ def register(
             needs_mismatched=needs_mismatched,
             stateful=stateful,
             reduction=reduction,
+            batch_statistic=batch_statistic,
+            coupled=coupled,
         )
         return fn
 

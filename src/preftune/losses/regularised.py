@@ -48,8 +48,8 @@ def desensitised_logps(
         ),
         "desensitise_reference": HParam(
             True,
-            "also desensitise the reference log-prob (ALGORITHMS.md; ρ = 0 at π_θ = π_ref); false = "
-            "policy only, as TRL's ld_alpha implementation",
+            "also desensitise the reference log-prob (ρ = 0 at π_θ = π_ref; TRL 1.16's ld_alpha does "
+            "too); false = policy only, as older TRL releases",
         ),
     },
     paper="Liu et al. 2024, Length Desensitization in Direct Preference Optimization (LD-DPO)",
@@ -67,13 +67,13 @@ def ld_dpo(
     """LD-DPO: DPO with logp_θ(y) replaced by Σ_{t≤l_p} log π_θ(y_t) + α Σ_{t>l_p} log π_θ(y_t).
 
     l_p = min(|y_w|, |y_l|), the pair's "public length". The split at l_p matches TRL's ld_alpha
-    implementation; the paper's text was not reachable offline. Open difference: TRL desensitises
-    the *policy only* (the reference keeps its full summed log-prob, so ρ ≠ 0 at π_θ = π_ref when
-    the lengths differ); ALGORITHMS.md desensitises the reference too, which is the default here
-    (ρ = 0 at the start, as the trainer's invariants expect); desensitise_reference=false gives
-    TRL's form. The paper tunes α per model (its reviewers note a different α for every model;
-    TRL: "between 0 and 1"); 0.5 is a middle value, not a paper default. α = 1 is DPO either way;
-    α = 0 keeps only the common-length prefixes.
+    implementation; the paper's text was not reachable offline. TRL 1.16 desensitises the policy
+    *and* the reference log-probs (shared + ld_alpha·tail for both, dpo_trainer.py), as here by
+    default (ρ = 0 at π_θ = π_ref, as the trainer's invariants expect; tested against TRL's
+    expression); desensitise_reference=false gives the policy-only form of older TRL releases
+    (ρ ≠ 0 at π_θ = π_ref when the lengths differ). The paper tunes α per model (its reviewers
+    note a different α for every model; TRL: "between 0 and 1"); 0.5 is a middle value, not a
+    paper default. α = 1 is DPO either way; α = 0 keeps only the common-length prefixes.
     """
     _, _, valid = pair_log_ratios(batch, "ld_dpo")
     if batch.policy_token_logps is None or (desensitise_reference and batch.ref_token_logps is None):
@@ -109,7 +109,7 @@ def ld_dpo(
         "sft_form": HParam(
             "paper",
             "paper: η·β·NLL(y_w) summed over tokens (Liu et al. Eq. 4.8); token_mean: λ·NLL(y_w)/|y_w| "
-            "(the authors' averaged variant, ALGORITHMS.md, Pang et al. 2024, TRL rpo_alpha)",
+            "per example (the authors' averaged variant; Pang et al. 2024)",
             choices=("paper", "token_mean"),
         ),
     },
@@ -126,9 +126,12 @@ def rpo(
     negative log-likelihood of a baseline response, in practice the chosen one (§6). Checked against
     the arXiv HTML text and the authors' code (alignment-handbook rpo_trainer: loss −= β·η·logp_w,
     summed log-probs). η = 0.005 default: the paper's value for both its model series (§6, App. D.1,
-    with β = 0.01 and 0.05). ALGORITHMS.md's `dpo + λ·NLL/|y_w|` (per-token mean, no β) is the
-    authors' "average SFT loss" variant (their OpenRLHF script: η = 0.2, β = 0.5) and the Iterative
-    RPO / TRL rpo_alpha form (λ = 1); it is sft_form="token_mean" — set sft_weight for it.
+    with β = 0.01 and 0.05). sft_form="token_mean" is `dpo + λ·NLL(y_w)/|y_w|`, each example's
+    per-token mean (no β): the authors' "average SFT loss" variant (their OpenRLHF script: η = 0.2,
+    β = 0.5) and Iterative RPO's (Pang et al. 2024, λ = 1) — set sft_weight for it. It is *not*
+    TRL's form: TRL 1.16 (loss_type ["sigmoid", "sft"] with loss_weights [1, λ]; its rpo_alpha is
+    gone) averages the NLL over all chosen tokens of the batch, so long responses weigh more; the
+    objective `dpo:1,sft:λ` reproduces that exactly (global token count).
     """
     rho_w, rho_l, valid = pair_log_ratios(batch, "rpo")
     nll_w = -clean(batch.policy_logps[:, 0], valid)

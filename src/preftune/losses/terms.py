@@ -22,7 +22,7 @@ def sft(batch: PreferenceBatch, state: dict[str, torch.Tensor]) -> LossOutput:
 
     reduction="token": the trainer divides Σ_examples by the global count of the tokens this term
     sums over (`sft_token_count`), so the objective is the per-token NLL of the whole batch
-    (ALGORITHMS.md §6). When the batch has labels (unpaired 1/0, or a pairwise soft label p) only
+    (docs/algorithms.md §6). When the batch has labels (unpaired 1/0, or a pairwise soft label p) only
     examples with label > 0.5 count: raising the likelihood of an undesirable completion, or of a
     "chosen" response the label says is worse, would train the wrong way.
     """

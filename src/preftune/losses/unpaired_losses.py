@@ -1,4 +1,4 @@
-"""Unpaired and negative-only losses (ALGORITHMS.md §2): KTO on labelled single completions, D2O
+"""Unpaired and negative-only losses (docs/algorithms.md §2): KTO on labelled single completions, D2O
 on human negatives anchored by self-generated samples."""
 
 from __future__ import annotations
@@ -8,16 +8,31 @@ import torch
 from preftune.errors import ConfigError
 from preftune.losses.core import branch_mask, clean, finish, log_ratios, log_sigmoid, valid_examples
 from preftune.losses.pairwise_losses import BETA
-from preftune.losses.registry import HParam, LossOutput, register
+from preftune.losses.registry import BatchStatistic, HParam, LossOutput, register
 from preftune.types import PreferenceBatch
 
 
-def kto_reference_point(rho_mismatched: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """z₀ = max(0, mean of ρ(y′) over the present mismatched completions), detached; 0 if none."""
-    rho = rho_mismatched.detach()
-    w = present.float()
-    mean = (rho * w).sum() / w.sum().clamp(min=1)
-    return mean.clamp(min=0.0)
+def kto_sums(batch: PreferenceBatch, **_: object) -> dict[str, torch.Tensor]:
+    """Σ ρ(y′) over the present mismatched completions (branch 1) and their count, detached."""
+    mask = branch_mask(batch)
+    if mask.shape[1] < 2:
+        zero = torch.zeros((), device=mask.device)
+        return {"rho_sum": zero, "count": zero}  # the loss itself names the missing branch
+    w = mask[:, 1].float()
+    rho = log_ratios(batch, "kto")[:, 1].detach()
+    return {"rho_sum": (rho * w).sum(), "count": w.sum()}
+
+
+def kto_reference_point(sums: dict[str, torch.Tensor]) -> torch.Tensor:
+    """z₀ = max(0, mean of ρ(y′)) from `kto_sums` (of one batch or added over a global batch); 0 if none."""
+    return (sums["rho_sum"] / sums["count"].clamp(min=1)).clamp(min=0.0).detach()
+
+
+def kto_state(
+    state: dict[str, torch.Tensor], sums: dict[str, torch.Tensor], **_: object
+) -> dict[str, torch.Tensor]:
+    """The state for every micro-batch of a step: z₀ of the whole global batch."""
+    return {**state, "z0": kto_reference_point(sums)}
 
 
 @register(
@@ -25,6 +40,7 @@ def kto_reference_point(rho_mismatched: torch.Tensor, present: torch.Tensor) -> 
     kind="unpaired",
     needs_reference=True,
     needs_mismatched=True,
+    batch_statistic=BatchStatistic(kto_sums, kto_state),
     hparams={
         "beta": BETA,
         "desirable_weight": HParam(1.0, "λ_D, weight of desirable examples", low=0.0),
@@ -46,11 +62,13 @@ def kto(
     Ethayarajh et al. 2024, Eq. 8 with v(x, y) = λ_D σ(β(r_θ − z₀)) / λ_U σ(β(z₀ − r_θ)), so
     λ_y − v = λ_y(1 − σ(·)); r_θ = ρ unscaled, z₀ on the same scale. Branch 0 is the completion y
     (label 1/0 in `batch.labels`), branch 1 a completion y′ of a *different* prompt scored under this
-    prompt; z₀ = max(0, mean ρ(y′)) over the micro-batch, detached (the paper's estimate ẑ₀, as TRL's
-    KL term). Defaults β = 0.1, λ_D = λ_U = 1 (TRL's defaults; the paper advises
-    λ_D n_D / (λ_U n_U) ∈ [1, 4/3] for imbalanced data, the bounds TRL's KTOTrainer warns outside).
-    Note: z₀ is a mean over *this call's* batch, so with gradient accumulation it is per
-    micro-batch — unless the caller passes the global batch's z₀ as `state["z0"]` (then used as is).
+    prompt; z₀ = max(0, mean ρ(y′)), detached (the paper's estimate ẑ₀, as TRL's KL term). The
+    trainer computes z₀ over the whole global batch — every micro-batch and every rank — before
+    the step (`batch_statistic`) and passes it as `state["z0"]`, so the gradient does not depend on
+    how the batch is split (TRL 1.16 gathers its KL estimate across ranks, per micro-batch);
+    called without it, the loss estimates z₀ from its own batch. Defaults β = 0.1,
+    λ_D = λ_U = 1 (TRL's defaults; the paper advises λ_D n_D / (λ_U n_U) ∈ [1, 4/3] for imbalanced
+    data, the bounds TRL's KTOTrainer warns outside).
     """
     if batch.labels is None:
         raise ConfigError("loss 'kto' needs a 0/1 label per completion (batch.labels)")
@@ -62,9 +80,7 @@ def kto(
         )
     valid = valid_examples(batch, 1)
     rho = log_ratios(batch, "kto")
-    # A caller that estimated z₀ over the whole global batch passes it as state["z0"], making the
-    # loss independent of how the batch is split into micro-batches.
-    z0 = state["z0"].detach().float() if "z0" in state else kto_reference_point(rho[:, 1], mask[:, 1])
+    z0 = state["z0"].detach().float() if "z0" in state else kto_reference_point(kto_sums(batch))
     desirable = clean(batch.labels, valid) > 0.5
     rho_y = rho[:, 0]
     losses = torch.where(

@@ -1,4 +1,4 @@
-"""Reference-model statistics (ALGORITHMS.md §4): cache | adapter-off | separate model.
+"""Reference-model statistics (docs/algorithms.md §4): cache | adapter-off | separate model.
 
 Three ways to get `logp_ref` for a batch, behind one `stats(examples)` method:
 

@@ -1,6 +1,6 @@
 """Training: `train(config) -> RunResult`, `evaluate(...)` (see api.py, docs/training.md).
 
-`preftune.train(config)` works as DESIGN.md promises: this package is callable (its module class
+`preftune.train(config)` works as the README shows: this package is callable (its module class
 gets a `__call__`), so `preftune.train.api`, `preftune.train.loop`, ... stay importable as usual.
 Imported lazily so that `preftune --help` (which imports train.commands) does not import torch.
 """

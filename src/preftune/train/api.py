@@ -1,7 +1,7 @@
 """`train(config) -> RunResult` and `evaluate(...)`: the Python API behind `preftune train` / `preftune eval`.
 
 A run is a list of *phases* (one, or Curry-DPO stages, or iterative rounds); each phase sets up its
-reference (ALGORITHMS.md §4), then runs optimizer steps (loop.py). Checkpoints record the next
+reference (docs/algorithms.md §4), then runs optimizer steps (loop.py). Checkpoints record the next
 position (phase, step in phase), so `--resume` continues exactly where a killed run stopped.
 """
 

@@ -1,4 +1,4 @@
-"""`evaluate(...)`: the preference metrics (ALGORITHMS.md §5) of a trained model on held-out data.
+"""`evaluate(...)`: the preference metrics (docs/algorithms.md §5) of a trained model on held-out data.
 
 Used by `preftune eval`; the same code path as the evaluation inside `train` (same reference cache).
 """
@@ -34,7 +34,7 @@ def evaluate(
     cache_dir: str | None = None,
     kind: str | None = None,
 ) -> dict[str, float]:
-    """Preference metrics (ALGORITHMS.md §5) and the objective's loss of `model` on held-out `data`.
+    """Preference metrics (docs/algorithms.md §5) and the objective's loss of `model` on held-out `data`.
 
     model: a model folder (full weights or a PEFT adapter folder such as a LoRA run's OUT/final) or a
         loaded module. data: a data source path or a list of `Example`s (already tokenized).

@@ -1,10 +1,12 @@
 """One optimizer step, exactly normalised, and evaluation — the pieces `api.train` strings together.
 
-Exact reduction (ALGORITHMS.md §6, torchtitan's habit): every rank sees the whole global batch of a
-step, so it knows the normalisers without communication — E, the global example count, and for
-`reduction="token"` terms T, the global token count. Each micro-batch contributes
+Exact reduction (docs/algorithms.md §6; torchtitan's habit): every rank sees the whole
+global batch of a step, so it knows the normalisers without communication — E, the global example
+count, and for `reduction="token"` terms T, the global token count. Each micro-batch contributes
 Σ_term w · Σ_e loss_e / (E or T) to the backward pass; gradients are then SUMmed over ranks. The
 gradient is the gradient of the global-batch loss for any micro-batch size and world size.
+Losses with a batch statistic (KTO's z₀, BCO's δ) get it from a no-gradient pre-pass over the
+whole global batch, summed over ranks (`statistic_sums`, `reduce_statistics`, `statistic_states`).
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ def objective_on_batch(
     micro_batch_size: int,
     backward: bool,
     autocast: torch.dtype | None = None,
+    batch_states: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> MetricSums:
     """Forward (and backward) this rank's share of `global_batch`; return its metric sums.
 
@@ -82,9 +85,23 @@ def objective_on_batch(
     `loss_state` is updated in place by stateful terms (pass a copy to leave it untouched).
     `autocast`: run the policy and reference forwards under `torch.autocast` in this dtype (mixed
     precision); the losses are computed from their float32 log-probs.
+    `batch_states`: the states of the terms with a batch statistic (`statistic_states`); computed
+    here over the global batch (a no-gradient pre-pass, summed over ranks) when not given.
     """
     from preftune.models.logprobs import example_stats
 
+    if batch_states is None and any(s.batch_statistic is not None for s, _, _ in objective.terms):
+        local = statistic_sums(
+            model,
+            global_batch,
+            objective=objective,
+            reference=reference,
+            world=world,
+            micro_batch_size=micro_batch_size,
+            autocast=autocast,
+        )
+        batch_states = statistic_states(objective, reduce_statistics(local, world), loss_state, world.device)
+    batch_states = batch_states or {}
     need_tok = objective.needs_token_logps
     denominators = [
         float(len(global_batch)) if spec.reduction == "example" else max(token_count(spec, global_batch), 1.0)
@@ -111,7 +128,8 @@ def objective_on_batch(
             batch = build_batch(micro, policy, ref)
             total = policy.logps.new_zeros(())
             for i, ((spec, weight, hparams), denom) in enumerate(zip(objective.terms, denominators)):
-                out = spec.fn(batch, dict(loss_state.get(spec.name, {})), **hparams)
+                state = batch_states.get(spec.name, loss_state.get(spec.name, {}))
+                out = spec.fn(batch, dict(state), **hparams)
                 term = out.losses.float().sum() / denom
                 total = total + weight * term
                 if spec.stateful:
@@ -130,6 +148,80 @@ def objective_on_batch(
         sums.add_total("examples", float(len(micro)))
         preference_metrics(batch, sums, unpaired=objective.kind == "unpaired")
     return sums
+
+
+def statistic_sums(
+    model: Any,
+    global_batch: Sequence[Example],
+    *,
+    objective: Objective,
+    reference: Reference | None,
+    world: World,
+    micro_batch_size: int,
+    autocast: torch.dtype | None = None,
+) -> dict[str, dict[str, float]]:
+    """This rank's sums of every term's batch statistic over its share of `global_batch`.
+
+    A forward pass without gradients over the same micro-batches (and FSDP padding passes) as the
+    step itself; {term name: {sum name: value}}, {} when no term has a batch statistic.
+    """
+    from preftune.models.logprobs import example_stats
+
+    terms = [(s, h) for s, _, h in objective.terms if s.batch_statistic is not None]
+    if not terms:
+        return {}
+    need_tok = objective.needs_token_logps
+    groups = micro_batches(shard(global_batch, world.rank, world.size), micro_batch_size)
+    sums: dict[str, dict[str, float]] = {spec.name: {} for spec, _ in terms}
+    with torch.no_grad():
+        for _ in range(padding_forwards(len(global_batch), len(groups), micro_batch_size, world)):
+            with compute(autocast, world):
+                example_stats(model, [global_batch[0]])
+                if getattr(reference, "collective", False):
+                    reference.stats([global_batch[0]])  # type: ignore[union-attr]
+        for micro in groups:
+            with compute(autocast, world):
+                policy = example_stats(model, micro, token_logps=need_tok)
+                ref = reference.stats(micro, token_logps=need_tok) if reference is not None else None
+            batch = build_batch(micro, policy, ref)
+            for spec, hparams in terms:
+                assert spec.batch_statistic is not None
+                for key, value in spec.batch_statistic.sums(batch, **hparams).items():
+                    sums[spec.name][key] = sums[spec.name].get(key, 0.0) + float(value)
+    return sums
+
+
+def reduce_statistics(sums: dict[str, dict[str, float]], world: World) -> dict[str, dict[str, float]]:
+    """Add every rank's `statistic_sums` (a rank with no examples contributes nothing)."""
+    if world.size <= 1 or not sums:
+        return sums
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * world.size
+    dist.all_gather_object(parts, sums)
+    total: dict[str, dict[str, float]] = {name: {} for name in sums}
+    for part in parts:
+        for name, values in part.items():
+            for key, value in values.items():
+                total[name][key] = total[name].get(key, 0.0) + value
+    return total
+
+
+def statistic_states(
+    objective: Objective,
+    sums: dict[str, dict[str, float]],
+    loss_state: dict[str, dict[str, torch.Tensor]],
+    device: torch.device | None = None,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Each statistic term's state for the step's micro-batches, from the global sums (float32)."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for spec, _, hparams in objective.terms:
+        if spec.batch_statistic is None or not sums.get(spec.name):
+            continue
+        given = {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in sums[spec.name].items()}
+        state = dict(loss_state.get(spec.name, {}))
+        out[spec.name] = spec.batch_statistic.state(state, given, **hparams)
+    return out
 
 
 def compute(dtype: torch.dtype | None, world: World) -> Any:

@@ -1,4 +1,4 @@
-"""The metrics every preference run logs (ALGORITHMS.md §5), accumulated exactly over micro-batches and ranks.
+"""The metrics every preference run logs (docs/algorithms.md §5), accumulated exactly over micro-batches and ranks.
 
 Per-example values are summed with their counts (`MetricSums`) and divided once at the end of the
 step, so a metric is the mean over the examples of the *global* batch, like the loss.
