@@ -15,3 +15,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _no_report_at_train_end(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`train` ends by writing report.html, whose plots take ~3 s on a busy 2-core machine: the
+    many tests that train skip it; the tests of the report at the end opt in with
+    `@pytest.mark.train_report`."""
+    if request.node.get_closest_marker("train_report") is None:
+        import preftune.train.runfolder as runfolder
+
+        monkeypatch.setattr(runfolder, "write_run_report", lambda out, log: None)

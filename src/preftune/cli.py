@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except PreftuneError as err:
         print(f"preftune: error: {err}", file=sys.stderr)
-        return 2
+        return int(getattr(err, "exit_code", 2))  # a run stopped by a signal: 128 + its number
     except KeyboardInterrupt:
         print("preftune: interrupted", file=sys.stderr)
         return 130

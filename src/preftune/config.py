@@ -191,6 +191,10 @@ class TrainConfig:
     report_to: list[str] = _f([], "Extra metric sinks: tensorboard, wandb, mlflow (must be installed).")
     run_name: str | None = _f(None, "Run name for the sinks; default: the out folder's name.")
     progress: bool = _f(True, "Show a progress bar with ETA and key metrics.")
+    report: bool = _f(
+        True,
+        "Write OUT/report.html when the run ends (plots of metrics.jsonl; `preftune report OUT` rebuilds it).",
+    )
 
 
 FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -101,6 +101,10 @@ def _eval(args: argparse.Namespace) -> int:
     path = run / "eval.json"
     write_atomic(path, json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
+    if (run / "metrics.jsonl").is_file():  # the run's report shows these results from now on
+        from preftune.train.runfolder import write_run_report
+
+        write_run_report(run, print)
     return 0
 
 
@@ -229,8 +233,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "report",
         help="regenerate a run's HTML report (RUN/report.html) from its logs",
-        description="Rebuild RUN_DIR/report.html from RUN_DIR/metrics.jsonl, summary.json and "
-        "config.yaml: one self-contained HTML file with plots of every logged metric.",
+        description="Rebuild RUN_DIR/report.html from RUN_DIR/metrics.jsonl, summary.json, "
+        "config.yaml and eval.json (when 'preftune eval' wrote one): one self-contained HTML file with "
+        "plots of every logged metric. 'preftune train' writes it when a run ends.",
     )
     p.add_argument(
         "run_dir",
@@ -244,7 +249,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="preference metrics of a trained run on held-out data (writes RUN/eval.json)",
         description="Evaluate RUN_DIR/final against its reference (the run's starting model) on held-out "
         "preference data: loss, implicit rewards and margin, reward accuracy, chosen/rejected log-probs, "
-        "policy ranking accuracy, and a sampled KL to the reference. Prints a table, writes RUN_DIR/eval.json.",
+        "policy ranking accuracy, and a sampled KL to the reference. Prints a table, writes RUN_DIR/eval.json "
+        "and rebuilds RUN_DIR/report.html with it.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a finished 'preftune train'")
     p.add_argument("--data", required=True, help="held-out preference data (same formats as training data)")

@@ -342,8 +342,10 @@ def build_report_html(
     title: str,
     extra: Mapping[str, Any] | None = None,
     warnings: Sequence[str] = (),
+    evaluation: Mapping[str, Any] | None = None,
 ) -> str:
-    """The report page of one run, from its metrics records, summary and config (pure: no file I/O)."""
+    """The report page of one run, from its metrics records, summary and config (pure: no file I/O);
+    `evaluation`: what `preftune eval` wrote (RUN/eval.json), shown after the final metrics."""
     body: list[str] = []
     method = summary.get("method") or config.get("method") or "?"
     steps = [float(r["step"]) for r in records if _is_number(r.get("step"))]
@@ -433,6 +435,8 @@ def build_report_html(
     body.append(
         html_table(["metric", "train (last)", "train (smoothed)", "eval (last)"], final_metrics(records))
     )
+    if evaluation:
+        body.append(render_evaluation(evaluation))
     if summary:
         body.append('<h2 id="summary">Summary</h2>')
         body.append(
@@ -454,6 +458,23 @@ def build_report_html(
     return page(title, f"{len(records)} logged records", "".join(body))
 
 
+def render_evaluation(result: Mapping[str, Any]) -> str:
+    """`preftune eval`'s results (RUN/eval.json): held-out metrics of final/ and the sampled KL."""
+    metrics = result.get("metrics")
+    rows = list(flatten(metrics).items()) if isinstance(metrics, Mapping) else []
+    kl = result.get("kl")
+    if isinstance(kl, Mapping):
+        rows += [(f"kl/{k}", v) for k, v in kl.items()]
+    about = (
+        f"preftune eval of final/ on {result.get('data', '?')} against the reference "
+        f"{result.get('reference', '?')} (RUN/eval.json)."
+    )
+    return (
+        '<h2 id="heldout-eval">Held-out evaluation (preftune eval)</h2>'
+        f'<p class="about">{html.escape(about)}</p>' + html_table(["metric", "value"], rows)
+    )
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write via a temporary file and rename, so a reader never sees half a report."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -462,7 +483,8 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def write_report(run_dir: str | os.PathLike[str], *, extra: dict[str, Any] | None = None) -> Path:
-    """Write RUN/report.html from RUN/metrics.jsonl, RUN/summary.json and RUN/config.yaml; return its path.
+    """Write RUN/report.html from RUN/metrics.jsonl, RUN/summary.json, RUN/config.yaml and, when
+    present, `preftune eval`'s RUN/eval.json; return its path.
 
     `extra` adds free-form details (numbers, text, lists, dicts) in a "Details" section at the end.
     Raises DataError when RUN has no readable metrics.jsonl.
@@ -470,6 +492,7 @@ def write_report(run_dir: str | os.PathLike[str], *, extra: dict[str, Any] | Non
     run = Path(run_dir)
     records, warnings = read_metrics(run / "metrics.jsonl")
     summary = _read_json(run / "summary.json", warnings)
+    evaluation = _read_json(run / "eval.json", warnings)
     config = _read_config(run, summary, warnings)
     method = summary.get("method") or config.get("method")
     title = (
@@ -481,7 +504,13 @@ def write_report(run_dir: str | os.PathLike[str], *, extra: dict[str, Any] | Non
     write_atomic(
         out,
         build_report_html(
-            records, summary=summary, config=config, title=title, extra=extra, warnings=warnings
+            records,
+            summary=summary,
+            config=config,
+            title=title,
+            extra=extra,
+            warnings=warnings,
+            evaluation=evaluation,
         ),
     )
     return out

@@ -200,7 +200,10 @@ def _run_method(
     """Train one method and evaluate it; any exception is recorded in the result, never raised."""
     from preftune.config import reference_strategy
 
-    config = dataclasses.replace(base, method=method, out=str(out / method), cache_dir=str(cache_dir))
+    # report=False: the sweep writes each run's report itself, once its evaluation is in
+    config = dataclasses.replace(
+        base, method=method, out=str(out / method), cache_dir=str(cache_dir), report=False
+    )
     res = MethodResult(method=method, run_dir=str(out / method))
     try:
         strategy = reference_strategy(config, _needs_reference(method))

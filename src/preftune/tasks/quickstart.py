@@ -426,6 +426,7 @@ def run_quickstart(
             cache_dir=str(out / "cache"),
             eval_every=max(1, cfg.max_steps // 6),
             progress=progress,
+            report=False,  # written below, with the held-out accuracy and samples
         )
     )
     train_seconds = time.perf_counter() - t4

@@ -7,7 +7,6 @@ position (phase, step in phase), so `--resume` continues exactly where a killed 
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass, field, replace
@@ -17,9 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from preftune.config import TrainConfig, config_to_dict, save_config, validate
-from preftune.errors import ConfigError, TrainingError
+from preftune.config import TrainConfig, config_to_dict, validate
+from preftune.errors import TrainingError
 from preftune.train import checkpoint as ckpt
+from preftune.train import runfolder
 from preftune.train.batches import objective_kind
 from preftune.train.distributed import (
     World,
@@ -53,6 +53,7 @@ from preftune.train.setup import (
     setup_reference,
     trainable_state,
 )
+from preftune.train.signals import GracefulStop, stopped
 
 __all__ = ["RunResult", "evaluate", "train"]
 
@@ -85,27 +86,25 @@ def train(config: TrainConfig) -> RunResult:
     world = init_world()
     if config.fsdp and world.size > 1:  # one process has nothing to shard: it trains unsharded
         world = replace(world, fsdp=True)
+    locks: list[runfolder.RunLock] = []
     try:
+        # rank 0 locks and checks the run folder; an error there stops every rank
+        main_only(world, lambda: locks.append(runfolder.claim(config, _say)))
         return _train(config, objective, world)
     finally:
+        for lock in locks:
+            lock.release()
         shutdown(world)
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
 
 
 def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult:
     from preftune.data.formatting import load_tokenizer
 
     out = Path(config.out)
-
-    def prepare_folder() -> None:
-        if not config.resume and (out / "metrics.jsonl").exists():
-            raise ConfigError(
-                f"run folder {out} already has a run — pass --resume to continue it, or another --out"
-            )
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_partial(out / "checkpoints")
-        save_config(config, out / "config.yaml")
-
-    main_only(world, prepare_folder)  # an error on rank 0 stops every rank
     seed_everything(config.seed)
     tokenizer = load_tokenizer(config.tokenizer or config.model)
 
@@ -131,7 +130,7 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
 
     model = load_policy(config, world)
     broadcast_params(model, world)
-    resume_path = ckpt.find_resume(out, config.resume) if config.resume else None
+    resume_path = runfolder.resume_checkpoint(config)
     if resume_path is not None:
         written_sharded = bool(ckpt.trainer_state(resume_path).get("fsdp", False))
         if written_sharded != world.fsdp:
@@ -174,14 +173,13 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
             weights=not world.fsdp,
             load_optimizer=_fsdp_optimizer_loader(model, optimizer) if world.fsdp else None,
         )
-        phase, step_in_phase = int(resume_state["phase"]), int(resume_state["step_in_phase"])
-        global_step, last_good = int(resume_state["step"]), path
+        phase, step_in_phase, global_step = runfolder.resume_position(
+            resume_state, total=total, config=config, path=path
+        )
+        last_good = path
         last = dict(resume_state.get("metrics", {}))
-        if resume_state.get("total_steps") != total:
-            raise TrainingError(
-                f"resume: {path} belongs to a run of {resume_state.get('total_steps')} steps, "
-                f"this config gives {total}; resume with the run's own config ({out / 'config.yaml'})"
-            )
+        if world.is_main:
+            runfolder.accept_resume(config, resume_state, path, total, _say)
 
     logger = MetricsLogger(
         out,
@@ -190,9 +188,11 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
         config=config_to_dict(config),
         enabled=world.is_main,
     )
-    logger.truncate_after(global_step)
+    repaired = logger.truncate_after(global_step)
     progress = Progress(total, enabled=config.progress and world.is_main, start=global_step)
     log = progress.print if world.is_main else (lambda _msg: None)
+    if repaired:
+        log(repaired)
     log(
         f"preftune train {config.method}: {'+'.join(str(len(p)) for p in phases)} examples, {total} steps over {len(phases)} "
         f"phase(s), batch {config.batch_size} = {world.size} process(es) × micro-batches of {micro}"
@@ -201,7 +201,9 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
     )
     eval_metrics: dict[str, float] = {}
     apo_prev: dict[str, torch.Tensor] | None = None
+    graceful = GracefulStop()
     try:
+        graceful.__enter__()  # signals now stop the run at a step boundary, after a checkpoint
         while phase < len(phases):
             data = phases[phase]
             mid = resume_state is not None and step_in_phase > 0
@@ -303,7 +305,12 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
                         logger,
                         autocast,
                     )
-                if (config.save_every and global_step % config.save_every == 0) or global_step == total:
+                signum = graceful.requested(world)
+                if (
+                    (config.save_every and global_step % config.save_every == 0)
+                    or global_step == total
+                    or signum
+                ):
                     position = (phase + 1, 0) if phase_done else (phase, step_in_phase)
                     last_good = _save(
                         out,
@@ -320,9 +327,12 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
                         world,
                         last,
                     )
+                if signum:
+                    raise stopped(signum, global_step, total, last_good, config.out, world)
             phase += 1
             step_in_phase = 0
     finally:
+        graceful.__exit__(None, None, None)
         progress.close()
         logger.close()
     final = out / "final"
@@ -337,14 +347,14 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
     elif world.is_main:
         save_final(model, tokenizer, final)
     if world.is_main:
-        summary = {
-            "method": config.method,
-            "steps": global_step,
-            "train": last,
-            "eval": eval_metrics,
-            "checkpoint": str(last_good) if last_good else None,
-        }
-        (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+        eval_metrics = runfolder.finish(
+            config,
+            steps=global_step,
+            train_metrics=last,
+            eval_metrics=eval_metrics,
+            checkpoint=last_good,
+            log=log,
+        )
     barrier(world)
     return RunResult(out, final, global_step, {**last, **{f"eval/{k}": v for k, v in eval_metrics.items()}})
 

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from preftune.errors import ConfigError
+from preftune.errors import ConfigError, DataError
 
 SINK_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 PROGRESS_KEYS = ("loss", "rewards/accuracy", "rewards/margin", "lr")
@@ -65,15 +65,41 @@ class MetricsLogger:
         for sink in self._sinks:
             sink(numbers, step)
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records after `step` (a resumed run redoes them; no step is logged twice)."""
+    def truncate_after(self, step: int) -> str | None:
+        """Drop records after `step` (a resumed run redoes them; no step is logged twice).
+
+        A partial last line (a kill in the middle of a write) is dropped too; the returned note says
+        so. Any other line that is not a JSON object is an error naming it."""
         if not self.enabled or not self.path.is_file():
-            return
+            return None
         lines = self.path.read_text(encoding="utf-8").splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        while lines and not lines[-1].strip():
+            lines.pop()
+        note = None
+        records = []
+        for row, line in enumerate(lines, start=1):
+            try:
+                rec = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                rec = "bad"
+            if rec is None:
+                continue
+            if not isinstance(rec, dict):
+                if row < len(lines):
+                    raise DataError(
+                        "not a JSON object: the metrics log is damaged",
+                        path=str(self.path),
+                        row=row,
+                        fix="delete that line (the run's weights do not depend on the log) and resume again",
+                    )
+                note = f"{self.path}: dropped the partial last record (line {row}) of an interrupted write"
+                continue
+            if rec.get("step", 0) <= step:
+                records.append(line)
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp.write_text("".join(line + "\n" for line in records), encoding="utf-8")
         tmp.replace(self.path)
+        return note
 
     def close(self) -> None:
         for sink in self._sinks:

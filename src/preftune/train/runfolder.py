@@ -1,0 +1,302 @@
+"""The run folder's lifecycle: claim it (lock), check a resume against the run's own config, and
+finish it (summary.json, report.html). See docs/training.md, "Resume" and "Faults and recovery".
+
+- `claim` (rank 0 only): `--out` must be a writable folder; an exclusive `flock` on `OUT/.lock`
+  (holding the pid) keeps a second run out; a folder that holds a run is never overwritten without
+  `--resume`; `--resume` from a checkpoint refuses setting changes that would break exactness.
+- `resume_checkpoint`: the checkpoint to resume from, or None (no `--resume`, or none written yet:
+  the run starts from step 0 in the same folder).
+- `finish`: summary.json (atomic; its eval block rebuilt from metrics.jsonl when the final
+  evaluation ran before a kill) and report.html.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from preftune.config import TrainConfig, config_to_dict, load_config, resolve_objective
+from preftune.errors import ConfigError, PreftuneError, TrainingError
+from preftune.train import checkpoint as ckpt
+
+# Settings a resumed run may change: they decide what is logged, saved, shown or kept, never a
+# weight. Every other field must equal the run's own value (config.yaml), or the resume is refused.
+RESUME_SAFE = (
+    "save_every",
+    "keep_last",
+    "log_every",
+    "eval_every",
+    "eval_batch_size",
+    "report_to",
+    "run_name",
+    "progress",
+    "report",
+    "on_nonfinite",
+)
+# The run's length: changeable when no step's learning rate depends on it (see `length_fixed_lr`).
+RESUME_LENGTH = ("max_steps", "epochs")
+_NOT_COMPARED = ("resume", "out", "hparams")
+LOCK_NAME = ".lock"
+
+
+class RunLock:
+    """An exclusive `flock` on OUT/.lock, which holds the owner's pid. The kernel drops the lock when
+    the process ends, however it ends, so a lock file left by a dead process never blocks."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / LOCK_NAME
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(self._fd)
+            self._fd = None
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = self.path.read_text(encoding="utf-8").strip() or "unknown"
+            raise ConfigError(
+                f"run folder {out} is in use by process {holder} (another 'preftune train' writes to it) — "
+                "wait for it to end, or pass another --out"
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, f"{os.getpid()}\n".encode())
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _make_folder(out: Path) -> None:
+    """Create `out`, or say in one line why it cannot hold a run (a file, not writable)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(
+            f"--out {out} is a file, not a folder — pass a folder for the run (created if missing)"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), out)
+        raise ConfigError(f"--out {out}: {blocker} is a file, not a folder — pass another --out") from None
+    except OSError as err:
+        raise ConfigError(
+            f"--out {out}: cannot create the run folder ({err.strerror}) — pass another --out"
+        ) from None
+    if not os.access(out, os.W_OK):
+        raise ConfigError(
+            f"--out {out}: the run folder is not writable (read-only) — make it writable or pass another --out"
+        )
+
+
+def claim(config: TrainConfig, log: Callable[[str], None]) -> RunLock:
+    """Rank 0, before anything loads: make and lock the run folder, check what is in it, and write
+    config.yaml (not on a resume from a checkpoint: that happens in `accept_resume`). Return the lock."""
+    out = Path(config.out)
+    _make_folder(out)
+    try:
+        lock = RunLock(out)
+    except PermissionError as err:
+        raise ConfigError(
+            f"--out {out}: the run folder is not writable ({err.strerror}) — make it writable or pass another --out"
+        ) from None
+    try:
+        ckpt.remove_partial(out / "checkpoints")
+        if config.resume and _checkpoint_given(out, config.resume):
+            check_resume_config(config, _saved_config_path(out, config.resume))
+            return lock
+        if not config.resume and has_run(out):
+            newest = ckpt.list_checkpoints(out / "checkpoints")
+            raise ConfigError(
+                f"run folder {out} already has a run ("
+                + (f"newest checkpoint {newest[-1].name}" if newest else "no checkpoint yet")
+                + ") — pass --resume to continue it"
+                + ("" if newest else " (it restarts from step 0 in this folder)")
+                + ", or pass another --out"
+            )
+        if config.resume:
+            log(f"resume: no checkpoint under {out / 'checkpoints'} yet — starting from step 0 in {out}")
+        save_config_atomic(config, out / "config.yaml")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def has_run(out: Path) -> bool:
+    """The folder holds (part of) a run that a fresh start would overwrite."""
+    return (out / "metrics.jsonl").exists() or bool(ckpt.list_checkpoints(out / "checkpoints"))
+
+
+def _checkpoint_given(out: Path, resume: str) -> bool:
+    return resume != "latest" or bool(ckpt.list_checkpoints(out / "checkpoints"))
+
+
+def _saved_config_path(out: Path, resume: str) -> Path:
+    """config.yaml of the run that wrote the checkpoint: OUT's, or for `--resume PATH` PATH/../../."""
+    if resume == "latest" or (out / "config.yaml").is_file():
+        return out / "config.yaml"
+    return Path(resume).resolve().parent.parent / "config.yaml"
+
+
+def resume_checkpoint(config: TrainConfig) -> Path | None:
+    """The checkpoint a run resumes from; None to start from step 0 (no --resume, or none written)."""
+    out = Path(config.out)
+    if not config.resume or not _checkpoint_given(out, config.resume):
+        return None
+    return ckpt.find_resume(out, config.resume)
+
+
+def save_config_atomic(config: TrainConfig, path: Path) -> None:
+    import yaml
+
+    write_atomic(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename: a reader (or a kill) never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def length_fixed_lr(config: TrainConfig) -> str | None:
+    """None when the learning rate of every step is independent of the run's length (so a run can be
+    extended exactly), else why not."""
+    if config.stages > 1 or config.rounds > 1:
+        return "stages/rounds split the steps over phases"
+    if config.scheduler != "constant":
+        return f"scheduler={config.scheduler} decays over the total steps"
+    if config.warmup_steps == 0 and config.warmup_ratio > 0:
+        return "the warmup is a fraction of the total steps (warmup_ratio); set warmup_steps"
+    return None
+
+
+def _objective_values(config: TrainConfig) -> dict[str, Any]:
+    """Every loss hyper-parameter as TERM.KEY → value, defaults filled in (so `{}` equals the defaults)."""
+    return {f"{spec.name}.{k}": v for spec, _, hp in resolve_objective(config) for k, v in hp.items()}
+
+
+def config_changes(saved: TrainConfig, given: TrainConfig) -> list[tuple[str, Any, Any]]:
+    """(field, saved value, given value) of every compared setting that differs."""
+    old, new = config_to_dict(saved), config_to_dict(given)
+    changes = [(k, old[k], new[k]) for k in new if k not in _NOT_COMPARED and old.get(k) != new[k]]
+    if saved.method == given.method:
+        a, b = _objective_values(saved), _objective_values(given)
+        changes += [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    return changes
+
+
+def check_resume_config(config: TrainConfig, saved_path: Path) -> None:
+    """Refuse a resume whose settings differ from the run's (config.yaml) in anything but RESUME_SAFE
+    (and the length, when `length_fixed_lr`); config.yaml is left as it is."""
+    if not saved_path.is_file():
+        return  # a checkpoint copied without its run folder: its trainer state is checked later
+    try:
+        saved = load_config(saved_path)
+        changes = config_changes(saved, config)
+    except PreftuneError as err:
+        raise ConfigError(f"resume: cannot read the run's config {saved_path}: {err}") from None
+    why_not = length_fixed_lr(config)
+    refused = [c for c in changes if c[0] not in RESUME_SAFE and (c[0] not in RESUME_LENGTH or why_not)]
+    if not refused:
+        return
+    listed = "; ".join(f"{k}: {old!r} → {new!r}" for k, old, new in refused)
+    length = [k for k, _, _ in refused if k in RESUME_LENGTH]
+    raise ConfigError(
+        f"resume: these settings differ from the run's ({saved_path}) and would break an exact resume: "
+        f"{listed}"
+        + (f" ({', '.join(length)}: {why_not})" if length else "")
+        + f". Resume with the run's own settings — preftune train --config {saved_path} --resume "
+        f"(only {', '.join(RESUME_SAFE)} may change, and max_steps/epochs with a constant learning rate) "
+        "— or start a new run with another --out"
+    )
+
+
+def resume_position(
+    state: dict[str, Any], *, total: int, config: TrainConfig, path: Path
+) -> tuple[int, int, int]:
+    """(phase, step in phase, global step) to continue from, checked against this run's length: a
+    different total is allowed only where it changes no step's learning rate (one phase)."""
+    phase, step_in_phase, step = int(state["phase"]), int(state["step_in_phase"]), int(state["step"])
+    saved_total = state.get("total_steps")
+    if saved_total == total:
+        return phase, step_in_phase, step
+    why_not = length_fixed_lr(config)
+    if why_not or step > total:
+        raise TrainingError(
+            f"resume: {path} belongs to a run of {saved_total} steps, this config gives {total} ("
+            + (why_not if why_not else f"fewer than the checkpoint's step {step}")
+            + f"); resume with the run's own config ({Path(config.out) / 'config.yaml'})"
+        )
+    return 0, step, step  # one phase: the position within it is the global step
+
+
+def accept_resume(config: TrainConfig, state: dict[str, Any], path: Path, total: int, log: Any) -> None:
+    """Rank 0, once the checkpoint is loaded and checked: say where the run continues and record the
+    (possibly extended / safely changed) config."""
+    step = int(state["step"])
+    extended = state.get("total_steps") not in (None, total)
+    log(
+        f"resuming from step {step} of {total} ({path})"
+        + (f"; extended from {state.get('total_steps')} steps" if extended else "")
+    )
+    save_config_atomic(config, Path(config.out) / "config.yaml")
+
+
+def last_eval(metrics_path: Path, step: int) -> dict[str, float]:
+    """The eval record logged at `step` in metrics.jsonl (without step/split), or {}."""
+    found: dict[str, float] = {}
+    if not metrics_path.is_file():
+        return found
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("split") == "eval" and rec.get("step") == step:
+            found = {k: v for k, v in rec.items() if k not in ("step", "split")}
+    return found
+
+
+def finish(
+    config: TrainConfig,
+    *,
+    steps: int,
+    train_metrics: dict[str, float],
+    eval_metrics: dict[str, float],
+    checkpoint: Path | None,
+    log: Callable[[str], None],
+) -> dict[str, float]:
+    """Rank 0, after final/ is saved: summary.json and report.html. Returns the eval metrics (rebuilt
+    from metrics.jsonl when this process did not run the final evaluation: it ran before a kill)."""
+    out = Path(config.out)
+    if not eval_metrics and config.eval_data:
+        eval_metrics = last_eval(out / "metrics.jsonl", steps)
+    summary = {
+        "method": config.method,
+        "steps": steps,
+        "train": train_metrics,
+        "eval": eval_metrics,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+    }
+    write_atomic(out / "summary.json", json.dumps(summary, indent=1))
+    if config.report:
+        write_run_report(out, log)
+    return eval_metrics
+
+
+def write_run_report(out: Path, log: Callable[[str], None]) -> None:
+    """OUT/report.html (with `preftune eval` results when OUT/eval.json exists). The run's results do
+    not depend on it, so a failure is a warning, never a failed run."""
+    try:
+        from preftune.eval.report import write_report
+
+        log(f"report: {write_report(out)}")
+    except Exception as err:  # noqa: BLE001 - a report is a convenience (plots); the run has finished
+        log(f"report: not written ({type(err).__name__}: {err}) — rebuild it with: preftune report {out}")

@@ -1,0 +1,90 @@
+"""Graceful stop: SIGTERM, SIGINT (Ctrl-C) and SIGHUP during training save a checkpoint at the next
+step boundary, then the run exits non-zero saying how to resume — what a cluster scheduler's
+pre-emption (SLURM sends SIGTERM, then SIGKILL after a grace period) expects.
+
+A second signal stops at once (KeyboardInterrupt): the last checkpoint written stays the resume point.
+Under torchrun every rank takes part in the decision (one all-reduce per step), so all ranks save and
+stop at the same step.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from types import FrameType, TracebackType
+from typing import Any
+
+import torch
+
+from preftune.errors import TrainingError
+from preftune.train.distributed import World
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class Interrupted(TrainingError):
+    """The run stopped on a signal after saving a checkpoint; `exit_code` is 128 + the signal number."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class GracefulStop:
+    """Within `with`: the stop signals set a flag instead of ending the process (main thread only;
+    elsewhere signals keep their handlers). `requested(world)` is read at each step boundary."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum:
+            raise KeyboardInterrupt  # a second signal: stop now, the last checkpoint stays the resume point
+        self.signum = signum
+        # os.write, not print: a handler may run in the middle of another write to the same stream
+        os.write(
+            2,
+            f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step, then "
+            "stopping (send it again to stop at once)\n".encode(),
+        )
+
+    def requested(self, world: World) -> int:
+        """The signal number any rank received (0: none); the same on every rank."""
+        if world.size <= 1:
+            return self.signum
+        import torch.distributed as dist
+
+        flag = torch.tensor([self.signum], dtype=torch.int64, device=world.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+
+def resume_command(out: str, world: World) -> str:
+    """The command that continues this run exactly: config.yaml holds every setting."""
+    launcher = f"torchrun --nproc_per_node {world.size} -m preftune" if world.size > 1 else "preftune"
+    return f"{launcher} train --config {os.path.join(out, 'config.yaml')} --resume"
+
+
+def stopped(signum: int, step: int, total: int, checkpoint: Any, out: str, world: World) -> Interrupted:
+    """The error a stopped run raises: where it stopped, the checkpoint, and how to resume."""
+    name = signal.Signals(signum).name
+    return Interrupted(
+        f"stopped by {name} after step {step} of {total}; checkpoint {checkpoint} saved — "
+        f"resume with: {resume_command(out, world)}",
+        signum,
+    )
