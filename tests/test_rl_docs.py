@@ -20,3 +20,10 @@ def test_every_policy_term_and_aggregation_is_documented() -> None:
     text = DOC.read_text()
     assert not [name for name in rl.POLICY_LOSSES if f"| `{name}` |" not in text]
     assert not [name for name in rl.AGGREGATIONS if f"| `{name}` |" not in text]
+
+
+def test_every_builtin_reward_is_documented() -> None:
+    from preftune import reward
+
+    text = DOC.read_text()
+    assert not [name for name in reward.BUILTIN if f"| `{name}` |" not in text]

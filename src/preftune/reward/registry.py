@@ -1,0 +1,221 @@
+"""Reward functions: built-in verifiers, a user's Python callable, weighted sums of several.
+
+Every reward function has the signature of TRL's `reward_funcs`:
+
+    fn(prompts: list[str], completions: list[str], **kwargs) -> list[float | None]
+
+one value per completion; `kwargs` holds the prompt dataset's extra columns (e.g. `answer=[...]`),
+each a list aligned with `completions`. `None` means "does not apply to this sample" and adds 0 to a
+weighted sum (TRL sums with nansum). A spec names functions with weights:
+
+    "arithmetic"                        the built-in task's verifier (1.0 right answer, else 0.0)
+    "arithmetic:1,mymod:length_fn:0.5"  weighted sum; `module:function` imports a callable
+    "path/to/rewards.py:fn"             a function from a Python file
+    [("arithmetic", 1.0), (my_fn, 0.5)] the same as a list (callables allowed)
+
+A trained reward-model folder is the planned third source (`load_reward_model`); it is not yet
+supported and says so.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from preftune.errors import ConfigError, PreftuneError
+
+RewardFn = Callable[..., Sequence[float | None]]
+
+BUILTIN: dict[str, RewardFn] = {}
+
+
+def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
+    """Decorator: add a built-in reward function under `name`."""
+
+    def wrap(fn: RewardFn) -> RewardFn:
+        if name in BUILTIN:
+            raise ValueError(f"reward '{name}' registered twice")
+        BUILTIN[name] = fn
+        return fn
+
+    return wrap
+
+
+@dataclass
+class RewardTerm:
+    name: str
+    fn: RewardFn
+    weight: float
+
+
+@dataclass
+class Reward:
+    """A weighted sum of reward functions; call it like one: `reward(prompts, completions, **columns)`
+    returns a float64 tensor [N]. `last_values` keeps each term's values of the last call (metrics)."""
+
+    terms: list[RewardTerm]
+    last_values: dict[str, list[float]] = field(default_factory=dict)
+
+    def __call__(
+        self, prompts: Sequence[str], completions: Sequence[str], **columns: Sequence[Any]
+    ) -> torch.Tensor:
+        n = len(completions)
+        if len(prompts) != n:
+            raise ConfigError(
+                f"reward: {len(prompts)} prompts for {n} completions; give one prompt per completion"
+            )
+        for key, values in columns.items():
+            if len(values) != n:
+                raise ConfigError(
+                    f"reward: column '{key}' has {len(values)} values for {n} completions; "
+                    "repeat each prompt's value for each of its completions"
+                )
+        total = torch.zeros(n, dtype=torch.float64)
+        self.last_values = {}
+        for term in self.terms:
+            values = _call(term, list(prompts), list(completions), columns, n)
+            self.last_values[term.name] = [math.nan if v is None else v for v in values]
+            total += term.weight * torch.tensor(
+                [0.0 if v is None else v for v in values], dtype=torch.float64
+            )
+        return total
+
+
+def _call(
+    term: RewardTerm, prompts: list[str], completions: list[str], columns: dict[str, Sequence[Any]], n: int
+) -> list[float | None]:
+    try:
+        out = term.fn(prompts, completions, **{k: list(v) for k, v in columns.items()})
+    except PreftuneError:
+        raise
+    except Exception as e:  # a user's function failed: say which one, keep the cause chained
+        raise ConfigError(f"reward '{term.name}' raised {type(e).__name__}: {e}") from e
+    if isinstance(out, torch.Tensor):
+        out = out.tolist()
+    if not isinstance(out, Sequence) or isinstance(out, str) or len(out) != n:
+        got = f"{len(out)} values" if isinstance(out, Sequence) else type(out).__name__
+        raise ConfigError(
+            f"reward '{term.name}' returned {got} for {n} completions; return a list of {n} floats"
+        )
+    values: list[float | None] = []
+    for i, v in enumerate(out):
+        if v is None:
+            values.append(None)
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+            raise ConfigError(
+                f"reward '{term.name}' returned {v!r} for completion {i}; rewards must be finite numbers"
+            )
+        values.append(float(v))
+    return values
+
+
+def _import_callable(ref: str) -> RewardFn:
+    """`module:function` or `path/to/file.py:function` → the function."""
+    module_name, _, attr = ref.rpartition(":")
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise ConfigError(f"reward '{ref}': file {path} does not exist")
+        spec = importlib.util.spec_from_file_location(f"preftune_reward_{path.stem}", path)
+        if spec is None or spec.loader is None:
+            raise ConfigError(f"reward '{ref}': cannot load {path} as a Python module")
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:
+            raise ConfigError(f"reward '{ref}': importing {path} raised {type(e).__name__}: {e}") from e
+    else:
+        try:
+            module = sys.modules.get(module_name) or importlib.import_module(module_name)
+        except ImportError as e:
+            raise ConfigError(
+                f"reward '{ref}': cannot import module '{module_name}' ({e}); put it on PYTHONPATH or "
+                f"give a file, e.g. 'path/to/{module_name}.py:{attr}'"
+            ) from e
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        names = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
+        raise ConfigError(
+            f"reward '{ref}': module '{module_name}' has no function '{attr}' (callables: {', '.join(names) or 'none'})"
+        )
+    return fn  # type: ignore[no-any-return]
+
+
+def load_reward_model(path: str | Path) -> RewardFn:
+    """The seam for a trained reward-model folder (a causal-LM trunk with a scalar head read at each
+    response's last token, as saved by `AutoModelForSequenceClassification(num_labels=1)`).
+
+    Not yet supported: preftune cannot train or load reward models yet. Raises a ConfigError saying so.
+    """
+    raise ConfigError(
+        f"reward model folder {path}: reward models are not yet supported (preftune cannot yet load a "
+        "scalar-head reward model); use a verifier such as 'arithmetic' or a Python function 'module:function'"
+    )
+
+
+def _resolve(name: str) -> RewardTerm:
+    """One named reward function: a built-in, a folder (reward model), or `module:function`."""
+    if name in BUILTIN:
+        return RewardTerm(name, BUILTIN[name], 1.0)
+    if name.startswith("model:") or Path(name).is_dir():
+        return RewardTerm(name, load_reward_model(name.removeprefix("model:")), 1.0)
+    if ":" in name:
+        return RewardTerm(name, _import_callable(name), 1.0)
+    known = ", ".join(sorted(BUILTIN))
+    raise ConfigError(f"unknown reward '{name}' (built-in: {known}; or a Python function 'module:function')")
+
+
+def _parse_part(part: str, text: str) -> RewardTerm:
+    name, weight = part, 1.0
+    head, sep, tail = part.rpartition(":")
+    if sep:
+        try:
+            weight, name = float(tail), head
+        except ValueError:
+            pass
+    if not name:
+        raise ConfigError(f"reward '{text}': a term has no name; write e.g. 'arithmetic:1,mymod:fn:0.5'")
+    term = _resolve(name.strip())
+    term.weight = weight
+    return term
+
+
+def load_reward(spec: str | RewardFn | Sequence[Any]) -> Reward:
+    """A `Reward` from a spec string, a callable, or a list of names/callables/(name or callable,
+    weight) pairs. Weights must be finite and non-zero; a name may not appear twice."""
+    if isinstance(spec, str):
+        parts = [p.strip() for p in spec.split(",")]
+        if any(not p for p in parts):
+            raise ConfigError(f"reward '{spec}': empty term; write e.g. 'arithmetic:1,mymod:fn:0.5'")
+        terms = [_parse_part(p, spec) for p in parts]
+    elif callable(spec):
+        terms = [RewardTerm(getattr(spec, "__name__", "reward"), spec, 1.0)]
+    else:
+        terms = []
+        for item in spec:
+            what, weight = item if isinstance(item, tuple) else (item, 1.0)
+            term = (
+                _resolve(what)
+                if isinstance(what, str)
+                else RewardTerm(getattr(what, "__name__", "reward"), what, 1.0)
+            )
+            term.weight = float(weight)
+            terms.append(term)
+    if not terms:
+        raise ConfigError("reward: no reward function given; e.g. 'arithmetic'")
+    names = [t.name for t in terms]
+    for t in terms:
+        if not math.isfinite(t.weight) or t.weight == 0:
+            raise ConfigError(f"reward: weight of '{t.name}' must be finite and non-zero, got {t.weight}")
+        if names.count(t.name) > 1:
+            raise ConfigError(f"reward: '{t.name}' appears twice; merge its weights")
+    return Reward(terms)
