@@ -55,10 +55,19 @@ class LogitTransform:
 
 
 def _chunk_logps(
-    hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, transform: LogitTransform
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head: torch.nn.Module,
+    transform: LogitTransform,
+    min_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """log softmax(f(h))[y] for one chunk: hidden [C, H], targets [C] → [C] float32."""
+    """log softmax(f(h))[y] for one chunk: hidden [C, H], targets [C] → [C] float32.
+
+    With `min_logits` [C], the softmax runs over the kept support {z ≥ min_logits} only (the top-k /
+    top-p set a sampler drew from, renormalised)."""
     logits = transform(head(hidden).float())  # [C, V], the only vocabulary-sized tensors are per chunk
+    if min_logits is not None:
+        logits = logits.masked_fill(logits < min_logits[:, None], float("-inf"))
     # log_softmax + gather: one fused kernel each way, ~2x faster on CPU than gather − logsumexp.
     return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
 
@@ -79,12 +88,14 @@ class _FrozenHeadLogps(torch.autograd.Function):
         head: torch.nn.Module,
         transform: LogitTransform,
         size: int,
+        min_logits: torch.Tensor | None = None,
     ) -> torch.Tensor:
         outs, grads = [], []
         for start in range(0, hidden.shape[0], size):
             with torch.enable_grad():
                 h = hidden[start : start + size].detach().requires_grad_(True)
-                logp = _chunk_logps(h, targets[start : start + size], head, transform)
+                low = None if min_logits is None else min_logits[start : start + size]
+                logp = _chunk_logps(h, targets[start : start + size], head, transform, low)
                 (grad,) = torch.autograd.grad(logp.sum(), h)
             outs.append(logp.detach())
             grads.append(grad)
@@ -95,7 +106,7 @@ class _FrozenHeadLogps(torch.autograd.Function):
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> Any:
         (dlogp_dh,) = ctx.saved_tensors
         grad_h = grad_outputs[0][:, None].to(dlogp_dh.dtype) * dlogp_dh
-        return grad_h, None, None, None, None
+        return grad_h, None, None, None, None, None
 
 
 def chunked_token_logps(
@@ -105,8 +116,12 @@ def chunked_token_logps(
     transform: LogitTransform,
     *,
     chunk_tokens: int | None = None,
+    min_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token log-probs of `targets` [M] given the hidden states [M, H] that predict them → [M] float32.
+
+    `min_logits` [M] (optional): renormalise each token's softmax over the logits ≥ its threshold
+    (the support a top-k / top-p sampler kept, see `preftune.rl.sampling`).
 
     Processes `chunk_tokens` rows at a time (default: 2^22 / vocab). With autograd on and a trainable
     head, each chunk is checkpointed, so backward recomputes that chunk's logits instead of keeping
@@ -119,15 +134,16 @@ def chunked_token_logps(
     size = chunk_tokens or max(16, _CHUNK_ELEMENTS // max(int(vocab), 1))
     frozen_head = not any(p.requires_grad for p in head.parameters())
     if torch.is_grad_enabled() and hidden.requires_grad and frozen_head:
-        out: torch.Tensor = _FrozenHeadLogps.apply(hidden, targets, head, transform, size)
+        out: torch.Tensor = _FrozenHeadLogps.apply(hidden, targets, head, transform, size, min_logits)
         return out
     outs = []
     for start in range(0, hidden.shape[0], size):
         h, y = hidden[start : start + size], targets[start : start + size]
+        low = None if min_logits is None else min_logits[start : start + size]
         if torch.is_grad_enabled():
-            out = checkpoint(_chunk_logps, h, y, head, transform, use_reentrant=False)
+            out = checkpoint(_chunk_logps, h, y, head, transform, low, use_reentrant=False)
         else:
-            out = _chunk_logps(h, y, head, transform)
+            out = _chunk_logps(h, y, head, transform, low)
         outs.append(out)
     return torch.cat(outs)
 
@@ -169,6 +185,7 @@ def _compute(
     max_tokens_per_row: int | None,
     chunk_tokens: int | None,
     source_rows: list[int] | None,
+    min_logits: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logps [N], lengths [N], token log-probs [M], and for each of the M tokens its (n, t) index [M, 2])."""
     lm = unwrap_model(model)
@@ -191,17 +208,40 @@ def _compute(
     hidden = _hidden_states(model, batch)
     device = hidden.device
     picked = hidden[batch.pred_rows.to(device), batch.pred_cols.to(device)]  # [M, H]
+    low = None
+    if min_logits is not None:
+        low = _token_thresholds(min_logits, batch.seq_index, batch.tok_index, len(batch.lengths)).to(device)
     tok = chunked_token_logps(
         picked,
         batch.targets.to(device),
         lm.get_output_embeddings(),
         LogitTransform(lm.config, temperature),
         chunk_tokens=chunk_tokens,
+        min_logits=low,
     )
     seq_index = batch.seq_index.to(device)
     logps = torch.zeros(len(batch.lengths), dtype=torch.float32, device=device).index_add(0, seq_index, tok)
     index = torch.stack([seq_index, batch.tok_index.to(device)], dim=1)
     return logps, batch.lengths.to(device), tok, index
+
+
+def _token_thresholds(
+    per_prompt: list[torch.Tensor], seq_index: torch.Tensor, tok_index: torch.Tensor, sequences: int
+) -> torch.Tensor:
+    """[M] support thresholds in the order of the packed targets, from per-prompt [K_i, ≥T_i] matrices."""
+    rows = [row for part in per_prompt for row in part.float().cpu()]
+    if len(rows) != sequences:
+        raise ConfigError(
+            f"min_logits: {len(rows)} rows for {sequences} responses; give [K_i, T_i] per prompt"
+        )
+    width = max((len(r) for r in rows), default=0)
+    table = torch.full((sequences, max(width, 1)), float("-inf"))
+    for i, r in enumerate(rows):
+        table[i, : len(r)] = r
+    seq, tok = seq_index.cpu(), tok_index.cpu()
+    if len(tok) and int(tok.max()) >= width:
+        raise ConfigError("min_logits: a response is longer than its row of thresholds")
+    return table[seq, tok]
 
 
 def _token_matrix(tok: torch.Tensor, index: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -264,6 +304,7 @@ def sequence_logps(
     token_logps: bool = False,
     temperature: float = 1.0,
     max_tokens_per_row: int | None = None,
+    min_logits: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Summed response log-probs per prompt: `response_ids[i]` are the K_i responses to `prompt_ids[i]`.
 
@@ -271,7 +312,9 @@ def sequence_logps(
     With `token_logps=True`, returns `(sums, tokens)` where `tokens[i]` is [K_i, T_i] (T_i the longest of
     the K_i responses), zero past each response's end. Differentiable with respect to the model.
     `pack=True` computes each prompt once, shared by its responses; `pack=False` runs one padded row per
-    response (the reference layout). Both give the same values.
+    response (the reference layout). Both give the same values. `min_logits[i]` ([K_i, ≥T_i], e.g.
+    `Rollouts.grouped_min_logits`) renormalises each token's softmax over the support a top-k / top-p
+    sampler kept: the temperature-scaled logits ≥ the token's threshold (−inf: all).
     """
     logps, lengths, tok, index = _compute(
         model,
@@ -282,6 +325,7 @@ def sequence_logps(
         max_tokens_per_row=max_tokens_per_row,
         chunk_tokens=None,
         source_rows=None,
+        min_logits=min_logits,
     )
     counts = [len(r) for r in response_ids]
     sums = list(torch.split(logps, counts))

@@ -1,4 +1,4 @@
-"""Online RL from rewards: advantage estimators and policy losses (docs/online.md).
+"""Online RL from rewards: advantage estimators, policy losses, the rollout engine (docs/online.md).
 
 from preftune import rl
 rl.advantages("grpo", rewards, groups)           # [N] advantages, groups = prompt index per sample
@@ -25,11 +25,16 @@ from preftune.rl import estimators  # noqa: F401  (registers the estimators)
 from preftune.rl.registry import REGISTRY as ESTIMATORS
 from preftune.rl.registry import Estimate, EstimatorSpec, advantages, estimate
 from preftune.rl.registry import get as get_estimator
+from preftune.rl.rollout import RolloutEngine, Rollouts
+from preftune.rl.sampling import Sampling
 
 __all__ = [
     "AGGREGATIONS",
     "POLICY_LOSSES",
     "PolicyBatch",
+    "RolloutEngine",
+    "Rollouts",
+    "Sampling",
     "get_policy",
     "global_denominators",
     "kl_penalty",
