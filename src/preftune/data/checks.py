@@ -20,13 +20,18 @@ Content = str | list[Message]
 class Checker:
     """Collects the problems of one row; `name` shows the user's column name when it was mapped."""
 
-    def __init__(self, path: str, row: int, columns: dict[str, str]) -> None:
+    def __init__(
+        self, path: str, row: int, columns: dict[str, str], names: dict[str, str] | None = None
+    ) -> None:
+        """columns: the user's --columns mapping; names: the column behind each field that a
+        layout conversion filled (e.g. prompt ← conversations), used only to name fields."""
         self.path, self.row, self.columns = path, row, columns
+        self.names = {**(names or {}), **columns}
         self.problems: list[Problem] = []
 
     def name(self, field: str) -> str:
         head, sep, rest = field.partition("[")
-        col = self.columns.get(head)
+        col = self.names.get(head)
         return f"{col}{sep}{rest}" if col and col != head else field
 
     def add(self, field: str, message: str, fix: str, reason: str | None = None) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 from preftune.data.checks import ROLES as ROLES
 from preftune.data.checks import Checker, Content, Message, _is_number, _type
 from preftune.data.layouts import ALL_FIELDS as ALL_FIELDS
-from preftune.data.layouts import apply_columns, detect_kind
+from preftune.data.layouts import apply_columns, detect_kind, normalize
 from preftune.data.rows import Problem, SourceData
 from preftune.types import Kind
 
@@ -297,9 +297,13 @@ def validate(
 
         raise ConfigError(f"unknown kind '{kind}' — use one of {', '.join(KINDS)}")
     records: list[Record] = []
+    missing = missing_columns(data, columns)
+    if missing:
+        problems.append(missing)
+        return records, _sorted(problems), None
     first = next((r for _, r in data.rows if r is not None), None)
     if kind is None and first is not None:
-        kind = detect_kind(apply_columns(first, columns))
+        kind = detect_kind(normalize(apply_columns(first, columns))[0])
         if kind is None:
             problems.append(
                 Problem(
@@ -315,12 +319,30 @@ def validate(
     for row, raw in data.rows:
         if raw is None:
             continue
-        c = Checker(data.path, row, columns)
-        rec = check(c, apply_columns(raw, columns))
+        record, names, _ = normalize(apply_columns(raw, columns))
+        c = Checker(data.path, row, columns, names)
+        rec = check(c, record)
         problems.extend(c.problems)
         if rec is not None:
             records.append(rec)
     return records, _sorted(problems), kind  # type: ignore[return-value]
+
+
+def missing_columns(data: SourceData, columns: dict[str, str]) -> Problem | None:
+    """A problem naming each --columns column that no record of `data` has, or None."""
+    rows = [r for _, r in data.rows if r is not None]
+    if not rows:
+        return None
+    gone = [(f, col) for f, col in columns.items() if not any(col in r for r in rows)]
+    if not gone:
+        return None
+    what = ", ".join(f"{f}={col}" for f, col in gone)
+    return Problem(
+        f"--columns {what}: the data has no column {', '.join(repr(c) for _, c in gone)} "
+        f"(its columns: {', '.join(sorted(rows[0]))})",
+        path=data.path,
+        fix="name a column the data has, e.g. --columns chosen=response_a",
+    )
 
 
 def _sorted(problems: list[Problem]) -> list[Problem]:
