@@ -1,7 +1,7 @@
 """`preftune train METHOD`: every `TrainConfig` field is a flag, generated from the dataclass.
 
     preftune train dpo --model ./sft --data prefs.jsonl --out runs/dpo1 --beta 0.2
-    preftune train simpo --config examples/simpo.yaml --gamma 0.5
+    preftune train simpo --config examples/simpo.yaml --model ./sft-model --data prefs.jsonl --out runs/simpo --gamma 0.5
     torchrun --nproc_per_node 2 -m preftune train dpo ...
 
 Precedence: dataclass defaults < `--config` YAML < command line. Loss hyper-parameters (`--beta`,
