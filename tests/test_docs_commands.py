@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from test_train_fixtures import pair_rows, tiny_model, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
