@@ -374,6 +374,7 @@ def test_hub_id_goes_through_datasets_load_dataset(monkeypatch, tmp_path):
         return datasets.Dataset.from_list(PAIRS)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    monkeypatch.setattr("preftune.paths.hub_reachable", lambda: True)
     res = check_data("org/prefs", split="test")
     assert res.ok and res.summary["valid"] == 2 and calls == [("org/prefs", "test")]
     out = prepare_examples("org/prefs", tokenizer=build_char_tokenizer(), cache_dir=tmp_path / "c")

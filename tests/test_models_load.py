@@ -48,7 +48,7 @@ def test_dtype_bfloat16_and_bad_dtype(tmp_path):
 
 
 def test_missing_paths_give_clear_errors(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="no such model folder"):
         load_causal_lm(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no config.json"):

@@ -48,8 +48,11 @@ def load_tokenizer(tokenizer: Any) -> Any:
     if isinstance(tokenizer, (str, Path)):
         from transformers import AutoTokenizer
 
+        from preftune.paths import pretrained_source
+
+        source = pretrained_source(tokenizer, "model or tokenizer")
         try:
-            return AutoTokenizer.from_pretrained(str(tokenizer))
+            return AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError) as err:
             raise ConfigError(
                 f"cannot load a tokenizer from '{tokenizer}' ({err}) — give a folder "

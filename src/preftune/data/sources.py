@@ -17,7 +17,7 @@ from typing import Any
 from preftune.data.rows import Problem as Problem
 from preftune.data.rows import SourceData as SourceData
 from preftune.data.rows import _bad_utf8, _empty, _from_dicts, _not_object, read_text
-from preftune.data.tabular import read_csv, read_hub, read_parquet, read_saved_dataset
+from preftune.data.tabular import load_hub, read_csv, read_hub, read_parquet, read_saved_dataset
 from preftune.errors import ConfigError, DataError
 
 _SPLIT_RE = re.compile(r"^(?P<name>[\w.-]+)(\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$")
@@ -63,32 +63,50 @@ def read_source(source: str | Path | list[dict[str, Any]], *, split: str | None 
     if isinstance(source, list):
         data = _from_dicts("<records>", source, start_row=1)
     else:
-        path = Path(source)
-        if path.is_dir():
+        path = resolve_source(source)
+        if isinstance(path, str):
+            data = read_hub(path, name)
+        elif path.is_dir():
             data = read_saved_dataset(path, name)
-        elif path.is_file():
+        else:
             if name not in (None, "train"):
                 raise ConfigError(
                     f"{path} is a single file, which holds only the split 'train', not "
                     f"'{name}' — hold out part of it with e.g. --split train[90%:]"
                 )
             data = _read_file(path)
-        elif _looks_like_hub_id(str(source)):
-            data = read_hub(str(source), name)
-        else:
-            raise DataError(
-                "no such file or folder",
-                path=str(source),
-                fix="check the path (a JSONL/JSON/Parquet/CSV file, a datasets folder or "
-                "a hub dataset id such as org/name)",
-            )
     return _apply_slice(data, start, stop)
 
 
-def _looks_like_hub_id(text: str) -> bool:
-    return bool(re.fullmatch(r"\w[\w.-]*(/\w[\w.-]*)?", text)) and not re.search(
-        r"\.(jsonl|json|parquet|csv|tsv|ndjson)$", text
-    )
+def resolve_source(source: str | Path, *, field: str | None = None) -> Path | str:
+    """The existing file or folder `source` names, or the hub dataset id it may be (a str).
+
+    A local path that does not exist is "no such file or folder" at once; a name that may be a hub id
+    is only passed on when the hub can be asked (see `preftune.paths`). `field` names the config key
+    in the message (e.g. eval_data)."""
+    from preftune.paths import hub_unreachable, is_local_path
+
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.exists():
+        return path
+    if is_local_path(text):
+        raise DataError(
+            "no such file or folder",
+            path=text,
+            field=field,
+            fix="check the path (a JSONL/JSON/Parquet/CSV file or a datasets save_to_disk folder)",
+        )
+    why = hub_unreachable()
+    if why:
+        raise DataError(
+            f"no such file or folder here, and {why} to load it as a hub dataset id",
+            path=text,
+            field=field,
+            fix="check the path (a local file: ./NAME), or connect to the network (a dataset "
+            "downloaded before loads with HF_HUB_OFFLINE=1)",
+        )
+    return text
 
 
 def _read_file(path: Path) -> SourceData:
@@ -194,18 +212,16 @@ def content_hash(source: str | Path | list[dict[str, Any]], *, split: str | None
     if isinstance(source, list):
         h.update(json.dumps(source, sort_keys=True, default=str).encode())
         return h.hexdigest()
-    path = Path(source)
-    if path.is_file():
+    path = resolve_source(source)
+    if isinstance(path, str):  # hub id: resolved by datasets, which fingerprints what it downloaded
+        ds = load_hub(path, parse_split(split)[0])
+        h.update(str(getattr(ds, "_fingerprint", source)).encode())
+    elif path.is_file():
         _hash_file(h, path)
-    elif path.is_dir():
+    else:
         for f in sorted(p for p in path.rglob("*") if p.is_file()):
             h.update(str(f.relative_to(path)).encode())
             _hash_file(h, f)
-    else:  # hub id: resolved by datasets, which fingerprints what it downloaded
-        import datasets
-
-        ds = datasets.load_dataset(str(source), split=parse_split(split)[0] or "train")
-        h.update(str(getattr(ds, "_fingerprint", source)).encode())
     return h.hexdigest()
 
 

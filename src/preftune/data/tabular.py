@@ -137,18 +137,23 @@ def read_saved_dataset(path: Path, name: str | None) -> SourceData:
     return data
 
 
-def read_hub(repo_id: str, name: str | None) -> SourceData:
-    """A dataset on the Hugging Face hub, through `datasets.load_dataset` (needs the network)."""
+def load_hub(repo_id: str, name: str | None) -> Any:
+    """`datasets.load_dataset(repo_id, split=name or "train")`, its failures as one DataError."""
     import datasets
 
     try:
-        ds = datasets.load_dataset(repo_id, split=name or "train")
+        return datasets.load_dataset(repo_id, split=name or "train")
     except Exception as err:  # network, missing repo, missing split...
         raise DataError(
             f"cannot load hub dataset ({type(err).__name__}: {err})",
             path=repo_id,
             fix="check the dataset id and split, and that you are online",
         ) from err
+
+
+def read_hub(repo_id: str, name: str | None) -> SourceData:
+    """A dataset on the Hugging Face hub, through `datasets.load_dataset` (needs the network)."""
+    ds = load_hub(repo_id, name)
     data = _from_dicts(repo_id, ds.to_list(), start_row=1)
     if not data.rows:
         data.problems.append(_empty(repo_id))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -12,9 +11,6 @@ import torch
 from preftune.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-# `org/name` or `name`: what the Hugging Face hub accepts as a repository id.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 @dataclass
@@ -51,21 +47,16 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def _check_source(path: str | Path) -> str:
     """Return the string to give `from_pretrained`, or raise if it is neither a model folder nor a hub id."""
-    text = str(path)
-    local = Path(text).expanduser()
-    if local.exists():
-        if not local.is_dir() or not (local / "config.json").is_file():
-            raise ConfigError(
-                f"model path '{text}' is not a model folder (no config.json in it) — "
-                "pass a folder written by save_pretrained or a hub id"
-            )
-        return str(local)
-    if text.startswith((".", "/", "~")) or not _HUB_ID.match(text):
+    from preftune.paths import pretrained_source
+
+    source = pretrained_source(path, "model")
+    local = Path(source)
+    if local.exists() and (not local.is_dir() or not (local / "config.json").is_file()):
         raise ConfigError(
-            f"model path '{text}' does not exist — check the path, or pass a hub id such as "
-            "'Qwen/Qwen2.5-0.5B-Instruct'"
+            f"model path '{path}' is not a model folder (no config.json in it) — "
+            "pass a folder written by save_pretrained or a hub id"
         )
-    return text
+    return source
 
 
 def load_causal_lm(

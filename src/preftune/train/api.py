@@ -19,7 +19,7 @@ import torch
 from preftune.config import TrainConfig, config_to_dict, validate
 from preftune.errors import TrainingError
 from preftune.train import checkpoint as ckpt
-from preftune.train import runfolder
+from preftune.train import faults, runfolder
 from preftune.train.batches import objective_kind
 from preftune.train.distributed import (
     World,
@@ -80,6 +80,7 @@ def train(config: TrainConfig) -> RunResult:
     objective = Objective(validate(config), "")
     objective.kind = objective_kind(objective.terms)
     check_sinks(config.report_to)
+    faults.check_inputs(config)  # before the run folder is made
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars would interleave with ours
@@ -107,6 +108,7 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
     out = Path(config.out)
     seed_everything(config.seed)
     tokenizer = load_tokenizer(config.tokenizer or config.model)
+    faults.check_vocab(tokenizer, config)
 
     def load_data() -> tuple[list[Any], list[Any], list[Any]]:
         examples = (
@@ -331,6 +333,12 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
                     raise stopped(signum, global_step, total, last_good, config.out, world)
             phase += 1
             step_in_phase = 0
+    except (RuntimeError, MemoryError) as err:
+        if not faults.is_out_of_memory(err):
+            raise
+        raise faults.out_of_memory(
+            err, config=config, done=global_step, micro=micro, last_good=last_good
+        ) from None
     finally:
         graceful.__exit__(None, None, None)
         progress.close()

@@ -1,0 +1,107 @@
+"""Failures a run can name before or while it trains: missing inputs, a tokenizer larger than the
+model's embedding, and running out of memory (which step, what to lower, which checkpoint is intact)."""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from preftune.config import TrainConfig
+from preftune.errors import ConfigError, TrainingError
+
+_FOLDERS = {"model": "model", "ref_model": "reference model", "tokenizer": "tokenizer"}
+
+
+def check_inputs(config: TrainConfig) -> None:
+    """Fail at once, naming the option, when a data file or model folder of `config` cannot be found
+    (before the run folder is made or anything is loaded)."""
+    from preftune.data.sources import resolve_source
+    from preftune.paths import pretrained_source
+
+    for name in ("data", "eval_data"):
+        value = getattr(config, name)
+        if value:
+            resolve_source(value, field=name)
+    for name, what in _FOLDERS.items():
+        value = getattr(config, name)
+        if value:
+            try:
+                pretrained_source(value, what)
+            except ConfigError as err:
+                raise ConfigError(f"{name}: {err}") from None
+
+
+def token_ids(tokenizer: Any) -> int:
+    """How many token ids `tokenizer` can produce: its largest id + 1, added tokens included."""
+    vocab = tokenizer.get_vocab()
+    return max(len(tokenizer), max(vocab.values(), default=-1) + 1)
+
+
+def embedding_rows(model_source: str) -> int | None:
+    """Rows of the input embedding of the model at `model_source`, from its config (None if unknown)."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(model_source)
+    except (OSError, ValueError):  # reported by the model loader, with its own message
+        return None
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    rows = getattr(text, "vocab_size", None)
+    return int(rows) if rows else None
+
+
+def check_vocab(tokenizer: Any, config: TrainConfig) -> None:
+    """Every token id the tokenizer can produce must have a row in the input embedding of the policy
+    (and of `ref_model`): an id past the last row fails only later, as an index error in a forward."""
+    from preftune.paths import pretrained_source
+
+    ids = token_ids(tokenizer)
+    for name in ("model", "ref_model"):
+        value = getattr(config, name)
+        rows = embedding_rows(pretrained_source(value)) if value else None
+        if rows is not None and ids > rows:
+            raise ConfigError(
+                f"the tokenizer ({config.tokenizer or config.model}) has {ids} token ids (added tokens "
+                f"included) but the input embedding of {name} '{value}' has {rows} rows — use the "
+                f"model's own tokenizer, or resize the embedding (model.resize_token_embeddings({ids})) "
+                "and save the model"
+            )
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A failed allocation: torch's OutOfMemoryError, MemoryError, or the CPU allocator's RuntimeError."""
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate" in text)
+
+
+def out_of_memory(
+    err: BaseException, *, config: TrainConfig, done: int, micro: int, last_good: Path | None
+) -> TrainingError:
+    """One line for an allocation that failed after `done` finished steps: where (the reference pass,
+    an evaluation, or a training step), what to lower, and the checkpoint a `--resume` continues from."""
+    frames = {frame.f_code.co_name for frame, _ in traceback.walk_tb(err.__traceback__)}
+    length = f"max_length (now {config.max_length or 'unset: the longest example'})"
+    eval_micro = config.eval_batch_size or micro
+    if "precompute_reference" in frames:
+        where = f"in the reference pass before step {done + 1}"
+        lower = f"eval_batch_size (now {eval_micro}) or {length}"
+    elif "evaluate_examples" in frames:
+        where = f"in the evaluation at step {done}"
+        lower = f"eval_batch_size (now {eval_micro}) or {length}"
+    else:
+        where = f"at step {done + 1}"
+        lower = f"micro_batch_size (now {micro}) or {length}" + (
+            "" if config.gradient_checkpointing else ", or set gradient_checkpointing: true"
+        )
+    kept = (
+        f"the last good checkpoint {last_good} is intact (continue with --resume)"
+        if last_good
+        else "no checkpoint was written yet"
+    )
+    what = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return TrainingError(f"out of memory {where} ({what[:160]}) — lower {lower}; {kept}")
