@@ -195,13 +195,25 @@ def test_out_of_memory_in_a_step_names_it_and_keeps_the_checkpoint(
     env: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _oom_on_step(monkeypatch, 3, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
-    args = ("dpo", "--batch-size", "4", "--micro-batch-size", "2", "--max-steps", "4", "--save-every", "2")
+    args = (
+        "dpo",
+        "--batch-size",
+        "4",
+        "--micro-batch-size",
+        "2",
+        "--max-steps",
+        "4",
+        "--save-every",
+        "2",
+        "--max-length",
+        "256",
+    )
     rc, err = train(env, capsys, *args, out="oom")
     ckpt = env["root"] / "oom" / "checkpoints" / "step-2"
     assert rc == 2
     assert one_line(err) == (
         "out of memory at step 3 (CUDA out of memory. Tried to allocate 2.00 GiB) — lower "
-        "micro_batch_size (now 2) or max_length (now unset: the longest example), or set "
+        "micro_batch_size (now 2) or max_length (now 256), or set "
         f"gradient_checkpointing: true; the last good checkpoint {ckpt} is intact (continue with --resume)"
     )
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["step-2"]
@@ -273,3 +285,35 @@ def test_out_of_memory_outside_a_step_names_the_pass() -> None:
         "(now 16) or max_length (now 512); no checkpoint was written yet",
     ]
     assert not is_out_of_memory(RuntimeError("index out of range"))
+
+
+def test_two_different_methods_are_an_error_naming_both(
+    env: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import preftune.train.api as api
+
+    def never(config: Any) -> Any:
+        raise AssertionError(f"trained {config.method}")
+
+    rc, err = train(env, capsys, "dpo", "--method", "ipo", out="two-methods")
+    assert rc == 2
+    assert one_line(err) == "two methods given: 'dpo' (METHOD) and '--method ipo' — give one of them"
+    config = env["root"] / "kto.yaml"
+    config.write_text("method: kto\nbeta: 0.1\n")
+    rc, err = train(env, capsys, "dpo", "--config", str(config), out="two-methods")
+    assert rc == 2
+    assert one_line(err) == (
+        f"two methods given: 'dpo' (METHOD) and 'method: kto' in {config} — give one of them "
+        "(--method dpo overrides the file's)"
+    )
+    # Equal values agree; --method alone overrides the file (command line over file).
+    seen: list[str] = []
+    monkeypatch.setattr(api, "train", lambda c: seen.append(c.method) or never(c))
+    for args in (
+        ("dpo", "--method", "dpo"),
+        ("kto", "--config", str(config)),
+        ("--config", str(config), "--method", "ipo"),
+    ):
+        with pytest.raises(AssertionError):
+            train(env, capsys, *args, out="two-methods")
+    assert seen == ["dpo", "kto", "ipo"]

@@ -4,7 +4,9 @@ File layout: MAGIC (8 bytes) | header length (8 bytes, little endian) | header J
 The body is tokens int32 | offsets int64 | branches int32 | rows int64 | extras JSON; the header
 holds their sizes, the summary of the run that wrote it and a BLAKE2b checksum of the body. A file
 that fails any check is reported as corrupt (the caller rebuilds it); a file is written to a
-temporary name in the same folder and renamed into place, so no reader sees half a file.
+temporary name in the same folder (`FINGERPRINT.ptok.PID.RANDOM.tmp`, PID the writer's process id)
+and renamed into place, so no reader sees half a file. Each write first removes the temporary files
+of writers that died (see `remove_stale_temps`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,10 @@ from preftune.data.tokenize import Tokenized
 
 MAGIC = b"PFTCACH1"
 SUFFIX = ".ptok"
+# A temp file untouched this long whose writer is gone is left over (a live writer keeps writing it).
+STALE_AFTER_S = 60.0
+LEGACY_STALE_AFTER_S = 24 * 3600.0  # temps named before the writer's pid was in the name
+_TEMP = re.compile(re.escape(SUFFIX) + r"\.(?:(?P<pid>\d+)\.)?[^.]+\.tmp$")
 
 
 class CacheCorrupt(Exception):
@@ -29,9 +37,10 @@ class CacheCorrupt(Exception):
 
 
 def default_cache_dir() -> Path:
-    """$PREFTUNE_CACHE_DIR, else ~/.cache/preftune/tokenized."""
-    env = os.environ.get("PREFTUNE_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "preftune" / "tokenized"
+    """`tokenized/` in the cache root: $PREFTUNE_CACHE/tokenized, else ~/.cache/preftune/tokenized."""
+    from preftune.paths import cache_root
+
+    return cache_root() / "tokenized"
 
 
 def cache_file(cache_dir: str | Path, fingerprint: str) -> Path:
@@ -63,7 +72,8 @@ def save(path: Path, data: Tokenized, summary: dict[str, Any]) -> None:
         }
     ).encode()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    remove_stale_temps(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(MAGIC)
@@ -77,6 +87,45 @@ def save(path: Path, data: Tokenized, summary: dict[str, Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a process of another user
+        return True
+    except (OverflowError, OSError):  # not a process id at all
+        return False
+    return True
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Remove the temp files of cache writers that died mid-write (killed, out of memory, power cut):
+    those whose writer's process id is not running and that nobody has written to for STALE_AFTER_S
+    (so a live writer in another process namespace sharing the folder keeps its file). A live
+    writer's temp is kept. Returns the files removed."""
+    removed: list[Path] = []
+    now = time.time()
+    try:
+        candidates = [p for p in folder.iterdir() if _TEMP.search(p.name)]
+    except OSError:  # no folder yet, or unreadable: nothing to clean
+        return removed
+    for tmp in candidates:
+        pid = _TEMP.search(tmp.name).group("pid")  # type: ignore[union-attr]
+        try:
+            age = now - tmp.stat().st_mtime
+        except OSError:  # renamed into place or removed meanwhile
+            continue
+        stale = age > LEGACY_STALE_AFTER_S if pid is None else age > STALE_AFTER_S and not _alive(int(pid))
+        if stale:
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except OSError:
+                pass
+    return removed
 
 
 def load(path: Path) -> tuple[Tokenized, dict[str, Any]] | None:

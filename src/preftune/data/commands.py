@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     prepare.add_argument(
         "--cache-dir",
         metavar="DIR",
-        help="cache folder (default $PREFTUNE_CACHE_DIR or ~/.cache/preftune/tokenized)",
+        help="cache folder (default $PREFTUNE_CACHE/tokenized or ~/.cache/preftune/tokenized)",
     )
     prepare.add_argument("--num-proc", type=int, help="tokenizer processes (default 2 above 20k rows)")
     prepare.set_defaults(func=_prepare)

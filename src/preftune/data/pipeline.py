@@ -162,7 +162,7 @@ def prepare_examples(
     columns:       field → column mapping, "chosen=response_a,rejected=response_b" or a dict.
     split:         "train", "test", "train[:90%]"...; a single file is the split "train".
     on_invalid:    "error" raises one DataError listing every bad row; "drop" skips them and counts why.
-    cache_dir:     where tokenized data is cached (default $PREFTUNE_CACHE_DIR or ~/.cache/preftune/tokenized).
+    cache_dir:     where tokenized data is cached (default $PREFTUNE_CACHE/tokenized or ~/.cache/preftune/tokenized).
     ranked_pairs:  turn ranked examples into pairwise ones: best_vs_worst | best_vs_each | all_pairs.
     chat_template: Jinja text or a file that replaces the tokenizer's template.
     num_proc:      tokenizer processes (default 2 for more than 20k rows on a 2+ core machine).

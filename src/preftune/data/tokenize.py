@@ -17,8 +17,13 @@ the worker processes send back and what the cache stores; `Tokenized.examples()`
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import os
+import signal
+import sys
+import threading
+import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -324,6 +329,32 @@ def _length_problem(
 _JOB: tuple[list[Record], Formatter, Truncation, str, str] | None = None
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies (Linux)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: the worker ends when `parent` dies, so a killed parent (SIGKILL, out of
+    memory) leaves no worker tokenizing on or blocked forever on its queue. Linux sends SIGKILL at
+    once (prctl PR_SET_PDEATHSIG); elsewhere, or if that fails, a thread checks the parent's pid
+    twice a second."""
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            armed = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL)) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+    if not armed:
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(0.5)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+
+
 def _run_chunk(bounds: tuple[int, int]) -> TokenizeResult:
     assert _JOB is not None
     records, formatter, trunc, kind, path = _JOB
@@ -347,7 +378,7 @@ def tokenize_records(
 ) -> TokenizeResult:
     """Tokenize `records`; with num_proc > 1 (default: 2 above PARALLEL_MIN_ROWS rows on a machine with
     2+ cores) the records are split into contiguous chunks, one forked worker each. Where fork is
-    unavailable, or a worker dies, it falls back to this process."""
+    unavailable, or a worker dies, it falls back to this process. Workers exit when this process dies."""
     n = num_proc if num_proc is not None else default_num_proc(len(records))
     if n <= 1 or len(records) < 2 or "fork" not in mp.get_all_start_methods():
         return tokenize_serial(records, formatter, trunc, kind, path)
@@ -356,7 +387,12 @@ def tokenize_records(
     step = -(-len(records) // n)
     bounds = [(i, min(i + step, len(records))) for i in range(0, len(records), step)]
     try:
-        with ProcessPoolExecutor(max_workers=len(bounds), mp_context=mp.get_context("fork")) as pool:
+        with ProcessPoolExecutor(
+            max_workers=len(bounds),
+            mp_context=mp.get_context("fork"),
+            initializer=_exit_with_parent,
+            initargs=(os.getpid(),),
+        ) as pool:
             parts = list(pool.map(_run_chunk, bounds))
     except (BrokenProcessPool, OSError):
         return tokenize_serial(records, formatter, trunc, kind, path)

@@ -33,7 +33,9 @@ Entry = tuple[float, int, "torch.Tensor | None"]
 
 
 def default_cache_dir(cache_dir: str | None = None) -> Path:
-    return Path(cache_dir or os.environ.get("PREFTUNE_CACHE") or Path.home() / ".cache" / "preftune")
+    from preftune.paths import cache_root
+
+    return Path(cache_dir) if cache_dir else cache_root()
 
 
 def sequence_key(prompt_ids: Sequence[int], response_ids: Sequence[int]) -> bytes:

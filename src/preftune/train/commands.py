@@ -17,6 +17,7 @@ import os
 from typing import Any
 
 from preftune.config import FIELDS, field_type
+from preftune.errors import ConfigError
 
 _HPARAM_GROUP = "loss hyper-parameters (routed to every term of METHOD that declares them)"
 
@@ -150,18 +151,42 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
             values[key] = value
         else:
             hparams[key] = value
-    if getattr(args, "method_arg", None):
-        values["method"] = args.method_arg
+    positional = getattr(args, "method_arg", None)
+    if positional:
+        if "method" in values and str(values["method"]).strip() != positional.strip():
+            raise ConfigError(
+                f"two methods given: '{positional}' (METHOD) and '--method {values['method']}' — "
+                "give one of them"
+            )
+        values["method"] = positional
     if hparams:
         values["hparams"] = hparams
     return values
+
+
+def _check_file_method(path: str | None, positional: str | None) -> None:
+    """METHOD and the config file's `method:` must agree (`--method` still overrides the file)."""
+    if not path or not positional:
+        return
+    from pathlib import Path
+
+    import yaml
+
+    in_file = (yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}).get("method")
+    if in_file is not None and str(in_file).strip() != positional.strip():
+        raise ConfigError(
+            f"two methods given: '{positional}' (METHOD) and 'method: {in_file}' in {path} — give "
+            f"one of them (--method {positional} overrides the file's)"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
     from preftune.config import load_config
     from preftune.train.api import train
 
-    config = load_config(args.config, overrides_from_args(args))
+    overrides = overrides_from_args(args)
+    config = load_config(args.config, overrides)
+    _check_file_method(args.config, getattr(args, "method_arg", None))
     result = train(config)
     shown = {
         k: round(v, 4)
