@@ -8,7 +8,8 @@ validation  checks (field checks), schema (the record kinds)
 formatting  formatting (records → exact text), char_tokenizer (the tiny test tokenizer)
 tokens      tokenize (text → ids, truncation), cache (the tokenized-data cache), batching
 built on them: transforms (records → new pairs), validate (`data check`), pipeline
-(`prepare_examples`), commands (the CLI)
+(`prepare_examples`), show (`data show`),
+commands (the CLI)
 """
 
 # In dependency order: a module may import only modules listed before it.
@@ -27,5 +28,6 @@ MODULES: tuple[str, ...] = (
     "transforms",
     "validate",
     "pipeline",
+    "show",
     "commands",
 )

@@ -1,5 +1,6 @@
 """`preftune data check` validates a preference data source before training on it;
-`preftune data prepare` tokenizes it into the cache ahead of a run (same options as training)."""
+`preftune data prepare` tokenizes it into the cache ahead of a run (same options as training);
+`preftune data show` prints one example as the model sees it (text, tokens, loss mask)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add `data` (a group with `check` and `prepare`) to `preftune`."""
+    """Add `data` (a group with `check`, `prepare` and `show`) to `preftune`."""
     data = sub.add_parser(
         "data",
         help="inspect and validate preference data",
@@ -51,6 +52,21 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     prepare.add_argument("--num-proc", type=int, help="tokenizer processes (default 2 above 20k rows)")
     prepare.set_defaults(func=_prepare)
+    show = data_sub.add_parser(
+        "show",
+        help="print one example exactly as the model sees it",
+        description="Print row --index of PATH as training would read it: without --tokenizer the "
+        "validated record (after layout conversion and --columns); with --tokenizer the rendered "
+        "text of the prompt and each response, every token in [brackets] with its id, and the loss "
+        "mask (prompt tokens: context, not trained; response tokens: trained). Length limits apply "
+        "as in training. Exits 1 if the row is invalid, listing its problems.",
+    )
+    _common(show, tokenizer_help="tokenizer or model folder: show text, tokens and masks", max_length=1024)
+    show.add_argument("--index", type=int, default=0, help="0-based row to show (default 0)")
+    show.add_argument(
+        "--no-add-eos", dest="add_eos", action="store_false", help="do not append EOS to responses"
+    )
+    show.set_defaults(func=_show)
 
 
 def _common(p: argparse.ArgumentParser, *, tokenizer_help: str, max_length: int | None = None) -> None:
@@ -134,3 +150,27 @@ def _prepare(args: argparse.Namespace) -> int:
     print(format_summary(out.summary))
     print(json.dumps({"fingerprint": out.fingerprint, "cache_file": out.summary.get("cache_file")}))
     return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from preftune.data.show import show_example
+    from preftune.data.tokenize import Truncation
+
+    text, ok = show_example(
+        args.path,
+        index=args.index,
+        tokenizer=args.tokenizer,
+        kind=args.kind,
+        columns=args.columns,
+        split=args.split,
+        chat_template=args.chat_template,
+        trunc=Truncation(
+            args.max_length or None,
+            args.max_prompt_length or None,
+            args.max_completion_length or None,
+            args.truncation,
+        ),
+        add_eos=args.add_eos,
+    )
+    print(text)
+    return 0 if ok else 1
