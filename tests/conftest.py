@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -17,12 +19,24 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(autouse=True)
-def _no_report_at_train_end(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(scope="session", autouse=True)
+def _no_report_at_train_end() -> Any:
     """`train` ends by writing report.html, whose plots take ~3 s on a busy 2-core machine: the
-    many tests that train skip it; the tests of the report at the end opt in with
-    `@pytest.mark.train_report`."""
-    if request.node.get_closest_marker("train_report") is None:
+    many tests that train skip it (module fixtures included); the tests of the report at the end
+    opt in with `@pytest.mark.train_report`. Yields the real writer."""
+    import preftune.train.runfolder as runfolder
+
+    real = runfolder.write_run_report
+    runfolder.write_run_report = lambda out, log: None  # type: ignore[assignment]
+    yield real
+    runfolder.write_run_report = real
+
+
+@pytest.fixture(autouse=True)
+def _train_report_when_marked(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, _no_report_at_train_end: Any
+) -> None:
+    if request.node.get_closest_marker("train_report") is not None:
         import preftune.train.runfolder as runfolder
 
-        monkeypatch.setattr(runfolder, "write_run_report", lambda out, log: None)
+        monkeypatch.setattr(runfolder, "write_run_report", _no_report_at_train_end)

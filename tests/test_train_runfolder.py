@@ -197,17 +197,37 @@ def test_sigterm_saves_a_checkpoint_and_the_printed_command_resumes_exactly(
     assert_same_final(root / "whole", out)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
-def test_ctrl_c_and_sighup_stop_the_same_way(
-    setup: Setup, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], sig: int
+def test_sighup_stops_the_same_way(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root, args = setup
-    out = root / f"signal-{sig}"
-    on_step(monkeypatch, 3, lambda: os.kill(os.getpid(), sig))
-    assert main([*args, "--out", str(out)]) == 128 + sig
-    err = capsys.readouterr().err
-    assert f"stopped by {signal.Signals(sig).name} after step 3 of 4; checkpoint" in err
+    out = root / "sighup"
+    on_step(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGHUP))
+    assert main([*args, "--out", str(out)]) == 128 + signal.SIGHUP
+    assert "stopped by SIGHUP after step 3 of 4; checkpoint" in capsys.readouterr().err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-3"]
+
+
+def test_a_second_ctrl_c_stops_at_once_and_the_newest_checkpoint_resumes_exactly(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, args = setup
+    out = root / "ctrl-c-twice"
+
+    def twice() -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    on_step(monkeypatch, 3, twice)  # in step 3; step-2 is the newest checkpoint
+    assert main([*args, "--save-every", "2", "--out", str(out)]) == 130
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    command = f"preftune train --config {out / 'config.yaml'} --resume"
+    expected = f"stopped at once during step 3 (a second signal); the newest checkpoint is {out / 'checkpoints' / 'step-2'}"
+    assert expected in err and err.strip().endswith(f"resume with: {command}")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
+    assert main(shlex.split(command)[1:]) == 0
+    assert_same_final(root / "whole", out)
 
 
 LOCKER = """
@@ -383,3 +403,35 @@ def test_sigterm_to_a_training_process_then_resume_equals_uninterrupted(
     assert step < 4 and (out / "checkpoints" / f"step-{step}").is_dir() and not (out / "final").exists()
     assert main(shlex.split(command)[1:]) == 0
     assert_same_final(root / "whole", out)
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_stops_every_rank_at_one_step_and_resumes_exactly(
+    setup: Setup, tmp_path: Path
+) -> None:
+    """torchrun passes SIGTERM to both ranks; they agree on the step, save once, and the printed
+    torchrun command resumes to the weights of an uninterrupted 2-process run."""
+    from test_train_distributed import free_port, run_torchrun
+
+    root, args = setup
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    out = tmp_path / "stopped"
+    launch = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), str(driver)]
+    proc = subprocess.Popen([*launch, *args, "--out", str(out)], env=env, stderr=subprocess.PIPE, text=True)
+    log = out / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (log.is_file() and log.read_text().strip()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    command = f"torchrun --nproc_per_node 2 -m preftune train --config {out / 'config.yaml'} --resume"
+    stops = re.findall(r"stopped by SIGTERM after step (\d) of 4", err)  # one line per rank
+    assert len(stops) == 2 and stops[0] == stops[1] and f"resume with: {command}" in err, err[-3000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step-{stops[0]}"]
+    assert run_torchrun(shlex.split(command)[5:]).returncode == 0
+    assert run_torchrun([*args, "--out", str(tmp_path / "whole")]).returncode == 0
+    assert_same_final(tmp_path / "whole", out)

@@ -53,7 +53,7 @@ from preftune.train.setup import (
     setup_reference,
     trainable_state,
 )
-from preftune.train.signals import GracefulStop, stopped
+from preftune.train.signals import GracefulStop, stopped, stopped_at_once
 
 __all__ = ["RunResult", "evaluate", "train"]
 
@@ -339,6 +339,8 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
         raise faults.out_of_memory(
             err, config=config, done=global_step, micro=micro, last_good=last_good
         ) from None
+    except KeyboardInterrupt:  # a second signal (or Ctrl-C where no handler could be installed)
+        raise stopped_at_once(global_step, last_good, config.out, world) from None
     finally:
         graceful.__exit__(None, None, None)
         progress.close()

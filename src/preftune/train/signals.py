@@ -88,3 +88,18 @@ def stopped(signum: int, step: int, total: int, checkpoint: Any, out: str, world
         f"resume with: {resume_command(out, world)}",
         signum,
     )
+
+
+def stopped_at_once(step: int, checkpoint: Any, out: str, world: World) -> Interrupted:
+    """The error of a run stopped in the middle of a step (a second signal): the resume point is the
+    newest checkpoint written, or step 0 when there is none (`--resume` then starts over in OUT)."""
+    where = (
+        f"the newest checkpoint is {checkpoint}"
+        if checkpoint
+        else "no checkpoint was written yet, --resume starts over in the same folder"
+    )
+    return Interrupted(
+        f"stopped at once during step {step + 1} (a second signal); {where} — "
+        f"resume with: {resume_command(out, world)}",
+        signal.SIGINT,
+    )
