@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from preftune.errors import ConfigError, TrainingError
-from preftune.models.reference import CachedReference, ReferenceTable, sequence_key
+from preftune.models.refcache import ReferenceStore
+from preftune.models.reference import Blocks, load_cached, sequence_key
 from preftune.train import checkpoint as ckpt
 from preftune.train.batches import adapt_examples, build_batch, token_count
 from preftune.train.loop import batch_indices
@@ -149,17 +150,18 @@ def test_resume_errors(tmp_path: Path) -> None:
         ckpt.find_resume(tmp_path, str(tmp_path))
 
 
-def test_reference_table_roundtrip_with_token_logps(tmp_path: Path) -> None:
-    table = ReferenceTable(tmp_path / "r.safetensors")
+def test_reference_cache_roundtrip_with_token_logps(tmp_path: Path) -> None:
     ex = [Example([1, 2], [[3, 4], [5]])]
-    assert len(table.missing(ex, token_logps=False)) == 2
-    table.entries[sequence_key([1, 2], [3, 4])] = (-1.5, 2, torch.tensor([-1.0, -0.5]))
-    table.entries[sequence_key([1, 2], [5])] = (-2.0, 1, None)
-    table.save()
-    again = ReferenceTable(tmp_path / "r.safetensors")
-    assert again.missing(ex, token_logps=False) == []
-    assert len(again.missing(ex, token_logps=True)) == 1  # per-token values of [5] were never stored
-    st = CachedReference(again, "fp").stats(ex)
+    blocks = Blocks()
+    blocks.add(ex, 4)
+    store = ReferenceStore(tmp_path, "fp")
+    store.append([(sequence_key([1, 2], [3, 4]), (-1.5, 2, torch.tensor([-1.0, -0.5])))])
+    store.append([(sequence_key([1, 2], [5]), (-2.0, 1, None))])
+    ref = load_cached(tmp_path, "fp", blocks, token_logps=False, log=print)
+    assert ref.missing_groups(ex) == []
+    tokens = load_cached(tmp_path, "fp", blocks, token_logps=True, log=print)
+    assert tokens.missing_groups(ex) == [0]  # per-token values of [5] were never stored
+    st = ref.stats(ex)
     assert st.logps.tolist() == [-1.5, -2.0] and st.lengths.tolist() == [2, 1]
     assert sequence_key([1, 2], [3]) != sequence_key([1], [2, 3])  # the prompt boundary is in the key
 

@@ -114,11 +114,15 @@ def _needs_reference(method: str) -> bool:
 
 
 def cache_snapshot(cache_dir: Path) -> dict[str, tuple[int, int]]:
-    """name → (size, mtime_ns) of the reference-cache files (the trainer's layout: CACHE/reference/*)."""
+    """path → (size, mtime_ns) of the reference-cache files (the trainer's layout: CACHE/reference/**)."""
     folder = cache_dir / "reference"
     if not folder.is_dir():
         return {}
-    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _short_error(err: BaseException) -> str:

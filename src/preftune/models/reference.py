@@ -2,12 +2,16 @@
 
 Three ways to get `logp_ref` for a batch, behind one `stats(examples)` method:
 
-- `CachedReference`: precomputed once and stored on disk. The cache is content-addressed: a file per
-  reference *model fingerprint* (a hash of its weights and dtype) maps a hash of each sequence's token
-  ids (prompt + response, so data, tokenization and truncation are all part of the key) to its summed
-  log-prob, length and optionally per-token log-probs. A second run — of any method — on the same
-  model and data finds every sequence and skips the reference pass; a run on other data computes only
-  what is missing. This is what lets `preftune sweep` share one reference pass.
+- `CachedReference`: stored on disk (`preftune.models.refcache`). The cache is content-addressed: a
+  folder per reference *model fingerprint* (a hash of its weights and dtype, and of the compute dtype
+  under mixed precision) maps a hash of each sequence's token ids (prompt + response, so data,
+  tokenization and truncation are all part of the key) to its summed log-prob, length and optionally
+  per-token log-probs. Entries are computed only for the examples a run uses — per batch as training
+  reaches it when the reference weights stay in memory anyway (LoRA: the policy's base), else for the
+  run's batches before its first step — and each batch's entries are written as they are computed.
+  A second run — of any method — on the same model and data computes nothing; `preftune sweep`
+  relies on this. Values are computed in fixed groups (`Blocks`), so a lost entry is recomputed to
+  the very same float.
 - `AdapterReference`: the LoRA policy with its adapters disabled (peft's `disable_adapter()`): no copy.
 - `ModelReference`: a separate frozen model; needed when the reference moves (TR-DPO sync).
 """
@@ -16,20 +20,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
+from preftune.models.refcache import Entry, ReferenceStore, merge
 from preftune.models.sharding import full_tensor, release
 from preftune.types import Example, SequenceStats
-
-Entry = tuple[float, int, "torch.Tensor | None"]
 
 
 def default_cache_dir(cache_dir: str | None = None) -> Path:
@@ -71,6 +74,15 @@ def model_fingerprint(model: Any, *, adapters: bool = True) -> str:
     return h.hexdigest()
 
 
+def reference_fingerprint(model: Any, *, adapter_off: bool, compute_dtype: torch.dtype | None) -> str:
+    """The cache folder name of a reference: its weights' fingerprint, and the compute dtype when mixed
+    precision computes in another dtype than the weights (other log-probs, another entry)."""
+    fingerprint = model_fingerprint(model, adapters=not adapter_off)
+    if compute_dtype is None:
+        return fingerprint
+    return hashlib.blake2b(f"{fingerprint}:compute={compute_dtype}".encode(), digest_size=16).hexdigest()
+
+
 def stats_from_entries(entries: Sequence[Entry], token_logps: bool) -> SequenceStats:
     logps = torch.tensor([e[0] for e in entries], dtype=torch.float32)
     lengths = torch.tensor([e[1] for e in entries], dtype=torch.int64)
@@ -85,63 +97,150 @@ def stats_from_entries(entries: Sequence[Entry], token_logps: bool) -> SequenceS
     return SequenceStats(logps=logps, lengths=lengths, token_logps=matrix)
 
 
-class ReferenceTable:
-    """sequence key → (logp, length, token logps | None), stored as one safetensors file."""
+def keys_of(examples: Iterable[Example]) -> list[bytes]:
+    return [sequence_key(e.prompt_ids, r) for e in examples for r in e.response_ids]
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.entries: dict[bytes, Entry] = {}
-        if path.is_file():
-            data = load_file(str(path))
-            keys, logps, lengths = data["keys"], data["logps"], data["lengths"]
-            offsets, values, has_tok = data["tok_offsets"], data["tok_values"], data["has_tok"]
-            for i in range(len(logps)):
-                tok = values[offsets[i] : offsets[i + 1]].clone() if bool(has_tok[i]) else None
-                self.entries[bytes(keys[i].tolist())] = (float(logps[i]), int(lengths[i]), tok)
 
-    def missing(
-        self, examples: Sequence[Example], token_logps: bool
-    ) -> list[tuple[bytes, list[int], list[int]]]:
-        """Unique (key, prompt, response) sequences of `examples` not (fully) in the table."""
-        out: dict[bytes, tuple[bytes, list[int], list[int]]] = {}
-        for ex in examples:
-            for r in ex.response_ids:
-                key = sequence_key(ex.prompt_ids, r)
-                have = self.entries.get(key)
-                if (have is None or (token_logps and have[2] is None)) and key not in out:
-                    out[key] = (key, ex.prompt_ids, r)
-        return list(out.values())
+class Blocks:
+    """The fixed groups of examples reference log-probs are computed in, and their forward sizes.
 
-    def save(self) -> None:
-        """Write the whole table atomically (tmp file + rename)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        items = list(self.entries.items())
-        toks = [e[2] if e[2] is not None else torch.zeros(0) for _, e in items]
-        offsets = np.cumsum([0] + [len(t) for t in toks])
-        data = {
-            "keys": torch.tensor([list(k) for k, _ in items], dtype=torch.uint8).reshape(len(items), 16),
-            "logps": torch.tensor([e[0] for _, e in items], dtype=torch.float32),
-            "lengths": torch.tensor([e[1] for _, e in items], dtype=torch.int64),
-            "has_tok": torch.tensor([e[2] is not None for _, e in items], dtype=torch.bool),
-            "tok_offsets": torch.tensor(offsets, dtype=torch.int64),
-            "tok_values": torch.cat(toks).float() if toks else torch.zeros(0),
-        }
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        save_file(data, str(tmp))
-        os.replace(tmp, self.path)
+    A sequence belongs to the first group that holds it; whenever it is missing, its whole group is
+    computed, in the same forwards. So a value never depends on when, or by which step, it was computed:
+    recomputing a lost entry gives back the very same float (what keeps `--resume` exact)."""
+
+    def __init__(self) -> None:
+        self.groups: list[list[Example]] = []
+        self.chunks: list[int] = []
+        self.owner: dict[bytes, int] = {}
+
+    def add(self, examples: Sequence[Example], chunk: int) -> int:
+        gid = len(self.groups)
+        self.groups.append(list(examples))
+        self.chunks.append(max(1, chunk))
+        for key in keys_of(examples):
+            self.owner.setdefault(key, gid)
+        return gid
+
+
+@dataclass
+class Source:
+    """The model that computes missing entries, and how the processes of a run share the work.
+
+    `rank`/`size` split each group's examples; `gather` concatenates per-rank lists (identity in one
+    process); `equal_forwards`: the model is sharded (FSDP), so every rank runs as many forwards as the
+    busiest (the others repeat one, discarded); `cast`: a context for mixed-precision compute."""
+
+    model: Any
+    adapter_off: bool = False
+    rank: int = 0
+    size: int = 1
+    gather: Callable[[list[Any]], list[Any]] = lambda x: x
+    equal_forwards: bool = False
+    cast: Callable[[], Any] = nullcontext
 
 
 class CachedReference:
-    """Reference statistics looked up in a `ReferenceTable` (see module docstring)."""
+    """Reference statistics from the cache (module docstring); with a `source`, missing ones are computed
+    on demand by `prepare(global_batch)` — whole groups of `blocks`, every rank in step — and appended to
+    the cache as they are computed (`store`: the writing process only)."""
 
-    def __init__(self, table: ReferenceTable, fingerprint: str) -> None:
-        self.table, self.fingerprint = table, fingerprint
+    def __init__(
+        self,
+        fingerprint: str,
+        table: dict[bytes, Entry],
+        blocks: Blocks,
+        *,
+        token_logps: bool,
+        store: ReferenceStore | None = None,
+        source: Source | None = None,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.fingerprint, self.table, self.blocks = fingerprint, table, blocks
+        self.token_logps, self.store, self.source, self.log = token_logps, store, source, log
+        self.computed = 0  # sequences computed (all ranks together)
+
+    def lacks(self, key: bytes) -> bool:
+        """True when `key` has no entry, or none with the per-token values the objective needs."""
+        have = self.table.get(key)
+        return have is None or (self.token_logps and have[2] is None)
+
+    def missing_groups(self, examples: Sequence[Example]) -> list[int]:
+        """Groups to compute so that every sequence of `examples` is in the table (sorted)."""
+        missing = [(key, e) for e in examples for key in keys_of([e]) if self.lacks(key)]
+        unknown = [e for key, e in missing if key not in self.blocks.owner]
+        if unknown:  # not in any group set up for this run: a group of their own
+            first = {id(e): e for e in unknown}
+            self.blocks.add(list(first.values()), self.blocks.chunks[-1] if self.blocks.chunks else 8)
+        return sorted({self.blocks.owner[key] for key, _ in missing})
 
     def stats(self, examples: Sequence[Example], token_logps: bool = False) -> SequenceStats:
-        entries = [
-            self.table.entries[sequence_key(e.prompt_ids, r)] for e in examples for r in e.response_ids
-        ]
+        try:
+            entries = [self.table[key] for key in keys_of(examples)]
+        except KeyError:
+            from preftune.errors import TrainingError
+
+            raise TrainingError(
+                f"reference: a sequence of source row {examples[0].source_row} has no cached reference "
+                "log-prob and no reference model is attached to compute it"
+            ) from None
         return stats_from_entries(entries, token_logps)
+
+    def prepare(self, examples: Sequence[Example]) -> None:
+        """Compute what `examples` (a global batch, the same on every rank) lack; a no-op when cached."""
+        if self.source is not None:
+            groups = self.missing_groups(examples)
+            if groups:
+                self.compute(groups)
+
+    def compute(self, group_ids: Sequence[int], *, progress: bool = False) -> None:
+        """Compute `group_ids` in slices of about 5%, each appended to the cache as one shard; with
+        `progress`, a line per slice (batches done, elapsed, ETA)."""
+        if self.source is None:
+            raise RuntimeError("CachedReference.compute without a source model")
+        total = len(group_ids)
+        step = max(1, -(-total // 20)) if progress else total
+        start, done = time.perf_counter(), 0
+        for i in range(0, len(group_ids), step):
+            part = group_ids[i : i + step]
+            results = [r for g in part for r in self._forward_group(g)]
+            new = []
+            for gid, key, entry in self.source.gather(results):
+                if self.blocks.owner.get(key) == gid and self.lacks(key) and merge(self.table, key, entry):
+                    new.append((key, self.table[key]))
+            if self.store is not None:
+                self.store.append(new)
+            done += len(part)
+            self.computed += len(new)
+            if progress:
+                spent = time.perf_counter() - start
+                eta = spent / done * (total - done)
+                self.log(
+                    f"reference: {done}/{total} batches ({100 * done // total}%), {spent:.1f} s, eta {eta:.1f} s"
+                )
+
+    def _forward_group(self, gid: int) -> list[tuple[int, bytes, Entry]]:
+        """This rank's share of group `gid`: (group, key, entry) for every sequence it computed."""
+        src = self.source
+        assert src is not None
+        group, chunk = self.blocks.groups[gid], self.blocks.chunks[gid]
+        mine = group[src.rank :: src.size]
+        busiest = -(-len(group) // src.size) if src.equal_forwards else len(mine)
+        out: list[tuple[int, bytes, Entry]] = []
+        for i in range(0, -(-busiest // chunk) * chunk, chunk):
+            part = mine[i : i + chunk]
+            with src.cast():
+                st = _model_stats(
+                    src.model, part or group[:1], self.token_logps and bool(part), src.adapter_off
+                )
+            if not part:  # a padding forward of a sharded model: collectives in step, result dropped
+                continue
+            logps, lengths = st.logps.detach().cpu().tolist(), st.lengths.detach().cpu().tolist()
+            toks = st.token_logps.detach().cpu() if st.token_logps is not None else None
+            for j, key in enumerate(keys_of(part)):
+                n = int(lengths[j])
+                tok = toks[j, :n].clone() if toks is not None else None
+                out.append((gid, key, (float(logps[j]), n, tok)))
+        return out
 
 
 def _model_stats(
@@ -198,75 +297,21 @@ class AdapterReference:
         return _model_stats(self.policy, examples, token_logps, adapter_off=True)
 
 
-def precompute_reference(
-    model: Any,
-    example_sets: Sequence[Sequence[Example]],
+def load_cached(
+    cache_root: Path,
+    fingerprint: str,
+    blocks: Blocks,
     *,
-    cache_dir: Path,
     token_logps: bool,
-    batch_size: int,
-    adapter_off: bool = False,
-    log: Callable[[str], None] = print,
-    gather: Callable[[list[Any]], list[Any]] = lambda x: x,
-    shard: tuple[int, int] = (0, 1),
+    log: Callable[[str], None],
     write: bool = True,
-    equal_forwards: bool = False,
-    compute_dtype: torch.dtype | None = None,
-    autocast: bool = True,
-    device_type: str = "cpu",
+    share: Callable[[Any], Any] = lambda table: table,
 ) -> CachedReference:
-    """Fill the reference cache of `model` for every sequence of `example_sets`; return the lookup.
-
-    `shard=(rank, size)` splits the missing sequences across processes; `gather` concatenates the
-    per-rank results (identity in one process); only the process with `write=True` writes the file.
-    `equal_forwards`: `model` is sharded (FSDP), so every rank runs as many forward passes as the rank
-    with the most sequences (the others repeat one, discarded).
-    `compute_dtype` (mixed precision): the log-probs are computed in this dtype — under `torch.autocast`
-    when `autocast`, else the model casts by itself (FSDP) — and the cache file is keyed by it too.
-    """
-    fingerprint = model_fingerprint(model, adapters=not adapter_off)
-    if compute_dtype is not None:  # the same weights computing in bf16 give other log-probs
-        fingerprint = hashlib.blake2b(
-            f"{fingerprint}:compute={compute_dtype}".encode(), digest_size=16
-        ).hexdigest()
-    cast = (
-        torch.autocast(device_type, dtype=compute_dtype)
-        if compute_dtype is not None and autocast
-        else nullcontext()
-    )
-    table = ReferenceTable(cache_dir / "reference" / f"{fingerprint}.safetensors")
-    examples = [e for s in example_sets for e in s]
-    total = len({sequence_key(e.prompt_ids, r) for e in examples for r in e.response_ids})
-    missing = table.missing(examples, token_logps)
-    if not missing:
-        log(f"reference: all {total} sequences found in the cache ({table.path}); reference pass skipped")
-        return CachedReference(table, fingerprint)
-    log(f"reference: computing log-probs of {len(missing)} of {total} sequences (cache {table.path})")
-    rank, size = shard
-    mine = missing[rank::size]
-    results: list[tuple[bytes, float, int, torch.Tensor | None]] = []
-    # A sharded model runs collectives in each forward: every rank runs as many as the busiest one.
-    passes = -(-len(missing[::size]) // batch_size) if equal_forwards else -(-len(mine) // batch_size)
-    for i in range(0, passes * batch_size, batch_size):
-        chunk = mine[i : i + batch_size]
-        if not chunk:
-            with cast:
-                _model_stats(
-                    model, [Example(prompt_ids=missing[0][1], response_ids=[missing[0][2]])], False, False
-                )
-            continue
-        exs = [Example(prompt_ids=p, response_ids=[r]) for _, p, r in chunk]
-        with cast:
-            st = _model_stats(model, exs, token_logps, adapter_off)
-        for j, (key, _, _) in enumerate(chunk):
-            n = int(st.lengths[j])
-            tok = st.token_logps[j, :n].detach().cpu().clone() if st.token_logps is not None else None
-            results.append((key, float(st.logps[j]), n, tok))
-    for key, logp, n, tok in gather(results):
-        table.entries[key] = (logp, n, tok)
-    if write:
-        try:
-            table.save()
-        except OSError as err:  # a read-only or full disk must not stop training; the values are in memory
-            log(f"reference: could not write the cache {table.path} ({err.strerror}); continuing without it")
-    return CachedReference(table, fingerprint)
+    """The cache of `fingerprint` for the sequences of `blocks`. The writing process reads and checks the
+    shards (setting damaged ones aside) and `share` hands its table to the other processes (a broadcast
+    under torchrun), so that every rank holds the same values and agrees on what is missing."""
+    store = ReferenceStore(cache_root, fingerprint, log) if write else None
+    table = store.load(set(blocks.owner)) if store is not None else None
+    table = share(table)
+    assert table is not None
+    return CachedReference(fingerprint, table, blocks, token_logps=token_logps, store=store, log=log)

@@ -219,6 +219,7 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
                 log=log,
                 resume_state=resume_state if mid else None,
                 resume_weights=extra.get("reference") if mid else None,
+                steps=range(step_in_phase, steps[phase]),
             )
             if config.apo_alpha and apo_prev is None:
                 # θ̂_t of Accelerated PO: the previous round's *un-extrapolated* result (θ̂_0 = θ_0)

@@ -107,6 +107,9 @@ def objective_on_batch(
         float(len(global_batch)) if spec.reduction == "example" else max(token_count(spec, global_batch), 1.0)
         for spec, _, _ in objective.terms
     ]
+    prepare = getattr(reference, "prepare", None)
+    if prepare is not None:  # a cached reference computes what it lacks (all ranks, in step)
+        prepare(global_batch)
     sums = MetricSums()
     mine = shard(global_batch, world.rank, world.size)
     first_names: set[str] = set()

@@ -12,15 +12,8 @@ from typing import Any
 import torch
 
 from preftune.config import TrainConfig, reference_strategy
-from preftune.errors import ConfigError, DataError, TrainingError
-from preftune.models.reference import (
-    AdapterReference,
-    CachedReference,
-    ModelReference,
-    ReferenceTable,
-    default_cache_dir,
-    precompute_reference,
-)
+from preftune.errors import ConfigError, DataError
+from preftune.models.reference import AdapterReference, ModelReference
 from preftune.train.batches import adapt_examples
 from preftune.train.distributed import World
 from preftune.train.loop import Objective
@@ -199,10 +192,12 @@ def setup_reference(
     log: Callable[[str], None],
     resume_state: dict[str, Any] | None = None,
     resume_weights: dict[str, torch.Tensor] | None = None,
+    steps: range | None = None,
 ) -> ReferenceSetup:
     """Build the reference of `phase` (phase 0: `ref_model` or the initial policy; later phases: the
     policy at the phase start). On a resume in the middle of a phase the reference is rebuilt from
-    what the checkpoint recorded (cache fingerprint, or the reference weights)."""
+    what the checkpoint recorded (cache fingerprint, or the reference weights). `steps`: the steps of
+    the phase this run will take (the cached reference computes only their examples; None: all)."""
     strategy = reference_strategy(config, objective.needs_reference)
     if strategy == "none":
         return ReferenceSetup(None, strategy)
@@ -237,58 +232,11 @@ def setup_reference(
                 inference=True,
             )
         return ReferenceSetup(ModelReference(ref), strategy)
-    cache_dir = default_cache_dir(config.cache_dir)
-    if mid_phase and resume_state.get("reference_fingerprint"):
-        fp = str(resume_state["reference_fingerprint"])
-        table = ReferenceTable(cache_dir / "reference" / f"{fp}.safetensors")
-        missing = table.missing([e for s in example_sets for e in s], objective.needs_token_logps)
-        if missing:
-            raise TrainingError(
-                f"resume: the reference cache {table.path} lacks {len(missing)} sequences; "
-                "it was deleted or the data changed — restart the run without --resume"
-            )
-        log(f"reference: resumed from the cache {table.path}; reference pass skipped")
-        return ReferenceSetup(CachedReference(table, fp), strategy, fp)
-    source, adapter_off, temporary = policy, False, False
-    if phase == 0 and config.ref_model:
-        from preftune.models.load import load_causal_lm
+    from preftune.train.refsetup import cached_reference
 
-        source, temporary = load_causal_lm(config.ref_model, dtype=config.dtype).to(world.device), True
-    elif phase == 0 and config.lora:
-        adapter_off = True
-    gather, write = _gatherer(world)
-    cached = precompute_reference(
-        source,
-        example_sets,
-        cache_dir=cache_dir,
-        token_logps=objective.needs_token_logps,
-        batch_size=max(1, config.eval_batch_size or config.micro_batch_size or 8),
-        adapter_off=adapter_off,
-        log=log,
-        gather=gather,
-        shard=(world.rank, world.size),
-        write=write,
-        equal_forwards=world.fsdp and not temporary,
-        compute_dtype=compute_dtype(config),
-        autocast=not (world.fsdp and not temporary),  # a sharded policy casts by itself
-        device_type=world.device.type,
+    return cached_reference(
+        config, objective, policy, phase, example_sets, world, log=log, resume_state=resume_state, steps=steps
     )
-    if temporary:
-        del source
-    return ReferenceSetup(cached, strategy, cached.fingerprint)
-
-
-def _gatherer(world: World) -> tuple[Callable[[list[Any]], list[Any]], bool]:
-    if world.size <= 1:
-        return (lambda x: x), True
-    import torch.distributed as dist
-
-    def gather(items: list[Any]) -> list[Any]:
-        parts: list[Any] = [None] * world.size
-        dist.all_gather_object(parts, items)
-        return [x for part in parts for x in part]
-
-    return gather, world.is_main
 
 
 def save_final(
