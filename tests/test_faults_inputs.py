@@ -274,12 +274,12 @@ def test_out_of_memory_outside_a_step_names_the_pass() -> None:
     def evaluate_examples() -> None:
         raise MemoryError()
 
-    def precompute_reference() -> None:
+    def _forward_group() -> None:  # the reference forwards (preftune.models.reference.CachedReference)
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     config = TrainConfig(eval_batch_size=16, max_length=512, gradient_checkpointing=True)
     messages = []
-    for fn in (evaluate_examples, precompute_reference):
+    for fn in (evaluate_examples, _forward_group):
         try:
             fn()
         except (RuntimeError, MemoryError) as err:
@@ -288,8 +288,8 @@ def test_out_of_memory_outside_a_step_names_the_pass() -> None:
     assert messages == [
         "out of memory in the evaluation at step 5 (MemoryError) — lower eval_batch_size (now 16) or "
         "max_length (now 512); no checkpoint was written yet",
-        "out of memory in the reference pass before step 6 (CUDA out of memory) — lower eval_batch_size "
-        "(now 16) or max_length (now 512); no checkpoint was written yet",
+        "out of memory in the reference pass before step 6 (CUDA out of memory) — lower micro_batch_size "
+        "(now 4), eval_batch_size (now 16) or max_length (now 512); no checkpoint was written yet",
     ]
     assert not is_out_of_memory(RuntimeError("index out of range"))
 

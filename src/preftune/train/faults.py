@@ -87,9 +87,11 @@ def out_of_memory(
     frames = {frame.f_code.co_name for frame, _ in traceback.walk_tb(err.__traceback__)}
     length = f"max_length (now {config.max_length or 'unset: the longest example'})"
     eval_micro = config.eval_batch_size or micro
-    if "precompute_reference" in frames:
+    if (
+        "_forward_group" in frames
+    ):  # CachedReference's forwards: the training micro-batches, the held-out set's
         where = f"in the reference pass before step {done + 1}"
-        lower = f"eval_batch_size (now {eval_micro}) or {length}"
+        lower = f"micro_batch_size (now {micro}), eval_batch_size (now {eval_micro}) or {length}"
     elif "evaluate_examples" in frames:
         where = f"in the evaluation at step {done}"
         lower = f"eval_batch_size (now {eval_micro}) or {length}"
