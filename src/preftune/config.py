@@ -112,6 +112,11 @@ class TrainConfig:
     lora_alpha: float = _f(16.0, "LoRA scale α (update multiplied by α/r).", low=0.0, low_open=True)
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input.", low=0.0, high=1.0, high_open=True)
     lora_target_modules: str = _f("all-linear", "Comma-separated module names to adapt, or 'all-linear'.")
+    merge_lora: bool = _f(
+        False,
+        "With lora: save final/ as the full model with the adapters merged into the weights "
+        "(the adapter itself in final/adapter/).",
+    )
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
     fsdp: bool = _f(
         False,
@@ -424,6 +429,8 @@ def validate(config: TrainConfig) -> list[tuple[Any, float, dict[str, Any]]]:
             f"method '{config.method}' is reference-free: remove ref_model / reference / "
             "ref_sync_every (they would be ignored)"
         )
+    if config.merge_lora and not config.lora:
+        raise ConfigError("merge_lora merges LoRA adapters into the weights; it needs lora=true (--lora)")
     if strategy == "adapter" and not config.lora:
         raise ConfigError("reference='adapter' (the policy with LoRA adapters disabled) needs lora=true")
     if strategy == "adapter" and config.ref_model:

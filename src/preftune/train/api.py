@@ -354,9 +354,9 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
         lora = (lambda name: "lora_" in name) if hasattr(model.lm, "peft_config") else None
         whole = full_state_dict(model, keep=world.is_main, only=lora)
         if world.is_main:
-            save_final(model.lm, tokenizer, final, state_dict=whole)
+            save_final(model.lm, tokenizer, final, state_dict=whole, config=config)
     elif world.is_main:
-        save_final(model, tokenizer, final)
+        save_final(model, tokenizer, final, config=config)
     if world.is_main:
         eval_metrics = runfolder.finish(
             config,

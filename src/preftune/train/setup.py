@@ -240,21 +240,64 @@ def setup_reference(
 
 
 def save_final(
-    model: Any, tokenizer: Any, folder: Path, state_dict: dict[str, torch.Tensor] | None = None
+    model: Any,
+    tokenizer: Any,
+    folder: Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    *,
+    config: TrainConfig | None = None,
 ) -> None:
     """OUT/final/: a standard Hugging Face folder (safetensors, or the PEFT adapter) with the tokenizer.
 
-    `state_dict`: whole weights gathered from a sharded (FSDP) `model`, written under its config."""
+    `state_dict`: whole weights gathered from a sharded (FSDP) `model`, written under its config.
+    A LoRA adapter records its base model as an absolute path (or the hub id), so it loads from any
+    folder; with `config.merge_lora` final/ holds the merged full model instead, and the adapter
+    moves to final/adapter/."""
+    import shutil
+
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     whole = {} if state_dict is None else {"state_dict": state_dict}
     model.save_pretrained(str(tmp), safe_serialization=True, **whole)
+    adapter = (tmp / "adapter_config.json").is_file()
+    if adapter:
+        _absolute_base(tmp / "adapter_config.json", config.model if config else None)
+    if adapter and config is not None and config.merge_lora:
+        _merge_into(tmp, config)
     tokenizer.save_pretrained(str(tmp))
     if folder.exists():
-        import shutil
-
         shutil.rmtree(folder)
     tmp.rename(folder)
+
+
+def _absolute_base(path: Path, base: str | None) -> None:
+    """Point adapter_config.json's base_model_name_or_path at an absolute folder (a hub id stays)."""
+    import json
+
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    name = base or cfg.get("base_model_name_or_path")
+    if name and Path(name).exists():
+        name = str(Path(name).resolve())
+    cfg["base_model_name_or_path"] = name
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _merge_into(folder: Path, config: TrainConfig) -> None:
+    """Replace the adapter in `folder` by the base model with the adapter merged (W + (α/r)·BA,
+    peft's merge_and_unload), built on the CPU from the saved adapter so the training model is
+    left as it is; the adapter files move to folder/adapter/."""
+    import shutil
+
+    from peft import PeftModel
+
+    from preftune.models.load import load_causal_lm
+
+    moved = folder / "adapter"
+    moved.mkdir()
+    for f in list(folder.iterdir()):
+        if f.is_file():
+            shutil.move(str(f), moved / f.name)
+    base = load_causal_lm(config.model, dtype=config.dtype)
+    merged = PeftModel.from_pretrained(base, str(moved)).merge_and_unload()
+    merged.save_pretrained(str(folder), safe_serialization=True)
