@@ -105,3 +105,22 @@ def test_support_threshold_by_hand() -> None:
     torch.testing.assert_close(support_threshold(z[:1], 0, 0.6), torch.tensor([2.5]))
     torch.testing.assert_close(support_threshold(z[:1], 0, 0.7), torch.tensor([1.5]))
     assert torch.isinf(support_threshold(z, 0, 1.0)).all()
+
+
+def test_sampler_draws_from_the_renormalised_distribution() -> None:
+    from preftune.rl.sampling import sample_step
+
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1]])).repeat(40000, 1)
+    g = torch.Generator().manual_seed(0)
+    ids, logp, thr = sample_step(logits, Sampling(max_new_tokens=1, top_k=3), g)
+    freq = torch.bincount(ids, minlength=4).float() / len(ids)
+    kept = torch.tensor([0.5, 0.25, 0.15, 0.0]) / 0.9  # top-3, renormalised
+    assert float((freq - kept).abs().max()) < 0.01
+    assert int((ids == 3).sum()) == 0
+    torch.testing.assert_close(logp, kept.log()[ids])
+    torch.testing.assert_close(
+        thr,
+        torch.full(
+            (40000,), (float(torch.log(torch.tensor(0.15))) + float(torch.log(torch.tensor(0.1)))) / 2
+        ),
+    )
