@@ -124,3 +124,26 @@ def test_sampler_draws_from_the_renormalised_distribution() -> None:
             (40000,), (float(torch.log(torch.tensor(0.15))) + float(torch.log(torch.tensor(0.1)))) / 2
         ),
     )
+
+
+@pytest.mark.slow
+def test_prefill_benchmark_smoke() -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"}
+    args = ["--quick", "--prompts", "2", "--samples", "2", "--prompt-len", "12"]
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "rollout_prefill.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["same_tokens"] is True and result["new_tokens"] == 16 and result["speedup"] > 0
