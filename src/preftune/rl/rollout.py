@@ -58,6 +58,15 @@ class Rollouts:
         flat = self.completions()
         return [flat[i : i + n] for i in range(0, len(flat), n)]
 
+    def align(self, tokens: list[torch.Tensor]) -> torch.Tensor:
+        """Per-prompt token matrices [n, T_i] (as `sequence_logps(..., token_logps=True)` returns them)
+        → one [R, T] matrix aligned with these rollouts' rows and `mask` (differentiable)."""
+        rows = [row for part in tokens for row in part]
+        if len(rows) != self.mask.shape[0]:
+            raise ConfigError(f"rollouts: {len(rows)} rows of log-probs for {self.mask.shape[0]} completions")
+        width = self.mask.shape[1]
+        return torch.stack([torch.nn.functional.pad(r, (0, width - r.shape[0])) for r in rows])
+
     def grouped_min_logits(self, n: int) -> list[torch.Tensor]:
         """`min_logits` per prompt, [n, T_i] (T_i its longest completion), for `sequence_logps`."""
         lengths = self.mask.sum(dim=1)
