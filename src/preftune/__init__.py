@@ -5,17 +5,39 @@ preftune.train(config)                      # a TrainConfig; see docs/training.m
 preftune.losses.get("dpo")                  # a registered loss: function + metadata
 preftune.losses.pairwise("ipo", pc, pr, rc, rr, chosen_lengths=lc, rejected_lengths=lr)
 preftune.sequence_logps(model, prompt_ids, response_ids)   # prefix-shared, chunked log-probs
+
+The names below are imported on first use (PEP 562), so that `import preftune` — and with it
+`preftune --help` — does not import torch.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from preftune import losses, train  # noqa: E402  (train is a callable package: preftune.train(config))
-from preftune.config import TrainConfig  # noqa: E402
-from preftune.errors import ConfigError, DataError, PreftuneError, TrainingError  # noqa: E402
-from preftune.models.logprobs import example_stats, sequence_logps  # noqa: E402
-from preftune.types import Example, PreferenceBatch, SequenceStats  # noqa: E402
+if TYPE_CHECKING:
+    from preftune import losses, train
+    from preftune.config import TrainConfig
+    from preftune.errors import ConfigError, DataError, PreftuneError, TrainingError
+    from preftune.models.logprobs import example_stats, sequence_logps
+    from preftune.types import Example, PreferenceBatch, SequenceStats
+
+_LAZY: dict[str, str] = {
+    "losses": "preftune.losses",
+    "train": "preftune.train",
+    "TrainConfig": "preftune.config",
+    "ConfigError": "preftune.errors",
+    "DataError": "preftune.errors",
+    "PreftuneError": "preftune.errors",
+    "TrainingError": "preftune.errors",
+    "example_stats": "preftune.models.logprobs",
+    "sequence_logps": "preftune.models.logprobs",
+    "Example": "preftune.types",
+    "PreferenceBatch": "preftune.types",
+    "SequenceStats": "preftune.types",
+}
 
 __all__ = [
     "ConfigError",
@@ -32,3 +54,13 @@ __all__ = [
     "sequence_logps",
     "train",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'preftune' has no attribute '{name}'")
+    loaded = importlib.import_module(module)
+    value = loaded if module == f"preftune.{name}" else getattr(loaded, name)
+    globals()[name] = value
+    return value

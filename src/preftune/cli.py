@@ -19,15 +19,25 @@ COMMAND_MODULES: tuple[str, ...] = (
     "preftune.eval.commands",  # eval, report, sweep
     "preftune.tasks.commands",  # quickstart
     "preftune.data.commands",  # data check
-    "preftune.losses.commands",  # losses
 )
 
+# Commands whose module sits in a package that imports torch when imported (preftune.losses): their
+# parser is registered only when the command line names them; otherwise a stub with the help line.
+DEFERRED: dict[str, tuple[str, str]] = {
+    "losses": (
+        "preftune.losses.commands",
+        "list the registered losses (methods), their hyper-parameters and papers",
+    ),
+}
 
-def build_parser() -> argparse.ArgumentParser:
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The `preftune` parser. `argv`: the command line it will parse, so that a deferred command's
+    own parser is registered only when it runs (`preftune --help` imports no torch)."""
     parser = argparse.ArgumentParser(
         prog="preftune",
-        description="Align generative models with preference and reward feedback "
-        "(DPO and its family, reward models, online RL).",
+        description="Align generative models with preference feedback: DPO and its family "
+        "(offline preference losses), trained and evaluated from the command line or Python.",
         epilog="Run 'preftune COMMAND --help' for the options of a command. "
         "Start with 'preftune quickstart' for the built-in end-to-end demo.",
     )
@@ -35,11 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    command = next((a for a in argv or [] if not a.startswith("-")), None)
+    for name, (module, help_text) in DEFERRED.items():
+        if command == name:
+            importlib.import_module(module).register(sub)
+        else:
+            sub.add_parser(name, help=help_text)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

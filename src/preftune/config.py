@@ -24,11 +24,13 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from preftune.errors import ConfigError
+from preftune.trl_names import HELP as TRL_HELP
+from preftune.trl_names import apply_rpo_alpha, translate
 
 REFERENCE_STRATEGIES = ("auto", "cache", "model", "adapter", "none")
 SCHEDULERS = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
-SINKS = ("tensorboard", "wandb", "mlflow")
+SINKS = ("tensorboard", "wandb", "mlflow", "trackio")
 
 
 def _f(default: Any, help: str, **extra: Any) -> Any:
@@ -62,6 +64,9 @@ class TrainConfig:
         None, "Data kind (pairwise | unpaired | ranked); default: detected from the columns."
     )
     columns: str | None = _f(None, "Column mapping 'prompt=question,chosen=good,...' when names differ.")
+    chat_template: str | None = _f(
+        None, "Jinja chat template (a file, or the template text) replacing the tokenizer's own."
+    )
     max_length: int | None = _f(
         1024,
         "Tokens of prompt + response (TRL's default 1024); 0 or null: no limit. A longer row is cut "
@@ -193,7 +198,9 @@ class TrainConfig:
     keep_last: int = _f(2, "Checkpoints kept on disk (oldest removed).", low=1)
     resume: str | None = _f(None, "Resume: 'latest' (newest checkpoint in OUT) or a checkpoint folder.")
     log_every: int = _f(1, "Log train metrics every N steps.", low=1)
-    report_to: list[str] = _f([], "Extra metric sinks: tensorboard, wandb, mlflow (must be installed).")
+    report_to: list[str] = _f(
+        [], "Extra metric sinks: tensorboard, wandb, mlflow, trackio (must be installed)."
+    )
     run_name: str | None = _f(None, "Run name for the sinks; default: the out folder's name.")
     progress: bool = _f(True, "Show a progress bar with ETA and key metrics.")
     report: bool = _f(
@@ -222,8 +229,18 @@ def _base(hint: Any) -> type:
 
 
 def did_you_mean(name: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
+    """ "; did you mean 'X'?" for a likely typo of option X, else "". With the same number of
+    '_'-separated words, every word must be a near-spelling of X's (so `save_steps` never suggests
+    `max_steps`, nor `rpo_alpha` `apo_alpha`: different words, different meanings)."""
+    words = name.split("_")
+    for close in difflib.get_close_matches(name, options, n=5, cutoff=0.6):
+        other = close.split("_")
+        if len(other) == len(words):
+            if all(difflib.SequenceMatcher(None, a, b).ratio() >= 0.75 for a, b in zip(words, other)):
+                return f"; did you mean '{close}'?"
+        elif difflib.SequenceMatcher(None, name, close).ratio() >= 0.8:
+            return f"; did you mean '{close}'?"
+    return ""
 
 
 def coerce_value(name: str, value: Any, where: str = "config") -> Any:
@@ -290,6 +307,8 @@ def config_from_dict(values: Mapping[str, Any], *, where: str = "config") -> Tra
     (checked by `validate` against the objective), so typos are reported there with a "did you mean"."""
     kwargs: dict[str, Any] = {}
     hparams: dict[str, Any] = {}
+    values = translate(values, where)
+    apply_rpo_alpha(values, where)
     for key, value in values.items():
         key = str(key).replace("-", "_") if str(key).replace("-", "_") in FIELDS else str(key)
         if key == "hparams":
@@ -322,8 +341,8 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of keys to values")
-        values.update(loaded)
-    for key, value in (overrides or {}).items():
+        values.update(translate(loaded, where))
+    for key, value in translate(overrides or {}, "command line").items():
         if key == "hparams":
             values.setdefault("hparams", {})
             values["hparams"] = {**values["hparams"], **value}
@@ -372,7 +391,9 @@ def resolve_objective(config: TrainConfig) -> list[tuple[Any, float, dict[str, A
 
     terms = losses.parse_objective(config.method)
     per_term: dict[str, dict[str, Any]] = {spec.name: {} for spec, _ in terms}
-    known = sorted({k for spec, _ in terms for k in spec.hparams} | set(FIELDS) - {"hparams"})
+    known = sorted(
+        ({k for spec, _ in terms for k in spec.hparams} | set(FIELDS) | set(TRL_HELP)) - {"hparams"}
+    )
     for key, value in config.hparams.items():
         term, dot, name = str(key).rpartition(".")
         if dot:
@@ -383,9 +404,17 @@ def resolve_objective(config: TrainConfig) -> list[tuple[Any, float, dict[str, A
             per_term[term][name] = value
             continue
         takers = [spec.name for spec, _ in terms if key in spec.hparams]
+        if key == "beta" and not takers and "orpo" in per_term:
+            # TRL's ORPOConfig.beta is λ, the odds-ratio weight (Hong et al. 2024, ORPO, eq. 6)
+            key, name, takers = "odds_ratio_weight", "odds_ratio_weight", ["orpo"]
         if not takers:
+            hint = (
+                " (TRL's label_smoothing is ε of rdpo, TRL's 'robust', and of cdpo)"
+                if key == "epsilon"
+                else ""
+            )
             raise ConfigError(
-                f"unknown option '{key}' for method '{config.method}'{did_you_mean(str(key), known)} "
+                f"unknown option '{key}' for method '{config.method}'{did_you_mean(str(key), known)}{hint} "
                 f"(config fields: see 'preftune train --help'; loss options: 'preftune losses')"
             )
         for t in takers:

@@ -18,7 +18,9 @@ from typing import Any
 
 from preftune.config import FIELDS, field_type
 from preftune.errors import ConfigError
+from preftune.trl_names import HELP as TRL_HELP
 
+_SWITCH: dict[str, Any] = {"nargs": "?", "const": "true"}  # `--flag` alone means true
 _HPARAM_GROUP = "loss hyper-parameters (routed to every term of METHOD that declares them)"
 
 
@@ -49,6 +51,12 @@ class _TrainParser(argparse.ArgumentParser):
             for key, hp in spec.hparams.items():
                 users.setdefault(key, []).append(name)
                 docs.setdefault(key, f"{hp.doc} [{hp.range_text()}]")
+        switches = {
+            k
+            for spec in losses.REGISTRY.values()
+            for k, hp in spec.hparams.items()
+            if hp.default is True or hp.default is False
+        }
         group = self.add_argument_group(_HPARAM_GROUP)
         for key in sorted(users):
             if key in FIELDS:
@@ -60,6 +68,7 @@ class _TrainParser(argparse.ArgumentParser):
                 default=argparse.SUPPRESS,
                 metavar="V",
                 help=f"{docs[key]} (used by {', '.join(users[key])})".replace("%", "%%"),
+                **(_SWITCH if key in switches else {}),
             )
 
     def _pairs(self, extras: list[str]) -> dict[str, str]:
@@ -72,9 +81,10 @@ class _TrainParser(argparse.ArgumentParser):
             key, eq, value = item[2:].partition("=")
             if not eq:
                 if i + 1 >= len(extras) or extras[i + 1].startswith("--"):
-                    self.error(f"option --{key} needs a value")
-                value = extras[i + 1]
-                i += 1
+                    value = "true"  # a switch, e.g. --token-mean (a number-valued key then says so)
+                else:
+                    value = extras[i + 1]
+                    i += 1
             out[key.replace("-", "_")] = value
             i += 1
         return out
@@ -86,15 +96,26 @@ def _add_field(parser: argparse.ArgumentParser, name: str) -> None:
     flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
     help_text = str(f.metadata["help"]).replace("%", "%%")
     default = None if f.default is dataclasses.MISSING else f.default
-    if default is not None:
+    if default is not None and default != "":
         help_text += f" (default: {default})"
-    if base is bool:
+    if base is bool:  # --fsdp, --fsdp true/false, --no-fsdp (TRL's habit: a bare flag is a switch)
+        help_text += f"; a bare --{name.replace('_', '-')} is true, --no-{name.replace('_', '-')} false"
         parser.add_argument(
             *flags,
             dest=name,
-            action=argparse.BooleanOptionalAction,
+            nargs="?",
+            const=True,
             default=argparse.SUPPRESS,
+            metavar="BOOL",
             help=help_text,
+        )
+        parser.add_argument(
+            f"--no-{name.replace('_', '-')}",
+            dest=name,
+            action="store_const",
+            default=argparse.SUPPRESS,
+            const=False,
+            help=argparse.SUPPRESS,
         )
     elif name == "resume":
         parser.add_argument(
@@ -134,7 +155,30 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     for name in FIELDS:
         if name != "hparams":
             _add_field(group, name)  # type: ignore[arg-type]
+    _add_trl_names(p)
     p.set_defaults(func=run)
+
+
+def _add_trl_names(p: argparse.ArgumentParser) -> None:
+    """TRL's flag names, same meaning (preftune.trl_names); YAML accepts them too."""
+    group = p.add_argument_group(
+        "TRL names (aliases with TRL's meaning; also accepted as YAML keys)",
+        "The same in both tools: --max_length, --max_completion_length, --max_steps, --lora_r, "
+        "--seed, --warmup_ratio, --beta. With method orpo, --beta is TRL's ORPO β = λ, the odds-ratio "
+        "weight (odds_ratio_weight).",
+    )
+    for name, text in TRL_HELP.items():
+        if name == "beta":  # a loss flag already; its ORPO meaning is in the description
+            continue
+        switch = name in ("bf16", "use_peft")
+        group.add_argument(
+            f"--{name}",
+            dest=f"trl__{name}",
+            default=argparse.SUPPRESS,
+            metavar="BOOL" if switch else "V",
+            help=text.replace("%", "%%"),
+            **(_SWITCH if switch else {}),
+        )
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -146,6 +190,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
             values[key] = value
         elif key.startswith("hp__"):
             hparams[key[4:]] = value
+        elif key.startswith("trl__"):
+            values[key[5:]] = value
     for key, value in getattr(args, "extra_overrides", {}).items():
         if key in FIELDS:
             values[key] = value

@@ -1,6 +1,6 @@
 """Where metrics go: OUT/metrics.jsonl always, a rich progress bar, and optional sinks.
 
-TensorBoard, Weights & Biases and MLflow are used only when asked for (`report_to`) and installed;
+TensorBoard, Weights & Biases, MLflow and Trackio are used only when asked for (`report_to`) and installed;
 asking for one that is not installed is a ConfigError before any model loads, never a silent no-op.
 """
 
@@ -9,12 +9,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
 from preftune.errors import ConfigError, DataError
 
-SINK_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+SINK_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
 PROGRESS_KEYS = ("loss", "rewards/accuracy", "rewards/margin", "lr")
 
 
@@ -24,11 +25,17 @@ def check_sinks(names: list[str]) -> None:
         package = SINK_PACKAGES.get(name)
         if package is None:
             raise ConfigError(f"report_to: unknown sink '{name}' (known: {', '.join(SINK_PACKAGES)})")
-        if importlib.util.find_spec(package) is None:
+        if not _installed(package):
             raise ConfigError(
                 f"report_to: '{name}' is not installed — pip install 'preftune[{name}]' "
                 f"or remove it from report_to"
             )
+
+
+def _installed(package: str) -> bool:
+    if package in sys.modules:  # already imported (or provided in sys.modules)
+        return sys.modules[package] is not None
+    return importlib.util.find_spec(package) is not None
 
 
 def _clean(record: dict[str, Any]) -> dict[str, Any]:
@@ -130,6 +137,11 @@ def _open_sink(name: str, out: Path, run_name: str, config: dict[str, Any]) -> _
 
         run = wandb.init(name=run_name, config=config, dir=str(out))
         return _Sink(lambda numbers, step: run.log(numbers, step=step), run.finish)
+    if name == "trackio":
+        import trackio
+
+        trackio.init(project="preftune", name=run_name, config=config)
+        return _Sink(lambda numbers, step: trackio.log(numbers, step=step), trackio.finish)
     import mlflow
 
     mlflow.start_run(run_name=run_name)

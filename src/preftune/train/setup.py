@@ -46,6 +46,7 @@ def load_examples(
         on_invalid=config.on_invalid,
         cache_dir=config.cache_dir,
         add_eos=config.add_eos,
+        chat_template=config.chat_template,
     )
     examples = prepared.examples
     if objective.kind == "pairwise" and any(e.kind == "ranked" for e in examples):

@@ -1,0 +1,178 @@
+"""The command line: a light `preftune --help`, TRL's flag names as aliases with TRL's meaning,
+boolean switches, "did you mean" suggestions and `--chat-template`. No model is built here."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from preftune.cli import DEFERRED, build_parser
+from preftune.config import did_you_mean, load_config, resolve_objective, validate
+from preftune.errors import ConfigError, DataError
+from preftune.train.commands import overrides_from_args
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def parse(*argv: str) -> dict[str, object]:
+    args = build_parser(["train", *argv]).parse_args(["train", *argv])
+    return overrides_from_args(args)
+
+
+def test_top_level_help_imports_no_torch() -> None:
+    code = (
+        "import sys, preftune.cli as c; c.build_parser(); c.build_parser(['--help']); "
+        "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": SRC}, check=True
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_top_level_help_promises_only_what_exists(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser(["--help"]).parse_args(["--help"])
+    text = capsys.readouterr().out.lower()
+    assert "reward model" not in text and "online" not in text and "rl)" not in text
+    assert "losses" in text  # the deferred command is listed
+
+
+def test_deferred_command_help_line_is_the_real_one() -> None:
+    import argparse
+
+    for name, (module, help_text) in DEFERRED.items():
+        parser = build_parser([name])
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        real = {a.dest: a.help for a in sub._choices_actions}
+        assert real[name] == help_text, module
+
+
+def test_trl_flags_mean_what_they_mean_in_trl(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    values = parse(
+        *"--model_name_or_path m --dataset_name d --output_dir o --learning_rate 5e-7".split(),
+        *"--per_device_train_batch_size 4 --gradient_accumulation_steps 3 --num_train_epochs 2".split(),
+        *"--max_length 512 --logging_steps 5 --save_steps 50 --eval_steps 25".split(),
+        *"--loss_type robust --label_smoothing 0.2 --bf16 --use_peft --lora_r 16".split(),
+    )
+    c = load_config(None, values)
+    assert (c.model, c.data, c.out, c.lr, c.epochs, c.max_length) == ("m", "d", "o", 5e-7, 2.0, 512)
+    # TRL: effective batch = per-device × accumulation × processes; a forward pass holds per-device
+    assert (c.batch_size, c.micro_batch_size) == (4 * 3 * 2, 4)
+    assert (c.log_every, c.save_every, c.eval_every) == (5, 50, 25)
+    assert (c.method, c.mixed_precision, c.lora, c.lora_r) == ("rdpo", "bf16", True, 16)
+    [(spec, _, hp)] = resolve_objective(c)
+    assert (spec.name, hp["epsilon"]) == ("rdpo", 0.2)  # label_smoothing: the flip probability ε
+
+
+def test_trl_batch_flags_default_like_trl() -> None:
+    c = load_config(None, {"gradient_accumulation_steps": "2"})  # TRL's per-device default is 8
+    assert (c.batch_size, c.micro_batch_size) == (16, 8)
+    c = load_config(None, {"per_device_train_batch_size": "2"})
+    assert (c.batch_size, c.micro_batch_size) == (2, 2)
+
+
+def test_rpo_alpha_adds_the_nll_term_and_orpo_beta_is_lambda() -> None:
+    c = load_config(None, parse("--rpo_alpha", "0.5"))
+    assert c.method == "dpo,sft:0.5"  # TRL: loss + α · NLL(chosen), averaged over the chosen tokens
+    assert [(s.name, w) for s, w, _ in resolve_objective(c)] == [("dpo", 1.0), ("sft", 0.5)]
+    with pytest.raises(ConfigError, match="already has one"):
+        load_config(None, {"method": "dpo:1,sft:0.1", "rpo_alpha": 1.0})
+    c = load_config(None, parse("orpo", "--beta", "0.25"))
+    [(spec, _, hp)] = resolve_objective(c)
+    assert (spec.name, hp) == ("orpo", {"odds_ratio_weight": 0.25})  # TRL's ORPO β is λ
+    c = load_config(None, parse("--loss_type", "sigmoid,sft", "--loss_weights", "1,0.2"))
+    assert c.method == "dpo:1,sft:0.2"
+
+
+def test_trl_names_work_in_yaml_and_conflicts_are_errors(tmp_path: Path) -> None:
+    y = tmp_path / "c.yaml"
+    y.write_text("model_name_or_path: m\ndataset_name: d\noutput_dir: o\nlearning_rate: 1e-5\nbf16: true\n")
+    c = load_config(y, {"lr": "2e-5"})  # the command line still wins over YAML, whatever the names
+    assert (c.model, c.lr, c.mixed_precision) == ("m", 2e-5, "bf16")
+    with pytest.raises(ConfigError, match="'learning_rate' \\(TRL's name\\) and 'lr' both given"):
+        load_config(None, parse("--lr", "1e-5", "--learning_rate", "2e-5"))
+    with pytest.raises(ConfigError, match="'per_device_train_batch_size.*and 'batch_size' both given"):
+        load_config(None, {"batch_size": 8, "per_device_train_batch_size": 2})
+
+
+def test_label_smoothing_on_a_method_without_epsilon_says_which_methods_have_it() -> None:
+    c = load_config(None, {**dict.fromkeys(("model", "data", "out"), "x"), "label_smoothing": 0.1})
+    with pytest.raises(ConfigError, match="label_smoothing is ε of rdpo, TRL's 'robust', and of cdpo"):
+        validate(c)
+
+
+def test_trl_names_are_listed_in_train_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse("--help")
+    text = capsys.readouterr().out
+    for flag in (
+        "--model_name_or_path",
+        "--dataset_name",
+        "--output_dir",
+        "--learning_rate",
+        "--per_device_train_batch_size",
+        "--gradient_accumulation_steps",
+        "--num_train_epochs",
+        "--max_length",
+        "--max_completion_length",
+        "--logging_steps",
+        "--save_steps",
+        "--eval_steps",
+        "--loss_type",
+        "--label_smoothing",
+        "--rpo_alpha",
+        "--bf16",
+        "--use_peft",
+        "--lora_r",
+        "--chat-template",
+    ):
+        assert flag in text, flag
+    assert "ORPO β = λ" in text
+
+
+def test_a_bare_boolean_flag_is_a_switch() -> None:
+    v = parse("--fsdp", "--bf16", "--use_peft", "--no-progress", "--add-eos", "false", "--token-mean")
+    c = load_config(None, v)
+    assert (c.fsdp, c.mixed_precision, c.lora, c.progress, c.add_eos) == (True, "bf16", True, False, False)
+    assert c.hparams == {"token_mean": "true"}
+    assert load_config(None, parse("--fsdp", "false", "--bf16", "false")).fsdp is False
+
+
+def test_did_you_mean_never_points_at_another_meaning() -> None:
+    options = ["max_steps", "save_every", "apo_alpha", "learning_rate", "save_steps", "batch_size"]
+    assert did_you_mean("save_steps", ["max_steps", "apo_alpha"]) == ""
+    assert did_you_mean("rpo_alpha", ["max_steps", "apo_alpha"]) == ""
+    assert did_you_mean("load_steps", options) == ""
+    assert did_you_mean("save_stepz", options) == "; did you mean 'save_steps'?"
+    assert did_you_mean("lerning_rate", options) == "; did you mean 'learning_rate'?"
+    assert did_you_mean("batchsize", options) == "; did you mean 'batch_size'?"
+
+
+def test_chat_template_is_a_train_flag_and_a_yaml_key(tmp_path: Path) -> None:
+    y = tmp_path / "c.yaml"
+    y.write_text("chat_template: t.jinja\n")
+    assert load_config(y).chat_template == "t.jinja"
+    assert load_config(None, parse("--chat-template", "my.jinja")).chat_template == "my.jinja"
+
+
+def test_train_formats_data_with_the_chat_template_file(tmp_path: Path) -> None:
+    from preftune.data.char_tokenizer import CHAT_TEMPLATE, build_char_tokenizer
+    from preftune.train.loop import Objective
+    from preftune.train.setup import load_examples
+
+    tok = build_char_tokenizer()  # no template of its own
+    template = tmp_path / "chat.jinja"
+    template.write_text(CHAT_TEMPLATE, encoding="utf-8")
+    rows = [{"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"}]
+    values = {"model": "m", "data": "d", "out": "o", "cache_dir": str(tmp_path / "cache")}
+    config = load_config(None, {**values, **parse("--chat-template", str(template))})
+    objective = Objective(validate(config), "pairwise")
+    (ex,) = load_examples(rows, config, objective, tok, split=None)
+    assert tok.decode(ex.prompt_ids) == "<|user|>\nhi\n<|assistant|>\n"
+    with pytest.raises(DataError, match="--chat-template FILE"):  # without it: the advice is the flag
+        load_examples(rows, load_config(None, values), objective, tok, split=None)
