@@ -169,10 +169,87 @@ def test_train_formats_data_with_the_chat_template_file(tmp_path: Path) -> None:
     template = tmp_path / "chat.jinja"
     template.write_text(CHAT_TEMPLATE, encoding="utf-8")
     rows = [{"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"}]
-    values = {"model": "m", "data": "d", "out": "o", "cache_dir": str(tmp_path / "cache")}
+    values = {
+        "model": str(tmp_path / "no-model"),
+        "data": "d",
+        "out": "o",
+        "cache_dir": str(tmp_path / "cache"),
+    }
     config = load_config(None, {**values, **parse("--chat-template", str(template))})
     objective = Objective(validate(config), "pairwise")
     (ex,) = load_examples(rows, config, objective, tok, split=None)
     assert tok.decode(ex.prompt_ids) == "<|user|>\nhi\n<|assistant|>\n"
     with pytest.raises(DataError, match="--chat-template FILE"):  # without it: the advice is the flag
         load_examples(rows, load_config(None, values), objective, tok, split=None)
+
+
+def test_kto_on_pairwise_data_says_once_that_it_splits_the_pairs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from preftune.data.char_tokenizer import build_char_tokenizer
+    from preftune.train.loop import Objective
+    from preftune.train.setup import load_examples
+
+    rows = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": "x"} for i in range(3)]
+    values = {
+        "model": str(tmp_path / "none"),
+        "data": "d",
+        "out": "o",
+        "method": "kto",
+        "cache_dir": str(tmp_path),
+    }
+    config = load_config(None, values)
+    objective = Objective(validate(config), "unpaired")
+    with caplog.at_level("WARNING", logger="preftune"):
+        examples = load_examples(rows, config, objective, build_char_tokenizer(), split=None)
+    assert [e.label for e in examples] == [1.0, 0.0] * 3
+    said = [r.getMessage() for r in caplog.records if "split in two" in r.getMessage()]
+    assert said == [
+        "<curriculum stage>: the loss trains on unpaired examples, so each of the 3 pairs is split in "
+        "two: its chosen response a desirable example (label 1), its rejected one an undesirable "
+        "example (label 0) — 6 examples"
+    ]
+
+
+def test_data_prepare_prints_its_summary_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    import json
+
+    from preftune.cli import main
+    from preftune.data.char_tokenizer import build_char_tokenizer
+
+    build_char_tokenizer().save_pretrained(tmp_path / "tok")
+    rows = [
+        {"prompt": "1+1=", "chosen": "2", "rejected": "3"},
+        {"prompt": "1+2=", "chosen": "", "rejected": "4"},
+    ]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    argv = ["data", "prepare", str(data), "--tokenizer", str(tmp_path / "tok"), "--on-invalid", "drop"]
+    for _ in range(2):  # a cache miss, then a hit
+        assert main([*argv, "--cache-dir", str(tmp_path / "cache")]) == 0
+        captured = capsys.readouterr()
+        both = captured.out + captured.err + "".join(r.getMessage() for r in caplog.records)
+        caplog.clear()
+        assert both.count("2 rows, kind pairwise → 1 examples") == 1
+        assert both.count("dropped 1 row (chosen: empty text: 1)") == 1
+
+
+def test_config_yaml_records_every_resolved_hyper_parameter(tmp_path: Path) -> None:
+    import yaml
+
+    from preftune.config import save_config
+
+    base = {"model": "m", "data": "d", "out": "o"}
+    for values, recorded in (
+        ({"method": "rpo", "beta": 0.2}, {"beta": 0.2, "sft_weight": 0.005, "sft_form": "paper"}),
+        ({"method": "dpo:1,sft:0.2"}, {"dpo.beta": 0.1}),  # several terms: TERM.KEY
+        ({"method": "modpo"}, {"beta": 0.1, "weights": []}),  # a tuple is written as a list
+    ):
+        config = load_config(None, {**base, **values})
+        objective = validate(config)
+        save_config(config, tmp_path / "config.yaml", objective)
+        assert yaml.safe_load((tmp_path / "config.yaml").read_text())["hparams"] == recorded
+        again = validate(load_config(tmp_path / "config.yaml"))  # loads back to the same objective
+        assert [(s.name, w, hp) for s, w, hp in again] == [(s.name, w, hp) for s, w, hp in objective]

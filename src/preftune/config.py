@@ -202,7 +202,11 @@ class TrainConfig:
         [], "Extra metric sinks: tensorboard, wandb, mlflow, trackio (must be installed)."
     )
     run_name: str | None = _f(None, "Run name for the sinks; default: the out folder's name.")
-    progress: bool = _f(True, "Show a progress bar with ETA and key metrics.")
+    progress: bool = _f(
+        True,
+        "On a terminal, a live progress bar with ETA and key metrics; false, or when the output is "
+        "not a terminal (nohup, CI, a pipe): one plain log line every log_every steps.",
+    )
     report: bool = _f(
         True,
         "Write OUT/report.html when the run ends (plots of metrics.jsonl; `preftune report OUT` rebuilds it).",
@@ -351,12 +355,29 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
     return config_from_dict(values, where=where)
 
 
-def config_to_dict(config: TrainConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+def config_to_dict(
+    config: TrainConfig, objective: list[tuple[Any, float, dict[str, Any]]] | None = None
+) -> dict[str, Any]:
+    """The config as a plain mapping. With `objective` (from `validate`), `hparams` holds every
+    resolved loss hyper-parameter, defaults included — flat keys for a one-term method, `TERM.KEY`
+    otherwise — so the mapping loads back (`load_config`) to the same objective."""
+    values = dataclasses.asdict(config)
+    if objective is not None:
+        one = len(objective) == 1
+        values["hparams"] = {
+            (key if one else f"{spec.name}.{key}"): list(v) if isinstance(v, tuple) else v
+            for spec, _, hp in objective
+            for key, v in hp.items()
+        }
+    return values
 
 
-def save_config(config: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
+def save_config(
+    config: TrainConfig, path: str | Path, objective: list[tuple[Any, float, dict[str, Any]]] | None = None
+) -> None:
+    """Write `config_to_dict(config, objective)` as YAML (a run's OUT/config.yaml)."""
+    text = yaml.safe_dump(config_to_dict(config, objective), sort_keys=False, allow_unicode=True)
+    Path(path).write_text(text, encoding="utf-8")
 
 
 def _check_range(config: TrainConfig) -> None:

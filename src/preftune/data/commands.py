@@ -5,6 +5,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -132,7 +135,35 @@ def _prepare(args: argparse.Namespace) -> int:
 
     if not args.tokenizer:
         raise ConfigError("preftune data prepare needs --tokenizer DIR (the model's tokenizer)")
-    out = prepare_examples(
+    notices = _Collect()  # the pipeline's own notices: printed below, the summary only once
+    data_log = logging.getLogger("preftune.data")
+    data_log.addHandler(notices)
+    data_log.propagate, propagate = False, data_log.propagate
+    try:
+        out = _run_prepare(args, prepare_examples)
+    finally:
+        data_log.removeHandler(notices)
+        data_log.propagate = propagate
+    summary = format_summary(out.summary)
+    for message in notices.messages:
+        if message != summary:
+            print(message, file=sys.stderr)
+    print(summary)
+    print(json.dumps({"fingerprint": out.fingerprint, "cache_file": out.summary.get("cache_file")}))
+    return 0
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _run_prepare(args: argparse.Namespace, prepare_examples: Any) -> Any:
+    return prepare_examples(
         args.path,
         tokenizer=args.tokenizer,
         kind=args.kind,
@@ -147,9 +178,6 @@ def _prepare(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         num_proc=args.num_proc,
     )
-    print(format_summary(out.summary))
-    print(json.dumps({"fingerprint": out.fingerprint, "cache_file": out.summary.get("cache_file")}))
-    return 0
 
 
 def _show(args: argparse.Namespace) -> int:

@@ -113,7 +113,7 @@ class Formatter:
     options: FormatOptions
     template: str | None
     bos_prefix: list[int]
-    eos_id: int
+    eos_id: int | None  # None only with add_eos=False
     use_backend: bool = False
 
     @classmethod
@@ -121,9 +121,12 @@ class Formatter:
         cls, tokenizer: Any, options: FormatOptions, *, conversational: bool, source: str = "data"
     ) -> Formatter:
         eos = tokenizer.eos_token_id
-        if eos is None:
+        if eos is None and options.add_eos:
+            name = getattr(tokenizer, "name_or_path", "") or "given"
             raise ConfigError(
-                "the tokenizer has no eos_token — set one (tokenizer.eos_token = '...') so responses can end"
+                f"the {name} tokenizer has no eos_token, so responses cannot end with one — add "
+                "\"eos_token\" to its tokenizer_config.json (Python: tokenizer.eos_token = '...'), or "
+                "train without EOS: --no-add-eos (YAML: add_eos: false)"
             )
         template = options.chat_template or getattr(tokenizer, "chat_template", None)
         if isinstance(template, dict):  # several named templates: use the default one
@@ -236,8 +239,8 @@ class Formatter:
         p_ids, r_ids = enc[: len(prompts)], enc[len(prompts) :]
         if self.bos_prefix:
             p_ids = [ids if t else self.bos_prefix + ids for ids, t in zip(p_ids, templated)]
-        if self.options.add_eos:
-            eos = self.eos_id
+        eos = self.eos_id
+        if self.options.add_eos and eos is not None:  # create() refused add_eos without an EOS
             r_ids = [ids if eos in ids else ids + [eos] for ids in r_ids]
         return p_ids, r_ids
 

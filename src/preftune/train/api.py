@@ -31,7 +31,7 @@ from preftune.train.distributed import (
     shutdown,
 )
 from preftune.train.evaluation import evaluate
-from preftune.train.logging import MetricsLogger, Progress, check_sinks
+from preftune.train.logging import MetricsLogger, Progress, check_sinks, quiet_other_ranks
 from preftune.train.loop import (
     Objective,
     batch_indices,
@@ -85,6 +85,8 @@ def train(config: TrainConfig) -> RunResult:
 
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars would interleave with ours
     world = init_world()
+    if not world.is_main:
+        quiet_other_ranks()  # the data summaries and notices are rank 0's to print
     if config.fsdp and world.size > 1:  # one process has nothing to shard: it trains unsharded
         world = replace(world, fsdp=True)
     locks: list[runfolder.RunLock] = []
@@ -187,11 +189,13 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
         out,
         sinks=config.report_to,
         run_name=config.run_name or out.name,
-        config=config_to_dict(config),
+        config=config_to_dict(config, objective.terms),
         enabled=world.is_main,
     )
     repaired = logger.truncate_after(global_step)
-    progress = Progress(total, enabled=config.progress and world.is_main, start=global_step)
+    progress = Progress(
+        total, enabled=world.is_main, live=config.progress, log_every=config.log_every, start=global_step
+    )
     log = progress.print if world.is_main else (lambda _msg: None)
     if repaired:
         log(repaired)

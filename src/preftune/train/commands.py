@@ -234,11 +234,11 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides)
     _check_file_method(args.config, getattr(args, "method_arg", None))
     result = train(config)
-    shown = {
-        k: round(v, 4)
-        for k, v in result.metrics.items()
-        if k in ("loss", "rewards/accuracy", "rewards/margin", "eval/loss", "eval/rewards/accuracy")
-    }
+    shown = "  ".join(
+        f"{k}={result.metrics[k]:.4g}"
+        for k in ("loss", "rewards/accuracy", "rewards/margin", "eval/loss", "eval/rewards/accuracy")
+        if isinstance(result.metrics.get(k), float)
+    )
     if os.environ.get("RANK", "0") == "0":
-        print(f"done: {result.steps} steps; final model in {result.final_dir}; {shown}")
+        print(f"done: {result.steps} steps; final model in {result.final_dir}; {shown}", flush=True)
     return 0

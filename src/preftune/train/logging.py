@@ -8,15 +8,28 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import sys
+import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from preftune.errors import ConfigError, DataError
 
 SINK_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
-PROGRESS_KEYS = ("loss", "rewards/accuracy", "rewards/margin", "lr")
+PROGRESS_KEYS = (
+    "loss",
+    "rewards/accuracy",
+    "rewards/margin",
+    "rewards/chosen",
+    "rewards/rejected",
+    "grad_norm",
+    "lr",
+    "tokens_per_s",
+)
 
 
 def check_sinks(names: list[str]) -> None:
@@ -154,49 +167,128 @@ def _open_sink(name: str, out: Path, run_name: str, config: dict[str, Any]) -> _
     )
 
 
-class Progress:
-    """A rich progress bar with ETA and the key metrics (disabled off rank 0 or with progress=false)."""
+def quiet_other_ranks() -> None:
+    """On a rank other than 0: leave warnings and preftune's notices (data summaries, dropped rows, ...)
+    to rank 0. Every rank reads the same data and would print the same lines once per process;
+    errors still show on every rank."""
+    logging.getLogger("preftune").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
 
-    def __init__(self, total: int, *, enabled: bool, start: int = 0) -> None:
+    hf_logging.set_verbosity_error()
+
+
+def clock_text(seconds: float) -> str:
+    """H:MM:SS, as rich's time columns show it."""
+    whole = max(0, int(round(seconds)))
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+
+
+def metrics_text(metrics: dict[str, Any]) -> str:
+    """The key metrics, full names and numbers (never cut): 'loss=0.6931  rewards/accuracy=1  ...'."""
+    parts = []
+    for key in PROGRESS_KEYS:
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            shown = f"{value:.0f}" if key == "tokens_per_s" else f"{value:.4g}"
+            parts.append(f"{key.replace('tokens_per_s', 'tokens/s')}={shown}")
+    return "  ".join(parts)
+
+
+class Progress:
+    """How a run reports its steps (rank 0 only: `enabled`).
+
+    On a terminal (and `live`): a rich bar — step/total, elapsed, ETA — with the key metrics on their
+    own line(s) below it, wrapped rather than cut, so an 80-column terminal shows every number.
+    Otherwise (nohup, CI, SLURM, `| tee`, or progress=false): one plain, complete line every
+    `log_every` steps and at the last step: step/total, metrics, lr, tokens/s, elapsed, ETA.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        *,
+        enabled: bool,
+        start: int = 0,
+        live: bool = True,
+        log_every: int = 1,
+        console: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._bar: Any = None
+        self.enabled, self.total, self.log_every = enabled, total, max(1, log_every)
+        self._start_step, self._clock = start, clock
+        self._t0 = clock()
         if not enabled:
             return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-        from rich.progress import Progress as RichProgress
+        from rich.console import Console
 
-        self._bar = RichProgress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"),
-            transient=False,
-        )
-        self._task = self._bar.add_task("train", total=total, completed=start, info="")
-        self._bar.start()
+        self._console = console if console is not None else Console()
+        if live and self._console.is_terminal:
+            self._bar = _live_bar(self._console)
+            self._task = self._bar.add_task("train", total=total, completed=start)
+            self._bar.start()
 
     def update(self, step: int, metrics: dict[str, Any]) -> None:
-        if self._bar is None:
+        if not self.enabled:
             return
-        info = "  ".join(
-            f"{k.split('/')[-1]}={metrics[k]:.4g}" for k in PROGRESS_KEYS if isinstance(metrics.get(k), float)
+        if self._bar is not None:
+            self._bar.info = metrics_text(metrics)
+            self._bar.update(self._task, completed=step)
+        elif step % self.log_every == 0 or step == self.total:
+            print(self.line(step, metrics), file=self._console.file, flush=True)
+
+    def line(self, step: int, metrics: dict[str, Any]) -> str:
+        """The plain log line of `step`: 'step 2/5  loss ...  elapsed 0:00:10  eta 0:00:15'."""
+        elapsed = self._clock() - self._t0
+        done = step - self._start_step
+        eta = elapsed / done * (self.total - step) if done > 0 else 0.0
+        body = metrics_text(metrics)
+        return (
+            f"step {step}/{self.total}  {body}{'  ' if body else ''}"
+            f"elapsed {clock_text(elapsed)}  eta {clock_text(eta)}"
         )
-        self._bar.update(self._task, completed=step, info=info)
 
     def print(self, text: str) -> None:
-        if self._bar is not None:
-            self._bar.console.print(text)
+        if not self.enabled:
+            return
+        if self._bar is not None:  # above the live bar, wrapped at words; markup off: paths keep [ ]
+            self._bar.console.print(text, markup=False, highlight=False)
         else:
-            print(text, flush=True)
+            print(text, file=self._console.file, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+
+def _live_bar(console: Any) -> Any:
+    """A rich Progress whose key-metrics text sits on its own line under the bar."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.progress import Progress as RichProgress
+    from rich.text import Text
+
+    class Bar(RichProgress):
+        info = ""
+
+        def get_renderables(self) -> Any:
+            yield self.make_tasks_table(self.tasks)
+            if self.info:
+                yield Text(self.info, overflow="fold")
+
+    return Bar(
+        TextColumn("[bold]train"),
+        BarColumn(bar_width=30),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )

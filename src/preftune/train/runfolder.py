@@ -155,7 +155,11 @@ def resume_checkpoint(config: TrainConfig) -> Path | None:
 def save_config_atomic(config: TrainConfig, path: Path) -> None:
     import yaml
 
-    write_atomic(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    # every loss hyper-parameter resolved (defaults included), so the file says what the run used
+    text = yaml.safe_dump(
+        config_to_dict(config, resolve_objective(config)), sort_keys=False, allow_unicode=True
+    )
+    write_atomic(path, text)
 
 
 def write_atomic(path: Path, text: str) -> None:

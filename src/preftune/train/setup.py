@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ from preftune.train.batches import adapt_examples
 from preftune.train.distributed import World
 from preftune.train.loop import Objective
 from preftune.types import Example
+
+log = logging.getLogger("preftune.train")
 
 
 def load_examples(
@@ -58,6 +61,13 @@ def load_examples(
     where = source if isinstance(source, str) else "<curriculum stage>"
     if not examples:
         raise ConfigError(f"{where}: no usable examples (summary: {prepared.summary})")
+    pairs = sum(e.kind == "pairwise" for e in examples)
+    if objective.kind == "unpaired" and pairs:
+        log.warning(
+            f"{where}: the loss trains on unpaired examples, so each of the {pairs} pairs is split in "
+            f"two: its chosen response a desirable example (label 1), its rejected one an undesirable "
+            f"example (label 0) — {2 * pairs} examples"
+        )
     return adapt_examples(examples, objective.kind, mismatched=objective.needs_mismatched, where=where)
 
 
