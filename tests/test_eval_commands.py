@@ -107,6 +107,22 @@ def test_eval_command_reproduces_the_trainers_final_evaluation(sweep: dict[str, 
     assert "policy_rank_accuracy" in capsys.readouterr().out
 
 
+def test_eval_prints_no_loading_bars_and_no_future_warnings(sweep: dict[str, Path], capsys) -> None:
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()  # as a fresh process has it (training in this one turned it off)
+    argv = ["eval", str(sweep["out"] / "ipo"), "--data", str(sweep["eval"]), "--kl-samples", "1"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main([*argv, "--kl-prompts", "2", "--kl-max-new-tokens", "3"]) == 0
+        warnings.warn("a library's deprecation notice", FutureWarning, stacklevel=1)
+    err = capsys.readouterr().err
+    assert "Loading weights" not in err and "it/s" not in err
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)]
+
+
 def test_eval_and_report_refuse_a_folder_that_is_not_a_run(tmp_path: Path, capsys) -> None:
     assert main(["eval", str(tmp_path), "--data", "x.jsonl"]) == 2
     assert "not a finished training run" in capsys.readouterr().err

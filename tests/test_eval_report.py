@@ -22,8 +22,8 @@ ALL_KEYS = (
     "rewards/rejected",
     "rewards/margin",
     "rewards/accuracy",
-    "logps/chosen",
-    "logps/rejected",
+    "logps/chosen_per_token",
+    "logps/rejected_per_token",
     "policy_rank_accuracy",
     "grad_norm",
     "lr",
@@ -104,7 +104,7 @@ def test_missing_metrics_are_skipped_and_named(tmp_path):
     assert set(pngs) == {"loss", "rewards", "reward_accuracy", "optimisation"}  # accuracy: eval records only
     assert "accuracy" not in pngs  # no before/after in the summary, so no bar chart
     not_plotted = html.split("Not plotted")[1].split("</p>")[0]
-    for key in ("policy_rank_accuracy", "tokens_per_s", "examples_per_s", "logps/chosen"):
+    for key in ("policy_rank_accuracy", "tokens_per_s", "examples_per_s", "logps/chosen_per_token"):
         assert key in not_plotted
     # one note per section, naming only that section's missing keys
     assert "Not logged: rewards/rejected, rewards/margin." in html
@@ -199,7 +199,12 @@ def test_findings_name_over_optimisation_and_over_fitting_by_their_rules():
     from preftune.eval.diagnose import findings
 
     records = [
-        {"step": s, "split": "train", "logps/chosen": -1.0 - 0.025 * (s - 1), "rewards/margin": 0.1 * s}
+        {
+            "step": s,
+            "split": "train",
+            "logps/chosen_per_token": -1.0 - 0.025 * (s - 1),
+            "rewards/margin": 0.1 * s,
+        }
         for s in range(1, 21)
     ]
     records += [{"step": 10 * i, "split": "eval", "loss": v} for i, v in enumerate((0.6, 0.5, 0.58), start=1)]
@@ -210,5 +215,5 @@ def test_findings_name_over_optimisation_and_over_fitting_by_their_rules():
         "fell from -1.01 to -1.46 nats per token" in notes[0] and "while the reward margin grew" in notes[0]
     )
     assert "lowest at step 20 (0.5) and ended 16% higher (0.58)" in notes[1]
-    flat = [{**r, "logps/chosen": -1.0} for r in records if r["split"] == "train"]
+    flat = [{**r, "logps/chosen_per_token": -1.0} for r in records if r["split"] == "train"]
     assert findings(flat) == []  # chosen likelihood held, no eval loss: nothing to report

@@ -40,7 +40,7 @@ class FakeTrainer:
                     "split": "train",
                     "loss": start / s,
                     "rewards/accuracy": 0.5 + s / 40,
-                    "logps/chosen": -1.0 - s / 100,
+                    "logps/chosen_per_token": -1.0 - s / 100,
                 }
             )
             for s in range(1, 21)

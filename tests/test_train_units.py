@@ -78,7 +78,10 @@ def test_preference_metrics_hand_values() -> None:
     sums = MetricSums()
     preference_metrics(b, sums, unpaired=False)
     m = sums.result()
-    assert m["logps/chosen"] == -1.0 and m["logps/rejected"] == -1.75
+    assert m["logps/chosen_per_token"] == -1.0 and m["logps/rejected_per_token"] == -1.75
+    assert (
+        m["logps/chosen"] == -1.5 and m["logps/rejected"] == -1.75
+    )  # sums, TRL's meaning: -2, -1 / -3, -0.5
     assert m["policy_rank_accuracy"] == 0.5  # -2 > -3 yes, -1 > -0.5 no
 
 

@@ -61,6 +61,9 @@ def _eval(args: argparse.Namespace) -> int:
     from preftune.config import load_config
     from preftune.eval.report import fmt, write_atomic
     from preftune.train.api import evaluate
+    from preftune.train.logging import quiet_libraries
+
+    quiet_libraries()
 
     run = Path(args.run_dir)
     final = run / "final"
@@ -137,6 +140,9 @@ def _kl(final: Path, reference: str, args: argparse.Namespace, config: Any) -> d
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from preftune.train.logging import quiet_libraries
+
+    quiet_libraries()
     from preftune.config import load_config
     from preftune.data.formatting import load_tokenizer
     from preftune.eval.builtin import builtin_task

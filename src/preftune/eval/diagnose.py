@@ -23,7 +23,7 @@ def _ends(values: Sequence[float]) -> tuple[float, float]:
 def findings(records: Sequence[Mapping[str, Any]]) -> list[str]:
     """Observations from metrics records: over-optimisation and over-fitting signatures."""
     out: list[str] = []
-    _, chosen = metric_series(records, "logps/chosen", "train")
+    _, chosen = metric_series(records, "logps/chosen_per_token", "train")
     _, margin = metric_series(records, "rewards/margin", "train")
     if len(chosen) >= 5:
         first, last = _ends(chosen)

@@ -77,7 +77,10 @@ SECTIONS = (
         Panel(
             "Per-token log-probability",
             "log π_θ(y) / |y| (nats per token)",
-            (Curve("logps/chosen", "chosen", CHOSEN), Curve("logps/rejected", "rejected", REJECTED)),
+            (
+                Curve("logps/chosen_per_token", "chosen", CHOSEN),
+                Curve("logps/rejected_per_token", "rejected", REJECTED),
+            ),
         ),
     ),
     _section(

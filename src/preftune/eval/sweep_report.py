@@ -17,8 +17,8 @@ METRIC_COLUMNS = (
     ("eval loss", "eval/loss", False),
     ("eval reward acc.", "eval/rewards/accuracy", True),
     ("eval margin β·h", "eval/rewards/margin", False),
-    ("eval log p chosen /tok", "eval/logps/chosen", False),
-    ("eval log p rejected /tok", "eval/logps/rejected", False),
+    ("eval log p chosen /tok", "eval/logps/chosen_per_token", False),
+    ("eval log p rejected /tok", "eval/logps/rejected_per_token", False),
     ("eval ranking acc.", "eval/policy_rank_accuracy", True),
 )
 
@@ -206,7 +206,7 @@ def build_sweep_html(result: SweepResult) -> str:
         panels = [
             ("loss", "Loss (relative to its start)", "loss / initial loss", True),
             ("rewards/accuracy", "Reward accuracy (train)", "fraction of pairs", False),
-            ("logps/chosen", "Chosen log-probability", "nats per token", False),
+            ("logps/chosen_per_token", "Chosen log-probability", "nats per token", False),
         ]
         body.append(
             _figure("curves", plots.plot_runs_overlay(runs, panels, colors), "training curves per method")

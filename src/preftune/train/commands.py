@@ -229,7 +229,9 @@ def _check_file_method(path: str | None, positional: str | None) -> None:
 def run(args: argparse.Namespace) -> int:
     from preftune.config import load_config
     from preftune.train.api import train
+    from preftune.train.logging import quiet_libraries
 
+    quiet_libraries()
     overrides = overrides_from_args(args)
     config = load_config(args.config, overrides)
     _check_file_method(args.config, getattr(args, "method_arg", None))

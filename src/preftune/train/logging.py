@@ -167,6 +167,16 @@ def _open_sink(name: str, out: Path, run_name: str, config: dict[str, Any]) -> _
     )
 
 
+def quiet_libraries() -> None:
+    """For the command line: no per-file "Loading weights" bars from transformers and no
+    FutureWarnings from the libraries underneath (deprecation notices for their API's users, not
+    for someone running preftune). The Python API leaves both alone."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def quiet_other_ranks() -> None:
     """On a rank other than 0: leave warnings and preftune's notices (data summaries, dropped rows, ...)
     to rank 0. Every rank reads the same data and would print the same lines once per process;

@@ -4,8 +4,10 @@ Per-example values are summed with their counts (`MetricSums`) and divided once 
 step, so a metric is the mean over the examples of the *global* batch, like the loss.
 
 Trainer-side metrics (the losses add their own, e.g. `rewards/*` = β ρ):
-    logps/chosen, logps/rejected   mean per-token policy log-prob of the preferred / dispreferred branch
-                                   (a falling chosen likelihood is the over-optimisation signature,
+    logps/chosen, logps/rejected   summed policy log-prob log π_θ(y|x) of the preferred / dispreferred
+                                   branch (TRL's metrics of the same names)
+    logps/chosen_per_token,        the same divided by the response length (comparable across lengths;
+    logps/rejected_per_token       a falling chosen likelihood is the over-optimisation signature,
                                    Rashidinejad & Tian 2024; Shi et al. 2024)
     policy_rank_accuracy           logp_θ(y_w) > logp_θ(y_l), summed log-probs (Chen et al. 2024,
                                    "Preference learning algorithms do not learn preference rankings")
@@ -80,8 +82,7 @@ def preference_metrics(batch: PreferenceBatch, sums: MetricSums, *, unpaired: bo
         desirable = (
             batch.labels > 0.5 if batch.labels is not None else torch.ones_like(rows, dtype=torch.bool)
         )
-        sums.add("logps/chosen", per_token[:, 0], desirable)
-        sums.add("logps/rejected", per_token[:, 0], ~desirable)
+        _add_logps(sums, logps[:, 0], per_token[:, 0], desirable, logps[:, 0], per_token[:, 0], ~desirable)
         return
     e_count, k_max = logps.shape
     mask = (
@@ -91,6 +92,20 @@ def preference_metrics(batch: PreferenceBatch, sums: MetricSums, *, unpaired: bo
     )
     last = mask.long().sum(dim=1) - 1
     valid = last > 0
-    sums.add("logps/chosen", per_token[:, 0], valid)
-    sums.add("logps/rejected", per_token[rows, last], valid)
+    _add_logps(sums, logps[:, 0], per_token[:, 0], valid, logps[rows, last], per_token[rows, last], valid)
     sums.add("policy_rank_accuracy", (logps[:, 0] > logps[rows, last]).float(), valid)
+
+
+def _add_logps(
+    sums: MetricSums,
+    chosen: torch.Tensor,
+    chosen_per_token: torch.Tensor,
+    chosen_valid: torch.Tensor,
+    rejected: torch.Tensor,
+    rejected_per_token: torch.Tensor,
+    rejected_valid: torch.Tensor,
+) -> None:
+    sums.add("logps/chosen", chosen, chosen_valid)
+    sums.add("logps/rejected", rejected, rejected_valid)
+    sums.add("logps/chosen_per_token", chosen_per_token, chosen_valid)
+    sums.add("logps/rejected_per_token", rejected_per_token, rejected_valid)
