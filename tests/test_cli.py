@@ -253,3 +253,10 @@ def test_config_yaml_records_every_resolved_hyper_parameter(tmp_path: Path) -> N
         assert yaml.safe_load((tmp_path / "config.yaml").read_text())["hparams"] == recorded
         again = validate(load_config(tmp_path / "config.yaml"))  # loads back to the same objective
         assert [(s.name, w, hp) for s, w, hp in again] == [(s.name, w, hp) for s, w, hp in objective]
+
+
+def test_sweep_takes_trl_names_too() -> None:
+    argv = ["sweep", "--methods", "dpo,ipo", "--out", "o", "--learning_rate", "2e-6", "--use_peft"]
+    values = overrides_from_args(build_parser(argv).parse_args(argv))
+    c = load_config(None, values)
+    assert (c.lr, c.lora, c.hparams) == (2e-6, True, {})

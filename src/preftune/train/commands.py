@@ -193,7 +193,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         elif key.startswith("trl__"):
             values[key[5:]] = value
     for key, value in getattr(args, "extra_overrides", {}).items():
-        if key in FIELDS:
+        if key in FIELDS or key in TRL_HELP:  # TRL names are translated with the fields (sweep)
             values[key] = value
         else:
             hparams[key] = value
