@@ -75,7 +75,13 @@ def test_sweep_trains_both_methods_and_reuses_one_reference_pass(sweep: dict[str
     assert "<td>ipo</td><td>ok</td><td>2</td>" in page
 
 
-def test_eval_command_reproduces_the_trainers_final_evaluation(sweep: dict[str, Path], capsys) -> None:
+def test_eval_command_reproduces_the_trainers_final_evaluation(
+    sweep: dict[str, Path], capsys, monkeypatch
+) -> None:
+    import preftune.train.runfolder as runfolder
+
+    reports: list[Path] = []  # the run's report is rebuilt with the new eval.json (plots skipped here)
+    monkeypatch.setattr(runfolder, "write_run_report", lambda out, log: reports.append(Path(out)))
     run = sweep["out"] / "dpo"
     assert (
         main(
@@ -105,6 +111,7 @@ def test_eval_command_reproduces_the_trainers_final_evaluation(sweep: dict[str, 
     )
     assert result["kl"] == pytest.approx(sweep_kl)  # same prompts, same seed → the same samples
     assert "policy_rank_accuracy" in capsys.readouterr().out
+    assert reports == [run]
 
 
 def test_eval_prints_no_loading_bars_and_no_future_warnings(sweep: dict[str, Path], capsys) -> None:

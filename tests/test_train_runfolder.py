@@ -6,6 +6,7 @@ warmup step, so that a run may also be extended exactly)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -286,6 +287,18 @@ def test_out_that_is_a_file_or_not_writable_is_one_line(
         err
         == f"preftune: error: --out {tmp_path / 'ro'}: the run folder is not writable (read-only) — "
         + ("make it writable or pass another --out\n")
+    )
+    monkeypatch.undo()
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(runfolder.fcntl, "flock", no_locks)  # e.g. a network file system without locks
+    assert main([*args, "--out", str(tmp_path / "nolocks")]) == 2
+    lock = tmp_path / "nolocks" / ".lock"
+    assert (
+        f"cannot write or lock {lock} (No locks available) — make the folder writable"
+        in capsys.readouterr().err
     )
 
 

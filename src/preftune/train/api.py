@@ -345,7 +345,8 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
             err, config=config, done=global_step, micro=micro, last_good=last_good
         ) from None
     except KeyboardInterrupt:  # a second signal (or Ctrl-C where no handler could be installed)
-        raise stopped_at_once(global_step, last_good, config.out, world) from None
+        newest = ckpt.list_checkpoints(out / "checkpoints")  # a save may have ended mid-prune
+        raise stopped_at_once(global_step, newest[-1] if newest else None, config.out, world) from None
     finally:
         graceful.__exit__(None, None, None)
         progress.close()

@@ -101,9 +101,10 @@ def claim(config: TrainConfig, log: Callable[[str], None]) -> RunLock:
     _make_folder(out)
     try:
         lock = RunLock(out)
-    except PermissionError as err:
+    except OSError as err:  # EACCES, EROFS, or a file system without locks
         raise ConfigError(
-            f"--out {out}: the run folder is not writable ({err.strerror}) — make it writable or pass another --out"
+            f"--out {out}: cannot write or lock {out / LOCK_NAME} ({err.strerror}) — make the folder "
+            "writable or pass another --out"
         ) from None
     try:
         ckpt.remove_partial(out / "checkpoints")
