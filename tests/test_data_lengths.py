@@ -9,11 +9,14 @@ import pytest
 from transformers import AutoTokenizer
 
 import preftune.data.validate as data_validate
+from preftune.cli import main
 from preftune.config import TrainConfig
 from preftune.data.char_tokenizer import build_char_tokenizer
 from preftune.data.pipeline import prepare_examples
 from preftune.data.tokenize import Truncation, truncate
 from preftune.errors import ConfigError, DataError
+from preftune.models.tiny import save_tiny_model
+from test_train_fixtures import ALPHABET, pair_rows, write_jsonl
 
 EOS = 2
 
@@ -132,7 +135,6 @@ def test_giant_row_without_max_length_names_row_and_option(tok, tmp_path, monkey
 
 
 def test_model_max_positions_read_from_the_model_config(tmp_path):
-    from preftune.models.tiny import save_tiny_model
     from preftune.train.setup import model_max_positions
 
     folder = save_tiny_model(
@@ -142,3 +144,24 @@ def test_model_max_positions_read_from_the_model_config(tmp_path):
     gpt2 = save_tiny_model("gpt2", tmp_path / "g", vocab_size=64, config_overrides={"n_positions": 33})
     assert model_max_positions(str(gpt2)) == 33
     assert model_max_positions(str(tmp_path / "nothing")) is None
+
+
+def test_training_reads_the_model_limit(tmp_path, caplog, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tok = build_char_tokenizer(ALPHABET)
+    save_tiny_model(
+        "llama",
+        tmp_path / "m",
+        vocab_size=48,
+        hidden_size=16,
+        num_layers=1,
+        tokenizer=tok,
+        config_overrides={"max_position_embeddings": 8},
+    )
+    write_jsonl(tmp_path / "p.jsonl", pair_rows(4))  # 8-9 tokens per sequence
+    argv = ["train", "dpo", "--model", "m", "--data", "p.jsonl", "--max-steps", "1", "--batch-size", "4"]
+    argv += ["--no-progress", "--cache-dir", "c"]
+    with caplog.at_level(logging.WARNING, logger="preftune.data"):
+        assert main([*argv, "--out", "r"]) == 0
+    assert "longer than the model's max_position_embeddings=8 (longest: 9 tokens" in caplog.text
+    assert main([*argv, "--out", "r0", "--max-length", "0"]) == 2  # no limit: the row is an error
