@@ -69,6 +69,18 @@ def test_top_k_top_p_logps_are_renormalised_over_the_support(model) -> None:
     assert float((out.logps - full)[out.mask].max()) > 0.05
 
 
+def test_trainer_example_path_recomputes_the_same_logps(model) -> None:
+    from preftune.models.logprobs import example_stats
+    from preftune.types import Example
+
+    out = RolloutEngine(model, EOS).generate(PROMPTS, 3, Sampling(max_new_tokens=5, top_p=0.8, seed=2))
+    groups = out.grouped(3)
+    examples = [Example(p, groups[i], kind="ranked", scores=[0.0] * 3) for i, p in enumerate(PROMPTS)]
+    stats = example_stats(model, examples, token_logps=True, min_logits=out.grouped_min_logits(3))
+    again = stats.token_logps.detach()
+    assert float((again[:, : out.logps.shape[1]] - out.logps)[out.mask].abs().max()) <= 1e-5
+
+
 def test_shared_prefill_samples_like_repeated_prefill(model) -> None:
     engine = RolloutEngine(model, EOS, batch_rows=8)  # 2 prompts per batch: chunking is exercised
     sampling = Sampling(max_new_tokens=6, temperature=1.0, seed=3)

@@ -260,15 +260,18 @@ def example_stats(
     max_tokens_per_row: int | None = None,
     pack: bool = True,
     chunk_tokens: int | None = None,
+    min_logits: list[torch.Tensor] | None = None,
 ) -> SequenceStats:
     """Statistics of every response branch of `examples` under `model`, flat and differentiable.
 
     Order: example 0 branch 0, example 0 branch 1, …, example 1 branch 0, … (N = Σ K_e sequences).
     logps [N] = Σ_t log π(y_t | x, y_<t) / per token at temperature τ (Rafailov et al. 2023, eq. 7 uses
     these sums); lengths [N]; token_logps [N, T] when asked. `max_tokens_per_row` caps a packed row
-    (default: the longest example). `pack=False` forces padded rows.
+    (default: the longest example). `pack=False` forces padded rows. `min_logits[e]` ([K_e, ≥T_e],
+    optional) renormalises each token's softmax over a sampler's kept support (see `sequence_logps`).
     """
     if getattr(model, "is_sharded_policy", False):  # FSDP2 root: its forward runs this function
+        extra = {} if min_logits is None else {"min_logits": min_logits}
         logps, lengths, matrix = model(
             examples,
             token_logps,
@@ -276,6 +279,7 @@ def example_stats(
             max_tokens_per_row=max_tokens_per_row,
             pack=pack,
             chunk_tokens=chunk_tokens,
+            **extra,
         )
         return SequenceStats(logps=logps, lengths=lengths, token_logps=matrix)
     prompts = [e.prompt_ids for e in examples]
@@ -290,6 +294,7 @@ def example_stats(
         max_tokens_per_row=max_tokens_per_row,
         chunk_tokens=chunk_tokens,
         source_rows=rows,
+        min_logits=min_logits,
     )
     matrix = _token_matrix(tok, index, lengths) if token_logps else None
     return SequenceStats(logps=logps, lengths=lengths, token_logps=matrix)
