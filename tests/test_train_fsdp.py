@@ -143,6 +143,7 @@ def test_resume_refuses_a_checkpoint_written_the_other_way(tmp_path: Path) -> No
     resuming one as the other must fail with the way out, before any weights load."""
     from preftune.errors import TrainingError
     from preftune.train.api import train
+    from preftune.train.integrity import write_checksums
 
     model = tiny_model(tmp_path / "model")
     data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(4))
@@ -155,6 +156,7 @@ def test_resume_refuses_a_checkpoint_written_the_other_way(tmp_path: Path) -> No
     state = json.loads(state_file.read_text())
     assert state["fsdp"] is False
     state_file.write_text(json.dumps({**state, "fsdp": True}))
+    write_checksums(state_file.parent)  # an edit the checksums agree with: the layout check must catch it
     again = TrainConfig(**{**config.__dict__, "resume": "latest"})
     with pytest.raises(TrainingError, match="written by a sharded run.*fsdp=true under torchrun"):
         train(again)
@@ -210,6 +212,8 @@ def test_fsdp_lora_equals_one_process_and_resumes(tmp_path: Path, reference: str
     assert sorted(p.name for p in (two / "checkpoints" / "step-2").iterdir() if "safetensors" in p.name) == [
         adapter,
         "loss_state.safetensors",
+        "optimizer.safetensors",
+        "rng.safetensors",
     ]
     again = resume_sharded(tmp_path, args, two / "checkpoints" / "step-2")
     a3 = load_file(str(again / "final" / adapter))

@@ -19,7 +19,7 @@ import torch
 from preftune.config import TrainConfig, config_to_dict, validate
 from preftune.errors import TrainingError
 from preftune.train import checkpoint as ckpt
-from preftune.train import faults, runfolder
+from preftune.train import faults, guards, runfolder
 from preftune.train.batches import objective_kind
 from preftune.train.distributed import (
     World,
@@ -134,7 +134,7 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
 
     model = load_policy(config, world)
     broadcast_params(model, world)
-    resume_path = runfolder.resume_checkpoint(config)
+    resume_path = ckpt.resume_point(world, lambda: runfolder.resume_checkpoint(config))
     if resume_path is not None:
         written_sharded = bool(ckpt.trainer_state(resume_path).get("fsdp", False))
         if written_sharded != world.fsdp:
@@ -177,6 +177,7 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
             weights=not world.fsdp,
             load_optimizer=_fsdp_optimizer_loader(model, optimizer) if world.fsdp else None,
         )
+        ckpt.check_position(resume_state, steps, path)
         phase, step_in_phase, global_step = runfolder.resume_position(
             resume_state, total=total, config=config, path=path
         )
@@ -256,16 +257,7 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
                 lr = float(scheduler.get_last_lr()[0])
                 finite = np.isfinite(metrics["loss"]) and np.isfinite(grad_norm)
                 if not finite and config.on_nonfinite == "error":
-                    where = (
-                        f"the last good checkpoint is {last_good}"
-                        if last_good
-                        else "no checkpoint was written yet"
-                    )
-                    raise TrainingError(
-                        f"non-finite {'loss' if not np.isfinite(metrics['loss']) else 'gradient'} at "
-                        f"step {global_step + 1} (loss={metrics['loss']}, grad_norm={grad_norm}); "
-                        f"{where}. Lower lr, check the data, or set on_nonfinite=skip"
-                    )
+                    raise guards.nonfinite_step(global_step + 1, metrics["loss"], grad_norm, last_good)
                 if finite:
                     optimizer.step()
                     scheduler.step()
@@ -296,6 +288,8 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
                     hat = trainable_state(model)
                     extrapolate(model, apo_prev, config.apo_alpha)  # θ_{t+1} = θ̂_{t+1} + α(θ̂_{t+1} − θ̂_t)
                     apo_prev = hat
+                if not guards.weights_finite(params, world):  # before anything is evaluated or saved
+                    raise guards.nonfinite_weights(global_step, last, last_good, config.on_nonfinite)
                 if eval_examples and (
                     (config.eval_every and global_step % config.eval_every == 0)
                     or (phase_done and phase == len(phases) - 1)
@@ -434,7 +428,8 @@ def _save(
 
         weights = checkpoint_weights(model, keep=world.is_main)
         optimizer_state = full_optimizer_state(model, optimizer)
-    if world.is_main:
+
+    def write() -> None:
         state = {
             "phase": position[0],
             "step_in_phase": position[1],
@@ -443,7 +438,7 @@ def _save(
             "metrics": metrics,
             "fsdp": world.fsdp,
         }
-        path = ckpt.save_checkpoint(
+        ckpt.save_checkpoint(
             out / "checkpoints",
             step,
             model=model.lm if world.fsdp else model,
@@ -456,7 +451,8 @@ def _save(
             weights=weights,
             optimizer_state=optimizer_state,
         )
-    barrier(world)
+
+    main_only(world, write)  # rank 0 writes; its error (a full disk) stops every rank
     return path
 
 
