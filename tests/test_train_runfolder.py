@@ -117,6 +117,16 @@ def test_a_changed_setting_is_refused_by_name_and_the_suggested_command_resumes_
     assert fix is not None, err
     assert main(shlex.split(fix.group(1))[1:]) == 0
     assert_same_final(root / "whole", out)
+    # --resume PATH into another folder: compared with the config of the run that wrote PATH
+    other = root / "from-checkpoint"
+    assert (
+        main([*args, "--out", str(other), "--resume", str(out / "checkpoints" / "step-4"), "--lr", "1e-3"])
+        == 2
+    )
+    assert (
+        f"differ from the run's ({out / 'config.yaml'}) and would break an exact resume: lr: 0.003 → 0.001"
+        in (capsys.readouterr().err)
+    )
 
 
 def test_safe_settings_may_change_and_a_constant_lr_run_may_be_extended_exactly(

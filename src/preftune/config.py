@@ -196,7 +196,11 @@ class TrainConfig:
     eval_batch_size: int = _f(0, "Examples per evaluation forward (0: micro_batch_size).", low=0)
     save_every: int = _f(0, "Checkpoint every N steps (0: only at the end).", low=0)
     keep_last: int = _f(2, "Checkpoints kept on disk (oldest removed).", low=1)
-    resume: str | None = _f(None, "Resume: 'latest' (newest checkpoint in OUT) or a checkpoint folder.")
+    resume: str | None = _f(
+        None,
+        "Resume: 'latest' (newest checkpoint in OUT; with none yet, start over from step 0) or a checkpoint "
+        "folder. Settings must equal the run's config.yaml but for a safe few (docs/training.md, Resume rules).",
+    )
     log_every: int = _f(1, "Log train metrics every N steps.", low=1)
     report_to: list[str] = _f(
         [], "Extra metric sinks: tensorboard, wandb, mlflow, trackio (must be installed)."
