@@ -53,10 +53,10 @@ def train(
         *args,
         "--out",
         str(env["root"] / out),
-        "--cache-dir",
-        str(env["cache"]),
         "--no-progress",
     ]
+    if "--cache-dir" not in args:
+        argv += ["--cache-dir", str(env["cache"])]
     if "--model" not in args:
         argv += ["--model", str(env["model"])]
     if "--data" not in args:
@@ -240,6 +240,43 @@ def test_cpu_allocation_failure_before_any_checkpoint(
     assert line.endswith(
         ") — lower micro_batch_size (now 4) or max_length (now 64), or set "
         "gradient_checkpointing: true; no checkpoint was written yet"
+    )
+
+
+def _oom_without_grad(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first forward without gradients (the reference pass, or else an evaluation) fails."""
+    import preftune.models.logprobs as lp
+
+    real = lp.example_stats
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lp, "example_stats", failing)
+
+
+def test_out_of_memory_in_the_reference_pass_or_an_evaluation_names_it(
+    env: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _oom_without_grad(monkeypatch)
+    fresh = str(env["root"] / "fresh-cache")  # no reference log-probs cached yet: the pass runs
+    common = ("--batch-size", "4", "--max-length", "128", "--max-steps", "2", "--cache-dir", fresh)
+    rc, err = train(env, capsys, "dpo", *common, out="oom-ref")
+    assert rc == 2
+    assert one_line(err) == (
+        "out of memory in the reference pass before step 1 (CUDA out of memory. Tried to allocate "
+        "1.00 GiB) — lower micro_batch_size (now 4), eval_batch_size (now 4) or max_length (now 128); no "
+        "checkpoint was written yet"
+    )
+    # SimPO has no reference: the first forward without gradients is the evaluation at step 1.
+    evals = ("--eval-data", str(env["pairs"]), "--eval-every", "1", "--eval-batch-size", "2")
+    rc, err = train(env, capsys, "simpo", *common, *evals, out="oom-eval")
+    assert rc == 2
+    assert one_line(err) == (
+        "out of memory in the evaluation at step 1 (CUDA out of memory. Tried to allocate 1.00 GiB) — "
+        "lower eval_batch_size (now 2) or max_length (now 128); no checkpoint was written yet"
     )
 
 
