@@ -6,7 +6,7 @@ readers     rows (what a reader returns), tabular (Parquet, CSV, datasets), sour
 records     layouts (field names, column mapping, ShareGPT / KTO / UltraFeedback layouts)
 validation  checks (field checks), schema (the record kinds)
 formatting  formatting (records → exact text), char_tokenizer (the tiny test tokenizer)
-tokens      tokenize (text → ids, truncation), cache (the tokenized-data cache), batching
+tokens      lengths (limits, truncation), tokenize (text → ids), cache (the tokenized-data cache), batching
 built on them: transforms (records → new pairs), validate (`data check`), pipeline
 (`prepare_examples`), show (`data show`),
 commands (the CLI)
@@ -22,6 +22,7 @@ MODULES: tuple[str, ...] = (
     "schema",
     "formatting",
     "char_tokenizer",
+    "lengths",
     "tokenize",
     "cache",
     "batching",

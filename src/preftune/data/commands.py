@@ -181,8 +181,8 @@ def _run_prepare(args: argparse.Namespace, prepare_examples: Any) -> Any:
 
 
 def _show(args: argparse.Namespace) -> int:
+    from preftune.data.lengths import Truncation
     from preftune.data.show import show_example
-    from preftune.data.tokenize import Truncation
 
     text, ok = show_example(
         args.path,

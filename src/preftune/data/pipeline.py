@@ -34,10 +34,11 @@ from preftune.data.formatting import (
     tokenizer_fingerprint,
 )
 from preftune.data.layouts import parse_columns
+from preftune.data.lengths import Truncation
 from preftune.data.rows import Problem, render_problems
 from preftune.data.schema import validate
 from preftune.data.sources import content_hash, read_source
-from preftune.data.tokenize import Tokenized, Truncation, tokenize_records
+from preftune.data.tokenize import Tokenized, tokenize_records
 from preftune.data.validate import check_positions, format_summary
 from preftune.errors import ConfigError, DataError
 from preftune.types import Example
@@ -195,6 +196,34 @@ def prepare_examples(
         )
 
 
+def _fingerprint(
+    source: str | Path | list[dict[str, Any]],
+    split: str | None,
+    cols: dict[str, str],
+    kind: str | None,
+    on_invalid: str,
+    tok: Any,
+    fmt: FormatOptions,
+    trunc: Truncation,
+) -> str:
+    """The cache key: everything that changes the tokenized examples (module docstring)."""
+    key = json.dumps(
+        {
+            "format": CACHE_FORMAT,
+            "code": _code_hash(),
+            "data": content_hash(source, split=split),
+            "columns": cols,
+            "kind": kind,
+            "on_invalid": on_invalid,
+            "tokenizer": tokenizer_fingerprint(tok),
+            "formatting": fmt.fingerprint(),
+            "lengths": trunc.fingerprint(),
+        },
+        sort_keys=True,
+    )
+    return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+
+
 def _prepare(
     source: str | Path | list[dict[str, Any]],
     *,
@@ -224,21 +253,7 @@ def _prepare(
         chat_template=read_template(chat_template), use_chat_template=use_chat_template, add_eos=add_eos
     )
     label = "<records>" if isinstance(source, list) else str(source)
-    key = json.dumps(
-        {
-            "format": CACHE_FORMAT,
-            "code": _code_hash(),
-            "data": content_hash(source, split=split),
-            "columns": cols,
-            "kind": kind,
-            "on_invalid": on_invalid,
-            "tokenizer": tokenizer_fingerprint(tok),
-            "formatting": fmt.fingerprint(),
-            "lengths": trunc.fingerprint(),
-        },
-        sort_keys=True,
-    )
-    fingerprint = hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+    fingerprint = _fingerprint(source, split, cols, kind, on_invalid, tok, fmt, trunc)
     cache_path = cache_io.cache_file(cache_dir or cache_io.default_cache_dir(), fingerprint)
     status = "off"
     if use_cache:

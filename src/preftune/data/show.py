@@ -14,10 +14,11 @@ from typing import Any
 
 from preftune.data.formatting import FormatOptions, Formatter, load_tokenizer, read_template
 from preftune.data.layouts import apply_columns, normalize, parse_columns
+from preftune.data.lengths import Truncation
 from preftune.data.rows import SourceData, render_problems
 from preftune.data.schema import Record, validate
 from preftune.data.sources import read_source
-from preftune.data.tokenize import Truncation, tokenize_serial
+from preftune.data.tokenize import tokenize_serial
 from preftune.errors import DataError
 
 

@@ -1,14 +1,6 @@
 """Validated records → token ids, truncated, in batches, on both cores for large inputs.
 
-Length limits (`Truncation`; counts reported in the summary). With `mode="truncate"` (the default,
-which keeps every row):
-- each response keeps its first `max_completion_length` tokens (right truncation);
-- the prompt keeps its last `max_prompt_length` tokens (left truncation; a leading BOS is kept);
-- a prompt that leaves no room for a response within `max_length` keeps its last `max_length // 2`
-  tokens (the 512-of-1024 split of TRL's former DPO defaults);
-- each response keeps its first `max_length − len(prompt)` tokens (right truncation).
-So the prompt's end and the responses' start are kept, as TRL's `truncation_mode="keep_end"` did for
-the prompt. With `mode="drop"` a row that any limit would cut is dropped instead, and counted.
+Length limits are applied by `lengths.truncate` (see there).
 
 Results are held flat (`Tokenized`: one int32 array of all segments plus offsets), which is what
 the worker processes send back and what the cache stores; `Tokenized.examples()` builds the
@@ -34,9 +26,12 @@ from typing import Any
 import numpy as np
 
 from preftune.data.formatting import Formatter
+from preftune.data.lengths import TRUNCATION_MODES as TRUNCATION_MODES
+from preftune.data.lengths import Truncation as Truncation
+from preftune.data.lengths import length_problem, truncate
 from preftune.data.rows import Problem
 from preftune.data.schema import Record
-from preftune.errors import ConfigError, DataError
+from preftune.errors import DataError
 from preftune.types import Example
 
 PARALLEL_MIN_ROWS = 20_000  # below this, starting a second process costs more than it saves
@@ -142,95 +137,12 @@ class Tokenized:
         return {"prompt": prompt, "response": response, "total": total}
 
 
-TRUNCATION_MODES = ("truncate", "drop")
-
-
-@dataclass(frozen=True)
-class Truncation:
-    """Length limits in tokens (None: no limit) and what to do with a row over one of them."""
-
-    max_length: int | None = None
-    max_prompt_length: int | None = None
-    max_completion_length: int | None = None
-    mode: str = "truncate"
-
-    def __post_init__(self) -> None:
-        for name in ("max_length", "max_prompt_length", "max_completion_length"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ConfigError(f"{name}={v} must be a positive number of tokens")
-        if self.max_length and self.max_prompt_length and self.max_prompt_length >= self.max_length:
-            raise ConfigError(
-                f"max_prompt_length={self.max_prompt_length} must be below max_length="
-                f"{self.max_length}, to leave room for the response"
-            )
-        if self.mode not in TRUNCATION_MODES:
-            raise ConfigError(f"truncation='{self.mode}' — use 'truncate' (keep the row, cut it) or 'drop'")
-
-    def fingerprint(self) -> dict[str, Any]:
-        return {
-            "max_length": self.max_length,
-            "max_prompt_length": self.max_prompt_length,
-            "max_completion_length": self.max_completion_length,
-            "truncation": self.mode,
-        }
-
-
 @dataclass
 class TokenizeResult:
     data: Tokenized
     problems: list[Problem] = field(default_factory=list)  # rows dropped (template or length)
     counts: Counter[str] = field(default_factory=Counter)  # truncated_prompt / truncated_response / truncated
     num_proc: int = 1  # processes that did the work
-
-
-def _keep_end(prompt: list[int], keep: int, bos: int | None) -> list[int]:
-    """The last `keep` tokens of `prompt`, with a leading BOS kept in front."""
-    if bos is not None and prompt[:1] == [bos] and keep > 1:
-        return [bos] + prompt[len(prompt) - keep + 1 :]
-    return prompt[len(prompt) - keep :]
-
-
-def over_limit(prompt: list[int], responses: list[list[int]], trunc: Truncation) -> str | None:
-    """Which limit the row exceeds (as the message naming it), or None when it fits all of them."""
-    longest = max(len(r) for r in responses)
-    if trunc.max_prompt_length is not None and len(prompt) > trunc.max_prompt_length:
-        return f"prompt has {len(prompt)} tokens, over max_prompt_length={trunc.max_prompt_length}"
-    if trunc.max_completion_length is not None and longest > trunc.max_completion_length:
-        return f"a response has {longest} tokens, over max_completion_length={trunc.max_completion_length}"
-    if trunc.max_length is not None and len(prompt) + longest > trunc.max_length:
-        return f"prompt + response has {len(prompt) + longest} tokens, over max_length={trunc.max_length}"
-    return None
-
-
-def truncate(
-    prompt: list[int], responses: list[list[int]], trunc: Truncation, bos: int | None = None
-) -> tuple[list[int], list[list[int]], bool, bool] | None:
-    """Apply the truncation rules (module docstring) to one example; None when the row cannot fit
-    max_length at all (max_length 1), or in mode "drop" when it exceeds a limit.
-
-    Returns (prompt, responses, prompt_was_truncated, a_response_was_truncated).
-    """
-    if trunc.mode == "drop":
-        return None if over_limit(prompt, responses, trunc) else (prompt, responses, False, False)
-    cut_p = cut_r = False
-    if trunc.max_completion_length is not None and any(
-        len(r) > trunc.max_completion_length for r in responses
-    ):
-        responses = [r[: trunc.max_completion_length] for r in responses]
-        cut_r = True
-    if trunc.max_prompt_length is not None and len(prompt) > trunc.max_prompt_length:
-        prompt, cut_p = _keep_end(prompt, trunc.max_prompt_length, bos), True
-    if trunc.max_length is not None:
-        if len(prompt) >= trunc.max_length and trunc.max_length > 1:
-            prompt, cut_p = _keep_end(prompt, trunc.max_length // 2, bos), True
-        room = trunc.max_length - len(prompt)
-        if room < 1:
-            return None
-        if any(len(r) > room for r in responses):
-            responses = [r[:room] for r in responses]
-            cut_r = True
-    return prompt, responses, cut_p, cut_r
 
 
 def _extras(rec: Record) -> dict[str, Any]:
@@ -288,7 +200,7 @@ def tokenize_serial(
             j += k
             cut = truncate(p, rs_ids, trunc, bos)
             if cut is None:
-                problems.append(_length_problem(rec.row, p, rs_ids, trunc, path))
+                problems.append(length_problem(rec.row, p, rs_ids, trunc, path))
                 continue
             p, rs_ids, cut_p, cut_r = cut
             counts["truncated_prompt"] += cut_p
@@ -300,29 +212,6 @@ def tokenize_serial(
             rows.append(rec.row)
             extras.append(_extras(rec))
     return TokenizeResult(Tokenized.build(kind, segments, branches, rows, extras), problems, counts)
-
-
-def _length_problem(
-    row: int, prompt: list[int], responses: list[list[int]], trunc: Truncation, path: str
-) -> Problem:
-    if trunc.mode == "drop":
-        what = over_limit(prompt, responses, trunc) or ""
-        return Problem(
-            what,
-            row=row,
-            field="prompt" if what.startswith("prompt has") else "response",
-            path=path,
-            reason=f"longer than {what.split(', over ')[-1].split('=')[0]}",
-            fix="raise the limit, or keep the row cut to the limit with truncation='truncate'",
-        )
-    return Problem(
-        f"max_length={trunc.max_length} leaves no room for a prompt and a response",
-        row=row,
-        field="prompt",
-        path=path,
-        reason="prompt does not fit max_length",
-        fix="raise max_length",
-    )
 
 
 # Set in the parent just before forking workers, which inherit it (nothing large is pickled).

@@ -15,10 +15,11 @@ import numpy as np
 
 from preftune.data.formatting import FormatOptions, Formatter, load_tokenizer, read_template
 from preftune.data.layouts import parse_columns
+from preftune.data.lengths import Truncation
 from preftune.data.rows import Problem, render_problems
 from preftune.data.schema import validate
 from preftune.data.sources import read_source
-from preftune.data.tokenize import Tokenized, Truncation, tokenize_records
+from preftune.data.tokenize import Tokenized, tokenize_records
 from preftune.errors import DataError
 
 PERCENTILES = (50, 90, 99, 100)
