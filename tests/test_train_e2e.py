@@ -120,6 +120,8 @@ def test_dpo_learns_and_evaluates(env: dict[str, Path]) -> None:
         "rewards/rejected",
         "logps/chosen",
         "logps/rejected",
+        "logps/chosen_per_token",
+        "logps/rejected_per_token",
         "policy_rank_accuracy",
         "lr",
         "grad_norm",
@@ -129,6 +131,10 @@ def test_dpo_learns_and_evaluates(env: dict[str, Path]) -> None:
         assert key in train[-1]
     summary = json.loads((env["root"] / "learn" / "summary.json").read_text())
     assert summary["steps"] == 10 and summary["eval"]["loss"] == evals[-1]["loss"]
+    import yaml
+
+    recorded = yaml.safe_load((env["root"] / "learn" / "config.yaml").read_text())
+    assert recorded["hparams"] == {"beta": 0.5}  # the resolved value the run used, not the CLI string
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     final = env["root"] / "learn" / "final"
