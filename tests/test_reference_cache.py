@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import preftune.models.refcache as refcache
 import preftune.models.reference as reference
 import preftune.train.api as api
 from preftune.config import TrainConfig
@@ -260,3 +261,23 @@ def test_concurrent_writers_keep_both(tmp_path: Path) -> None:
         b"s" * 16: (-5.0, 2),
     }
     assert table[b"s" * 16][2].tolist() == [-3.0, -3.0]  # per-token values added, the log-prob kept
+
+
+def test_many_shards_are_merged_into_one_with_the_same_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(refcache, "COMPACT_AT", 3)
+    store = ReferenceStore(tmp_path, "fp")
+    for i in range(4):
+        store.append([(bytes([i]) * 16, (-float(i), 1, None))])
+    store.append([(bytes([0]) * 16, (-9.0, 1, torch.tensor([-9.0])))])  # a later value: tokens only
+    with refcache._lock(store.folder, exclusive=False):  # a reader holds the folder: no compaction
+        ReferenceStore(tmp_path, "fp").load(compact=True)
+    assert len(store.shards()) == 5
+    before = ReferenceStore(tmp_path, "fp").load(compact=True)
+    assert len(store.shards()) == 1 and store.shards()[0].name.endswith("-m.pref")
+    after = ReferenceStore(tmp_path, "fp").load()
+    assert {k: v[:2] for k, v in after.items()} == {k: v[:2] for k, v in before.items()}
+    assert before[bytes([0]) * 16][:2] == (-0.0, 1) and after[bytes([0]) * 16][2].tolist() == [-9.0]
+    store.append([(b"n" * 16, (-1.5, 2, None))])  # a shard written after the merge sorts after it
+    assert ReferenceStore(tmp_path, "fp").load()[b"n" * 16][0] == -1.5

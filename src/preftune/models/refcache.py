@@ -2,6 +2,7 @@
 
     CACHE/reference/<fingerprint>/<time>-<host>-<pid>-<n>.pref   a shard: entries written in one go
     CACHE/reference/<fingerprint>/damaged/                       shards that failed a check, set aside
+    CACHE/reference/<fingerprint>/.lock                          shared by readers, exclusive to compaction
 
 A shard is MAGIC (8 bytes) | header length (8 bytes, little endian) | header JSON | body, the body
 being keys uint8 [n, 16] | logps float32 [n] | lengths int64 [n] | has_tok uint8 [n] |
@@ -10,7 +11,7 @@ sizes and a BLAKE2b checksum of the body. A shard is written under a temporary n
 folder and renamed into place, and never changed afterwards, so runs that share a cache only ever
 add shards: none overwrites another's entries. A shard that fails a check is named, moved to
 `damaged/` and its entries are recomputed by whoever needs them. Temporary files whose writer process
-is dead (on this host) are removed.
+is dead (on this host) are removed. Past COMPACT_AT shards, the writing process merges them into one.
 
 Reading several shards: the first shard in name (= time) order that holds a key gives its log-prob
 and length, the first that holds per-token values gives those; adding shards never changes a value
@@ -19,12 +20,14 @@ already read.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from itertools import count
 from pathlib import Path
 
@@ -39,6 +42,27 @@ SUFFIX = ".pref"
 Entry = tuple[float, int, "torch.Tensor | None"]  # (summed log-prob, length, per-token log-probs | None)
 
 _counter = count()
+COMPACT_AT = 256  # shards of one fingerprint beyond which the writing process merges them on reading
+
+
+@contextmanager
+def _lock(folder: Path, *, exclusive: bool) -> Iterator[bool]:
+    """`flock` on FOLDER/.lock: shared for readers (waits), exclusive for compaction (gives up at once).
+    Yields whether it is held; a folder without a lock file that cannot get one is read unlocked."""
+    try:
+        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        yield not exclusive
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
+        except OSError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
 
 
 class ShardDamaged(Exception):
@@ -136,22 +160,52 @@ class ReferenceStore:
             return []
         return sorted(p for p in self.folder.iterdir() if p.suffix == SUFFIX and p.is_file())
 
-    def load(self, wanted: set[bytes] | None = None) -> dict[bytes, Entry]:
-        """Every verified entry (only the keys in `wanted`, when given); damaged shards are set aside."""
+    def load(self, wanted: set[bytes] | None = None, *, compact: bool = False) -> dict[bytes, Entry]:
+        """Every verified entry (only the keys in `wanted`, when given); damaged shards are set aside.
+        Read under a shared lock, so that no compaction removes a shard while it is read; `compact`:
+        then merge the shards when there are more than COMPACT_AT."""
         self.remove_stale_temp_files()
         table: dict[bytes, Entry] = {}
-        for path in self.shards():
+        with _lock(self.folder, exclusive=False):
+            paths = self.shards()
+            for _, entries in self._read(paths):
+                for key, entry in entries:
+                    if wanted is None or key in wanted:
+                        merge(table, key, entry)
+        if compact and len(paths) > COMPACT_AT:
+            self.compact()
+        return table
+
+    def _read(self, paths: list[Path]) -> Iterator[tuple[Path, list[tuple[bytes, Entry]]]]:
+        for path in paths:
             try:
-                entries = decode(path.read_bytes(), self.fingerprint)
+                yield path, decode(path.read_bytes(), self.fingerprint)
             except FileNotFoundError:
                 continue
             except (ShardDamaged, OSError) as err:
                 self._set_aside(path, str(err))
-                continue
-            for key, entry in entries:
-                if wanted is None or key in wanted:
-                    merge(table, key, entry)
-        return table
+
+    def compact(self) -> None:
+        """Merge every shard into one (a run that computes per batch writes a shard per batch), under
+        the exclusive lock — skipped when a reader holds the folder. The merged shard takes the first
+        one's place in name order and holds the values the merge rule picked, so readers see the same
+        values before and after; shards written meanwhile are left alone."""
+        with _lock(self.folder, exclusive=True) as held:
+            if not held or not self.writable:
+                return
+            merged: dict[bytes, Entry] = {}
+            done = []
+            for path, entries in self._read(self.shards()):
+                done.append(path)
+                for key, entry in entries:
+                    merge(merged, key, entry)
+            if len(done) < 2 or self.append(merged.items(), name=f"{done[0].stem}-m{SUFFIX}") is None:
+                return
+            for path in done:
+                try:
+                    path.unlink()
+                except OSError:
+                    pass
 
     def _set_aside(self, path: Path, reason: str) -> None:
         target = self.folder / "damaged" / path.name
@@ -163,13 +217,13 @@ class ReferenceStore:
             where = "left in place (cannot move it), ignored"
         self.log(f"reference cache: {path} is damaged ({reason}); {where}; its entries are recomputed")
 
-    def append(self, entries: Iterable[tuple[bytes, Entry]]) -> Path | None:
+    def append(self, entries: Iterable[tuple[bytes, Entry]], name: str | None = None) -> Path | None:
         """Write `entries` as a new shard (temp file + rename). A read-only or full disk is said once and
         training goes on: the values are in memory."""
         items = list(entries)
         if not items or not self.writable:
             return None
-        name = f"{time.time_ns():020d}-{_host()}-{os.getpid()}-{next(_counter):06d}{SUFFIX}"
+        name = name or f"{time.time_ns():020d}-{_host()}-{os.getpid()}-{next(_counter):06d}{SUFFIX}"
         path, tmp = self.folder / name, self.folder / f".{name}.tmp"
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -201,7 +255,7 @@ class ReferenceStore:
                 ".", 2
             )  # NAME.pref.tmp → [stem, 'pref', 'tmp'] / FP.safetensors.PID.tmp
             fields = parts[0].split("-") if parts[-2] == SUFFIX[1:] else None
-            if fields is not None and len(fields) == 4 and fields[2].isdigit():
+            if fields is not None and len(fields) >= 4 and fields[2].isdigit():
                 owner_host, pid = fields[1], int(fields[2])
             elif parts[-2].isdigit():
                 owner_host, pid = host, int(parts[-2])

@@ -311,7 +311,7 @@ def load_cached(
     shards (setting damaged ones aside) and `share` hands its table to the other processes (a broadcast
     under torchrun), so that every rank holds the same values and agrees on what is missing."""
     store = ReferenceStore(cache_root, fingerprint, log) if write else None
-    table = store.load(set(blocks.owner)) if store is not None else None
+    table = store.load(set(blocks.owner), compact=True) if store is not None else None
     table = share(table)
     assert table is not None
     return CachedReference(fingerprint, table, blocks, token_logps=token_logps, store=store, log=log)
