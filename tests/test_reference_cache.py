@@ -281,3 +281,26 @@ def test_many_shards_are_merged_into_one_with_the_same_values(
     assert before[bytes([0]) * 16][:2] == (-0.0, 1) and after[bytes([0]) * 16][2].tolist() == [-9.0]
     store.append([(b"n" * 16, (-1.5, 2, None))])  # a shard written after the merge sorts after it
     assert ReferenceStore(tmp_path, "fp").load()[b"n" * 16][0] == -1.5
+
+
+def test_reading_never_changes_the_cache_folder(tmp_path: Path) -> None:
+    """`preftune sweep` tells a run that reused the cache from one that computed by its files."""
+    store = ReferenceStore(tmp_path, "fp")
+    store.append([(b"a" * 16, (-1.0, 1, None))])
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in store.folder.iterdir())
+    ReferenceStore(tmp_path, "fp").load(compact=True)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in store.folder.iterdir()) == before
+
+
+def test_a_large_held_out_set_computed_on_demand_shows_progress(
+    env: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """LoRA computes per batch; the first evaluation needs the 120 held-out examples = 30 batches of 4,
+    plus the second training batch when it holds one of their sequences first (the data repeat
+    answers): N in 30..31 batches, a line per ceil(N / 20) of them."""
+    train(config(env, "lazy-eval", "c-lazy-eval", lora=True, max_steps=1, eval_data=str(env["large"])))
+    lines = [x.split(",")[0] for x in capsys.readouterr().out.splitlines() if " batches (" in x]
+    n = int(lines[-1].split("/")[1].split()[0])
+    assert n in (30, 31)
+    done = [*range(2, n, 2), n]
+    assert lines == [f"reference: {i}/{n} batches ({100 * i // n}%)" for i in done]

@@ -48,9 +48,10 @@ COMPACT_AT = 256  # shards of one fingerprint beyond which the writing process m
 @contextmanager
 def _lock(folder: Path, *, exclusive: bool) -> Iterator[bool]:
     """`flock` on FOLDER/.lock: shared for readers (waits), exclusive for compaction (gives up at once).
-    Yields whether it is held; a folder without a lock file that cannot get one is read unlocked."""
+    Writers create the file, readers never (reading never changes the cache). Yields whether it is
+    held; a reader goes on unlocked where there is no lock file."""
     try:
-        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT if exclusive else os.O_RDONLY, 0o644)
     except OSError:
         yield not exclusive
         return
@@ -227,6 +228,8 @@ class ReferenceStore:
         path, tmp = self.folder / name, self.folder / f".{name}.tmp"
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
+            if not (self.folder / ".lock").exists():  # made by the first writer: readers lock from then on
+                (self.folder / ".lock").touch()
             with open(tmp, "wb") as fh:
                 fh.write(encode(self.fingerprint, items))
                 fh.flush()

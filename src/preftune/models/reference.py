@@ -83,6 +83,9 @@ def reference_fingerprint(model: Any, *, adapter_off: bool, compute_dtype: torch
     return hashlib.blake2b(f"{fingerprint}:compute={compute_dtype}".encode(), digest_size=16).hexdigest()
 
 
+PROGRESS_FROM = 8  # groups computed in one go from which `prepare` shows progress lines
+
+
 def stats_from_entries(entries: Sequence[Entry], token_logps: bool) -> SequenceStats:
     logps = torch.tensor([e[0] for e in entries], dtype=torch.float32)
     lengths = torch.tensor([e[1] for e in entries], dtype=torch.int64)
@@ -189,8 +192,8 @@ class CachedReference:
         """Compute what `examples` (a global batch, the same on every rank) lack; a no-op when cached."""
         if self.source is not None:
             groups = self.missing_groups(examples)
-            if groups:
-                self.compute(groups)
+            if groups:  # many at once (a held-out set's first evaluation): with progress lines
+                self.compute(groups, progress=len(groups) >= PROGRESS_FROM)
 
     def compute(self, group_ids: Sequence[int], *, progress: bool = False) -> None:
         """Compute `group_ids` in slices of about 5%, each appended to the cache as one shard; with
