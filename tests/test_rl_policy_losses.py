@@ -169,7 +169,6 @@ def test_exact_across_micro_batches_and_ranks(aggregation: str) -> None:
         per_rank = 128 // ranks
         size = per_rank // micro
         losses = []
-        grads = []
         # each rank computes its local denominators; the counts are summed over ranks (all-reduce)
         shares = [
             [
@@ -187,7 +186,7 @@ def test_exact_across_micro_batches_and_ranks(aggregation: str) -> None:
             for b in mine:
                 total, _ = policy_objective(b, terms, denominators)
                 total.backward()
-                losses.append(float(total))
+                losses.append(float(total.detach()))
         grads = [theta.grad.clone(), w.grad.clone()]  # gradients summed over ranks and micro-batches
         results.append((sum(losses), grads))
     (loss0, (gt0, gw0)) = results[0]
