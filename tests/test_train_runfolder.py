@@ -300,6 +300,16 @@ def test_out_that_is_a_file_or_not_writable_is_one_line(
     )
     monkeypatch.undo()
 
+    def denied(self: Path, *a: Any, **kw: Any) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(Path, "mkdir", denied)  # a parent folder that is not writable
+    assert main([*args, "--out", str(tmp_path / "new" / "run")]) == 2
+    assert f"--out {tmp_path / 'new' / 'run'}: cannot create the run folder (Permission denied)" in (
+        capsys.readouterr().err
+    )
+    monkeypatch.undo()
+
     def no_locks(fd: int, op: int) -> None:
         raise OSError(errno.ENOLCK, "No locks available")
 
