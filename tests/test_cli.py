@@ -260,3 +260,12 @@ def test_sweep_takes_trl_names_too() -> None:
     values = overrides_from_args(build_parser(argv).parse_args(argv))
     c = load_config(None, values)
     assert (c.lr, c.lora, c.hparams) == (2e-6, True, {})
+
+
+def test_trl_tr_dpo_switches_and_report_to_none() -> None:
+    c = load_config(None, parse("--sync_ref_model", "--ref_model_mixup_alpha", "0.5", "--report_to", "none"))
+    assert (c.ref_sync_every, c.ref_sync_alpha, c.report_to) == (512, 0.5, [])  # TRL's default τ = 512
+    c = load_config(None, parse("--sync_ref_model", "true", "--ref_model_sync_steps", "16"))
+    assert c.ref_sync_every == 16
+    with pytest.raises(ConfigError, match="ref_model_sync_steps takes effect with sync_ref_model"):
+        load_config(None, parse("--ref_model_sync_steps", "16"))

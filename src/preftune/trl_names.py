@@ -28,6 +28,7 @@ RENAMED: dict[str, str] = {
     "use_peft": "lora",
     "lr_scheduler_type": "scheduler",
     "per_device_eval_batch_size": "eval_batch_size",
+    "ref_model_mixup_alpha": "ref_sync_alpha",
 }
 
 # TRL loss_type → preftune method, where the names differ (the others, e.g. ipo, hinge, sft, are the same)
@@ -39,6 +40,7 @@ LOSS_TYPES: dict[str, str] = {
 }
 
 TRL_BATCH_DEFAULT = 8  # TRL's (transformers') per_device_train_batch_size default
+TRL_SYNC_STEPS_DEFAULT = 512  # TRL's ref_model_sync_steps default (TR-DPO's τ)
 
 # What `preftune train --help` lists under "TRL names"; every alias, with what it becomes.
 HELP: dict[str, str] = {
@@ -55,10 +57,13 @@ HELP: dict[str, str] = {
     "rpo_alpha": "RPO: add α × the NLL of the chosen responses (per token over the batch), i.e. "
     "method 'dpo' becomes 'dpo:1,sft:α'",
     "bf16": "switch: mixed_precision=bf16 (float32 weights, bfloat16 compute)",
+    "sync_ref_model": "switch: TR-DPO, update the reference every ref_model_sync_steps steps "
+    f"(default {TRL_SYNC_STEPS_DEFAULT}) = ref_sync_every",
+    "ref_model_sync_steps": "TR-DPO's τ, with sync_ref_model",
     "beta": "with method orpo: TRL's ORPO β is λ, the odds-ratio weight (odds_ratio_weight)",
 }
 
-_SWITCHES = {"use_peft", "bf16"}
+_SWITCHES = {"use_peft", "bf16", "sync_ref_model"}
 
 
 def _bool(name: str, value: Any, where: str) -> bool:
@@ -115,12 +120,15 @@ def translate(values: Mapping[str, Any], where: str = "config") -> dict[str, Any
             put("method", _methods(value, given.get("loss_weights"), where), key)
         elif key == "label_smoothing":
             put("epsilon", value, key)
-        elif key in ("per_device_train_batch_size", "gradient_accumulation_steps", "loss_weights"):
+        elif key == "report_to" and value in ("none", ["none"]):  # TRL's way of saying no sinks
+            out[key] = []
+        elif key in _LATER:
             continue
         else:
             out[key] = value
     if "loss_weights" in given and "loss_type" not in given:
         raise ConfigError(f"{where}: loss_weights needs loss_type (the losses it weighs)")
+    _sync(given, put, where)
     per_device = given.get("per_device_train_batch_size")
     accumulation = given.get("gradient_accumulation_steps")
     if per_device is not None or accumulation is not None:
@@ -131,6 +139,28 @@ def translate(values: Mapping[str, Any], where: str = "config") -> dict[str, Any
         put("micro_batch_size", micro, alias)
         put("batch_size", micro * steps * world, alias)
     return out
+
+
+_LATER = (
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "loss_weights",
+    "sync_ref_model",
+    "ref_model_sync_steps",
+)
+
+
+def _sync(given: Mapping[str, Any], put: Any, where: str) -> None:
+    """TRL's TR-DPO switches: sync_ref_model with ref_model_sync_steps τ → ref_sync_every = τ."""
+    steps = given.get("ref_model_sync_steps")
+    if "sync_ref_model" in given and _bool("sync_ref_model", given["sync_ref_model"], where):
+        every = TRL_SYNC_STEPS_DEFAULT if steps is None else _int("ref_model_sync_steps", steps, where)
+        put("ref_sync_every", every, "sync_ref_model")
+    elif steps is not None:
+        raise ConfigError(
+            f"{where}: ref_model_sync_steps takes effect with sync_ref_model (as in TRL) — add "
+            "--sync_ref_model, or use ref_sync_every"
+        )
 
 
 def apply_rpo_alpha(values: dict[str, Any], where: str = "config") -> None:

@@ -170,7 +170,7 @@ def _add_trl_names(p: argparse.ArgumentParser) -> None:
     for name, text in TRL_HELP.items():
         if name == "beta":  # a loss flag already; its ORPO meaning is in the description
             continue
-        switch = name in ("bf16", "use_peft")
+        switch = name in ("bf16", "use_peft", "sync_ref_model")
         group.add_argument(
             f"--{name}",
             dest=f"trl__{name}",
