@@ -163,9 +163,10 @@ def _add_trl_names(p: argparse.ArgumentParser) -> None:
     """TRL's flag names, same meaning (preftune.trl_names); YAML accepts them too."""
     group = p.add_argument_group(
         "TRL names (aliases with TRL's meaning; also accepted as YAML keys)",
-        "The same in both tools: --max_length, --max_completion_length, --max_steps, --lora_r, "
-        "--seed, --warmup_ratio, --beta. With method orpo, --beta is TRL's ORPO β = λ, the odds-ratio "
-        "weight (odds_ratio_weight).",
+        "The same in both tools: --max_length, --max_completion_length, --max_steps,\n"
+        "--lora_r, --seed, --warmup_ratio, --beta. With method orpo, --beta is TRL's\n"
+        "ORPO β = λ, the odds-ratio weight (odds_ratio_weight). --report_to none: no\n"
+        "sinks.",
     )
     for name, text in TRL_HELP.items():
         if name == "beta":  # a loss flag already; its ORPO meaning is in the description
