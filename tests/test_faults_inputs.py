@@ -178,9 +178,9 @@ def test_tokenizer_ids_past_the_embedding_are_refused_up_front(
 
 
 def _oom_on_step(monkeypatch: pytest.MonkeyPatch, step: int, err: BaseException | None) -> None:
-    import preftune.train.api as api
+    import preftune.train.run as train_run
 
-    real, calls = api.objective_on_batch, {"n": 0}
+    real, calls = train_run.objective_on_batch, {"n": 0}
 
     def failing(*args: Any, **kwargs: Any) -> Any:
         if kwargs.get("backward"):
@@ -191,7 +191,7 @@ def _oom_on_step(monkeypatch: pytest.MonkeyPatch, step: int, err: BaseException 
                 raise AssertionError("allocated 1 PiB") if err is None else err
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(api, "objective_on_batch", failing)
+    monkeypatch.setattr(train_run, "objective_on_batch", failing)
 
 
 def test_out_of_memory_in_a_step_names_it_and_keeps_the_checkpoint(

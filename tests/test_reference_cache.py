@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 import preftune.models.refcache as refcache
 import preftune.models.reference as reference
-import preftune.train.api as api
+import preftune.train.run as train_run
 from preftune.config import TrainConfig
 from preftune.models.refcache import ReferenceStore, ShardDamaged, _host, decode, encode
 from preftune.models.reference import sequence_key
@@ -116,7 +116,7 @@ def test_a_flipped_byte_is_named_set_aside_and_recomputed(
 
 
 def stop_after(monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
-    real, calls = api.objective_on_batch, {"n": 0}
+    real, calls = train_run.objective_on_batch, {"n": 0}
 
     def stopping(*a: Any, **kw: Any) -> Any:
         calls["n"] += 1
@@ -124,7 +124,7 @@ def stop_after(monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
             raise RuntimeError(f"stopped in step {steps + 1}")
         return real(*a, **kw)
 
-    monkeypatch.setattr(api, "objective_on_batch", stopping)
+    monkeypatch.setattr(train_run, "objective_on_batch", stopping)
 
 
 @pytest.mark.parametrize("lora", [False, True])

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import preftune.train.api as api
+import preftune.train.run as train_run
 from preftune.cli import main
 from test_train_fixtures import pair_rows, tiny_model, write_jsonl
 
@@ -25,13 +25,14 @@ from test_train_fixtures import pair_rows, tiny_model, write_jsonl
 DRIVER = """
 import os, signal, sys
 import preftune.train.api as api
-real, calls = api.objective_on_batch, {"n": 0}
+import preftune.train.run as train_run
+real, calls = train_run.objective_on_batch, {"n": 0}
 def killing(*args, **kwargs):
     calls["n"] += 1
     if calls["n"] == 4:
         os.kill(os.getpid(), signal.SIGKILL)
     return real(*args, **kwargs)
-api.objective_on_batch = killing
+train_run.objective_on_batch = killing
 from preftune.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -91,7 +92,7 @@ def test_interrupted_then_resume_equals_uninterrupted(
     whole: tuple[Path, list[str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root, args = whole
-    real, calls = api.objective_on_batch, {"n": 0}
+    real, calls = train_run.objective_on_batch, {"n": 0}
 
     def stopping(*a: Any, **kw: Any) -> Any:
         calls["n"] += 1
@@ -99,10 +100,10 @@ def test_interrupted_then_resume_equals_uninterrupted(
             raise RuntimeError("stopped in step 4")
         return real(*a, **kw)
 
-    monkeypatch.setattr(api, "objective_on_batch", stopping)
+    monkeypatch.setattr(train_run, "objective_on_batch", stopping)
     with pytest.raises(RuntimeError, match="step 4"):
         main([*args, "--out", str(root / "stopped")])
-    monkeypatch.setattr(api, "objective_on_batch", real)
+    monkeypatch.setattr(train_run, "objective_on_batch", real)
     check_resumed(root, args, root / "stopped")
 
 
@@ -161,7 +162,7 @@ def test_moving_references_resume_exactly(
         *extra,
     ]
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0
-    real, calls = api.objective_on_batch, {"n": 0}
+    real, calls = train_run.objective_on_batch, {"n": 0}
 
     def stopping(*a: Any, **kw: Any) -> Any:
         calls["n"] += 1
@@ -169,10 +170,10 @@ def test_moving_references_resume_exactly(
             raise RuntimeError("stopped in step 6")
         return real(*a, **kw)
 
-    monkeypatch.setattr(api, "objective_on_batch", stopping)
+    monkeypatch.setattr(train_run, "objective_on_batch", stopping)
     with pytest.raises(RuntimeError):
         main([*args, "--out", str(tmp_path / "stopped")])
-    monkeypatch.setattr(api, "objective_on_batch", real)
+    monkeypatch.setattr(train_run, "objective_on_batch", real)
     assert main([*args, "--out", str(tmp_path / "stopped"), "--resume"]) == 0
     expected = load_file(str(tmp_path / "whole" / "final" / "model.safetensors"))
     resumed = load_file(str(tmp_path / "stopped" / "final" / "model.safetensors"))

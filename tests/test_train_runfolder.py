@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 import preftune.train.api as api
+import preftune.train.run as train_run
 from preftune.cli import main
 from preftune.config import TrainConfig, save_config
 from test_train_fixtures import pair_rows, tiny_model, write_jsonl
@@ -75,7 +76,7 @@ def assert_same_final(expected: Path, got: Path) -> None:
 
 def on_step(monkeypatch: pytest.MonkeyPatch, step: int, action: Any) -> None:
     """Call `action()` when optimizer step `step` starts (its forward pass), then go on."""
-    real, calls = api.objective_on_batch, {"n": 0}
+    real, calls = train_run.objective_on_batch, {"n": 0}
 
     def patched(*a: Any, **kw: Any) -> Any:
         calls["n"] += 1
@@ -83,7 +84,7 @@ def on_step(monkeypatch: pytest.MonkeyPatch, step: int, action: Any) -> None:
             action()
         return real(*a, **kw)
 
-    monkeypatch.setattr(api, "objective_on_batch", patched)
+    monkeypatch.setattr(train_run, "objective_on_batch", patched)
 
 
 def crash() -> None:
@@ -394,11 +395,12 @@ def test_train_writes_the_report_with_preftune_eval_results(setup: Setup, tmp_pa
 DRIVER = """
 import sys, time
 import preftune.train.api as api
-real = api.objective_on_batch
+import preftune.train.run as train_run
+real = train_run.objective_on_batch
 def slow(*a, **kw):
     time.sleep(0.4)  # long enough steps for the test to act between them; no effect on the numbers
     return real(*a, **kw)
-api.objective_on_batch = slow
+train_run.objective_on_batch = slow
 from preftune.cli import main
 sys.exit(main(sys.argv[1:]))
 """
