@@ -220,14 +220,18 @@ def test_four_micro_batches_of_two_equal_one_batch_of_eight(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_gradient_descent_raises_the_better_response(name):
     """Sign check (catches a loss trained the wrong way round): at π_θ = π_ref, a gradient step on
-    the policy log-probs raises the preferred response (branch 0: chosen / best / a D2O sample, or a
-    desirable completion) and does not raise the dispreferred one (last branch, or an undesirable
-    completion)."""
+    the policy log-probs raises the margin, never lowers the preferred response (branch 0: chosen /
+    best / a D2O sample, or a desirable completion) and never raises the dispreferred one (last
+    branch, or an undesirable completion). Losses whose paper makes them non-monotone near h = 0
+    (`monotone=False`) are checked at a margin outside that region (ρ_w = 4, ρ_l = −4)."""
     spec = REGISTRY[name]
-    batch, leaf = make_batch(spec, torch.zeros(2, 4), ref=-6.0)
+    rho = torch.zeros(2, 4) if spec.monotone else torch.tensor([[4.0, -4.0, 0.0, -4.0]]).repeat(2, 1)
+    batch, leaf = make_batch(spec, rho, ref=-6.0)
     (grad,) = torch.autograd.grad(call(spec, batch).losses.sum(), leaf)
+    tiny = 1e-6 * float(grad.abs().max())
     if spec.kind == "unpaired":  # example 0 desirable, example 1 undesirable (make_batch labels)
         assert grad[0, 0] < 0 and grad[1, 0] > 0, grad
     else:
-        assert (grad[:, 0] < 0).all(), grad
+        assert (grad[:, 0] <= tiny).all(), grad
         assert (grad[:, -1] >= 0).all(), grad
+        assert (grad[:, 0] - grad[:, -1] < 0).all(), grad

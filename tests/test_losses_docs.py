@@ -61,3 +61,20 @@ def test_a_literal_bar_in_a_formula_renders_as_a_bar(capsys, monkeypatch):
     assert main(["losses", "simpo"]) == 0
     out = capsys.readouterr().out
     assert "β·logp/|y|" in out and "//y/" not in out
+
+
+def test_trl_loss_type_table_names_registered_methods():
+    """docs/methods.md maps every TRL 1.16 DPO loss_type to a registered method."""
+    from preftune.losses.docs import TRL_LOSS_TYPES
+
+    text = render()
+    assert "## TRL loss_type → preftune method" in text
+    trl_1_16 = (
+        "sigmoid hinge ipo exo_pair nca_pair robust bco_pair sppo_hard aot aot_unpaired apo_zero apo_down"
+    )
+    mapped = {trl: ours for trl, ours, _ in TRL_LOSS_TYPES}
+    for loss_type in trl_1_16.split() + ["discopop", "sft", "sigmoid_norm"]:
+        assert loss_type in mapped, loss_type
+    for _, ours, _ in TRL_LOSS_TYPES:
+        assert ours in losses.REGISTRY, ours
+        assert f"[`{ours}`](#{ours})" in text

@@ -138,3 +138,31 @@ def test_bco_delta_is_updated_once_per_step_with_the_global_batch(setup: tuple[P
         pol, rf = example_stats(load_causal_lm(policy), data), ref.stats(data)
     mean_reward = float((0.1 * (pol.logps - rf.logps)).double().mean())
     assert float(state_full["bco"]["delta"]) == pytest.approx(mean_reward, rel=1e-5, abs=1e-7)
+
+
+def test_wpo_weighting_reaches_the_trainer(setup: tuple[Path, ModelReference]) -> None:
+    """`hparams: {wpo_weighting: true}` on dpo: the step's loss is Σ_i w_i·dpo_i / E with
+    w_i = exp(ℓ_w + ℓ_l) from the policy's own statistics (the loop calls LossSpec.run)."""
+    from preftune import losses
+    from preftune.models.logprobs import example_stats
+
+    policy, ref = setup
+    data = examples(8, seed=3)
+    model = load_causal_lm(policy)
+    sums = objective_on_batch(
+        model,
+        data,
+        objective=objective("dpo", wpo_weighting=True),
+        reference=ref,
+        loss_state={},
+        world=World(),
+        micro_batch_size=4,
+        backward=False,
+    )
+    with torch.no_grad():
+        pol, rf = example_stats(model, data), ref.stats(data)
+    p, r, n = pol.logps.view(8, 2), rf.logps.view(8, 2), pol.lengths.view(8, 2).float()
+    dpo = losses.pairwise("dpo", p[:, 0], p[:, 1], r[:, 0], r[:, 1])
+    expected = float((dpo * torch.exp(p[:, 0] / n[:, 0] + p[:, 1] / n[:, 1])).sum() / 8)
+    assert sums.totals["loss"] == pytest.approx(expected, rel=1e-5)
+    assert expected < float(dpo.mean()) / 2  # the weights matter here

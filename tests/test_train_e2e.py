@@ -70,6 +70,14 @@ AT_REFERENCE = {
     "bco": 2 * math.log(2),
     "fdpo": math.log(2),
     "ld_dpo": math.log(2),
+    "exo_pair": -math.log(2) - 0.5 * math.log(1e-3 * (1 - 1e-3)),
+    "nca_pair": 2 * math.log(2),
+    "sppo_hard": 1 / (2 * 0.1**2),
+    "apo_zero": 1.0,
+    "apo_down": 1.0,
+    "discopop": 0.5 * math.log(2) + 0.5,
+    "aot": math.log(2),
+    "aot_unpaired": math.log(2),
 }
 
 

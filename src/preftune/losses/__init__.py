@@ -19,6 +19,7 @@ from preftune.losses import (  # noqa: F401
     regularised,
     terms,
     unpaired_losses,
+    variants,
 )
 from preftune.losses.functional import listwise, pairwise, unpaired
 from preftune.losses.registry import (

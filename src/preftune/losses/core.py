@@ -83,6 +83,22 @@ def safe_expm1(x: torch.Tensor, limit: float = EXP_LIMIT) -> torch.Tensor:
     return torch.expm1(xc) + torch.exp(xc) * (x - xc)
 
 
+def wpo_weights(batch: PreferenceBatch) -> torch.Tensor:
+    """[E] WPO pair weights w(y_w)·w(y_l) = exp(ℓ_w + ℓ_l), ℓ = logp_θ(y)/|y|, detached; 0 if masked.
+
+    Zhou et al. 2024 (WPO: Enhancing RLHF with Weighted Preference Optimization, EMNLP; arXiv:2406.11827),
+    the length-normalised sequence probability of each response under the current policy, which
+    makes off-policy pairs count as if sampled on-policy. Not implemented: the paper's weight
+    alignment, which divides each token's probability by Σ_v π_θ(v | ·)² (the form TRL 1.16's
+    `use_weighting` applies) — a full-vocabulary statistic per token that preftune's chunked
+    log-probs do not compute; without it the weights are smaller for flat token distributions.
+    """
+    valid = valid_examples(batch, 2)
+    ell = policy_logps(batch)[:, :2].detach() / lengths(batch)[:, :2]
+    zero = torch.zeros((), dtype=ell.dtype, device=ell.device)
+    return torch.where(valid, torch.exp(ell.sum(dim=1)), zero)
+
+
 def pair_metrics(reward_w: torch.Tensor, reward_l: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-example implicit-reward metrics of a pair: chosen, rejected, margin, accuracy (margin > 0)."""
     reward_w, reward_l = reward_w.detach().float(), reward_l.detach().float()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import inspect
 import sys
 
-from preftune.losses.registry import REGISTRY, HParam, LossSpec
+from preftune.losses.registry import REGISTRY, WPO_NAME, HParam, LossSpec
 
 HEADER = """# Methods
 
@@ -17,7 +17,9 @@ Every registered loss of `preftune.losses`, generated from the registry by
 Notation (docs/algorithms.md): ρ = logp_θ − logp_ref, h = ρ_w − ρ_l, ℓ = logp_θ/|y|.
 Losses are per example; the trainer divides their sum by the global example count
 (`reduction: example`) or the global token count (`reduction: token`).
-Combine terms with an objective such as `dpo:1.0,sft:0.2`.
+Combine terms with an objective such as `dpo:1.0,sft:0.2`. Every pairwise method also takes
+`wpo_weighting` (WPO: each pair's loss weighted by the policy's length-normalised probabilities of
+its two responses, detached; Zhou et al. 2024, without the paper's weight alignment).
 """
 
 
@@ -31,8 +33,9 @@ def _default(hp: HParam) -> str:
 
 
 def hparam_summary(spec: LossSpec) -> str:
-    """`beta=0.1, epsilon=0.1` — names and defaults, for tables."""
-    return ", ".join(f"{k}={_default(hp)}" for k, hp in spec.hparams.items()) or "—"
+    """`beta=0.1, epsilon=0.1` — names and defaults, for tables (without the options every loss of a
+    kind takes, such as `wpo_weighting`: the header says so)."""
+    return ", ".join(f"{k}={_default(hp)}" for k, hp in spec.hparams.items() if k != WPO_NAME) or "—"
 
 
 def cell(text: str) -> str:
@@ -91,6 +94,55 @@ def transforms_section() -> str:
     return "\n".join(parts)
 
 
+# TRL 1.16 option → (preftune method, how its parameters map). Checked against TRL 1.16's
+# trl/trainer/dpo_trainer.py and dpo_config.py, and trl/experimental/{cpo,orpo}; tests check that
+# every method named here is registered.
+TRL_LOSS_TYPES: list[tuple[str, str, str]] = [
+    ("sigmoid", "dpo", ""),
+    ("hinge", "hinge", ""),
+    ("ipo", "ipo", "token_mean=true (TRL's per-token normalisation)"),
+    ("exo_pair", "exo_pair", "label_smoothing → epsilon"),
+    ("nca_pair", "nca_pair", ""),
+    ("robust", "rdpo", "label_smoothing → epsilon"),
+    ("bco_pair", "bco", "running_delta=false (TRL keeps no running δ)"),
+    ("sppo_hard", "sppo_hard", ""),
+    ("aot", "aot", "label_smoothing → epsilon; sorted per micro-batch"),
+    ("aot_unpaired", "aot_unpaired", "label_smoothing → epsilon; sorted per micro-batch"),
+    ("apo_zero", "apo_zero", ""),
+    ("apo_down", "apo_down", ""),
+    ("discopop", "discopop", "discopop_tau → tau"),
+    ("sft", "sft", "a term: loss_type [sigmoid, sft] with loss_weights [1, λ] is `dpo:1,sft:λ`"),
+    ("sigmoid_norm", "dpo_norm", ""),
+    (
+        "f_divergence_type",
+        "fdpo",
+        "divergence: forward_kl, js_divergence → js, alpha_divergence → alpha with "
+        "α = 1 − f_alpha_divergence_coef",
+    ),
+    ("ld_alpha", "ld_dpo", "ld_alpha → alpha (reference desensitised too, as TRL 1.16)"),
+    ("use_weighting", "dpo", "wpo_weighting=true on any pairwise method (without WPO's weight alignment)"),
+    (
+        "CPO: sigmoid, cpo_alpha",
+        "cpo",
+        "cpo_alpha (TRL's NLL is a batch token mean: `cpo:1,sft:A`, cpo_alpha=0)",
+    ),
+    ("CPO: simpo, simpo_gamma", "simpo", "simpo_gamma → gamma (with cpo_alpha=0)"),
+    ("CPO: alphapo, alpha", "alphapo", "alpha, simpo_gamma → gamma"),
+    ("ORPO", "orpo", "beta → odds_ratio_weight"),
+    ("KTO: kto", "kto", "z₀ over the global batch"),
+]
+
+
+def trl_section() -> str:
+    """The table "TRL loss_type → preftune method"."""
+    rows = ["## TRL loss_type → preftune method", ""]
+    rows.append("TRL 1.16's DPO `loss_type` values and options, and its CPO, ORPO and KTO trainers:")
+    rows += ["", "| TRL | preftune | parameters |", "|---|---|---|"]
+    for trl, ours, note in TRL_LOSS_TYPES:
+        rows.append(f"| `{trl}` | [`{ours}`](#{ours}) | {cell(note) or '—'} |")
+    return "\n".join(rows) + "\n"
+
+
 def render() -> str:
     """The whole docs/methods.md text."""
     specs = [REGISTRY[name] for name in sorted(REGISTRY)]
@@ -101,7 +153,8 @@ def render() -> str:
             f"| {cell(hparam_summary(spec))} | {cell(spec.paper)} |"
         )
     body = "\n".join(method_section(s) for s in specs)
-    return f"{HEADER}\n" + "\n".join(table) + "\n\n" + body + "\n" + transforms_section().rstrip() + "\n"
+    head = f"{HEADER}\n" + "\n".join(table) + "\n\n" + trl_section() + "\n"
+    return head + body + "\n" + transforms_section().rstrip() + "\n"
 
 
 def main() -> int:

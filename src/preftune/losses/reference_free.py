@@ -1,11 +1,19 @@
-"""Reference-free pairwise losses: SimPO and ORPO score responses by the policy's own per-token
-log-likelihood ℓ(y) = logp_θ(y)/|y|; no reference model is loaded."""
+"""Reference-free pairwise losses: SimPO, ORPO, CPO and AlphaPO score responses by the policy's own
+log-likelihood (per token, ℓ(y) = logp_θ(y)/|y|, or summed for CPO); no reference model is loaded."""
 
 from __future__ import annotations
 
 import torch
 
-from preftune.losses.core import finish, lengths, log_sigmoid, pair_metrics, policy_logps, valid_examples
+from preftune.losses.core import (
+    finish,
+    lengths,
+    log_sigmoid,
+    pair_metrics,
+    policy_logps,
+    safe_expm1,
+    valid_examples,
+)
 from preftune.losses.registry import HParam, LossOutput, register
 from preftune.types import PreferenceBatch
 
@@ -88,4 +96,76 @@ def orpo(batch: PreferenceBatch, state: dict[str, torch.Tensor], *, odds_ratio_w
     metrics = pair_metrics(odds_w, odds_l)
     metrics["orpo/log_odds_ratio"] = (odds_w - odds_l).detach()
     losses, metrics = finish(losses, valid, metrics)
+    return LossOutput(losses, metrics, {})
+
+
+@register(
+    "cpo",
+    kind="pairwise",
+    needs_reference=False,
+    hparams={
+        "beta": HParam(0.1, "β, scale of the log-likelihood margin", low=0.0, low_open=True),
+        "cpo_alpha": HParam(
+            1.0, "weight of the NLL (behaviour cloning) term on y_w (TRL's cpo_alpha)", low=0.0
+        ),
+    },
+    paper="Xu et al. 2024, Contrastive Preference Optimization: Pushing the Boundaries of LLM Performance "
+    "in Machine Translation (CPO, ICML; arXiv:2401.08417)",
+    equation="Eq. 3 (L_prefer, the number TRL's cpo_trainer cites) + the NLL term L_NLL (L_CPO = L_prefer + L_NLL)",
+)
+def cpo(
+    batch: PreferenceBatch, state: dict[str, torch.Tensor], *, beta: float, cpo_alpha: float
+) -> LossOutput:
+    """CPO: −log σ(β logp_θ(y_w) − β logp_θ(y_l)) − cpo_alpha·ℓ_w; no reference.
+
+    Xu et al. 2024: DPO's loss with a uniform reference (dropped), plus a negative log-likelihood
+    term on the preferred response that keeps the policy near the preferred data (Eq. 3 is
+    L_prefer). Summed log-probs in the margin, as the paper and TRL's CPO (`loss_type="sigmoid"`).
+    The NLL term here is the per-token NLL of y_w *per example* (response tokens only, like
+    `orpo`); TRL's is the causal-LM loss averaged over all chosen response tokens of the batch —
+    `cpo:1,sft:A` with cpo_alpha=0 reproduces that exactly (tested). Defaults β = 0.1,
+    cpo_alpha = 1 (TRL's CPOConfig). Reward metrics are β logp_θ(y).
+    """
+    valid = valid_examples(batch, 2)
+    logp = policy_logps(batch)[:, :2]
+    ell_w = logp[:, 0] / lengths(batch)[:, 0]
+    losses = -log_sigmoid(beta * (logp[:, 0] - logp[:, 1])) - cpo_alpha * ell_w
+    metrics = pair_metrics(beta * logp[:, 0], beta * logp[:, 1])
+    metrics["cpo/nll_per_token"] = -ell_w.detach()
+    losses, metrics = finish(losses, valid, metrics)
+    return LossOutput(losses, metrics, {})
+
+
+@register(
+    "alphapo",
+    kind="pairwise",
+    needs_reference=False,
+    hparams={
+        "beta": HParam(2.0, "β, scale of the reward (as SimPO)", low=0.0, low_open=True),
+        "gamma": HParam(1.0, "γ, target reward margin (absolute, as SimPO)", low=0.0),
+        "alpha": HParam(0.25, "α, shape of the reward (1 − p^{−α})/α; α → 0 is SimPO", low=-1.0, high=1.0),
+    },
+    paper="Gupta et al. 2025, AlphaPO: Reward Shape Matters for LLM Alignment (ICML; arXiv:2501.03884)",
+    equation="§3, AlphaPO reward r_α = (β/α)(1 − p^{−α}), p = π_θ(y|x)^{1/|y|} (eq. number not verified offline)",
+)
+def alphapo(
+    batch: PreferenceBatch, state: dict[str, torch.Tensor], *, beta: float, gamma: float, alpha: float
+) -> LossOutput:
+    """AlphaPO: −log σ(β r(y_w) − β r(y_l) − γ), r(y) = (1 − e^{−αℓ})/α, ℓ = logp_θ(y)/|y|; no reference.
+
+    Gupta et al. 2025: SimPO with the reward reshaped by α (the length-normalised α-divergence
+    reward of f-DPO); α → 0 gives SimPO exactly, larger α lowers the chosen likelihood less
+    (likelihood displacement). r is computed as −expm1(−αℓ)/α, with exp continued linearly above
+    exponent 40 (finite for very unlikely responses). Same expression as TRL 1.16's CPO with
+    `loss_type="alphapo"` (simpo margin γ/β, cpo_alpha = 0; tested). β = 2, γ = 1 as our `simpo`;
+    α = 0.25 is a middle value of the positive range the paper recommends (its per-model grid not
+    verified offline). Reward metrics are β r(y).
+    """
+    ell_w, ell_l, valid = mean_logps(batch)
+    if alpha == 0.0:
+        r_w, r_l = ell_w, ell_l
+    else:
+        r_w, r_l = -safe_expm1(-alpha * ell_w) / alpha, -safe_expm1(-alpha * ell_l) / alpha
+    losses = -log_sigmoid(beta * (r_w - r_l) - gamma)
+    losses, metrics = finish(losses, valid, pair_metrics(beta * r_w, beta * r_l))
     return LossOutput(losses, metrics, {})

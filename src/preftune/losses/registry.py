@@ -183,6 +183,9 @@ class LossSpec:
     coupled:          the per-example losses depend on the other examples of the call beyond a
                       batch statistic (e.g. AOT sorts the batch): the loss is computed per
                       micro-batch, so the objective depends on the micro-batch size.
+    monotone:         the loss never rises as the preferred response's log-ratio grows; False
+                      where the paper's loss has a non-monotone region (DiscoPOP near h = 0).
+    Every pairwise loss also takes `wpo_weighting` (WPO, applied by `run`, see `wpo_weights`).
     """
 
     name: str
@@ -198,6 +201,7 @@ class LossSpec:
     reduction: Reduction = "example"
     batch_statistic: BatchStatistic | None = None
     coupled: bool = False
+    monotone: bool = True
 
     @property
     def summary(self) -> str:
@@ -227,14 +231,36 @@ class LossSpec:
             out[key] = self.hparams[key].coerce(key, value, where)
         return out
 
+    def run(
+        self, batch: PreferenceBatch, state: dict[str, torch.Tensor], hparams: Mapping[str, Any]
+    ) -> LossOutput:
+        """Call the loss function with validated `hparams`, applying the options every loss of its kind
+        takes (WPO weighting of pairwise losses)."""
+        given = dict(hparams)
+        if not given.pop(WPO_NAME, False):
+            return self.fn(batch, state, **given)
+        from preftune.losses.core import wpo_weights
+
+        out = self.fn(batch, state, **given)
+        weights = wpo_weights(batch)
+        metrics = dict(out.metrics, **{"wpo/weight": weights.detach()})
+        return LossOutput(out.losses * weights, metrics, out.state)
+
     def __call__(
         self, batch: PreferenceBatch, state: dict[str, torch.Tensor] | None = None, **hparams: Any
     ) -> LossOutput:
         """Validate `hparams` and call the loss function."""
-        return self.fn(batch, dict(state or {}), **self.validate(hparams))
+        return self.run(batch, dict(state or {}), self.validate(hparams))
 
 
 REGISTRY: dict[str, LossSpec] = {}
+
+WPO_NAME = "wpo_weighting"
+WPO = HParam(
+    False,
+    "WPO: weight each pair's loss by w(y_w)·w(y_l), w = exp(logp_θ(y)/|y|) detached (Zhou et al. 2024, "
+    "without the paper's weight alignment)",
+)
 
 
 def register(
@@ -251,18 +277,21 @@ def register(
     reduction: Reduction = "example",
     batch_statistic: BatchStatistic | None = None,
     coupled: bool = False,
+    monotone: bool = True,
 ) -> Callable[[F], F]:
-    """Decorator: add a loss function to `REGISTRY` under `name` with its metadata."""
+    """Decorator: add a loss function to `REGISTRY` under `name` with its metadata (a pairwise loss
+    also gets the `wpo_weighting` option)."""
 
     def wrap(fn: F) -> F:
         if name in REGISTRY:
             raise ValueError(f"loss '{name}' registered twice")
+        options = {WPO_NAME: WPO} if kind == "pairwise" else {}
         REGISTRY[name] = LossSpec(
             name=name,
             fn=fn,
             kind=kind,
             needs_reference=needs_reference,
-            hparams=dict(hparams or {}),
+            hparams={**dict(hparams or {}), **options},
             paper=paper,
             equation=equation,
             needs_token_logps=needs_token_logps,
@@ -271,6 +300,7 @@ def register(
             reduction=reduction,
             batch_statistic=batch_statistic,
             coupled=coupled,
+            monotone=monotone,
         )
         return fn
 

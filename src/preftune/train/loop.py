@@ -132,7 +132,7 @@ def objective_on_batch(
             total = policy.logps.new_zeros(())
             for i, ((spec, weight, hparams), denom) in enumerate(zip(objective.terms, denominators)):
                 state = batch_states.get(spec.name, loss_state.get(spec.name, {}))
-                out = spec.fn(batch, dict(state), **hparams)
+                out = spec.run(batch, dict(state), hparams)
                 term = out.losses.float().sum() / denom
                 total = total + weight * term
                 if spec.stateful:
