@@ -71,7 +71,7 @@ def test_help_lists_fields_and_loss_hparams(capsys: pytest.CaptureFixture[str]) 
 def test_objective_routes_flat_and_dotted_hparams() -> None:
     terms = validate(cfg(method="dpo:1.0,sft:0.2", hparams={"beta": 0.25}))
     assert [(s.name, w) for s, w, _ in terms] == [("dpo", 1.0), ("sft", 0.2)]
-    assert terms[0][2] == {"beta": 0.25, "wpo_weighting": False} and terms[1][2] == {}
+    assert terms[0][2] == {"beta": 0.25} and terms[1][2] == {}
     terms = validate(cfg(method="cdpo", hparams={"cdpo.beta": 0.4}))
     assert terms[0][2]["beta"] == 0.4
 
