@@ -316,10 +316,12 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def save_results(name: str, data: dict[str, Any], table_md: str) -> tuple[Path, Path]:
-    """Write benchmarks/results/NAME.json and NAME.md."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    jp, mp = RESULTS_DIR / f"{name}.json", RESULTS_DIR / f"{name}.md"
+def save_results(name: str, data: dict[str, Any], table_md: str, *, quick: bool = False) -> tuple[Path, Path]:
+    """Write benchmarks/results/NAME.json and NAME.md; a quick run writes into benchmarks/results/tmp/
+    (git-ignored), so it never rewrites a tracked result file."""
+    folder = RESULTS_DIR / "tmp" if quick else RESULTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    jp, mp = folder / f"{name}.json", folder / f"{name}.md"
     jp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
     mp.write_text(table_md.rstrip() + "\n")
     return jp, mp

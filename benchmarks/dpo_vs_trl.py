@@ -378,8 +378,9 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": time.time() - t0,
     }
     stem = a.name or ("dpo_vs_trl_quick" if a.quick else "dpo_vs_trl")
-    bu.save_results(stem, res, render_table(res))
+    jp, _ = bu.save_results(stem, res, render_table(res), quick=a.quick)
     print(render_table(res), file=sys.stderr)
+    print(f"[dpo_vs_trl] results: {jp}", file=sys.stderr)
     headline = {f"speedup_{n}": round(r["speedup"], 3) for n, r in shapes.items()}
     headline.update({f"memory_ratio_{n}": round(r["memory_ratio"], 3) for n, r in shapes.items()})
     headline.update({f"max_abs_loss_diff_{n}": r["max_abs_loss_diff"] for n, r in shapes.items()})

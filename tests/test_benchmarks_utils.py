@@ -62,3 +62,14 @@ def test_scaled_shape_and_steps_rate() -> None:
 
 def test_md_table_formats_floats() -> None:
     assert bu.md_table(["a", "b"], [[1.23456, "x"]]) == "| a | b |\n|---|---|\n| 1.23 | x |"
+
+
+def test_quick_results_never_rewrite_tracked_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bu, "RESULTS_DIR", tmp_path / "results")
+    jp, mp = bu.save_results("x", {"a": 1}, "| a |", quick=True)
+    assert (jp, mp) == (tmp_path / "results" / "tmp" / "x.json", tmp_path / "results" / "tmp" / "x.md")
+    assert not (tmp_path / "results" / "x.json").exists()
+    jp, _ = bu.save_results("x", {"a": 2}, "| a |")
+    assert jp == tmp_path / "results" / "x.json" and '"a": 2' in jp.read_text()
+    ignored = (Path(__file__).resolve().parents[1] / ".gitignore").read_text().split()
+    assert "benchmarks/results/tmp/" in ignored
