@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# PREFTUNE_BENCH_RESULTS redirects every results file (the smoke tests point it at a temp folder).
+RESULTS_DIR = Path(os.environ.get("PREFTUNE_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,8 @@ MODELS = {
     "20m": ModelSpec(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=688),
     # ~8.3M, for --quick and the scaling sweeps; still the real 32k-vocab LM head.
     "quick": ModelSpec(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=344),
+    # ~1M, for the smoke tests only (seconds): every benchmark's code path, no meaningful timing.
+    "tiny": ModelSpec(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64),
 }
 
 PROMPT_HEAVY = Shape("prompt_heavy", (480, 544), (64, 128))
@@ -214,12 +217,15 @@ def rss_mb() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def run_child(argv: list[str], *, timeout: float = 1800.0) -> dict[str, Any]:
-    """Run `python argv...` in a fresh process that prints one JSON object as its last stdout line;
-    return that object plus `peak_rss_mb` (the child's ru_maxrss, read with wait4 for that pid
-    only, so no other process counts) and `wall_s`."""
-    import tempfile
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of every benchmark child process: offline, no tokenizer threads, and passive
+    OpenMP waiting (`OMP_WAIT_POLICY=PASSIVE`, unless the caller's environment sets a policy).
 
+    With the default active policy, an OpenMP thread that finishes its share of a parallel region
+    spins for its siblings; on a machine other processes also use, a spinning thread holds a core
+    the straggler needs, and two-thread step times turn bimodal (several-fold apart). Passive
+    waiting sleeps instead, which costs a few microseconds per region on an idle machine.
+    """
     env = {
         **os.environ,
         "TOKENIZERS_PARALLELISM": "false",
@@ -227,7 +233,24 @@ def run_child(argv: list[str], *, timeout: float = 1800.0) -> dict[str, Any]:
         "TRANSFORMERS_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "WANDB_DISABLED": "true",
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
     }
+    env.update(extra)
+    return env
+
+
+def load_average() -> list[float]:
+    """The 1-, 5- and 15-minute load averages, recorded beside every timing (a shared machine)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def run_child(argv: list[str], *, timeout: float = 1800.0) -> dict[str, Any]:
+    """Run `python argv...` in a fresh process that prints one JSON object as its last stdout line;
+    return that object plus `peak_rss_mb` (the child's ru_maxrss, read with wait4 for that pid
+    only, so no other process counts) and `wall_s`."""
+    import tempfile
+
+    env = child_env()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen([sys.executable, *argv], stdout=out, stderr=err, env=env)
@@ -312,6 +335,8 @@ def machine_info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "load_average": load_average(),
+        "omp_wait_policy": child_env()["OMP_WAIT_POLICY"],
         "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }
 

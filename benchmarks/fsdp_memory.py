@@ -93,7 +93,7 @@ def run_mode(mode: str, a: argparse.Namespace, work: Path, rep: int) -> list[dic
     cmd += ["--model", str(a.model), "--data", str(a.data), "--out", str(work / f"run-{mode}-{rep}")]
     cmd += ["--cache", str(work / "cache"), "--report", str(report), "--steps", str(a.steps)]
     cmd += ["--batch", str(a.batch), "--micro", str(a.micro)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = bu.child_env(OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")

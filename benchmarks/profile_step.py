@@ -6,7 +6,9 @@
 Runs the same child as dpo_vs_trl.py (same model, data and settings) under `torch.profiler` and
 prints the ops with the most self CPU time, plus the share of matmul-like ops (aten::mm / addmm /
 bmm / linear backward) and of attention. The profile covers the whole train() call (loading is
-cheap in op time). Results: benchmarks/results/profile_SIDE_SHAPE.txt.
+cheap in op time). Results: benchmarks/results/profile_SIDE_SHAPE.txt (or under
+$PREFTUNE_BENCH_RESULTS). The profile runs in this process: start it with OMP_WAIT_POLICY=PASSIVE
+on a shared machine (the setting must be in place before torch loads).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_utils as bu  # noqa: E402
+import dpo_children  # noqa: E402
 import dpo_vs_trl  # noqa: E402
 
 MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
@@ -33,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument(
+        "--trl-variant", choices=dpo_children.VARIANTS, default="best", help="as in dpo_vs_trl.py"
+    )
+    ap.add_argument(
+        "--optimizer", choices=["unfused", "fused"], default="unfused", help="as in dpo_vs_trl.py"
+    )
     a = ap.parse_args(argv)
     from torch.profiler import ProfilerActivity, profile
 
@@ -41,10 +50,15 @@ def main(argv: list[str] | None = None) -> int:
         model = bu.save_model(bu.MODELS[a.model_size], work / "model")
         rows = bu.synth_pairs(dpo_vs_trl.SHAPES[a.shape].scaled(a.scale), a.batch, seed=1)
         data = bu.write_jsonl(rows, work / "d.jsonl")
-        ns = argparse.Namespace(
-            model=str(model), data=str(data), batch=a.batch, steps=a.steps, lr=1e-5, beta=0.1, seed=0
+        ns = dpo_children.child_namespace(
+            model=str(model),
+            data=str(data),
+            batch=a.batch,
+            steps=a.steps,
+            optimizer=a.optimizer,
+            trl_variant=a.trl_variant,
         )
-        fn = dpo_vs_trl.child_trl if a.side == "trl" else dpo_vs_trl.child_preftune
+        fn = dpo_children.child_trl if a.side == "trl" else dpo_children.child_preftune
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             fn(ns)
     avg = prof.key_averages()
@@ -55,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     table = avg.table(sort_by="self_cpu_time_total", row_limit=a.top)
     text = (
-        f"side={a.side} shape={a.shape} scale={a.scale} model={a.model_size} batch={a.batch} "
-        f"steps={a.steps}\nself-CPU share: matmul {share['matmul']:.1%}, attention {share['attention']:.1%}, "
+        f"side={a.side} variant={a.trl_variant} shape={a.shape} scale={a.scale} model={a.model_size} "
+        f"batch={a.batch} steps={a.steps} load average {bu.load_average()}\nself-CPU share: matmul {share['matmul']:.1%}, attention {share['attention']:.1%}, "
         f"total self CPU {total / 1e6:.1f}s\n\n{table}\n"
     )
     bu.RESULTS_DIR.mkdir(parents=True, exist_ok=True)

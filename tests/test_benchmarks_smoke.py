@@ -1,0 +1,233 @@
+"""Every benchmark script runs, at toy sizes, and writes its results to a temp folder only.
+
+Timings at these sizes mean nothing; what is checked is that each script's code path works end to
+end and that the numbers it reports hold their invariants (the first DPO loss is log 2 when policy
+and reference start equal, the executed-FLOP count matches the formula). Scripts whose comparison
+side needs TRL run their preftune side here; the TRL side runs only where `import trl` works (the
+benchmark environment, benchmarks/setup_bench_env.sh). Scripts that start several child processes
+per run (the 5-method reference-cache sweep, the 2-process FSDP launch) are `slow`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import runpy
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import bench_utils as bu  # noqa: E402
+import flops  # noqa: E402
+
+HAS_TRL = importlib.util.find_spec("trl") is not None
+NO_TRL = "TRL is not installed here (run benchmarks/setup_bench_env.sh for the comparison side)"
+
+
+def _tracked_results() -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted((BENCH / "results").glob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture
+def results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Results go to a temp folder (this process and its children); the tracked files stay as they are."""
+    before = _tracked_results()
+    out = tmp_path / "results"
+    monkeypatch.setenv("PREFTUNE_BENCH_RESULTS", str(out))
+    monkeypatch.setattr(bu, "RESULTS_DIR", out)
+    yield out
+    assert _tracked_results() == before
+
+
+def _run(script: str, *args: str) -> str:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _in_process(script: str, *args: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    try:
+        runpy.run_path(str(BENCH / script), run_name="__main__")
+    except SystemExit as stop:
+        assert stop.code in (0, None)
+
+
+def test_child_env_waits_passively(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    env = bu.child_env(OMP_NUM_THREADS="1")
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # an explicit choice of the caller wins
+    assert bu.child_env()["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_executed_flops_by_hand() -> None:
+    spec = bu.ModelSpec(
+        vocab_size=100, hidden_size=8, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=16
+    )
+    # body per layer: q,o 2·64 + k,v 2·8·4 + MLP 3·8·16 = 128 + 64 + 384 = 576; 2 layers: 1152
+    assert flops.forward_flops(spec, 10, 3) == 2 * 1152 * 10 + 4 * 8 * 100 * 2 + 2 * 100 * 8 * 3
+    pairs = [(5, 2, 3)]
+    # preftune: one packed row of 10 tokens, 5 scored; trained (3×) + online reference (1×)
+    assert flops.preftune_step(spec, pairs, online_reference=True) == 4 * flops.forward_flops(spec, 10, 5)
+    # TRL: two rows of 5 + 3 = 8; on CPU every position but the last is scored, on GPU the completion
+    cpu = flops.trl_step(spec, pairs, micro_pairs=1, online_reference=False, response_only=False)
+    gpu = flops.trl_step(spec, pairs, micro_pairs=1, online_reference=False, response_only=True)
+    assert cpu == 3 * 2 * flops.forward_flops(spec, 8, 7)
+    assert gpu == 3 * (flops.forward_flops(spec, 8, 2) + flops.forward_flops(spec, 8, 3))
+
+
+def test_profile_step_namespace_has_every_child_field() -> None:
+    import dpo_children
+
+    ns = dpo_children.child_namespace(model="m", data="d")
+    assert (ns.optimizer, ns.trl_variant, ns.batch) == ("unfused", "best", 2)
+    assert dpo_children.trl_settings(ns)["optim"] == "adamw_torch_fused"
+    plain = dpo_children.trl_settings(dpo_children.child_namespace(trl_variant="plain"))
+    assert plain["precompute_ref_log_probs"] is False and plain["torch_compile"] is False
+    with pytest.raises(TypeError, match="unknown child fields"):
+        dpo_children.child_namespace(optimiser="fused")
+
+
+def test_dpo_vs_trl_smoke_preftune_side(results: Path) -> None:
+    _check_dpo_vs_trl(results, "preftune", "best")
+
+
+@pytest.mark.skipif(not HAS_TRL, reason=NO_TRL)
+def test_dpo_vs_trl_smoke_trl_sides(results: Path) -> None:
+    _check_dpo_vs_trl(results, "trl,trl_gpu,preftune", "plain")
+
+
+def _check_dpo_vs_trl(results: Path, sides: str, variant: str) -> None:
+    _run("dpo_vs_trl.py", "--smoke", "--sides", sides, "--trl-variant", variant)
+    res = json.loads((results / "tmp" / "dpo_vs_trl_smoke.json").read_text())  # quick-like: tmp/
+    shape = res["shapes"]["prompt_heavy"]
+    for side, losses in shape["first_losses"].items():
+        assert losses[0] == pytest.approx(math.log(2), abs=1e-4), side  # policy == reference at step 1
+    assert res["machine"]["omp_wait_policy"] == "PASSIVE"
+    assert shape["runs"]["preftune"][0]["load_average"][0][0] >= 0
+    assert "MFU (executed)" in (results / "tmp" / "dpo_vs_trl_smoke.md").read_text()
+
+
+def test_profile_step_smoke(results: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _in_process(
+        "profile_step.py",
+        *("--side", "preftune", "--model-size", "tiny", "--scale", "0.05", "--steps", "2", "--top", "3"),
+        monkeypatch=monkeypatch,
+    )
+    text = (results / "profile_preftune_balanced.txt").read_text()
+    assert "self-CPU share: matmul" in text and "load average" in text
+
+
+@pytest.mark.skipif(not HAS_TRL, reason=NO_TRL)
+def test_profile_step_trl_smoke(results: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    args = (
+        "--side",
+        "trl",
+        "--trl-variant",
+        "plain",
+        "--model-size",
+        "tiny",
+        "--scale",
+        "0.05",
+        "--steps",
+        "2",
+    )
+    _in_process("profile_step.py", *args, monkeypatch=monkeypatch)
+    assert (results / "profile_trl_balanced.txt").exists()
+
+
+def test_optimizer_step_smoke(results: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _in_process("optimizer_step.py", "--model-size", "tiny", "--reps", "1", monkeypatch=monkeypatch)
+    res = json.loads((results / "optimizer_step.json").read_text())
+    assert res["update_max_diff"] < 1e-6  # fused and foreach take the same step
+
+
+def test_prefix_sharing_smoke(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ("--pairs", "2", "--prompt-len", "16", "--response-len", "8", "--hidden", "32", "--layers", "1")
+    _in_process("prefix_sharing.py", *args, "--vocab", "1000", "--reps", "1", monkeypatch=monkeypatch)
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["shared"]["row_slots"] < res["padded"]["row_slots"]  # the prompt once per pair, not twice
+
+
+def test_rollout_prefill_smoke(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ("--quick", "--model-size", "tiny", "--prompts", "2", "--samples", "2", "--prompt-len", "10")
+    _in_process("rollout_prefill.py", *args, monkeypatch=monkeypatch)
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["same_tokens"] is True and res["new_tokens"] == 16
+
+
+def test_tokenize_speed_smoke(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    _in_process("tokenize_speed.py", "--rows", "50", "--tokens-per-pair", "30", monkeypatch=monkeypatch)
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["rows"] == 50
+
+
+SCALING = ["--model-size", "tiny", "--ks", "2", "--k-prompt", "8", "--response", "4", "--steps", "2"]
+
+
+def test_scaling_smoke_k_sweep(results: Path) -> None:
+    _run("scaling.py", "--sweep", "k", *SCALING)
+    res = json.loads((results / "scaling_k.json").read_text())
+    assert [p["k"] for p in res["k"]] == [2]
+
+
+@pytest.mark.skipif(not HAS_TRL, reason=NO_TRL)
+def test_scaling_smoke_prompt_sweep(results: Path) -> None:
+    _run("scaling.py", "--sweep", "prompt", "--prompts", "8", *SCALING)
+    res = json.loads((results / "scaling_prompt.json").read_text())
+    assert [p["prompt"] for p in res["prompt"]] == [8]
+
+
+@pytest.mark.slow
+def test_ref_cache_smoke(results: Path) -> None:
+    _run(
+        "ref_cache.py",
+        "--model-size",
+        "tiny",
+        "--scale",
+        "0.05",
+        "--pairs",
+        "2",
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+    )
+    res = json.loads((results / "ref_cache.json").read_text())
+    assert set(res["runs"]) == {"sweep_cache", "independent_model", "independent_cache"}
+
+
+@pytest.mark.slow
+def test_fsdp_memory_smoke(results: Path) -> None:
+    _run(
+        "fsdp_memory.py",
+        "--model-size",
+        "tiny",
+        "--steps",
+        "2",
+        "--batch",
+        "4",
+        "--micro",
+        "2",
+        "--pairs",
+        "4",
+    )
+    res = json.loads((results / "fsdp_memory.json").read_text())
+    assert set(res["median"]) == {"ddp", "fsdp"}
