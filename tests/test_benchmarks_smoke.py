@@ -231,3 +231,10 @@ def test_fsdp_memory_smoke(results: Path) -> None:
     )
     res = json.loads((results / "fsdp_memory.json").read_text())
     assert set(res["median"]) == {"ddp", "fsdp"}
+
+
+def test_head_logps_smoke(results: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    args = ("--tokens", "40", "--hidden", "16", "--vocab", "300", "--reps", "1")
+    _in_process("head_logps.py", *args, monkeypatch=monkeypatch)
+    res = json.loads((results / "head_logps.json").read_text())
+    assert res["max_abs_diff"] < 1e-5  # same values and gradients on both paths

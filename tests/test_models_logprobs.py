@@ -262,3 +262,43 @@ def test_frozen_head_path_gives_the_same_gradients(model_dirs):
         torch.testing.assert_close(s, torch.stack([r.sum() for r in rows]), atol=1e-5, rtol=1e-6)
     for g, rg in zip(_grads(model, (torch.cat(sums) * weights).sum()), ref_grads):
         assert (g - rg).abs().max() <= 1e-5 * max(1.0, rg.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_trainable_head_keeps_lse_only_and_gives_the_same_gradients(dtype):
+    """The hand-written backward of a plain linear head (logit scale 2, temperature 0.7, chunks of 4
+    over 13 tokens) equals autograd through full log_softmax + gather, values and both gradients."""
+    from types import SimpleNamespace
+
+    from preftune.models.logprobs import LogitTransform, _chunk_logps, chunked_token_logps
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).to(dtype)
+    transform = LogitTransform(SimpleNamespace(logit_scale=2.0), temperature=0.7)
+    hidden = torch.randn(13, 16, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, 50, (13,))
+    weights = torch.linspace(-1.0, 2.0, 13, dtype=torch.float32)
+
+    out = chunked_token_logps(hidden, targets, head, transform, chunk_tokens=4)
+    assert "HeadLogps" in type(out.grad_fn).__name__
+    got = torch.autograd.grad((out * weights).sum(), [hidden, head.weight])
+    ref_out = _chunk_logps(hidden, targets, head, transform)  # one chunk, plain autograd
+    ref = torch.autograd.grad((ref_out * weights).sum(), [hidden, head.weight])
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
+    for g, r in zip(got, ref):
+        assert g.dtype == r.dtype and (g - r).abs().max() <= 1e-5
+
+
+def test_softcapped_or_biased_heads_keep_the_checkpointed_path():
+    from types import SimpleNamespace
+
+    from preftune.models.logprobs import LogitTransform, chunked_token_logps
+
+    hidden = torch.randn(5, 8, requires_grad=True)
+    capped = LogitTransform(SimpleNamespace(final_logit_softcapping=30.0))
+    for head, transform in (
+        (torch.nn.Linear(8, 20, bias=False), capped),
+        (torch.nn.Linear(8, 20, bias=True), LogitTransform(SimpleNamespace())),
+    ):
+        out = chunked_token_logps(hidden, torch.arange(5), head, transform, chunk_tokens=2)
+        assert "HeadLogps" not in type(out.grad_fn).__name__

@@ -19,6 +19,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from preftune.errors import ConfigError
+from preftune.models.head_logps import HeadLogps, linear_head_scale
 from preftune.models.load import unwrap_model
 from preftune.models.packing import RowBatch, attention_masks, build_packed, build_padded, packing_support
 from preftune.types import Example, SequenceStats
@@ -124,8 +125,10 @@ def chunked_token_logps(
     (the support a top-k / top-p sampler kept, see `preftune.rl.sampling`).
 
     Processes `chunk_tokens` rows at a time (default: 2^22 / vocab). With autograd on and a trainable
-    head, each chunk is checkpointed, so backward recomputes that chunk's logits instead of keeping
-    them; with a frozen head (LoRA), ∂logp/∂h is formed in forward and nothing is recomputed.
+    plain linear head (no soft-capping), `HeadLogps` keeps each token's log-sum-exp and backward
+    recomputes the chunk's logits once, turning them into their gradient in place; other trainable
+    heads are checkpointed chunk by chunk; with a frozen head (LoRA), ∂logp/∂h is formed in forward
+    and nothing is recomputed.
     """
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
@@ -136,6 +139,10 @@ def chunked_token_logps(
     if torch.is_grad_enabled() and hidden.requires_grad and frozen_head:
         out: torch.Tensor = _FrozenHeadLogps.apply(hidden, targets, head, transform, size, min_logits)
         return out
+    scale = linear_head_scale(head, transform) if torch.is_grad_enabled() and min_logits is None else None
+    if scale is not None and not frozen_head:
+        linear: torch.Tensor = HeadLogps.apply(hidden, targets, weight, scale, size)
+        return linear
     outs = []
     for start in range(0, hidden.shape[0], size):
         h, y = hidden[start : start + size], targets[start : start + size]
