@@ -164,10 +164,16 @@ def _hidden_states(model: Any, batch: RowBatch) -> torch.Tensor:
             f"{type(lm).__name__} has no decoder body '{getattr(lm, 'base_model_prefix', '')}' and LM head: "
             "load a *ForCausalLM model (AutoModelForCausalLM)"
         )
-    device = next(lm.parameters()).device
+    return trunk_hidden_states(backbone, lm.config, lm.dtype, batch)
+
+
+def trunk_hidden_states(backbone: Any, config: Any, dtype: torch.dtype, batch: RowBatch) -> torch.Tensor:
+    """Final hidden states [R, L, H] of a decoder body (`model.model`) on `batch`: the tree mask and
+    branch positions for a packed batch, the 2-D padding mask for padded rows."""
+    device = next(backbone.parameters()).device
     ids = batch.input_ids.to(device)
     if batch.shared:
-        mask = attention_masks(batch, lm.config, lm.dtype, device)
+        mask = attention_masks(batch, config, dtype, device)
         out = backbone(
             input_ids=ids, attention_mask=mask, position_ids=batch.position_ids.to(device), use_cache=False
         )
