@@ -1,0 +1,1 @@
+"""Diffusion models: preference losses, samplers and solvers built on `diffusers`."""
