@@ -83,7 +83,7 @@ def test_bad_specs_and_values(user_module: Path) -> None:
         "arithmetic,arithmetic": "'arithmetic' appears twice",
         "arithmetic:0": "weight of 'arithmetic' must be finite and non-zero",
         "arithmetic,": "empty term",
-        f"{user_module.parent}": "reward models are not yet supported",
+        f"{user_module.parent}": f"reward model folder {user_module.parent}: no config.json",
     }
     for spec, message in cases.items():
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

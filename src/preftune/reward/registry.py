@@ -13,8 +13,7 @@ weighted sum (TRL sums with nansum). A spec names functions with weights:
     "path/to/rewards.py:fn"             a function from a Python file
     [("arithmetic", 1.0), (my_fn, 0.5)] the same as a list (callables allowed)
 
-A trained reward-model folder is the planned third source (`load_reward_model`); it is not yet
-supported and says so.
+    "runs/rm/final" or "model:runs/rm/final"   a trained reward model's score (`load_reward_model`)
 """
 
 from __future__ import annotations
@@ -151,15 +150,12 @@ def _import_callable(ref: str) -> RewardFn:
 
 
 def load_reward_model(path: str | Path) -> RewardFn:
-    """The seam for a trained reward-model folder (a causal-LM trunk with a scalar head read at each
-    response's last token, as saved by `AutoModelForSequenceClassification(num_labels=1)`).
+    """A trained reward-model folder (`preftune train rm` OUT/final, or any
+    `AutoModelForSequenceClassification(num_labels=1)` folder with its tokenizer) as a reward function:
+    the scalar score of each completion, read at its last token (docs/reward_models.md)."""
+    from preftune.reward.model_reward import RewardModelFn
 
-    Not yet supported: preftune cannot train or load reward models yet. Raises a ConfigError saying so.
-    """
-    raise ConfigError(
-        f"reward model folder {path}: reward models are not yet supported (preftune cannot yet load a "
-        "scalar-head reward model); use a verifier such as 'arithmetic' or a Python function 'module:function'"
-    )
+    return RewardModelFn(path)
 
 
 def _resolve(name: str) -> RewardTerm:

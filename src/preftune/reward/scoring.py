@@ -37,15 +37,21 @@ def load_scorer(
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), "num_labels": 1}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
     try:
+        hf_logging.set_verbosity_error()  # its load report lists the new head as missing: by design
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "some weights newly initialised": the head, by design
+            warnings.simplefilter("ignore")
             model: Any = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(
             f"could not load a reward model (sequence classifier) from '{source}': {exc}; "
             "give a causal-LM folder whose architecture has a *ForSequenceClassification class"
         ) from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if model.config.pad_token_id is None:
         eos = model.config.eos_token_id
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos

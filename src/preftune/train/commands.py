@@ -3,6 +3,11 @@
     preftune train dpo --model ./sft --data prefs.jsonl --out runs/dpo1 --beta 0.2
     preftune train simpo --config examples/simpo.yaml --model ./sft-model --data prefs.jsonl --out runs/simpo --gamma 0.5
     torchrun --nproc_per_node 2 -m preftune train dpo ...
+    preftune train rm --model ./sft --data prefs.jsonl --out runs/rm --loss bt
+
+METHOD rm trains a reward model (docs/reward_models.md): --loss bt | bt_margin | bt_scaled | center
+or a weighted sum such as 'bt:1,center:0.01'; the run folder, checkpoints and --resume work as for
+the preference losses; OUT/final/ loads with AutoModelForSequenceClassification.
 
 Precedence: dataclass defaults < `--config` YAML < command line. Loss hyper-parameters (`--beta`,
 `--gamma`, ...) are added to the parser from the loss registry when the `train` command is parsed
@@ -148,7 +153,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "method_arg",
         nargs="?",
         metavar="METHOD",
-        help="loss or objective, e.g. dpo or 'dpo:1.0,sft:0.2' (same as --method)",
+        help="loss or objective, e.g. dpo or 'dpo:1.0,sft:0.2' (same as --method); rm: a reward model",
     )
     p.add_argument("--config", help="YAML file of config keys (command-line values override it)")
     group = p.add_argument_group("run configuration (any key also works in --config YAML)")
@@ -236,10 +241,23 @@ def run(args: argparse.Namespace) -> int:
     overrides = overrides_from_args(args)
     config = load_config(args.config, overrides)
     _check_file_method(args.config, getattr(args, "method_arg", None))
-    result = train(config)
+    if str(config.method).strip() == "rm":  # a reward model: scores, no reference (preftune.reward)
+        from preftune.reward.training import train_rm
+
+        result = train_rm(config)
+    else:
+        result = train(config)
     shown = "  ".join(
         f"{k}={result.metrics[k]:.4g}"
-        for k in ("loss", "rewards/accuracy", "rewards/margin", "eval/loss", "eval/rewards/accuracy")
+        for k in (
+            "loss",
+            "rewards/accuracy",
+            "rewards/margin",
+            "accuracy",
+            "eval/loss",
+            "eval/rewards/accuracy",
+            "eval/accuracy",
+        )
         if isinstance(result.metrics.get(k), float)
     )
     if os.environ.get("RANK", "0") == "0":
