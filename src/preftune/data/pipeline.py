@@ -35,13 +35,13 @@ from preftune.data.formatting import (
 )
 from preftune.data.layouts import parse_columns
 from preftune.data.lengths import Truncation
-from preftune.data.rows import Problem, render_problems
-from preftune.data.schema import validate
+from preftune.data.rows import Problem, SourceData, render_problems
+from preftune.data.schema import Record, validate
 from preftune.data.sources import content_hash, read_source
-from preftune.data.tokenize import Tokenized, tokenize_records
+from preftune.data.tokenize import Tokenized, TokenizeResult, tokenize_records
 from preftune.data.validate import check_positions, format_summary
 from preftune.errors import ConfigError, DataError
-from preftune.types import Example
+from preftune.types import Example, Kind
 
 log = logging.getLogger("preftune.data")
 
@@ -267,6 +267,38 @@ def _prepare(
             return _finish(data, cached, fingerprint, ranked_pairs, start, (trunc, max_positions))
         status = "rebuilt" if status == "rebuilt" else "miss"
 
+    source_data, records, problems, found = _read_valid(source, split, kind, cols, on_invalid, label)
+    conversational = any(r.conversational for r in records)
+    formatter = Formatter.create(tok, fmt, conversational=conversational, source=label)
+    t_tok = time.perf_counter()
+    result = tokenize_records(records, formatter, trunc, found, path=label, num_proc=num_proc)
+    t_tok = time.perf_counter() - t_tok
+    template_problems = [p for p in result.problems if p.reason and p.reason.startswith("chat template")]
+    if template_problems and on_invalid == "error":
+        raise DataError(
+            f"{len(template_problems)} problem(s) formatting {label}:\n" + render_problems(template_problems)
+        )
+    summary = _summary(label, found, conversational, len(source_data.rows), result, problems, t_tok)
+    if use_cache:
+        try:
+            cache_io.save(cache_path, result.data, summary)
+            summary["cache_file"] = str(cache_path)
+        except OSError as err:  # a read-only or full disk must not stop training
+            status = f"not written ({err.strerror})"
+    summary["cache"] = status
+    return _finish(result.data, summary, fingerprint, ranked_pairs, start, (trunc, max_positions))
+
+
+def _read_valid(
+    source: str | Path | list[dict[str, Any]],
+    split: str | None,
+    kind: str | None,
+    cols: dict[str, str],
+    on_invalid: str,
+    label: str,
+) -> tuple[SourceData, list[Record], list[Problem], Kind]:
+    """Read and check the records of `source`: one DataError listing every problem when a problem
+    is fatal (no kind, a missing column) or bad rows may not be dropped."""
     source_data = read_source(source, split=split)
     records, problems, found = validate(source_data, kind=kind, columns=cols)
     fatal = [p for p in problems if p.row is None]
@@ -281,22 +313,25 @@ def _prepare(
                 else "\nfix them, or skip bad rows with on_invalid='drop' (CLI: --on-invalid drop)"
             )
         )
-    conversational = any(r.conversational for r in records)
-    formatter = Formatter.create(tok, fmt, conversational=conversational, source=label)
-    t_tok = time.perf_counter()
-    result = tokenize_records(records, formatter, trunc, found, path=label, num_proc=num_proc)
-    t_tok = time.perf_counter() - t_tok
-    template_problems = [p for p in result.problems if p.reason and p.reason.startswith("chat template")]
-    if template_problems and on_invalid == "error":
-        raise DataError(
-            f"{len(template_problems)} problem(s) formatting {label}:\n" + render_problems(template_problems)
-        )
+    return source_data, records, problems, found
+
+
+def _summary(
+    label: str,
+    found: Kind,
+    conversational: bool,
+    rows: int,
+    result: TokenizeResult,
+    problems: list[Problem],
+    tokenize_seconds: float,
+) -> dict[str, Any]:
+    """The data summary of a freshly tokenized source (cached with the data, logged every run)."""
     dropped, reasons = _problem_counts(problems + result.problems)
-    summary: dict[str, Any] = {
+    return {
         "source": label,
         "kind": found,
         "conversational": conversational,
-        "rows": len(source_data.rows),
+        "rows": rows,
         "examples": len(result.data),
         "dropped": dropped,
         "reasons": dict(reasons),
@@ -305,17 +340,9 @@ def _prepare(
         "truncated_response": result.counts["truncated_response"],
         "tokens": int(len(result.data.tokens)),
         "problems": [p.render() for p in (problems + result.problems)[:SHOWN_PROBLEMS]],
-        "tokenize_seconds": round(t_tok, 3),
+        "tokenize_seconds": round(tokenize_seconds, 3),
         "num_proc": result.num_proc,
     }
-    if use_cache:
-        try:
-            cache_io.save(cache_path, result.data, summary)
-            summary["cache_file"] = str(cache_path)
-        except OSError as err:  # a read-only or full disk must not stop training
-            status = f"not written ({err.strerror})"
-    summary["cache"] = status
-    return _finish(result.data, summary, fingerprint, ranked_pairs, start, (trunc, max_positions))
 
 
 def _finish(

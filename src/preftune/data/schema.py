@@ -108,14 +108,8 @@ def _message_split(chosen: list[Message], rejected: list[Message]) -> int:
     return n
 
 
-def _pairwise(c: Checker, r: dict[str, Any]) -> Record | None:
-    for f in ("chosen", "rejected"):
-        if r.get(f) is None:
-            c.missing(f, "pairwise")
-    has_prompt = r.get("prompt") is not None
-    prompt = c.content("prompt", r["prompt"], response=False) if has_prompt else None
-    chosen = c.content("chosen", r["chosen"], response=True) if r.get("chosen") is not None else None
-    rejected = c.content("rejected", r["rejected"], response=True) if r.get("rejected") is not None else None
+def _pair_label(c: Checker, r: dict[str, Any]) -> Any:
+    """The optional soft preference `label` p ∈ [0, 1] of a pair (as written)."""
     label = r.get("label")
     if label is not None and (not _is_number(label) or not 0.0 <= label <= 1.0):
         c.add(
@@ -124,66 +118,100 @@ def _pairwise(c: Checker, r: dict[str, Any]) -> Record | None:
             "a pairwise label is the soft preference p that chosen is better; write e.g. 0.8 or drop it",
             reason="label: not in [0, 1]",
         )
-    margins = None
-    if r.get("margins") is not None:
-        m = r["margins"]
-        if not (isinstance(m, list) and len(m) == 2 and all(isinstance(x, list) for x in m)):
+    return label
+
+
+def _pair_margins(c: Checker, r: dict[str, Any]) -> list[list[float]] | None:
+    """The optional `margins` [[chosen M], [rejected M]] of a pair (MODPO)."""
+    if r.get("margins") is None:
+        return None
+    m = r["margins"]
+    if not (isinstance(m, list) and len(m) == 2 and all(isinstance(x, list) for x in m)):
+        c.add(
+            "margins",
+            f"is {_type(m)}, expected [[chosen margins], [rejected margins]]",
+            "write one list of M margin rewards per response, e.g. [[0.5, 1.0], [0.1, 0.2]]",
+            reason="margins: wrong shape",
+        )
+        return None
+    mc = c.numbers("margins[0]", m[0], None, "")
+    mr = c.numbers("margins[1]", m[1], len(m[0]), "give chosen and rejected the same number of margins")
+    return [mc, mr] if mc is not None and mr is not None else None
+
+
+def _pair_scores(c: Checker, r: dict[str, Any]) -> list[float] | None:
+    """The optional `score_chosen` / `score_rejected` of a pair: both finite numbers, or neither."""
+    if r.get("score_chosen") is None and r.get("score_rejected") is None:
+        return None
+    for f in ("score_chosen", "score_rejected"):
+        v: Any = r.get(f)
+        if not _is_number(v) or not math.isfinite(v):
             c.add(
-                "margins",
-                f"is {_type(m)}, expected [[chosen margins], [rejected margins]]",
-                "write one list of M margin rewards per response, e.g. [[0.5, 1.0], [0.1, 0.2]]",
-                reason="margins: wrong shape",
+                f,
+                f"is {_type(v) if not _is_number(v) else v}, expected a finite number",
+                "give both score_chosen and score_rejected as numbers, or neither",
+                reason=f"{f}: not a finite number",
             )
-        else:
-            mc = c.numbers("margins[0]", m[0], None, "")
-            mr = c.numbers(
-                "margins[1]", m[1], len(m[0]), "give chosen and rejected the same number of margins"
-            )
-            margins = [mc, mr] if mc is not None and mr is not None else None
-    scores = None
-    if r.get("score_chosen") is not None or r.get("score_rejected") is not None:
-        for f in ("score_chosen", "score_rejected"):
-            v: Any = r.get(f)
-            if not _is_number(v) or not math.isfinite(v):
-                c.add(
-                    f,
-                    f"is {_type(v) if not _is_number(v) else v}, expected a finite number",
-                    "give both score_chosen and score_rejected as numbers, or neither",
-                    reason=f"{f}: not a finite number",
-                )
-        if not c.problems:
-            scores = [float(r["score_chosen"]), float(r["score_rejected"])]
+    if c.problems:
+        return None
+    return [float(r["score_chosen"]), float(r["score_rejected"])]
+
+
+def _shared_prompt(
+    c: Checker, chosen: Content, rejected: Content, conv: bool
+) -> tuple[Content, Content, Content] | None:
+    """(prompt, chosen, rejected) of a pair written without a prompt (HH-RLHF): the prompt is the
+    prefix chosen and rejected share; None (with the problem added) when there is none to use."""
+    prompt: Content
+    if conv:
+        ch, rj = _wrap(chosen, "assistant"), _wrap(rejected, "assistant")
+        n = _message_split(ch, rj)
+        prompt, chosen, rejected = ch[:n], ch[n:], rj[n:]
+    else:
+        assert isinstance(chosen, str) and isinstance(rejected, str)
+        n = _text_split(chosen, rejected)
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    if n == 0:
+        c.add(
+            "prompt",
+            "no 'prompt' and chosen/rejected share no prefix to use as the prompt",
+            "add a 'prompt' field, or give chosen and rejected the full conversation (same prompt "
+            "turns, then different assistant replies)",
+            reason="prompt: no common prefix",
+        )
+        return None
+    if (isinstance(chosen, str) and not chosen.strip()) or (
+        isinstance(rejected, str) and not rejected.strip()
+    ):
+        c.add(
+            "chosen",
+            "empty text after removing the shared prompt prefix",
+            "give chosen and rejected different replies after the shared prompt",
+            reason="chosen: empty text",
+        )
+        return None
+    return prompt, chosen, rejected
+
+
+def _pairwise(c: Checker, r: dict[str, Any]) -> Record | None:
+    for f in ("chosen", "rejected"):
+        if r.get(f) is None:
+            c.missing(f, "pairwise")
+    has_prompt = r.get("prompt") is not None
+    prompt = c.content("prompt", r["prompt"], response=False) if has_prompt else None
+    chosen = c.content("chosen", r["chosen"], response=True) if r.get("chosen") is not None else None
+    rejected = c.content("rejected", r["rejected"], response=True) if r.get("rejected") is not None else None
+    label = _pair_label(c, r)
+    margins = _pair_margins(c, r)
+    scores = _pair_scores(c, r)
     if c.problems or chosen is None or rejected is None:
         return None
     conv = any(isinstance(x, list) for x in (prompt, chosen, rejected))
     if not has_prompt:
-        if conv:
-            ch, rj = _wrap(chosen, "assistant"), _wrap(rejected, "assistant")
-            n = _message_split(ch, rj)
-            prompt, chosen, rejected = ch[:n], ch[n:], rj[n:]
-        else:
-            assert isinstance(chosen, str) and isinstance(rejected, str)
-            n = _text_split(chosen, rejected)
-            prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
-        if n == 0:
-            c.add(
-                "prompt",
-                "no 'prompt' and chosen/rejected share no prefix to use as the prompt",
-                "add a 'prompt' field, or give chosen and rejected the full conversation (same prompt "
-                "turns, then different assistant replies)",
-                reason="prompt: no common prefix",
-            )
+        split = _shared_prompt(c, chosen, rejected, conv)
+        if split is None:
             return None
-        if (isinstance(chosen, str) and not chosen.strip()) or (
-            isinstance(rejected, str) and not rejected.strip()
-        ):
-            c.add(
-                "chosen",
-                "empty text after removing the shared prompt prefix",
-                "give chosen and rejected different replies after the shared prompt",
-                reason="chosen: empty text",
-            )
-            return None
+        prompt, chosen, rejected = split
     assert prompt is not None
     if conv:
         prompt = _wrap(prompt, "user")
