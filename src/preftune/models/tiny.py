@@ -18,6 +18,40 @@ from preftune.errors import ConfigError
 TINY_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2", "gemma3_text", "gpt2")
 
 
+# arch → (its transformers config class, tied input/output embeddings)
+_CONFIG_CLASSES: dict[str, tuple[str, bool]] = {
+    "llama": ("LlamaConfig", False),
+    "qwen2": ("Qwen2Config", True),
+    "qwen3": ("Qwen3Config", True),
+    "phi3": ("Phi3Config", False),
+    "gemma3_text": ("Gemma3TextConfig", True),
+    "mistral": ("MistralConfig", False),
+    "gemma": ("GemmaConfig", True),
+    "gemma2": ("Gemma2Config", True),
+}
+
+
+def _family_options(arch: str, head_dim: int, num_layers: int) -> dict[str, Any]:
+    """What a family adds to the common settings at a tiny size."""
+    # Gemma 2 and 3: sliding layers, q/k scaling by the head size, final-logit soft-capping.
+    gemma_sliding = dict(
+        head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=16, final_logit_softcapping=5.0
+    )
+    options: dict[str, dict[str, Any]] = {
+        "qwen3": dict(head_dim=head_dim),
+        "gemma": dict(head_dim=head_dim),
+        # Gemma 3: sliding layers with their own RoPE base alternate with full ones.
+        "gemma3_text": dict(
+            gemma_sliding, layer_types=(["sliding_attention", "full_attention"] * num_layers)[:num_layers]
+        ),
+        # Gemma 2: alternating sliding/full layers, attention and final-logit soft-capping: the awkward case.
+        "gemma2": dict(gemma_sliding, attn_logit_softcapping=20.0),
+        # A short window so that tests exercise sliding-window attention on short sequences.
+        "mistral": dict(sliding_window=24),
+    }
+    return options.get(arch, {})
+
+
 def _tiny_config(
     arch: str, *, vocab_size: int, hidden_size: int, num_layers: int, special: dict[str, Any]
 ) -> PretrainedConfig:
@@ -26,67 +60,6 @@ def _tiny_config(
     if hidden_size % heads:
         raise ConfigError(
             f"hidden_size={hidden_size} must be a multiple of {heads} (the attention heads)",
-        )
-    common: dict[str, Any] = dict(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        **special,
-    )
-    if arch == "llama":
-        from transformers import LlamaConfig
-
-        return LlamaConfig(tie_word_embeddings=False, **common)
-    if arch == "qwen2":
-        from transformers import Qwen2Config
-
-        return Qwen2Config(tie_word_embeddings=True, **common)
-    if arch == "qwen3":
-        from transformers import Qwen3Config
-
-        return Qwen3Config(head_dim=hidden_size // heads, tie_word_embeddings=True, **common)
-    if arch == "phi3":
-        from transformers import Phi3Config
-
-        return Phi3Config(tie_word_embeddings=False, **common)
-    if arch == "gemma3_text":
-        from transformers import Gemma3TextConfig
-
-        # Gemma 3: sliding layers with their own RoPE base, q/k norms, final-logit soft-capping.
-        return Gemma3TextConfig(
-            head_dim=hidden_size // heads,
-            query_pre_attn_scalar=hidden_size // heads,
-            sliding_window=16,
-            layer_types=(["sliding_attention", "full_attention"] * num_layers)[:num_layers],
-            final_logit_softcapping=5.0,
-            tie_word_embeddings=True,
-            **common,
-        )
-    if arch == "mistral":
-        from transformers import MistralConfig
-
-        # A short window so that tests exercise sliding-window attention on short sequences.
-        return MistralConfig(tie_word_embeddings=False, sliding_window=24, **common)
-    if arch == "gemma":
-        from transformers import GemmaConfig
-
-        return GemmaConfig(head_dim=hidden_size // heads, tie_word_embeddings=True, **common)
-    if arch == "gemma2":
-        from transformers import Gemma2Config
-
-        # Alternating sliding/full layers, attention and final-logit soft-capping: the awkward case.
-        return Gemma2Config(
-            head_dim=hidden_size // heads,
-            query_pre_attn_scalar=hidden_size // heads,
-            sliding_window=16,
-            final_logit_softcapping=5.0,
-            attn_logit_softcapping=20.0,
-            tie_word_embeddings=True,
-            **common,
         )
     if arch == "gpt2":
         from transformers import GPT2Config
@@ -101,7 +74,24 @@ def _tiny_config(
             tie_word_embeddings=True,
             **special,
         )
-    raise ConfigError(f"unknown tiny architecture '{arch}' — use one of {', '.join(TINY_ARCHS)}")
+    if arch not in _CONFIG_CLASSES:
+        raise ConfigError(f"unknown tiny architecture '{arch}' — use one of {', '.join(TINY_ARCHS)}")
+    import transformers
+
+    name, tied = _CONFIG_CLASSES[arch]
+    config_class = getattr(transformers, name)
+    return config_class(  # type: ignore[no-any-return]
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=tied,
+        **_family_options(arch, hidden_size // heads, num_layers),
+        **special,
+    )
 
 
 def save_tiny_model(
