@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding the char tokenizer with its chat template (load it with AutoTokenizer)."""
+    from preftune.data.char_tokenizer import CHAT_TEMPLATE, build_char_tokenizer
+
+    folder = tmp_path_factory.mktemp("tok")
+    build_char_tokenizer(chat_template=CHAT_TEMPLATE).save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="module")

@@ -9,26 +9,15 @@ import pytest
 from transformers import AutoTokenizer
 
 import preftune.data.pipeline as pipeline
-from preftune.data.char_tokenizer import CHAT_TEMPLATE, build_char_tokenizer
+from preftune.data.char_tokenizer import CHAT_TEMPLATE
 from preftune.data.pipeline import prepare_examples
+from test_train_fixtures import write_jsonl
 
 ROWS = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": str(i + 2)} for i in range(20)]
 
 
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tok")
-    build_char_tokenizer(chat_template=CHAT_TEMPLATE).save_pretrained(d)
-    return d
-
-
-def write(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def test_second_run_is_a_hit_that_skips_reading_and_tokenizing(tmp_path, tok_dir, monkeypatch):
-    data = write(tmp_path / "d.jsonl", ROWS)
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     first = prepare_examples(data, tokenizer=tok_dir, cache_dir=tmp_path / "c", max_length=64)
     assert first.summary["cache"] == "miss" and len(first.examples) == 20
 
@@ -45,7 +34,7 @@ def test_second_run_is_a_hit_that_skips_reading_and_tokenizing(tmp_path, tok_dir
 
 
 def test_any_change_gives_a_new_fingerprint(tmp_path, tok_dir):
-    data = write(tmp_path / "d.jsonl", ROWS)
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     kw = {"tokenizer": tok_dir, "cache_dir": tmp_path / "c"}
     base = prepare_examples(data, **kw).fingerprint
     other_tok = AutoTokenizer.from_pretrained(tok_dir)
@@ -59,7 +48,7 @@ def test_any_change_gives_a_new_fingerprint(tmp_path, tok_dir):
         "template": prepare_examples(data, tokenizer=other_tok, cache_dir=tmp_path / "c"),
         "use_chat_template": prepare_examples(data, use_chat_template=True, **kw),
     }
-    write(data, ROWS[:-1] + [{"prompt": "x", "chosen": "y", "rejected": "z"}])
+    write_jsonl(data, ROWS[:-1] + [{"prompt": "x", "chosen": "y", "rejected": "z"}])
     variants["data"] = prepare_examples(data, **kw)
     prints = {name: v.fingerprint for name, v in variants.items()}
     assert all(v.summary["cache"] == "miss" for v in variants.values()), prints
@@ -71,7 +60,7 @@ def test_any_change_gives_a_new_fingerprint(tmp_path, tok_dir):
 
 @pytest.mark.parametrize("damage", ["flip_byte", "truncate", "garbage"])
 def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, tok_dir, damage):
-    data = write(tmp_path / "d.jsonl", ROWS)
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     first = prepare_examples(data, tokenizer=tok_dir, cache_dir=tmp_path / "c")
     path = Path(first.summary["cache_file"])
     raw = bytearray(path.read_bytes())
@@ -89,7 +78,7 @@ def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, tok_dir, damage):
 
 
 def test_drop_summary_is_kept_in_the_cache(tmp_path, tok_dir):
-    data = write(tmp_path / "d.jsonl", ROWS + [{"prompt": "p", "chosen": "a", "rejected": "a"}])
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS + [{"prompt": "p", "chosen": "a", "rejected": "a"}])
     kw = {"tokenizer": tok_dir, "cache_dir": tmp_path / "c", "on_invalid": "drop"}
     first = prepare_examples(data, **kw)
     second = prepare_examples(data, **kw)
@@ -107,7 +96,7 @@ def test_unwritable_cache_dir_does_not_stop_preparation(tmp_path, tok_dir):
 
 
 def test_dropped_rows_are_announced_on_every_run(tmp_path, tok_dir, caplog):
-    data = write(tmp_path / "d.jsonl", ROWS + [{"prompt": "p", "chosen": "", "rejected": "a"}])
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS + [{"prompt": "p", "chosen": "", "rejected": "a"}])
     for expected in ("miss", "hit"):
         caplog.clear()
         with caplog.at_level("WARNING", logger="preftune.data"):
@@ -120,7 +109,7 @@ def test_dropped_rows_are_announced_on_every_run(tmp_path, tok_dir, caplog):
 def test_cli_prepare_fills_the_cache_that_training_then_hits(tmp_path, tok_dir, capsys):
     from preftune.cli import main
 
-    data = write(tmp_path / "d.jsonl", ROWS)
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     args = [
         "data",
         "prepare",

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from preftune.data.char_tokenizer import CHAT_TEMPLATE, build_char_tokenizer
 from preftune.data.pipeline import prepare_examples
 from preftune.data.schema import validate
 from preftune.data.sources import read_source
@@ -171,10 +170,8 @@ def test_columns_naming_a_missing_column_says_so(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    build_char_tokenizer(chat_template=CHAT_TEMPLATE).save_pretrained(d)
-    return AutoTokenizer.from_pretrained(d)
+def tok(tok_dir):
+    return AutoTokenizer.from_pretrained(tok_dir)
 
 
 def test_sharegpt_tokenizes_exactly_as_the_standard_layout(tok, tmp_path):

@@ -3,30 +3,14 @@ and the loss mask (prompt: context, responses: trained)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-import pytest
 from transformers import AutoTokenizer
 
 from preftune.cli import main
-from preftune.data.char_tokenizer import CHAT_TEMPLATE, build_char_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tok")
-    build_char_tokenizer(chat_template=CHAT_TEMPLATE).save_pretrained(d)
-    return d
-
-
-def write(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
+from test_train_fixtures import write_jsonl
 
 
 def test_text_example_tokens_ids_and_mask(tmp_path, tok_dir, capsys):
-    data = write(tmp_path / "d.jsonl", [{"prompt": "2+2=", "chosen": "4", "rejected": "5"}])
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "2+2=", "chosen": "4", "rejected": "5"}])
     assert main(["data", "show", str(data), "--tokenizer", str(tok_dir)]) == 0
     tok = AutoTokenizer.from_pretrained(tok_dir)
     p = [tok.convert_tokens_to_ids(c) for c in "2+2="]
@@ -55,7 +39,7 @@ def test_chat_template_text_and_truncation_as_in_training(tmp_path, tok_dir, cap
         "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
         "label": True,
     }
-    data = write(tmp_path / "kto.jsonl", [row])
+    data = write_jsonl(tmp_path / "kto.jsonl", [row])
     assert main(["data", "show", str(data), "--tokenizer", str(tok_dir), "--max-length", "30"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"{data}:1 (index 0): unpaired, messages, messages layout; tokenizer {tok_dir}"
@@ -70,7 +54,7 @@ def test_chat_template_text_and_truncation_as_in_training(tmp_path, tok_dir, cap
 
 
 def test_without_tokenizer_bad_row_and_index_out_of_range(tmp_path, capsys):
-    data = write(
+    data = write_jsonl(
         tmp_path / "d.jsonl",
         [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a", "rejected": "a"}],
     )

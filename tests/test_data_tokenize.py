@@ -17,11 +17,9 @@ EOS = 2
 
 
 @pytest.fixture(scope="module")
-def char_tok(tmp_path_factory):
+def char_tok(tok_dir):
     """The char tokenizer with its chat template, loaded back through AutoTokenizer."""
-    d = tmp_path_factory.mktemp("tok")
-    build_char_tokenizer(chat_template=CHAT_TEMPLATE).save_pretrained(d)
-    return AutoTokenizer.from_pretrained(d)
+    return AutoTokenizer.from_pretrained(tok_dir)
 
 
 @pytest.fixture(scope="module")

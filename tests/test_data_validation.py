@@ -11,11 +11,7 @@ import pytest
 
 from preftune.cli import main
 from preftune.data.validate import check_data
-
-
-def write_jsonl(path: Path, rows: list[object]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
+from test_train_fixtures import write_jsonl
 
 
 def msgs(*pairs: tuple[str, str]) -> list[dict[str, str]]:
