@@ -1,0 +1,104 @@
+"""What a run report plots: its sections (id, title, how to read it, panels of logged metrics) and
+the logged keys that are not metrics, not plotted, or not smoothed."""
+
+from __future__ import annotations
+
+from preftune.eval.plots import CHOSEN, NEUTRAL, REJECTED, SECOND, Curve, Panel
+
+
+def _section(sid: str, title: str, about: str, *panels: Panel) -> tuple[str, str, str, tuple[Panel, ...]]:
+    return sid, title, about, panels
+
+
+# (id, title, how to read it, panels). The ids are stable: tests and links rely on them.
+SECTIONS = (
+    _section(
+        "loss",
+        "Loss",
+        "The training objective (lower is better). Eval points use the same loss on "
+        "held-out pairs; a widening gap between the lines is over-fitting.",
+        Panel("Loss", "loss (the objective's units)", (Curve("loss", "loss", NEUTRAL),)),
+    ),
+    _section(
+        "rewards",
+        "Implicit rewards and margin",
+        "Implicit reward r̂(y) = β·(log π_θ(y) − log π_ref(y)) of chosen and rejected responses, and "
+        "the margin β·h = r̂(chosen) − r̂(rejected). Training should open the margin; both rewards "
+        "falling together means the policy lowers every response, not just the rejected ones. Unpaired "
+        "methods (KTO) log one implicit reward over all their completions instead.",
+        Panel(
+            "Implicit rewards",
+            "β · log-ratio (nats)",
+            (
+                Curve("rewards/chosen", "chosen", CHOSEN),
+                Curve("rewards/rejected", "rejected", REJECTED),
+                Curve("rewards/implicit", "all completions (unpaired)", SECOND, optional=True),
+            ),
+            hline=0.0,
+        ),
+        Panel("Reward margin", "β · h (nats)", (Curve("rewards/margin", "margin", NEUTRAL),), hline=0.0),
+    ),
+    _section(
+        "reward_accuracy",
+        "Reward accuracy",
+        "Fraction of pairs whose implicit reward ranks chosen above rejected (h > 0). 0.5 is chance.",
+        Panel(
+            "Reward accuracy",
+            "fraction of pairs",
+            (Curve("rewards/accuracy", "reward accuracy"),),
+            hline=0.5,
+            ylim=(-0.02, 1.02),
+        ),
+    ),
+    _section(
+        "logps",
+        "Chosen and rejected log-probabilities",
+        "Mean per-token log π_θ of chosen and rejected responses. A falling chosen curve while the "
+        "margin grows is the over-optimisation signature (Rashidinejad & Tian 2024; Shi et al. 2024): "
+        "the policy wins the margin by pushing everything down.",
+        Panel(
+            "Per-token log-probability",
+            "log π_θ(y) / |y| (nats per token)",
+            (
+                Curve("logps/chosen_per_token", "chosen", CHOSEN),
+                Curve("logps/rejected_per_token", "rejected", REJECTED),
+            ),
+        ),
+    ),
+    _section(
+        "ranking",
+        "Policy ranking accuracy",
+        "Fraction of pairs where the policy itself gives chosen the higher log-probability, "
+        "log π_θ(y_w) > log π_θ(y_l) (Chen et al. 2024). It often stays far below reward accuracy.",
+        Panel(
+            "Policy ranking accuracy",
+            "fraction of pairs",
+            (Curve("policy_rank_accuracy", "ranking accuracy", NEUTRAL),),
+            hline=0.5,
+            ylim=(-0.02, 1.02),
+        ),
+    ),
+    _section(
+        "optimisation",
+        "Gradient norm and learning rate",
+        "Global gradient norm before clipping (log scale: spikes stand out) and the scheduled learning rate.",
+        Panel(
+            "Gradient norm", "‖g‖₂ (before clipping)", (Curve("grad_norm", "grad norm", NEUTRAL),), log_y=True
+        ),
+        Panel("Learning rate", "learning rate", (Curve("lr", "lr", SECOND, smooth=False),)),
+    ),
+    _section(
+        "throughput",
+        "Throughput",
+        "Training speed per optimizer step, measured by the trainer.",
+        Panel("Tokens per second", "tokens / s", (Curve("tokens_per_s", "tokens/s", NEUTRAL),)),
+        Panel(
+            "Examples per second", "examples (pairs) / s", (Curve("examples_per_s", "examples/s", SECOND),)
+        ),
+    ),
+)
+NOT_METRICS = {"step", "split", "phase", "epoch", "time", "timestamp", "elapsed_s", "wall_time"}
+# Logged, shown in the final table, but not worth a plot: a 0/1 flag and per-step counts.
+NOT_PLOTTED = {"skipped", "tokens", "examples"}
+NOT_SMOOTHED = {"lr", "skipped"}  # schedules and flags: an average would misstate them
+MAX_OTHER_PANELS = 12
