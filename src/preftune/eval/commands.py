@@ -59,7 +59,7 @@ def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     from preftune.config import load_config
-    from preftune.eval.report import fmt, write_atomic
+    from preftune.eval.htmlkit import fmt, write_atomic
     from preftune.train.api import evaluate
     from preftune.train.logging import quiet_libraries
 

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from preftune.eval import plots
-from preftune.eval.report import fmt, html_table, page, read_metrics, write_atomic
+from preftune.eval.htmlkit import cards, figure, findings_box, fmt, html_table, page, write_atomic
+from preftune.eval.report import read_metrics
 from preftune.eval.sweep import MethodResult, SweepResult, write_sweep_json
 
 # (column title, key in MethodResult.metrics): final train values and the final evaluation's.
@@ -44,12 +45,6 @@ def comparison_rows(results: list[MethodResult]) -> tuple[list[str], list[list[s
             + [_cell(r.accuracy, percent=True), kl, r.reference_cache]
         )
     return header, rows
-
-
-def _figure(sid: str, png: bytes, alt: str) -> str:
-    from preftune.eval.report import figure
-
-    return figure(sid, png, alt)
 
 
 def _run_records(result: SweepResult) -> dict[str, list[dict[str, Any]]]:
@@ -90,51 +85,45 @@ def sweep_findings(result: SweepResult, runs: dict[str, list[dict[str, Any]]]) -
     return notes
 
 
-def build_sweep_html(result: SweepResult) -> str:
-    """The sweep page: summary cards, failures, the comparison table, comparison plots, the shared config."""
-    ok = [r for r in result.results if r.status == "ok"]
-    failed = [r for r in result.results if r.status != "ok"]
+def _sweep_cards(result: SweepResult, ok: list[MethodResult]) -> str:
+    """Methods trained, wall time, who computed the reference pass, the starting model's accuracy."""
     data = result.to_json()["reference_cache"]
-    cards = [
+    items = [
         ("methods trained", f"{len(ok)} of {len(result.results)}"),
         ("wall time", f"{result.seconds:.0f} s"),
         ("reference pass computed by", ", ".join(data["computed_by"]) or "none (all cached)"),
     ]
     if result.baseline_accuracy is not None:
-        cards.append(("reference model accuracy", f"{100 * result.baseline_accuracy:.1f}%"))
-    body = ['<div class="cards">']
-    body += [
-        f'<div class="card"><div class="v">{html.escape(v)}</div><div class="k">{html.escape(k)}</div></div>'
-        for k, v in cards
-    ]
-    body.append("</div>")
-    if failed or any(r.eval_error for r in result.results):
-        items = [f"<li><b>{html.escape(r.method)}</b>: {html.escape(r.error or '')}</li>" for r in failed]
-        items += [
-            f"<li><b>{html.escape(r.method)}</b> (evaluation): {html.escape(r.eval_error)}</li>"
-            for r in result.results
-            if r.eval_error
-        ]
-        body.append(f'<h2 id="failures">Failures</h2><ul class="err">{"".join(items)}</ul>')
+        items.append(("reference model accuracy", f"{100 * result.baseline_accuracy:.1f}%"))
+    return cards(items)
 
-    runs = _run_records(result)
-    notes = sweep_findings(result, runs)
-    if notes:
-        body.append(
-            '<div class="finding"><b>Findings</b><ul>'
-            + "".join(f"<li>{html.escape(n)}</li>" for n in notes)
-            + "</ul></div>"
-        )
+
+def _failures(result: SweepResult) -> str:
+    """The methods that failed to train or to evaluate, with their errors ("" when none did)."""
+    failed = [r for r in result.results if r.status != "ok"]
+    if not failed and not any(r.eval_error for r in result.results):
+        return ""
+    items = [f"<li><b>{html.escape(r.method)}</b>: {html.escape(r.error or '')}</li>" for r in failed]
+    items += [
+        f"<li><b>{html.escape(r.method)}</b> (evaluation): {html.escape(r.eval_error)}</li>"
+        for r in result.results
+        if r.eval_error
+    ]
+    return f'<h2 id="failures">Failures</h2><ul class="err">{"".join(items)}</ul>'
+
+
+def _comparison(result: SweepResult) -> list[str]:
+    """The per-method table, how to read it, and links to the runs' own reports."""
     header, rows = comparison_rows(result.results)
-    body.append(
+    body = [
         '<h2 id="comparison">Final metrics per method</h2><p class="about">Train values are the last '
         "step's; eval values come from the final evaluation on held-out pairs. Task accuracy and KL are "
         f"measured on {html.escape(result.task_name)}: KL(π_θ ‖ π_ref) is a Monte-Carlo estimate from "
         'policy samples (temperature 1), ± one standard error. "reused" in the reference column means '
         "the run read its reference log-probs from the shared cache without computing any; the time of a "
-        'run marked "computed" includes that reference pass.</p>'
-    )
-    body.append(html_table(header, rows))
+        'run marked "computed" includes that reference pass.</p>',
+        html_table(header, rows),
+    ]
     links = [
         f'<a href="{html.escape(r.method)}/report.html">{html.escape(r.method)}</a>'
         for r in result.results
@@ -142,34 +131,41 @@ def build_sweep_html(result: SweepResult) -> str:
     ]
     if links:
         body.append(f"<p>Per-run reports: {' · '.join(links)}</p>")
+    return body
 
-    colors = plots.method_colors([r.method for r in result.results])
+
+def _bars(sid: str, title: str, values: dict[str, float], alt: str, **style: Any) -> str:
+    """A section of one bar per method: `title` as its heading and `style` for `plot_method_bars`."""
+    png = plots.plot_method_bars(values, title=f"{title} per method", **style)
+    return f'<h2 id="{sid}">{title}</h2>' + figure(sid, png, alt)
+
+
+def _method_plots(result: SweepResult, ok: list[MethodResult], colors: dict[str, str]) -> list[str]:
+    """Task accuracy, accuracy against KL (or KL alone) and reward accuracy, one bar or point per method."""
+    body = []
     accuracy = {r.method: r.accuracy for r in ok if r.accuracy is not None}
     kl = {r.method: r.kl for r in ok if r.kl}
     if accuracy:
-        body.append('<h2 id="accuracy">Held-out task accuracy</h2>')
-        png = plots.plot_method_bars(
-            accuracy,
-            title="Held-out task accuracy per method",
-            ylabel="accuracy (%)",
-            percent=True,
-            baseline=result.baseline_accuracy,
-            baseline_label="reference model",
-            colors=colors,
+        body.append(
+            _bars(
+                "accuracy",
+                "Held-out task accuracy",
+                accuracy,
+                "task accuracy per method",
+                ylabel="accuracy (%)",
+                percent=True,
+                baseline=result.baseline_accuracy,
+                baseline_label="reference model",
+                colors=colors,
+            )
         )
-        body.append(_figure("accuracy", png, "task accuracy per method"))
     if accuracy and kl:
         points = {m: (kl[m]["mean"], kl[m]["stderr"], accuracy[m]) for m in accuracy if m in kl}
+        png = plots.plot_kl_vs_accuracy(points, baseline=result.baseline_accuracy, colors=colors)
         body.append(
             '<h2 id="kl-accuracy">Accuracy against KL to the reference</h2><p class="about">Up and to the '
             "left is better: more accuracy for less drift from the starting model.</p>"
-        )
-        body.append(
-            _figure(
-                "kl-accuracy",
-                plots.plot_kl_vs_accuracy(points, baseline=result.baseline_accuracy, colors=colors),
-                "KL vs accuracy",
-            )
+            + figure("kl-accuracy", png, "KL vs accuracy")
         )
     elif kl:
         body.append('<h2 id="kl">KL to the reference</h2>')
@@ -180,43 +176,61 @@ def build_sweep_html(result: SweepResult) -> str:
             colors=colors,
             errors={m: v["stderr"] for m, v in kl.items()},
         )
-        body.append(_figure("kl", png, "KL per method"))
+        body.append(figure("kl", png, "KL per method"))
     reward_acc = {
         r.method: r.metrics["eval/rewards/accuracy"] for r in ok if "eval/rewards/accuracy" in r.metrics
     }
     if reward_acc:
-        body.append('<h2 id="reward-accuracy">Held-out reward accuracy</h2>')
-        png = plots.plot_method_bars(
-            reward_acc,
-            title="Held-out reward accuracy per method",
-            ylabel="fraction of pairs (%)",
-            percent=True,
-            baseline=0.5,
-            baseline_label="chance",
-            colors=colors,
-        )
-        body.append(_figure("reward-accuracy", png, "reward accuracy per method"))
-    if runs:
         body.append(
-            '<h2 id="curves">Training curves</h2><p class="about">Smoothed train curves of every method. '
-            "Losses have different scales (IPO's starts at 1/(4β²), DPO's at log 2), so each is divided by "
-            "its starting value. Log-probabilities are per token and directly comparable: a method whose "
-            "chosen log-probability falls fastest is pushing all responses down.</p>"
+            _bars(
+                "reward-accuracy",
+                "Held-out reward accuracy",
+                reward_acc,
+                "reward accuracy per method",
+                ylabel="fraction of pairs (%)",
+                percent=True,
+                baseline=0.5,
+                baseline_label="chance",
+                colors=colors,
+            )
         )
-        panels = [
-            ("loss", "Loss (relative to its start)", "loss / initial loss", True),
-            ("rewards/accuracy", "Reward accuracy (train)", "fraction of pairs", False),
-            ("logps/chosen_per_token", "Chosen log-probability", "nats per token", False),
-        ]
-        body.append(
-            _figure("curves", plots.plot_runs_overlay(runs, panels, colors), "training curves per method")
-        )
-    body.append('<h2 id="config">Shared configuration</h2>')
-    body.append(
-        html_table(
-            ["key", "value"], [(k, v) for k, v in result.config.items() if v not in (None, "", [], {})]
-        )
+    return body
+
+
+def _curves(runs: dict[str, list[dict[str, Any]]], colors: dict[str, str]) -> str:
+    """Every method's smoothed train curves overlaid ("" when no run logged any)."""
+    if not runs:
+        return ""
+    panels = [
+        ("loss", "Loss (relative to its start)", "loss / initial loss", True),
+        ("rewards/accuracy", "Reward accuracy (train)", "fraction of pairs", False),
+        ("logps/chosen_per_token", "Chosen log-probability", "nats per token", False),
+    ]
+    return (
+        '<h2 id="curves">Training curves</h2><p class="about">Smoothed train curves of every method. '
+        "Losses have different scales (IPO's starts at 1/(4β²), DPO's at log 2), so each is divided by "
+        "its starting value. Log-probabilities are per token and directly comparable: a method whose "
+        "chosen log-probability falls fastest is pushing all responses down.</p>"
+        + figure("curves", plots.plot_runs_overlay(runs, panels, colors), "training curves per method")
     )
+
+
+def build_sweep_html(result: SweepResult) -> str:
+    """The sweep page: summary cards, failures, the comparison table, comparison plots, the shared config."""
+    ok = [r for r in result.results if r.status == "ok"]
+    runs = _run_records(result)
+    colors = plots.method_colors([r.method for r in result.results])
+    shared = [(k, v) for k, v in result.config.items() if v not in (None, "", [], {})]
+    body = [
+        _sweep_cards(result, ok),
+        _failures(result),
+        findings_box(sweep_findings(result, runs)),
+        *_comparison(result),
+        *_method_plots(result, ok, colors),
+        _curves(runs, colors),
+        '<h2 id="config">Shared configuration</h2>',
+        html_table(["key", "value"], shared),
+    ]
     methods = ", ".join(r.method for r in result.results)
     return page(
         f"preftune sweep: {methods}", f"{len(result.results)} methods · {result.out_dir}", "".join(body)
