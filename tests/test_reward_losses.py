@@ -101,3 +101,14 @@ def test_lsc_is_monotone_non_positive_and_sums():
         [torch.tensor([2.0]), torch.tensor([0.0])], [torch.tensor([2.0]), torch.tensor([1.0])]
     )
     assert total.item() == pytest.approx(math.log(0.5) + math.log(_sig(-1.0)), rel=1e-6)
+
+
+def test_calibration_on_known_gaps():
+    from preftune.reward.evaluation import calibration
+
+    ties = calibration(torch.zeros(2))  # p = 0.5: confidence 0.5, never right
+    assert ties == {"ece": pytest.approx(0.5), "brier": pytest.approx(0.25)}
+    # p = 0.75 and 0.25: confidence 0.75 in one bin, half right; Brier (0.25² + 0.75²) / 2
+    got = calibration(torch.tensor([math.log(3), -math.log(3)]))
+    assert got == {"ece": pytest.approx(0.25), "brier": pytest.approx(0.3125)}
+    assert calibration(torch.tensor([50.0]))["ece"] == pytest.approx(0.0, abs=1e-12)

@@ -126,3 +126,32 @@ def test_reward_model_folder_is_a_reward(whole):
         ref = [model(input_ids=torch.tensor([[*r, tok.eos_token_id]])).logits.item() for r in rows]
     torch.testing.assert_close(got, 2 * torch.tensor(ref, dtype=torch.float64), atol=1e-5, rtol=0)
     assert len(set(ref)) == 3  # the completions score differently, so the comparison has power
+
+
+def test_eval_of_a_reward_model_run(whole, capsys):
+    root, _ = whole
+    run = root / "whole"
+    assert main(["eval", str(run), "--data", str(root / "prefs.jsonl")]) == 0
+    assert "reward model on" in capsys.readouterr().out
+    metrics = json.loads((run / "eval.json").read_text())["metrics"]
+    assert metrics["pairs"] == 16.0 and set(metrics) == {
+        "pairs",
+        "loss",
+        "accuracy",
+        "margin",
+        "ece",
+        "brier",
+    }
+    # the same pairs, scored here: accuracy is the fraction with s_c > s_r
+    from preftune.reward.scoring import load_scorer
+    from preftune.reward.training import pair_scores, rm_examples
+
+    config = load_config(run / "config.yaml")
+    model = load_scorer(run / "final")
+    examples = rm_examples(
+        str(root / "prefs.jsonl"), config, AutoTokenizer.from_pretrained(run / "final"), None
+    )
+    with torch.no_grad():
+        s_c, s_r = pair_scores(model, examples)
+    assert metrics["accuracy"] == pytest.approx(float((s_c > s_r).float().mean()))
+    assert metrics["margin"] == pytest.approx(float((s_c - s_r).mean()), abs=1e-5)

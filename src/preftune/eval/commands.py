@@ -73,6 +73,16 @@ def _eval(args: argparse.Namespace) -> int:
             "a completed 'preftune train'"
         )
     config = load_config(run / "config.yaml")
+    if config.method == "rm":  # a reward model: pairwise accuracy and calibration, no reference
+        from preftune.reward.evaluation import evaluate_rm_run
+
+        rm_metrics = evaluate_rm_run(run, config, args.data, args.batch_size)
+        _print_table(f"reward model on {args.data}", [(k, fmt(v)) for k, v in rm_metrics.items()])
+        path = run / "eval.json"
+        write_atomic(path, json.dumps({"run": str(run), "data": args.data, "method": "rm",
+                                       "metrics": rm_metrics}, indent=1) + "\n")  # fmt: skip
+        print(f"wrote {path}")
+        return 0
     reference = args.ref_model or config.ref_model or config.model
     metrics = evaluate(
         str(final),
@@ -256,7 +266,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         description="Evaluate RUN_DIR/final against its reference (the run's starting model) on held-out "
         "preference data: loss, implicit rewards and margin, reward accuracy, chosen/rejected log-probs, "
         "policy ranking accuracy, and a sampled KL to the reference. Prints a table, writes RUN_DIR/eval.json "
-        "and rebuilds RUN_DIR/report.html with it.",
+        "and rebuilds RUN_DIR/report.html with it. A reward model ('preftune train rm'): held-out pairwise "
+        "accuracy, loss, mean score gap and calibration (ece, brier).",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a finished 'preftune train'")
     p.add_argument("--data", required=True, help="held-out preference data (same formats as training data)")

@@ -138,19 +138,24 @@ def _step(model: Any, params: list[torch.nn.Parameter], opt: Any, sched: Any, ba
 def evaluate_pairs(
     model: Any, examples: list[Example], loss_fn: RMLoss, batch_size: int = 8
 ) -> dict[str, float]:
-    """Held-out pairwise accuracy (ties count as wrong), mean loss and mean score gap s_c − s_r."""
+    """Held-out pairwise accuracy (ties count as wrong), mean loss, mean score gap s_c − s_r, and the
+    calibration of P(chosen ≻ rejected) = σ(s_c − s_r) (`preftune.reward.evaluation.calibration`)."""
+    from preftune.reward.evaluation import calibration
+
     was_training = model.training
     model.eval()
-    total = correct = margin = 0.0
+    total = 0.0
+    gaps = []
     for start in range(0, len(examples), batch_size):
         part = examples[start : start + batch_size]
         s_c, s_r = pair_scores(model, part)
         total += float(loss_fn(s_c, s_r, pair_margins(part)).sum())
-        correct += float((s_c > s_r).sum())
-        margin += float((s_c - s_r).sum())
+        gaps.append((s_c - s_r).double().cpu())
     model.train(was_training)
+    gap = torch.cat(gaps) if gaps else torch.zeros(0, dtype=torch.float64)
     n = max(len(examples), 1)
-    return {"loss": total / n, "accuracy": correct / n, "margin": margin / n}
+    out = {"loss": total / n, "accuracy": float((gap > 0).sum()) / n, "margin": float(gap.sum()) / n}
+    return {**out, **calibration(gap)}
 
 
 def train_rm(config: TrainConfig, log: Any = print) -> Any:
