@@ -12,6 +12,7 @@ from __future__ import annotations
 # Importing the method modules registers their losses.
 from preftune.losses import (  # noqa: F401
     bco,
+    diffusion_losses,
     divergences,
     listwise_losses,
     pairwise_losses,

@@ -1,0 +1,174 @@
+"""Losses that exist only for diffusion models (docs/diffusion.md): Diffusion-KTO, MaPO, SmPO.
+
+They read the same `PreferenceBatch` as every loss, filled by the diffusion seam
+(`preftune.diffusion.denoising_stats`): the "log-prob" of an image is the implicit statistic
+logp = −½·mse(ε_θ(x_t, t, c), target), mse the mean over latent elements, so ρ = logp_θ − logp_ref =
+−½ (mse_θ − mse_ref) and mse = −2·logp. Diffusion-DPO, its hinge and IPO variants and DCPO need no
+new loss: they are `dpo`, `hinge`, `ipo` on these statistics (β in the papers' units).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from preftune.errors import ConfigError
+from preftune.losses.core import (
+    branch_mask,
+    clean,
+    finish,
+    log_ratios,
+    log_sigmoid,
+    pair_metrics,
+    policy_logps,
+    valid_examples,
+)
+from preftune.losses.pairwise_losses import pair_log_ratios
+from preftune.losses.registry import BatchStatistic, HParam, LossOutput, register
+from preftune.types import PreferenceBatch
+
+
+def diffusion_kto_sums(batch: PreferenceBatch, **_: object) -> dict[str, torch.Tensor]:
+    """Σ g and the count of present images, g = −(mse_θ − mse_ref) = 2ρ, detached."""
+    mask = branch_mask(batch)[:, 0].float()
+    g = 2.0 * log_ratios(batch, "diff_kto")[:, 0].detach()
+    return {"g_sum": (g * mask).sum(), "count": mask.sum()}
+
+
+def diffusion_kto_point(sums: dict[str, torch.Tensor]) -> torch.Tensor:
+    """z = max(0, mean g) over the batch the sums were taken on (0 if empty), detached."""
+    return (sums["g_sum"] / sums["count"].clamp(min=1)).clamp(min=0.0).detach()
+
+
+def diffusion_kto_state(
+    state: dict[str, torch.Tensor], sums: dict[str, torch.Tensor], **_: object
+) -> dict[str, torch.Tensor]:
+    """The state for every micro-batch of a step: z of the whole global batch."""
+    return {**state, "z": diffusion_kto_point(sums)}
+
+
+@register(
+    "diff_kto",
+    kind="unpaired",
+    needs_reference=True,
+    batch_statistic=BatchStatistic(diffusion_kto_sums, diffusion_kto_state),
+    hparams={
+        "beta": HParam(1000.0, "β on g = −(mse_θ − mse_ref) (paper units)", low=0.0, low_open=True),
+        "desirable_weight": HParam(1.0, "λ_D, weight of liked images", low=0.0),
+        "undesirable_weight": HParam(1.0, "λ_U, weight of disliked images", low=0.0),
+    },
+    paper="Li et al. 2024, Aligning Diffusion Models by Optimizing Human Utility (Diffusion-KTO, "
+    "arXiv:2404.04465)",
+    equation="Eq. 8 with the sigmoid utility; g = −(mse_θ − mse_ref), z = max(0, mean g)",
+)
+def diffusion_kto(
+    batch: PreferenceBatch,
+    state: dict[str, torch.Tensor],
+    *,
+    beta: float,
+    desirable_weight: float,
+    undesirable_weight: float,
+) -> LossOutput:
+    """Diffusion-KTO: λ_y (1 − σ(β · sign(y) · (g − z))), g = −(mse_θ − mse_ref) = 2ρ.
+
+    Li et al. 2024, Eq. 8 with the sigmoid value function, as the official training script computes
+    it: g per image, z = the detached mean of g over the *global* batch (all ranks), clamped at 0 —
+    no mismatched completions as in language KTO. The trainer passes z of the whole step as
+    `state["z"]`; called without it, z comes from this batch. Labels: 1 liked, 0 disliked.
+    Defaults from the official script: β = 1000, λ_D = λ_U = 1.
+    """
+    if batch.labels is None:
+        raise ConfigError("loss 'diff_kto' needs a 0/1 label per image (batch.labels)")
+    valid = valid_examples(batch, 1)
+    g = 2.0 * log_ratios(batch, "diff_kto")[:, 0]
+    z = state["z"].detach().float() if "z" in state else diffusion_kto_point(diffusion_kto_sums(batch))
+    desirable = clean(batch.labels, valid) > 0.5
+    sign = torch.where(desirable, 1.0, -1.0)
+    weight = torch.where(desirable, desirable_weight, undesirable_weight)
+    losses = weight * (1.0 - torch.sigmoid(sign * beta * (g - z)))
+    metrics = {
+        "rewards/implicit": beta * g,
+        "rewards/accuracy": (sign * (g - z) > 0).float(),
+        "kto/z0": z.expand_as(g),
+    }
+    losses, metrics = finish(losses, valid, metrics)
+    return LossOutput(losses, metrics, {})
+
+
+def mapo_f(x: torch.Tensor) -> torch.Tensor:
+    """f(x) = x / (eˣ − 1), f(0) = 1, computed without overflow for large x (→ x·e⁻ˣ)."""
+    small = x.abs() < 1e-6
+    safe = torch.where(small, torch.ones_like(x), x)
+    pos = safe > 0
+    # x > 0: x e^{-x} / (1 − e^{-x}); x < 0: x / (e^x − 1). Both finite for any |x|.
+    neg_x = torch.where(pos, -safe, safe)
+    value = torch.where(pos, safe * torch.exp(neg_x) / -torch.expm1(neg_x), safe / torch.expm1(neg_x))
+    return torch.where(small, 1.0 - x / 2.0, value)
+
+
+@register(
+    "mapo",
+    kind="pairwise",
+    needs_reference=False,
+    hparams={
+        "beta": HParam(0.1, "β, weight of the margin term", low=0.0, low_open=True),
+        "snr": HParam(0.5, "s in f(ℓ) = sℓ/(exp(sℓ) − 1)", low=0.0, low_open=True),
+        "timesteps": HParam(1000, "T, the scheduler's training timesteps (scales the margin)", low=1),
+    },
+    paper="Hong et al. 2024, Margin-aware Preference Optimization for Aligning Diffusion Models "
+    "without Reference (MaPO, arXiv:2406.06424)",
+    equation="§3 MaPO objective: mse^w − β log σ(T·(f(mse^w) − f(mse^l))), f(ℓ) = sℓ/(e^{sℓ} − 1)",
+)
+def mapo(
+    batch: PreferenceBatch, state: dict[str, torch.Tensor], *, beta: float, snr: float, timesteps: int
+) -> LossOutput:
+    """MaPO (reference-free): mse^w − β log σ(T·m), m = f(mse^w) − f(mse^l), f(ℓ) = sℓ/(e^{sℓ} − 1).
+
+    Hong et al. 2024; the official code computes f on the per-image mean-squared errors and returns
+    mean(mse^w) − β·mean(log σ(T m)), which is the mean of these per-pair losses. mse = −2·logp
+    (the seam's statistic). Defaults of the official code: s = 0.5, β = 0.1, T = 1000.
+    """
+    valid = valid_examples(batch, 2)
+    mse = -2.0 * policy_logps(batch)
+    f = mapo_f(snr * mse)
+    margin = f[:, 0] - f[:, 1]
+    losses = mse[:, 0] - beta * log_sigmoid(timesteps * margin)
+    losses, metrics = finish(losses, valid, pair_metrics(f[:, 0], f[:, 1]))
+    return LossOutput(losses, metrics, {})
+
+
+def smpo_label(score_w: torch.Tensor, score_l: torch.Tensor) -> torch.Tensor:
+    """p = softmax(s_w, s_l)_w = σ(s_w − s_l): SmPO's smoothed preference from two (normalised) scores."""
+    return torch.sigmoid(score_w.float() - score_l.float())
+
+
+@register(
+    "smpo",
+    kind="pairwise",
+    needs_reference=True,
+    hparams={
+        "beta": HParam(2000.0, "β (paper units, as InPO)", low=0.0, low_open=True),
+        "label_scale": HParam(10.0, "multiplier of the centred label 2p − 1", low=0.0, low_open=True),
+    },
+    paper="Lu et al. 2025, Smoothed Preference Optimization via ReNoise Inversion for Aligning "
+    "Diffusion Models with Varied Human Preferences (SmPO, ICML, arXiv:2506.02698)",
+    equation="Diffusion-DPO logit scaled by the smoothed label: −log σ(label_scale·(2p − 1)·β·h)",
+)
+def smpo(
+    batch: PreferenceBatch, state: dict[str, torch.Tensor], *, beta: float, label_scale: float
+) -> LossOutput:
+    """SmPO's smoothed-label loss: −log σ(c·(2p − 1)·β·h), h = ρ_w − ρ_l = −½·d.
+
+    In Diffusion-DPO units the logit is −β/2 · (2p − 1) · c · d (d the mse difference of
+    differences), c = 10: a near-tie (p ≈ ½) contributes almost nothing, p = 0.55 gives plain
+    Diffusion-DPO. p per pair comes from `batch.labels` (see `smpo_label`). Unlike `smooth_dpo` (the
+    binary cross-entropy against a soft label), the label scales the logit here. SmPO's other half
+    — x_t from ReNoise inversion instead of forward noise — is how the statistics are made, not
+    part of this loss. β = 2000 (InPO's default, which SmPO keeps).
+    """
+    if batch.labels is None:
+        raise ConfigError("loss 'smpo' needs a smoothed label p ∈ [0, 1] per pair (batch.labels)")
+    rho_w, rho_l, valid = pair_log_ratios(batch, "smpo")
+    p = clean(batch.labels, valid)
+    losses = -log_sigmoid(label_scale * (2.0 * p - 1.0) * beta * (rho_w - rho_l))
+    losses, metrics = finish(losses, valid, pair_metrics(beta * rho_w, beta * rho_l))
+    return LossOutput(losses, metrics, {})
