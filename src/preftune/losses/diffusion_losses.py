@@ -163,12 +163,13 @@ def smpo(
     Diffusion-DPO. p per pair comes from `batch.labels` (see `smpo_label`). Unlike `smooth_dpo` (the
     binary cross-entropy against a soft label), the label scales the logit here. SmPO's other half
     — x_t from ReNoise inversion instead of forward noise — is how the statistics are made, not
-    part of this loss. β = 2000 (InPO's default, which SmPO keeps).
+    part of this loss. β = 2000 (InPO's default, which SmPO keeps). Metrics: rewards = ρ (unscaled).
     """
     if batch.labels is None:
         raise ConfigError("loss 'smpo' needs a smoothed label p ∈ [0, 1] per pair (batch.labels)")
     rho_w, rho_l, valid = pair_log_ratios(batch, "smpo")
     p = clean(batch.labels, valid)
     losses = -log_sigmoid(label_scale * (2.0 * p - 1.0) * beta * (rho_w - rho_l))
-    losses, metrics = finish(losses, valid, pair_metrics(beta * rho_w, beta * rho_l))
+    # rewards are ρ itself: β·ρ at β = 2000 would magnify float32 noise of ρ ≈ 0 to ~1e-3
+    losses, metrics = finish(losses, valid, pair_metrics(rho_w, rho_l))
     return LossOutput(losses, metrics, {})
