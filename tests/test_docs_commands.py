@@ -2,8 +2,9 @@
 
 A new user copies commands from the docs; each one here runs as written (tokenised with `shlex`,
 comments dropped) in a sandbox folder that holds what the docs assume: a tiny SFT model at
-`./sft-model` and `./sft`, preference data `prefs.jsonl` / `heldout.jsonl`, the repository's
-`examples/`, and (for commands that read a finished run) `runs/dpo1`. What does not run here, and why:
+`./sft-model` and `./sft`, preference data `prefs.jsonl` / `heldout.jsonl`, arithmetic prompts
+`prompts.jsonl` (online methods), the repository's `examples/`, and (for commands that read a
+finished run) `runs/dpo1`. What does not run here, and why:
 
 - `bash scripts/setup.sh ...`, `python -m pytest ...`: set-up and the test command (CI runs both);
 - benchmark scripts (`benchmarks/*.py`): they need the benchmark venv; their smoke tests cover them;
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from preftune.tasks.arithmetic import ArithmeticTask
 from test_train_fixtures import pair_rows, tiny_model, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,6 +142,8 @@ def base_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(model, plain / "sft")
     write_jsonl(plain / "prefs.jsonl", pair_rows(16, seed=1))
     write_jsonl(plain / "heldout.jsonl", pair_rows(6, seed=2))
+    task = ArithmeticTask(ops="+")  # prompts of online runs (preftune train grpo)
+    write_jsonl(plain / "prompts.jsonl", [{"prompt": task.prompt(p)} for p in task.problems(8, seed=3)])
     shutil.copytree(ROOT / "examples", plain / "examples")
     with_run = root / "with_run"
     shutil.copytree(plain, with_run)

@@ -24,6 +24,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from preftune.errors import ConfigError
+from preftune.online_methods import PRESETS, expand, is_online
 from preftune.trl_names import HELP as TRL_HELP
 from preftune.trl_names import apply_rpo_alpha, translate
 
@@ -77,7 +78,10 @@ class TrainConfig:
         None, "Truncate the prompt (from the left) to this many tokens.", low=1
     )
     max_completion_length: int | None = _f(
-        None, "Truncate each response (from the right) to this many tokens; null: no separate limit.", low=1
+        None,
+        "Truncate each response (from the right) to this many tokens; null: no separate limit. Online "
+        "methods: the generation budget (null: 512, TRL's default).",
+        low=1,
     )
     truncation: str = _f(
         "truncate",
@@ -172,7 +176,12 @@ class TrainConfig:
         1.0, "Passes over the training data (ignored when max_steps > 0).", low=0.0, low_open=True
     )
     max_steps: int = _f(0, "Optimizer steps to run (0: from epochs).", low=0)
-    batch_size: int = _f(8, "Global batch: examples (pairs, completions or lists) per optimizer step.", low=1)
+    batch_size: int = _f(
+        8,
+        "Global batch: examples (pairs, completions or lists; online methods: prompts, each with "
+        "num_generations samples) per optimizer step.",
+        low=1,
+    )
     micro_batch_size: int = _f(0, "Examples per forward pass per process (0: batch_size / processes).", low=0)
     lr: float = _f(1e-6, "Peak learning rate.", low=0.0, low_open=True)
     optimizer: str = _f("adamw", "torch.optim optimizer by name: adamw, adam, sgd, rmsprop, ...")
@@ -191,6 +200,27 @@ class TrainConfig:
         "Non-finite loss or gradient: 'error' stops the run, 'skip' drops the step.",
         choices=("error", "skip"),
     )
+    # --- online methods (grpo, dr_grpo, rloo, remax, reinforce_pp, bnpo) ---
+    prompts: str | None = _f(
+        None,
+        "Online methods: prompt data (JSONL / JSON / Parquet / CSV, dataset folder or hub id) with "
+        "'prompt' (text or a message list); every other column goes to the reward as a keyword argument.",
+    )
+    reward: str | None = _f(
+        None,
+        "Online methods: the reward — arithmetic | arithmetic_steps | module:function | file.py:function "
+        "| a weighted sum 'a:1,b:0.5' (docs/online.md).",
+    )
+    num_generations: int = _f(8, "Online methods: samples per prompt, G (TRL's default 8).", low=1)
+    estimator: str | None = _f(
+        None, "Online methods: advantage estimator (grpo, dr_grpo, rloo, remax, ...); default: the method's."
+    )
+    objective: str | None = _f(
+        None, "Online methods: policy objective, e.g. 'ppo_clip:1,kl:0.01'; default: the method's."
+    )
+    temperature: float = _f(1.0, "Online methods: sampling temperature.", low=0.0, low_open=True)
+    top_p: float = _f(1.0, "Online methods: nucleus sampling p (1: off).", low=0.0, high=1.0, low_open=True)
+    top_k: int = _f(0, "Online methods: sample from the k most likely tokens (0: off).", low=0)
     # --- evaluation, checkpoints, logging ---
     eval_every: int = _f(0, "Evaluate on eval_data every N steps (0: only at the end).", low=0)
     eval_batch_size: int = _f(0, "Examples per evaluation forward (0: micro_batch_size).", low=0)
@@ -414,7 +444,14 @@ def resolve_objective(config: TrainConfig) -> list[tuple[Any, float, dict[str, A
     """
     from preftune import losses
 
-    terms = losses.parse_objective(config.method)
+    defaults: dict[str, Any] = {}
+    if is_online(config.method):  # a preset: its policy objective (kind "policy"), overridable
+        from preftune.losses.policy_losses import parse_policy_objective
+
+        _, text, defaults, _ = expand(config.method, config.estimator, config.objective)
+        terms = parse_policy_objective(text)
+    else:
+        terms = losses.parse_objective(config.method)
     per_term: dict[str, dict[str, Any]] = {spec.name: {} for spec, _ in terms}
     known = sorted(
         ({k for spec, _ in terms for k in spec.hparams} | set(FIELDS) | set(TRL_HELP)) - {"hparams"}
@@ -444,23 +481,62 @@ def resolve_objective(config: TrainConfig) -> list[tuple[Any, float, dict[str, A
             )
         for t in takers:
             per_term[t].setdefault(name, value)
+    for key, value in defaults.items():
+        for spec, _ in terms:
+            if key in spec.hparams:
+                per_term[spec.name].setdefault(key, value)
     return [(spec, weight, spec.validate(per_term[spec.name])) for spec, weight in terms]
 
 
 def reference_strategy(config: TrainConfig, needs_reference: bool) -> str:
-    """The reference strategy a run uses: 'none', 'cache', 'model' or 'adapter' ('auto' resolved)."""
+    """The reference strategy a run uses: 'none', 'cache', 'model' or 'adapter' ('auto' resolved).
+
+    Online methods score new samples every step, which a cache of fixed examples cannot key: their
+    `auto` is the adapter-disabled policy under LoRA, else a frozen copy of the initial model."""
     if not needs_reference:
         return "none"
     if config.reference != "auto":
         return config.reference
+    if is_online(config.method):
+        return "adapter" if config.lora else "model"
     return "model" if config.ref_sync_every > 0 else "cache"
+
+
+def _validate_online(config: TrainConfig, strategy: str) -> None:
+    """What an online method (grpo, rloo, ...) needs and cannot combine with."""
+    for name in ("prompts", "reward"):
+        if not getattr(config, name):
+            raise ConfigError(f"method '{config.method}' needs '{name}' — {FIELDS[name].metadata['help']}")
+    if config.data:
+        raise ConfigError(
+            f"method '{config.method}' samples its own responses to 'prompts'; remove 'data' "
+            "(preference data is for the offline methods)"
+        )
+    if config.eval_data or config.stages > 1 or config.rounds > 1 or config.apo_alpha or config.fsdp:
+        raise ConfigError(
+            f"method '{config.method}' (online) cannot use eval_data, stages, rounds, apo_alpha or fsdp yet"
+        )
+    if strategy == "cache":
+        raise ConfigError(
+            f"method '{config.method}': the reference cache keys fixed examples, but online samples change "
+            "every step — use reference=model (a frozen copy) or adapter (with lora), or auto"
+        )
+    from preftune.rl import get_estimator
+
+    get_estimator(expand(config.method, config.estimator, config.objective)[0])
 
 
 def validate(config: TrainConfig) -> list[tuple[Any, float, dict[str, Any]]]:
     """Check `config` before any model loads; return the resolved objective (see `resolve_objective`)."""
-    for name in ("model", "data", "out"):
+    online = is_online(config.method)
+    for name in ("model", "out") if online else ("model", "data", "out"):
         if not getattr(config, name):
             raise ConfigError(f"'{name}' is required — {FIELDS[name].metadata['help']}")
+    if not online and (config.prompts or config.reward or config.estimator or config.objective):
+        raise ConfigError(
+            f"prompts / reward / estimator / objective are for the online methods ({', '.join(PRESETS)}), "
+            f"not '{config.method}'"
+        )
     _check_range(config)
     for sink in config.report_to:
         if sink not in SINKS:
@@ -483,6 +559,8 @@ def validate(config: TrainConfig) -> list[tuple[Any, float, dict[str, Any]]]:
             f"method '{config.method}' is reference-free: remove ref_model / reference / "
             "ref_sync_every (they would be ignored)"
         )
+    if online:
+        _validate_online(config, strategy)
     if config.merge_lora and not config.lora:
         raise ConfigError("merge_lora merges LoRA adapters into the weights; it needs lora=true (--lora)")
     if strategy == "adapter" and not config.lora:

@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-Kind = Literal["pairwise", "unpaired", "ranked"]
+Kind = Literal["pairwise", "unpaired", "ranked", "group"]
 
 
 @dataclass
@@ -24,6 +24,8 @@ class Example:
         per-response margin rewards of other objectives (MODPO), shape [K][M].
     unpaired: K = 1, `label` is 1.0 (desirable) or 0.0 (undesirable).
     ranked:   K ≥ 2 responses sorted best first, `scores` one per response (descending).
+    group:    K = G responses sampled from the policy (online methods); `meta` carries each one's
+        sampling log-probs, kept support and advantage (`preftune.rl.phase`).
     Response ids include the EOS token; prompt ids include the chat template's generation prompt.
     """
 

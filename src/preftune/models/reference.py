@@ -247,7 +247,7 @@ class CachedReference:
 
 
 def _model_stats(
-    model: Any, examples: Sequence[Example], token_logps: bool, adapter_off: bool
+    model: Any, examples: Sequence[Example], token_logps: bool, adapter_off: bool, temperature: float = 1.0
 ) -> SequenceStats:
     from preftune.models.logprobs import example_stats
 
@@ -256,7 +256,7 @@ def _model_stats(
     ctx = model.disable_adapter() if adapter_off else nullcontext()
     try:
         with torch.no_grad(), ctx:
-            return example_stats(model, list(examples), token_logps=token_logps)
+            return example_stats(model, list(examples), token_logps=token_logps, temperature=temperature)
     finally:
         release(model)
         model.train(was_training)
@@ -275,8 +275,10 @@ class ModelReference:
         """A sharded (FSDP) model: every forward is a collective, so all ranks must run as many."""
         return bool(getattr(self.model, "is_sharded_policy", False))
 
-    def stats(self, examples: Sequence[Example], token_logps: bool = False) -> SequenceStats:
-        return _model_stats(self.model, examples, token_logps, adapter_off=False)
+    def stats(
+        self, examples: Sequence[Example], token_logps: bool = False, temperature: float = 1.0
+    ) -> SequenceStats:
+        return _model_stats(self.model, examples, token_logps, adapter_off=False, temperature=temperature)
 
     @torch.no_grad()
     def sync(self, policy: Any, alpha: float) -> None:
@@ -296,8 +298,10 @@ class AdapterReference:
             raise ConfigError("reference='adapter' needs a LoRA (peft) policy; set lora=true")
         self.policy = policy
 
-    def stats(self, examples: Sequence[Example], token_logps: bool = False) -> SequenceStats:
-        return _model_stats(self.policy, examples, token_logps, adapter_off=True)
+    def stats(
+        self, examples: Sequence[Example], token_logps: bool = False, temperature: float = 1.0
+    ) -> SequenceStats:
+        return _model_stats(self.policy, examples, token_logps, adapter_off=True, temperature=temperature)
 
 
 def load_cached(

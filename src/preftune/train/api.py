@@ -9,6 +9,7 @@ then runs optimizer steps. Checkpoints record the next position (phase, step in 
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 
 from preftune.config import TrainConfig, config_to_dict, validate
 from preftune.errors import TrainingError
+from preftune.rl.phase import OnlinePhase, online_phase
 from preftune.train import checkpoint as ckpt
 from preftune.train import faults, runfolder
 from preftune.train.batches import objective_kind
@@ -34,7 +36,7 @@ from preftune.train.evaluation import evaluate
 from preftune.train.logging import MetricsLogger, Progress, check_sinks, quiet_other_ranks
 from preftune.train.loop import Objective
 from preftune.train.optim import build_optimizer, build_scheduler
-from preftune.train.run import OfflinePhase, Run, RunState
+from preftune.train.run import OfflinePhase, PhaseSource, Run, RunState
 from preftune.train.setup import (
     build_phases,
     compute_dtype,
@@ -100,6 +102,9 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
     tokenizer, sources, eval_examples = _load_data(config, objective, world)
     total = sum(s.steps for s in sources)
     state = _initial_state(config, world, [s.steps for s in sources])
+    for source in sources:
+        if isinstance(source, OnlinePhase):
+            source.attach(state.model)
     run = _make_run(config, objective, world, sources, eval_examples, total, state)
     graceful = GracefulStop()
     try:
@@ -107,7 +112,11 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
         for source in sources[state.phase :]:
             ref = run.begin_phase(state, source)
             while state.step_in_phase < source.steps:
-                run.step(state, source.batch(state.step_in_phase), ref)
+                batch = source.batch(state.step_in_phase)
+                t0 = time.perf_counter()
+                run.step(state, batch, ref)
+                if isinstance(source, OnlinePhase):  # rollout metrics; sampling vs training time
+                    state.last.update(source.metrics, train_s=time.perf_counter() - t0)
                 run.after_step(state, source, ref, graceful)
             state.phase += 1
             state.step_in_phase = 0
@@ -129,13 +138,15 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
 
 def _load_data(
     config: TrainConfig, objective: Objective, world: World
-) -> tuple[Any, list[OfflinePhase], list[Any]]:
+) -> tuple[Any, list[PhaseSource], list[Any]]:
     """The tokenizer, each phase's source and the held-out examples (rank 0 tokenizes and fills the
     cache; the others read it, and see rank 0's data error, if any)."""
     from preftune.data.formatting import load_tokenizer
 
     tokenizer = load_tokenizer(config.tokenizer or config.model)
     faults.check_vocab(tokenizer, config)
+    if objective.kind == "policy":
+        return tokenizer, [main_first(world, lambda: online_phase(config, tokenizer))], []
 
     def load() -> tuple[list[Any], list[Any]]:
         examples = (
@@ -151,7 +162,7 @@ def _load_data(
         return build_phases(config, examples, objective, tokenizer), eval_examples
 
     phases, eval_examples = main_first(world, load)
-    sources = [
+    sources: list[PhaseSource] = [
         OfflinePhase(i, data, n, config.batch_size, config.seed)
         for i, (data, n) in enumerate(zip(phases, phase_steps(config, phases)))
     ]
@@ -223,7 +234,7 @@ def _make_run(
     config: TrainConfig,
     objective: Objective,
     world: World,
-    sources: list[OfflinePhase],
+    sources: list[PhaseSource],
     eval_examples: list[Any],
     total: int,
     state: RunState,
@@ -250,8 +261,14 @@ def _make_run(
     log = progress.print if world.is_main else (lambda _msg: None)
     if repaired:
         log(repaired)
+    sizes = "+".join(
+        f"{len(s.prompts)} prompts × {s.num_generations} samples"
+        if isinstance(s, OnlinePhase)
+        else str(len(s.examples))
+        for s in sources
+    )
     log(
-        f"preftune train {config.method}: {'+'.join(str(len(s.data)) for s in sources)} examples, {total} steps "
+        f"preftune train {config.method}: {sizes}{'' if objective.kind == 'policy' else ' examples'}, {total} steps "
         f"over {len(sources)} phase(s), batch {config.batch_size} = {world.size} process(es) × micro-batches "
         f"of {micro}"
         + (", sharded (fsdp)" if world.fsdp else "")

@@ -21,7 +21,7 @@ def check_inputs(config: TrainConfig) -> None:
     from preftune.data.sources import resolve_source
     from preftune.paths import pretrained_source
 
-    for name in ("data", "eval_data"):
+    for name in ("data", "eval_data", "prompts"):
         value = getattr(config, name)
         if value:
             resolve_source(value, field=name)

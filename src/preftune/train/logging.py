@@ -26,6 +26,13 @@ PROGRESS_KEYS = (
     "rewards/margin",
     "rewards/chosen",
     "rewards/rejected",
+    "reward",  # online methods: the samples' mean reward, verifier accuracy, groups without signal, ...
+    "accuracy",
+    "zero_signal_fraction",
+    "kl",
+    "completion_length",
+    "rollout_s",
+    "train_s",
     "grad_norm",
     "lr",
     "tokens_per_s",

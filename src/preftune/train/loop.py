@@ -90,6 +90,19 @@ def objective_on_batch(
     """
     from preftune.models.logprobs import example_stats
 
+    if objective.kind == "policy":  # online methods: groups of sampled responses, policy terms
+        from preftune.train.policy_step import policy_on_batch
+
+        return policy_on_batch(
+            model,
+            global_batch,
+            objective=objective,
+            reference=reference,
+            world=world,
+            micro_batch_size=micro_batch_size,
+            backward=backward,
+            autocast=autocast,
+        )
     if batch_states is None and any(s.batch_statistic is not None for s, _, _ in objective.terms):
         local = statistic_sums(
             model,

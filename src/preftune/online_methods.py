@@ -1,0 +1,66 @@
+"""Online methods as presets: a name expands to an advantage estimator and a policy objective.
+
+    preftune train grpo ...                      estimator grpo, objective ppo_clip:1 (token mean)
+    preftune train grpo --estimator rloo --objective "ppo_clip:1,kl:0.01"   every part overridable
+
+Defaults follow TRL 1.16's GRPOConfig where it has one: β = 0 (no KL term, no reference model),
+`loss_type="dapo"` (token mean over the global batch), ε = 0.2, 8 generations, temperature 1,
+512 new tokens at most. This module imports no torch (the CLI's `--help` reads it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class OnlinePreset:
+    """What an online method name expands to (each part overridable by config keys)."""
+
+    estimator: str
+    objective: str
+    hparams: dict[str, Any] = field(default_factory=dict)  # defaults of the objective's terms
+    greedy_baseline: bool = False  # ReMax: one greedy response per prompt scores the baseline
+    paper: str = ""
+
+
+PRESETS: dict[str, OnlinePreset] = {
+    "grpo": OnlinePreset(
+        "grpo", "ppo_clip:1", paper="Shao et al. 2024, DeepSeekMath §4.1 (TRL 1.16 defaults: β 0, dapo)"
+    ),
+    "dr_grpo": OnlinePreset(
+        "dr_grpo",
+        "ppo_clip:1",
+        {"aggregation": "seq_mean_token_sum_norm"},
+        paper="Liu et al. 2025, Dr. GRPO (no std scaling, division by N · max_len)",
+    ),
+    "rloo": OnlinePreset("rloo", "ppo_clip:1", paper="Ahmadian et al. 2024, RLOO (leave-one-out baseline)"),
+    "remax": OnlinePreset(
+        "remax", "pg:1", greedy_baseline=True, paper="Li et al. 2023, ReMax Alg. 1 (greedy baseline)"
+    ),
+    "reinforce_pp": OnlinePreset(
+        "reinforce_pp", "ppo_clip:1", paper="Hu et al. 2025, REINFORCE++ (batch-whitened returns)"
+    ),
+    "bnpo": OnlinePreset("bnpo", "ppo_clip:1", paper="Xiao et al. 2025, BNPO (Beta-normalised advantages)"),
+}
+
+# the generation budget of an online run when max_completion_length is not set (TRL 1.16's default)
+DEFAULT_COMPLETION_LENGTH = 512
+
+
+def is_online(method: str) -> bool:
+    """Whether `method` names an online preset (grpo, rloo, ...)."""
+    return method.strip() in PRESETS
+
+
+def expand(
+    method: str, estimator: str | None, objective: str | None
+) -> tuple[str, str, dict[str, Any], bool]:
+    """(estimator, objective text, term defaults, greedy baseline) of online `method`, with overrides.
+
+    The preset's term defaults (e.g. Dr. GRPO's aggregation) apply only to its own objective."""
+    preset = PRESETS[method.strip()]
+    est = estimator or preset.estimator
+    defaults = dict(preset.hparams) if objective is None else {}
+    return est, objective or preset.objective, defaults, preset.greedy_baseline or est == "remax"

@@ -1,0 +1,158 @@
+"""The online phase source: each step samples its own batch from the policy.
+
+    step s: prompts = the seeded batch `batch_indices(..., step=s)` of the prompt data
+            rollouts = G samples per prompt (RolloutEngine, seed derived from (seed, phase, s))
+            rewards  = reward(prompts, completions, **extra columns)
+            advantages = the estimator over the groups (ReMax: minus the greedy response's reward)
+            → one `Example` of kind "group" per prompt, K = G branches sharing the prompt
+
+Nothing of a step is stored: the seed of its rollouts depends only on (seed, phase, step) and the
+weights are those of the checkpoint, so a resumed run regenerates the same rollouts exactly.
+Each example's `meta` carries, per branch, the sampling log-probs (`old_logps`, the π_old of the
+ratio), the kept support (`min_logits`), the advantage and the reward; the trainer's policy step
+(`preftune.train.policy_step`) reads them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from preftune.reward.registry import Reward
+from preftune.rl.prompts import PromptRow
+from preftune.rl.registry import estimate
+from preftune.rl.rollout import RolloutEngine
+from preftune.rl.sampling import Sampling
+from preftune.train.loop import batch_indices
+from preftune.types import Example
+
+
+def generation_seed(seed: int, phase: int, step: int) -> int:
+    """The rollout seed of step `step` of `phase`: a function of its arguments only (exact resume)."""
+    return (seed * 1_000_003 + phase * 10_007 + step * 7_919 + 1) % (2**63)
+
+
+@dataclass
+class OnlinePhase:
+    """A phase whose batches are sampled from the policy (see the module docstring)."""
+
+    index: int
+    prompts: list[PromptRow]
+    steps: int
+    batch_size: int
+    seed: int
+    reward: Reward
+    tokenizer: Any
+    estimator: str
+    num_generations: int
+    sampling: Sampling
+    greedy_baseline: bool = False
+    verifier: bool = False  # the reward is a 0/1 verifier: report accuracy
+    engine: RolloutEngine | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def examples(self) -> Sequence[Example]:
+        return []  # nothing fixed for a reference to precompute
+
+    def attach(self, model: Any) -> None:
+        """Sample from `model` (the policy being trained, in-process)."""
+        self.engine = RolloutEngine(model, eos=self.tokenizer)
+
+    def _texts(self, ids: list[list[int]]) -> list[str]:
+        return [self.tokenizer.decode(c, skip_special_tokens=True) for c in ids]
+
+    def batch(self, step: int) -> list[Example]:
+        """The step's examples: one per prompt, its G samples as branches (sets `metrics`)."""
+        assert self.engine is not None, "OnlinePhase.attach(model) first"
+        t0 = time.perf_counter()
+        idx = batch_indices(len(self.prompts), self.batch_size, seed=self.seed, phase=self.index, step=step)
+        rows = [self.prompts[i] for i in idx]
+        g = self.num_generations
+        self.engine.weight_version = step  # the weights after `step` optimizer steps of this phase
+        sampling = replace(self.sampling, seed=generation_seed(self.seed, self.index, step))
+        out = self.engine.generate([r.ids for r in rows], g, sampling)
+        completions = out.completions()
+        rewards = self.reward(
+            [r.text for r in rows for _ in range(g)], self._texts(completions), **_columns(rows, g)
+        )
+        extra: dict[str, Any] = {}
+        if self.greedy_baseline:  # ReMax: the reward of each prompt's greedy response is its baseline
+            greedy = self.engine.generate([r.ids for r in rows], 1, replace(sampling, temperature=0.0))
+            extra["baseline_rewards"] = self.reward(
+                [r.text for r in rows], self._texts(greedy.completions()), **_columns(rows, 1)
+            )
+        est = estimate(self.estimator, rewards, out.prompt_index, **extra)
+        adv = est.advantages.float()
+        examples = []
+        for p, r in enumerate(rows):
+            part = slice(p * g, (p + 1) * g)
+            branch = completions[part]
+            width = max(len(c) for c in branch)
+            a = adv[part] if adv.dim() == 1 else adv[part, :width]
+            meta = {
+                "old_logps": out.logps[part, :width],
+                "min_logits": out.min_logits[part, :width],
+                "advantages": a,
+                "rewards": rewards[part].float(),
+                "temperature": sampling.temperature,
+                "max_len": sampling.max_new_tokens,
+            }
+            examples.append(Example(r.ids, branch, kind="group", source_row=r.row, meta=meta))
+        lengths = out.mask.sum(dim=1).float()
+        self.metrics = {
+            "reward": float(rewards.mean()),
+            "reward_std": float(rewards.std(unbiased=False)),
+            "zero_signal_fraction": est.metrics["zero_signal_fraction"],
+            "completion_length": float(lengths.mean()),
+            "clipped_fraction": float((~out.finished).float().mean()),
+            "rollout_s": time.perf_counter() - t0,
+        }
+        if self.verifier:
+            self.metrics["accuracy"] = float((rewards >= 1.0).double().mean())
+        for name, values in self.reward.last_values.items():
+            if len(self.reward.terms) > 1:
+                self.metrics[f"reward/{name}"] = float(torch.tensor(values).nanmean())
+        return examples
+
+
+def _columns(rows: list[PromptRow], repeat: int) -> dict[str, list[Any]]:
+    """The prompts' extra columns, each value repeated for the prompt's samples (None where absent)."""
+    keys = sorted({k for r in rows for k in r.columns})
+    return {k: [r.columns.get(k) for r in rows for _ in range(repeat)] for k in keys}
+
+
+def online_phase(config: Any, tokenizer: Any) -> OnlinePhase:
+    """The online phase of `config` (an online method): its prompts, reward, estimator and sampling.
+
+    Steps: `max_steps`, else `epochs` passes over the prompts (batch_size prompts a step)."""
+    import math
+
+    from preftune.online_methods import DEFAULT_COMPLETION_LENGTH, expand
+    from preftune.reward import load_reward
+    from preftune.rl.prompts import load_prompts
+
+    prompts = load_prompts(
+        config.prompts,
+        tokenizer,
+        split=config.split,
+        chat_template=config.chat_template,
+        max_prompt_length=config.max_prompt_length,
+    )
+    estimator, _, _, greedy = expand(config.method, config.estimator, config.objective)
+    steps = config.max_steps or max(1, math.ceil(config.epochs * math.ceil(len(prompts) / config.batch_size)))
+    sampling = Sampling(
+        max_new_tokens=config.max_completion_length or DEFAULT_COMPLETION_LENGTH,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+    )
+    return OnlinePhase(
+        0, prompts, steps, config.batch_size, config.seed, load_reward(config.reward), tokenizer,
+        estimator, config.num_generations, sampling, greedy_baseline=greedy,
+        verifier=config.reward.strip() == "arithmetic",
+    )  # fmt: skip
