@@ -217,3 +217,18 @@ def test_sft_stops_at_its_accuracy_target(tmp_path: Path) -> None:
     model.train()  # greedy_accuracy evaluates in eval mode and leaves the mode as it found it
     greedy_accuracy(model, tokenizer, task, prompts)
     assert model.training
+
+
+def test_run_quickstart_online_method_trains_on_its_own_samples(tmp_path: Path) -> None:
+    from preftune.tasks.quickstart import run_quickstart
+
+    cfg = replace(TOY, online_steps=2, online_batch_size=2, num_generations=2)
+    summary = run_quickstart(tmp_path, method="grpo", seed=1, config=cfg, log=lambda _m: None, progress=False)
+    assert summary["method"] == "grpo" and summary["steps"] == 2
+    assert 0.0 <= summary["accuracy_after"] <= 1.0 and "accuracy_before" in summary
+    assert "sampling" not in summary["quickstart"]  # no pairs were sampled
+    assert _rows(tmp_path / "data" / "pairs.jsonl") == []
+    prompts = [r["prompt"] for r in _rows(tmp_path / "data" / "prompts.jsonl")]
+    assert prompts and not set(prompts) & set(on_disk_heldout(tmp_path))  # held-out prompts stay out
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all("accuracy" in r and "reward" in r for r in rows)

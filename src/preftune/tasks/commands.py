@@ -15,7 +15,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "and after. Writes OUT/summary.json and OUT/report.html. A few minutes on a laptop CPU.",
     )
     p.add_argument("--out", default="runs/quickstart", help="run folder (default: runs/quickstart)")
-    p.add_argument("--method", default="dpo", help="loss or objective, e.g. dpo, ipo, 'dpo:1,sft:0.2'")
+    p.add_argument(
+        "--method",
+        default="dpo",
+        help="loss or objective, e.g. dpo, ipo, 'dpo:1,sft:0.2'; or an online method (grpo, rloo, remax, ...): "
+        "the verifier's reward on the model's own samples instead of pairs",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of problems, SFT and sampling (default 0)")
     p.add_argument("--level", type=int, default=None, help="arithmetic difficulty 1-5 (default 2)")
     p.add_argument("--sft-steps", type=int, default=None, help="most SFT optimizer steps (default 500)")
@@ -25,8 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         default=None,
         help="stop SFT once greedy accuracy on 100 check prompts reaches this (default 0.5; 0: never stop early)",
     )
-    p.add_argument("--steps", type=int, default=None, help="preference-training optimizer steps")
-    p.add_argument("--lr", type=float, default=None, help="preference-training learning rate")
+    p.add_argument(
+        "--steps", type=int, default=None, help="training optimizer steps (default 100; online methods 50)"
+    )
+    p.add_argument(
+        "--lr", type=float, default=None, help="training learning rate (default 3e-5; online methods 2e-5)"
+    )
     p.add_argument("--beta", type=float, default=None, help="β of DPO-family methods")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
     p.set_defaults(func=_quickstart)
@@ -44,11 +53,14 @@ def _quickstart(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars would drown the stage lines
 
+    from preftune.online_methods import is_online
+
     cfg = QuickstartConfig()
+    online = is_online(args.method)
     changes = {
         "level": args.level,
-        "max_steps": args.steps,
-        "lr": args.lr,
+        "online_steps" if online else "max_steps": args.steps,
+        "online_lr" if online else "lr": args.lr,
         "beta": args.beta,
         "threads": args.threads,
     }

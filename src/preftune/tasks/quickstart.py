@@ -84,6 +84,14 @@ class QuickstartConfig:
     """β of DPO-family methods (ignored by methods without it). Large on purpose: the DPO loss saturates
     once β·(log-ratio margin) is a few units, so β = 1 stops after a few nats of change where β = 0.1
     kept pushing and lowered held-out accuracy (docs/quickstart.md)."""
+    online_steps: int = 50
+    """Optimizer steps of an online method (--method grpo, rloo, remax, ...)."""
+    online_batch_size: int = 16
+    """Prompts per online step, each with `num_generations` samples."""
+    num_generations: int = 8
+    """Samples per prompt of an online method."""
+    online_lr: float = 2e-5
+    """Learning rate of an online method (constant, no warm-up)."""
 
 
 @dataclass
@@ -99,6 +107,7 @@ class Artifacts:
     heldout_path: Path
     heldout_prompts: list[str]
     stats: dict[str, Any] = field(default_factory=dict)
+    prompts_path: Path | None = None  # the training prompts (online methods)
 
 
 def _load(model_dir_or_model: Any, task: ArithmeticTask) -> tuple[Any, Any]:
@@ -258,8 +267,10 @@ def prepare(
     config: QuickstartConfig | None = None,
     log: Log = print,
     on_sft_step: Callable[[int, float], None] | None = None,
+    with_pairs: bool = True,
 ) -> Artifacts:
     """Steps 1-3 of the quickstart (see module docstring), plus the SFT model's held-out accuracy.
+    `with_pairs=False` (online methods) skips the sampling and the pairs (their files are empty).
 
     Writes out_dir/sft/ (HF model + tokenizer) and out_dir/data/{pairs,eval_pairs,step_pairs,heldout}.jsonl.
     """
@@ -292,38 +303,10 @@ def prepare(
         stopped = f"; check accuracy {sft.checks[-1][1]:.0%} (target {sft_cfg.target_accuracy:.0%}{missed})"
     log(f"      {sft.steps} steps in {sft.seconds:.0f}s, final loss {sft.losses[-1]:.3f}{stopped}")
 
-    t1 = time.perf_counter()
-    K = cfg.samples_per_prompt
-    log(
-        f"[2/5] sampling {K} responses (temperature {cfg.sample_temperature:g})"
-        f"{' + the greedy one' if cfg.include_greedy else ''} for each of {len(train_prompts)} training prompts"
-    )
     model, _ = _load(sft.model_dir, task)
-    responses = sample_responses(
-        model, task, train_prompts, num_samples=K, temperature=cfg.sample_temperature, seed=seed
+    pairs, step_pairs = (
+        _sample_pairs(model, task, train_prompts, cfg, seed, log, stats) if with_pairs else ([], [])
     )
-    if cfg.include_greedy:
-        greedy = sample_responses(model, task, train_prompts, num_samples=1, temperature=0.0, seed=seed)
-        responses = [g + rs for g, rs in zip(greedy, responses)]
-    pairs, step_pairs, counts = build_pairs(
-        task,
-        train_prompts,
-        responses,
-        pairs_per_prompt=cfg.pairs_per_prompt,
-        seed=seed,
-        rejected=cfg.rejected,
-    )
-    stats["sampling"] = {**counts, "seconds": round(time.perf_counter() - t1, 1)}
-    log(
-        f"      {counts['correct']}/{counts['samples']} samples right; "
-        f"{len(pairs)} pairs, {len(step_pairs)} step pairs"
-    )
-    if not pairs:
-        raise ConfigError(
-            "quickstart: the SFT model got every sampled answer right, so there are no pairs — "
-            "raise the level or lower the SFT steps"
-        )
-
     log("[3/5] writing data and measuring the SFT model on held-out prompts")
     eval_prompts = set(train_prompts[: max(1, int(len(train_prompts) * cfg.eval_fraction))])
     data = out / "data"
@@ -342,6 +325,7 @@ def prepare(
         ),
         heldout_prompts=heldout,
         stats=stats,
+        prompts_path=_write_jsonl(data / "prompts.jsonl", [{"prompt": p} for p in train_prompts]),
     )
     before = held_out_accuracy(model, task, heldout, cfg, seed=seed)
     stats["accuracy_before"] = before
@@ -398,21 +382,26 @@ def run_quickstart(
     """
     from preftune.config import TrainConfig
     from preftune.losses import parse_objective
+    from preftune.online_methods import is_online
     from preftune.train.api import train
 
     cfg = config or QuickstartConfig()
     out = Path(out_dir)
     if (out / "metrics.jsonl").exists():
         raise ConfigError(f"quickstart: {out} already holds a run — pass another --out or delete it")
-    terms = parse_objective(method)  # a misspelled method fails here, before any training
+    online = is_online(method)
+    terms = [] if online else parse_objective(method)  # a misspelled method fails here, before training
     start = time.perf_counter()
-    art = prepare(out, seed=seed, config=cfg, log=log, on_sft_step=on_sft_step)
+    art = prepare(out, seed=seed, config=cfg, log=log, on_sft_step=on_sft_step, with_pairs=not online)
 
-    log(f"[4/5] training {method} from the SFT model on {art.pairs_path.name}")
+    source = art.prompts_path if online else art.pairs_path
+    log(f"[4/5] training {method} from the SFT model on {source.name if source else ''}")
     hparams = {"beta": cfg.beta} if any("beta" in spec.hparams for spec, _ in terms) else {}
     t4 = time.perf_counter()
     result = train(
-        TrainConfig(
+        _online_config(method, art, cfg, seed, progress)
+        if online
+        else TrainConfig(
             method=method,
             model=str(art.sft_dir),
             data=str(art.pairs_path),
@@ -483,3 +472,72 @@ def _flat(stats: dict[str, Any]) -> dict[str, Any]:
         else:
             flat[k] = v
     return flat
+
+
+def _sample_pairs(
+    model: Any,
+    task: ArithmeticTask,
+    train_prompts: list[str],
+    cfg: QuickstartConfig,
+    seed: int,
+    log: Log,
+    stats: dict[str, Any],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Step 2: K samples (and the greedy one) per training prompt, labelled by the verifier, as pairs
+    (their counts in `stats["sampling"]`)."""
+    t1 = time.perf_counter()
+    K = cfg.samples_per_prompt
+    log(
+        f"[2/5] sampling {K} responses (temperature {cfg.sample_temperature:g})"
+        f"{' + the greedy one' if cfg.include_greedy else ''} for each of {len(train_prompts)} training prompts"
+    )
+    responses = sample_responses(
+        model, task, train_prompts, num_samples=K, temperature=cfg.sample_temperature, seed=seed
+    )
+    if cfg.include_greedy:
+        greedy = sample_responses(model, task, train_prompts, num_samples=1, temperature=0.0, seed=seed)
+        responses = [g + rs for g, rs in zip(greedy, responses)]
+    pairs, step_pairs, counts = build_pairs(
+        task,
+        train_prompts,
+        responses,
+        pairs_per_prompt=cfg.pairs_per_prompt,
+        seed=seed,
+        rejected=cfg.rejected,
+    )
+    stats["sampling"] = {**counts, "seconds": round(time.perf_counter() - t1, 1)}
+    log(
+        f"      {counts['correct']}/{counts['samples']} samples right; "
+        f"{len(pairs)} pairs, {len(step_pairs)} step pairs"
+    )
+    if not pairs:
+        raise ConfigError(
+            "quickstart: the SFT model got every sampled answer right, so there are no pairs — "
+            "raise the level or lower the SFT steps"
+        )
+    return pairs, step_pairs
+
+
+def _online_config(method: str, art: Artifacts, cfg: QuickstartConfig, seed: int, progress: bool) -> Any:
+    """The run of an online method: the verifier as reward on the training prompts, G samples each,
+    up to the answer length the task needs (`max_new_tokens_for`)."""
+    from preftune.config import TrainConfig
+
+    prompts = [json.loads(line)["prompt"] for line in Path(str(art.prompts_path)).read_text().splitlines()]
+    return TrainConfig(
+        method=method,
+        model=str(art.sft_dir),
+        prompts=str(art.prompts_path),
+        reward="arithmetic",
+        out=str(art.out_dir),
+        max_steps=cfg.online_steps,
+        batch_size=cfg.online_batch_size,
+        num_generations=cfg.num_generations,
+        lr=cfg.online_lr,
+        warmup_ratio=0.0,
+        scheduler="constant",
+        max_completion_length=max_new_tokens_for(art.task, prompts),
+        seed=seed,
+        progress=progress,
+        report=False,
+    )
