@@ -37,6 +37,7 @@ if ! python -c "import torch" >/dev/null 2>&1; then
     [ -n "$TORCH_INDEX" ] && torch_cmd+=(--index-url "$TORCH_INDEX")
     run "${torch_cmd[@]}"
 fi
-python -c "import torch; print(f'torch {torch.__version__}: ' + (f'CUDA {torch.version.cuda} build' if torch.version.cuda else 'CPU build'))"
 python -m pip install -q -e ".[dev]"
+# after the project (numpy is there by now: torch warns when it imports without it)
+python -c "import torch; print(f'torch {torch.__version__}: ' + (f'CUDA {torch.version.cuda} build' if torch.version.cuda else 'CPU build'))"
 echo "preftune is installed in .venv: run '. .venv/bin/activate' then 'preftune --help'"
