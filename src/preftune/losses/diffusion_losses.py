@@ -24,6 +24,7 @@ from preftune.losses.core import (
 )
 from preftune.losses.pairwise_losses import pair_log_ratios
 from preftune.losses.registry import BatchStatistic, HParam, LossOutput, register
+from preftune.losses.unpaired_losses import clamped_mean
 from preftune.types import PreferenceBatch
 
 
@@ -36,7 +37,7 @@ def diffusion_kto_sums(batch: PreferenceBatch, **_: object) -> dict[str, torch.T
 
 def diffusion_kto_point(sums: dict[str, torch.Tensor]) -> torch.Tensor:
     """z = max(0, mean g) over the batch the sums were taken on (0 if empty), detached."""
-    return (sums["g_sum"] / sums["count"].clamp(min=1)).clamp(min=0.0).detach()
+    return clamped_mean(sums["g_sum"], sums["count"])
 
 
 def diffusion_kto_state(

@@ -23,9 +23,14 @@ def kto_sums(batch: PreferenceBatch, **_: object) -> dict[str, torch.Tensor]:
     return {"rho_sum": (rho * w).sum(), "count": w.sum()}
 
 
+def clamped_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """max(0, total / count), detached; 0 when count is 0 — KTO's z₀ and Diffusion-KTO's z."""
+    return (total / count.clamp(min=1)).clamp(min=0.0).detach()
+
+
 def kto_reference_point(sums: dict[str, torch.Tensor]) -> torch.Tensor:
     """z₀ = max(0, mean of ρ(y′)) from `kto_sums` (of one batch or added over a global batch); 0 if none."""
-    return (sums["rho_sum"] / sums["count"].clamp(min=1)).clamp(min=0.0).detach()
+    return clamped_mean(sums["rho_sum"], sums["count"])
 
 
 def kto_state(
