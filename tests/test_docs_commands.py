@@ -3,8 +3,9 @@
 A new user copies commands from the docs; each one here runs as written (tokenised with `shlex`,
 comments dropped) in a sandbox folder that holds what the docs assume: a tiny SFT model at
 `./sft-model` and `./sft`, preference data `prefs.jsonl` / `heldout.jsonl`, arithmetic prompts
-`prompts.jsonl` (online methods), the repository's `examples/`, and (for commands that read a
-finished run) `runs/dpo1`. What does not run here, and why:
+`prompts.jsonl` (online methods), step-labelled solutions `steps.jsonl` (process reward models), the
+repository's `examples/`, and (for commands that read a finished run) `runs/dpo1` and `runs/prm`.
+What does not run here, and why:
 
 - `bash scripts/setup.sh ...`, `python -m pytest ...`: set-up and the test command (CI runs both);
 - benchmark scripts (`benchmarks/*.py`): they need the benchmark venv; their smoke tests cover them;
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from preftune.reward.processbench import processbench_from_task
 from preftune.tasks.arithmetic import ArithmeticTask
 from test_train_fixtures import pair_rows, tiny_model, write_jsonl
 
@@ -145,11 +147,14 @@ def base_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
     task = ArithmeticTask(ops="+")  # prompts of online runs (preftune train grpo)
     write_jsonl(plain / "prompts.jsonl", [{"prompt": task.prompt(p)} for p in task.problems(8, seed=3)])
     shutil.copytree(ROOT / "examples", plain / "examples")
+    write_jsonl(plain / "steps.jsonl", processbench_from_task(12, ops="+", seed=4))
     with_run = root / "with_run"
     shutil.copytree(plain, with_run)
     with _cwd(with_run):
         argv = ["train", "dpo", "--model", "./sft-model", "--data", "prefs.jsonl", "--out", "runs/dpo1"]
         assert main([*argv, "--batch-size", "8", "--no-progress"]) == 0
+        argv = ["train", "prm", "--model", "./sft-model", "--data", "steps.jsonl", "--out", "runs/prm"]
+        assert main([*argv, "--batch-size", "4", "--max-steps", "2"]) == 0
     return root
 
 

@@ -83,6 +83,16 @@ def _eval(args: argparse.Namespace) -> int:
                                        "metrics": rm_metrics}, indent=1) + "\n")  # fmt: skip
         print(f"wrote {path}")
         return 0
+    if config.method == "prm":  # a process reward model: ProcessBench metrics (first wrong step)
+        from preftune.reward.processbench import evaluate_prm_folder
+
+        prm_metrics = evaluate_prm_folder(final, args.data, batch_items=args.batch_size)
+        _print_table(f"process reward model on {args.data}", [(k, fmt(v)) for k, v in prm_metrics.items()])
+        path = run / "eval.json"
+        write_atomic(path, json.dumps({"run": str(run), "data": args.data, "method": "prm",
+                                       "metrics": prm_metrics}, indent=1) + "\n")  # fmt: skip
+        print(f"wrote {path}")
+        return 0
     reference = args.ref_model or config.ref_model or config.model
     metrics = evaluate(
         str(final),

@@ -8,6 +8,8 @@
 METHOD rm trains a reward model (docs/reward_models.md): --loss bt | bt_margin | bt_scaled | center
 or a weighted sum such as 'bt:1,center:0.01'; the run folder, checkpoints and --resume work as for
 the preference losses; OUT/final/ loads with AutoModelForSequenceClassification.
+METHOD prm trains a process reward model on step labels: --loss prm_bce | pav_mse (data: prompt,
+steps, labels or first_error; the ProcessBench rows too).
 
 Precedence: dataclass defaults < `--config` YAML < command line. Loss hyper-parameters (`--beta`,
 `--gamma`, ...) are added to the parser from the loss registry when the `train` command is parsed
@@ -153,7 +155,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "method_arg",
         nargs="?",
         metavar="METHOD",
-        help="loss or objective, e.g. dpo or 'dpo:1.0,sft:0.2' (same as --method); rm: a reward model",
+        help="loss or objective, e.g. dpo or 'dpo:1.0,sft:0.2' (same as --method); rm: a reward model; "
+        "prm: a process reward model",
     )
     p.add_argument("--config", help="YAML file of config keys (command-line values override it)")
     group = p.add_argument_group("run configuration (any key also works in --config YAML)")
@@ -245,6 +248,10 @@ def run(args: argparse.Namespace) -> int:
         from preftune.reward.training import train_rm
 
         result = train_rm(config)
+    elif str(config.method).strip() == "prm":  # a process reward model: step scores (preftune.reward)
+        from preftune.reward.prm_training import train_prm
+
+        result = train_prm(config)
     else:
         result = train(config)
     shown = "  ".join(

@@ -1,0 +1,154 @@
+"""`preftune train prm`: a process reward model trained on step labels, prefix-shared, with exact resume.
+
+    preftune train prm --model ./sft --data steps.jsonl --out runs/prm --loss prm_bce
+
+Data: `preftune.reward.prm_data` (prompt, steps, labels or first_error; the official ProcessBench
+rows too). Each step of a solution is scored at its last token (`preftune.reward.prm`); solutions to
+one prompt in a batch share one packed row. A step's loss is Σ over labelled steps / steps in the
+optimizer step (exact whatever the micro-batch size). The run folder, lock, checkpoints and
+`--resume` rules are those of `preftune train rm`; OUT/final/ is an
+`AutoModelForSequenceClassification(num_labels=1)` folder with its tokenizer and `prm.json` (the
+loss, separator and default aggregation), which makes the folder a process reward for `--reward`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from preftune.config import TrainConfig, config_to_dict
+from preftune.errors import ConfigError, DataError
+from preftune.reward.prm import PRM_LOSSES, score_encoded
+from preftune.reward.prm_data import EncodedItem, PRMItem, encode_steps, read_prm_data
+from preftune.reward.training import _check, _claim, _resume
+from preftune.train import checkpoint as ckpt
+from preftune.train import runfolder
+
+PRM_FILE = "prm.json"
+HPARAMS = ("loss", "separator", "aggregation")
+
+
+def _settings(config: TrainConfig) -> dict[str, str]:
+    hp = {k: str(v) for k, v in config.hparams.items()}
+    others = sorted(set(hp) - set(HPARAMS))
+    if others:
+        raise ConfigError(
+            f"preftune train prm takes --loss (prm_bce, pav_mse), --separator and --aggregation, not {', '.join(others)}"
+        )
+    out = {"loss": hp.get("loss", "prm_bce"), "separator": hp.get("separator", "\n"),
+           "aggregation": hp.get("aggregation", "min")}  # fmt: skip
+    if out["loss"] not in PRM_LOSSES:
+        raise ConfigError(f"unknown PRM loss '{out['loss']}' (known: {', '.join(PRM_LOSSES)})")
+    from preftune.reward.prm import AGGREGATIONS
+
+    if out["aggregation"] not in AGGREGATIONS:
+        raise ConfigError(
+            f"unknown step aggregation '{out['aggregation']}' (known: {', '.join(AGGREGATIONS)})"
+        )
+    return out
+
+
+def prm_items(source: str, split: str | None, loss: str) -> list[PRMItem]:
+    """The items of `source`; for prm_bce every label must lie in [0, 1]."""
+    items = read_prm_data(source, split)
+    if loss == "prm_bce":
+        for it in items:
+            bad = next((v for v in it.labels if not 0.0 <= v <= 1.0), None)
+            if bad is not None:
+                raise DataError(f"holds {bad!r}; prm_bce trains on labels in [0, 1]", path=source, row=it.row,
+                                field="labels", fix="give 1/0 or a success rate, or train with --loss pav_mse")  # fmt: skip
+    return items
+
+
+def _step(model: Any, params: list[torch.nn.Parameter], opt: Any, sched: Any, batch: list[tuple[PRMItem, EncodedItem]],
+          loss: str, config: TrainConfig) -> dict[str, float]:  # fmt: skip
+    """One optimizer step: Σ over micro-batches of Σ_steps loss / steps in the batch."""
+    micro = config.micro_batch_size or config.batch_size
+    n_steps = sum(len(it.labels) for it, _ in batch)
+    total = correct = 0.0
+    for start in range(0, len(batch), micro):
+        part = batch[start : start + micro]
+        scores = torch.cat(score_encoded(model, [e for _, e in part]))
+        labels = torch.tensor([v for it, _ in part for v in it.labels], device=scores.device)
+        losses = PRM_LOSSES[loss](scores, labels)
+        (losses.sum() / n_steps).backward()
+        total += float(losses.detach().sum())
+        if loss == "prm_bce":
+            correct += float(((scores.detach() > 0) == (labels > 0.5)).sum())
+    norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf")))
+    lr = float(sched.get_last_lr()[0])
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    out = {"loss": total / n_steps, "grad_norm": norm, "lr": lr, "steps": float(n_steps)}
+    return {**out, "step_accuracy": correct / n_steps} if loss == "prm_bce" else out
+
+
+def train_prm(config: TrainConfig, log: Any = print) -> Any:
+    """Train a PRM: `config` as for `preftune train rm`, method "prm", `hparams` loss (prm_bce | pav_mse),
+    separator (default newline) and aggregation (the reward's default: min). Returns the `RunResult`."""
+    settings = _settings(config)
+    _check(config)
+    lock = _claim(config)
+    try:
+        return _train(config, settings, log)
+    finally:
+        lock.release()
+
+
+def _train(config: TrainConfig, settings: dict[str, str], log: Any) -> Any:
+    from transformers.utils import logging as hf_logging
+
+    from preftune.data.formatting import load_tokenizer
+    from preftune.reward.scoring import load_scorer
+    from preftune.train.api import RunResult, seed_everything
+    from preftune.train.logging import MetricsLogger
+    from preftune.train.loop import batch_indices
+    from preftune.train.optim import build_optimizer, build_scheduler
+    from preftune.train.setup import phase_steps
+
+    hf_logging.disable_progress_bar()
+    seed_everything(config.seed)
+    out, loss, sep = Path(config.out), settings["loss"], settings["separator"]
+    tokenizer = load_tokenizer(config.tokenizer or config.model)
+    items = prm_items(config.data, config.split, loss)
+    data = [(it, encode_steps(tokenizer, it.prompt, it.steps, sep)) for it in items]
+    total = phase_steps(config, [items])[0]  # type: ignore[list-item]
+    model = load_scorer(config.model, dtype=config.dtype)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, config)
+    scheduler = build_scheduler(optimizer, config, total)
+    start, last, last_good = _resume(config, model, optimizer, scheduler, total, log)
+    logger = MetricsLogger(out, sinks=config.report_to, run_name=config.run_name or out.name,
+                           config=config_to_dict(config))  # fmt: skip
+    logger.truncate_after(start)
+    log(f"preftune train prm ({loss}): {len(items)} solutions, {total} steps, batch {config.batch_size}")
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        idx = sorted(batch_indices(len(data), config.batch_size, seed=config.seed, phase=0, step=step))
+        last = _step(model, params, optimizer, scheduler, [data[i] for i in idx], loss, config)
+        last["seconds"] = time.perf_counter() - t0
+        done = step + 1
+        if done % config.log_every == 0 or done == total:
+            logger.log({"step": done, "split": "train", **last})
+            log(f"step {done}/{total}: loss {last['loss']:.4f}")
+        if (config.save_every and done % config.save_every == 0) or done == total:
+            state = {"phase": 0, "step_in_phase": done, "total_steps": total, "metrics": last}
+            last_good = ckpt.save_checkpoint(
+                out / "checkpoints", done, model=model, optimizer=optimizer, scheduler=scheduler,
+                trainer_state=state, loss_state={}, keep_last=config.keep_last,
+            )  # fmt: skip
+    logger.close()
+    final = out / "final"
+    model.save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    runfolder.write_atomic(final / PRM_FILE, json.dumps(settings, indent=1))
+    summary = {"method": f"prm ({loss})", "steps": total, "train": last,
+               "checkpoint": str(last_good) if last_good else None}  # fmt: skip
+    runfolder.write_atomic(out / "summary.json", json.dumps(summary, indent=1))
+    return RunResult(out, final, total, dict(last))

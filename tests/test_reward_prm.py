@@ -1,0 +1,149 @@
+"""Process reward models: step data, step scores at step ends (packed = own forward), losses, labels."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from preftune.errors import DataError
+from preftune.models.tiny import save_tiny_model
+from preftune.reward.prm import aggregate_steps, pav_mse, prm_bce, score_encoded, step_scores
+from preftune.reward.prm_data import encode_steps, parse_record, read_prm_data
+from preftune.reward.prm_labels import (
+    math_shepherd_labels,
+    mc_values,
+    pav_targets,
+    verifier_record,
+)
+from preftune.reward.scoring import load_scorer
+from preftune.tasks.arithmetic import ArithmeticTask
+from test_train_fixtures import write_jsonl
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_records_become_labels_with_the_math_shepherd_meaning():
+    a = parse_record({"prompt": "p", "steps": ["a", "b", "c", "d"], "first_error": 1})
+    assert a.labels == (1.0, 0.0, 0.0, 0.0) and a.first_error == 1
+    b = parse_record({"problem": "p", "steps": ["a", "b"], "label": -1, "id": "x", "generator": "g"})
+    assert b.labels == (1.0, 1.0) and b.first_error == -1 and b.prompt == "p"
+    c = parse_record({"prompt": "p", "steps": ["a", "b", "c"], "labels": [1, 0, 1]})
+    assert c.first_error == 1 and c.labels == (1.0, 0.0, 1.0)
+    d = parse_record({"prompt": "p", "steps": ["a", "b"], "labels": [0.75, 0.25]})
+    assert d.first_error is None and d.labels == (0.75, 0.25)
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"prompt": "p", "steps": ["a", "b"], "labels": [1]},
+         "data.jsonl:2: field 'labels': has 1 labels for 2 steps — give one label per step"),
+        ({"prompt": "p", "steps": ["a", "b"], "first_error": 2},
+         "data.jsonl:2: field 'first_error': is 2, expected -1 (no wrong step) or a step index in [0, 1]"),
+        ({"prompt": "p", "steps": ["a"], "labels": [1], "label": 0},
+         "data.jsonl:2: field 'labels': labels given twice (labels, label)"),
+        ({"prompt": "p", "steps": [], "labels": []}, "data.jsonl:2: field 'steps': is list"),
+        ({"steps": ["a"], "labels": [1]}, "data.jsonl:2: field 'prompt': is missing or not text"),
+        ({"prompt": "p", "steps": ["a"], "labels": ["yes"]},
+         "data.jsonl:2: field 'labels': label 0 is 'yes', expected a finite number"),
+    ],
+)  # fmt: skip
+def test_bad_records_name_file_row_and_field(tmp_path, record, message):
+    path = write_jsonl(tmp_path / "data.jsonl", [{"prompt": "p", "steps": ["a"], "labels": [1]}, record])
+    with pytest.raises(DataError) as info:
+        read_prm_data(str(path))
+    assert str(info.value).replace(str(tmp_path) + "/", "").startswith(message)
+
+
+@pytest.fixture(scope="module")
+def prm_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prm")
+    tok = ArithmeticTask().build_tokenizer()
+    out = {}
+    for arch in ("llama", "qwen2"):
+        lm = save_tiny_model(arch, root / f"{arch}-lm", vocab_size=32, tokenizer=tok,
+                             config_overrides={"initializer_range": 0.3})  # fmt: skip
+        torch.manual_seed(0)
+        load_scorer(lm).save_pretrained(root / arch)
+        tok.save_pretrained(root / arch)
+        out[arch] = root / arch
+    return out, tok
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_step_scores_equal_the_classifiers_forward_at_each_step_end(prm_dirs, arch):
+    dirs, tok = prm_dirs
+    model = AutoModelForSequenceClassification.from_pretrained(dirs[arch])
+    sols = [("12+9=\n", ["2+9+0=11 r1", "1+0+1=2 r21", "answer: 21"]),
+            ("12+9=\n", ["2+9+0=10 r0", "answer: 20"]),
+            ("7*3=\n", ["7*3+0=21 r21", "answer: 21"])]  # fmt: skip
+    enc = [encode_steps(tok, p, s) for p, s in sols]
+    assert enc[0].prompt_ids == tok("12+9=\n", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        packed = torch.cat(score_encoded(model, enc))
+        padded = torch.cat(score_encoded(model, enc, pack=False))
+        ref = []
+        for e in enc:  # the classifier's own forward on each prefix ending at a step end
+            for end in e.ends:
+                ids = torch.tensor([e.prompt_ids + e.response_ids[: end + 1]])
+                ref.append(model(input_ids=ids).logits.item())
+    ref_t = torch.tensor(ref)
+    assert packed.shape == (7,) and ref_t.std() > 0.05
+    torch.testing.assert_close(packed, ref_t, atol=1e-5, rtol=0)
+    torch.testing.assert_close(padded, ref_t, atol=1e-5, rtol=0)
+
+
+def test_step_scores_with_two_branches_share_the_prompt(prm_dirs):
+    dirs, _ = prm_dirs
+    model = load_scorer(dirs["llama"])
+    prompts = [[5, 6, 7]]
+    with torch.no_grad():
+        both = step_scores(model, prompts, [[[8, 9, 10], [11, 12]]], [[[0, 2], [1]]])
+        one = step_scores(model, prompts, [[[11, 12]]], [[[1]]])
+    torch.testing.assert_close(both[2:], one, atol=1e-5, rtol=0)
+
+
+def test_losses_and_aggregations_by_hand():
+    s = torch.tensor([0.0, 0.0, math.log(3.0)])
+    y = torch.tensor([1.0, 0.5, 1.0])
+    torch.testing.assert_close(prm_bce(s, y), torch.tensor([math.log(2), math.log(2), math.log(4 / 3)]))
+    torch.testing.assert_close(pav_mse(torch.tensor([0.5, -1.0]), torch.tensor([0.25, 0.0])),
+                               torch.tensor([0.0625, 1.0]))  # fmt: skip
+    v = torch.tensor([0.9, 0.2, 0.7])
+    got = [float(aggregate_steps(v, h)) for h in ("min", "last", "sum", "mean", "prod")]
+    assert got == pytest.approx([0.2, 0.7, 1.8, 0.6, 0.126])
+
+
+def test_verifier_record_labels_the_first_wrong_line():
+    rec = verifier_record("12+9=\n", "2+9+0=11 r1\n1+0+1=3 r31\nanswer: 31")
+    assert rec == {
+        "prompt": "12+9=\n",
+        "steps": ["2+9+0=11 r1", "1+0+1=3 r31", "answer: 31"],
+        "first_error": 1,
+    }
+    assert verifier_record("12+9=\n", "2+9+0=11 r1\n1+0+1=2 r21\nanswer: 21")["first_error"] == -1
+    # a response that stops early: the error (the missing line) goes on the last line written
+    assert verifier_record("12+9=\n", "2+9+0=11 r1")["first_error"] == 0
+
+
+def test_monte_carlo_labels_and_pav_targets_by_hand():
+    prompt, steps = "12+9=\n", ["2+9+0=11 r1", "1+0+1=2 r21", "answer: 21"]
+    right = {"": "2+9+0=11 r1\n1+0+1=2 r21\nanswer: 21", "2+9+0=11 r1\n": "1+0+1=2 r21\nanswer: 21",
+             "2+9+0=11 r1\n1+0+1=2 r21\n": "answer: 21"}  # fmt: skip
+    calls = []
+
+    def rollout(prompts, prefixes, n):  # completion j of a prefix is right for j < (number of steps) + 1
+        calls.append(list(prefixes))
+        return [[right[q] if j <= q.count("\n") else "answer: 0" for j in range(n)] for q in prefixes]
+
+    values = mc_values([prompt], [steps], rollout, n=4)
+    assert calls == [["", "2+9+0=11 r1\n", "2+9+0=11 r1\n1+0+1=2 r21\n"]]
+    assert values == [[0.25, 0.5, 0.75, 1.0]]  # the full solution is checked as it stands
+    assert math_shepherd_labels(values[0], "hard") == [1.0, 1.0, 1.0]
+    assert math_shepherd_labels(values[0], "soft") == [0.5, 0.75, 1.0]
+    assert pav_targets([0.5, 0.75, 0.0, 0.0]) == pytest.approx([0.25, -0.75, 0.0])
+    # Best-of-2 prover: V = 1 − (1 − p)² = [0.75, 0.9375, 0, 0]
+    assert pav_targets([0.5, 0.75, 0.0, 0.0], prover_k=2) == pytest.approx([0.1875, -0.9375, 0.0])
