@@ -171,6 +171,7 @@ def _cwd(path: Path):  # type: ignore[no-untyped-def]
 def _sandbox(base: Path, cmd: DocCommand, tmp_path: Path) -> Path:
     """A fresh copy of the base sandbox: with `runs/dpo1` unless the command writes a run itself."""
     writes_run = cmd.argv[:1] in (("train",), ("sweep",), ("quickstart",))
+    writes_run = writes_run and not any(a.startswith("runs/dpo1/") for a in cmd.argv)  # RTO reads it
     src = base / ("plain" if writes_run else "with_run")
     dst = tmp_path / "work"
     shutil.copytree(src, dst)

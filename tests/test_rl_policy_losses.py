@@ -198,7 +198,7 @@ def test_exact_across_micro_batches_and_ranks(aggregation: str) -> None:
 
 
 def test_registry_and_objective() -> None:
-    assert set(POLICY_LOSSES) == {"pg", "ppo_clip", "kl"}
+    assert {"pg", "ppo_clip", "kl", "value"} <= set(POLICY_LOSSES)
     assert all(s.kind == "policy" and s.reduction == "aggregation" for s in POLICY_LOSSES.values())
     with pytest.raises(ConfigError, match="unknown loss 'ppo' — did you mean 'pg'|unknown loss 'ppo'"):
         parse_policy_objective("ppo:1")

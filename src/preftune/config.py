@@ -32,6 +32,8 @@ REFERENCE_STRATEGIES = ("auto", "cache", "model", "adapter", "none")
 SCHEDULERS = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
 SINKS = ("tensorboard", "wandb", "mlflow", "trackio")
+MACROS = ("fixed", "randomized", "ppl")  # rl.gae's MA-RLHF terminations (kept free of torch here)
+POOLINGS = ("equal", "unit", "position")
 
 
 def _f(default: Any, help: str, **extra: Any) -> Any:
@@ -221,6 +223,22 @@ class TrainConfig:
     temperature: float = _f(1.0, "Online methods: sampling temperature.", low=0.0, low_open=True)
     top_p: float = _f(1.0, "Online methods: nucleus sampling p (1: off).", low=0.0, high=1.0, low_open=True)
     top_k: int = _f(0, "Online methods: sample from the k most likely tokens (0: off).", low=0)
+    # --- PPO family (ppo, ma_ppo, rto: estimator gae with a value head; TRL's PPOConfig names) ---
+    kl_coef: float | None = _f(
+        None,
+        "PPO family: per-token KL penalty β·(log π − log π_ref) in the reward (ppo 0.05, rto 0.01).",
+        low=0.0,
+    )
+    gamma: float = _f(1.0, "PPO family: GAE discount γ.", low=0.0, high=1.0)
+    lam: float = _f(0.95, "PPO family: GAE λ.", low=0.0, high=1.0)
+    macro: str | None = _f(
+        None, "MA-RLHF macro actions: fixed | randomized | ppl (ma_ppo: fixed).", choices=MACROS
+    )
+    macro_n: int = _f(5, "MA-RLHF: tokens per fixed macro action (1 = PPO).", low=1)
+    macro_pooling: str = _f("equal", "MA-RLHF: value/reward pooling over a macro action.", choices=POOLINGS)
+    dpo_model: str | None = _f(None, "RTO: the DPO model whose token log-ratio to `model` is a reward.")
+    dpo_scale: float = _f(0.05, "RTO: scale s of the token reward s·(log π_dpo − log π_ref).", low=0.0)
+    dpo_clip: float = _f(0.05, "RTO: clip c of each DPO token reward to [−c, c].", low=0.0, low_open=True)
     # --- evaluation, checkpoints, logging ---
     eval_every: int = _f(0, "Evaluate on eval_data every N steps (0: only at the end).", low=0)
     eval_batch_size: int = _f(0, "Examples per evaluation forward (0: micro_batch_size).", low=0)
@@ -523,7 +541,22 @@ def _validate_online(config: TrainConfig, strategy: str) -> None:
         )
     from preftune.rl import get_estimator
 
-    get_estimator(expand(config.method, config.estimator, config.objective)[0])
+    estimator = expand(config.method, config.estimator, config.objective)[0]
+    get_estimator(estimator)
+    _validate_ppo(config, estimator)
+
+
+def _validate_ppo(config: TrainConfig, estimator: str) -> None:
+    """The PPO family (estimator gae): a value head on a fully fine-tuned policy; RTO's DPO model."""
+    ppo_keys = [k for k in ("macro", "dpo_model", "kl_coef") if getattr(config, k) is not None]
+    if estimator != "gae":
+        if ppo_keys:
+            raise ConfigError(f"{ppo_keys[0]} is for the PPO family (estimator gae: ppo, ma_ppo, rto)")
+        return
+    if config.lora:
+        raise ConfigError(f"method '{config.method}': the value head needs full fine-tuning, not lora (yet)")
+    if config.method == "rto" and not config.dpo_model:
+        raise ConfigError("method 'rto' needs dpo_model (--dpo-model PATH): a DPO model trained from `model`")
 
 
 def validate(config: TrainConfig) -> list[tuple[Any, float, dict[str, Any]]]:

@@ -23,6 +23,8 @@ class OnlinePreset:
     hparams: dict[str, Any] = field(default_factory=dict)  # defaults of the objective's terms
     greedy_baseline: bool = False  # ReMax: one greedy response per prompt scores the baseline
     paper: str = ""
+    macro: str | None = None  # MA-RLHF's macro-action termination (estimator gae)
+    kl_coef: float = 0.05  # PPO family: the KL penalty in the token rewards (TRL's PPOConfig default)
 
 
 PRESETS: dict[str, OnlinePreset] = {
@@ -43,6 +45,16 @@ PRESETS: dict[str, OnlinePreset] = {
         "reinforce_pp", "ppo_clip:1", paper="Hu et al. 2025, REINFORCE++ (batch-whitened returns)"
     ),
     "bnpo": OnlinePreset("bnpo", "ppo_clip:1", paper="Xiao et al. 2025, BNPO (Beta-normalised advantages)"),
+    # PPO family: a value head on the policy, token rewards (KL penalty + the reward at the end), GAE
+    "ppo": OnlinePreset(
+        "gae", "ppo_clip:1,value:1", paper="Schulman et al. 2017, PPO; Ouyang et al. 2022 (RLHF PPO, TRL)"
+    ),
+    "ma_ppo": OnlinePreset(
+        "gae", "ppo_clip:1,value:1", macro="fixed", paper="Chai et al. 2025, MA-RLHF (macro actions)"
+    ),
+    "rto": OnlinePreset(
+        "gae", "ppo_clip:1,value:1", kl_coef=0.01, paper="Zhong et al. 2024, RTO (DPO token rewards + PPO)"
+    ),
 }
 
 # the generation budget of an online run when max_completion_length is not set (TRL 1.16's default)

@@ -50,11 +50,13 @@ class SequenceStats:
     logps:       [N] float32, Σ_t log π(y_t | x, y_<t) over response tokens only.
     lengths:     [N] int64, response token counts |y|.
     token_logps: [N, T] float32 per-token log-probs, zero where t ≥ lengths[n]; present only when asked.
+    values:      [N, T] float32 a value head's V_t at each response token (PPO), when asked.
     """
 
     logps: torch.Tensor
     lengths: torch.Tensor
     token_logps: torch.Tensor | None = None
+    values: torch.Tensor | None = None
 
 
 @dataclass

@@ -44,6 +44,9 @@ class PolicyBatch:
     ref_token_logps:    [N, T] under the reference (needed by `kl`).
     max_len:            Dr. GRPO's constant (the generation budget, max_new_tokens): the same for every
                         micro-batch; needed by `seq_mean_token_sum_norm`.
+    values:             [N, T] the value head's V_t (differentiable), for the `value` term (PPO).
+    old_values:         [N, T] V_t when the rollouts were scored (the centre of the value clip).
+    returns:            [N, T] the value targets (GAE's Â + V).
     """
 
     policy_token_logps: torch.Tensor
@@ -52,6 +55,9 @@ class PolicyBatch:
     old_token_logps: torch.Tensor | None = None
     ref_token_logps: torch.Tensor | None = None
     max_len: int | None = None
+    values: torch.Tensor | None = None
+    old_values: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
 
     def masked(self, x: torch.Tensor) -> torch.Tensor:
         """`x` in float32 with entries outside the mask set to 0 (before any arithmetic)."""
@@ -233,6 +239,44 @@ def kl(batch: PolicyBatch, state: dict[str, torch.Tensor], *, estimator: str, ag
         batch.masked(batch.policy_token_logps), batch.masked(batch.ref_token_logps), estimator
     )
     return LossOutput(aggregate(per_token, batch, aggregation), {"kl": _seq_mean(per_token.detach(), batch)})
+
+
+@register_policy(
+    "value",
+    paper="Schulman et al. 2017, PPO eq. 9 (value term); Ouyang et al. 2022 / TRL's PPOTrainer (clipped value)",
+    equation="l_t = c_v · ½ max((V_t − R_t)², (clip(V_t, V_old ± ε_v) − R_t)²)",
+    hparams={
+        "vf_coef": HParam(0.1, "value loss coefficient c_v (TRL's vf_coef)", low=0.0),
+        "cliprange_value": HParam(
+            0.2, "clip of V around the rollout's values (TRL's cliprange_value)", low=0.0
+        ),
+    },
+)
+def value(
+    batch: PolicyBatch,
+    state: dict[str, torch.Tensor],
+    *,
+    vf_coef: float,
+    cliprange_value: float,
+    aggregation: str,
+) -> LossOutput:
+    """PPO's clipped value loss on the value head's V_t, regressed onto the returns R_t = Â_t + V_old,t
+    (GAE's targets). The clip keeps V within ε_v of the values the advantages were computed with, as
+    TRL's PPOTrainer does; with a token-mean aggregation this is TRL's `vf_coef · vf_loss`."""
+    if batch.values is None or batch.old_values is None or batch.returns is None:
+        raise ConfigError(
+            "loss 'value' needs the value head's values, the rollout's values and the returns: use it with "
+            "the estimator 'gae' (methods ppo, ma_ppo, rto)"
+        )
+    v = batch.masked(batch.values)
+    old, ret = batch.masked(batch.old_values), batch.masked(batch.returns)
+    clipped = old + (v - old).clamp(-cliprange_value, cliprange_value)
+    per_token = vf_coef * 0.5 * torch.maximum((v - ret) ** 2, (clipped - ret) ** 2)
+    metrics = {
+        "value_mean": _seq_mean(v.detach(), batch),
+        "value_clip_fraction": _seq_mean(((clipped - ret) ** 2 > (v - ret) ** 2).float(), batch),
+    }
+    return LossOutput(aggregate(per_token, batch, aggregation), metrics)
 
 
 def kl_penalty(

@@ -199,14 +199,16 @@ def _compute(
     chunk_tokens: int | None,
     source_rows: list[int] | None,
     min_logits: list[torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logps [N], lengths [N], token log-probs [M], and for each of the M tokens its (n, t) index [M, 2])."""
+    value_head: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(logps [N], lengths [N], token log-probs [M], for each of the M tokens its (n, t) index [M, 2],
+    and with `value_head` its value [M] read from the same hidden state that predicts it)."""
     lm = unwrap_model(model)
     if not prompts:
         device = next(lm.parameters()).device
         empty = torch.zeros(0, dtype=torch.float32, device=device)
         index = torch.zeros(0, 2, dtype=torch.long, device=device)
-        return empty, torch.zeros(0, dtype=torch.long, device=device), empty, index
+        return empty, torch.zeros(0, dtype=torch.long, device=device), empty, index, None
     if pack:
         reason = packing_support(lm.config)
         if reason is not None:
@@ -235,7 +237,8 @@ def _compute(
     seq_index = batch.seq_index.to(device)
     logps = torch.zeros(len(batch.lengths), dtype=torch.float32, device=device).index_add(0, seq_index, tok)
     index = torch.stack([seq_index, batch.tok_index.to(device)], dim=1)
-    return logps, batch.lengths.to(device), tok, index
+    values = None if value_head is None else value_head(picked).squeeze(-1).float()
+    return logps, batch.lengths.to(device), tok, index, values
 
 
 def _token_thresholds(
@@ -274,6 +277,7 @@ def example_stats(
     pack: bool = True,
     chunk_tokens: int | None = None,
     min_logits: list[torch.Tensor] | None = None,
+    value_head: Any = None,
 ) -> SequenceStats:
     """Statistics of every response branch of `examples` under `model`, flat and differentiable.
 
@@ -282,6 +286,7 @@ def example_stats(
     these sums); lengths [N]; token_logps [N, T] when asked. `max_tokens_per_row` caps a packed row
     (default: the longest example). `pack=False` forces padded rows. `min_logits[e]` ([K_e, ≥T_e],
     optional) renormalises each token's softmax over a sampler's kept support (see `sequence_logps`).
+    `value_head` (a module [.., H] → [.., 1], PPO's critic on the policy trunk) adds `values` [N, T].
     """
     if getattr(model, "is_sharded_policy", False):  # FSDP2 root: its forward runs this function
         extra = {} if min_logits is None else {"min_logits": min_logits}
@@ -298,7 +303,7 @@ def example_stats(
     prompts = [e.prompt_ids for e in examples]
     branches = [e.response_ids for e in examples]
     rows = [e.source_row for e in examples]
-    logps, lengths, tok, index = _compute(
+    logps, lengths, tok, index, values = _compute(
         model,
         prompts,
         branches,
@@ -308,9 +313,11 @@ def example_stats(
         chunk_tokens=chunk_tokens,
         source_rows=rows,
         min_logits=min_logits,
+        value_head=value_head,
     )
     matrix = _token_matrix(tok, index, lengths) if token_logps else None
-    return SequenceStats(logps=logps, lengths=lengths, token_logps=matrix)
+    value_matrix = None if values is None else _token_matrix(values, index, lengths)
+    return SequenceStats(logps=logps, lengths=lengths, token_logps=matrix, values=value_matrix)
 
 
 def sequence_logps(
@@ -334,7 +341,7 @@ def sequence_logps(
     `Rollouts.grouped_min_logits`) renormalises each token's softmax over the support a top-k / top-p
     sampler kept: the temperature-scaled logits ≥ the token's threshold (−inf: all).
     """
-    logps, lengths, tok, index = _compute(
+    logps, lengths, tok, index, _ = _compute(
         model,
         prompt_ids,
         response_ids,

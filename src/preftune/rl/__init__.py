@@ -21,7 +21,7 @@ from preftune.losses.policy_losses import (
     parse_policy_objective,
     policy_objective,
 )
-from preftune.rl import estimators  # noqa: F401  (registers the estimators)
+from preftune.rl import estimators, gae  # noqa: F401  (registers the estimators)
 from preftune.rl.registry import REGISTRY as ESTIMATORS
 from preftune.rl.registry import Estimate, EstimatorSpec, advantages, estimate
 from preftune.rl.registry import get as get_estimator

@@ -52,6 +52,7 @@ class OnlinePhase:
     sampling: Sampling
     greedy_baseline: bool = False
     verifier: bool = False  # the reward is a 0/1 verifier: report accuracy
+    credit: Any = None  # PPO family (estimator gae): value head, token rewards, GAE (rl/ppo.py)
     engine: RolloutEngine | None = None
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -62,6 +63,8 @@ class OnlinePhase:
     def attach(self, model: Any) -> None:
         """Sample from `model` (the policy being trained, in-process)."""
         self.engine = RolloutEngine(model, eos=self.tokenizer)
+        if self.credit is not None:
+            self.credit.to(next(model.parameters()).device)
 
     def _texts(self, ids: list[list[int]]) -> list[str]:
         return [self.tokenizer.decode(c, skip_special_tokens=True) for c in ids]
@@ -86,8 +89,12 @@ class OnlinePhase:
             extra["baseline_rewards"] = self.reward(
                 [r.text for r in rows], self._texts(greedy.completions()), **_columns(rows, 1)
             )
-        est = estimate(self.estimator, rewards, out.prompt_index, **extra)
+        if self.credit is not None:  # PPO family: GAE over token rewards with the value head
+            est = self.credit(self.engine.model, [r.ids for r in rows], out, rewards, sampling.seed)
+        else:
+            est = estimate(self.estimator, rewards, out.prompt_index, **extra)
         adv = est.advantages.float()
+        per_token = getattr(est, "meta", {})  # the credit's values and returns [N, T]
         examples = []
         for p, r in enumerate(rows):
             part = slice(p * g, (p + 1) * g)
@@ -101,6 +108,7 @@ class OnlinePhase:
                 "rewards": rewards[part].float(),
                 "temperature": sampling.temperature,
                 "max_len": sampling.max_new_tokens,
+                **{k: v[part, :width] for k, v in per_token.items()},
             }
             examples.append(Example(r.ids, branch, kind="group", source_row=r.row, meta=meta))
         lengths = out.mask.sum(dim=1).float()
@@ -114,6 +122,8 @@ class OnlinePhase:
         }
         if self.verifier:
             self.metrics["accuracy"] = float((rewards >= 1.0).double().mean())
+        if self.credit is not None:
+            self.metrics.update({k: v for k, v in est.metrics.items() if k != "zero_signal_fraction"})
         for name, values in self.reward.last_values.items():
             if len(self.reward.terms) > 1:
                 self.metrics[f"reward/{name}"] = float(torch.tensor(values).nanmean())
@@ -134,6 +144,7 @@ def online_phase(config: Any, tokenizer: Any) -> OnlinePhase:
 
     from preftune.online_methods import DEFAULT_COMPLETION_LENGTH, expand
     from preftune.reward import load_reward
+    from preftune.rl.ppo import token_credit
     from preftune.rl.prompts import load_prompts
 
     prompts = load_prompts(
@@ -154,5 +165,5 @@ def online_phase(config: Any, tokenizer: Any) -> OnlinePhase:
     return OnlinePhase(
         0, prompts, steps, config.batch_size, config.seed, load_reward(config.reward), tokenizer,
         estimator, config.num_generations, sampling, greedy_baseline=greedy,
-        verifier=config.reward.strip() == "arithmetic",
+        verifier=config.reward.strip() == "arithmetic", credit=token_credit(config, estimator),
     )  # fmt: skip

@@ -173,6 +173,10 @@ def _initial_state(config: TrainConfig, world: World, steps: list[int]) -> RunSt
     """The policy (sharded under FSDP), its optimizer and scheduler, restored from the checkpoint to
     resume when there is one."""
     model = load_policy(config, world)
+    if _value_head(config):  # PPO family: the critic's head on the policy trunk, before the optimizer
+        from preftune.rl.ppo import attach_value_head
+
+        attach_value_head(model)
     broadcast_params(model, world)
     resume_path = ckpt.resume_point(world, lambda: runfolder.resume_checkpoint(config))
     if resume_path is not None:
@@ -192,6 +196,12 @@ def _initial_state(config: TrainConfig, world: World, steps: list[int]) -> RunSt
     if resume_path is not None:
         _restore(state, resume_path, config, world, steps)
     return state
+
+
+def _value_head(config: TrainConfig) -> bool:
+    from preftune.online_methods import expand, is_online
+
+    return is_online(config.method) and expand(config.method, config.estimator, config.objective)[0] == "gae"
 
 
 def _check_sharding(resume_path: Path, world: World) -> None:
@@ -295,7 +305,9 @@ def _finish(config: TrainConfig, world: World, state: RunState, tokenizer: Any, 
         if world.is_main:
             save_final(model.lm, tokenizer, final, state_dict=whole, config=config)
     elif world.is_main:
-        save_final(model, tokenizer, final, config=config)
+        from preftune.rl.ppo import save_without_value_head
+
+        save_without_value_head(model, lambda: save_final(model, tokenizer, final, config=config), final)
     eval_metrics = state.eval_metrics
     if world.is_main:
         eval_metrics = runfolder.finish(

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from preftune.losses.policy_losses import PolicyBatch, global_denominators, kl_tokens, policy_objective
+from preftune.rl.ppo import value_head
 from preftune.train.batches import micro_batches, shard
 from preftune.train.distributed import World
 from preftune.train.metrics import MetricSums
@@ -42,6 +43,11 @@ def policy_batch(
     width = policy.token_logps.shape[1]
     adv: list[torch.Tensor] = [e.meta["advantages"] for e in examples]  # type: ignore[misc]
     token_level = adv[0].dim() == 2
+    critic = {}  # PPO family: the value head's values, the rollout's values and the returns
+    if policy.values is not None and "values" in examples[0].meta:
+        critic["values"] = policy.values
+        for name, key in (("old_values", "values"), ("returns", "returns")):
+            critic[name] = _pad([e.meta[key] for e in examples], width).to(device)  # type: ignore[misc]
     return PolicyBatch(
         policy_token_logps=policy.token_logps,
         mask=_mask(examples, width).to(device),
@@ -49,6 +55,7 @@ def policy_batch(
         old_token_logps=_pad([e.meta["old_logps"] for e in examples], width).to(device),  # type: ignore[misc]
         ref_token_logps=None if ref is None else ref.token_logps,
         max_len=int(examples[0].meta["max_len"]),  # type: ignore[call-overload]
+        **critic,
     )
 
 
@@ -78,8 +85,9 @@ def policy_on_batch(
             with compute(autocast, world):
                 support = [e.meta["min_logits"].to(world.device) for e in micro]  # type: ignore[union-attr]
                 policy = example_stats(
-                    model, list(micro), token_logps=True, temperature=temperature, min_logits=support
-                )
+                    model, list(micro), token_logps=True, temperature=temperature, min_logits=support,
+                    value_head=value_head(model),
+                )  # fmt: skip
                 ref = None
                 if reference is not None:
                     ref = reference.stats(micro, token_logps=True, temperature=temperature)
