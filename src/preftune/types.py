@@ -21,7 +21,8 @@ class Example:
 
     pairwise: K = 2, `response_ids[0]` is chosen, `response_ids[1]` rejected; `label` is the optional
         soft preference p ∈ [0, 1] that chosen is better (smooth_dpo), `margins` the optional
-        per-response margin rewards of other objectives (MODPO), shape [K][M].
+        per-response margin rewards of other objectives (MODPO), shape [K][M]; `margin` the optional
+        per-pair m of a reward model's bt_margin / bt_scaled losses (the data's `margin` column).
     unpaired: K = 1, `label` is 1.0 (desirable) or 0.0 (undesirable).
     ranked:   K ≥ 2 responses sorted best first, `scores` one per response (descending).
     group:    K = G responses sampled from the policy (online methods); `meta` carries each one's
@@ -37,6 +38,7 @@ class Example:
     margins: list[list[float]] | None = None
     source_row: int = -1  # 1-based row in the source file, for error messages
     meta: dict[str, object] = field(default_factory=dict)
+    margin: float | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -19,6 +19,7 @@ ALL_FIELDS = (
     "responses",
     "scores",
     "margins",
+    "margin",
     "score_chosen",
     "score_rejected",
 )

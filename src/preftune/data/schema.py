@@ -3,7 +3,7 @@
 pairwise  `prompt`, `chosen`, `rejected` — text or message lists (TRL, UltraFeedback); without
           `prompt`, the prompt is the shared prefix of chosen and rejected (HH-RLHF). Optional:
           `label` soft preference p ∈ [0, 1] (smooth_dpo), `margins` [[chosen M], [rejected M]]
-          (MODPO), `score_chosen` / `score_rejected`.
+          (MODPO), `score_chosen` / `score_rejected`, `margin` (a reward model's bt_margin / bt_scaled m).
 unpaired  `prompt`, `completion`, `label` (true = desirable) — KTO-style data.
 ranked    `prompt`, `responses` (≥ 2), `scores` (one finite number per response).
 
@@ -43,6 +43,7 @@ class Record:
     label: float | None = None
     scores: list[float] | None = None
     margins: list[list[float]] | None = None
+    margin: float | None = None
 
 
 def _wrap(content: Content, role: str) -> list[Message]:
@@ -139,6 +140,22 @@ def _pair_margins(c: Checker, r: dict[str, Any]) -> list[list[float]] | None:
     return [mc, mr] if mc is not None and mr is not None else None
 
 
+def _pair_margin(c: Checker, r: dict[str, Any]) -> float | None:
+    """The optional `margin` of a pair: a finite number (bt_margin's m, bt_scaled's strength)."""
+    m = r.get("margin")
+    if m is None:
+        return None
+    if not _is_number(m) or not math.isfinite(m):
+        c.add(
+            "margin",
+            f"is {_type(m) if not _is_number(m) else m}, expected a finite number",
+            "write how much chosen is better as a number, e.g. 1, 2 or 3, or drop the field",
+            reason="margin: not a finite number",
+        )
+        return None
+    return float(m)
+
+
 def _pair_scores(c: Checker, r: dict[str, Any]) -> list[float] | None:
     """The optional `score_chosen` / `score_rejected` of a pair: both finite numbers, or neither."""
     if r.get("score_chosen") is None and r.get("score_rejected") is None:
@@ -203,6 +220,7 @@ def _pairwise(c: Checker, r: dict[str, Any]) -> Record | None:
     rejected = c.content("rejected", r["rejected"], response=True) if r.get("rejected") is not None else None
     label = _pair_label(c, r)
     margins = _pair_margins(c, r)
+    margin = _pair_margin(c, r)
     scores = _pair_scores(c, r)
     if c.problems or chosen is None or rejected is None:
         return None
@@ -236,6 +254,7 @@ def _pairwise(c: Checker, r: dict[str, Any]) -> Record | None:
         label=float(label) if label is not None else None,
         scores=scores,
         margins=margins,
+        margin=margin,
     )
 
 

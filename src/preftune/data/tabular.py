@@ -17,7 +17,7 @@ from preftune.errors import ConfigError, DataError
 
 # Fields whose CSV cells hold JSON (message lists, lists of responses or numbers).
 _JSON_CELL_FIELDS = ("prompt", "chosen", "rejected", "completion", "responses", "scores", "margins")
-_NUMBER_CELL_FIELDS = ("score_chosen", "score_rejected")
+_NUMBER_CELL_FIELDS = ("score_chosen", "score_rejected", "margin")
 
 
 def read_parquet(path: Path) -> SourceData:

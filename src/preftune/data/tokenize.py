@@ -47,7 +47,7 @@ class Tokenized:
     offsets:  [S + 1] int64 segment boundaries, S = Σ_e (1 + K_e).
     branches: [E] int32 K_e.
     rows:     [E] int64 1-based source rows.
-    extras:   per example, the optional label / scores / margins ({} when none).
+    extras:   per example, the optional label / scores / margins / margin ({} when none).
     """
 
     kind: str
@@ -118,6 +118,7 @@ class Tokenized:
                     scores=extra.get("scores"),
                     margins=extra.get("margins"),
                     source_row=row,
+                    margin=extra.get("margin"),
                 )
             )
         return out
@@ -153,6 +154,8 @@ def _extras(rec: Record) -> dict[str, Any]:
         out["scores"] = rec.scores
     if rec.margins is not None:
         out["margins"] = rec.margins
+    if rec.margin is not None:
+        out["margin"] = rec.margin
     return out
 
 

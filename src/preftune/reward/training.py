@@ -21,7 +21,7 @@ from typing import Any, cast
 import torch
 
 from preftune.config import TrainConfig, config_to_dict
-from preftune.errors import ConfigError
+from preftune.errors import ConfigError, DataError
 from preftune.reward.losses import RMLoss, parse_rm_loss
 from preftune.reward.scoring import branch_scores, load_scorer
 from preftune.train import checkpoint as ckpt
@@ -94,11 +94,42 @@ def rm_examples(source: str, config: TrainConfig, tokenizer: Any, split: str | N
 
 
 def pair_margins(batch: list[Example]) -> torch.Tensor | None:
-    """Per-pair m for bt_margin / bt_scaled: the score gap of ranked rows' pairs, None when no pair has
-    scores (the losses then use m = 0 / 1)."""
-    if not any(e.scores for e in batch):
+    """Per-pair m for bt_margin / bt_scaled: the row's `margin` column, else the score gap of a scored
+    pair (ranked rows' pairs, `score_chosen` / `score_rejected`); None when no pair has either (the
+    losses then use m = 0 / 1)."""
+    if not any(e.margin is not None or e.scores for e in batch):
         return None
-    return torch.tensor([float(e.scores[0] - e.scores[1]) if e.scores else 0.0 for e in batch])
+    return torch.tensor([_margin(e) for e in batch])
+
+
+def _margin(e: Example) -> float:
+    if e.margin is not None:
+        return float(e.margin)
+    return float(e.scores[0] - e.scores[1]) if e.scores else 0.0
+
+
+def check_margins(examples: list[Example], loss_fn: RMLoss, source: str) -> None:
+    """A loss with a margin needs one on some pair (else it is plain bt: a forgotten column), and
+    bt_scaled's strength m must be > 0 (m ≤ 0 would reverse or void the pair's preference)."""
+    if not loss_fn.needs_margin or not examples:
+        return
+    if not any(e.margin is not None or e.scores for e in examples):
+        raise DataError(
+            "no pair has a margin, so bt_margin / bt_scaled would train as plain bt",
+            path=source,
+            field="margin",
+            fix="add a 'margin' column (e.g. 1, 2, 3), give score_chosen / score_rejected, or use --loss bt",
+        )
+    if any(name == "bt_scaled" for name, _ in loss_fn.terms):
+        bad = next((e for e in examples if (e.margin is not None or e.scores) and _margin(e) <= 0), None)
+        if bad is not None:
+            raise DataError(
+                f"bt_scaled's strength is {_margin(bad):g}; it must be > 0",
+                path=source,
+                row=bad.source_row if bad.source_row >= 0 else None,
+                field="margin" if bad.margin is not None else "score_rejected",
+                fix="give chosen a positive margin over rejected (e.g. 1, 2, 3) or drop the row",
+            )
 
 
 def pair_scores(model: Any, batch: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,6 +225,7 @@ def _train(config: TrainConfig, loss_fn: RMLoss, loss: str, log: Any) -> Any:
     tokenizer = load_tokenizer(config.tokenizer or config.model)
     examples = rm_examples(config.data, config, tokenizer, config.split)
     held_out = rm_examples(config.eval_data, config, tokenizer, config.eval_split) if config.eval_data else []
+    check_margins(examples, loss_fn, config.data)
     total = phase_steps(config, [examples])[0]
     model = load_scorer(config.model, dtype=config.dtype)  # the new head draws from the seeded RNG
     model.train()
