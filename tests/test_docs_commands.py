@@ -169,10 +169,12 @@ def _cwd(path: Path):  # type: ignore[no-untyped-def]
 
 
 def _sandbox(base: Path, cmd: DocCommand, tmp_path: Path) -> Path:
-    """A fresh copy of the base sandbox: with `runs/dpo1` unless the command writes a run itself."""
+    """A fresh copy of the base sandbox: with `runs/dpo1` and `runs/prm` unless the command writes a
+    run itself and reads none (e.g. `--reward prm:min:runs/prm/final`)."""
     writes_run = cmd.argv[:1] in (("train",), ("sweep",), ("quickstart",))
-    writes_run = writes_run and not any(a.startswith("runs/dpo1/") for a in cmd.argv)  # RTO reads it
-    src = base / ("plain" if writes_run else "with_run")
+    out = cmd.argv[cmd.argv.index("--out") + 1] if "--out" in cmd.argv[:-1] else None
+    reads_run = any("runs/" in w for w in cmd.argv if w != out)  # e.g. RTO reads runs/dpo1/final
+    src = base / ("plain" if writes_run and not reads_run else "with_run")
     dst = tmp_path / "work"
     shutil.copytree(src, dst)
     return dst

@@ -147,3 +147,86 @@ def test_monte_carlo_labels_and_pav_targets_by_hand():
     assert pav_targets([0.5, 0.75, 0.0, 0.0]) == pytest.approx([0.25, -0.75, 0.0])
     # Best-of-2 prover: V = 1 − (1 − p)² = [0.75, 0.9375, 0, 0]
     assert pav_targets([0.5, 0.75, 0.0, 0.0], prover_k=2) == pytest.approx([0.1875, -0.9375, 0.0])
+
+
+def test_steps_split_at_the_separator_and_their_last_characters():
+    from preftune.reward.prm_reward import split_steps, step_end_chars
+
+    assert split_steps("ab\n\ncd\n") == ["ab", "cd"] and split_steps("x;y", ";") == ["x", "y"]
+    assert step_end_chars("ab\n\ncd\n") == [1, 5] and step_end_chars("2+9 r1\nanswer: 11") == [5, 16]
+
+
+@pytest.fixture(scope="module")
+def prm_folder(prm_dirs, tmp_path_factory):
+    import json
+    import shutil
+
+    dirs, _ = prm_dirs
+    folder = tmp_path_factory.mktemp("prmfolder") / "final"
+    shutil.copytree(dirs["llama"], folder)
+    (folder / "prm.json").write_text(
+        json.dumps({"loss": "prm_bce", "separator": "\n", "aggregation": "last"})
+    )
+    return folder
+
+
+def test_a_prm_folder_is_a_reward_with_its_aggregation(prm_folder):
+    from preftune.reward import load_reward
+    from preftune.reward.prm_reward import PRMRewardFn
+
+    prompts = ["12+9=\n", "12+9=\n", "7*3=\n"]
+    completions = ["2+9+0=11 r1\n1+0+1=2 r21\nanswer: 21", "2+9+0=10 r0\nanswer: 20", ""]
+    prm = PRMRewardFn(prm_folder)
+    tok = prm.tokenizer
+    enc = [encode_steps(tok, p, c.split("\n")) for p, c in zip(prompts[:2], completions[:2])]
+    with torch.no_grad():
+        probs = [torch.sigmoid(s).double() for s in score_encoded(prm.model, enc)]
+    assert prm.step_values(prompts, completions)[2] == []  # no steps: no values, reward 0
+    for how in ("min", "last", "sum"):
+        got = load_reward(f"prm:{how}:{prm_folder}:2")(prompts, completions)
+        want = [float(getattr(p, how)() if how != "last" else p[-1]) for p in probs]
+        torch.testing.assert_close(
+            got, 2 * torch.tensor([*want, 0.0], dtype=torch.float64), atol=1e-6, rtol=0
+        )
+    plain = load_reward(str(prm_folder))(prompts, completions)  # the folder's own aggregation: last
+    torch.testing.assert_close(plain[:2], torch.stack([p[-1] for p in probs]), atol=1e-6, rtol=0)
+
+
+def test_token_rewards_sit_on_the_last_token_of_each_step(prm_folder):
+    from preftune.reward.prm_reward import PRMRewardFn
+
+    prm = PRMRewardFn(prm_folder, aggregation="min")
+    text = "2+9+0=11 r1\nanswer: 11"
+    (values,) = prm.step_values(["12+9=\n"], [text])
+    (rewards,) = prm.token_rewards(["12+9=\n"], [text], prm.tokenizer)
+    assert len(rewards) == len(text)  # one character per token
+    assert rewards[10] == values[0] and rewards[21] == values[1] and sum(r != 0 for r in rewards) == 2
+    last = PRMRewardFn(prm_folder, aggregation="last").token_rewards(["12+9=\n"], [text], prm.tokenizer)[0]
+    assert last[21] == values[1] and sum(r != 0 for r in last) == 1
+
+
+def test_step_dpo_records_from_step_values_by_hand():
+    from preftune.reward.prm_reward import step_records_from_values
+
+    samples = [["a\nb\nc", "a\nB\nc", "a\nb2\nd", "x\ny"]]
+    values = [[[0.9, 0.2, 0.9], [0.9, 0.8, 0.7], [0.9, 0.6, 0.1], [0.3, 0.9]]]
+    records = step_records_from_values(["P\n"], samples, values, threshold=0.5)
+    # sample 0 fails at step 1 ("b"): samples 1 and 2 share step 0 and pass step 1 → B, b2
+    # sample 2 fails at step 2 ("d"): sample 1 shares "a", but its step 1 differs → no alternative
+    # sample 3 fails at step 0 ("x"): samples 0-2 pass step 0 with "a"
+    assert records == [
+        {"prompt": "P\n", "steps": ["a", "b", "c"], "first_error": 1, "correct_steps": ["B", "b2"]},
+        {"prompt": "P\n", "steps": ["x", "y"], "first_error": 0, "correct_steps": ["a"]},
+    ]
+
+
+def test_prm_step_pairs_are_step_dpo_pairs(prm_folder):
+    from preftune.reward.prm_reward import PRMRewardFn, prm_step_pairs
+
+    prm = PRMRewardFn(prm_folder)
+    samples = [["2+9+0=11 r1\nanswer: 21", "2+9+0=10 r0\nanswer: 20"]]
+    (v0, v1) = prm.step_values(["12+9=\n"] * 2, samples[0])
+    threshold = (v0[0] + v1[0]) / 2  # step 0 of the sample with the lower value is the wrong one
+    pairs = prm_step_pairs(prm, ["12+9=\n"], samples, threshold=threshold)
+    good, bad = ("2+9+0=11 r1", "2+9+0=10 r0") if v0[0] > v1[0] else ("2+9+0=10 r0", "2+9+0=11 r1")
+    assert pairs == [{"prompt": "12+9=\n", "chosen": good, "rejected": bad}]

@@ -94,17 +94,18 @@ def _corrupt(line: str, rng: random.Random) -> str:
     return line[: m.start(1)] + str(new) + line[m.end(1) :]
 
 
-def processbench_from_task(n: int, *, level: int = 1, ops: str = "+-*", seed: int = 0,
-                           error_rate: float = 0.5) -> list[dict[str, Any]]:  # fmt: skip
+def processbench_from_task(n: int, *, level: int = 1, ops: str = "+-*", seed: int = 0, error_rate: float = 0.5,
+                           exclude: set[str] | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """A ProcessBench-style set from the built-in arithmetic task: `n` reference solutions, a fraction
     `error_rate` of them with one line's number changed (later lines kept); `label` is the verifier's
-    first wrong line (exact), −1 for untouched solutions. Fields as the official JSONL."""
+    first wrong line (exact), −1 for untouched solutions. Fields as the official JSONL. Prompts in
+    `exclude` are not drawn (a held-out set apart from a training set)."""
     from preftune.tasks.arithmetic import ArithmeticTask, verify
 
     task = ArithmeticTask(level=level, ops=ops)
     rng = random.Random(f"processbench:{seed}")
     items: list[dict[str, Any]] = []
-    for i, problem in enumerate(task.problems(n, seed=seed)):
+    for i, problem in enumerate(task.problems(n, seed=seed, exclude=exclude)):
         steps = task.solution(problem).split("\n")
         if rng.random() < error_rate:
             k = rng.randrange(len(steps))

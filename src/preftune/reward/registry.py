@@ -14,6 +14,8 @@ weighted sum (TRL sums with nansum). A spec names functions with weights:
     [("arithmetic", 1.0), (my_fn, 0.5)] the same as a list (callables allowed)
 
     "runs/rm/final" or "model:runs/rm/final"   a trained reward model's score (`load_reward_model`)
+    "runs/prm/final" or "prm:min:runs/prm/final" a process reward model: its step values aggregated
+                                        by min / last / sum / mean / prod (default: the folder's)
 """
 
 from __future__ import annotations
@@ -155,6 +157,10 @@ def load_reward_model(path: str | Path) -> RewardFn:
     the scalar score of each completion, read at its last token (docs/reward_models.md)."""
     from preftune.reward.model_reward import RewardModelFn
 
+    if (Path(path) / "prm.json").is_file():  # a process reward model (preftune train prm)
+        from preftune.reward.prm_reward import PRMRewardFn
+
+        return PRMRewardFn(path)
     return RewardModelFn(path)
 
 
@@ -162,6 +168,13 @@ def _resolve(name: str) -> RewardTerm:
     """One named reward function: a built-in, a folder (reward model), or `module:function`."""
     if name in BUILTIN:
         return RewardTerm(name, BUILTIN[name], 1.0)
+    if name.startswith("prm:"):  # prm:AGGREGATION:PATH or prm:PATH
+        from preftune.reward.prm import AGGREGATIONS
+        from preftune.reward.prm_reward import PRMRewardFn
+
+        how, _, rest = name[4:].partition(":")
+        path, how = (rest, how) if how in AGGREGATIONS and rest else (name[4:], None)
+        return RewardTerm(name, PRMRewardFn(path, aggregation=how), 1.0)
     if name.startswith("model:") or Path(name).is_dir():
         return RewardTerm(name, load_reward_model(name.removeprefix("model:")), 1.0)
     if ":" in name:
