@@ -172,9 +172,9 @@ def _resolve(name: str) -> RewardTerm:
         from preftune.reward.prm import AGGREGATIONS
         from preftune.reward.prm_reward import PRMRewardFn
 
-        how, _, rest = name[4:].partition(":")
-        path, how = (rest, how) if how in AGGREGATIONS and rest else (name[4:], None)
-        return RewardTerm(name, PRMRewardFn(path, aggregation=how), 1.0)
+        head, _, rest = name[4:].partition(":")
+        how = head if head in AGGREGATIONS and rest else None
+        return RewardTerm(name, PRMRewardFn(rest if how else name[4:], aggregation=how), 1.0)
     if name.startswith("model:") or Path(name).is_dir():
         return RewardTerm(name, load_reward_model(name.removeprefix("model:")), 1.0)
     if ":" in name:
