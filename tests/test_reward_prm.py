@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from preftune.errors import DataError
+from preftune.errors import ConfigError, DataError
 from preftune.models.tiny import save_tiny_model
 from preftune.reward.prm import aggregate_steps, pav_mse, prm_bce, score_encoded, step_scores
 from preftune.reward.prm_data import encode_steps, parse_record, read_prm_data
@@ -230,3 +230,24 @@ def test_prm_step_pairs_are_step_dpo_pairs(prm_folder):
     pairs = prm_step_pairs(prm, ["12+9=\n"], samples, threshold=threshold)
     good, bad = ("2+9+0=11 r1", "2+9+0=10 r0") if v0[0] > v1[0] else ("2+9+0=10 r0", "2+9+0=11 r1")
     assert pairs == [{"prompt": "12+9=\n", "chosen": good, "rejected": bad}]
+
+
+def test_label_samples_by_each_method():
+    from preftune.reward.prm_labels import label_samples
+
+    prompt, sample = "12+9=\n", "2+9+0=11 r1\n1+0+1=3 r31\nanswer: 31"
+
+    def rollout(prompts, prefixes, n):  # right only from the bare prompt (half the time)
+        return [["2+9+0=11 r1\n1+0+1=2 r21\nanswer: 21" if q == "" and j % 2 else "answer: 0" for j in range(n)]
+                for q in prefixes]  # fmt: skip
+
+    assert label_samples([prompt], [sample]) == [
+        {"prompt": prompt, "steps": sample.split("\n"), "first_error": 1}
+    ]
+    # V̂ = [0.5 (bare prompt), 0 (after step 0), 0, 0 (the full, wrong solution)]
+    hard = label_samples([prompt], [sample], "mc_hard", rollout=rollout, n=4)
+    assert hard[0]["labels"] == [0.0, 0.0, 0.0]
+    pav = label_samples([prompt], [sample], "pav", rollout=rollout, n=4, prover_k=2)
+    assert pav[0]["labels"] == pytest.approx([-0.75, 0.0, 0.0])  # V^BoK2: 1 − 0.5² = 0.75 → 0
+    with pytest.raises(ConfigError, match="need a rollout"):
+        label_samples([prompt], [sample], "mc_soft")

@@ -108,3 +108,28 @@ def policy_rollout(model: Any, tokenizer: Any, *, max_new_tokens: int, temperatu
         return [[tokenizer.decode(s, skip_special_tokens=True) for s in row] for row in out]
 
     return rollout
+
+
+def label_samples(prompts: Sequence[str], samples: Sequence[str], how: str = "verifier", *,
+                  rollout: Rollout | None = None, n: int = 8, prover_k: int = 1,
+                  check: Checker = arithmetic_check, separator: str = "\n") -> list[dict[str, Any]]:  # fmt: skip
+    """PRM records of sampled solutions (one prompt per sample; steps = the sample split at `separator`):
+
+    `verifier`  exact first wrong line of the arithmetic task (`verifier_record`)
+    `mc_hard`   Math-Shepherd hard estimate from `n` rollouts per prefix (`rollout` required)
+    `mc_soft`   Math-Shepherd soft estimate
+    `pav`       PAV targets of the Best-of-`prover_k` prover (train with --loss pav_mse)
+    """
+    if how == "verifier":
+        return [verifier_record(p, s) for p, s in zip(prompts, samples)]
+    if how not in ("mc_hard", "mc_soft", "pav"):
+        raise ConfigError(f"step labels '{how}': use verifier, mc_hard, mc_soft or pav")
+    if rollout is None:
+        raise ConfigError(f"step labels '{how}' need a rollout (policy_rollout(model, tokenizer, ...))")
+    steps = [[s for s in sample.split(separator) if s.strip()] for sample in samples]
+    values = mc_values(prompts, steps, rollout, n, check, separator)
+    out = []
+    for p, ss, v in zip(prompts, steps, values):
+        labels = pav_targets(v, prover_k) if how == "pav" else math_shepherd_labels(v, how[3:])
+        out.append({"prompt": p, "steps": ss, "labels": labels})
+    return out
