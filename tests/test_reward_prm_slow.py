@@ -1,0 +1,40 @@
+"""Slow: a PRM trained on exact step labels of the arithmetic task, measured on a ProcessBench-style set.
+
+    python -m pytest -m slow tests/test_reward_prm_slow.py -s
+
+SFT model (the quickstart's, level 2, seed 0, ~50 % greedy accuracy) → `preftune train prm` on 6000
+verifier-labelled solutions (400 steps of 32, lr 1e-3) → ProcessBench metrics on 600 held-out items
+(τ on the dev third). Measured: F1 0.54 (acc_err 0.41, acc_corr 0.78) at load 12-14 on 2 cores; the
+F1 ≥ 0.9 goal is not reached by a model this size in this budget (docs/reward_models.md). The floor
+asserted, 0.45, is well above what a PRM that learned nothing gets (a constant value: F1 0; the
+untrained head on the SFT trunk: 0.22).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from preftune.cli import main
+from preftune.reward.processbench import evaluate_prm_folder, processbench_from_task
+from preftune.tasks.arithmetic import ArithmeticTask
+from preftune.tasks.sft import SFTConfig, train_sft
+from test_train_fixtures import write_jsonl
+
+
+@pytest.mark.slow
+def test_prm_on_exact_step_labels_finds_first_errors(tmp_path):
+    test = processbench_from_task(600, level=2, seed=2)
+    held = {r["problem"] for r in test}
+    train_sft(ArithmeticTask(level=2), tmp_path / "sft", SFTConfig(seed=0), exclude_prompts=held)
+    train = processbench_from_task(6000, level=2, seed=1, exclude=held)
+    write_jsonl(tmp_path / "train.jsonl", train)
+    write_jsonl(tmp_path / "test.jsonl", test)
+    args = ["train", "prm", "--model", str(tmp_path / "sft"), "--data", str(tmp_path / "train.jsonl"),
+            "--out", str(tmp_path / "prm"), "--max-steps", "400", "--batch-size", "32", "--lr", "1e-3"]  # fmt: skip
+    assert main(args) == 0
+    metrics = evaluate_prm_folder(tmp_path / "prm" / "final", str(tmp_path / "test.jsonl"))
+    print(json.dumps(metrics))
+    assert metrics["erroneous"] + metrics["correct"] == 400.0
+    assert metrics["f1"] >= 0.45, metrics
