@@ -3,6 +3,8 @@
 Use any of them in a pipeline with ``pipe.scheduler = X.from_config(pipe.scheduler.config)``:
 
 - :class:`TimeShiftDDIMScheduler` — the time-shift sampler (Li et al. 2023, arXiv 2305.15583).
+- :class:`DPMSolverV3Scheduler` — DPM-Solver-v3 (Zheng et al. 2023, arXiv 2310.13268) with empirical
+  model statistics from ``calibrate(model_fn, samples, num_inference_steps)``.
 - :class:`SearchedStepsDPMSolverScheduler` — DPM-Solver++(2M) on noise levels searched by
   ``calibrate(model_fn, samples, num_inference_steps)`` (the time-step search of USF, Liu et al.
   2023, arXiv 2312.07243).
@@ -13,23 +15,38 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from preftune.diffusion.schedulers.dpmv3 import DPMSolverV3Scheduler
 from preftune.diffusion.schedulers.searched import SearchedStepsDPMSolverScheduler
 from preftune.diffusion.schedulers.timeshift import TimeShiftDDIMScheduler
 
-__all__ = ["SearchedStepsDPMSolverScheduler", "TimeShiftDDIMScheduler", "new_configurations"]
+__all__ = [
+    "DPMSolverV3Scheduler",
+    "SearchedStepsDPMSolverScheduler",
+    "TimeShiftDDIMScheduler",
+    "new_configurations",
+]
 
 
-def new_configurations(calibrate: Callable[[Any], None] | None = None) -> dict[str, Callable[[], Any]]:
+def new_configurations(
+    calibrate: Callable[[Any], None] | None = None, calibrate_v3: Callable[[Any], None] | None = None
+) -> dict[str, Callable[[], Any]]:
     """The schedulers this package adds, on SD's config, for the exact benchmark.
 
     ``calibrate(scheduler)`` (optional) runs ``scheduler.calibrate`` of a searched-step scheduler for
-    every step count the benchmark uses; without it that scheduler is left out.
+    every step count the benchmark uses; ``calibrate_v3(scheduler)`` computes DPM-Solver-v3's
+    statistics. Without them those rows are left out.
     """
     from preftune.diffusion.schedulers.exact import SD_CONFIG
 
     rows: dict[str, Callable[[], Any]] = {
         "time-shift DDIM (w 40, t_c 300)": lambda: TimeShiftDDIMScheduler.from_config(SD_CONFIG),
+        "DPM-Solver-v3 without statistics": lambda: DPMSolverV3Scheduler.from_config(SD_CONFIG),
     }
+    if calibrate_v3 is not None:
+        v3 = DPMSolverV3Scheduler.from_config(SD_CONFIG)
+        calibrate_v3(v3)
+        v3_config = dict(v3.config)
+        rows["DPM-Solver-v3 (calibrated)"] = lambda: DPMSolverV3Scheduler.from_config(v3_config)
     if calibrate is not None:
         searched = SearchedStepsDPMSolverScheduler.from_config(SD_CONFIG)
         calibrate(searched)
