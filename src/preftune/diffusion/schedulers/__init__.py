@@ -3,6 +3,8 @@
 Use any of them in a pipeline with ``pipe.scheduler = X.from_config(pipe.scheduler.config)``:
 
 - :class:`TimeShiftDDIMScheduler` — the time-shift sampler (Li et al. 2023, arXiv 2305.15583).
+- :class:`DCSolverScheduler` — DC-Solver (Zhao et al. 2024, arXiv 2409.03755): UniPC with per-step
+  dynamic compensation ratios searched by ``calibrate``.
 - :class:`DPMSolverV3Scheduler` — DPM-Solver-v3 (Zheng et al. 2023, arXiv 2310.13268) with empirical
   model statistics from ``calibrate(model_fn, samples, num_inference_steps)``.
 - :class:`SearchedStepsDPMSolverScheduler` — DPM-Solver++(2M) on noise levels searched by
@@ -15,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from preftune.diffusion.schedulers.dcsolver import DCSolverScheduler
 from preftune.diffusion.schedulers.dpmv3 import DPMSolverV3Scheduler
 from preftune.diffusion.schedulers.searched import SearchedStepsDPMSolverScheduler
 from preftune.diffusion.schedulers.timeshift import TimeShiftDDIMScheduler
@@ -28,13 +31,16 @@ __all__ = [
 
 
 def new_configurations(
-    calibrate: Callable[[Any], None] | None = None, calibrate_v3: Callable[[Any], None] | None = None
+    calibrate: Callable[[Any], None] | None = None,
+    calibrate_v3: Callable[[Any], None] | None = None,
+    calibrate_dc: Callable[[Any], None] | None = None,
 ) -> dict[str, Callable[[], Any]]:
     """The schedulers this package adds, on SD's config, for the exact benchmark.
 
     ``calibrate(scheduler)`` (optional) runs ``scheduler.calibrate`` of a searched-step scheduler for
     every step count the benchmark uses; ``calibrate_v3(scheduler)`` computes DPM-Solver-v3's
-    statistics. Without them those rows are left out.
+    statistics, ``calibrate_dc(scheduler)`` searches DC-Solver's ratios for every step count.
+    Without them those rows are left out.
     """
     from preftune.diffusion.schedulers.exact import SD_CONFIG
 
@@ -47,6 +53,11 @@ def new_configurations(
         calibrate_v3(v3)
         v3_config = dict(v3.config)
         rows["DPM-Solver-v3 (calibrated)"] = lambda: DPMSolverV3Scheduler.from_config(v3_config)
+    if calibrate_dc is not None:
+        dc = DCSolverScheduler.from_config(SD_CONFIG)
+        calibrate_dc(dc)
+        dc_config = dict(dc.config)
+        rows["DC-Solver (UniPC-3 Karras, calibrated)"] = lambda: DCSolverScheduler.from_config(dc_config)
     if calibrate is not None:
         searched = SearchedStepsDPMSolverScheduler.from_config(SD_CONFIG)
         calibrate(searched)
