@@ -239,6 +239,9 @@ class TrainConfig:
     dpo_model: str | None = _f(None, "RTO: the DPO model whose token log-ratio to `model` is a reward.")
     dpo_scale: float = _f(0.05, "RTO: scale s of the token reward s·(log π_dpo − log π_ref).", low=0.0)
     dpo_clip: float = _f(0.05, "RTO: clip c of each DPO token reward to [−c, c].", low=0.0, low_open=True)
+    num_iterations: int = _f(
+        1, "Online methods: optimizer steps per batch of rollouts, μ (TRL's num_iterations).", low=1
+    )
     # --- evaluation, checkpoints, logging ---
     eval_every: int = _f(0, "Evaluate on eval_data every N steps (0: only at the end).", low=0)
     eval_batch_size: int = _f(0, "Examples per evaluation forward (0: micro_batch_size).", low=0)
@@ -415,12 +418,18 @@ def config_to_dict(
     otherwise — so the mapping loads back (`load_config`) to the same objective."""
     values = dataclasses.asdict(config)
     if objective is not None:
-        one = len(objective) == 1
+        online = is_online(config.method)
+        one = len(objective) == 1 and not online  # online: TERM.KEY, apart from the estimator's keys
         values["hparams"] = {
             (key if one else f"{spec.name}.{key}"): list(v) if isinstance(v, tuple) else v
             for spec, _, hp in objective
             for key, v in hp.items()
         }
+        if online:
+            from preftune.online_options import recorded_hparams
+
+            extra = recorded_hparams(config.method, config.estimator, config.objective, config.hparams)
+            values["hparams"].update(extra)
     return values
 
 
@@ -463,18 +472,21 @@ def resolve_objective(config: TrainConfig) -> list[tuple[Any, float, dict[str, A
     from preftune import losses
 
     defaults: dict[str, Any] = {}
+    given: Mapping[str, Any] = config.hparams
     if is_online(config.method):  # a preset: its policy objective (kind "policy"), overridable
         from preftune.losses.policy_losses import parse_policy_objective
+        from preftune.online_options import resolve_online
 
-        _, text, defaults, _ = expand(config.method, config.estimator, config.objective)
-        terms = parse_policy_objective(text)
+        online = resolve_online(config.method, config.estimator, config.objective, config.hparams)
+        terms = parse_policy_objective(online.objective)
+        given, defaults = online.term_hparams, online.defaults  # the estimator's keys went to it
     else:
         terms = losses.parse_objective(config.method)
     per_term: dict[str, dict[str, Any]] = {spec.name: {} for spec, _ in terms}
     known = sorted(
         ({k for spec, _ in terms for k in spec.hparams} | set(FIELDS) | set(TRL_HELP)) - {"hparams"}
     )
-    for key, value in config.hparams.items():
+    for key, value in given.items():
         term, dot, name = str(key).rpartition(".")
         if dot:
             if term not in per_term:
@@ -539,6 +551,12 @@ def _validate_online(config: TrainConfig, strategy: str) -> None:
             f"method '{config.method}': the reference cache keys fixed examples, but online samples change "
             "every step — use reference=model (a frozen copy) or adapter (with lora), or auto"
         )
+    mu = config.num_iterations
+    if mu > 1 and config.save_every % mu:
+        raise ConfigError(
+            f"save_every = {config.save_every} must be a multiple of num_iterations = {mu}: a checkpoint "
+            "falls between batches of rollouts, never inside one batch's μ steps"
+        )
     from preftune.rl import get_estimator
 
     estimator = expand(config.method, config.estimator, config.objective)[0]
@@ -565,9 +583,12 @@ def validate(config: TrainConfig) -> list[tuple[Any, float, dict[str, Any]]]:
     for name in ("model", "out") if online else ("model", "data", "out"):
         if not getattr(config, name):
             raise ConfigError(f"'{name}' is required — {FIELDS[name].metadata['help']}")
-    if not online and (config.prompts or config.reward or config.estimator or config.objective):
+    if not online and (
+        config.prompts or config.reward or config.estimator or config.objective or config.num_iterations > 1
+    ):
         raise ConfigError(
-            f"prompts / reward / estimator / objective are for the online methods ({', '.join(PRESETS)}), "
+            f"prompts / reward / estimator / objective / num_iterations are for the online methods "
+            f"({', '.join(PRESETS)}), "
             f"not '{config.method}'"
         )
     _check_range(config)

@@ -50,7 +50,11 @@ HELP: dict[str, str] = {
     "gradient_accumulation_steps": "micro-batches per process per optimizer step (see above; default 1)",
     "loss_type": "= --method; TRL's names map to preftune's: "
     + ", ".join(f"{k}→{v}" for k, v in LOSS_TYPES.items())
-    + "; a comma list is a sum (weights from --loss_weights, default 1 each)",
+    + "; a comma list is a sum (weights from --loss_weights, default 1 each). With an online method "
+    "(grpo, rloo, ...) it is GRPOConfig's: the aggregation, grpo | dapo | dr_grpo",
+    "epsilon_high": "online methods: ppo_clip's upper clip range eps_high (GRPOConfig; default: --epsilon)",
+    "scale_rewards": "online methods, estimator grpo: scale advantages by the std of the group | batch | "
+    "none (true = group, false = none)",
     "loss_weights": "comma list of weights for the --loss_type list",
     "label_smoothing": "ε of robust DPO (loss_type robust = rdpo) and cDPO (cdpo): the probability "
     "that a label is flipped (hyper-parameter epsilon)",
@@ -116,6 +120,8 @@ def translate(values: Mapping[str, Any], where: str = "config") -> dict[str, Any
             put(RENAMED[key], _bool(key, value, where) if key in _SWITCHES else value, key)
         elif key == "bf16":
             put("mixed_precision", "bf16" if _bool(key, value, where) else "no", key)
+        elif key == "loss_type" and _grpo_loss_type(value, given.get("method")):
+            out[key] = value  # an online method's aggregation (preftune.online_options)
         elif key == "loss_type":
             put("method", _methods(value, given.get("loss_weights"), where), key)
         elif key == "label_smoothing":
@@ -139,6 +145,15 @@ def translate(values: Mapping[str, Any], where: str = "config") -> dict[str, Any
         put("micro_batch_size", micro, alias)
         put("batch_size", micro * steps * world, alias)
     return out
+
+
+def _grpo_loss_type(value: Any, method: Any) -> bool:
+    """Whether `loss_type` is GRPOConfig's (an aggregation): with an online method, or a name that
+    only GRPO uses."""
+    from preftune.online_methods import is_online
+
+    grpo_only = ("dapo", "cispo", "sapo")
+    return isinstance(value, str) and (value.strip() in grpo_only or is_online(str(method or "")))
 
 
 _LATER = (

@@ -53,6 +53,9 @@ class OnlinePhase:
     greedy_baseline: bool = False
     verifier: bool = False  # the reward is a 0/1 verifier: report accuracy
     credit: Any = None  # PPO family (estimator gae): value head, token rewards, GAE (rl/ppo.py)
+    estimator_hparams: dict[str, Any] = field(default_factory=dict)  # e.g. grpo's scale
+    iterations: int = 1  # μ: optimizer steps on each batch of rollouts (TRL's num_iterations)
+    _last: tuple[int, list[Example], dict[str, float]] | None = field(default=None, repr=False)
     engine: RolloutEngine | None = None
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -70,14 +73,28 @@ class OnlinePhase:
         return [self.tokenizer.decode(c, skip_special_tokens=True) for c in ids]
 
     def batch(self, step: int) -> list[Example]:
-        """The step's examples: one per prompt, its G samples as branches (sets `metrics`)."""
+        """The step's examples: one per prompt, its G samples as branches (sets `metrics`).
+
+        With μ = `iterations` > 1, steps kμ … kμ + μ − 1 share batch k of rollouts, sampled with the
+        weights after kμ steps: from the second of them on, π_θ ≠ π_old and the ratio is not 1. A run
+        checkpoints only between batches (kμ), so a resumed run samples batch k again, exactly."""
+        k = step // self.iterations
+        if self._last is not None and self._last[0] == k:
+            self.metrics = {**self._last[2], "rollout_s": 0.0}
+            return self._last[1]
+        examples = self._sample(k)
+        self._last = (k, examples, dict(self.metrics))
+        return examples
+
+    def _sample(self, k: int) -> list[Example]:
+        """Batch `k` of rollouts: prompts, samples, rewards and advantages (sets `metrics`)."""
         assert self.engine is not None, "OnlinePhase.attach(model) first"
         t0 = time.perf_counter()
-        idx = batch_indices(len(self.prompts), self.batch_size, seed=self.seed, phase=self.index, step=step)
+        idx = batch_indices(len(self.prompts), self.batch_size, seed=self.seed, phase=self.index, step=k)
         rows = [self.prompts[i] for i in idx]
         g = self.num_generations
-        self.engine.weight_version = step  # the weights after `step` optimizer steps of this phase
-        sampling = replace(self.sampling, seed=generation_seed(self.seed, self.index, step))
+        self.engine.weight_version = k * self.iterations  # the weights after kμ optimizer steps
+        sampling = replace(self.sampling, seed=generation_seed(self.seed, self.index, k))
         out = self.engine.generate([r.ids for r in rows], g, sampling)
         completions = out.completions()
         rewards = self.reward(
@@ -92,7 +109,7 @@ class OnlinePhase:
         if self.credit is not None:  # PPO family: GAE over token rewards with the value head
             est = self.credit(self.engine.model, [r.ids for r in rows], out, rewards, sampling.seed)
         else:
-            est = estimate(self.estimator, rewards, out.prompt_index, **extra)
+            est = estimate(self.estimator, rewards, out.prompt_index, **extra, **self.estimator_hparams)
         adv = est.advantages.float()
         per_token = getattr(est, "meta", {})  # the credit's values and returns [N, T]
         examples = []
@@ -139,10 +156,12 @@ def _columns(rows: list[PromptRow], repeat: int) -> dict[str, list[Any]]:
 def online_phase(config: Any, tokenizer: Any) -> OnlinePhase:
     """The online phase of `config` (an online method): its prompts, reward, estimator and sampling.
 
-    Steps: `max_steps`, else `epochs` passes over the prompts (batch_size prompts a step)."""
+    Steps: `max_steps`, else `epochs` passes over the prompts (batch_size prompts a batch of rollouts,
+    `num_iterations` steps each)."""
     import math
 
-    from preftune.online_methods import DEFAULT_COMPLETION_LENGTH, expand
+    from preftune.online_methods import DEFAULT_COMPLETION_LENGTH
+    from preftune.online_options import resolve_online
     from preftune.reward import load_reward
     from preftune.rl.ppo import token_credit
     from preftune.rl.prompts import load_prompts
@@ -154,8 +173,9 @@ def online_phase(config: Any, tokenizer: Any) -> OnlinePhase:
         chat_template=config.chat_template,
         max_prompt_length=config.max_prompt_length,
     )
-    estimator, _, _, greedy = expand(config.method, config.estimator, config.objective)
-    steps = config.max_steps or max(1, math.ceil(config.epochs * math.ceil(len(prompts) / config.batch_size)))
+    online = resolve_online(config.method, config.estimator, config.objective, config.hparams)
+    batches = max(1, math.ceil(config.epochs * math.ceil(len(prompts) / config.batch_size)))
+    steps = config.max_steps or batches * config.num_iterations
     sampling = Sampling(
         max_new_tokens=config.max_completion_length or DEFAULT_COMPLETION_LENGTH,
         temperature=config.temperature,
@@ -164,6 +184,7 @@ def online_phase(config: Any, tokenizer: Any) -> OnlinePhase:
     )
     return OnlinePhase(
         0, prompts, steps, config.batch_size, config.seed, load_reward(config.reward), tokenizer,
-        estimator, config.num_generations, sampling, greedy_baseline=greedy,
-        verifier=config.reward.strip() == "arithmetic", credit=token_credit(config, estimator),
+        online.estimator, config.num_generations, sampling, greedy_baseline=online.greedy_baseline,
+        verifier=config.reward.strip() == "arithmetic", estimator_hparams=online.estimator_hparams,
+        iterations=config.num_iterations, credit=token_credit(config, online.estimator),
     )  # fmt: skip

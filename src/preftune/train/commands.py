@@ -174,7 +174,10 @@ def _add_trl_names(p: argparse.ArgumentParser) -> None:
         "The same in both tools: --max_length, --max_completion_length, --max_steps,\n"
         "--lora_r, --seed, --warmup_ratio, --beta. With method orpo, --beta is TRL's\n"
         "ORPO β = λ, the odds-ratio weight (odds_ratio_weight). --report_to none: no\n"
-        "sinks.",
+        "sinks. With an online method (GRPOConfig's names): --beta B adds the term kl:B\n"
+        "(k3 to the reference; 0 = none), --epsilon is ppo_clip's clip range (eps_low,\n"
+        "and eps_high unless --epsilon_high), --num_generations, --num_iterations,\n"
+        "--temperature, --top_p, --top_k, --max_completion_length as in TRL.",
     )
     for name, text in TRL_HELP.items():
         if name == "beta":  # a loss flag already; its ORPO meaning is in the description

@@ -218,9 +218,11 @@ class Run:
             (config.eval_every and state.global_step % config.eval_every == 0) or (phase_done and last_phase)
         ):
             state.eval_metrics = self.evaluate(state, ref)
-        signum = graceful.requested(self.world)
+        # a source whose steps share a batch (online μ > 1) checkpoints and stops between batches only
+        between = phase_done or state.step_in_phase % getattr(source, "iterations", 1) == 0
+        signum = graceful.requested(self.world) if between else 0
         due = config.save_every and state.global_step % config.save_every == 0
-        if due or state.global_step == self.total or signum:
+        if between and (due or state.global_step == self.total or signum):
             position = (source.index + 1, 0) if phase_done else (source.index, state.step_in_phase)
             state.last_good = self.save(state, ref, position)
         if signum:

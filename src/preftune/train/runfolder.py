@@ -22,6 +22,7 @@ from typing import Any
 
 from preftune.config import TrainConfig, config_to_dict, load_config, resolve_objective
 from preftune.errors import ConfigError, PreftuneError, TrainingError
+from preftune.online_methods import is_online
 from preftune.train import checkpoint as ckpt
 
 # Settings a resumed run may change: they decide what is logged, saved, shown or kept, never a
@@ -183,8 +184,15 @@ def length_fixed_lr(config: TrainConfig) -> str | None:
 
 
 def _objective_values(config: TrainConfig) -> dict[str, Any]:
-    """Every loss hyper-parameter as TERM.KEY → value, defaults filled in (so `{}` equals the defaults)."""
-    return {f"{spec.name}.{k}": v for spec, _, hp in resolve_objective(config) for k, v in hp.items()}
+    """Every loss hyper-parameter as TERM.KEY → value, defaults filled in (so `{}` equals the defaults);
+    an online method's estimator's as estimator.KEY."""
+    values = {f"{spec.name}.{k}": v for spec, _, hp in resolve_objective(config) for k, v in hp.items()}
+    if is_online(config.method):
+        from preftune.online_options import resolve_online
+
+        online = resolve_online(config.method, config.estimator, config.objective, config.hparams)
+        values.update({f"estimator.{k}": v for k, v in online.estimator_hparams.items()})
+    return values
 
 
 def config_changes(saved: TrainConfig, given: TrainConfig) -> list[tuple[str, Any, Any]]:
