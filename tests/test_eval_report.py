@@ -217,3 +217,34 @@ def test_findings_name_over_optimisation_and_over_fitting_by_their_rules():
     assert "lowest at step 20 (0.5) and ended 16% higher (0.58)" in notes[1]
     flat = [{**r, "logps/chosen_per_token": -1.0} for r in records if r["split"] == "train"]
     assert findings(flat) == []  # chosen likelihood held, no eval loss: nothing to report
+
+
+ONLINE_KEYS = (
+    "loss", "reward", "accuracy", "kl", "ratio", "zero_signal_fraction", "completion_length",
+    "rollout_s", "train_s", "grad_norm", "lr", "tokens_per_s", "examples_per_s",
+)  # fmt: skip
+
+
+def test_online_run_report_plots_reward_accuracy_kl_and_zero_signal(tmp_path):
+    run = tmp_path / "run"
+    summary = {"method": "grpo", "accuracy_before": 0.5, "accuracy_after": 0.6}
+    _write_run(run, keys=ONLINE_KEYS, steps=9, summary=summary)  # 9: no eval records (online runs have none)
+    html = write_report(run).read_text()
+    pngs = _pngs(html)
+    assert set(pngs) == {
+        "accuracy", "loss", "online_reward", "online_kl", "zero_signal", "online_time", "optimisation",
+        "throughput",
+    }  # fmt: skip
+    for sid in ("online_reward", "online_kl", "zero_signal"):
+        assert imread(io.BytesIO(pngs[sid]), format="png").std() > 0.01, sid
+    assert "Not plotted" not in html  # the pairwise sections are not missing: online runs never log them
+    assert "Other logged metrics" not in html  # every online metric has its section
+    assert "final sample accuracy (train)" in html
+    offline = write_report(_copy_offline(tmp_path)).read_text()  # and the reverse: no online note
+    assert "online_reward" not in offline and "zero_signal_fraction" not in offline
+
+
+def _copy_offline(tmp_path: Path) -> Path:
+    run = tmp_path / "offline"
+    _write_run(run, keys=("loss", "rewards/chosen", "lr"), summary={"method": "simpo"})
+    return run

@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 from preftune.config import TrainConfig
 from preftune.errors import ConfigError
@@ -174,6 +175,7 @@ def test_builtin_task_reuses_a_prepared_folder_with_the_same_seed(tmp_path, monk
     fake = SimpleNamespace(
         QuickstartConfig=lambda: SimpleNamespace(max_steps=60, batch_size=8, lr=1e-4),
         prepare=prepare,
+        online_settings=lambda cfg, task, prompts: {"prompts": str(prompts), "reward": "arithmetic"},
         evaluate_accuracy=lambda final, task, prompts, greedy: (
             0.25 if (task.level, len(prompts)) == (1, 2) else 0
         ),
@@ -191,6 +193,8 @@ def test_builtin_task_reuses_a_prepared_folder_with_the_same_seed(tmp_path, monk
         "seed": 0,
     }
     assert task.baseline_accuracy == 0.7 and task.accuracy(tmp_path) == 0.25
+    # online methods: the quickstart's training prompts (written next to the pairs) and the verifier
+    assert task.online == {"prompts": str(tmp_path / "data" / "prompts.jsonl"), "reward": "arithmetic"}
     # char ids: <pad>,<s>,</s>,<unk> are 0-3, then a-z, A-Z, 0-9: '1' = 4 + 52 + 1
     assert task.prompts[0][:2] == [57, 58] and len(task.prompts) == 2
     with pytest.raises(AssertionError, match="must not run again"):  # another seed: a fresh preparation
@@ -212,3 +216,39 @@ def test_sweep_into_a_folder_with_runs_fails_before_any_work(tmp_path: Path, cap
     assert f"{tmp_path / 's' / 'ipo'} already holds a run" in err
     assert f"--task-dir {tmp_path / 's' / 'task'}" in err
     assert not (tmp_path / "s" / "task").exists()  # nothing was prepared
+
+
+def test_sweep_compares_offline_and_online_methods_in_one_report(tmp_path):
+    """dpo, grpo, rloo, remax and bnpo on a tiny model: the online runs take the task's prompts and
+    reward, not the pairs; the page shows their sample reward next to DPO's pairwise metrics."""
+    from preftune.eval.sweep import SweepTask
+    from test_train_fixtures import pair_rows, tiny_model, write_jsonl
+
+    tiny_model(tmp_path / "model")
+    write_jsonl(tmp_path / "prefs.jsonl", pair_rows(8))
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"{a}+{b}="} for a in range(4) for b in range(2)])
+    (tmp_path / "rewards.py").write_text(
+        "def digits(prompts, completions, **kwargs):\n"
+        "    return [float(sum(ch.isdigit() for ch in c)) for c in completions]\n"
+    )
+    base = TrainConfig(
+        model=str(tmp_path / "model"), data=str(tmp_path / "prefs.jsonl"), out="x", max_steps=2,
+        batch_size=4, progress=False,
+    )  # fmt: skip
+    online = {"prompts": str(tmp_path / "prompts.jsonl"), "reward": f"{tmp_path / 'rewards.py'}:digits",
+              "num_generations": 4, "max_completion_length": 4}  # fmt: skip
+    methods = ["dpo", "grpo", "rloo", "remax", "bnpo"]
+    assert parse_methods(",".join(methods)) == methods
+    result = run_sweep(methods, base, tmp_path / "s", task=SweepTask([], online=online), log=lambda _m: None)
+    assert [(r.method, r.status, r.steps) for r in result.results] == [(m, "ok", 2) for m in methods], [
+        r.error for r in result.results
+    ]
+    by = {r.method: r for r in result.results}
+    assert "reward" in by["grpo"].metrics and "zero_signal_fraction" in by["rloo"].metrics
+    assert "reward" not in by["dpo"].metrics and "rewards/accuracy" in by["dpo"].metrics
+    assert by["remax"].reference_cache == "reference-free" and by["dpo"].reference_cache == "computed"
+    saved = yaml.safe_load((tmp_path / "s" / "grpo" / "config.yaml").read_text())
+    assert saved["prompts"] == online["prompts"] and saved["data"] is None and saved["max_steps"] == 2
+    page = (tmp_path / "s" / "sweep.html").read_text()
+    assert "<th>sample reward</th>" in page and "<th>zero-signal frac.</th>" in page
+    assert '<figure id="plot-curves"><img' in page

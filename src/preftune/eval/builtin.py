@@ -53,6 +53,7 @@ def _prepared(folder: Path, seed: int, log: Callable[[str], None]) -> dict[str, 
         "sft_dir": str(art.sft_dir),
         "pairs_path": str(art.pairs_path),
         "eval_pairs_path": str(art.eval_pairs_path),
+        "prompts_path": str(art.prompts_path),
         "heldout_prompts": list(art.heldout_prompts),
         "accuracy_before": art.stats["accuracy_before"],
     }
@@ -100,5 +101,13 @@ def builtin_task(
         accuracy=accuracy,
         baseline_accuracy=float(manifest["accuracy_before"]["greedy"]),
         name=f"{len(heldout)} held-out arithmetic prompts (greedy accuracy)",
+        online=online_values(folder, manifest, qcfg, task_obj),
     )
     return values, task
+
+
+def online_values(folder: Path, manifest: dict[str, Any], qcfg: Any, task: Any) -> dict[str, Any]:
+    """What the online methods of a sweep on the built-in task train with: the quickstart's training
+    prompts, the arithmetic verifier as reward and the quickstart's online schedule."""
+    prompts = Path(manifest.get("prompts_path") or folder / "data" / "prompts.jsonl")
+    return dict(_quickstart().online_settings(qcfg, task, prompts))

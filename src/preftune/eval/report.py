@@ -27,7 +27,14 @@ from preftune.eval.htmlkit import page as page
 from preftune.eval.htmlkit import png_uri as png_uri
 from preftune.eval.htmlkit import write_atomic as write_atomic
 from preftune.eval.plots import Curve, Panel
-from preftune.eval.report_sections import MAX_OTHER_PANELS, NOT_METRICS, NOT_PLOTTED, NOT_SMOOTHED
+from preftune.eval.report_sections import (
+    MAX_OTHER_PANELS,
+    NOT_METRICS,
+    NOT_PLOTTED,
+    NOT_SMOOTHED,
+    OFFLINE_ONLY,
+    ONLINE_ONLY,
+)
 from preftune.eval.report_sections import SECTIONS as SECTIONS
 
 
@@ -172,7 +179,11 @@ def _summary_cards(
         items.append(("wall time", f"{float(summary['seconds']):.0f} s"))
     for mode, (before, after) in groups.items():
         items.append((f"task accuracy ({mode})", f"{100 * before:.1f}% → {100 * after:.1f}%"))
-    for key, label in (("rewards/accuracy", "reward accuracy"), ("loss", "loss")):
+    for key, label in (
+        ("rewards/accuracy", "reward accuracy"),
+        ("accuracy", "sample accuracy"),  # online methods with a 0/1 verifier
+        ("loss", "loss"),
+    ):
         value = _last(records, key, "eval")
         split = "eval"
         if value is None:
@@ -210,8 +221,12 @@ def _plot_sections(records: Sequence[Mapping[str, Any]]) -> list[str]:
     the sections left out because the run did not log their metrics."""
     body: list[str] = []
     missing: list[str] = []
+    online = any("rollout_s" in r for r in records)  # an online method's run (grpo, rloo, ...)
+    other_kind = OFFLINE_ONLY if online else ONLINE_ONLY
     for sid, stitle, about, panels in SECTIONS:
         present = [p for p in panels if plots.panel_has_data(records, p)]
+        if not present and sid in other_kind:
+            continue  # this kind of run never logs them
         absent_keys = [
             c.key
             for p in panels

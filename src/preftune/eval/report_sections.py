@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from preftune.eval.plots import CHOSEN, NEUTRAL, REJECTED, SECOND, Curve, Panel
 
+Section = tuple[str, str, str, tuple[Panel, ...]]
 
-def _section(sid: str, title: str, about: str, *panels: Panel) -> tuple[str, str, str, tuple[Panel, ...]]:
+
+def _section(sid: str, title: str, about: str, *panels: Panel) -> Section:
     return sid, title, about, panels
 
 
 # (id, title, how to read it, panels). The ids are stable: tests and links rely on them.
-SECTIONS = (
+SECTIONS: tuple[Section, ...] = (
     _section(
         "loss",
         "Loss",
@@ -97,6 +99,60 @@ SECTIONS = (
         ),
     ),
 )
+# Online methods (grpo, rloo, ...): what their steps log about the policy's own samples.
+ONLINE_SECTIONS = (
+    _section(
+        "online_reward",
+        "Reward and accuracy of the samples",
+        "Mean reward of each step's completions, sampled from the policy being trained at the sampling "
+        "temperature, and with a 0/1 verifier the fraction that is right. Rising curves are the policy "
+        "learning from its rewards; each point is one batch of prompts, so expect noise.",
+        Panel("Sample reward", "mean reward per completion", (Curve("reward", "reward", NEUTRAL),)),
+        Panel(
+            "Sample accuracy",
+            "fraction with reward 1",
+            (Curve("accuracy", "accuracy", CHOSEN, optional=True),),
+            ylim=(-0.02, 1.02),
+        ),
+    ),
+    _section(
+        "online_kl",
+        "KL to the reference and importance ratio",
+        "k3 estimate of KL(π_θ ‖ π_ref), token mean per completion (logged when the objective has a kl "
+        "term), and the mean ratio π_θ/π_old to the sampling policy: 1 on a fresh batch, away from 1 on "
+        "a batch re-used by num_iterations > 1.",
+        Panel("KL to the reference", "k3 (nats per token)", (Curve("kl", "KL", REJECTED, optional=True),)),
+        Panel("Importance ratio", "π_θ / π_old", (Curve("ratio", "ratio", SECOND),), hline=1.0),
+    ),
+    _section(
+        "zero_signal",
+        "Zero-signal fraction",
+        "Fraction of prompts whose completions all got the same reward: their advantages are 0 and they "
+        "teach nothing. Near 1 the batch is too easy (all right) or too hard (all wrong).",
+        Panel(
+            "Zero-signal fraction",
+            "fraction of prompts",
+            (Curve("zero_signal_fraction", "zero-signal", NEUTRAL),),
+            ylim=(-0.02, 1.02),
+        ),
+    ),
+    _section(
+        "online_time",
+        "Completion length and time per step",
+        "Mean completion length in tokens, and the seconds of a step spent sampling (rollout: "
+        "generation, reward and advantages) and training (forward, backward, optimizer step).",
+        Panel("Completion length", "tokens", (Curve("completion_length", "length", NEUTRAL),)),
+        Panel(
+            "Time per step",
+            "seconds",
+            (Curve("rollout_s", "rollout", SECOND), Curve("train_s", "train", CHOSEN)),
+        ),
+    ),
+)
+# Sections of one kind of run that the other kind never logs: not reported as missing there.
+OFFLINE_ONLY = {"rewards", "reward_accuracy", "logps", "ranking"}
+ONLINE_ONLY = {sid for sid, _, _, _ in ONLINE_SECTIONS}
+SECTIONS = SECTIONS[:1] + ONLINE_SECTIONS + SECTIONS[1:]
 NOT_METRICS = {"step", "split", "phase", "epoch", "time", "timestamp", "elapsed_s", "wall_time"}
 # Logged, shown in the final table, but not worth a plot: a 0/1 flag and per-step counts.
 NOT_PLOTTED = {"skipped", "tokens", "examples"}

@@ -18,7 +18,7 @@ import gc
 import json
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,12 +37,15 @@ class SweepTask:
     accuracy:          model folder → held-out task accuracy in [0, 1]; None without a verifiable task.
     baseline_accuracy: that accuracy for the starting model, drawn as the line to beat.
     name:              what the held-out set is, for the report.
+    online:            config values of the online methods (grpo, rloo, ...): prompts, reward and
+                       their schedule; their preference data is dropped.
     """
 
     prompts: list[list[int]]
     accuracy: Callable[[Path], float] | None = None
     baseline_accuracy: float | None = None
     name: str = "held-out prompts"
+    online: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -94,8 +97,10 @@ class SweepResult:
 
 
 def parse_methods(text: str) -> list[str]:
-    """'dpo,ipo, simpo' → ['dpo', 'ipo', 'simpo'], each checked against the loss registry."""
+    """'dpo,ipo, simpo' → ['dpo', 'ipo', 'simpo'], each checked against the loss registry (or an
+    online method: grpo, rloo, remax, ...)."""
     from preftune import losses
+    from preftune.online_methods import is_online
 
     methods = [m.strip() for m in text.split(",") if m.strip()]
     if not methods:
@@ -103,14 +108,29 @@ def parse_methods(text: str) -> list[str]:
     if len(set(methods)) != len(methods):
         raise ConfigError(f"sweep: --methods lists a method twice ({text}); each needs its own run folder")
     for m in methods:
-        losses.parse_objective(m)  # raises ConfigError with a "did you mean" for an unknown name
+        if not is_online(m):
+            losses.parse_objective(m)  # raises ConfigError with a "did you mean" for an unknown name
     return methods
 
 
-def _needs_reference(method: str) -> bool:
-    from preftune import losses
+def _needs_reference(config: Any) -> bool:
+    from preftune.config import resolve_objective
 
-    return any(spec.needs_reference for spec, _ in losses.parse_objective(method))
+    return any(spec.needs_reference for spec, _, _ in resolve_objective(config))
+
+
+def method_config(base: Any, method: str, out: Path, cache_dir: Path, online: Mapping[str, Any]) -> Any:
+    """The config of `method` in a sweep: `base` with its method and run folder. An online method
+    (grpo, rloo, ...) drops the preference data and takes `online` (prompts, reward, its schedule);
+    an offline one drops the online settings."""
+    from preftune.online_methods import is_online
+
+    changes: dict[str, Any] = {"method": method, "out": str(out / method), "cache_dir": str(cache_dir)}
+    if is_online(method):
+        changes.update(data=None, eval_data=None, eval_every=0, **online)
+    else:
+        changes.update(prompts=None, reward=None, estimator=None, objective=None, num_iterations=1)
+    return dataclasses.replace(base, report=False, **changes)
 
 
 def cache_snapshot(cache_dir: Path) -> dict[str, tuple[int, int]]:
@@ -178,7 +198,8 @@ def run_sweep(
     try:
         for i, method in enumerate(methods, start=1):
             log(f"sweep [{i}/{len(methods)}] {method} → {out / method}")
-            results.append(_run_method(method, base, out, cache_dir, train_fn, evaluate_fn, log))
+            config = method_config(base, method, out, cache_dir, task.online if task else {})
+            results.append(_run_method(config, train_fn, evaluate_fn, log))
             if write:  # after every method, so an interrupted sweep still leaves its numbers
                 write_sweep_json(summarise())
             gc.collect()
@@ -193,24 +214,20 @@ def run_sweep(
 
 
 def _run_method(
-    method: str,
-    base: Any,
-    out: Path,
-    cache_dir: Path,
+    config: Any,
     train_fn: Callable[[Any], Any],
     evaluate_fn: Callable[[Path, Any], tuple[float | None, KLEstimate | None]] | None,
     log: Log,
 ) -> MethodResult:
-    """Train one method and evaluate it; any exception is recorded in the result, never raised."""
+    """Train one method (`config`, from `method_config`: report=False, the sweep writes each run's
+    report itself once its evaluation is in) and evaluate it; any exception is recorded in the
+    result, never raised."""
     from preftune.config import reference_strategy
 
-    # report=False: the sweep writes each run's report itself, once its evaluation is in
-    config = dataclasses.replace(
-        base, method=method, out=str(out / method), cache_dir=str(cache_dir), report=False
-    )
-    res = MethodResult(method=method, run_dir=str(out / method))
+    method, cache_dir = config.method, Path(config.cache_dir)
+    res = MethodResult(method=method, run_dir=config.out)
     try:
-        strategy = reference_strategy(config, _needs_reference(method))
+        strategy = reference_strategy(config, _needs_reference(config))
         before = cache_snapshot(cache_dir)
         t0 = time.perf_counter()
         run = train_fn(config)

@@ -21,6 +21,11 @@ METRIC_COLUMNS = (
     ("eval log p chosen /tok", "eval/logps/chosen_per_token", False),
     ("eval log p rejected /tok", "eval/logps/rejected_per_token", False),
     ("eval ranking acc.", "eval/policy_rank_accuracy", True),
+    # online methods (grpo, rloo, ...): the last step's samples
+    ("sample reward", "reward", False),
+    ("sample acc.", "accuracy", True),
+    ("KL to ref. (train)", "kl", False),
+    ("zero-signal frac.", "zero_signal_fraction", True),
 )
 
 
@@ -206,6 +211,8 @@ def _curves(runs: dict[str, list[dict[str, Any]]], colors: dict[str, str]) -> st
         ("rewards/accuracy", "Reward accuracy (train)", "fraction of pairs", False),
         ("logps/chosen_per_token", "Chosen log-probability", "nats per token", False),
     ]
+    if any(any("reward" in r for r in records) for records in runs.values()):  # online methods ran
+        panels.append(("reward", "Sample reward (online methods)", "mean reward per completion", False))
     return (
         '<h2 id="curves">Training curves</h2><p class="about">Smoothed train curves of every method. '
         "Losses have different scales (IPO's starts at 1/(4β²), DPO's at log 2), so each is divided by "

@@ -518,26 +518,30 @@ def _sample_pairs(
     return pairs, step_pairs
 
 
+def online_settings(cfg: QuickstartConfig, task: ArithmeticTask, prompts_path: Path) -> dict[str, Any]:
+    """The config values of an online method on the task (the quickstart's and a sweep's on the
+    built-in task): the verifier as reward on the training prompts, G samples each, up to the answer
+    length the task needs (`max_new_tokens_for`), the quickstart's online schedule."""
+    prompts = [json.loads(line)["prompt"] for line in Path(prompts_path).read_text().splitlines()]
+    return {
+        "prompts": str(prompts_path),
+        "reward": "arithmetic",
+        "max_steps": cfg.online_steps,
+        "batch_size": cfg.online_batch_size,
+        "num_generations": cfg.num_generations,
+        "lr": cfg.online_lr,
+        "warmup_ratio": 0.0,
+        "scheduler": "constant",
+        "max_completion_length": max_new_tokens_for(task, prompts),
+    }
+
+
 def _online_config(method: str, art: Artifacts, cfg: QuickstartConfig, seed: int, progress: bool) -> Any:
-    """The run of an online method: the verifier as reward on the training prompts, G samples each,
-    up to the answer length the task needs (`max_new_tokens_for`)."""
+    """The run of an online method from the SFT model (`online_settings`)."""
     from preftune.config import TrainConfig
 
-    prompts = [json.loads(line)["prompt"] for line in Path(str(art.prompts_path)).read_text().splitlines()]
+    settings = online_settings(cfg, art.task, Path(str(art.prompts_path)))
     return TrainConfig(
-        method=method,
-        model=str(art.sft_dir),
-        prompts=str(art.prompts_path),
-        reward="arithmetic",
-        out=str(art.out_dir),
-        max_steps=cfg.online_steps,
-        batch_size=cfg.online_batch_size,
-        num_generations=cfg.num_generations,
-        lr=cfg.online_lr,
-        warmup_ratio=0.0,
-        scheduler="constant",
-        max_completion_length=max_new_tokens_for(art.task, prompts),
-        seed=seed,
-        progress=progress,
-        report=False,
-    )
+        method=method, model=str(art.sft_dir), out=str(art.out_dir), seed=seed, progress=progress,
+        report=False, **settings,
+    )  # fmt: skip
