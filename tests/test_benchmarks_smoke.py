@@ -20,6 +20,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -123,6 +124,32 @@ def _check_dpo_vs_trl(results: Path, sides: str, variant: str) -> None:
     assert res["machine"]["omp_wait_policy"] == "PASSIVE"
     assert shape["runs"]["preftune"][0]["load_average"][0][0] >= 0
     assert "MFU (executed)" in (results / "tmp" / "dpo_vs_trl_smoke.md").read_text()
+
+
+def test_grpo_vs_trl_smoke_preftune_side(results: Path) -> None:
+    _check_grpo_vs_trl(results, "preftune")
+
+
+@pytest.mark.skipif(not HAS_TRL, reason=NO_TRL)
+def test_grpo_vs_trl_smoke_both_sides(results: Path) -> None:
+    last = _check_grpo_vs_trl(results, "trl,preftune")
+    assert last["speedup"] > 0 and last["memory_ratio"] > 0
+
+
+def _check_grpo_vs_trl(results: Path, sides: str) -> dict[str, Any]:
+    out = _run("grpo_vs_trl.py", "--smoke", "--sides", sides)
+    last = json.loads(out.strip().splitlines()[-1])  # the --quick/--smoke headline
+    assert {"speedup", "speedup_short", "memory_ratio"} <= set(last)
+    res = json.loads((results / "tmp" / "grpo_vs_trl_smoke.json").read_text())  # quick-like: tmp/
+    shape = res["shapes"]["prompt_heavy"]
+    for side, m in shape["median"].items():
+        # step 1 is on-policy (ρ = 1): the token mean of −A, with GRPO's advantages summing to 0 in
+        # every group and (nearly) equal lengths, is 0 up to rounding on both sides
+        assert abs(m["first_loss"]) < 1e-4, side
+        assert 0 < m["completion_length"] <= shape["max_completion_length"], side
+        assert m["completions_s"] > 0 and m["generate_s"] > 0 and m["rest_s"] > 0, side
+    assert "completion tokens/s" in (results / "tmp" / "grpo_vs_trl_smoke.md").read_text()
+    return dict(last)
 
 
 def test_profile_step_smoke(results: Path, monkeypatch: pytest.MonkeyPatch) -> None:
