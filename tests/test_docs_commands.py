@@ -4,7 +4,8 @@ A new user copies commands from the docs; each one here runs as written (tokenis
 comments dropped) in a sandbox folder that holds what the docs assume: a tiny SFT model at
 `./sft-model` and `./sft`, preference data `prefs.jsonl` / `heldout.jsonl`, arithmetic prompts
 `prompts.jsonl` (online methods), step-labelled solutions `steps.jsonl` (process reward models), the
-repository's `examples/`, and (for commands that read a finished run) `runs/dpo1` and `runs/prm`.
+repository's `examples/`, and (for commands that read a finished run) `runs/dpo1`, `runs/prm` and
+`runs/rm`.
 What does not run here, and why:
 
 - `bash scripts/setup.sh ...`, `python -m pytest ...`: set-up and the test command (CI runs both);
@@ -154,6 +155,8 @@ def base_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
         argv = ["train", "dpo", "--model", "./sft-model", "--data", "prefs.jsonl", "--out", "runs/dpo1"]
         assert main([*argv, "--batch-size", "8", "--no-progress"]) == 0
         argv = ["train", "prm", "--model", "./sft-model", "--data", "steps.jsonl", "--out", "runs/prm"]
+        assert main([*argv, "--batch-size", "4", "--max-steps", "2"]) == 0
+        argv = ["train", "rm", "--model", "./sft-model", "--data", "prefs.jsonl", "--out", "runs/rm"]
         assert main([*argv, "--batch-size", "4", "--max-steps", "2"]) == 0
     return root
 

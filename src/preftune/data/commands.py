@@ -1,6 +1,7 @@
 """`preftune data check` validates a preference data source before training on it;
 `preftune data prepare` tokenizes it into the cache ahead of a run (same options as training);
-`preftune data show` prints one example as the model sees it (text, tokens, loss mask)."""
+`preftune data show` prints one example as the model sees it (text, tokens, loss mask);
+`preftune data score` scores a pair or completions file with a reward (a reward model folder, ...)."""
 
 from __future__ import annotations
 
@@ -70,6 +71,44 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--no-add-eos", dest="add_eos", action="store_false", help="do not append EOS to responses"
     )
     show.set_defaults(func=_show)
+    _register_score(data_sub)
+
+
+def _register_score(data_sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    score = data_sub.add_parser(
+        "score",
+        help="score pairs or completions with a reward model (or any reward)",
+        description="Score PATH with --reward (a reward-model folder, 'arithmetic', module:function, a "
+        "weighted sum) and write JSONL to --out. Pair rows (prompt/chosen/rejected) get score_chosen / "
+        "score_rejected; with --augment they become reward-augmented pairs (two goal-conditioned pairs "
+        "each). Rows with a 'responses' (or 'completions') list become ranked rows, best first with their "
+        "scores; with --best, one row per prompt with the best response as 'completion' (best-of-n).",
+    )
+    score.add_argument("path", metavar="PATH", help="pair or completions file (JSONL, JSON, Parquet, CSV)")
+    score.add_argument(
+        "--reward", required=True, help="reward spec, e.g. runs/rm/final or 'runs/rm/final:1,arithmetic:2'"
+    )
+    score.add_argument("--out", required=True, help="output JSONL file")
+    score.add_argument("--augment", action="store_true", help="pairs: write reward-augmented pairs")
+    score.add_argument("--best", action="store_true", help="completions: keep the best response per prompt")
+    score.set_defaults(func=_score)
+
+
+def _score(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from preftune.reward.data_scoring import score_file
+    from preftune.train.logging import quiet_libraries
+    from preftune.train.runfolder import write_atomic
+
+    quiet_libraries()
+    rows, shape = score_file(args.path, args.reward, augment=args.augment, best=args.best)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    print(f"scored {shape} of {args.path} with {args.reward}: wrote {len(rows)} rows to {out}")
+    return 0
 
 
 def _common(p: argparse.ArgumentParser, *, tokenizer_help: str, max_length: int | None = None) -> None:

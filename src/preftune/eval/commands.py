@@ -45,6 +45,19 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_best_of_n_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("best-of-n (a reward-model run)")
+    g.add_argument("--best-of-n", type=int, default=0, metavar="N",
+                   help="sample N completions per prompt of --prompts and report the gold reward of the "
+                   "RM's pick among n = 1, 2, 4, ..., N (and of the best one, the oracle)")  # fmt: skip
+    g.add_argument("--prompts", help="prompt rows ('prompt' and the columns the gold reward reads)")
+    g.add_argument("--gold", default="arithmetic", help="gold reward spec (default: the task's verifier)")
+    g.add_argument("--policy", help="model to sample (default: the run's --model)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="longest completion (default 128)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+
+
 def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -73,14 +86,20 @@ def _eval(args: argparse.Namespace) -> int:
             "a completed 'preftune train'"
         )
     config = load_config(run / "config.yaml")
-    if config.method == "rm":  # a reward model: pairwise accuracy and calibration, no reference
-        from preftune.reward.evaluation import evaluate_rm_run
+    if config.method == "rm":  # a reward model: pairwise accuracy, calibration, best-of-n
+        from preftune.reward.evaluation import rm_eval_payload
 
-        rm_metrics = evaluate_rm_run(run, config, args.data, args.batch_size)
-        _print_table(f"reward model on {args.data}", [(k, fmt(v)) for k, v in rm_metrics.items()])
+        payload = rm_eval_payload(run, config, args)
+        _print_table(f"reward model on {args.data}", [(k, fmt(v)) for k, v in payload["metrics"].items()])
+        if "best_of_n" in payload:
+            bon = payload["best_of_n"]
+            rows = [
+                (f"best-of-{n:g} (oracle)", f"{r:.3f} ({o:.3f})")
+                for n, r, o in zip(bon["n"], bon["rm"], bon["oracle"])
+            ]
+            _print_table(f"gold '{bon['gold']}' of the RM's pick, {bon['prompts']} prompts", rows)
         path = run / "eval.json"
-        write_atomic(path, json.dumps({"run": str(run), "data": args.data, "method": "rm",
-                                       "metrics": rm_metrics}, indent=1) + "\n")  # fmt: skip
+        write_atomic(path, json.dumps(payload, indent=1) + "\n")
         print(f"wrote {path}")
         return 0
     if config.method == "prm":  # a process reward model: ProcessBench metrics (first wrong step)
@@ -277,7 +296,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "preference data: loss, implicit rewards and margin, reward accuracy, chosen/rejected log-probs, "
         "policy ranking accuracy, and a sampled KL to the reference. Prints a table, writes RUN_DIR/eval.json "
         "and rebuilds RUN_DIR/report.html with it. A reward model ('preftune train rm'): held-out pairwise "
-        "accuracy, loss, mean score gap and calibration (ece, brier).",
+        "accuracy, loss, mean score gap, calibration (ece, brier, reliability bins) and, with --best-of-n, "
+        "the gold reward of the RM's pick among n = 1, 2, 4, ... samples.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a finished 'preftune train'")
     p.add_argument("--data", required=True, help="held-out preference data (same formats as training data)")
@@ -286,6 +306,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default 8)")
     _add_kl_flags(p, default_samples=2)
+    _add_best_of_n_flags(p)
     p.set_defaults(func=_eval)
 
     from preftune.config import FIELDS

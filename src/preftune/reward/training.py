@@ -167,23 +167,26 @@ def _step(model: Any, params: list[torch.nn.Parameter], opt: Any, sched: Any, ba
 
 @torch.no_grad()
 def evaluate_pairs(
-    model: Any, examples: list[Example], loss_fn: RMLoss, batch_size: int = 8
+    model: Any, examples: list[Example], loss_fn: RMLoss, batch_size: int = 8, *, gaps: list | None = None
 ) -> dict[str, float]:
     """Held-out pairwise accuracy (ties count as wrong), mean loss, mean score gap s_c − s_r, and the
-    calibration of P(chosen ≻ rejected) = σ(s_c − s_r) (`preftune.reward.evaluation.calibration`)."""
+    calibration of P(chosen ≻ rejected) = σ(s_c − s_r) (`preftune.reward.evaluation.calibration`);
+    the gaps [P] float64 are appended to `gaps` when given."""
     from preftune.reward.evaluation import calibration
 
     was_training = model.training
     model.eval()
     total = 0.0
-    gaps = []
+    parts = []
     for start in range(0, len(examples), batch_size):
         part = examples[start : start + batch_size]
         s_c, s_r = pair_scores(model, part)
         total += float(loss_fn(s_c, s_r, pair_margins(part)).sum())
-        gaps.append((s_c - s_r).double().cpu())
+        parts.append((s_c - s_r).double().cpu())
     model.train(was_training)
-    gap = torch.cat(gaps) if gaps else torch.zeros(0, dtype=torch.float64)
+    gap = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    if gaps is not None:
+        gaps.append(gap)
     n = max(len(examples), 1)
     out = {"loss": total / n, "accuracy": float((gap > 0).sum()) / n, "margin": float(gap.sum()) / n}
     return {**out, **calibration(gap)}
