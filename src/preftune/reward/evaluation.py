@@ -59,17 +59,22 @@ def evaluate_rm_run(
     """RUN/final of a `preftune train rm` run on the pairs of `data`: loss (the run's), pairwise
     accuracy, mean gap, ece, brier; the reliability bins are appended to `bins` when given."""
     from preftune.data.formatting import load_tokenizer
+    from preftune.reward.ensemble_run import ensemble_pair_scores, is_ensemble, read_manifest
     from preftune.reward.losses import parse_rm_loss
     from preftune.reward.scoring import load_scorer
-    from preftune.reward.training import evaluate_pairs, rm_examples
+    from preftune.reward.training import all_pair_scores, pair_metrics, rm_examples
 
     final = run / "final"
-    tokenizer: Any = load_tokenizer(str(final))
+    ensemble = is_ensemble(final)
+    tokenizer: Any = load_tokenizer(str(read_manifest(final)[0][0] if ensemble else final))
     examples = rm_examples(data, config, tokenizer, None)
-    model = load_scorer(final, dtype=config.dtype)
+    if ensemble:  # the aggregated score of the members (ensemble.json)
+        s_c, s_r = ensemble_pair_scores(final, examples, batch_size)
+    else:
+        s_c, s_r = all_pair_scores(load_scorer(final, dtype=config.dtype), examples, batch_size)
     loss_fn = parse_rm_loss(str(config.hparams.get("loss", "bt")))
     gaps: list[torch.Tensor] = []
-    metrics = evaluate_pairs(model, examples, loss_fn, batch_size, gaps=gaps)
+    metrics = pair_metrics(s_c, s_r, examples, loss_fn, gaps)
     if bins is not None:
         bins += reliability(torch.cat(gaps) if gaps else torch.zeros(0))
     return {"pairs": float(len(examples)), **metrics}
@@ -91,10 +96,10 @@ def rm_eval_payload(run: Path, config: TrainConfig, args: Any) -> dict[str, Any]
                 "--best-of-n needs --prompts FILE (rows with 'prompt' and the gold reward's columns)"
             )
         from preftune.reward.best_of_n import sample_and_score
-        from preftune.reward.model_reward import RewardModelFn
+        from preftune.reward.registry import load_reward_model
 
         out["best_of_n"] = sample_and_score(
-            RewardModelFn(run / "final"), args.policy or config.model, args.prompts, args.gold, args.best_of_n,
+            load_reward_model(run / "final"), args.policy or config.model, args.prompts, args.gold, args.best_of_n,
             temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
         )  # fmt: skip
     return out

@@ -16,6 +16,7 @@ weighted sum (TRL sums with nansum). A spec names functions with weights:
     "runs/rm/final" or "model:runs/rm/final"   a trained reward model's score (`load_reward_model`)
     "runs/prm/final" or "prm:min:runs/prm/final" a process reward model: its step values aggregated
                                         by min / last / sum / mean / prod (default: the folder's)
+    "runs/ens/final", "ensemble:min:runs/ens/final"  an ensemble (its aggregator, or another one)
 """
 
 from __future__ import annotations
@@ -151,17 +152,19 @@ def _import_callable(ref: str) -> RewardFn:
     return fn  # type: ignore[no-any-return]
 
 
-def load_reward_model(path: str | Path) -> RewardFn:
+def load_reward_model(path: str | Path, how: str | None = None) -> RewardFn:
     """A trained reward-model folder (`preftune train rm` OUT/final, or any
     `AutoModelForSequenceClassification(num_labels=1)` folder with its tokenizer) as a reward function:
-    the scalar score of each completion, read at its last token (docs/reward_models.md)."""
+    the scalar score of each completion, read at its last token (docs/reward_models.md). An ensemble
+    folder (ensemble.json) gives its members' scores aggregated by `how` (default: its own)."""
+    from preftune.reward.ensemble_run import EnsembleRewardFn, is_ensemble
     from preftune.reward.model_reward import RewardModelFn
 
     if (Path(path) / "prm.json").is_file():  # a process reward model (preftune train prm)
         from preftune.reward.prm_reward import PRMRewardFn
 
         return PRMRewardFn(path)
-    return RewardModelFn(path)
+    return EnsembleRewardFn(path, how) if is_ensemble(path) else RewardModelFn(path)
 
 
 def _resolve(name: str) -> RewardTerm:
@@ -175,6 +178,9 @@ def _resolve(name: str) -> RewardTerm:
         head, _, rest = name[4:].partition(":")
         how = head if head in AGGREGATIONS and rest else None
         return RewardTerm(name, PRMRewardFn(rest if how else name[4:], aggregation=how), 1.0)
+    if name.startswith("ensemble:"):  # ensemble:AGG:PATH
+        how, _, folder = name.removeprefix("ensemble:").partition(":")
+        return RewardTerm(name, load_reward_model(folder, how), 1.0)
     if name.startswith("model:") or Path(name).is_dir():
         return RewardTerm(name, load_reward_model(name.removeprefix("model:")), 1.0)
     if ":" in name:

@@ -166,30 +166,41 @@ def _step(model: Any, params: list[torch.nn.Parameter], opt: Any, sched: Any, ba
 
 
 @torch.no_grad()
-def evaluate_pairs(
-    model: Any, examples: list[Example], loss_fn: RMLoss, batch_size: int = 8, *, gaps: list | None = None
-) -> dict[str, float]:
+def all_pair_scores(
+    model: Any, examples: list[Example], batch_size: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s_chosen [P], s_rejected [P]) of every pair, in eval mode, `batch_size` pairs per forward."""
+    was_training = model.training
+    model.eval()
+    parts = [pair_scores(model, examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]
+    model.train(was_training)
+    if not parts:
+        return torch.zeros(0), torch.zeros(0)
+    return torch.cat([c for c, _ in parts]).cpu(), torch.cat([r for _, r in parts]).cpu()
+
+
+def pair_metrics(s_c: torch.Tensor, s_r: torch.Tensor, examples: list[Example], loss_fn: RMLoss,
+                 gaps: list | None = None) -> dict[str, float]:  # fmt: skip
     """Held-out pairwise accuracy (ties count as wrong), mean loss, mean score gap s_c − s_r, and the
     calibration of P(chosen ≻ rejected) = σ(s_c − s_r) (`preftune.reward.evaluation.calibration`);
     the gaps [P] float64 are appended to `gaps` when given."""
     from preftune.reward.evaluation import calibration
 
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    parts = []
-    for start in range(0, len(examples), batch_size):
-        part = examples[start : start + batch_size]
-        s_c, s_r = pair_scores(model, part)
-        total += float(loss_fn(s_c, s_r, pair_margins(part)).sum())
-        parts.append((s_c - s_r).double().cpu())
-    model.train(was_training)
-    gap = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    gap = (s_c - s_r).double()
     if gaps is not None:
         gaps.append(gap)
     n = max(len(examples), 1)
+    total = float(loss_fn(s_c, s_r, pair_margins(examples)).sum()) if examples else 0.0
     out = {"loss": total / n, "accuracy": float((gap > 0).sum()) / n, "margin": float(gap.sum()) / n}
     return {**out, **calibration(gap)}
+
+
+def evaluate_pairs(
+    model: Any, examples: list[Example], loss_fn: RMLoss, batch_size: int = 8, *, gaps: list | None = None
+) -> dict[str, float]:
+    """`pair_metrics` of `model` on `examples`."""
+    s_c, s_r = all_pair_scores(model, examples, batch_size)
+    return pair_metrics(s_c, s_r, examples, loss_fn, gaps)
 
 
 def train_rm(config: TrainConfig, log: Any = print) -> Any:
@@ -198,13 +209,18 @@ def train_rm(config: TrainConfig, log: Any = print) -> Any:
     `preftune.reward.losses` ("bt", "bt:1,center:0.01"; default "bt"). Returns the `RunResult`
     (final/ is the reward-model folder)."""
     loss = str(config.hparams.get("loss", "bt"))
-    others = sorted(set(config.hparams) - {"loss"})
+    others = sorted(set(config.hparams) - {"loss", "ensemble", "aggregate"})
     if others:
         raise ConfigError(
-            f"preftune train rm takes --loss (e.g. bt, 'bt:1,center:0.01'), not {', '.join(others)}"
+            f"preftune train rm takes --loss (e.g. bt, 'bt:1,center:0.01'), --ensemble M and --aggregate, "
+            f"not {', '.join(others)}"
         )
     loss_fn = parse_rm_loss(loss)
     _check(config)
+    if "ensemble" in config.hparams or "aggregate" in config.hparams:
+        from preftune.reward.ensemble_run import train_ensemble
+
+        return train_ensemble(config, log)
     lock = _claim(config)
     try:
         return _train(config, loss_fn, loss, log)

@@ -1,0 +1,119 @@
+"""Reward-model ensembles of M seeds (Coste et al. 2023; Eisenstein et al. 2023):
+
+    preftune train rm --model ./sft --data prefs.jsonl --out runs/ens --ensemble 4 --aggregate min
+
+trains M members, each a whole `preftune train rm` run in OUT/member-i with seed + i (its own head
+initialisation and batch order), and writes OUT/final/ensemble.json naming the members' final folders
+and the aggregator (`preftune.reward.ensemble.aggregate`: mean, min, uwo, median). OUT/final is then
+a reward (`--reward runs/ens/final`, or `ensemble:AGG:PATH` for another aggregator), and
+`preftune eval OUT` scores held-out pairs with the aggregated reward.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from preftune.config import TrainConfig, config_to_dict
+from preftune.errors import ConfigError
+from preftune.reward.ensemble import AGGREGATORS, aggregate
+
+MANIFEST = "ensemble.json"
+
+
+def _settings(config: TrainConfig) -> tuple[int, str]:
+    raw = config.hparams.get("ensemble", 1)
+    try:
+        members = int(str(raw))
+    except ValueError:
+        members = 0
+    if members < 2:
+        raise ConfigError(f"--ensemble {raw}: give the number of members, ≥ 2 (e.g. --ensemble 4)")
+    how = str(config.hparams.get("aggregate", "mean"))
+    if how not in AGGREGATORS:
+        raise ConfigError(f"--aggregate {how}: use one of {', '.join(AGGREGATORS)}")
+    return members, how
+
+
+def train_ensemble(config: TrainConfig, log: Any = print) -> Any:
+    """Train the members one after the other (each resumable with --resume), then write the manifest."""
+    from preftune.reward.training import train_rm
+    from preftune.train.api import RunResult
+    from preftune.train.runfolder import write_atomic
+
+    members, how = _settings(config)
+    out = Path(config.out)
+    loss = {"loss": config.hparams.get("loss", "bt")}
+    results = []
+    for i in range(members):
+        member = replace(config, out=str(out / f"member-{i}"), seed=config.seed + i, hparams=dict(loss))
+        log(f"ensemble member {i + 1}/{members}: seed {member.seed}, {member.out}")
+        results.append(train_rm(member, log))
+    final = out / "final"
+    final.mkdir(parents=True, exist_ok=True)
+    manifest = {"members": [f"../member-{i}/final" for i in range(members)], "aggregate": how, "lam": 0.5}
+    write_atomic(final / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    import yaml
+
+    write_atomic(
+        out / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True)
+    )
+    metrics = {f"member{i}/{k}": v for i, r in enumerate(results) for k, v in r.metrics.items()}
+    return RunResult(out, final, sum(r.steps for r in results), metrics)
+
+
+def read_manifest(folder: str | Path) -> tuple[list[Path], str, float]:
+    """(member folders, aggregator, λ) of an ensemble folder (OUT/final with ensemble.json)."""
+    path = Path(folder) / MANIFEST
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        members = [(Path(folder) / m).resolve() for m in data["members"]]
+        return members, str(data.get("aggregate", "mean")), float(data.get("lam", 0.5))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{path}: not a reward-model ensemble manifest ({err})") from None
+
+
+def is_ensemble(folder: str | Path) -> bool:
+    return (Path(folder) / MANIFEST).is_file()
+
+
+class EnsembleRewardFn:
+    """The aggregated score of an ensemble's members (each a `RewardModelFn`) for each completion."""
+
+    def __init__(self, folder: str | Path, how: str | None = None) -> None:
+        from preftune.reward.model_reward import RewardModelFn
+
+        paths, default, self.lam = read_manifest(folder)
+        self.how = how or default
+        if self.how not in AGGREGATORS:
+            raise ConfigError(f"ensemble aggregator '{self.how}': use one of {', '.join(AGGREGATORS)}")
+        self.members = [RewardModelFn(p) for p in paths]
+        self.__name__ = f"ensemble:{self.how}:{folder}"
+
+    def member_scores(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+        """[M, N] float64: every member's score of every completion."""
+        return torch.tensor([m(prompts, completions) for m in self.members], dtype=torch.float64)
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> list[float]:
+        if not completions:
+            return []
+        return aggregate(self.member_scores(prompts, completions), self.how, lam=self.lam).tolist()
+
+
+def ensemble_pair_scores(
+    folder: Path, examples: list[Any], batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(aggregated s_chosen [P], s_rejected [P]) of tokenized pairs under an ensemble folder."""
+    from preftune.reward.scoring import load_scorer
+    from preftune.reward.training import all_pair_scores
+
+    paths, how, lam = read_manifest(folder)
+    scores = [all_pair_scores(load_scorer(p), examples, batch_size) for p in paths]
+    s_c = aggregate(torch.stack([c for c, _ in scores]), how, lam=lam)
+    s_r = aggregate(torch.stack([r for _, r in scores]), how, lam=lam)
+    return s_c, s_r
