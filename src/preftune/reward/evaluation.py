@@ -65,6 +65,11 @@ def evaluate_rm_run(
     from preftune.reward.training import all_pair_scores, pair_metrics, rm_examples
 
     final = run / "final"
+    if str(config.hparams.get("loss", "bt")) == "regression":  # rating data: mse and ordering accuracy
+        from preftune.reward.rated import evaluate_rated, rated_examples
+
+        rated = rated_examples(data, config, load_tokenizer(str(final)), None)
+        return {"responses": float(len(rated)), **evaluate_rated(load_scorer(final), rated, batch_size)}
     ensemble = is_ensemble(final)
     tokenizer: Any = load_tokenizer(str(read_manifest(final)[0][0] if ensemble else final))
     examples = rm_examples(data, config, tokenizer, None)

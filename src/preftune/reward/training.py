@@ -143,15 +143,28 @@ def pair_scores(model: Any, batch: list[Example]) -> tuple[torch.Tensor, torch.T
     return scores[0::2], scores[1::2]
 
 
+def _batch_losses(model: Any, part: list[Example], loss_fn: RMLoss | None) -> tuple[torch.Tensor, ...]:
+    """(per-example losses, a, b): pairs give (loss, s_c, s_r); rated responses (loss_fn None, the
+    `regression` loss) give ((s − rating)², s, rating)."""
+    if loss_fn is None:
+        from preftune.reward.losses import regression
+        from preftune.reward.rated import rated_scores
+
+        scores, ratings = rated_scores(model, part)
+        return regression(scores, ratings), scores, ratings
+    s_c, s_r = pair_scores(model, part)
+    return loss_fn(s_c, s_r, pair_margins(part)), s_c, s_r
+
+
 def _step(model: Any, params: list[torch.nn.Parameter], opt: Any, sched: Any, batch: list[Example],
-          loss_fn: RMLoss, config: TrainConfig) -> dict[str, float]:  # fmt: skip
-    """One optimizer step: Σ over micro-batches of Σ_pairs loss / |batch| (the exact step mean)."""
+          loss_fn: RMLoss | None, config: TrainConfig) -> dict[str, float]:  # fmt: skip
+    """One optimizer step: Σ over micro-batches of Σ_examples loss / |batch| (the exact step mean).
+    accuracy / margin: of s_c > s_r and s_c − s_r for pairs; of s > rating and s − rating for ratings."""
     micro = config.micro_batch_size or config.batch_size
     total = correct = margin = 0.0
     for start in range(0, len(batch), micro):
         part = batch[start : start + micro]
-        s_c, s_r = pair_scores(model, part)
-        losses = loss_fn(s_c, s_r, pair_margins(part))
+        losses, s_c, s_r = _batch_losses(model, part, loss_fn)
         (losses.sum() / len(batch)).backward()
         total += float(losses.detach().sum())
         correct += float((s_c > s_r).sum())
@@ -203,6 +216,17 @@ def evaluate_pairs(
     return pair_metrics(s_c, s_r, examples, loss_fn, gaps)
 
 
+def evaluate_held_out(
+    model: Any, examples: list[Example], loss_fn: RMLoss | None, batch_size: int
+) -> dict[str, float]:
+    """Pairs: `evaluate_pairs`; rated responses (loss_fn None): `preftune.reward.rated.evaluate_rated`."""
+    if loss_fn is None:
+        from preftune.reward.rated import evaluate_rated
+
+        return evaluate_rated(model, examples, batch_size)
+    return evaluate_pairs(model, examples, loss_fn, batch_size)
+
+
 def train_rm(config: TrainConfig, log: Any = print) -> Any:
     """Train a reward model: `config` as for `preftune train` (model, data, out, batch, optimizer,
     schedule, save_every, resume, eval_data) with method "rm" and `hparams["loss"]` a spec of
@@ -215,7 +239,7 @@ def train_rm(config: TrainConfig, log: Any = print) -> Any:
             f"preftune train rm takes --loss (e.g. bt, 'bt:1,center:0.01'), --ensemble M and --aggregate, "
             f"not {', '.join(others)}"
         )
-    loss_fn = parse_rm_loss(loss)
+    loss_fn = None if loss == "regression" else parse_rm_loss(loss)  # regression: rating data
     _check(config)
     if "ensemble" in config.hparams or "aggregate" in config.hparams:
         from preftune.reward.ensemble_run import train_ensemble
@@ -228,10 +252,11 @@ def train_rm(config: TrainConfig, log: Any = print) -> Any:
         lock.release()
 
 
-def _train(config: TrainConfig, loss_fn: RMLoss, loss: str, log: Any) -> Any:
+def _train(config: TrainConfig, loss_fn: RMLoss | None, loss: str, log: Any) -> Any:
     from transformers.utils import logging as hf_logging
 
     from preftune.data.formatting import load_tokenizer
+    from preftune.reward.rated import rated_examples
     from preftune.train.api import RunResult, seed_everything
     from preftune.train.logging import MetricsLogger
     from preftune.train.loop import batch_indices
@@ -242,9 +267,11 @@ def _train(config: TrainConfig, loss_fn: RMLoss, loss: str, log: Any) -> Any:
     seed_everything(config.seed)
     out = Path(config.out)
     tokenizer = load_tokenizer(config.tokenizer or config.model)
-    examples = rm_examples(config.data, config, tokenizer, config.split)
-    held_out = rm_examples(config.eval_data, config, tokenizer, config.eval_split) if config.eval_data else []
-    check_margins(examples, loss_fn, config.data)
+    load = rm_examples if loss_fn is not None else rated_examples
+    examples = load(config.data, config, tokenizer, config.split)
+    held_out = load(config.eval_data, config, tokenizer, config.eval_split) if config.eval_data else []
+    if loss_fn is not None:
+        check_margins(examples, loss_fn, config.data)
     total = phase_steps(config, [examples])[0]
     model = load_scorer(config.model, dtype=config.dtype)  # the new head draws from the seeded RNG
     model.train()
@@ -255,7 +282,8 @@ def _train(config: TrainConfig, loss_fn: RMLoss, loss: str, log: Any) -> Any:
     logger = MetricsLogger(out, sinks=config.report_to, run_name=config.run_name or out.name,
                            config=config_to_dict(config))  # fmt: skip
     logger.truncate_after(start)
-    log(f"preftune train rm ({loss}): {len(examples)} pairs, {total} steps, batch {config.batch_size}")
+    what = "pairs" if loss_fn is not None else "rated responses"
+    log(f"preftune train rm ({loss}): {len(examples)} {what}, {total} steps, batch {config.batch_size}")
     evals: dict[str, float] = {}
     for step in range(start, total):
         t0 = time.perf_counter()
@@ -267,7 +295,7 @@ def _train(config: TrainConfig, loss_fn: RMLoss, loss: str, log: Any) -> Any:
             logger.log({"step": done, "split": "train", **last})
             log(f"step {done}/{total}: loss {last['loss']:.4f}  accuracy {last['accuracy']:.3f}")
         if held_out and ((config.eval_every and done % config.eval_every == 0) or done == total):
-            evals = evaluate_pairs(model, held_out, loss_fn, config.eval_batch_size or 8)
+            evals = evaluate_held_out(model, held_out, loss_fn, config.eval_batch_size or 8)
             logger.log({"step": done, "split": "eval", **evals})
         if (config.save_every and done % config.save_every == 0) or done == total:
             trainer_state = {"phase": 0, "step_in_phase": done, "total_steps": total, "metrics": last}

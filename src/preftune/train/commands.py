@@ -6,7 +6,8 @@
     preftune train rm --model ./sft --data prefs.jsonl --out runs/rm --loss bt
 
 METHOD rm trains a reward model (docs/reward_models.md): --loss bt | bt_margin | bt_scaled | center
-or a weighted sum such as 'bt:1,center:0.01'; the run folder, checkpoints and --resume work as for
+or a weighted sum such as 'bt:1,center:0.01', or regression on rating data (prompt, response,
+rating); the run folder, checkpoints and --resume work as for
 the preference losses; OUT/final/ loads with AutoModelForSequenceClassification. --ensemble M trains
 M seeds (OUT/member-i) and --aggregate mean | min | uwo | median combines them in OUT/final.
 METHOD prm trains a process reward model on step labels: --loss prm_bce | pav_mse (data: prompt,
