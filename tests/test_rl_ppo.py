@@ -141,7 +141,7 @@ def _args(root: Path, method: str = "ppo") -> list[str]:
         "train", method, "--model", str(root / "model"), "--prompts", str(root / "prompts.jsonl"),
         "--reward", f"{root / 'rewards.py'}:digits", "--num-generations", "2", "--batch-size", "4",
         "--max-completion-length", "5", "--max-steps", "4", "--save-every", "2", "--lr", "3e-3",
-        "--no-progress", "--no-report",
+        "--value-lr", "1e-2", "--no-progress", "--no-report",
     ]  # fmt: skip
 
 
@@ -177,6 +177,8 @@ def test_ppo_value_head_is_checkpointed_and_resume_is_exact(
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6) and rows[0]["ratio"] == pytest.approx(1.0, abs=1e-5)
     assert rows[0]["value"] == 0.0  # a zero-initialised head
     assert all(k in rows[-1] for k in ("loss/ppo_clip", "loss/value", "returns", "non_score_reward"))
+    scheduler = json.loads((root / "whole" / "checkpoints" / "step-4" / "scheduler.json").read_text())
+    assert scheduler["value"]["base_lrs"] == [3e-3, 1e-2]  # the value head's own param group
 
 
 def _config(**kw: Any) -> TrainConfig:
@@ -196,6 +198,8 @@ def test_ppo_presets_and_config_errors() -> None:
         validate(_config(method="rto"))
     with pytest.raises(ConfigError, match="value head needs full fine-tuning"):
         validate(_config(lora=True))
+    with pytest.raises(ConfigError, match="value_lr is for the PPO family"):
+        validate(_config(method="rloo", value_lr=1e-3))
     with pytest.raises(ConfigError, match="macro is for the PPO family"):
         validate(_config(method="grpo", macro="fixed"))
     with pytest.raises(ConfigError, match="'macro' = 'fix' is not one of"):

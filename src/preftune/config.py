@@ -229,6 +229,7 @@ class TrainConfig:
         "PPO family: per-token KL penalty β·(log π − log π_ref) in the reward (ppo 0.05, rto 0.01).",
         low=0.0,
     )
+    value_lr: float | None = _f(None, "PPO family: learning rate of the value head (default: lr).", low=0.0)
     gamma: float = _f(1.0, "PPO family: GAE discount γ.", low=0.0, high=1.0)
     lam: float = _f(0.95, "PPO family: GAE λ.", low=0.0, high=1.0)
     macro: str | None = _f(
@@ -566,7 +567,7 @@ def _validate_online(config: TrainConfig, strategy: str) -> None:
 
 def _validate_ppo(config: TrainConfig, estimator: str) -> None:
     """The PPO family (estimator gae): a value head on a fully fine-tuned policy; RTO's DPO model."""
-    ppo_keys = [k for k in ("macro", "dpo_model", "kl_coef") if getattr(config, k) is not None]
+    ppo_keys = [k for k in ("macro", "dpo_model", "kl_coef", "value_lr") if getattr(config, k) is not None]
     if estimator != "gae":
         if ppo_keys:
             raise ConfigError(f"{ppo_keys[0]} is for the PPO family (estimator gae: ppo, ma_ppo, rto)")

@@ -191,7 +191,7 @@ def _initial_state(config: TrainConfig, world: World, steps: list[int]) -> RunSt
         )
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, config)
+    optimizer = _value_head_group(model, params, config) or build_optimizer(params, config)
     state = RunState(model, params, optimizer, build_scheduler(optimizer, config, sum(steps)))
     if resume_path is not None:
         _restore(state, resume_path, config, world, steps)
@@ -202,6 +202,20 @@ def _value_head(config: TrainConfig) -> bool:
     from preftune.online_methods import expand, is_online
 
     return is_online(config.method) and expand(config.method, config.estimator, config.objective)[0] == "gae"
+
+
+def _value_head_group(model: Any, params: list[Any], config: TrainConfig) -> Any:
+    """The optimizer of a policy with a value head: the head in a param group of its own, at
+    `value_lr` (default: lr); None without a head."""
+    from preftune.rl.ppo import value_head
+
+    head = value_head(model)
+    if head is None:
+        return None
+    own = {id(p) for p in head.parameters()}
+    optimizer = build_optimizer([p for p in params if id(p) not in own], config)
+    optimizer.add_param_group({"params": list(head.parameters()), "lr": config.value_lr or config.lr})
+    return optimizer
 
 
 def _check_sharding(resume_path: Path, world: World) -> None:
