@@ -220,6 +220,14 @@ class TrainConfig:
     objective: str | None = _f(
         None, "Online methods: policy objective, e.g. 'ppo_clip:1,kl:0.01'; default: the method's."
     )
+    sampler: str | None = _f(
+        None,
+        "Online methods: uniform | dapo_filter | reinforce_ada | gvm | vade (docs/online.md, Samplers); "
+        "default: the method's.",
+    )
+    sampler_args: dict[str, Any] = _f(
+        {}, 'Online methods: the sampler\'s options as JSON, e.g. \'{"rounds": 4, "exit": "pos"}\'.'
+    )
     temperature: float = _f(1.0, "Online methods: sampling temperature.", low=0.0, low_open=True)
     top_p: float = _f(1.0, "Online methods: nucleus sampling p (1: off).", low=0.0, high=1.0, low_open=True)
     top_k: int = _f(0, "Online methods: sample from the k most likely tokens (0: off).", low=0)
@@ -563,6 +571,15 @@ def _validate_online(config: TrainConfig, strategy: str) -> None:
     estimator = expand(config.method, config.estimator, config.objective)[0]
     get_estimator(estimator)
     _validate_ppo(config, estimator)
+    from preftune.online_methods import preset_sampler
+    from preftune.rl.samplers import get_sampler
+
+    name, args = preset_sampler(config.method, config.sampler, config.sampler_args)
+    get_sampler(name).validate(args)
+    if estimator == "gae" and name != "uniform":
+        raise ConfigError(
+            f"method '{config.method}': the PPO family takes sampler uniform only, not '{name}'"
+        )
 
 
 def _validate_ppo(config: TrainConfig, estimator: str) -> None:
@@ -585,10 +602,15 @@ def validate(config: TrainConfig) -> list[tuple[Any, float, dict[str, Any]]]:
         if not getattr(config, name):
             raise ConfigError(f"'{name}' is required — {FIELDS[name].metadata['help']}")
     if not online and (
-        config.prompts or config.reward or config.estimator or config.objective or config.num_iterations > 1
+        config.prompts
+        or config.reward
+        or config.estimator
+        or config.objective
+        or config.sampler
+        or config.num_iterations > 1
     ):
         raise ConfigError(
-            f"prompts / reward / estimator / objective / num_iterations are for the online methods "
+            f"prompts / reward / estimator / objective / sampler / num_iterations are for the online methods "
             f"({', '.join(PRESETS)}), "
             f"not '{config.method}'"
         )

@@ -25,6 +25,8 @@ class OnlinePreset:
     paper: str = ""
     macro: str | None = None  # MA-RLHF's macro-action termination (estimator gae)
     kl_coef: float = 0.05  # PPO family: the KL penalty in the token rewards (TRL's PPOConfig default)
+    sampler: str = "uniform"  # which prompts, how many samples, which groups (preftune.rl.samplers)
+    sampler_args: dict[str, Any] = field(default_factory=dict)
 
 
 PRESETS: dict[str, OnlinePreset] = {
@@ -55,6 +57,31 @@ PRESETS: dict[str, OnlinePreset] = {
     "rto": OnlinePreset(
         "gae", "ppo_clip:1,value:1", kl_coef=0.01, paper="Zhong et al. 2024, RTO (DPO token rewards + PPO)"
     ),
+    "dapo": OnlinePreset(
+        "grpo",
+        "ppo_clip:1",
+        {"eps_high": 0.28},
+        sampler="dapo_filter",
+        paper="Yu et al. 2025, DAPO: clip-higher ε_high 0.28, token mean, dynamic sampling (no overlong shaping)",
+    ),
+    "reinforce_ada": OnlinePreset(
+        "global_mean",
+        "ppo_clip:1",
+        sampler="reinforce_ada",
+        paper="Xiong et al. 2025, Reinforce-Ada (balance exit, pool-mean baseline)",
+    ),
+    "gvm": OnlinePreset(
+        "positive_only",
+        "ppo_clip:1",
+        sampler="gvm",
+        paper="Yao et al. 2025, GVM-RAFT++ (two-stage budget allocation, RAFT++ on top)",
+    ),
+    "vade": OnlinePreset(
+        "grpo",
+        "ppo_clip:1",
+        sampler="vade",
+        paper="VADE: GRPO on Thompson-selected prompts (Beta posteriors)",
+    ),
 }
 
 # the generation budget of an online run when max_completion_length is not set (TRL 1.16's default)
@@ -64,6 +91,17 @@ DEFAULT_COMPLETION_LENGTH = 512
 def is_online(method: str) -> bool:
     """Whether `method` names an online preset (grpo, rloo, ...)."""
     return method.strip() in PRESETS
+
+
+def preset_sampler(
+    method: str, sampler: str | None, sampler_args: dict[str, Any] | None
+) -> tuple[str, dict[str, Any]]:
+    """(sampler name, its options) of online `method`: `sampler` overrides the preset's; the preset's
+    options apply only to its own sampler."""
+    preset = PRESETS[method.strip()]
+    name = sampler or preset.sampler
+    base = dict(preset.sampler_args) if name == preset.sampler else {}
+    return name, {**base, **(sampler_args or {})}
 
 
 def expand(

@@ -4,6 +4,7 @@ from preftune import rl
 rl.advantages("grpo", rewards, groups)           # [N] advantages, groups = prompt index per sample
 rl.estimate("rloo", rewards, groups).metrics     # {"zero_signal_fraction": ..., ...}
 rl.ESTIMATORS["remax"].paper                     # metadata: paper, equation, hyper-parameters
+rl.SAMPLERS["reinforce_ada"].hparams             # samplers: which prompts, how many samples, which groups
 terms = rl.parse_policy_objective("ppo_clip:1,kl:0.04")   # policy loss terms (kind "policy")
 """
 
@@ -21,11 +22,12 @@ from preftune.losses.policy_losses import (
     parse_policy_objective,
     policy_objective,
 )
-from preftune.rl import estimators, gae  # noqa: F401  (registers the estimators)
+from preftune.rl import adaptive, estimators, gae  # noqa: F401  (register the samplers and estimators)
 from preftune.rl.registry import REGISTRY as ESTIMATORS
 from preftune.rl.registry import Estimate, EstimatorSpec, advantages, estimate
 from preftune.rl.registry import get as get_estimator
 from preftune.rl.rollout import RolloutEngine, Rollouts
+from preftune.rl.samplers import SAMPLERS, Sampler, Selection, get_sampler, make_sampler
 from preftune.rl.sampling import Sampling
 
 __all__ = [
@@ -34,6 +36,11 @@ __all__ = [
     "PolicyBatch",
     "RolloutEngine",
     "Rollouts",
+    "SAMPLERS",
+    "Sampler",
+    "Selection",
+    "get_sampler",
+    "make_sampler",
     "Sampling",
     "get_policy",
     "global_denominators",

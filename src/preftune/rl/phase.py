@@ -6,8 +6,11 @@
             advantages = the estimator over the groups (ReMax: minus the greedy response's reward)
             → one `Example` of kind "group" per prompt, K = G branches sharing the prompt
 
-Nothing of a step is stored: the seed of its rollouts depends only on (seed, phase, step) and the
-weights are those of the checkpoint, so a resumed run regenerates the same rollouts exactly.
+The sampler (`preftune.rl.samplers`, default `uniform`: exactly the above) may draw more — other
+prompts, several rounds, a probe stage — and keep only some groups; every engine call of the step
+gets a seed derived from (seed, phase, s) and its call number. Nothing of a step is stored: the
+weights are those of the checkpoint and a stateful sampler's state (VADE's posterior) is saved with
+it, so a resumed run regenerates the same rollouts exactly.
 Each example's `meta` carries, per branch, the sampling log-probs (`old_logps`, the π_old of the
 ratio), the kept support (`min_logits`), the advantage and the reward; the trainer's policy step
 (`preftune.train.policy_step`) reads them.
@@ -23,9 +26,12 @@ from typing import Any
 import torch
 
 from preftune.reward.registry import Reward
+from preftune.rl.draws import Drawn, StepSource, as_rollouts, columns
 from preftune.rl.prompts import PromptRow
 from preftune.rl.registry import estimate
+from preftune.rl.registry import get as get_estimator
 from preftune.rl.rollout import RolloutEngine
+from preftune.rl.samplers import Sampler, make_sampler
 from preftune.rl.sampling import Sampling
 from preftune.train.loop import batch_indices
 from preftune.types import Example
@@ -57,11 +63,16 @@ class OnlinePhase:
     iterations: int = 1  # μ: optimizer steps on each batch of rollouts (TRL's num_iterations)
     _last: tuple[int, list[Example], dict[str, float]] | None = field(default=None, repr=False)
     engine: RolloutEngine | None = None
+    sampler: Sampler | None = None  # which prompts, how many samples, which groups (default uniform)
     metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def examples(self) -> Sequence[Example]:
         return []  # nothing fixed for a reference to precompute
+
+    def __post_init__(self) -> None:
+        if self.sampler is None:
+            self.sampler = make_sampler("uniform", prompts=len(self.prompts))
 
     def attach(self, model: Any) -> None:
         """Sample from `model` (the policy being trained, in-process)."""
@@ -73,7 +84,7 @@ class OnlinePhase:
         return [self.tokenizer.decode(c, skip_special_tokens=True) for c in ids]
 
     def batch(self, step: int) -> list[Example]:
-        """The step's examples: one per prompt, its G samples as branches (sets `metrics`).
+        """The step's examples: one per kept group, its samples as branches (sets `metrics`).
 
         With μ = `iterations` > 1, steps kμ … kμ + μ − 1 share batch k of rollouts, sampled with the
         weights after kμ steps: from the second of them on, π_θ ≠ π_old and the ratio is not 1. A run
@@ -87,70 +98,98 @@ class OnlinePhase:
         return examples
 
     def _sample(self, k: int) -> list[Example]:
-        """Batch `k` of rollouts: prompts, samples, rewards and advantages (sets `metrics`)."""
+        """Batch `k` of rollouts: the sampler's groups, rewards and advantages (sets `metrics`)."""
         assert self.engine is not None, "OnlinePhase.attach(model) first"
         t0 = time.perf_counter()
         idx = batch_indices(len(self.prompts), self.batch_size, seed=self.seed, phase=self.index, step=k)
-        rows = [self.prompts[i] for i in idx]
-        g = self.num_generations
         self.engine.weight_version = k * self.iterations  # the weights after kμ optimizer steps
-        sampling = replace(self.sampling, seed=generation_seed(self.seed, self.index, k))
-        out = self.engine.generate([r.ids for r in rows], g, sampling)
-        completions = out.completions()
-        rewards = self.reward(
-            [r.text for r in rows for _ in range(g)], self._texts(completions), **_columns(rows, g)
-        )
-        extra: dict[str, Any] = {}
-        if self.greedy_baseline:  # ReMax: the reward of each prompt's greedy response is its baseline
-            greedy = self.engine.generate([r.ids for r in rows], 1, replace(sampling, temperature=0.0))
-            extra["baseline_rewards"] = self.reward(
-                [r.text for r in rows], self._texts(greedy.completions()), **_columns(rows, 1)
-            )
+        seed = generation_seed(self.seed, self.index, k)
+        sampling = replace(self.sampling, seed=seed)
+        source = StepSource(self.engine, self.prompts, self.reward, self.tokenizer, sampling, idx, seed + 1)
+        assert self.sampler is not None
+        selection = self.sampler.select(source, self.batch_size, self.num_generations)
+        drawn, groups = selection.drawn, selection.groups
+        rows = [r for g in groups for r in g]
+        rewards = drawn.rewards[rows]
+        group_of = torch.tensor([i for i, g in enumerate(groups) for _ in g])
         if self.credit is not None:  # PPO family: GAE over token rewards with the value head
-            est = self.credit(self.engine.model, [r.ids for r in rows], out, rewards, sampling.seed)
+            out = as_rollouts(drawn, groups, sampling.temperature, k * self.iterations)
+            prompt_ids = [self.prompts[drawn.prompt[g[0]]].ids for g in groups]
+            est = self.credit(self.engine.model, prompt_ids, out, rewards, sampling.seed)
         else:
-            est = estimate(self.estimator, rewards, out.prompt_index, **extra, **self.estimator_hparams)
+            inputs = self._inputs(drawn, groups, sampling)
+            est = estimate(self.estimator, rewards, group_of, **inputs, **self.estimator_hparams)
         adv = est.advantages.float()
         per_token = getattr(est, "meta", {})  # the credit's values and returns [N, T]
-        examples = []
-        for p, r in enumerate(rows):
-            part = slice(p * g, (p + 1) * g)
-            branch = completions[part]
-            width = max(len(c) for c in branch)
-            a = adv[part] if adv.dim() == 1 else adv[part, :width]
-            meta = {
-                "old_logps": out.logps[part, :width],
-                "min_logits": out.min_logits[part, :width],
-                "advantages": a,
-                "rewards": rewards[part].float(),
-                "temperature": sampling.temperature,
-                "max_len": sampling.max_new_tokens,
-                **{k: v[part, :width] for k, v in per_token.items()},
-            }
-            examples.append(Example(r.ids, branch, kind="group", source_row=r.row, meta=meta))
-        lengths = out.mask.sum(dim=1).float()
+        examples, start = [], 0
+        for g in groups:
+            part = slice(start, start + len(g))
+            extra = {k: v[part] for k, v in per_token.items()}
+            examples.append(self._example(drawn, g, adv[part], sampling, extra))
+            start += len(g)
+        self._metrics(drawn, rows, est.metrics["zero_signal_fraction"], t0)
+        if self.credit is not None:
+            self.metrics.update({k: v for k, v in est.metrics.items() if k != "zero_signal_fraction"})
+        self.metrics.update(selection.metrics)
+        return examples
+
+    def _inputs(self, drawn: Drawn, groups: list[list[int]], sampling: Sampling) -> dict[str, Any]:
+        """The estimator's extra inputs: ReMax's greedy-response rewards; the pools of the kept groups'
+        prompts (every sample drawn for them this step) for estimators that read `pool_rewards`."""
+        extra: dict[str, Any] = {}
+        prompts = [drawn.prompt[g[0]] for g in groups]
+        if self.greedy_baseline:  # ReMax: the reward of each prompt's greedy response is its baseline
+            assert self.engine is not None
+            rows = [self.prompts[i] for i in prompts]
+            greedy = self.engine.generate([r.ids for r in rows], 1, replace(sampling, temperature=0.0))
+            extra["baseline_rewards"] = self.reward(
+                [r.text for r in rows], self._texts(greedy.completions()), **columns(rows, 1)
+            )
+        if "pool_rewards" in get_estimator(self.estimator).inputs:
+            pools = [drawn.rows_of(p) for p in prompts]
+            extra["pool_rewards"] = torch.cat([drawn.rewards[pool] for pool in pools])
+            extra["pool_groups"] = torch.tensor([i for i, pool in enumerate(pools) for _ in pool])
+        return extra
+
+    def _example(
+        self, drawn: Drawn, rows: list[int], adv: torch.Tensor, sampling: Sampling, extra: dict[str, Any]
+    ) -> Example:
+        """One kept group as an example of kind "group": the prompt and its completions as branches."""
+        branch = [drawn.completions[r] for r in rows]
+        width = max(len(c) for c in branch)
+
+        def pad(parts: list[torch.Tensor], fill: float) -> torch.Tensor:
+            return torch.stack([torch.nn.functional.pad(x, (0, width - len(x)), value=fill) for x in parts])
+
+        meta = {
+            "old_logps": pad([drawn.logps[r] for r in rows], 0.0),
+            "min_logits": pad([drawn.min_logits[r] for r in rows], float("-inf")),
+            "advantages": adv if adv.dim() == 1 else adv[:, :width],
+            "rewards": drawn.rewards[rows].float(),
+            "temperature": sampling.temperature,
+            "max_len": sampling.max_new_tokens,
+            **{k: v[:, :width] for k, v in extra.items()},
+        }
+        row = self.prompts[drawn.prompt[rows[0]]]
+        return Example(row.ids, branch, kind="group", source_row=row.row, meta=meta)
+
+    def _metrics(self, drawn: Drawn, rows: list[int], zero_signal: float, t0: float) -> None:
+        rewards = drawn.rewards[rows]
+        lengths = torch.tensor([float(len(drawn.completions[r])) for r in rows])
         self.metrics = {
             "reward": float(rewards.mean()),
             "reward_std": float(rewards.std(unbiased=False)),
-            "zero_signal_fraction": est.metrics["zero_signal_fraction"],
+            "zero_signal_fraction": zero_signal,
             "completion_length": float(lengths.mean()),
-            "clipped_fraction": float((~out.finished).float().mean()),
+            "clipped_fraction": float(1.0 - torch.tensor([drawn.finished[r] for r in rows]).float().mean()),
+            "completions": float(len(drawn)),
             "rollout_s": time.perf_counter() - t0,
         }
         if self.verifier:
             self.metrics["accuracy"] = float((rewards >= 1.0).double().mean())
-        if self.credit is not None:
-            self.metrics.update({k: v for k, v in est.metrics.items() if k != "zero_signal_fraction"})
         for name, values in self.reward.last_values.items():
             if len(self.reward.terms) > 1:
                 self.metrics[f"reward/{name}"] = float(torch.tensor(values).nanmean())
-        return examples
-
-
-def _columns(rows: list[PromptRow], repeat: int) -> dict[str, list[Any]]:
-    """The prompts' extra columns, each value repeated for the prompt's samples (None where absent)."""
-    keys = sorted({k for r in rows for k in r.columns})
-    return {k: [r.columns.get(k) for r in rows for _ in range(repeat)] for k in keys}
 
 
 def online_phase(config: Any, tokenizer: Any) -> OnlinePhase:
@@ -160,7 +199,7 @@ def online_phase(config: Any, tokenizer: Any) -> OnlinePhase:
     `num_iterations` steps each)."""
     import math
 
-    from preftune.online_methods import DEFAULT_COMPLETION_LENGTH
+    from preftune.online_methods import DEFAULT_COMPLETION_LENGTH, preset_sampler
     from preftune.online_options import resolve_online
     from preftune.reward import load_reward
     from preftune.rl.ppo import token_credit
@@ -174,6 +213,7 @@ def online_phase(config: Any, tokenizer: Any) -> OnlinePhase:
         max_prompt_length=config.max_prompt_length,
     )
     online = resolve_online(config.method, config.estimator, config.objective, config.hparams)
+    sampler_name, sampler_args = preset_sampler(config.method, config.sampler, config.sampler_args)
     batches = max(1, math.ceil(config.epochs * math.ceil(len(prompts) / config.batch_size)))
     steps = config.max_steps or batches * config.num_iterations
     sampling = Sampling(
@@ -187,4 +227,5 @@ def online_phase(config: Any, tokenizer: Any) -> OnlinePhase:
         online.estimator, config.num_generations, sampling, greedy_baseline=online.greedy_baseline,
         verifier=config.reward.strip() == "arithmetic", estimator_hparams=online.estimator_hparams,
         iterations=config.num_iterations, credit=token_credit(config, online.estimator),
+        sampler=make_sampler(sampler_name, sampler_args, prompts=len(prompts)),
     )  # fmt: skip

@@ -105,6 +105,9 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
     for source in sources:
         if isinstance(source, OnlinePhase):
             source.attach(state.model)
+            state.sampler = source.sampler  # its state is checkpointed; restored here on resume
+            if source.sampler is not None:
+                source.sampler.load_state_dict(state.extra.get("sampler", {}))
     run = _make_run(config, objective, world, sources, eval_examples, total, state)
     graceful = GracefulStop()
     try:

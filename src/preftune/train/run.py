@@ -53,6 +53,7 @@ class RunState:
     `phase`, `step_in_phase`: the next step to take; `global_step`: steps taken. `last`: the metrics
     of the last step; `last_good`: the newest checkpoint written; `apo_prev`: Accelerated PO's θ̂_t;
     `resume` / `extra`: what the checkpoint being resumed recorded (cleared once the phase has begun).
+    `sampler`: the online sampler whose state (VADE's posterior) is checkpointed as `extra["sampler"]`.
     """
 
     model: Any
@@ -69,6 +70,7 @@ class RunState:
     apo_prev: dict[str, torch.Tensor] | None = None
     resume: dict[str, Any] | None = None
     extra: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    sampler: Any = None  # an online phase's sampler: its state_dict() goes into each checkpoint
 
 
 class PhaseSource(Protocol):
@@ -251,6 +253,9 @@ class Run:
         moving = ref.moving_weights(position[0], config, keep=world.is_main)
         if moving is not None:
             extra["reference"] = moving
+        sampler_state = state.sampler.state_dict() if state.sampler is not None else {}
+        if sampler_state:
+            extra["sampler"] = sampler_state
         if state.apo_prev is not None:
             apo_prev = state.apo_prev
             if world.fsdp:  # whole tensors, gathered by every rank in step
