@@ -220,6 +220,11 @@ class TrainConfig:
     objective: str | None = _f(
         None, "Online methods: policy objective, e.g. 'ppo_clip:1,kl:0.01'; default: the method's."
     )
+    # --- distillation (adpa, dckd, aligndistil; docs/online.md, Distillation) ---
+    teacher: str | None = _f(
+        None, "Distillation: the aligned teacher π_dpo (a model folder; the student's vocabulary)."
+    )
+    teacher_ref: str | None = _f(None, "Distillation: the teacher's reference π_ref (adpa, aligndistil).")
     sampler: str | None = _f(
         None,
         "Online methods: uniform | dapo_filter | reinforce_ada | gvm | vade (docs/online.md, Samplers); "
@@ -489,6 +494,10 @@ def resolve_objective(config: TrainConfig) -> list[tuple[Any, float, dict[str, A
         online = resolve_online(config.method, config.estimator, config.objective, config.hparams)
         terms = parse_policy_objective(online.objective)
         given, defaults = online.term_hparams, online.defaults  # the estimator's keys went to it
+    elif is_distill(config.method):  # teacher distributions (kind "distill")
+        from preftune.losses.distill_losses import parse_distill_objective
+
+        terms = parse_distill_objective(config.method)
     else:
         terms = losses.parse_objective(config.method)
     per_term: dict[str, dict[str, Any]] = {spec.name: {} for spec, _ in terms}
@@ -595,6 +604,31 @@ def _validate_ppo(config: TrainConfig, estimator: str) -> None:
         raise ConfigError("method 'rto' needs dpo_model (--dpo-model PATH): a DPO model trained from `model`")
 
 
+DISTILL_METHODS = ("adpa", "dckd", "aligndistil")  # preftune.losses.distill_losses (no torch here)
+
+
+def is_distill(method: str) -> bool:
+    """Whether `method` is a distillation objective ("adpa", "dckd:1,adpa:0.5", ...)."""
+    return method.split(",")[0].partition(":")[0].strip() in DISTILL_METHODS
+
+
+def _validate_distill(config: TrainConfig, objective: list[tuple[Any, float, dict[str, Any]]]) -> None:
+    """Teachers are given exactly when the method distils; what distillation cannot combine with."""
+    if not is_distill(config.method):
+        if config.teacher or config.teacher_ref:
+            raise ConfigError(f"teacher / teacher_ref are for distillation ({', '.join(DISTILL_METHODS)})")
+        return
+    if not config.teacher:
+        raise ConfigError(f"method '{config.method}' needs 'teacher' — {FIELDS['teacher'].metadata['help']}")
+    two = [spec.name for spec, _, _ in objective if getattr(spec.fn, "teachers", 1) == 2]
+    if two and not config.teacher_ref:
+        raise ConfigError(f"'{two[0]}' needs 'teacher_ref' — {FIELDS['teacher_ref'].metadata['help']}")
+    if config.eval_data or config.stages > 1 or config.rounds > 1 or config.fsdp:
+        raise ConfigError(
+            f"method '{config.method}' (distillation) cannot use eval_data, stages, rounds or fsdp yet"
+        )
+
+
 def validate(config: TrainConfig) -> list[tuple[Any, float, dict[str, Any]]]:
     """Check `config` before any model loads; return the resolved objective (see `resolve_objective`)."""
     online = is_online(config.method)
@@ -638,6 +672,7 @@ def validate(config: TrainConfig) -> list[tuple[Any, float, dict[str, Any]]]:
         )
     if online:
         _validate_online(config, strategy)
+    _validate_distill(config, objective)
     if config.merge_lora and not config.lora:
         raise ConfigError("merge_lora merges LoRA adapters into the weights; it needs lora=true (--lora)")
     if strategy == "adapter" and not config.lora:

@@ -18,7 +18,7 @@ import torch
 from preftune.errors import ConfigError
 from preftune.types import PreferenceBatch
 
-LossKind = Literal["pairwise", "unpaired", "listwise", "any", "policy"]
+LossKind = Literal["pairwise", "unpaired", "listwise", "any", "policy", "distill"]
 # "aggregation": a policy term (see losses.policy_losses) divides by its aggregation's global count.
 Reduction = Literal["example", "token", "aggregation"]
 HParamType = Literal["float", "int", "bool", "str", "floats"]

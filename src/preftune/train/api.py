@@ -102,6 +102,10 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
     tokenizer, sources, eval_examples = _load_data(config, objective, world)
     total = sum(s.steps for s in sources)
     state = _initial_state(config, world, [s.steps for s in sources])
+    if objective.kind == "distill":
+        from preftune.train.distill_step import load_teachers
+
+        objective.teachers = load_teachers(config, world)
     for source in sources:
         if isinstance(source, OnlinePhase):
             source.attach(state.model)

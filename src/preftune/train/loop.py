@@ -36,6 +36,7 @@ class Objective:
 
     terms: list[tuple[Any, float, dict[str, Any]]]  # (LossSpec, weight, validated hyper-parameters)
     kind: str
+    teachers: Any = None  # distillation (kind "distill"): (π_dpo, π_ref or None), see train.distill_step
 
     @property
     def needs_reference(self) -> bool:
@@ -90,19 +91,13 @@ def objective_on_batch(
     """
     from preftune.models.logprobs import example_stats
 
-    if objective.kind == "policy":  # online methods: groups of sampled responses, policy terms
+    if objective.kind in ("policy", "distill"):  # online methods; distillation (teacher distributions)
+        from preftune.train.distill_step import distill_on_batch
         from preftune.train.policy_step import policy_on_batch
 
-        return policy_on_batch(
-            model,
-            global_batch,
-            objective=objective,
-            reference=reference,
-            world=world,
-            micro_batch_size=micro_batch_size,
-            backward=backward,
-            autocast=autocast,
-        )
+        step = policy_on_batch if objective.kind == "policy" else distill_on_batch
+        return step(model, global_batch, objective=objective, reference=reference, world=world,
+                    micro_batch_size=micro_batch_size, backward=backward, autocast=autocast)  # fmt: skip
     if batch_states is None and any(s.batch_statistic is not None for s, _, _ in objective.terms):
         local = statistic_sums(
             model,

@@ -52,7 +52,8 @@ def load_examples(
         chat_template=config.chat_template,
     )
     examples = prepared.examples
-    if objective.kind == "pairwise" and any(e.kind == "ranked" for e in examples):
+    layout = "pairwise" if objective.kind == "distill" else objective.kind  # distillation reads pairs
+    if layout == "pairwise" and any(e.kind == "ranked" for e in examples):
         examples = [
             p
             for e in examples
@@ -68,7 +69,7 @@ def load_examples(
             f"two: its chosen response a desirable example (label 1), its rejected one an undesirable "
             f"example (label 0) — {2 * pairs} examples"
         )
-    return adapt_examples(examples, objective.kind, mismatched=objective.needs_mismatched, where=where)
+    return adapt_examples(examples, layout, mismatched=objective.needs_mismatched, where=where)
 
 
 @functools.lru_cache(maxsize=8)
