@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from preftune.cli import main
-from preftune.config import DISTILL_METHODS, TrainConfig, validate
+from preftune.config import TrainConfig, validate
 from preftune.errors import ConfigError
 from preftune.losses.distill_losses import DISTILL_LOSSES
+from preftune.method_checks import DISTILL_METHODS
 from preftune.models.distill_head import distill_token_losses
 from preftune.models.logprobs import LogitTransform
 from preftune.train.distill_step import distill_on_batch

@@ -24,6 +24,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from preftune.errors import ConfigError
+from preftune.method_checks import check_distill, check_sampler, is_distill
 from preftune.online_methods import PRESETS, expand, is_online
 from preftune.trl_names import HELP as TRL_HELP
 from preftune.trl_names import apply_rpo_alpha, translate
@@ -226,9 +227,7 @@ class TrainConfig:
     )
     teacher_ref: str | None = _f(None, "Distillation: the teacher's reference π_ref (adpa, aligndistil).")
     sampler: str | None = _f(
-        None,
-        "Online methods: uniform | dapo_filter | reinforce_ada | gvm | vade (docs/online.md, Samplers); "
-        "default: the method's.",
+        None, "Online methods: uniform | dapo_filter | reinforce_ada | gvm | vade; default: the method's."
     )
     sampler_args: dict[str, Any] = _f(
         {}, 'Online methods: the sampler\'s options as JSON, e.g. \'{"rounds": 4, "exit": "pos"}\'.'
@@ -580,15 +579,7 @@ def _validate_online(config: TrainConfig, strategy: str) -> None:
     estimator = expand(config.method, config.estimator, config.objective)[0]
     get_estimator(estimator)
     _validate_ppo(config, estimator)
-    from preftune.online_methods import preset_sampler
-    from preftune.rl.samplers import get_sampler
-
-    name, args = preset_sampler(config.method, config.sampler, config.sampler_args)
-    get_sampler(name).validate(args)
-    if estimator == "gae" and name != "uniform":
-        raise ConfigError(
-            f"method '{config.method}': the PPO family takes sampler uniform only, not '{name}'"
-        )
+    check_sampler(config, estimator)
 
 
 def _validate_ppo(config: TrainConfig, estimator: str) -> None:
@@ -602,31 +593,6 @@ def _validate_ppo(config: TrainConfig, estimator: str) -> None:
         raise ConfigError(f"method '{config.method}': the value head needs full fine-tuning, not lora (yet)")
     if config.method == "rto" and not config.dpo_model:
         raise ConfigError("method 'rto' needs dpo_model (--dpo-model PATH): a DPO model trained from `model`")
-
-
-DISTILL_METHODS = ("adpa", "dckd", "aligndistil")  # preftune.losses.distill_losses (no torch here)
-
-
-def is_distill(method: str) -> bool:
-    """Whether `method` is a distillation objective ("adpa", "dckd:1,adpa:0.5", ...)."""
-    return method.split(",")[0].partition(":")[0].strip() in DISTILL_METHODS
-
-
-def _validate_distill(config: TrainConfig, objective: list[tuple[Any, float, dict[str, Any]]]) -> None:
-    """Teachers are given exactly when the method distils; what distillation cannot combine with."""
-    if not is_distill(config.method):
-        if config.teacher or config.teacher_ref:
-            raise ConfigError(f"teacher / teacher_ref are for distillation ({', '.join(DISTILL_METHODS)})")
-        return
-    if not config.teacher:
-        raise ConfigError(f"method '{config.method}' needs 'teacher' — {FIELDS['teacher'].metadata['help']}")
-    two = [spec.name for spec, _, _ in objective if getattr(spec.fn, "teachers", 1) == 2]
-    if two and not config.teacher_ref:
-        raise ConfigError(f"'{two[0]}' needs 'teacher_ref' — {FIELDS['teacher_ref'].metadata['help']}")
-    if config.eval_data or config.stages > 1 or config.rounds > 1 or config.fsdp:
-        raise ConfigError(
-            f"method '{config.method}' (distillation) cannot use eval_data, stages, rounds or fsdp yet"
-        )
 
 
 def validate(config: TrainConfig) -> list[tuple[Any, float, dict[str, Any]]]:
@@ -672,7 +638,7 @@ def validate(config: TrainConfig) -> list[tuple[Any, float, dict[str, Any]]]:
         )
     if online:
         _validate_online(config, strategy)
-    _validate_distill(config, objective)
+    check_distill(config, objective)
     if config.merge_lora and not config.lora:
         raise ConfigError("merge_lora merges LoRA adapters into the weights; it needs lora=true (--lora)")
     if strategy == "adapter" and not config.lora:
