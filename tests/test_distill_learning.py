@@ -1,6 +1,7 @@
 """A distilled student improves: the quickstart's SFT → DPO pair is the teacher (96×3 Llama), a smaller
-SFT model (64×2) the student; DCKD, then ADPA (ADPA+) on the quickstart's pairs raises the student's
-greedy accuracy on the 1000 held-out prompts (slow: ~15 minutes on 2 loaded cores)."""
+SFT model (64×2) the student; DCKD on the quickstart's pairs raises the student's greedy accuracy on
+the 1000 held-out prompts; ADPA from the DCKD result (ADPA+) does not, on this task (measured and
+checked, docs/online.md). Slow: ~20-30 minutes on 2 loaded cores."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def _accuracy(model_dir: Path, task: object, prompts: list[str]) -> float:
 
 
 @pytest.mark.slow
-def test_adpa_plus_student_improves_on_arithmetic(tmp_path: Path) -> None:
+@pytest.mark.timeout(0)  # ~30 minutes on loaded cores
+def test_dckd_student_improves_and_adpa_plus_is_measured_on_arithmetic(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     teacher = tmp_path / "teacher"
     summary = run_quickstart(
@@ -41,10 +43,14 @@ def test_adpa_plus_student_improves_on_arithmetic(tmp_path: Path) -> None:
                   batch_size=16, lr=1e-4, warmup_ratio=0.0, scheduler="constant", progress=False, report=False)  # fmt: skip
     dckd = train(TrainConfig(method="dckd", model=str(student), out=str(tmp_path / "dckd"), **common))  # type: ignore[arg-type]
     mid = _accuracy(dckd.final_dir, task, heldout)
-    adpa = train(TrainConfig(method="adpa", model=str(dckd.final_dir), out=str(tmp_path / "adpa"),
-                             teacher_ref=str(teacher / "sft"), **common))  # type: ignore[arg-type]  # fmt: skip
-    after = _accuracy(adpa.final_dir, task, heldout)
-    print(
-        f"teacher {summary['accuracy_after']}, student SFT {before:.3f} → DCKD {mid:.3f} → ADPA+ {after:.3f}"
-    )
-    assert after > before, (before, mid, after)
+    results = {}
+    for name, method, lr in (("adpa_lr1e-5", "adpa", 1e-5), ("dckd+adpa", "dckd:1,adpa:1", 1e-4)):
+        run = train(TrainConfig(method=method, model=str(dckd.final_dir), out=str(tmp_path / name),
+                                teacher_ref=str(teacher / "sft"), **{**common, "lr": lr}))  # type: ignore[arg-type]  # fmt: skip
+        results[name] = _accuracy(run.final_dir, task, heldout)
+    after = max(results.values())
+    print(f"teacher {summary['accuracy_after']}, student SFT {before:.3f} → DCKD {mid:.3f} → {results}")
+    # measured once (load 15-20): SFT 0.286 → DCKD 0.344; from DCKD, ADPA at lr 1e-5 0.087 and
+    # dckd:1,adpa:1 0.170 (ADPA at lr 1e-4: 0.004): the advantage term alone collapses this student
+    assert mid > before + 0.02, (before, mid)
+    assert after < mid, "ADPA improved on DCKD: update docs/online.md (Distillation, measured)"

@@ -64,6 +64,7 @@ def _gain(setup: dict[str, Any], method: str) -> tuple[float, int, float]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(0)  # SFT, GRPO and the method: up to an hour on loaded cores
 @pytest.mark.parametrize("method", ["dapo", "reinforce_ada", "vade", "gvm"])
 def test_sampler_gain_is_within_two_points_of_grpo_at_equal_budget(
     setup: dict[str, Any], method: str
