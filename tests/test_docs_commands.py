@@ -3,7 +3,8 @@
 A new user copies commands from the docs; each one here runs as written (tokenised with `shlex`,
 comments dropped) in a sandbox folder that holds what the docs assume: a tiny SFT model at
 `./sft-model` and `./sft`, preference data `prefs.jsonl` / `heldout.jsonl`, arithmetic prompts
-`prompts.jsonl` (online methods), step-labelled solutions `steps.jsonl` (process reward models), the
+`prompts.jsonl` (online methods), step-labelled solutions `steps.jsonl` (process reward models), a
+tiny diffusers pipeline `./tiny-pipeline` with image pairs `image-pairs.jsonl` (images in `img/`), the
 repository's `examples/`, and (for commands that read a finished run) `runs/dpo1`, `runs/prm` and
 `runs/rm`.
 What does not run here, and why:
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from preftune.diffusion.tiny import save_tiny_pipeline, write_image_pairs
 from preftune.reward.processbench import processbench_from_task
 from preftune.tasks.arithmetic import ArithmeticTask
 from test_train_fixtures import pair_rows, tiny_model, write_jsonl
@@ -149,6 +151,8 @@ def base_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_jsonl(plain / "prompts.jsonl", [{"prompt": task.prompt(p)} for p in task.problems(8, seed=3)])
     shutil.copytree(ROOT / "examples", plain / "examples")
     write_jsonl(plain / "steps.jsonl", processbench_from_task(12, ops="+", seed=4))
+    save_tiny_pipeline(plain / "tiny-pipeline")  # diffusion: a pipeline folder and image pairs
+    write_image_pairs(plain, pairs=4, name="image-pairs.jsonl")
     with_run = root / "with_run"
     shutil.copytree(plain, with_run)
     with _cwd(with_run):

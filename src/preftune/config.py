@@ -26,6 +26,7 @@ import yaml
 from preftune.errors import ConfigError
 from preftune.method_checks import check_distill, check_sampler, is_distill
 from preftune.online_methods import PRESETS, expand, is_online
+from preftune.paths import is_pipeline_folder
 from preftune.trl_names import HELP as TRL_HELP
 from preftune.trl_names import apply_rpo_alpha, translate
 
@@ -528,6 +529,11 @@ def resolve_objective(config: TrainConfig) -> list[tuple[Any, float, dict[str, A
             )
         for t in takers:
             per_term[t].setdefault(name, value)
+    if is_pipeline_folder(config.model):  # diffusion: β in the papers' units (Diffusion-DPO: 5000)
+        from preftune.diffusion.train import DIFFUSION_DEFAULTS
+
+        for spec, _ in terms:
+            per_term[spec.name] = {**DIFFUSION_DEFAULTS.get(spec.name, {}), **per_term[spec.name]}
     for key, value in defaults.items():
         for spec, _ in terms:
             if key in spec.hparams:
@@ -544,7 +550,7 @@ def reference_strategy(config: TrainConfig, needs_reference: bool) -> str:
         return "none"
     if config.reference != "auto":
         return config.reference
-    if is_online(config.method):
+    if is_online(config.method) or is_pipeline_folder(config.model):  # noise differs every step
         return "adapter" if config.lora else "model"
     return "model" if config.ref_sync_every > 0 else "cache"
 

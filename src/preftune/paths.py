@@ -98,6 +98,11 @@ def pretrained_source(text: str | Path, what: str = "model") -> str:
     return name
 
 
+def is_pipeline_folder(name: str | Path | None) -> bool:
+    """True when `name` is a local `diffusers` pipeline folder (it holds model_index.json)."""
+    return bool(name) and (Path(str(name)).expanduser() / "model_index.json").is_file()
+
+
 def cache_root() -> Path:
     """The cache folder: `$PREFTUNE_CACHE`, else `~/.cache/preftune`. Tokenized data lives in
     `tokenized/` under it, reference log-probs in `reference/`. `$PREFTUNE_CACHE_DIR` is a deprecated

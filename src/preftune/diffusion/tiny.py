@@ -124,3 +124,27 @@ def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: list[str]) -> tor
     ).input_ids
     with torch.no_grad():
         return text_encoder(ids.to(text_encoder.device))[0]
+
+
+def write_image_pairs(
+    folder: str | Path, pairs: int = 4, *, size: int = 16, seed: int = 0, name: str = "pairs.jsonl"
+) -> Path:
+    """`folder/NAME` (pairs.jsonl) with `pairs` rows {prompt, chosen, rejected} over random PNG images in
+    `folder/img/` (test data for the image pipeline); returns the JSONL path."""
+    import numpy as np
+    from PIL import Image
+
+    root = Path(folder)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(pairs):
+        for branch in ("chosen", "rejected"):
+            pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "img" / f"{i}-{branch}.png")
+        rows.append(
+            {"prompt": f"shape {i}", "chosen": f"img/{i}-chosen.png", "rejected": f"img/{i}-rejected.png"}
+        )
+    out = root / name
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return out

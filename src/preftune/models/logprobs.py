@@ -288,6 +288,10 @@ def example_stats(
     optional) renormalises each token's softmax over a sampler's kept support (see `sequence_logps`).
     `value_head` (a module [.., H] → [.., 1], PPO's critic on the policy trunk) adds `values` [N, T].
     """
+    if getattr(model, "diffusion_spec", None) is not None:  # a denoiser: the diffusion seam's statistic
+        from preftune.diffusion.denoiser import denoising_example_stats
+
+        return denoising_example_stats(model, examples)
     if getattr(model, "is_sharded_policy", False):  # FSDP2 root: its forward runs this function
         extra = {} if min_logits is None else {"min_logits": min_logits}
         logps, lengths, matrix = model(

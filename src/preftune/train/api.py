@@ -149,7 +149,14 @@ def _load_data(
     """The tokenizer, each phase's source and the held-out examples (rank 0 tokenizes and fills the
     cache; the others read it, and see rank 0's data error, if any)."""
     from preftune.data.formatting import load_tokenizer
+    from preftune.paths import is_pipeline_folder
 
+    if is_pipeline_folder(config.model):  # image pairs: latents and text embeddings, no tokenizer
+        from preftune.diffusion.phase import diffusion_sources
+
+        log = _say if world.is_main else (lambda _msg: None)
+        images, held = main_first(world, lambda: diffusion_sources(config, objective, log))
+        return None, list[PhaseSource](images), held
     tokenizer = load_tokenizer(config.tokenizer or config.model)
     faults.check_vocab(tokenizer, config)
     if objective.kind == "policy":
@@ -325,6 +332,10 @@ def _finish(config: TrainConfig, world: World, state: RunState, tokenizer: Any, 
         whole = full_state_dict(model, keep=world.is_main, only=lora)
         if world.is_main:
             save_final(model.lm, tokenizer, final, state_dict=whole, config=config)
+    elif world.is_main and tokenizer is None:  # a denoiser: final/ is the whole pipeline folder
+        from preftune.diffusion.denoiser import save_pipeline
+
+        save_pipeline(model, config.model, final)
     elif world.is_main:
         from preftune.rl.ppo import save_without_value_head
 

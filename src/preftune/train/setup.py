@@ -143,15 +143,19 @@ def lora_settings(config: TrainConfig) -> Any:
 
 
 def load_policy(config: TrainConfig, world: World) -> Any:
-    from preftune.models.load import load_causal_lm
+    """The policy: a causal LM, or the denoiser of a diffusers pipeline folder (docs/diffusion.md)."""
+    from preftune.paths import is_pipeline_folder
 
-    model = load_causal_lm(
-        config.model,
-        dtype=config.dtype,
-        lora=lora_settings(config),
-        gradient_checkpointing=config.gradient_checkpointing,
+    lora, checkpointing = lora_settings(config), config.gradient_checkpointing
+    if is_pipeline_folder(config.model):
+        from preftune.diffusion.denoiser import load_denoiser
+
+        load: Any = load_denoiser
+    else:
+        from preftune.models.load import load_causal_lm as load
+    return load(config.model, dtype=config.dtype, lora=lora, gradient_checkpointing=checkpointing).to(
+        world.device
     )
-    return model.to(world.device)
 
 
 def trainable_state(model: Any) -> dict[str, torch.Tensor]:
@@ -221,7 +225,7 @@ def setup_reference(
         from preftune.models.load import load_causal_lm
 
         if phase == 0 or mid_phase:
-            ref = load_causal_lm(config.ref_model or config.model, dtype=config.dtype).to(world.device)
+            ref = _load_reference(config).to(world.device)
         elif world.fsdp:  # a copy of the sharded policy: gathered whole on every rank, then sharded again
             from preftune.models.sharding import full_state_dict
 
@@ -249,6 +253,20 @@ def setup_reference(
     return cached_reference(
         config, objective, policy, phase, example_sets, world, log=log, resume_state=resume_state, steps=steps
     )
+
+
+def _load_reference(config: TrainConfig) -> Any:
+    """The frozen reference model of phase 0: `ref_model`, else the policy's initial weights."""
+    from preftune.paths import is_pipeline_folder
+
+    name = config.ref_model or config.model
+    if is_pipeline_folder(name):
+        from preftune.diffusion.denoiser import load_denoiser
+
+        return load_denoiser(name, dtype=config.dtype)
+    from preftune.models.load import load_causal_lm
+
+    return load_causal_lm(name, dtype=config.dtype)
 
 
 def save_final(

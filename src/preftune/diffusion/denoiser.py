@@ -1,0 +1,158 @@
+"""The denoiser of a diffusers pipeline folder as a preftune policy (what `preftune train` trains).
+
+`load_denoiser(folder)` loads the pipeline's UNet (LoRA adapters through `peft` when asked) and
+attaches a `DiffusionSpec` (the training noise scheduler and prediction type) as `diffusion_spec`;
+`models.logprobs.example_stats` hands such a model to `denoising_example_stats`, so the trainer's
+step, its exact normalisation, batch statistics, evaluation and the reference strategies
+(`model`: a frozen copy; `adapter`: the LoRA policy with adapters disabled) work unchanged.
+
+Each example carries its clean latents and text embeddings (`meta`, see `diffusion.phase`) and the
+seed of its noise: ε and t are drawn from `meta["noise_seed"]`, shared by a pair's two images and
+identical for the policy and the reference pass of the same step.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from preftune.diffusion.seam import denoising_stats, prediction_type_of
+from preftune.errors import ConfigError
+from preftune.types import Example, SequenceStats
+
+# The attention projections the diffusers LoRA scripts adapt (`all-linear` on a UNet means these).
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@dataclass
+class DiffusionSpec:
+    """How a denoiser is trained: its noise scheduler, prediction type and number of timesteps."""
+
+    scheduler: Any
+    prediction_type: str
+    num_train_timesteps: int
+
+
+def denoiser_name(folder: str | Path) -> str:
+    """The pipeline's denoiser component: "unet" (refused: "transformer", not supported yet)."""
+    index = json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8"))
+    if "unet" in index:
+        return "unet"
+    found = "transformer" if "transformer" in index else "no denoiser"
+    raise ConfigError(
+        f"model {folder}: the pipeline has {found}; preftune train supports UNet pipelines "
+        "(UNet2DConditionModel, Stable Diffusion 1.x/2.x style) so far"
+    )
+
+
+def training_scheduler(folder: str | Path) -> Any:
+    """The noise scheduler training draws x_t with: DDPM on the pipeline's schedule (as the diffusers
+    training scripts), or flow matching for a flow-matching pipeline."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    config = json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+    if "FlowMatch" in str(config.get("_class_name", "")):
+        return FlowMatchEulerDiscreteScheduler.from_config(config)
+    return DDPMScheduler.from_config(config)
+
+
+def load_denoiser(
+    folder: str | Path,
+    *,
+    dtype: str = "float32",
+    lora: Any = None,
+    gradient_checkpointing: bool = False,
+) -> Any:
+    """The pipeline's UNet with `diffusion_spec` attached; LoRA adapters (a `LoraSettings`) via peft."""
+    from diffusers import UNet2DConditionModel
+
+    from preftune.models.load import resolve_dtype
+
+    name = denoiser_name(folder)
+    model: Any = UNet2DConditionModel.from_pretrained(
+        str(folder), subfolder=name, torch_dtype=resolve_dtype(dtype)
+    )
+    if gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        targets = LORA_TARGETS if lora.target_modules == "all-linear" else list(lora.target_modules)
+        model.requires_grad_(False)
+        config = LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets
+        )
+        model = get_peft_model(model, config)
+    scheduler = training_scheduler(folder)
+    kind = prediction_type_of(scheduler)
+    total = int(scheduler.config.get("num_train_timesteps", 1000))
+    model.diffusion_spec = DiffusionSpec(scheduler, kind, total)
+    return model
+
+
+def is_denoiser(model: Any) -> bool:
+    return getattr(model, "diffusion_spec", None) is not None
+
+
+def example_noise(example: Example, shape: torch.Size, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ε [C, h, w], t [1]) of an example, drawn from its `noise_seed` (shared by its branches)."""
+    seed = example.meta.get("noise_seed")
+    if seed is None:
+        raise ConfigError("a diffusion example needs meta['noise_seed'] (set by its phase)")
+    g = torch.Generator().manual_seed(int(seed))  # type: ignore[call-overload]
+    noise = torch.randn(shape, generator=g)
+    return noise, torch.randint(0, total, (1,), generator=g)
+
+
+def denoising_example_stats(model: Any, examples: list[Example]) -> SequenceStats:
+    """The seam's statistic −½·mse of every branch of `examples` (example-major, as `example_stats`)."""
+    spec: DiffusionSpec = model.diffusion_spec
+    latents, noises, steps, conds = [], [], [], []
+    for e in examples:
+        images: list[torch.Tensor] = e.meta["latents"]  # type: ignore[assignment]
+        texts: list[torch.Tensor] = e.meta["text"]  # type: ignore[assignment]
+        noise, t = example_noise(e, images[0].shape, spec.num_train_timesteps)
+        for k, x0 in enumerate(images):
+            latents.append(x0)
+            noises.append(noise)
+            steps.append(t)
+            conds.append(texts[k] if len(texts) > 1 else texts[0])
+    device = next(model.parameters()).device
+    stats = denoising_stats(
+        model,
+        torch.stack(latents).to(device),
+        torch.stack(noises).to(device),
+        torch.cat(steps).to(device),
+        torch.stack(conds).to(device),
+        spec.scheduler,
+        spec.prediction_type,
+    )
+    return stats.sequence_stats()
+
+
+def save_pipeline(model: Any, source: str | Path, folder: Path, *, keep_adapter: bool = True) -> None:
+    """`folder` as a copy of the pipeline at `source` with the trained denoiser (LoRA merged into its
+    weights; the adapter itself in `folder/adapter/`), written beside and renamed into place."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # a "Writing model shards" bar per save
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    name = denoiser_name(source)
+    shutil.copytree(str(source), str(tmp), ignore=shutil.ignore_patterns(name))
+    if hasattr(model, "merge_and_unload"):
+        if keep_adapter:
+            model.save_pretrained(str(tmp / "adapter"))
+        copy.deepcopy(model).merge_and_unload().save_pretrained(str(tmp / name))
+    else:
+        model.save_pretrained(str(tmp / name))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)

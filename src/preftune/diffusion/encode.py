@@ -1,0 +1,204 @@
+"""VAE latents and text embeddings of image preference data, cached on disk by fingerprint.
+
+The denoiser is the only part a diffusion preference run trains; the VAE and the text encoder are
+frozen, so each image's latent and each caption's embedding are computed once and stored in
+`$PREFTUNE_CACHE/diffusion/FINGERPRINT.safetensors` (the diffusers research script re-encodes every
+image every step). The fingerprint covers the VAE, text encoder and tokenizer files of the pipeline
+folder, the resolution, and every image's SHA-256 and caption, so any change makes a new entry. The
+file is written to a temporary name and renamed; one that cannot be read is recomputed.
+
+Latents are the VAE posterior mean times `scaling_factor` (minus `shift_factor` first, where the VAE
+has one); images are resized (shorter side) and centre-cropped to the resolution, scaled to [−1, 1].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from preftune.diffusion.imagedata import ImageRecord
+from preftune.errors import DataError
+
+ENCODED_PARTS = ("vae", "text_encoder", "tokenizer")
+VERSION = "1"
+
+
+def model_index(folder: str | Path) -> dict[str, Any]:
+    """The pipeline folder's model_index.json."""
+    return json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+
+
+def default_resolution(folder: str | Path) -> int:
+    """Pixels per side the denoiser was built for: its sample_size × the VAE's down-scaling factor."""
+    root = Path(folder)
+    denoiser = "unet" if (root / "unet").is_dir() else "transformer"
+    sample = json.loads((root / denoiser / "config.json").read_text(encoding="utf-8")).get("sample_size", 64)
+    vae = json.loads((root / "vae" / "config.json").read_text(encoding="utf-8"))
+    scale = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
+    return int(sample if isinstance(sample, int) else sample[0]) * scale
+
+
+def parts_fingerprint(folder: str | Path) -> str:
+    """SHA-256 over the names and bytes of every file of the encoding parts (VAE, text encoder, tokenizer)."""
+    h = hashlib.sha256(VERSION.encode())
+    root = Path(folder)
+    for part in ENCODED_PARTS:
+        for file in sorted(p for p in (root / part).rglob("*") if p.is_file()):
+            h.update(str(file.relative_to(root)).encode())
+            with open(file, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def data_fingerprint(parts: str, resolution: int, digests: Sequence[str], captions: Sequence[str]) -> str:
+    text = json.dumps([parts, resolution, sorted(digests), sorted(captions)])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def load_encoders(folder: str | Path) -> tuple[Any, Any, Any]:
+    """(vae, tokenizer, text_encoder) of a pipeline folder, frozen, in eval mode."""
+    import diffusers
+    import transformers
+
+    index = model_index(folder)
+    vae_cls = getattr(diffusers, index.get("vae", ["diffusers", "AutoencoderKL"])[1])
+    vae = vae_cls.from_pretrained(str(folder), subfolder="vae")
+    text_cls = getattr(transformers, index.get("text_encoder", ["transformers", "CLIPTextModel"])[1])
+    text_encoder = text_cls.from_pretrained(str(folder), subfolder="text_encoder")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), subfolder="tokenizer")
+    for module in (vae, text_encoder):
+        module.requires_grad_(False).eval()
+    return vae, tokenizer, text_encoder
+
+
+def pixels(data: bytes, resolution: int, *, where: Callable[[], tuple[str, int, str]]) -> torch.Tensor:
+    """[3, R, R] in [−1, 1]: the image resized (shorter side to R) and centre-cropped."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        path, row, field = where()
+        raise DataError(
+            f"cannot read the image ({err})",
+            path=path,
+            row=row,
+            field=field,
+            fix="give a PNG/JPEG/WebP image",
+        ) from None
+    w, h = image.size
+    scale = resolution / min(w, h)
+    image = image.resize(
+        (max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.Resampling.BICUBIC
+    )
+    w, h = image.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    raw = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return raw.view(resolution, resolution, 3).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+@torch.no_grad()
+def vae_latents(vae: Any, images: torch.Tensor, batch: int = 16) -> torch.Tensor:
+    """[N, C, h, w] latents of [N, 3, R, R] images: posterior mean, shifted and scaled as the VAE says."""
+    out = []
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    for i in range(0, images.shape[0], batch):
+        mean = vae.encode(images[i : i + batch].to(vae.device, vae.dtype)).latent_dist.mean
+        out.append(((mean - shift) * vae.config.scaling_factor).float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def text_embeddings(tokenizer: Any, text_encoder: Any, captions: list[str], batch: int = 64) -> torch.Tensor:
+    """[P, L, D] last hidden states of the captions, padded to the tokenizer's max length."""
+    from preftune.diffusion.tiny import encode_prompts
+
+    parts = [
+        encode_prompts(tokenizer, text_encoder, captions[i : i + batch])
+        for i in range(0, len(captions), batch)
+    ]
+    return torch.cat(parts).float().cpu()
+
+
+def encode_records(
+    records: list[ImageRecord],
+    folder: str | Path,
+    *,
+    data_path: str,
+    cache_dir: Path,
+    resolution: int | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """({image digest: latent [C, h, w]}, {caption: embedding [L, D]}) for every image and caption of
+    `records`, read from the cache when its fingerprint is there, else computed and stored."""
+    resolution = resolution or default_resolution(folder)
+    digests = sorted({d for r in records for d in r.digests})
+    captions = sorted({c for r in records for c in r.captions})
+    fingerprint = data_fingerprint(parts_fingerprint(folder), resolution, digests, captions)
+    file = cache_dir / f"{fingerprint}.safetensors"
+    cached = _read(file, len(digests), len(captions))
+    if cached is not None:
+        log(
+            f"diffusion data: {len(digests)} latents and {len(captions)} text embeddings from the cache {file}"
+        )
+        latents, texts = cached
+    else:
+        latents, texts = _compute(records, folder, digests, captions, resolution, data_path)
+        _write(file, latents, texts)
+        log(f"diffusion data: encoded {len(digests)} images and {len(captions)} captions (cache {file})")
+    return dict(zip(digests, latents)), dict(zip(captions, texts))
+
+
+def _compute(
+    records: list[ImageRecord],
+    folder: str | Path,
+    digests: list[str],
+    captions: list[str],
+    resolution: int,
+    data_path: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    vae, tokenizer, text_encoder = load_encoders(folder)
+    first: dict[str, tuple[ImageRecord, int]] = {}
+    for r in records:
+        for i, d in enumerate(r.digests):
+            first.setdefault(d, (r, i))
+
+    def image(d: str) -> torch.Tensor:
+        r, i = first[d]
+        return pixels(r.images[i], resolution, where=lambda: (data_path, r.row, r.fields[i]))
+
+    stack = torch.stack([image(d) for d in digests])
+    return vae_latents(vae, stack), text_embeddings(tokenizer, text_encoder, captions)
+
+
+def _read(file: Path, images: int, captions: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if not file.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(file))
+        latents, texts = tensors["latents"], tensors["text"]
+    except Exception:  # noqa: BLE001 - a damaged or foreign file is recomputed, never trusted
+        return None
+    if latents.shape[0] != images or texts.shape[0] != captions:
+        return None
+    return latents, texts
+
+
+def _write(file: Path, latents: torch.Tensor, texts: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    save_file({"latents": latents.contiguous(), "text": texts.contiguous()}, str(tmp))
+    os.replace(tmp, file)

@@ -1,0 +1,176 @@
+"""Image preference data: rows of a JSONL / JSON / Parquet file → validated `ImageRecord`s.
+
+Four row formats, told apart by their fields (docs/diffusion.md, "Data"):
+
+    pairs        {"prompt": str, "chosen": IMAGE, "rejected": IMAGE}
+    Pick-a-Pic   {"caption": str, "jpg_0": IMAGE, "jpg_1": IMAGE, "label_0": 1 | 0 | 0.5}
+                 (label_0 = 1: jpg_0 preferred; 0: jpg_1 preferred; 0.5, a tie, is dropped and counted)
+    per image    {"prompt": str, "image": IMAGE, "label": true | false | 1 | 0}   (Diffusion-KTO)
+    two captions {"chosen_prompt": str, "rejected_prompt": str, "chosen": IMAGE, "rejected": IMAGE}
+                 (DCPO: each image conditioned on its own caption)
+
+IMAGE is a path (relative to the data file's folder), raw bytes (Parquet), a `datasets` Image dict
+({"bytes": ..., "path": ...}) or a `data:image/...;base64,` string. A bad row is a `DataError`
+`PATH:ROW: field 'NAME': what — fix` (or, with on_invalid=drop, dropped and counted).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from preftune.errors import DataError
+
+FORMATS: dict[str, tuple[str, ...]] = {
+    "two_captions": ("chosen_prompt", "rejected_prompt", "chosen", "rejected"),
+    "pairs": ("prompt", "chosen", "rejected"),
+    "pickapic": ("caption", "jpg_0", "jpg_1", "label_0"),
+    "per_image": ("prompt", "image", "label"),
+}
+
+
+@dataclass
+class ImageRecord:
+    """One validated row: images [chosen, rejected] (pairs) or [image] (per-image label).
+
+    captions: one shared caption, or [chosen caption, rejected caption] (two-caption rows).
+    digests: SHA-256 of each image's bytes (the cache key); label: 1.0 / 0.0 for per-image rows.
+    """
+
+    row: int
+    kind: str  # "pairwise" | "unpaired"
+    images: list[bytes]
+    digests: list[str]
+    captions: list[str]
+    label: float | None = None
+    fields: tuple[str, ...] = ("chosen", "rejected")  # the row's field of each image (for messages)
+
+
+def detect_format(record: dict[str, Any]) -> str | None:
+    """The format whose fields the record has (two captions before plain pairs), else None."""
+    return next((name for name, fields in FORMATS.items() if all(f in record for f in fields)), None)
+
+
+def image_bytes(value: Any, base: Path, *, path: str, row: int, field: str) -> bytes:
+    """The encoded image bytes of an IMAGE value (see the module docstring)."""
+    fix = "give an image file path (relative to the data file), bytes, or a data:image/...;base64 string"
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            value = value["bytes"]
+        elif value.get("path"):
+            value = value["path"]
+    if isinstance(value, (bytes, bytearray)):
+        if not value:
+            raise DataError("empty image bytes", path=path, row=row, field=field, fix=fix)
+        return bytes(value)
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(
+            f"expected an image, got {type(value).__name__}", path=path, row=row, field=field, fix=fix
+        )
+    if value.startswith("data:image/"):
+        try:
+            return base64.b64decode(value.split(",", 1)[1], validate=True)
+        except (IndexError, ValueError):
+            raise DataError("not a valid base64 data URL", path=path, row=row, field=field, fix=fix) from None
+    file = Path(value).expanduser()
+    file = file if file.is_absolute() else base / file
+    if not file.is_file():
+        raise DataError(
+            f"no image file '{value}' (looked for {file})", path=path, row=row, field=field, fix=fix
+        )
+    return file.read_bytes()
+
+
+def _caption(record: dict[str, Any], name: str, *, path: str, row: int) -> str:
+    value = record[name]
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(
+            "expected a non-empty caption (text)", path=path, row=row, field=name, fix="give the prompt text"
+        )
+    return value
+
+
+def _label(value: Any, name: str, allowed: tuple[float, ...], *, path: str, row: int) -> float:
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)) and float(value) in allowed:
+        return float(value)
+    shown = " or ".join(str(a).rstrip("0").rstrip(".") if a != int(a) else str(int(a)) for a in allowed)
+    raise DataError(
+        f"expected {shown}, got {value!r}", path=path, row=row, field=name, fix=f"set {name} to {shown}"
+    )
+
+
+def parse_record(record: dict[str, Any], base: Path, *, path: str, row: int) -> ImageRecord | None:
+    """The `ImageRecord` of one row; None for a Pick-a-Pic tie (label_0 = 0.5)."""
+    kind = detect_format(record)
+    if kind is None:
+        shown = "; ".join(", ".join(f) for f in FORMATS.values())
+        raise DataError(
+            f"not an image preference row (fields: {', '.join(sorted(record)) or 'none'})",
+            path=path,
+            row=row,
+            fix=f"give one of these sets of fields: {shown} (docs/diffusion.md, 'Data')",
+        )
+    where: dict[str, Any] = {"path": path, "row": row}
+    if kind == "pickapic":
+        label = _label(record["label_0"], "label_0", (0.0, 0.5, 1.0), **where)
+        if label == 0.5:
+            return None
+        order = ("jpg_0", "jpg_1") if label == 1.0 else ("jpg_1", "jpg_0")
+        images = [image_bytes(record[f], base, field=f, **where) for f in order]
+        return _record(row, "pairwise", images, [_caption(record, "caption", **where)], fields=order)
+    if kind == "per_image":
+        label = _label(record["label"], "label", (0.0, 1.0), **where)
+        images = [image_bytes(record["image"], base, field="image", **where)]
+        return _record(row, "unpaired", images, [_caption(record, "prompt", **where)], label, ("image",))
+    images = [image_bytes(record[f], base, field=f, **where) for f in ("chosen", "rejected")]
+    names = ("chosen_prompt", "rejected_prompt") if kind == "two_captions" else ("prompt",)
+    return _record(row, "pairwise", images, [_caption(record, n, **where) for n in names])
+
+
+def _record(
+    row: int,
+    kind: str,
+    images: list[bytes],
+    captions: list[str],
+    label: float | None = None,
+    fields: tuple[str, ...] = ("chosen", "rejected"),
+) -> ImageRecord:
+    digests = [hashlib.sha256(b).hexdigest() for b in images]
+    return ImageRecord(row, kind, images, digests, captions, label, fields)
+
+
+def read_image_records(
+    source: str, *, split: str | None = None, on_invalid: str = "error"
+) -> tuple[list[ImageRecord], dict[str, int]]:
+    """(records, counts) of an image preference file; counts: rows, ties dropped, invalid dropped."""
+    from preftune.data.sources import read_source
+
+    data = read_source(source, split=split)
+    fatal = [p for p in data.problems if p.row is None]
+    if fatal:
+        raise DataError(fatal[0].render())
+    base = Path(source).expanduser().resolve().parent if Path(source).is_file() else Path.cwd()
+    records: list[ImageRecord] = []
+    counts = {"rows": len(data.rows), "ties": 0, "invalid": 0}
+    problems = {p.row: p for p in data.problems if p.row is not None}
+    for row, record in data.rows:
+        try:
+            if record is None:
+                problem = problems.get(row)
+                raise DataError(problem.render() if problem else f"{data.path}:{row}: unreadable row")
+            parsed = parse_record(record, base, path=data.path, row=row)
+        except DataError:
+            if on_invalid != "drop":
+                raise
+            counts["invalid"] += 1
+            continue
+        if parsed is None:
+            counts["ties"] += 1
+        else:
+            records.append(parsed)
+    return records, counts

@@ -1,0 +1,132 @@
+"""Image preference data: the four row formats, their PATH:ROW: field errors, the latent cache."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from preftune.diffusion.imagedata import read_image_records
+from preftune.diffusion.phase import adapt_image_examples, to_examples
+from preftune.errors import ConfigError, DataError
+
+
+def png(path: Path, colour: tuple[int, int, int]) -> bytes:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), colour).save(path)
+    return path.read_bytes()
+
+
+def write(path: Path, rows: list[dict[str, object]]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> dict[str, bytes]:
+    return {
+        name: png(tmp_path / "img" / f"{name}.png", c)
+        for name, c in (("red", (255, 0, 0)), ("blue", (0, 0, 255)))
+    }
+
+
+def test_formats(tmp_path: Path, images: dict[str, bytes]) -> None:
+    """Pairs, Pick-a-Pic (label_0 = 0 swaps, 0.5 is a dropped tie), per-image labels, two captions
+    and a base64 image all become records with the chosen image first."""
+    blue64 = "data:image/png;base64," + base64.b64encode(images["blue"]).decode()
+    path = write(tmp_path / "d.jsonl", [
+        {"prompt": "p", "chosen": "img/red.png", "rejected": "img/blue.png"},
+        {"caption": "c", "jpg_0": "img/red.png", "jpg_1": blue64, "label_0": 0},
+        {"caption": "c", "jpg_0": "img/red.png", "jpg_1": "img/blue.png", "label_0": 0.5},
+        {"prompt": "k", "image": "img/red.png", "label": False},
+        {"chosen_prompt": "a red", "rejected_prompt": "a blue", "chosen": "img/red.png", "rejected": "img/blue.png"},
+    ])  # fmt: skip
+    records, counts = read_image_records(path)
+    assert counts == {"rows": 5, "ties": 1, "invalid": 0}
+    assert [r.row for r in records] == [1, 2, 4, 5]
+    assert records[0].images == [images["red"], images["blue"]] and records[0].captions == ["p"]
+    assert records[1].images == [images["blue"], images["red"]] and records[1].fields == ("jpg_1", "jpg_0")
+    assert records[2].kind == "unpaired" and records[2].label == 0.0
+    assert records[3].captions == ["a red", "a blue"]
+    latents = {
+        d: torch.full((1,), float(i)) for i, d in enumerate(sorted({d for r in records for d in r.digests}))
+    }
+    texts = {c: torch.zeros(1) for r in records for c in r.captions}
+    examples = to_examples(records, latents, texts)
+    assert [len(e.meta["text"]) for e in examples] == [1, 1, 1, 2]  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="row 4 is a per-image row"):
+        adapt_image_examples(examples, "pairwise", path)
+    unpaired = adapt_image_examples(examples, "unpaired", path)
+    assert [e.label for e in unpaired] == [1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+    assert unpaired[-1].meta["text"] == [texts["a blue"]]  # the rejected image keeps its own caption
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"prompt": "p", "chosen": "img/red.png", "rejected": "img/none.png"},
+         "d.jsonl:1: field 'rejected': no image file 'img/none.png'"),
+        ({"caption": "c", "jpg_0": "img/red.png", "jpg_1": "img/blue.png", "label_0": 2},
+         "d.jsonl:1: field 'label_0': expected 0 or 0.5 or 1, got 2 — set label_0 to 0 or 0.5 or 1"),
+        ({"prompt": "", "chosen": "img/red.png", "rejected": "img/blue.png"},
+         "d.jsonl:1: field 'prompt': expected a non-empty caption"),
+        ({"prompt": "p", "image": "img/red.png", "label": "yes"},
+         "d.jsonl:1: field 'label': expected 0 or 1, got 'yes'"),
+        ({"prompt": "p", "chosen": 3, "rejected": "img/blue.png"},
+         "d.jsonl:1: field 'chosen': expected an image, got int"),
+        ({"text": "p", "img": "img/red.png"},
+         "d.jsonl:1: not an image preference row (fields: img, text) — give one of these sets"),
+    ],
+)  # fmt: skip
+def test_row_errors(tmp_path: Path, images: dict[str, bytes], row: dict[str, object], message: str) -> None:
+    path = write(tmp_path / "d.jsonl", [row])
+    with pytest.raises(DataError) as err:
+        read_image_records(path)
+    assert message in str(err.value) and str(err.value).startswith(str(tmp_path))
+
+
+def test_drop_counts_invalid_rows_and_unreadable_image(tmp_path: Path, images: dict[str, bytes]) -> None:
+    (tmp_path / "img" / "bad.png").write_bytes(b"not an image")
+    path = write(tmp_path / "d.jsonl", [
+        {"prompt": "p", "chosen": "img/red.png", "rejected": "img/missing.png"},
+        {"prompt": "p", "chosen": "img/red.png", "rejected": "img/bad.png"},
+    ])  # fmt: skip
+    records, counts = read_image_records(path, on_invalid="drop")
+    assert counts["invalid"] == 1 and [r.row for r in records] == [2]
+    from preftune.diffusion.encode import pixels
+
+    with pytest.raises(DataError, match=r"d.jsonl:2: field 'rejected': cannot read the image"):
+        pixels(records[0].images[1], 8, where=lambda: (path, 2, "rejected"))
+
+
+def test_pixels_resize_and_crop(tmp_path: Path) -> None:
+    """A 16×8 image: shorter side to 4 → 8×4, centre crop 4×4; values in [−1, 1]."""
+    from PIL import Image
+
+    from preftune.diffusion.encode import pixels
+
+    image = Image.new("RGB", (16, 8), (255, 0, 0))
+    for x in range(8):
+        for y in range(8):
+            image.putpixel((x, y), (0, 0, 255))  # left half blue
+    file = tmp_path / "wide.png"
+    image.save(file)
+    out = pixels(file.read_bytes(), 4, where=lambda: ("", 0, ""))
+    assert out.shape == (3, 4, 4)
+    assert float(out[2, 0, 0]) == 1.0 and float(out[0, 0, -1]) == 1.0  # blue left, red right
+    assert float(out.min()) >= -1.0
+
+
+def test_cache_fingerprint_changes_with_an_image(tmp_path: Path) -> None:
+    from preftune.diffusion.encode import data_fingerprint
+
+    a = data_fingerprint("parts", 16, ["x", "y"], ["p"])
+    assert a == data_fingerprint("parts", 16, ["y", "x"], ["p"])  # order-free
+    assert a != data_fingerprint("parts", 16, ["x", "z"], ["p"])
+    assert a != data_fingerprint("parts", 32, ["x", "y"], ["p"])
+    assert a != data_fingerprint("other", 16, ["x", "y"], ["p"])
