@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from preftune.diffusion.seam import denoising_stats, prediction_type_of
+from preftune.diffusion.seam import DenoisingStats, denoising_stats, prediction_type_of
 from preftune.errors import ConfigError
 from preftune.types import Example, SequenceStats
 
@@ -111,7 +111,11 @@ def example_noise(example: Example, shape: torch.Size, total: int) -> tuple[torc
 
 
 def denoising_example_stats(model: Any, examples: list[Example]) -> SequenceStats:
-    """The seam's statistic −½·mse of every branch of `examples` (example-major, as `example_stats`)."""
+    """The seam's statistic −½·mse of every branch of `examples` (example-major, as `example_stats`).
+
+    x_t comes from forward noise, or — when the examples carry `meta["inversion"]` (InPO, SmPO) —
+    from inverting x_0 with the policy (`inversion.invert`); the reference pass of the same step
+    reuses the policy's x_t and target (stored in `meta["inverted"]`)."""
     spec: DiffusionSpec = model.diffusion_spec
     latents, noises, steps, conds = [], [], [], []
     for e in examples:
@@ -124,16 +128,64 @@ def denoising_example_stats(model: Any, examples: list[Example]) -> SequenceStat
             steps.append(t)
             conds.append(texts[k] if len(texts) > 1 else texts[0])
     device = next(model.parameters()).device
-    stats = denoising_stats(
-        model,
+    x0s, t_all, cond = (
         torch.stack(latents).to(device),
-        torch.stack(noises).to(device),
         torch.cat(steps).to(device),
         torch.stack(conds).to(device),
-        spec.scheduler,
-        spec.prediction_type,
     )
+    if examples and "inversion" in examples[0].meta:
+        noisy, target = _inverted(model, examples, x0s, cond, t_all, spec)
+        out = model(noisy, t_all, encoder_hidden_states=cond)
+        err = (out.sample.float() - target.float()) ** 2
+        return DenoisingStats(mse=err.mean(dim=tuple(range(1, err.dim())))).sequence_stats()
+    eps = torch.stack(noises).to(device)
+    stats = denoising_stats(model, x0s, eps, t_all, cond, spec.scheduler, spec.prediction_type)
     return stats.sequence_stats()
+
+
+def is_policy_pass(model: Any) -> bool:
+    """The trainable policy (not a frozen reference copy, nor the LoRA policy with adapters disabled)."""
+    trainable = any(p.requires_grad for p in model.parameters())
+    return trainable and not getattr(model, "_adapters_disabled", False)
+
+
+def _inverted(
+    model: Any,
+    examples: list[Example],
+    x0s: torch.Tensor,
+    cond: torch.Tensor,
+    t: torch.Tensor,
+    spec: DiffusionSpec,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, target) of every branch: inverted by the policy, or the policy's stored ones."""
+    from preftune.diffusion.inversion import invert
+
+    counts = [len(e.response_ids) for e in examples]
+    if not is_policy_pass(model):
+        if any("inverted" not in e.meta for e in examples):
+            raise ConfigError("inversion: the reference pass ran before the policy inverted these examples")
+        parts: list[Any] = [e.meta["inverted"] for e in examples]
+        device = x0s.device
+        return torch.cat([p[0] for p in parts]).to(device), torch.cat([p[1] for p in parts]).to(device)
+    settings: dict[str, Any] = examples[0].meta["inversion"]  # type: ignore[assignment]
+    steps = int(settings.get("steps", 10))
+    z = [_inversion_noise(e, x0s.shape[1:], steps, k) for e, c in zip(examples, counts) for k in range(c)]
+    noise = [torch.stack([row[j] for row in z]).to(x0s.device) for j in range(steps)]
+    noisy, target = invert(
+        model, x0s, cond, t, spec.scheduler, steps=steps, eta=float(settings.get("eta", 0.1)),
+        renoise=bool(settings.get("renoise", False)), noise=noise,
+    )  # fmt: skip
+    start = 0
+    for e, c in zip(examples, counts):
+        e.meta["inverted"] = (noisy[start : start + c].detach(), target[start : start + c].detach())
+        start += c
+    return noisy, target
+
+
+def _inversion_noise(example: Example, shape: torch.Size, steps: int, branch: int) -> list[torch.Tensor]:
+    """The z of each inverse step of one branch (its own stream: InPO's branches share t, not ε)."""
+    g = torch.Generator().manual_seed((int(example.meta["noise_seed"]) + 7919 * (branch + 1)) % 2**63)  # type: ignore[call-overload]
+    return [torch.randn(shape, generator=g) for _ in range(steps)]
 
 
 def save_pipeline(model: Any, source: str | Path, folder: Path, *, keep_adapter: bool = True) -> None:

@@ -127,6 +127,14 @@ def check_diffusion_config(config: Any, strategy: str) -> None:
         raise ConfigError(f"diffusion training cannot use {', '.join(unsupported)} yet — remove them")
 
 
+def inversion_settings(objective: Any) -> dict[str, object] | None:
+    """How x_t is made when a term inverts x_0 (inpo: DDIM inversion), else None (forward noise)."""
+    for spec, _, hparams in objective.terms:
+        if spec.name == "inpo":
+            return {"steps": int(hparams["inversion_steps"]), "eta": float(hparams["inversion_eta"])}
+    return None
+
+
 def diffusion_sources(
     config: Any, objective: Any, log: Callable[[str], None] = print
 ) -> tuple[list[OfflinePhase], list[Example]]:
@@ -143,6 +151,10 @@ def diffusion_sources(
             replace(e, meta={**e.meta, "noise_seed": noise_seed(config.seed, "eval", i)})
             for i, e in enumerate(held)
         ]
+    inversion = inversion_settings(objective)
+    if inversion is not None:
+        examples = [replace(e, meta={**e.meta, "inversion": inversion}) for e in examples]
+        held = [replace(e, meta={**e.meta, "inversion": inversion}) for e in held]
     phases = [examples] * config.rounds
     sources: list[OfflinePhase] = [
         DiffusionPhase(i, data, n, config.batch_size, config.seed)

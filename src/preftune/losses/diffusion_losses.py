@@ -1,4 +1,4 @@
-"""Losses that exist only for diffusion models (docs/diffusion.md): Diffusion-KTO, MaPO, SmPO.
+"""Losses that exist only for diffusion models (docs/diffusion.md): Diffusion-KTO, MaPO, SmPO, InPO.
 
 They read the same `PreferenceBatch` as every loss, filled by the diffusion seam
 (`preftune.diffusion.denoising_stats`): the "log-prob" of an image is the implicit statistic
@@ -173,4 +173,37 @@ def smpo(
     losses = -log_sigmoid(label_scale * (2.0 * p - 1.0) * beta * (rho_w - rho_l))
     # rewards are ρ itself: β·ρ at β = 2000 would magnify float32 noise of ρ ≈ 0 to ~1e-3
     losses, metrics = finish(losses, valid, pair_metrics(rho_w, rho_l))
+    return LossOutput(losses, metrics, {})
+
+
+@register(
+    "inpo",
+    kind="pairwise",
+    needs_reference=True,
+    hparams={
+        "beta": HParam(2000.0, "β (paper units, on −½·mse statistics)", low=0.0, low_open=True),
+        "inversion_steps": HParam(10, "DDIM inverse steps over the whole schedule (x_t is inverted)", low=1),
+        "inversion_eta": HParam(0.1, "η_inv, scale of the DDPM-std noise added per inverse step", low=0.0),
+    },
+    paper="Lu et al. 2025, InPO: Inversion Preference Optimization with Reparametrized DDIM for "
+    "Efficient Diffusion Model Alignment (CVPR, arXiv:2503.18454)",
+    equation="Eq. 15: Diffusion-DPO's −log σ(−β/2 · d) with x_t from DDIM inversion of x_0 by the model",
+)
+def inpo(
+    batch: PreferenceBatch,
+    state: dict[str, torch.Tensor],
+    *,
+    beta: float,
+    inversion_steps: int,
+    inversion_eta: float,
+) -> LossOutput:
+    """InPO: −log σ(β·(ρ_w − ρ_l)) = −log σ(−β/2 · d), Diffusion-DPO on statistics whose x_t is the
+    DDIM inversion of each image by the current model (`preftune.diffusion.inversion`), with the
+    target ε = (x_t − √ᾱ_t x_0)/√(1 − ᾱ_t); a pair's images share t, not ε. The trainer makes x_t
+    that way for this loss (`inversion_steps`, `inversion_eta` are read there). Defaults from the
+    official script: 10 inverse steps, η_inv = 0.1; β = 2000 (the paper's SD 1.5 setting).
+    """
+    rho_w, rho_l, valid = pair_log_ratios(batch, "inpo")
+    losses = -log_sigmoid(beta * (rho_w - rho_l))
+    losses, metrics = finish(losses, valid, pair_metrics(beta * rho_w, beta * rho_l))
     return LossOutput(losses, metrics, {})
