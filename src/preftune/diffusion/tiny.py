@@ -43,8 +43,9 @@ def write_char_tokenizer_files(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
 
 
-def tiny_components(seed: int = 0) -> dict[str, Any]:
-    """unet, vae, text_encoder, tokenizer, scheduler of a ~100k-parameter SD-style pipeline."""
+def tiny_components(seed: int = 0, max_tokens: int = MAX_TOKENS) -> dict[str, Any]:
+    """unet, vae, text_encoder, tokenizer, scheduler of a ~100k-parameter SD-style pipeline whose
+    character-level tokenizer reads `max_tokens` tokens (start and end marks included)."""
     import tempfile
 
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -76,7 +77,7 @@ def tiny_components(seed: int = 0) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         write_char_tokenizer_files(Path(tmp))
         tokenizer = CLIPTokenizer(
-            str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=MAX_TOKENS
+            str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=max_tokens
         )
     text_config = CLIPTextConfig(
         vocab_size=len(tokenizer.get_vocab()),
@@ -84,7 +85,7 @@ def tiny_components(seed: int = 0) -> dict[str, Any]:
         intermediate_size=32,
         num_hidden_layers=1,
         num_attention_heads=2,
-        max_position_embeddings=MAX_TOKENS,
+        max_position_embeddings=max_tokens,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

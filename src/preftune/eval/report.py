@@ -149,12 +149,18 @@ def _last(records: Sequence[Mapping[str, Any]], key: str, split: str) -> float |
 
 
 def render_extra(extra: Mapping[str, Any]) -> str:
-    """Free-form details a caller adds (quickstart: SFT stats, sample generations): tables and text."""
+    """Free-form details a caller adds (quickstart: SFT stats, sample generations): tables, text and
+    PNG images (values of type bytes)."""
     scalars = [
-        (k, v) for k, v in extra.items() if not isinstance(v, dict | list | tuple) and "\n" not in str(v)
+        (k, v)
+        for k, v in extra.items()
+        if not isinstance(v, dict | list | tuple | bytes) and "\n" not in str(v)
     ]
     parts = [html_table(["item", "value"], scalars)] if scalars else []
-    for key, value in extra.items():
+    for n, (key, value) in enumerate(extra.items()):
+        if isinstance(value, bytes):  # a PNG image (the diffusion quickstart's sample grids)
+            parts.append(f"<h3>{html.escape(str(key))}</h3>" + figure(f"extra-{n}", value, str(key)))
+            continue
         if isinstance(value, dict | list | tuple):
             text = json.dumps(value, indent=2, default=str, ensure_ascii=False)
         elif "\n" in str(value):

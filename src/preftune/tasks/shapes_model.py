@@ -1,0 +1,189 @@
+"""The shapes task's model: a tiny Stable-Diffusion-style pipeline trained from scratch, and sampling.
+
+`pretrain(folder)` trains the tiny pipeline of `preftune.diffusion.tiny` on rendered images of the
+task: first its VAE (reconstruction + a small KL term), then its UNet and text encoder together on
+the usual ε-prediction loss (Ho et al. 2020, Eq. 14) over the VAE's latents, and saves a
+`StableDiffusionPipeline` folder. `sample(folder, prompts, seeds)` draws images with DDIM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from preftune.tasks.shapes import ShapePrompt, all_prompts, render
+
+MAX_PROMPT_TOKENS = 28  # "yellow square bottom right" is 26 characters, + start and end marks
+
+
+@dataclass
+class PretrainConfig:
+    vae_steps: int = 300
+    unet_steps: int = 1500
+    batch_size: int = 32
+    lr: float = 2e-3
+    vae_lr: float = 5e-3
+    kl_weight: float = 1e-6
+
+
+def task_batch(rng: np.random.Generator, size: int) -> tuple[list[ShapePrompt], torch.Tensor]:
+    prompts = all_prompts()
+    chosen = [prompts[int(i)] for i in rng.integers(0, len(prompts), size)]
+    return chosen, torch.from_numpy(np.stack([render(p, rng) for p in chosen]))
+
+
+def train_vae(vae: Any, cfg: PretrainConfig, rng: np.random.Generator, log: Callable[[str], None]) -> None:
+    """Fit the VAE to the task's images; then set scaling_factor = 1 / std of the latent means."""
+    optimizer = torch.optim.Adam(vae.parameters(), lr=cfg.vae_lr)
+    for step in range(cfg.vae_steps):
+        _, images = task_batch(rng, cfg.batch_size)
+        posterior = vae.encode(images).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = torch.nn.functional.mse_loss(recon, images) + cfg.kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % max(1, cfg.vae_steps // 4) == 0:
+            log(f"      vae step {step + 1}/{cfg.vae_steps}: loss {float(loss.detach()):.4f}")
+    with torch.no_grad():
+        _, images = task_batch(rng, 256)
+        std = float(vae.encode(images).latent_dist.mean.std())
+    vae.register_to_config(scaling_factor=1.0 / std)
+    vae.requires_grad_(False).eval()
+
+
+def train_denoiser(
+    parts: dict[str, Any], cfg: PretrainConfig, rng: np.random.Generator, log: Callable[[str], None]
+) -> None:
+    """UNet and text encoder together on the ε-prediction loss over the VAE's (scaled) latents."""
+    unet, text_encoder, tokenizer, vae = (
+        parts["unet"],
+        parts["text_encoder"],
+        parts["tokenizer"],
+        parts["vae"],
+    )
+    scheduler = parts["scheduler"]
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    total = cfg.unet_steps
+    lr_at = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / total)
+    )
+    for step in range(total):
+        prompts, images = task_batch(rng, cfg.batch_size)
+        with torch.no_grad():
+            latents = vae.encode(images).latent_dist.mean * vae.config.scaling_factor
+        with torch.enable_grad():
+            text = _encode_with_grad(tokenizer, text_encoder, [p.text for p in prompts])
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],))
+        pred = unet(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=text).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        lr_at.step()
+        if (step + 1) % max(1, total // 5) == 0:
+            log(f"      unet step {step + 1}/{total}: loss {float(loss.detach()):.4f}")
+
+
+def _encode_with_grad(tokenizer: Any, text_encoder: Any, prompts: list[str]) -> torch.Tensor:
+    ids = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    return text_encoder(ids)[0]  # type: ignore[no-any-return]
+
+
+def task_unet(seed: int) -> Any:
+    """The tiny UNet with the caption also pooled into the time embedding (`addition_embed_type="text"`),
+    so that colour and place condition every block, not only the cross-attention ones."""
+    from diffusers import UNet2DConditionModel
+
+    from preftune.diffusion.tiny import LATENT_CHANNELS, TEXT_DIM
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_DIM,
+        attention_head_dim=4,
+        norm_num_groups=8,
+        addition_embed_type="text",
+        addition_embed_type_num_heads=2,
+    )
+
+
+def pretrain(
+    folder: str | Path,
+    *,
+    seed: int = 0,
+    config: PretrainConfig | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Train the tiny pipeline on the task from scratch and save it as a StableDiffusionPipeline folder."""
+    from diffusers import StableDiffusionPipeline
+
+    from preftune.diffusion.tiny import tiny_components
+
+    cfg = config or PretrainConfig()
+    rng = np.random.default_rng(seed)
+    parts = tiny_components(seed, max_tokens=MAX_PROMPT_TOKENS)
+    parts["unet"] = task_unet(seed)
+    train_vae(parts["vae"], cfg, rng, log)
+    train_denoiser(parts, cfg, rng, log)
+    pipe = StableDiffusionPipeline(
+        **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.save_pretrained(str(folder))  # type: ignore[attr-defined]
+    return Path(folder)
+
+
+@torch.no_grad()
+def sample(
+    folder: str | Path,
+    prompts: Sequence[ShapePrompt],
+    seeds: Sequence[int],
+    *,
+    steps: int = 20,
+    batch: int = 64,
+) -> torch.Tensor:
+    """[N, 3, 16, 16] images in [−1, 1], one per (prompt, seed), by DDIM (η = 0) in `steps` steps."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(folder), safety_checker=None, requires_safety_checker=False
+    )
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    out = []
+    for i in range(0, len(prompts), batch):
+        chunk = list(prompts[i : i + batch])
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds[i : i + batch]]
+        images = pipe(
+            [p.text for p in chunk],
+            num_inference_steps=steps,
+            guidance_scale=1.0,
+            height=16,
+            width=16,
+            generator=generators,
+            output_type="pt",
+        ).images
+        out.append(images * 2.0 - 1.0)
+    return torch.cat(out)
