@@ -130,3 +130,16 @@ def test_cache_fingerprint_changes_with_an_image(tmp_path: Path) -> None:
     assert a != data_fingerprint("parts", 16, ["x", "z"], ["p"])
     assert a != data_fingerprint("parts", 32, ["x", "y"], ["p"])
     assert a != data_fingerprint("other", 16, ["x", "y"], ["p"])
+
+
+def test_pair_scores_become_smpos_smoothed_label(tmp_path: Path, images: dict[str, bytes]) -> None:
+    """chosen_score / rejected_score → p = σ(s_w − s_l); one without the other is an error."""
+    import math
+
+    pair = {"prompt": "p", "chosen": "img/red.png", "rejected": "img/blue.png"}
+    path = write(tmp_path / "d.jsonl", [{**pair, "chosen_score": 0.5, "rejected_score": -0.25}, pair])
+    records, _ = read_image_records(path)
+    assert records[0].label == pytest.approx(1 / (1 + math.exp(-0.75))) and records[1].label is None
+    path = write(tmp_path / "e.jsonl", [{**pair, "chosen_score": 1.0}])
+    with pytest.raises(DataError, match=r"e.jsonl:1: field 'rejected_score': expected a number, got None"):
+        read_image_records(path)

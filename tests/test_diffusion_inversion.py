@@ -66,3 +66,49 @@ def test_inpo_trains_and_the_reference_sees_the_policys_x_t(tmp_path: Path) -> N
     first = json.loads((result.out_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert first["loss"] == pytest.approx(0.693147, abs=1e-5) and first["rewards/margin"] == 0.0
     assert yaml.safe_load((result.out_dir / "config.yaml").read_text())["hparams"]["beta"] == 2000.0
+
+
+def test_renoise_step_averages_two_predictions() -> None:
+    """A model whose ε-prediction is constant makes ReNoise inversion equal DDIM inversion; the tiny
+    UNet (whose prediction depends on x) makes them differ."""
+    parts = tiny_components(seed=2)
+    scheduler = parts["scheduler"]
+    latents, cond = torch.randn(1, 4, 8, 8), torch.randn(1, 16, 16)
+    eps = torch.randn(1, 4, 8, 8)
+
+    class Constant(torch.nn.Module):
+        def forward(self, x, t, encoder_hidden_states):  # type: ignore[no-untyped-def]
+            return type("Out", (), {"sample": eps.expand_as(x)})()
+
+    t = torch.tensor([650])
+    plain = invert(Constant(), latents, cond, t, scheduler, eta=0.0)
+    renoised = invert(Constant(), latents, cond, t, scheduler, eta=0.0, renoise=True)
+    assert torch.allclose(plain[0], renoised[0], atol=1e-6)
+    unet = parts["unet"]
+    assert not torch.allclose(invert(unet, latents, cond, t, scheduler, eta=0.0)[0],
+                              invert(unet, latents, cond, t, scheduler, eta=0.0, renoise=True)[0])  # fmt: skip
+
+
+def test_smpo_trains_from_scored_pairs(tmp_path: Path) -> None:
+    """`preftune train smpo` reads each pair's smoothed label from its scores and inverts with ReNoise
+    steps; at step 1 (policy = reference) every pair contributes log 2; pairs without scores are refused."""
+    import json
+
+    from preftune.config import TrainConfig
+    from preftune.errors import ConfigError
+    from preftune.train.api import train
+
+    pipe = save_tiny_pipeline(tmp_path / "pipe")
+    data = write_image_pairs(tmp_path / "data", pairs=2)
+    base = dict(method="smpo", model=str(pipe), batch_size=2, max_steps=1, lr=1e-3,
+                cache_dir=str(tmp_path / "cache"), progress=False)  # fmt: skip
+    with pytest.raises(ConfigError, match="pairs.jsonl:1: smpo needs chosen_score and rejected_score"):
+        train(TrainConfig(data=str(data), out=str(tmp_path / "no"), **base))  # type: ignore[arg-type]
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    scored = tmp_path / "data" / "scored.jsonl"
+    scored.write_text(
+        "".join(json.dumps({**r, "chosen_score": 1.0, "rejected_score": 0.0}) + "\n" for r in rows)
+    )
+    result = train(TrainConfig(data=str(scored), out=str(tmp_path / "run"), **base))  # type: ignore[arg-type]
+    first = json.loads((result.out_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(0.693147, abs=1e-5)

@@ -9,6 +9,9 @@ Four row formats, told apart by their fields (docs/diffusion.md, "Data"):
     two captions {"chosen_prompt": str, "rejected_prompt": str, "chosen": IMAGE, "rejected": IMAGE}
                  (DCPO: each image conditioned on its own caption)
 
+Pairs and two-caption rows may add "chosen_score" and "rejected_score" (normalised reward scores):
+the row's label is then SmPO's smoothed preference p = softmax(s_w, s_l)_w = σ(s_w − s_l).
+
 IMAGE is a path (relative to the data file's folder), raw bytes (Parquet), a `datasets` Image dict
 ({"bytes": ..., "path": ...}) or a `data:image/...;base64,` string. A bad row is a `DataError`
 `PATH:ROW: field 'NAME': what — fix` (or, with on_invalid=drop, dropped and counted).
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +41,8 @@ class ImageRecord:
     """One validated row: images [chosen, rejected] (pairs) or [image] (per-image label).
 
     captions: one shared caption, or [chosen caption, rejected caption] (two-caption rows).
-    digests: SHA-256 of each image's bytes (the cache key); label: 1.0 / 0.0 for per-image rows.
+    digests: SHA-256 of each image's bytes (the cache key); label: 1.0 / 0.0 for per-image rows,
+    SmPO's smoothed p for pairs with scores.
     """
 
     row: int
@@ -129,7 +134,24 @@ def parse_record(record: dict[str, Any], base: Path, *, path: str, row: int) -> 
         return _record(row, "unpaired", images, [_caption(record, "prompt", **where)], label, ("image",))
     images = [image_bytes(record[f], base, field=f, **where) for f in ("chosen", "rejected")]
     names = ("chosen_prompt", "rejected_prompt") if kind == "two_captions" else ("prompt",)
-    return _record(row, "pairwise", images, [_caption(record, n, **where) for n in names])
+    captions = [_caption(record, n, **where) for n in names]
+    return _record(row, "pairwise", images, captions, _smoothed_label(record, **where))
+
+
+def _smoothed_label(record: dict[str, Any], *, path: str, row: int) -> float | None:
+    """SmPO's p = softmax(s_w, s_l)_w = σ(s_w − s_l) from the optional chosen_score / rejected_score."""
+    if "chosen_score" not in record and "rejected_score" not in record:
+        return None
+    scores = []
+    for name in ("chosen_score", "rejected_score"):
+        value = record.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise DataError(
+                f"expected a number, got {value!r}", path=path, row=row, field=name,
+                fix="give both chosen_score and rejected_score (normalised reward scores), or neither",
+            )  # fmt: skip
+        scores.append(float(value))
+    return 1.0 / (1.0 + math.exp(scores[1] - scores[0]))
 
 
 def _record(

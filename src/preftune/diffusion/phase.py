@@ -132,6 +132,8 @@ def inversion_settings(objective: Any) -> dict[str, object] | None:
     for spec, _, hparams in objective.terms:
         if spec.name == "inpo":
             return {"steps": int(hparams["inversion_steps"]), "eta": float(hparams["inversion_eta"])}
+        if spec.name == "smpo":  # SmPO: InPO's inversion with ReNoise steps (its defaults)
+            return {"steps": 10, "eta": 0.1, "renoise": True}
     return None
 
 
@@ -144,6 +146,13 @@ def diffusion_sources(
 
     check_diffusion_config(config, reference_strategy(config, objective.needs_reference))
     examples = load_image_examples(config.data, config, objective.kind, split=config.split, log=log)
+    if any(spec.name == "smpo" for spec, _, _ in objective.terms):
+        unlabelled = next((e for e in examples if e.label is None), None)
+        if unlabelled is not None:
+            raise ConfigError(
+                f"{config.data}:{unlabelled.source_row}: smpo needs chosen_score and rejected_score on "
+                "every pair (its smoothed label p = σ(s_w − s_l))"
+            )
     held: list[Example] = []
     if config.eval_data:
         held = load_image_examples(config.eval_data, config, objective.kind, split=config.eval_split, log=log)
