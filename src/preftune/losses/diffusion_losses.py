@@ -202,8 +202,10 @@ def inpo(
     target ε = (x_t − √ᾱ_t x_0)/√(1 − ᾱ_t); a pair's images share t, not ε. The trainer makes x_t
     that way for this loss (`inversion_steps`, `inversion_eta` are read there). Defaults from the
     official script: 10 inverse steps, η_inv = 0.1; β = 2000 (the paper's SD 1.5 setting).
+    Metrics: rewards = ρ (unscaled).
     """
     rho_w, rho_l, valid = pair_log_ratios(batch, "inpo")
     losses = -log_sigmoid(beta * (rho_w - rho_l))
-    losses, metrics = finish(losses, valid, pair_metrics(beta * rho_w, beta * rho_l))
+    # rewards are ρ itself (as smpo): β·ρ at β = 2000 would magnify float32 noise of ρ ≈ 0 to ~1e-3
+    losses, metrics = finish(losses, valid, pair_metrics(rho_w, rho_l))
     return LossOutput(losses, metrics, {})
