@@ -529,11 +529,6 @@ def resolve_objective(config: TrainConfig) -> list[tuple[Any, float, dict[str, A
             )
         for t in takers:
             per_term[t].setdefault(name, value)
-    if is_pipeline_folder(config.model):  # diffusion: β in the papers' units (Diffusion-DPO: 5000)
-        from preftune.diffusion.train import DIFFUSION_DEFAULTS
-
-        for spec, _ in terms:
-            per_term[spec.name] = {**DIFFUSION_DEFAULTS.get(spec.name, {}), **per_term[spec.name]}
     for key, value in defaults.items():
         for spec, _ in terms:
             if key in spec.hparams:

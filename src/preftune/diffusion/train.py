@@ -30,6 +30,24 @@ from preftune.losses.registry import LossOutput
 DIFFUSION_DEFAULTS: dict[str, dict[str, Any]] = {"dpo": {"beta": 5000.0}, "hinge": {"beta": 5000.0}}
 
 
+def with_paper_defaults(config: Any) -> Any:
+    """`config` with DIFFUSION_DEFAULTS as TERM.KEY hyper-parameters when its model is a pipeline
+    folder and neither KEY nor TERM.KEY is set (so config.yaml records the value used)."""
+    from dataclasses import replace
+
+    from preftune.online_methods import is_online
+    from preftune.paths import is_pipeline_folder
+
+    if not is_pipeline_folder(config.model) or is_online(config.method):
+        return config
+    hparams = dict(config.hparams)
+    for spec, _ in losses.parse_objective(config.method):
+        for key, value in DIFFUSION_DEFAULTS.get(spec.name, {}).items():
+            if key not in hparams and f"{spec.name}.{key}" not in hparams:
+                hparams[f"{spec.name}.{key}"] = value
+    return replace(config, hparams=hparams)
+
+
 def pair_loss(
     unet: Any,
     reference: Any | None,

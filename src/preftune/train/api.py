@@ -19,6 +19,7 @@ import torch
 
 from preftune.config import TrainConfig, config_to_dict, validate
 from preftune.errors import TrainingError
+from preftune.paths import is_pipeline_folder
 from preftune.rl.phase import OnlinePhase, online_phase
 from preftune.train import checkpoint as ckpt
 from preftune.train import faults, runfolder
@@ -69,6 +70,10 @@ def seed_everything(seed: int) -> None:
 
 def train(config: TrainConfig) -> RunResult:
     """Train `config.model` on `config.data` with `config.method`; write the run folder (see common layout)."""
+    if is_pipeline_folder(config.model):  # a diffusers pipeline: β in the papers' units
+        from preftune.diffusion.train import with_paper_defaults
+
+        config = with_paper_defaults(config)
     objective = Objective(validate(config), "")
     objective.kind = objective_kind(objective.terms)
     check_sinks(config.report_to)
