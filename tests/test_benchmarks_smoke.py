@@ -265,3 +265,14 @@ def test_head_logps_smoke(results: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     _in_process("head_logps.py", *args, monkeypatch=monkeypatch)
     res = json.loads((results / "head_logps.json").read_text())
     assert res["max_abs_diff"] < 1e-5  # same values and gradients on both paths
+
+
+def test_prompt_groups_smoke(results: Path) -> None:
+    args = ("--model-size", "tiny", "--ks", "3", "--prompts", "2", "--prompt", "8", "--response", "3")
+    out = _run("prompt_groups.py", *args, "--steps", "2", "--reps", "1")
+    res = json.loads(out.strip().splitlines()[-1])
+    # policy == reference at the first step: the DPO loss is log 2 in both variants
+    assert res["first_losses"] == pytest.approx([math.log(2)] * 2, abs=1e-4)
+    assert (
+        json.loads((results / "tmp" / "prompt_groups.json").read_text())["points"][0]["pairs_per_step"] == 3
+    )

@@ -199,6 +199,12 @@ class TrainConfig:
     min_lr_ratio: float = _f(0.0, "Final learning rate as a fraction of lr.", low=0.0, high=1.0)
     max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this (0: no clipping).", low=0.0)
     seed: int = _f(0, "Seed of data order, initialisation and dropout.")
+    group_by_prompt: bool = _f(
+        False,
+        "Keep the examples that share a prompt together in the data order (shuffle prompts, not pairs), "
+        "so that pairs built from one prompt's K responses share batches and packed rows: the prompt and "
+        "each distinct response are computed once. Batches then hold correlated pairs.",
+    )
     on_nonfinite: str = _f(
         "error",
         "Non-finite loss or gradient: 'error' stops the run, 'skip' drops the step.",

@@ -216,29 +216,57 @@ def _compute(
             pack = False
     if pack:
         batch = build_packed(
-            prompts, branches, max_tokens_per_row=max_tokens_per_row, source_rows=source_rows
+            prompts,
+            branches,
+            max_tokens_per_row=max_tokens_per_row,
+            source_rows=source_rows,
+            merge_prompts=True,
         )
     else:
         batch = build_padded(prompts, branches, source_rows=source_rows)
     hidden = _hidden_states(model, batch)
     device = hidden.device
-    picked = hidden[batch.pred_rows.to(device), batch.pred_cols.to(device)]  # [M, H]
     low = None
     if min_logits is not None:
         low = _token_thresholds(min_logits, batch.seq_index, batch.tok_index, len(batch.lengths)).to(device)
+    rows, cols, targets, inverse = _distinct_positions(batch) if low is None else _all_positions(batch)
     tok = chunked_token_logps(
-        picked,
-        batch.targets.to(device),
+        hidden[rows.to(device), cols.to(device)],  # [M, H]
+        targets.to(device),
         lm.get_output_embeddings(),
         LogitTransform(lm.config, temperature),
         chunk_tokens=chunk_tokens,
         min_logits=low,
     )
+    if inverse is not None:
+        tok = tok[inverse.to(device)]
     seq_index = batch.seq_index.to(device)
     logps = torch.zeros(len(batch.lengths), dtype=torch.float32, device=device).index_add(0, seq_index, tok)
     index = torch.stack([seq_index, batch.tok_index.to(device)], dim=1)
     values = None if value_head is None else value_head(picked).squeeze(-1).float()
     return logps, batch.lengths.to(device), tok, index, values
+
+
+def _all_positions(batch: RowBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+    return batch.pred_rows, batch.pred_cols, batch.targets, None
+
+
+def _distinct_positions(
+    batch: RowBatch,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(rows, cols, targets) of each distinct scored (position, target), and for each of the M tokens
+    the index of its (position, target) (None when all are distinct). A response repeated under one prompt (pairs built from
+    K responses) is laid out once by `build_packed(merge_prompts=True)`; its tokens are scored once."""
+    rows, cols = batch.pred_rows, batch.pred_cols
+    if not batch.shared or not len(rows):
+        return _all_positions(batch)
+    # a position plus its target: the first tokens of K branches share their predicting position
+    key = (rows * batch.input_ids.shape[1] + cols) * (int(batch.targets.max()) + 1) + batch.targets
+    distinct, inverse = torch.unique(key, return_inverse=True)
+    if len(distinct) == len(rows):
+        return _all_positions(batch)
+    first = torch.empty(len(distinct), dtype=torch.long).scatter_(0, inverse, torch.arange(len(rows)))
+    return rows[first], cols[first], batch.targets[first], inverse
 
 
 def _token_thresholds(

@@ -119,53 +119,104 @@ def _finish(
     )
 
 
+@dataclass
+class _Unit:
+    """One packing unit: a prompt and the distinct branches laid out after it."""
+
+    prompt: list[int]
+    branches: list[list[int]]
+
+    @property
+    def size(self) -> int:
+        return len(self.prompt) + sum(len(b) for b in self.branches)
+
+
+def _units(
+    prompts: list[list[int]], branches: list[list[list[int]]], budget: int, merge: bool
+) -> tuple[list[_Unit], list[tuple[int, int]]]:
+    """Packing units, and for each flat sequence n its (unit, branch within the unit).
+
+    Without `merge` a unit is an example. With it, examples with equal prompt ids share one unit and
+    equal branches under one prompt are laid out once; a unit that would outgrow `budget` tokens is cut
+    into several, each repeating the prompt, so no row is wider than it would be unmerged.
+    """
+    units: list[_Unit] = []
+    where: list[tuple[int, int]] = []
+    open_unit: dict[tuple[int, ...], int] = {}  # prompt -> the unit that still takes branches
+    placed: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[int, int]] = {}
+    for p, bs in zip(prompts, branches):
+        key = tuple(p)
+        if not merge:
+            units.append(_Unit(p, list(bs)))
+            where.extend((len(units) - 1, b) for b in range(len(bs)))
+            continue
+        for resp in bs:
+            seen = placed.get((key, tuple(resp)))
+            if seen is None:
+                u = open_unit.get(key)
+                if u is None or units[u].size + len(resp) > budget:
+                    units.append(_Unit(p, []))
+                    u = open_unit[key] = len(units) - 1
+                units[u].branches.append(resp)
+                seen = placed[(key, tuple(resp))] = (u, len(units[u].branches) - 1)
+            where.append(seen)
+    return units, where
+
+
 def build_packed(
     prompts: list[list[int]],
     branches: list[list[list[int]]],
     *,
     max_tokens_per_row: int | None = None,
     source_rows: list[int] | None = None,
+    merge_prompts: bool = False,
 ) -> RowBatch:
     """Pack examples (prompt + K branches each) into prefix-shared rows of ≤ `max_tokens_per_row` tokens.
 
     Rows are filled by first-fit decreasing; the default budget is the longest example's token count.
     An example longer than the budget gets a row of its own. Sequences are numbered flat in input order
     (example 0 branch 0, example 0 branch 1, …) whatever row they land in.
+
+    `merge_prompts`: examples of the batch that share a prompt share its tokens too (pairs built from
+    one prompt's K responses compute that prompt once, and each distinct response once); the sequences
+    keep their flat numbers, a repeated response's tokens point at the one computed copy. Row example
+    and branch ids then number units, not examples.
     """
     _check(prompts, branches, source_rows)
     sizes = [len(p) + sum(len(b) for b in bs) for p, bs in zip(prompts, branches)]
     budget = max_tokens_per_row if max_tokens_per_row is not None else max(sizes)
-    first_seq = [0]
-    for bs in branches:
-        first_seq.append(first_seq[-1] + len(bs))
+    units, where = _units(prompts, branches, budget, merge_prompts)
     lengths = [len(b) for bs in branches for b in bs]
     rows_ids: list[list[int]] = []
     rows_pos: list[list[int]] = []
     rows_ex: list[list[int]] = []
     rows_br: list[list[int]] = []
+    readers: dict[tuple[int, int], list[int]] = {}  # unit branch -> the flat sequences that read it
+    for n, ub in enumerate(where):
+        readers.setdefault(ub, []).append(n)
     pred: list[tuple[int, int, int, int, int]] = []
-    for r, members in enumerate(pack_rows(sizes, budget)):
+    for r, members in enumerate(pack_rows([u.size for u in units], budget)):
         ids: list[int] = []
         pos: list[int] = []
         ex: list[int] = []
         br: list[int] = []
         for e in members:
-            prompt = prompts[e]
+            prompt = units[e].prompt
             last_prompt_col = len(ids) + len(prompt) - 1
             ids += prompt
             pos += range(len(prompt))
             ex += [e] * len(prompt)
             br += [0] * len(prompt)
-            for b, resp in enumerate(branches[e]):
+            for b, resp in enumerate(units[e].branches):
                 start = len(ids)
                 ids += resp
                 pos += range(len(prompt), len(prompt) + len(resp))
                 ex += [e] * len(resp)
                 br += [b + 1] * len(resp)
-                n = first_seq[e] + b
-                for t, tok in enumerate(resp):
-                    # token t is predicted by the branch's token t-1, or by the prompt's last token.
-                    pred.append((r, start + t - 1 if t else last_prompt_col, tok, n, t))
+                for n in readers[(e, b)]:
+                    for t, tok in enumerate(resp):
+                        # token t is predicted by the branch's token t-1, or by the prompt's last token.
+                        pred.append((r, start + t - 1 if t else last_prompt_col, tok, n, t))
         rows_ids.append(ids)
         rows_pos.append(pos)
         rows_ex.append(ex)

@@ -23,7 +23,7 @@ from preftune.paths import is_pipeline_folder
 from preftune.rl.phase import OnlinePhase, online_phase
 from preftune.train import checkpoint as ckpt
 from preftune.train import faults, runfolder
-from preftune.train.batches import objective_kind
+from preftune.train.batches import objective_kind, prompt_groups
 from preftune.train.distributed import (
     World,
     barrier,
@@ -182,7 +182,14 @@ def _load_data(
 
     phases, eval_examples = main_first(world, load)
     sources: list[PhaseSource] = [
-        OfflinePhase(i, data, n, config.batch_size, config.seed)
+        OfflinePhase(
+            i,
+            data,
+            n,
+            config.batch_size,
+            config.seed,
+            prompt_groups(data) if config.group_by_prompt else None,
+        )
         for i, (data, n) in enumerate(zip(phases, phase_steps(config, phases)))
     ]
     return tokenizer, sources, eval_examples

@@ -168,5 +168,11 @@ def shard(items: Sequence[Any], rank: int, size: int) -> list[Any]:
     return list(items[rank::size])
 
 
+def prompt_groups(examples: Sequence[Example]) -> list[int]:
+    """A group id per example: examples with equal prompt ids share one (ids numbered by first use)."""
+    ids: dict[tuple[int, ...], int] = {}
+    return [ids.setdefault(tuple(e.prompt_ids), len(ids)) for e in examples]
+
+
 def micro_batches(items: Sequence[Any], size: int) -> list[list[Any]]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)]

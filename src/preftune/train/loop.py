@@ -55,14 +55,26 @@ class Objective:
         return next((float(h["beta"]) for _, _, h in self.terms if "beta" in h), None)
 
 
-def batch_indices(n: int, batch_size: int, *, seed: int, phase: int, step: int) -> list[int]:
+def batch_indices(
+    n: int, batch_size: int, *, seed: int, phase: int, step: int, groups: Sequence[int] | None = None
+) -> list[int]:
     """Example indices of optimizer step `step` (0-based, within `phase`): a seeded permutation per
     epoch, cut into consecutive batches (the last one of an epoch may be smaller). Depends only on its
-    arguments, so the data position of a resumed run is its step number."""
+    arguments, so the data position of a resumed run is its step number.
+
+    `groups` (a group id per example, ids 0..G-1, e.g. `prompt_groups`): permute the groups instead and
+    keep each group's examples together, in data order — the pairs of one prompt then share batches and
+    packed rows. With every example in a group of its own the order is the ungrouped one."""
     per_epoch = math.ceil(n / batch_size)
     epoch, b = divmod(step, per_epoch)
     g = torch.Generator().manual_seed(seed * 1_000_003 + phase * 10_007 + epoch)
-    perm = torch.randperm(n, generator=g).tolist()
+    if groups is None:
+        perm = torch.randperm(n, generator=g).tolist()
+    else:
+        members: list[list[int]] = [[] for _ in range(max(groups, default=-1) + 1)]
+        for i, gid in enumerate(groups):
+            members[gid].append(i)
+        perm = [i for gid in torch.randperm(len(members), generator=g).tolist() for i in members[gid]]
     return perm[b * batch_size : (b + 1) * batch_size]
 
 

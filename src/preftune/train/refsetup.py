@@ -21,15 +21,18 @@ from preftune.models.reference import (
     load_cached,
     reference_fingerprint,
 )
+from preftune.train.batches import prompt_groups
 from preftune.train.distributed import World, broadcast_object
 from preftune.train.loop import Objective, batch_indices
 from preftune.train.setup import ReferenceSetup, compute_dtype
 from preftune.types import Example
 
 
-def epoch_order(n: int, *, seed: int, phase: int, epoch: int) -> list[int]:
-    """The example order of one epoch of a phase: `batch_indices`' permutation (one batch of all n)."""
-    return batch_indices(n, max(n, 1), seed=seed, phase=phase, step=epoch)
+def epoch_order(data: Sequence[Example], config: TrainConfig, *, phase: int, epoch: int) -> list[int]:
+    """The example order of one epoch of a phase: `batch_indices`' permutation (one batch of all)."""
+    n = len(data)
+    groups = prompt_groups(data) if config.group_by_prompt else None
+    return batch_indices(n, max(n, 1), seed=config.seed, phase=phase, step=epoch, groups=groups)
 
 
 def reference_blocks(
@@ -40,7 +43,7 @@ def reference_blocks(
     micro = config.micro_batch_size or max(1, -(-config.batch_size // world.size))
     blocks = Blocks()
     data, *others = example_sets
-    order = epoch_order(len(data), seed=config.seed, phase=phase, epoch=0)
+    order = epoch_order(data, config, phase=phase, epoch=0)
     for i in range(0, len(order), config.batch_size):
         blocks.add([data[j] for j in order[i : i + config.batch_size]], micro)
     for examples in others:
@@ -61,7 +64,7 @@ def used_examples(
     for s in steps:
         epoch, b = divmod(s, per_epoch)
         if epoch not in orders:
-            orders[epoch] = epoch_order(len(data), seed=config.seed, phase=phase, epoch=epoch)
+            orders[epoch] = epoch_order(data, config, phase=phase, epoch=epoch)
         out.extend(data[i] for i in orders[epoch][b * config.batch_size : (b + 1) * config.batch_size])
     return out
 

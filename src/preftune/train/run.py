@@ -95,13 +95,16 @@ class OfflinePhase:
     steps: int
     batch_size: int
     seed: int
+    groups: list[int] | None = None  # `group_by_prompt`: one prompt's examples stay together
 
     @property
     def examples(self) -> Sequence[Example]:
         return self.data
 
     def batch(self, step: int) -> list[Example]:
-        idx = batch_indices(len(self.data), self.batch_size, seed=self.seed, phase=self.index, step=step)
+        idx = batch_indices(
+            len(self.data), self.batch_size, seed=self.seed, phase=self.index, step=step, groups=self.groups
+        )
         return [self.data[i] for i in idx]
 
 
