@@ -243,7 +243,10 @@ def _compute(
     seq_index = batch.seq_index.to(device)
     logps = torch.zeros(len(batch.lengths), dtype=torch.float32, device=device).index_add(0, seq_index, tok)
     index = torch.stack([seq_index, batch.tok_index.to(device)], dim=1)
-    values = None if value_head is None else value_head(picked).squeeze(-1).float()
+    values = None
+    if value_head is not None:
+        picked = hidden[batch.pred_rows.to(device), batch.pred_cols.to(device)]  # [M, H], each token
+        values = value_head(picked).squeeze(-1).float()
     return logps, batch.lengths.to(device), tok, index, values
 
 
