@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -221,10 +222,14 @@ def test_values_computed_per_batch_equal_values_read_from_the_cache(env: dict[st
     assert records[0] == records[1] and len(records[0]) == 6
 
 
-def test_groups_are_the_first_epochs_batches() -> None:
-    order = epoch_order(10, seed=3, phase=1, epoch=0)
+@pytest.mark.parametrize("grouped", [False, True])
+def test_groups_are_the_first_epochs_batches(grouped: bool) -> None:
+    data: Any = [SimpleNamespace(prompt_ids=[1, i // 2]) for i in range(10)]  # pairs of equal prompts
+    config: Any = SimpleNamespace(seed=3, group_by_prompt=grouped)
+    order = epoch_order(data, config, phase=1, epoch=0)
+    groups = [i // 2 for i in range(10)] if grouped else None
     assert [order[i : i + 4] for i in (0, 4, 8)] == [
-        batch_indices(10, 4, seed=3, phase=1, step=s) for s in range(3)
+        batch_indices(10, 4, seed=3, phase=1, step=s, groups=groups) for s in range(3)
     ]
 
 
