@@ -24,8 +24,8 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from preftune.errors import ConfigError
-from preftune.method_checks import check_distill, check_sampler, is_distill
-from preftune.online_methods import PRESETS, expand, is_online
+from preftune.method_checks import check_distill, is_distill, validate_online
+from preftune.online_methods import PRESETS, is_online
 from preftune.paths import is_pipeline_folder
 from preftune.trl_names import HELP as TRL_HELP
 from preftune.trl_names import apply_rpo_alpha, translate
@@ -556,52 +556,6 @@ def reference_strategy(config: TrainConfig, needs_reference: bool) -> str:
     return "model" if config.ref_sync_every > 0 else "cache"
 
 
-def _validate_online(config: TrainConfig, strategy: str) -> None:
-    """What an online method (grpo, rloo, ...) needs and cannot combine with."""
-    for name in ("prompts", "reward"):
-        if not getattr(config, name):
-            raise ConfigError(f"method '{config.method}' needs '{name}' — {FIELDS[name].metadata['help']}")
-    if config.data:
-        raise ConfigError(
-            f"method '{config.method}' samples its own responses to 'prompts'; remove 'data' "
-            "(preference data is for the offline methods)"
-        )
-    if config.eval_data or config.stages > 1 or config.rounds > 1 or config.apo_alpha or config.fsdp:
-        raise ConfigError(
-            f"method '{config.method}' (online) cannot use eval_data, stages, rounds, apo_alpha or fsdp yet"
-        )
-    if strategy == "cache":
-        raise ConfigError(
-            f"method '{config.method}': the reference cache keys fixed examples, but online samples change "
-            "every step — use reference=model (a frozen copy) or adapter (with lora), or auto"
-        )
-    mu = config.num_iterations
-    if mu > 1 and config.save_every % mu:
-        raise ConfigError(
-            f"save_every = {config.save_every} must be a multiple of num_iterations = {mu}: a checkpoint "
-            "falls between batches of rollouts, never inside one batch's μ steps"
-        )
-    from preftune.rl import get_estimator
-
-    estimator = expand(config.method, config.estimator, config.objective)[0]
-    get_estimator(estimator)
-    _validate_ppo(config, estimator)
-    check_sampler(config, estimator)
-
-
-def _validate_ppo(config: TrainConfig, estimator: str) -> None:
-    """The PPO family (estimator gae): a value head on a fully fine-tuned policy; RTO's DPO model."""
-    ppo_keys = [k for k in ("macro", "dpo_model", "kl_coef", "value_lr") if getattr(config, k) is not None]
-    if estimator != "gae":
-        if ppo_keys:
-            raise ConfigError(f"{ppo_keys[0]} is for the PPO family (estimator gae: ppo, ma_ppo, rto)")
-        return
-    if config.lora:
-        raise ConfigError(f"method '{config.method}': the value head needs full fine-tuning, not lora (yet)")
-    if config.method == "rto" and not config.dpo_model:
-        raise ConfigError("method 'rto' needs dpo_model (--dpo-model PATH): a DPO model trained from `model`")
-
-
 def validate(config: TrainConfig) -> list[tuple[Any, float, dict[str, Any]]]:
     """Check `config` before any model loads; return the resolved objective (see `resolve_objective`)."""
     online = is_online(config.method)
@@ -644,7 +598,7 @@ def validate(config: TrainConfig) -> list[tuple[Any, float, dict[str, Any]]]:
             "ref_sync_every (they would be ignored)"
         )
     if online:
-        _validate_online(config, strategy)
+        validate_online(config, strategy)
     check_distill(config, objective)
     if config.merge_lora and not config.lora:
         raise ConfigError("merge_lora merges LoRA adapters into the weights; it needs lora=true (--lora)")

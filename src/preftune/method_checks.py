@@ -44,3 +44,52 @@ def check_distill(config: Any, objective: list[tuple[Any, float, dict[str, Any]]
         raise ConfigError(
             f"method '{config.method}' (distillation) cannot use eval_data, stages, rounds or fsdp yet"
         )
+
+
+def validate_online(config: Any, strategy: str) -> None:
+    """What an online method (grpo, rloo, ...) needs and cannot combine with."""
+    from preftune.config import FIELDS
+    from preftune.online_methods import expand
+
+    for name in ("prompts", "reward"):
+        if not getattr(config, name):
+            raise ConfigError(f"method '{config.method}' needs '{name}' — {FIELDS[name].metadata['help']}")
+    if config.data:
+        raise ConfigError(
+            f"method '{config.method}' samples its own responses to 'prompts'; remove 'data' "
+            "(preference data is for the offline methods)"
+        )
+    if config.eval_data or config.stages > 1 or config.rounds > 1 or config.apo_alpha or config.fsdp:
+        raise ConfigError(
+            f"method '{config.method}' (online) cannot use eval_data, stages, rounds, apo_alpha or fsdp yet"
+        )
+    if strategy == "cache":
+        raise ConfigError(
+            f"method '{config.method}': the reference cache keys fixed examples, but online samples change "
+            "every step — use reference=model (a frozen copy) or adapter (with lora), or auto"
+        )
+    mu = config.num_iterations
+    if mu > 1 and config.save_every % mu:
+        raise ConfigError(
+            f"save_every = {config.save_every} must be a multiple of num_iterations = {mu}: a checkpoint "
+            "falls between batches of rollouts, never inside one batch's μ steps"
+        )
+    from preftune.rl import get_estimator
+
+    estimator = expand(config.method, config.estimator, config.objective)[0]
+    get_estimator(estimator)
+    _validate_ppo(config, estimator)
+    check_sampler(config, estimator)
+
+
+def _validate_ppo(config: Any, estimator: str) -> None:
+    """The PPO family (estimator gae): a value head on a fully fine-tuned policy; RTO's DPO model."""
+    ppo_keys = [k for k in ("macro", "dpo_model", "kl_coef", "value_lr") if getattr(config, k) is not None]
+    if estimator != "gae":
+        if ppo_keys:
+            raise ConfigError(f"{ppo_keys[0]} is for the PPO family (estimator gae: ppo, ma_ppo, rto)")
+        return
+    if config.lora:
+        raise ConfigError(f"method '{config.method}': the value head needs full fine-tuning, not lora (yet)")
+    if config.method == "rto" and not config.dpo_model:
+        raise ConfigError("method 'rto' needs dpo_model (--dpo-model PATH): a DPO model trained from `model`")
