@@ -25,7 +25,7 @@ import yaml
 
 from preftune.errors import ConfigError
 from preftune.method_checks import check_distill, is_distill, validate_online
-from preftune.online_methods import PRESETS, is_online
+from preftune.online_methods import PRESETS, builder_of, expand, is_online
 from preftune.paths import is_pipeline_folder
 from preftune.trl_names import HELP as TRL_HELP
 from preftune.trl_names import apply_rpo_alpha, translate
@@ -439,13 +439,18 @@ def config_to_dict(
     values = dataclasses.asdict(config)
     if objective is not None:
         online = is_online(config.method)
-        one = len(objective) == 1 and not online  # online: TERM.KEY, apart from the estimator's keys
+        # online: TERM.KEY, apart from the estimator's keys (a builder's offline objective: as offline)
+        one = len(objective) == 1 and (not online or bool(builder_of(config.method)))
         values["hparams"] = {
             (key if one else f"{spec.name}.{key}"): list(v) if isinstance(v, tuple) else v
             for spec, _, hp in objective
             for key, v in hp.items()
         }
-        if online:
+        if online and builder_of(config.method):  # the builder's options (rl.builders)
+            from preftune.rl.builders import builder_options
+
+            values["hparams"].update(builder_options(config.method, config.hparams))
+        elif online:
             from preftune.online_options import recorded_hparams
 
             extra = recorded_hparams(config.method, config.estimator, config.objective, config.hparams)
@@ -493,13 +498,21 @@ def resolve_objective(config: TrainConfig) -> list[tuple[Any, float, dict[str, A
 
     defaults: dict[str, Any] = {}
     given: Mapping[str, Any] = config.hparams
+    builder_keys: set[str] = set()
     if is_online(config.method):  # a preset: its policy objective (kind "policy"), overridable
         from preftune.losses.policy_losses import parse_policy_objective
         from preftune.online_options import resolve_online
 
-        online = resolve_online(config.method, config.estimator, config.objective, config.hparams)
-        terms = parse_policy_objective(online.objective)
-        given, defaults = online.term_hparams, online.defaults  # the estimator's keys went to it
+        if builder_of(config.method):  # sampled groups → offline examples: an offline objective
+            from preftune.rl.builders import BUILDERS
+
+            _, text, defaults, _ = expand(config.method, config.estimator, config.objective)
+            terms = losses.parse_objective(text)
+            builder_keys = set(BUILDERS[builder_of(config.method)].hparams)
+        else:
+            online = resolve_online(config.method, config.estimator, config.objective, config.hparams)
+            terms = parse_policy_objective(online.objective)
+            given, defaults = online.term_hparams, online.defaults  # the estimator's keys went to it
     elif is_distill(config.method):  # teacher distributions (kind "distill")
         from preftune.losses.distill_losses import parse_distill_objective
 
@@ -508,9 +521,12 @@ def resolve_objective(config: TrainConfig) -> list[tuple[Any, float, dict[str, A
         terms = losses.parse_objective(config.method)
     per_term: dict[str, dict[str, Any]] = {spec.name: {} for spec, _ in terms}
     known = sorted(
-        ({k for spec, _ in terms for k in spec.hparams} | set(FIELDS) | set(TRL_HELP)) - {"hparams"}
+        ({k for spec, _ in terms for k in spec.hparams} | set(FIELDS) | set(TRL_HELP) | builder_keys)
+        - {"hparams"}
     )
     for key, value in given.items():
+        if key in builder_keys:  # an option of the online method's example builder (rl.builders)
+            continue
         term, dot, name = str(key).rpartition(".")
         if dot:
             if term not in per_term:

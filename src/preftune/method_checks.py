@@ -49,7 +49,7 @@ def check_distill(config: Any, objective: list[tuple[Any, float, dict[str, Any]]
 def validate_online(config: Any, strategy: str) -> None:
     """What an online method (grpo, rloo, ...) needs and cannot combine with."""
     from preftune.config import FIELDS
-    from preftune.online_methods import expand
+    from preftune.online_methods import builder_of, expand
 
     for name in ("prompts", "reward"):
         if not getattr(config, name):
@@ -74,6 +74,12 @@ def validate_online(config: Any, strategy: str) -> None:
             f"save_every = {config.save_every} must be a multiple of num_iterations = {mu}: a checkpoint "
             "falls between batches of rollouts, never inside one batch's μ steps"
         )
+    if builder_of(config.method):
+        from preftune.config import resolve_objective
+        from preftune.rl.builders import check_objective
+
+        check_objective(config.method, resolve_objective(config), strategy)
+        return
     from preftune.rl import get_estimator
 
     estimator = expand(config.method, config.estimator, config.objective)[0]

@@ -27,6 +27,10 @@ class OnlinePreset:
     kl_coef: float = 0.05  # PPO family: the KL penalty in the token rewards (TRL's PPOConfig default)
     sampler: str = "uniform"  # which prompts, how many samples, which groups (preftune.rl.samplers)
     sampler_args: dict[str, Any] = field(default_factory=dict)
+    # how the scored samples become examples (preftune.rl.builders); "" = groups for a policy objective.
+    # With a builder the objective is a weighted sum of offline losses (dpo, sft, copg, ...) and the
+    # estimator is unused.
+    builder: str = ""
 
 
 PRESETS: dict[str, OnlinePreset] = {
@@ -82,6 +86,25 @@ PRESETS: dict[str, OnlinePreset] = {
         sampler="vade",
         paper="VADE: GRPO on Thompson-selected prompts (Beta posteriors)",
     ),
+    "raft": OnlinePreset(
+        "", "sft", paper="Dong et al. 2023, RAFT (best-of-K, then SFT)", builder="best_of_k"
+    ),
+    "raft_pp": OnlinePreset(
+        "positive_only", "ppo_clip:1", paper="Xiong et al. 2025, RAFT++ (positive samples, PPO-clip ratios)"
+    ),
+    "copg": OnlinePreset(
+        "", "copg_loss", paper="Flet-Berliac et al. 2024, Contrastive Policy Gradient", builder="groups"
+    ),
+    "online_dpo": OnlinePreset(
+        "",
+        "dpo",
+        paper="Guo et al. 2024, online DPO (best vs worst sample, any pairwise loss)",
+        builder="best_worst",
+    ),
+    "dno": OnlinePreset("", "dpo", paper="Rosset et al. 2024, DNO-Prct (teacher in the pool)", builder="dno"),
+    "xpo": OnlinePreset(
+        "", "xpo_loss", paper="Xie et al. 2024, XPO (α·log π_θ(ỹ), ỹ ~ π_ref)", builder="xpo"
+    ),
 }
 
 # the generation budget of an online run when max_completion_length is not set (TRL 1.16's default)
@@ -114,3 +137,8 @@ def expand(
     est = estimator or preset.estimator
     defaults = dict(preset.hparams) if objective is None else {}
     return est, objective or preset.objective, defaults, preset.greedy_baseline or est == "remax"
+
+
+def builder_of(method: str) -> str:
+    """The example builder of online `method` ("" for the policy-gradient presets)."""
+    return PRESETS[method.strip()].builder

@@ -15,6 +15,7 @@ from preftune.losses import (  # noqa: F401
     diffusion_losses,
     divergences,
     listwise_losses,
+    online_losses,
     pairwise_losses,
     reference_free,
     regularised,

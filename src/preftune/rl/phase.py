@@ -65,6 +65,9 @@ class OnlinePhase:
     engine: RolloutEngine | None = None
     sampler: Sampler | None = None  # which prompts, how many samples, which groups (default uniform)
     metrics: dict[str, float] = field(default_factory=dict)
+    builder: str = ""  # how scored groups become offline-kind examples (preftune.rl.builders); "": groups
+    builder_hparams: dict[str, Any] = field(default_factory=dict)
+    reference: Any = None  # the reference provider, for builders that sample from it (XPO)
 
     @property
     def examples(self) -> Sequence[Example]:
@@ -82,6 +85,10 @@ class OnlinePhase:
 
     def _texts(self, ids: list[list[int]]) -> list[str]:
         return [self.tokenizer.decode(c, skip_special_tokens=True) for c in ids]
+
+    def attach_reference(self, provider: Any) -> None:
+        """The phase's reference (a builder that samples from π_ref, XPO, reads it)."""
+        self.reference = provider
 
     def batch(self, step: int) -> list[Example]:
         """The step's examples: one per kept group, its samples as branches (sets `metrics`).
@@ -111,6 +118,17 @@ class OnlinePhase:
         drawn, groups = selection.drawn, selection.groups
         rows = [r for g in groups for r in g]
         rewards = drawn.rewards[rows]
+        if self.builder:  # scored samples → offline-kind examples (preftune.rl.builders)
+            from preftune.rl.builders import build_examples
+
+            prompt_rows = [self.prompts[drawn.prompt[g[0]]] for g in groups]
+            built, extra = build_examples(
+                self, prompt_rows, [drawn.completions[r] for r in rows], rewards, sampling
+            )
+            flat = sum(float(drawn.rewards[g].max() == drawn.rewards[g].min()) for g in groups)
+            self._metrics(drawn, rows, flat / max(len(groups), 1), t0)
+            self.metrics.update({**extra, **selection.metrics})
+            return built
         group_of = torch.tensor([i for i, g in enumerate(groups) for _ in g])
         if self.credit is not None:  # PPO family: GAE over token rewards with the value head
             out = as_rollouts(drawn, groups, sampling.temperature, k * self.iterations)
@@ -212,7 +230,12 @@ def online_phase(config: Any, tokenizer: Any) -> OnlinePhase:
         chat_template=config.chat_template,
         max_prompt_length=config.max_prompt_length,
     )
-    online = resolve_online(config.method, config.estimator, config.objective, config.hparams)
+    from preftune.rl.builders import builder_settings
+
+    builder, builder_hparams = builder_settings(config)  # a builder's objective is an offline loss
+    online = (
+        None if builder else resolve_online(config.method, config.estimator, config.objective, config.hparams)
+    )
     sampler_name, sampler_args = preset_sampler(config.method, config.sampler, config.sampler_args)
     batches = max(1, math.ceil(config.epochs * math.ceil(len(prompts) / config.batch_size)))
     steps = config.max_steps or batches * config.num_iterations
@@ -224,8 +247,10 @@ def online_phase(config: Any, tokenizer: Any) -> OnlinePhase:
     )
     return OnlinePhase(
         0, prompts, steps, config.batch_size, config.seed, load_reward(config.reward), tokenizer,
-        online.estimator, config.num_generations, sampling, greedy_baseline=online.greedy_baseline,
-        verifier=config.reward.strip() == "arithmetic", estimator_hparams=online.estimator_hparams,
-        iterations=config.num_iterations, credit=token_credit(config, online.estimator),
-        sampler=make_sampler(sampler_name, sampler_args, prompts=len(prompts)),
+        online.estimator if online else "", config.num_generations, sampling,
+        greedy_baseline=bool(online and online.greedy_baseline), verifier=config.reward.strip() == "arithmetic",
+        estimator_hparams=online.estimator_hparams if online else {}, iterations=config.num_iterations,
+        credit=token_credit(config, online.estimator) if online else None,
+        sampler=make_sampler(sampler_name, sampler_args, prompts=len(prompts)), builder=builder,
+        builder_hparams=builder_hparams,
     )  # fmt: skip

@@ -19,6 +19,7 @@ import torch
 
 from preftune.config import TrainConfig, config_to_dict, validate
 from preftune.errors import TrainingError
+from preftune.online_methods import is_online
 from preftune.paths import is_pipeline_folder
 from preftune.rl.phase import OnlinePhase, online_phase
 from preftune.train import checkpoint as ckpt
@@ -123,6 +124,8 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
         graceful.__enter__()  # signals now stop the run at a step boundary, after a checkpoint
         for source in sources[state.phase :]:
             ref = run.begin_phase(state, source)
+            if isinstance(source, OnlinePhase):
+                source.attach_reference(ref.provider)  # XPO samples from it
             while state.step_in_phase < source.steps:
                 batch = source.batch(state.step_in_phase)
                 t0 = time.perf_counter()
@@ -164,7 +167,7 @@ def _load_data(
         return None, list[PhaseSource](images), held
     tokenizer = load_tokenizer(config.tokenizer or config.model)
     faults.check_vocab(tokenizer, config)
-    if objective.kind == "policy":
+    if is_online(config.method):  # the policy's own samples: groups, or what a builder makes of them
         return tokenizer, [main_first(world, lambda: online_phase(config, tokenizer))], []
 
     def load() -> tuple[list[Any], list[Any]]:

@@ -155,6 +155,9 @@ class Run:
     def step(self, state: RunState, batch: list[Example], ref: Any) -> None:
         """One optimizer step on `batch` (the global batch; this rank computes its share), with the
         non-finite guard on loss and gradient; sets `state.last`."""
+        if not batch:  # an online step whose samples gave nothing to train on (no pair, nothing kept)
+            self._empty_step(state)
+            return
         t0 = time.perf_counter()
         config = self.config
         state_before = {k: dict(v) for k, v in state.loss_state.items()}
@@ -199,6 +202,14 @@ class Run:
             "examples_per_s": metrics["examples"] / seconds,
             "skipped": float(not finite),
         }
+
+    def _empty_step(self, state: RunState) -> None:
+        """A step without examples: no optimizer or scheduler update (as a skipped non-finite step)."""
+        lr = float(state.scheduler.get_last_lr()[0])
+        state.global_step += 1
+        state.step_in_phase += 1
+        state.last = {"loss": 0.0, "grad_norm": 0.0, "lr": lr, "tokens_per_s": 0.0, "examples_per_s": 0.0}
+        state.last["skipped"] = 1.0
 
     def after_step(self, state: RunState, source: PhaseSource, ref: Any, graceful: GracefulStop) -> None:
         """Log; extrapolate at a round's end (Accelerated PO); stop on non-finite weights; evaluate;

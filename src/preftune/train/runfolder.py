@@ -22,7 +22,7 @@ from typing import Any
 
 from preftune.config import TrainConfig, config_to_dict, load_config, resolve_objective
 from preftune.errors import ConfigError, PreftuneError, TrainingError
-from preftune.online_methods import is_online
+from preftune.online_methods import builder_of, is_online
 from preftune.train import checkpoint as ckpt
 
 # Settings a resumed run may change: they decide what is logged, saved, shown or kept, never a
@@ -187,7 +187,11 @@ def _objective_values(config: TrainConfig) -> dict[str, Any]:
     """Every loss hyper-parameter as TERM.KEY → value, defaults filled in (so `{}` equals the defaults);
     an online method's estimator's as estimator.KEY."""
     values = {f"{spec.name}.{k}": v for spec, _, hp in resolve_objective(config) for k, v in hp.items()}
-    if is_online(config.method):
+    if is_online(config.method) and builder_of(config.method):  # e.g. DNO's margin (rl.builders)
+        from preftune.rl.builders import builder_options
+
+        values.update({f"builder.{k}": v for k, v in builder_options(config.method, config.hparams).items()})
+    elif is_online(config.method):
         from preftune.online_options import resolve_online
 
         online = resolve_online(config.method, config.estimator, config.objective, config.hparams)
