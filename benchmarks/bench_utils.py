@@ -154,6 +154,23 @@ def synth_pairs(shape: Shape, n: int, *, seed: int, vocab_size: int = 32000) -> 
     return rows
 
 
+def ranked_rows(n: int, k: int, prompt: int, response: int, seed: int) -> list[dict[str, Any]]:
+    """n ranked examples: a prompt of `prompt` words, k responses of `response` words, scores k..1."""
+    rng = random.Random(seed)
+
+    def words(m: int) -> str:
+        return " ".join(f"w{rng.randrange(4, 32000)}" for _ in range(m))
+
+    return [
+        {
+            "prompt": words(prompt),
+            "responses": [" " + words(response) for _ in range(k)],
+            "scores": [float(k - j) for j in range(k)],
+        }
+        for _ in range(n)
+    ]
+
+
 def write_jsonl(rows: list[dict[str, Any]], path: Path) -> Path:
     """Write rows without the private `_lengths` field."""
     with path.open("w") as fh:

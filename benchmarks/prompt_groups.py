@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import sys
 import tempfile
 from pathlib import Path
@@ -66,25 +65,9 @@ def child(a: argparse.Namespace) -> dict[str, Any]:
     return {"stamps": stamps, "first_loss": losses[0] if losses else None}
 
 
-def ranked_rows(prompts: int, k: int, prompt: int, response: int, seed: int) -> list[dict[str, Any]]:
-    rng = random.Random(seed)
-
-    def words(m: int) -> str:
-        return " ".join(f"w{rng.randrange(4, 32000)}" for _ in range(m))
-
-    return [
-        {
-            "prompt": words(prompt),
-            "responses": [" " + words(response) for _ in range(k)],
-            "scores": [float(k - j) for j in range(k)],
-        }
-        for _ in range(prompts)
-    ]
-
-
 def measure_k(a: argparse.Namespace, model: Path, work: Path, k: int) -> dict[str, Any]:
     pairs = k * (k - 1) // 2
-    data = bu.write_jsonl(ranked_rows(a.prompts, k, a.prompt, a.response, seed=k), work / f"k{k}.jsonl")
+    data = bu.write_jsonl(bu.ranked_rows(a.prompts, k, a.prompt, a.response, seed=k), work / f"k{k}.jsonl")
     runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
     for rep in range(a.reps):
         for variant in ("off", "on") if rep % 2 == 0 else ("on", "off"):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import tempfile
 from pathlib import Path
@@ -47,22 +46,6 @@ def child_listwise(a: argparse.Namespace) -> dict[str, Any]:
         )
         train(cfg)
     return {"stamps": stamps}
-
-
-def ranked_rows(n: int, k: int, prompt: int, response: int, seed: int) -> list[dict[str, Any]]:
-    rng = random.Random(seed)
-
-    def words(m: int) -> str:
-        return " ".join(f"w{rng.randrange(4, 32000)}" for _ in range(m))
-
-    return [
-        {
-            "prompt": words(prompt),
-            "responses": [" " + words(response) for _ in range(k)],
-            "scores": [float(k - j) for j in range(k)],
-        }
-        for _ in range(n)
-    ]
 
 
 def prompt_sweep(a: argparse.Namespace, model: Path, work: Path) -> list[dict[str, Any]]:
@@ -114,7 +97,7 @@ def prompt_sweep(a: argparse.Namespace, model: Path, work: Path) -> list[dict[st
 def k_sweep(a: argparse.Namespace, model: Path, work: Path) -> list[dict[str, Any]]:
     points = []
     for k in (int(x) for x in a.ks.split(",")):
-        rows = ranked_rows(a.batch, k, a.k_prompt, a.response, seed=k)
+        rows = bu.ranked_rows(a.batch, k, a.k_prompt, a.response, seed=k)
         data = work / f"k{k}.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
         res = bu.run_child(
