@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from online_fixtures import digits_reward, online_root
 from preftune.cli import main
 from preftune.config import TrainConfig, config_to_dict, validate
 from preftune.errors import ConfigError
@@ -24,26 +25,11 @@ from preftune.rl.sampling import Sampling
 from preftune.train.distributed import World
 from preftune.train.loop import Objective, objective_on_batch
 from preftune.types import PreferenceBatch
-from test_train_fixtures import tiny_model, write_jsonl
-
-
-def digits_reward(prompts: list[str], completions: list[str], **kwargs: Any) -> list[float]:
-    return [float(sum(ch.isdigit() for ch in c)) for c in completions]
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("opairs")
-    tiny_model(root / "model")
-    rows = [{"prompt": f"{a}+{b}=", "teacher": f"{a + b}" * 9} for a in range(4) for b in range(3)]
-    write_jsonl(root / "prompts.jsonl", rows)
-    (root / "rewards.py").write_text(
-        "def digits(prompts, completions, **kwargs):\n"
-        "    return [float(sum(ch.isdigit() for ch in c)) for c in completions]\n"
-        "def constant(prompts, completions, **kwargs):\n"
-        "    return [1.0 for c in completions]\n"
-    )
-    return root
+    return online_root(tmp_path_factory, "opairs", teacher=True)
 
 
 def test_best_worst_keeps_exactly_the_pairs_with_margin_above_the_threshold() -> None:

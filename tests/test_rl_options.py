@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import preftune.train.run as train_run
+from online_fixtures import digits_reward, online_root
 from preftune.cli import build_parser, main
 from preftune.config import config_from_dict, config_to_dict, load_config, resolve_objective, validate
 from preftune.errors import ConfigError
@@ -26,20 +27,11 @@ from preftune.train.commands import overrides_from_args
 from preftune.train.distributed import World
 from preftune.train.loop import Objective
 from preftune.train.policy_step import policy_on_batch
-from test_rl_train import digits_reward, prompt_rows
-from test_train_fixtures import tiny_model, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("grpo_options")
-    tiny_model(root / "model")
-    write_jsonl(root / "prompts.jsonl", prompt_rows())
-    (root / "rewards.py").write_text(
-        "def digits(prompts, completions, **kwargs):\n"
-        "    return [float(sum(ch.isdigit() for ch in c)) for c in completions]\n"
-    )
-    return root
+    return online_root(tmp_path_factory, "grpo_options")
 
 
 def _config(method: str = "grpo", objective: str | None = None, **hparams: Any) -> Any:

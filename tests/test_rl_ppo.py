@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import preftune.train.run as train_run
+from online_fixtures import digits_reward, online_root
 from preftune.cli import main
 from preftune.config import TrainConfig, validate
 from preftune.errors import ConfigError
@@ -27,20 +28,13 @@ from preftune.rl.sampling import Sampling
 from preftune.train.distributed import World
 from preftune.train.loop import Objective
 from preftune.train.policy_step import policy_on_batch
-from test_rl_train import digits_reward, prompt_rows
-from test_train_fixtures import tiny_model, write_jsonl
+from test_train_fixtures import tiny_model
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("ppo")
-    tiny_model(root / "model")
+    root = online_root(tmp_path_factory, "ppo")
     tiny_model(root / "dpo", seed=1)  # another model stands in for a DPO model
-    write_jsonl(root / "prompts.jsonl", prompt_rows())
-    (root / "rewards.py").write_text(
-        "def digits(prompts, completions, **kwargs):\n"
-        "    return [float(sum(ch.isdigit() for ch in c)) for c in completions]\n"
-    )
     return root
 
 

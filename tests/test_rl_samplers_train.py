@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import preftune.train.run as train_run
+from online_fixtures import online_root, parity_reward
 from preftune.cli import main
 from preftune.config import TrainConfig, resolve_objective, validate
 from preftune.errors import ConfigError
@@ -21,24 +22,11 @@ from preftune.rl import make_sampler
 from preftune.rl.phase import OnlinePhase
 from preftune.rl.prompts import load_prompts
 from preftune.rl.sampling import Sampling
-from test_train_fixtures import tiny_model, write_jsonl
-
-
-def parity(prompts: list[str], completions: list[str], **kwargs: Any) -> list[float]:
-    """A 0/1 reward with spread on a random tiny model."""
-    return [float(sum(map(ord, c)) % 2) for c in completions]
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("samplers")
-    tiny_model(root / "model")
-    write_jsonl(root / "prompts.jsonl", [{"prompt": f"{a}+{b}="} for a in range(4) for b in range(3)])
-    (root / "rewards.py").write_text(
-        "def parity(prompts, completions, **kwargs):\n"
-        "    return [float(sum(map(ord, c)) % 2) for c in completions]\n"
-    )
-    return root
+    return online_root(tmp_path_factory, "samplers")
 
 
 def test_reinforce_ada_in_the_phase_uses_the_pool_mean_baseline(root: Path) -> None:
@@ -49,7 +37,7 @@ def test_reinforce_ada_in_the_phase_uses_the_pool_mean_baseline(root: Path) -> N
     prompts = load_prompts(str(root / "prompts.jsonl"), tokenizer)
     sampler = make_sampler("reinforce_ada", {"rounds": 2, "per_round": 4, "keep": 2}, prompts=len(prompts))
     phase = OnlinePhase(
-        0, prompts, 2, 4, 0, load_reward(parity), tokenizer, "global_mean", 8,
+        0, prompts, 2, 4, 0, load_reward(parity_reward), tokenizer, "global_mean", 8,
         Sampling(max_new_tokens=4), sampler=sampler,
     )  # fmt: skip
     phase.attach(model)

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import preftune.train.run as train_run
+from online_fixtures import digits_reward, online_root
 from preftune.cli import main
 from preftune.config import TrainConfig, reference_strategy, resolve_objective, validate
 from preftune.errors import ConfigError, DataError
@@ -24,28 +25,12 @@ from preftune.train.distributed import World
 from preftune.train.loop import Objective
 from preftune.train.policy_step import policy_on_batch
 from preftune.train.runfolder import RESUME_SAFE
-from test_train_fixtures import tiny_model, write_jsonl
-
-
-def digits_reward(prompts: list[str], completions: list[str], **kwargs: Any) -> list[float]:
-    """A reward with spread on a random tiny model: how many digits the completion holds."""
-    return [float(sum(ch.isdigit() for ch in c)) for c in completions]
-
-
-def prompt_rows(n: int = 12) -> list[dict[str, Any]]:
-    return [{"prompt": f"{a}+{b}=", "answer": a + b} for a in range(4) for b in range(3)][:n]
+from test_train_fixtures import write_jsonl
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("grpo")
-    tiny_model(root / "model")
-    write_jsonl(root / "prompts.jsonl", prompt_rows())
-    (root / "rewards.py").write_text(
-        "def digits(prompts, completions, **kwargs):\n"
-        "    return [float(sum(ch.isdigit() for ch in c)) for c in completions]\n"
-    )
-    return root
+    return online_root(tmp_path_factory, "grpo")
 
 
 def _phase(root: Path, model: Any, tokenizer: Any, **kw: Any) -> OnlinePhase:

@@ -144,10 +144,10 @@ def test_example_configs_validate(path: Path) -> None:
 
 
 def test_docs_config_table_is_generated_from_the_dataclass() -> None:
-    from preftune.config import reference_markdown
+    from preftune.config_fields import reference_markdown
 
     docs = (Path(__file__).parent.parent / "docs" / "training.md").read_text(encoding="utf-8")
     table = docs.split("<!-- config-table:start -->\n")[1].split("\n<!-- config-table:end -->")[0]
     assert table == reference_markdown(), (
-        "regenerate the table: python -c 'from preftune.config import reference_markdown; print(reference_markdown())'"
+        "regenerate the table: python -c 'from preftune.config_fields import reference_markdown; print(reference_markdown())'"
     )
