@@ -14,18 +14,16 @@ loss, separator and default aggregation), which makes the folder a process rewar
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from preftune.config import TrainConfig, config_to_dict
+from preftune.config import TrainConfig
 from preftune.errors import ConfigError, DataError
 from preftune.reward.prm import PRM_LOSSES, score_encoded
 from preftune.reward.prm_data import EncodedItem, PRMItem, encode_steps, read_prm_data
-from preftune.reward.training import _check, _claim, _resume
-from preftune.train import checkpoint as ckpt
+from preftune.reward.scorer_loop import ScorerTask, check_config, claim, optimizer_step, run_scorer
 from preftune.train import runfolder
 
 PRM_FILE = "prm.json"
@@ -79,11 +77,7 @@ def _step(model: Any, params: list[torch.nn.Parameter], opt: Any, sched: Any, ba
         total += float(losses.detach().sum())
         if loss == "prm_bce":
             correct += float(((scores.detach() > 0) == (labels > 0.5)).sum())
-    norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf")))
-    lr = float(sched.get_last_lr()[0])
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
+    norm, lr = optimizer_step(params, opt, sched, config)
     out = {"loss": total / n_steps, "grad_norm": norm, "lr": lr, "steps": float(n_steps)}
     return {**out, "step_accuracy": correct / n_steps} if loss == "prm_bce" else out
 
@@ -92,8 +86,8 @@ def train_prm(config: TrainConfig, log: Any = print) -> Any:
     """Train a PRM: `config` as for `preftune train rm`, method "prm", `hparams` loss (prm_bce | pav_mse),
     separator (default newline) and aggregation (the reward's default: min). Returns the `RunResult`."""
     settings = _settings(config)
-    _check(config)
-    lock = _claim(config)
+    check_config(config)
+    lock = claim(config)
     try:
         return _train(config, settings, log)
     finally:
@@ -101,54 +95,23 @@ def train_prm(config: TrainConfig, log: Any = print) -> Any:
 
 
 def _train(config: TrainConfig, settings: dict[str, str], log: Any) -> Any:
-    from transformers.utils import logging as hf_logging
+    from preftune.train.api import RunResult
 
-    from preftune.data.formatting import load_tokenizer
-    from preftune.reward.scoring import load_scorer
-    from preftune.train.api import RunResult, seed_everything
-    from preftune.train.logging import MetricsLogger
-    from preftune.train.loop import batch_indices
-    from preftune.train.optim import build_optimizer, build_scheduler
-    from preftune.train.setup import phase_steps
+    loss, sep = settings["loss"], settings["separator"]
 
-    hf_logging.disable_progress_bar()
-    seed_everything(config.seed)
-    out, loss, sep = Path(config.out), settings["loss"], settings["separator"]
-    tokenizer = load_tokenizer(config.tokenizer or config.model)
-    items = prm_items(config.data, config.split, loss)
-    data = [(it, encode_steps(tokenizer, it.prompt, it.steps, sep)) for it in items]
-    total = phase_steps(config, [items])[0]  # type: ignore[list-item]
-    model = load_scorer(config.model, dtype=config.dtype)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, config)
-    scheduler = build_scheduler(optimizer, config, total)
-    start, last, last_good = _resume(config, model, optimizer, scheduler, total, log)
-    logger = MetricsLogger(out, sinks=config.report_to, run_name=config.run_name or out.name,
-                           config=config_to_dict(config))  # fmt: skip
-    logger.truncate_after(start)
-    log(f"preftune train prm ({loss}): {len(items)} solutions, {total} steps, batch {config.batch_size}")
-    for step in range(start, total):
-        t0 = time.perf_counter()
-        idx = sorted(batch_indices(len(data), config.batch_size, seed=config.seed, phase=0, step=step))
-        last = _step(model, params, optimizer, scheduler, [data[i] for i in idx], loss, config)
-        last["seconds"] = time.perf_counter() - t0
-        done = step + 1
-        if done % config.log_every == 0 or done == total:
-            logger.log({"step": done, "split": "train", **last})
-            log(f"step {done}/{total}: loss {last['loss']:.4f}")
-        if (config.save_every and done % config.save_every == 0) or done == total:
-            state = {"phase": 0, "step_in_phase": done, "total_steps": total, "metrics": last}
-            last_good = ckpt.save_checkpoint(
-                out / "checkpoints", done, model=model, optimizer=optimizer, scheduler=scheduler,
-                trainer_state=state, loss_state={}, keep_last=config.keep_last,
-            )  # fmt: skip
-    logger.close()
-    final = out / "final"
-    model.save_pretrained(final)
-    tokenizer.save_pretrained(final)
-    runfolder.write_atomic(final / PRM_FILE, json.dumps(settings, indent=1))
-    summary = {"method": f"prm ({loss})", "steps": total, "train": last,
-               "checkpoint": str(last_good) if last_good else None}  # fmt: skip
-    runfolder.write_atomic(out / "summary.json", json.dumps(summary, indent=1))
-    return RunResult(out, final, total, dict(last))
+    def load(tokenizer: Any) -> ScorerTask:
+        items = prm_items(config.data, config.split, loss)
+        data = [(it, encode_steps(tokenizer, it.prompt, it.steps, sep)) for it in items]
+        return ScorerTask(
+            f"preftune train prm ({loss}): {len(items)} solutions",
+            data,
+            lambda model, params, opt, sched, batch: _step(model, params, opt, sched, batch, loss, config),
+            sorted_batches=True,
+            files={PRM_FILE: json.dumps(settings, indent=1)},
+        )
+
+    run = run_scorer(config, load, log)
+    summary = {"method": f"prm ({loss})", "steps": run.total, "train": run.last,
+               "checkpoint": str(run.checkpoint) if run.checkpoint else None}  # fmt: skip
+    runfolder.write_atomic(Path(config.out) / "summary.json", json.dumps(summary, indent=1))
+    return RunResult(Path(config.out), run.final, run.total, dict(run.last))

@@ -2,81 +2,27 @@
 
     preftune train rm --model ./sft --data prefs.jsonl --out runs/rm --loss bt
 
-A small loop of its own (a reward model has scores, not log-probs, and no reference), built from the
-training parts: the run folder's lock and resume rules (`train/runfolder.py`), checkpoints
-(`train/checkpoint.py`), the optimizer and scheduler builders, and the seeded batches of
-`batch_indices`, so a resumed run takes the same steps as an unbroken one. Ranked rows become pairs
-(`ranked_pairs`). Each step's loss is Σ_pairs loss / pairs in the step (exact over micro-batches).
+The loop, run folder, checkpoints and exact resume are `preftune.reward.scorer_loop`'s (shared
+with `preftune train prm`). Ranked rows become pairs (`ranked_pairs`). Each step's loss is Σ_pairs loss / pairs in the step (exact over micro-batches).
 OUT/final/ is an `AutoModelForSequenceClassification(num_labels=1)` folder with its tokenizer.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
 import torch
 
-from preftune.config import TrainConfig, config_to_dict
+from preftune.config import TrainConfig
 from preftune.errors import ConfigError, DataError
 from preftune.reward.losses import RMLoss, parse_rm_loss
-from preftune.reward.scoring import branch_scores, load_scorer
-from preftune.train import checkpoint as ckpt
+from preftune.reward.scorer_loop import ScorerTask, check_config, claim, optimizer_step, run_scorer
+from preftune.reward.scoring import branch_scores
 from preftune.train import runfolder
 from preftune.types import Example
-
-
-def _check(config: TrainConfig) -> None:
-    for name in ("model", "data", "out"):
-        if not getattr(config, name):
-            raise ConfigError(f"'{name}' is required for preftune train rm (--{name})")
-    if config.lora or config.fsdp or config.stages > 1 or config.rounds > 1:
-        raise ConfigError(
-            "preftune train rm trains the whole model in one process and one phase: remove "
-            "lora / fsdp / stages / rounds"
-        )
-
-
-def _claim(config: TrainConfig) -> runfolder.RunLock:
-    """Lock OUT; refuse to overwrite a run; on --resume, refuse settings that differ from config.yaml."""
-    out = Path(config.out)
-    runfolder._make_folder(out)
-    lock = runfolder.RunLock(out)
-    try:
-        ckpt.remove_partial(out / "checkpoints")
-        saved = out / "config.yaml"
-        if config.resume and saved.is_file():
-            _check_same(config, saved)
-        elif not config.resume and runfolder.has_run(out):
-            raise ConfigError(
-                f"run folder {out} already has a run — pass --resume to continue it, or another --out"
-            )
-        import yaml
-
-        runfolder.write_atomic(
-            saved, yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True)
-        )
-    except BaseException:
-        lock.release()
-        raise
-    return lock
-
-
-def _check_same(config: TrainConfig, saved_path: Path) -> None:
-    import yaml
-
-    old = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
-    new = config_to_dict(config)
-    skip = {*runfolder._NOT_COMPARED, *runfolder.RESUME_SAFE} - {"hparams"}
-    changed = [f"{k}: {old.get(k)!r} → {v!r}" for k, v in new.items() if k not in skip and old.get(k) != v]
-    if changed:
-        raise ConfigError(
-            f"resume: these settings differ from the run's ({saved_path}) and would break an exact resume: "
-            f"{'; '.join(changed)} — resume with the run's own settings, or pass another --out"
-        )
 
 
 def rm_examples(source: str, config: TrainConfig, tokenizer: Any, split: str | None) -> list[Example]:
@@ -169,11 +115,7 @@ def _step(model: Any, params: list[torch.nn.Parameter], opt: Any, sched: Any, ba
         total += float(losses.detach().sum())
         correct += float((s_c > s_r).sum())
         margin += float((s_c - s_r).detach().sum())
-    norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf")))
-    lr = float(sched.get_last_lr()[0])
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
+    norm, lr = optimizer_step(params, opt, sched, config)
     n = len(batch)
     return {"loss": total / n, "accuracy": correct / n, "margin": margin / n, "grad_norm": norm, "lr": lr}
 
@@ -240,12 +182,12 @@ def train_rm(config: TrainConfig, log: Any = print) -> Any:
             f"not {', '.join(others)}"
         )
     loss_fn = None if loss == "regression" else parse_rm_loss(loss)  # regression: rating data
-    _check(config)
+    check_config(config)
     if "ensemble" in config.hparams or "aggregate" in config.hparams:
         from preftune.reward.ensemble_run import train_ensemble
 
         return train_ensemble(config, log)
-    lock = _claim(config)
+    lock = claim(config)
     try:
         return _train(config, loss_fn, loss, log)
     finally:
@@ -253,76 +195,31 @@ def train_rm(config: TrainConfig, log: Any = print) -> Any:
 
 
 def _train(config: TrainConfig, loss_fn: RMLoss | None, loss: str, log: Any) -> Any:
-    from transformers.utils import logging as hf_logging
-
-    from preftune.data.formatting import load_tokenizer
     from preftune.reward.rated import rated_examples
-    from preftune.train.api import RunResult, seed_everything
-    from preftune.train.logging import MetricsLogger
-    from preftune.train.loop import batch_indices
-    from preftune.train.optim import build_optimizer, build_scheduler
-    from preftune.train.setup import phase_steps
+    from preftune.train.api import RunResult
 
-    hf_logging.disable_progress_bar()  # "Writing model shards" bars would interleave with the log
-    seed_everything(config.seed)
-    out = Path(config.out)
-    tokenizer = load_tokenizer(config.tokenizer or config.model)
-    load = rm_examples if loss_fn is not None else rated_examples
-    examples = load(config.data, config, tokenizer, config.split)
-    held_out = load(config.eval_data, config, tokenizer, config.eval_split) if config.eval_data else []
-    if loss_fn is not None:
-        check_margins(examples, loss_fn, config.data)
-    total = phase_steps(config, [examples])[0]
-    model = load_scorer(config.model, dtype=config.dtype)  # the new head draws from the seeded RNG
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, config)
-    scheduler = build_scheduler(optimizer, config, total)
-    start, last, last_good = _resume(config, model, optimizer, scheduler, total, log)
-    logger = MetricsLogger(out, sinks=config.report_to, run_name=config.run_name or out.name,
-                           config=config_to_dict(config))  # fmt: skip
-    logger.truncate_after(start)
-    what = "pairs" if loss_fn is not None else "rated responses"
-    log(f"preftune train rm ({loss}): {len(examples)} {what}, {total} steps, batch {config.batch_size}")
-    evals: dict[str, float] = {}
-    for step in range(start, total):
-        t0 = time.perf_counter()
-        idx = batch_indices(len(examples), config.batch_size, seed=config.seed, phase=0, step=step)
-        last = _step(model, params, optimizer, scheduler, [examples[i] for i in idx], loss_fn, config)
-        last["seconds"] = time.perf_counter() - t0
-        done = step + 1
-        if done % config.log_every == 0 or done == total:
-            logger.log({"step": done, "split": "train", **last})
-            log(f"step {done}/{total}: loss {last['loss']:.4f}  accuracy {last['accuracy']:.3f}")
-        if held_out and ((config.eval_every and done % config.eval_every == 0) or done == total):
-            evals = evaluate_held_out(model, held_out, loss_fn, config.eval_batch_size or 8)
-            logger.log({"step": done, "split": "eval", **evals})
-        if (config.save_every and done % config.save_every == 0) or done == total:
-            trainer_state = {"phase": 0, "step_in_phase": done, "total_steps": total, "metrics": last}
-            last_good = ckpt.save_checkpoint(
-                out / "checkpoints", done, model=model, optimizer=optimizer, scheduler=scheduler,
-                trainer_state=trainer_state, loss_state={}, keep_last=config.keep_last,
-            )  # fmt: skip
-    logger.close()
-    final = out / "final"
-    model.save_pretrained(final)
-    tokenizer.save_pretrained(final)
-    summary = {"method": f"rm ({loss})", "steps": total, "train": last, "eval": evals,
-               "checkpoint": str(last_good) if last_good else None}  # fmt: skip
-    runfolder.write_atomic(out / "summary.json", json.dumps(summary, indent=1))
-    metrics = {**last, **{f"eval/{k}": v for k, v in evals.items()}}
-    return RunResult(out, final, total, metrics)
+    def load(tokenizer: Any) -> ScorerTask:
+        read = rm_examples if loss_fn is not None else rated_examples
+        examples = read(config.data, config, tokenizer, config.split)
+        held_out = read(config.eval_data, config, tokenizer, config.eval_split) if config.eval_data else []
+        if loss_fn is not None:
+            check_margins(examples, loss_fn, config.data)
+        what = "pairs" if loss_fn is not None else "rated responses"
+        return ScorerTask(
+            f"preftune train rm ({loss}): {len(examples)} {what}",
+            examples,
+            lambda model, params, opt, sched, batch: _step(model, params, opt, sched, batch, loss_fn, config),
+            shown="accuracy",
+            evaluate=(
+                (lambda model: evaluate_held_out(model, held_out, loss_fn, config.eval_batch_size or 8))
+                if held_out
+                else None
+            ),
+        )
 
-
-def _resume(config: TrainConfig, model: Any, optimizer: Any, scheduler: Any, total: int,
-            log: Any) -> tuple[int, dict[str, float], Path | None]:  # fmt: skip
-    """(first step, last metrics, checkpoint) — from the checkpoint to resume, weights, optimizer,
-    scheduler and RNG restored; (0, {}, None) to start afresh."""
-    path = runfolder.resume_checkpoint(config)
-    if path is None:
-        return 0, {}, None
-    state, _, _ = ckpt.load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
-    ckpt.check_position(state, [total], path)
-    _, _, step = runfolder.resume_position(state, total=total, config=config, path=path)
-    log(f"resuming from step {step} of {total} ({path})")
-    return step, dict(state.get("metrics", {})), path
+    run = run_scorer(config, load, log)
+    summary = {"method": f"rm ({loss})", "steps": run.total, "train": run.last, "eval": run.evals,
+               "checkpoint": str(run.checkpoint) if run.checkpoint else None}  # fmt: skip
+    runfolder.write_atomic(Path(config.out) / "summary.json", json.dumps(summary, indent=1))
+    metrics = {**run.last, **{f"eval/{k}": v for k, v in run.evals.items()}}
+    return RunResult(Path(config.out), run.final, run.total, metrics)
