@@ -199,7 +199,12 @@ def test_builtin_task_reuses_a_prepared_folder_with_the_same_seed(tmp_path, monk
     assert task.prompts[0][:2] == [57, 58] and len(task.prompts) == 2
     with pytest.raises(AssertionError, match="must not run again"):  # another seed: a fresh preparation
         builtin.builtin_task(tmp_path, seed=1, log=lambda _m: None)
-    (tmp_path / "task.json").write_text(json.dumps({**manifest, "recipe": {"max_steps": 150}}))
+    # another training schedule (the preference or online runs'): the same preparation, reused
+    (tmp_path / "task.json").write_text(
+        json.dumps({**manifest, "recipe": {"max_steps": 150, "online_lr": 1}})
+    )
+    assert builtin.builtin_task(tmp_path, seed=0, log=lambda _m: None)[0]["model"] == str(tmp_path / "sft")
+    (tmp_path / "task.json").write_text(json.dumps({**manifest, "recipe": {"level": 3}}))
     with pytest.raises(AssertionError, match="must not run again"):  # another recipe: a fresh preparation
         builtin.builtin_task(tmp_path, seed=0, log=lambda _m: None)
 

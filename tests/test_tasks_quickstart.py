@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from preftune.tasks.arithmetic import ArithmeticTask, Problem, parse_prompt, solution
 from preftune.tasks.quickstart import (
@@ -232,3 +233,29 @@ def test_run_quickstart_online_method_trains_on_its_own_samples(tmp_path: Path) 
     assert prompts and not set(prompts) & set(on_disk_heldout(tmp_path))  # held-out prompts stay out
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all("accuracy" in r and "reward" in r for r in rows)
+
+
+def test_run_quickstart_rto_uses_its_own_dpo_model_as_the_token_reward(tmp_path: Path) -> None:
+    """`--method rto`: the quickstart's DPO run (on its pairs, into OUT/dpo) comes first, and RTO trains
+    from the SFT model with that DPO model as `dpo_model`; without one, rto is refused (test_rl_ppo)."""
+    from safetensors.torch import load_file
+
+    from preftune.tasks.quickstart import run_quickstart
+
+    cfg = replace(TOY, max_steps=2, batch_size=4, online_steps=2, online_batch_size=2, num_generations=2)
+    summary = run_quickstart(tmp_path, method="rto", seed=1, config=cfg, log=lambda _m: None, progress=False)
+    dpo_final = tmp_path / "dpo" / "final"
+    assert summary["method"] == "rto" and summary["steps"] == 2 and summary["dpo_model"] == str(dpo_final)
+    dpo_config = yaml.safe_load((tmp_path / "dpo" / "config.yaml").read_text())
+    assert dpo_config["method"] == "dpo" and dpo_config["data"] == str(tmp_path / "data" / "pairs.jsonl")
+    assert dpo_config["model"] == str(tmp_path / "sft") and dpo_config["max_steps"] == 2
+    rto_config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert rto_config["method"] == "rto" and rto_config["model"] == str(tmp_path / "sft")
+    assert rto_config["dpo_model"] == str(dpo_final)
+    # the token reward is the DPO model, not the SFT model: two DPO steps moved its weights
+    sft, dpo = (
+        load_file(str(tmp_path / "sft" / "model.safetensors")),
+        load_file(str(dpo_final / "model.safetensors")),
+    )
+    assert any(not torch.equal(sft[k], dpo[k]) for k in sft)
+    assert _rows(tmp_path / "data" / "pairs.jsonl")  # the DPO run's pairs were sampled

@@ -30,6 +30,16 @@ def _quickstart() -> Any:
         ) from err
 
 
+# QuickstartConfig fields that only schedule the training after the preparation (the preference run's
+# and the online runs'): a sweep's prepared task is reused when they differ
+SCHEDULE = ("max_steps", "batch_size", "lr", "beta", "num_generations", "threads")
+
+
+def _preparation(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The part of a quickstart recipe that the preparation (SFT, pairs, held-out prompts) reads."""
+    return {k: v for k, v in recipe.items() if k not in SCHEDULE and not k.startswith("online_")}
+
+
 def _prepared(folder: Path, seed: int, log: Callable[[str], None]) -> dict[str, Any]:
     """The manifest of a preparation in `folder`: reused when it matches `seed`, else made now."""
     quickstart = _quickstart()
@@ -40,7 +50,9 @@ def _prepared(folder: Path, seed: int, log: Callable[[str], None]) -> dict[str, 
     if path.is_file():
         manifest = json.loads(path.read_text(encoding="utf-8"))
         paths = [manifest.get(k, "") for k in ("sft_dir", "pairs_path", "eval_pairs_path")]
-        same = manifest.get("seed") == seed and manifest.get("recipe", recipe) == recipe
+        same = manifest.get("seed") == seed and _preparation(manifest.get("recipe", recipe)) == _preparation(
+            recipe
+        )
         if same and all(p and Path(p).exists() for p in paths):
             log(f"sweep: reusing the prepared task in {folder} (SFT model and pairs; delete it to rebuild)")
             return dict(manifest)

@@ -384,8 +384,9 @@ def run_quickstart(
 ) -> dict[str, Any]:
     """The whole quickstart; out_dir becomes a run folder (config.yaml, metrics.jsonl, final/, ...) with
     summary.json (method, accuracy_before/after greedy and sampled, steps, seconds) and report.html.
+    `method="rto"`: the quickstart's DPO run (out_dir/dpo) first, then RTO from the SFT model with that
+    DPO model as its token reward (`dpo_model`, recorded in summary.json).
     """
-    from preftune.config import TrainConfig
     from preftune.losses import parse_objective
     from preftune.online_methods import is_online
     from preftune.train.api import train
@@ -395,33 +396,24 @@ def run_quickstart(
     if (out / "metrics.jsonl").exists():
         raise ConfigError(f"quickstart: {out} already holds a run — pass another --out or delete it")
     online = is_online(method)
-    terms = [] if online else parse_objective(method)  # a misspelled method fails here, before training
+    rto = method.strip() == "rto"  # RTO's token reward is a DPO model: the quickstart's DPO run, first
+    if not online:
+        parse_objective(method)  # a misspelled method fails here, before training
     start = time.perf_counter()
-    art = prepare(out, seed=seed, config=cfg, log=log, on_sft_step=on_sft_step, with_pairs=not online)
+    art = prepare(out, seed=seed, config=cfg, log=log, on_sft_step=on_sft_step, with_pairs=not online or rto)
 
+    extra: dict[str, Any] = {}
+    if rto:
+        log(f"[4/5] training dpo (RTO's token-reward model) from the SFT model on {art.pairs_path.name}")
+        dpo = train(_offline_config("dpo", art, cfg, seed, progress, out / "dpo"))
+        extra["dpo_model"] = str(dpo.final_dir)
     source = art.prompts_path if online else art.pairs_path
     log(f"[4/5] training {method} from the SFT model on {source.name if source else ''}")
-    hparams = {"beta": cfg.beta} if any("beta" in spec.hparams for spec, _ in terms) else {}
     t4 = time.perf_counter()
     result = train(
-        _online_config(method, art, cfg, seed, progress)
+        _online_config(method, art, cfg, seed, progress, **extra)
         if online
-        else TrainConfig(
-            method=method,
-            model=str(art.sft_dir),
-            data=str(art.pairs_path),
-            eval_data=str(art.eval_pairs_path),
-            out=str(out),
-            hparams=hparams,
-            max_steps=cfg.max_steps,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            seed=seed,
-            cache_dir=str(out / "cache"),
-            eval_every=max(1, cfg.max_steps // 6),
-            progress=progress,
-            report=False,  # written below, with the held-out accuracy and samples
-        )
+        else _offline_config(method, art, cfg, seed, progress, out)
     )
     train_seconds = time.perf_counter() - t4
 
@@ -452,6 +444,7 @@ def run_quickstart(
         "seconds": round(time.perf_counter() - start, 1),
         "train_seconds": round(train_seconds, 1),
         "heldout_prompts": len(art.heldout_prompts),
+        **extra,  # rto: the quickstart's DPO model, its token reward
         "quickstart": {**art.stats, "config": asdict(cfg)},
     }
     train_summary_path.write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
@@ -541,12 +534,32 @@ def online_settings(cfg: QuickstartConfig, task: ArithmeticTask, prompts_path: P
     }
 
 
-def _online_config(method: str, art: Artifacts, cfg: QuickstartConfig, seed: int, progress: bool) -> Any:
-    """The run of an online method from the SFT model (`online_settings`)."""
+def _offline_config(
+    method: str, art: Artifacts, cfg: QuickstartConfig, seed: int, progress: bool, out: Path
+) -> Any:
+    """The preference run of `method` from the SFT model on the quickstart's pairs, into `out`."""
+    from preftune.config import TrainConfig
+    from preftune.losses import parse_objective
+
+    terms = parse_objective(method)
+    hparams = {"beta": cfg.beta} if any("beta" in spec.hparams for spec, _ in terms) else {}
+    return TrainConfig(
+        method=method, model=str(art.sft_dir), data=str(art.pairs_path), eval_data=str(art.eval_pairs_path),
+        out=str(out), hparams=hparams, max_steps=cfg.max_steps, batch_size=cfg.batch_size, lr=cfg.lr,
+        seed=seed, cache_dir=str(art.out_dir / "cache"), eval_every=max(1, cfg.max_steps // 6),
+        progress=progress, report=False,  # the quickstart's report is written with the held-out accuracy
+    )  # fmt: skip
+
+
+def _online_config(
+    method: str, art: Artifacts, cfg: QuickstartConfig, seed: int, progress: bool, **extra: Any
+) -> Any:
+    """The run of an online method from the SFT model (`online_settings`); `extra`: more config
+    values (RTO's `dpo_model`)."""
     from preftune.config import TrainConfig
 
     settings = online_settings(cfg, art.task, Path(str(art.prompts_path)))
     return TrainConfig(
         method=method, model=str(art.sft_dir), out=str(art.out_dir), seed=seed, progress=progress,
-        report=False, **settings,
+        report=False, **settings, **extra,
     )  # fmt: skip
