@@ -128,6 +128,24 @@ def test_aggregations_by_hand() -> None:
         run("pg", no_len, aggregation="seq_mean_token_sum_norm")
 
 
+def test_on_policy_token_mean_loss_is_the_length_weighted_advantage() -> None:
+    # ρ = 1 (π_old = the sampling policy): every token's loss is −A_i, so the DAPO token mean is
+    # −Σ_i A_i·|y_i| / Σ_i |y_i| — zero for equal lengths (A sums to 0 in a group), not otherwise.
+    # One group of 4: rewards [1, 0, 0, 1] → A = ±0.866 (unbiased std 0.577, ε 1e-4), lengths 5, 3, 3, 1.
+    a = 0.5 / (math.sqrt(1 / 3) + 1e-4)
+    adv = torch.tensor([a, -a, -a, a])
+    lengths = torch.tensor([5, 3, 3, 1])
+    mask = torch.arange(5)[None, :] < lengths[:, None]
+    logp = -torch.rand(4, 5, generator=torch.Generator().manual_seed(0)) - 0.1
+    terms = [(get_policy("ppo_clip"), 1.0, get_policy("ppo_clip").validate({}))]
+    batch = PolicyBatch(logp, mask, adv, old_token_logps=logp.clone())
+    total, _ = policy_objective(batch, terms, global_denominators(terms, [batch]))
+    assert float(total) == pytest.approx(-a * (5 - 3 - 3 + 1) / 12, abs=1e-7)  # = +a/6 ≈ 0.1443
+    equal = PolicyBatch(logp, torch.ones(4, 5, dtype=torch.bool), adv, old_token_logps=logp.clone())
+    total, _ = policy_objective(equal, terms, global_denominators(terms, [equal]))
+    assert abs(float(total)) < 1e-7
+
+
 def _global_batch(seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.nn.Parameter, torch.nn.Parameter]:
     g = torch.Generator().manual_seed(seed)
     n, t = 16 * 8, 12

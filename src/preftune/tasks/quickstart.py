@@ -92,6 +92,11 @@ class QuickstartConfig:
     """Prompts per online step, each with `num_generations` samples."""
     num_generations: int = 8
     """Samples per prompt of an online method."""
+    online_temperature: float = 0.7
+    """Sampling temperature of an online method's rollouts (the trainer recomputes its log-probs at
+    the same temperature, as TRL does). 0.7, not 1: the samples stay near the greedy answer, so their
+    rewards rank the mistakes greedy decoding makes. Seed 0, lr 5e-5, 100 steps, 500 held-out
+    prompts: greedy 60.6 → 66.6 % at 0.7 against 60.6 → 64.6 % at 1.0 (docs/quickstart.md)."""
     online_lr: float = 5e-5
     """Learning rate of an online method (constant, no warm-up). 2e-5 learned slowly; 1e-4 was
     flat after 50 steps and 3e-4 collapsed (sampled accuracy 22 % → 2 % in 40 steps) on fresh
@@ -527,6 +532,7 @@ def online_settings(cfg: QuickstartConfig, task: ArithmeticTask, prompts_path: P
         "max_steps": cfg.online_steps,
         "batch_size": cfg.online_batch_size,
         "num_generations": cfg.num_generations,
+        "temperature": cfg.online_temperature,
         "lr": cfg.online_lr,
         "warmup_ratio": 0.0,
         "scheduler": "constant",
