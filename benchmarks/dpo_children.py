@@ -48,6 +48,7 @@ def child_namespace(**fields: Any) -> argparse.Namespace:
         "seed": 0,
         "optimizer": "unfused",
         "trl_variant": "best",
+        "levers_off": "",
     }
     unknown = set(fields) - set(base)
     if unknown:
@@ -160,9 +161,29 @@ def child_trl(a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+LEVERS = ("keep", "tree")
+
+
+def levers_off(names: str) -> None:
+    """preftune as before the speed levers named (comma-separated; `preftune_base` in dpo_vs_trl.py):
+    `keep`: the LM head recomputes every chunk's logits in backward instead of keeping their softmax;
+    `tree`: packed rows attend through the dense [L, L] tree mask instead of segment by segment."""
+    import preftune.models.logprobs as lp
+
+    for name in names.split(","):
+        if name == "keep":
+            lp._KEEP_WEIGHT_COPIES = 0
+        elif name == "tree":
+            lp._TREE_ATTENTION = False
+        elif name:
+            raise ValueError(f"lever {name!r}: choose from {', '.join(LEVERS)}")
+
+
 def child_preftune(a: argparse.Namespace) -> dict[str, Any]:
     stamps = bu.install_step_clock()
     from preftune.train.api import train
+
+    levers_off(a.levers_off)
 
     plain = a.trl_variant == "plain"
     with tempfile.TemporaryDirectory() as tmp:
@@ -202,6 +223,7 @@ def child_preftune(a: argparse.Namespace) -> dict[str, Any]:
     return {
         "side": "preftune",
         "variant": "plain" if plain else "best",
+        "levers_off": a.levers_off,
         "train_start": start,
         "stamps": stamps,
         "losses": losses,

@@ -15,8 +15,11 @@ accumulation; `plain`: the settings of the first published tables, online refere
 AdamW, no compilation), `trl_gpu` runs TRL `best` with its GPU scoring path (the LM head on
 completion tokens only; see dpo_children.py for how and why), `preftune` runs preftune with the
 matching reference and optimizer (`best`: its reference cache and fused AdamW; `plain`: an online
-reference model and the unfused AdamW). The first step of every run (compilation for TRL `best`,
-the reference pass for preftune's cache) is reported apart and never in the step time.
+reference model and the unfused AdamW), and `preftune_base` (not in the default sides) runs the same
+with the speed levers of `--base-levers-off` switched off (dpo_children.levers_off): their
+before/after in one run.
+The first step of every run (compilation for TRL `best`, the reference pass for preftune's cache) is
+reported apart and never in the step time.
 
 MFU counts executed FLOPs (flops.py): the matmuls each side actually runs, LM head included only on
 the positions it scores, divided by the measured float32 matmul peak of the machine. Data order is identical by construction: the training set holds exactly one batch
@@ -44,7 +47,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_utils as bu  # noqa: E402
 import flops  # noqa: E402
-from dpo_children import VARIANTS, child_peak, child_preftune, child_trl  # noqa: E402
+from dpo_children import LEVERS, VARIANTS, child_peak, child_preftune, child_trl  # noqa: E402
 
 SHAPES = {s.name: s for s in (bu.PROMPT_HEAVY, bu.BALANCED)}
 
@@ -52,7 +55,8 @@ SHAPES = {s.name: s for s in (bu.PROMPT_HEAVY, bu.BALANCED)}
 # ---------------------------------------------------------------- parent
 
 
-SIDES = ("trl", "trl_gpu", "preftune")
+SIDES = ("trl", "trl_gpu", "preftune", "preftune_base")
+DEFAULT_SIDES = ("trl", "trl_gpu", "preftune")
 
 
 def summarise_run(
@@ -80,7 +84,7 @@ def side_plan(
     side: str, a: argparse.Namespace, spec: bu.ModelSpec, pairs: list[list[int]]
 ) -> tuple[str, float]:
     """(child variant, executed FLOPs of one step) of a side."""
-    if side == "preftune":
+    if side.startswith("preftune"):
         variant = "plain" if a.trl_variant == "plain" else "best"
         return variant, flops.preftune_step(spec, pairs, online_reference=variant == "plain")
     variant = "gpu" if side == "trl_gpu" else a.trl_variant
@@ -120,10 +124,12 @@ def measure_shape(
         order = list(a.sides) if rep % 2 == 0 else list(reversed(a.sides))
         for side in order:
             variant, step_flops = plans[side]
-            child = "preftune" if side == "preftune" else "trl"
+            child = "preftune" if side.startswith("preftune") else "trl"
+            levers = ["--levers-off", a.base_levers_off] if side == "preftune_base" else []
             load0 = bu.load_average()
             res = bu.run_child(
-                [__file__, "--child", child, "--trl-variant", variant, *common], timeout=a.child_timeout
+                [__file__, "--child", child, "--trl-variant", variant, *levers, *common],
+                timeout=a.child_timeout,
             )
             res["load_average"] = [load0, bu.load_average()]
             if res["lengths"] != expected:
@@ -176,7 +182,12 @@ def best_of(mine: list[dict[str, Any]], other: list[dict[str, Any]]) -> float:
     return max(x["pairs_s"] for x in mine) / max(x["pairs_s"] for x in other)
 
 
-LABELS = {"trl": "TRL {variant}", "trl_gpu": "TRL GPU path", "preftune": "preftune {variant}"}
+LABELS = {
+    "trl": "TRL {variant}",
+    "trl_gpu": "TRL GPU path",
+    "preftune": "preftune {variant}",
+    "preftune_base": "preftune {variant}, levers off",  # which: the results' base_levers_off
+}
 
 
 def render_table(res: dict[str, Any]) -> str:
@@ -230,6 +241,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--child", choices=["trl", "preftune", "peak"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--levers-off", default="", help=argparse.SUPPRESS)
     ap.add_argument(
         "--quick",
         action="store_true",
@@ -261,8 +273,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="unfused",
         help="AdamW of the plain variant on both sides: unfused (torch foreach) or fused",
     )
-    ap.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {','.join(SIDES)}")
+    ap.add_argument(
+        "--sides", default=",".join(DEFAULT_SIDES), help=f"comma-separated subset of {','.join(SIDES)}"
+    )
     ap.add_argument("--shapes", default="prompt_heavy,balanced")
+    ap.add_argument(
+        "--base-levers-off",
+        default=",".join(LEVERS),
+        help=f"levers the preftune_base side switches off (comma-separated: {','.join(LEVERS)})",
+    )
     ap.add_argument("--compare-steps", type=int, default=3, help="first losses compared between sides")
     ap.add_argument("--peak-seconds", type=float, default=3.0)
     ap.add_argument("--child-timeout", type=float, default=1800.0)
@@ -322,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         "lr": a.lr,
         "beta": a.beta,
         "trl_variant": a.trl_variant,
+        "base_levers_off": a.base_levers_off if "preftune_base" in a.sides else "",
         "matmul_peak_flops": max(peak0, peak1),
         "matmul_peak_flops_each": [peak0, peak1],
         "shapes": shapes,

@@ -16,46 +16,61 @@ import torch
 class HeadLogps(torch.autograd.Function):
     """Chunked log-probs through a trainable bias-free linear head W [V, H] with linear logits z = c·h·Wᵀ.
 
-    Forward keeps only each token's log-sum-exp [M]; backward recomputes a chunk's logits once and
-    writes the logit gradient g·c·(onehot(y) − softmax(z)) in place into that buffer, then
-    ∂h = G·W and ∂W += Gᵀ·h. Same four head matmuls per token as checkpointing `log_softmax +
-    gather`, without its backward's extra vocabulary-sized passes (a re-run log_softmax, a
+    Forward keeps each token's log-sum-exp [M] and, while their total stays within `keep_bytes`, the
+    softmax p = exp(z − lse) of whole chunks (float32, `[chunk, V]`). Backward builds each chunk's logit
+    gradient G = g·c·(onehot(y) − p) from the kept p, or for the other chunks recomputes the logits
+    once and writes G in place into that buffer; then ∂h = G·W and ∂W += Gᵀ·h. A kept chunk costs
+    three head matmuls per token (forward, two in backward) and 4·V bytes per token until backward;
+    a recomputed one four matmuls and no vocabulary-sized memory between the passes. Either way
+    backward has none of checkpointing's extra vocabulary-sized passes (a re-run log_softmax, a
     zero-filled `[chunk, V]` gather gradient and the log_softmax backward).
     """
 
     @staticmethod
     def forward(
-        ctx: Any, hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, scale: float, size: int
+        ctx: Any,
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        weight: torch.Tensor,
+        scale: float,
+        size: int,
+        keep_bytes: int = 0,
     ) -> torch.Tensor:
-        outs, lses = [], []
+        outs, lses, kept = [], [], []
+        budget = keep_bytes  # p of the leading chunks while it lasts
         for start in range(0, hidden.shape[0], size):
             z = _linear_logits(hidden[start : start + size], weight, scale)
             lse = z.logsumexp(-1)
             outs.append(z.gather(-1, targets[start : start + size, None]).squeeze(-1) - lse)
             lses.append(lse)
-        ctx.save_for_backward(hidden, targets, weight, torch.cat(lses))
+            budget -= z.numel() * z.element_size()
+            if budget >= 0:
+                kept.append(z.sub_(lse[:, None]).exp_())  # p, in the logits buffer
+        ctx.save_for_backward(hidden, targets, weight, torch.cat(lses), *kept)
         ctx.scale, ctx.size = scale, size
         return torch.cat(outs)
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> Any:
-        hidden, targets, weight, lse = ctx.saved_tensors
+        hidden, targets, weight, lse, *kept = ctx.saved_tensors
         grad = grad_outputs[0].float()
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[2] else None
-        for start in range(0, hidden.shape[0], ctx.size):
+        for index, start in enumerate(range(0, hidden.shape[0], ctx.size)):
             stop = min(start + ctx.size, hidden.shape[0])
-            h, g = hidden[start:stop], grad[start:stop, None]
-            logits = _linear_logits(h, weight, ctx.scale)
-            # G = g·c·(onehot(y) − p), built in the logits buffer
-            logits.sub_(lse[start:stop, None]).exp_().mul_(-g * ctx.scale)
-            logits.scatter_add_(-1, targets[start:stop, None], g * ctx.scale)
+            h, g = hidden[start:stop], grad[start:stop, None] * ctx.scale
+            if index < len(kept):  # G = g·c·(onehot(y) − p) from the kept p (kept intact for a 2nd backward)
+                logits = kept[index].mul(-g)
+            else:  # recompute the logits, then G in the same buffer
+                logits = _linear_logits(h, weight, ctx.scale)
+                logits.sub_(lse[start:stop, None]).exp_().mul_(-g)
+            logits.scatter_add_(-1, targets[start:stop, None], g)
             grad_logits = logits.to(hidden.dtype)
             if grad_h is not None:
                 grad_h[start:stop] = grad_logits @ weight
             if grad_w is not None:
                 grad_w.addmm_(grad_logits.t().float(), h.float())
-        return grad_h, None, None if grad_w is None else grad_w.to(weight.dtype), None, None
+        return grad_h, None, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
 
 
 def _linear_logits(hidden: torch.Tensor, weight: torch.Tensor, scale: float) -> torch.Tensor:

@@ -22,10 +22,16 @@ from preftune.errors import ConfigError
 from preftune.models.head_logps import HeadLogps, linear_head_scale
 from preftune.models.load import unwrap_model
 from preftune.models.packing import RowBatch, attention_masks, build_packed, build_padded, packing_support
+from preftune.models.tree_attention import row_units, tree_attention, tree_supported
 from preftune.types import Example, SequenceStats
 
 # Elements of one chunk's logits: 2^22 float32 values = 16 MiB (32 tokens at a 128k vocabulary).
 _CHUNK_ELEMENTS = 1 << 22
+# Softmax kept from forward to backward by `HeadLogps`, in float32 copies of the head weight: 4 is the
+# head's own training state (weight, gradient, two Adam moments), so keeping never more than doubles it.
+_KEEP_WEIGHT_COPIES = 4
+# Packed rows attend segment by segment where the model allows it (`preftune.models.tree_attention`).
+_TREE_ATTENTION = True
 
 
 class LogitTransform:
@@ -118,6 +124,7 @@ def chunked_token_logps(
     *,
     chunk_tokens: int | None = None,
     min_logits: torch.Tensor | None = None,
+    keep_bytes: int | None = None,
 ) -> torch.Tensor:
     """Per-token log-probs of `targets` [M] given the hidden states [M, H] that predict them → [M] float32.
 
@@ -125,10 +132,11 @@ def chunked_token_logps(
     (the support a top-k / top-p sampler kept, see `preftune.rl.sampling`).
 
     Processes `chunk_tokens` rows at a time (default: 2^22 / vocab). With autograd on and a trainable
-    plain linear head (no soft-capping), `HeadLogps` keeps each token's log-sum-exp and backward
-    recomputes the chunk's logits once, turning them into their gradient in place; other trainable
-    heads are checkpointed chunk by chunk; with a frozen head (LoRA), ∂logp/∂h is formed in forward
-    and nothing is recomputed.
+    plain linear head (no soft-capping), `HeadLogps` keeps each token's log-sum-exp and the softmax of
+    the leading chunks within `keep_bytes` (default: 4 float32 copies of the head weight); backward
+    uses the kept softmax or recomputes the chunk's logits once, turning them into their gradient in
+    place; other trainable heads are checkpointed chunk by chunk; with a frozen head (LoRA), ∂logp/∂h
+    is formed in forward and nothing is recomputed.
     """
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
@@ -141,7 +149,8 @@ def chunked_token_logps(
         return out
     scale = linear_head_scale(head, transform) if torch.is_grad_enabled() and min_logits is None else None
     if scale is not None and not frozen_head:
-        linear: torch.Tensor = HeadLogps.apply(hidden, targets, weight, scale, size)
+        keep = _KEEP_WEIGHT_COPIES * 4 * weight.numel() if keep_bytes is None else keep_bytes
+        linear: torch.Tensor = HeadLogps.apply(hidden, targets, weight, scale, size, keep)
         return linear
     outs = []
     for start in range(0, hidden.shape[0], size):
@@ -172,7 +181,19 @@ def trunk_hidden_states(backbone: Any, config: Any, dtype: torch.dtype, batch: R
     branch positions for a packed batch, the 2-D padding mask for padded rows."""
     device = next(backbone.parameters()).device
     ids = batch.input_ids.to(device)
-    if batch.shared:
+    # (not under gradient checkpointing: its re-run forward in backward happens outside the block)
+    recompute = getattr(backbone, "gradient_checkpointing", False) and torch.is_grad_enabled()
+    if batch.shared and _TREE_ATTENTION and tree_supported(backbone.config) and not recompute:
+        # segment by segment: no [L, L] mask; the 4-D placeholder only tells the model a mask is given
+        with tree_attention(backbone.config):
+            out = backbone(
+                input_ids=ids,
+                attention_mask=torch.ones(ids.shape[0], 1, 1, 1, dtype=torch.bool, device=device),
+                position_ids=batch.position_ids.to(device),
+                use_cache=False,
+                tree_units=row_units(batch),
+            )
+    elif batch.shared:
         mask = attention_masks(batch, config, dtype, device)
         out = backbone(
             input_ids=ids, attention_mask=mask, position_ids=batch.position_ids.to(device), use_cache=False
