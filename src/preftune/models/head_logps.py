@@ -40,12 +40,17 @@ class HeadLogps(torch.autograd.Function):
         budget = keep_bytes  # p of the leading chunks while it lasts
         for start in range(0, hidden.shape[0], size):
             z = _linear_logits(hidden[start : start + size], weight, scale)
-            lse = z.logsumexp(-1)
-            outs.append(z.gather(-1, targets[start : start + size, None]).squeeze(-1) - lse)
-            lses.append(lse)
+            z_y = z.gather(-1, targets[start : start + size, None]).squeeze(-1)
             budget -= z.numel() * z.element_size()
-            if budget >= 0:
-                kept.append(z.sub_(lse[:, None]).exp_())  # p, in the logits buffer
+            if budget >= 0:  # p = exp(z − m) / Σ exp(z − m) in the logits buffer: one exp pass for p and lse
+                top = z.amax(-1, keepdim=True)
+                total = z.sub_(top).exp_().sum(-1, keepdim=True)
+                kept.append(z.div_(total))
+                lse = (top + total.log()).squeeze(-1)
+            else:
+                lse = z.logsumexp(-1)
+            outs.append(z_y - lse)
+            lses.append(lse)
         ctx.save_for_backward(hidden, targets, weight, torch.cat(lses), *kept)
         ctx.scale, ctx.size = scale, size
         return torch.cat(outs)
