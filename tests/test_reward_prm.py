@@ -251,3 +251,99 @@ def test_label_samples_by_each_method():
     assert pav[0]["labels"] == pytest.approx([-0.75, 0.0, 0.0])  # V^BoK2: 1 − 0.5² = 0.75 → 0
     with pytest.raises(ConfigError, match="need a rollout"):
         label_samples([prompt], [sample], "mc_soft")
+
+
+def _char_rollouts(tok, texts):
+    """Rollouts of `texts` as the policy would have sampled them (one token per character)."""
+    from preftune.rl.rollout import Rollouts
+
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(map(len, ids))
+    pad = torch.tensor([i + [0] * (width - len(i)) for i in ids])
+    return ids, Rollouts(
+        completion_ids=pad, mask=torch.arange(width)[None, :] < torch.tensor([len(i) for i in ids])[:, None],
+        logps=torch.zeros(len(ids), width), min_logits=torch.full((len(ids), width), float("-inf")),
+        prompt_index=torch.zeros(len(ids), dtype=torch.long), finished=torch.zeros(len(ids), dtype=torch.bool),
+        weight_version=0, temperature=1.0,
+    )  # fmt: skip
+
+
+def test_prm_step_rewards_sit_on_step_end_tokens_and_gae_returns_them_by_hand(prm_dirs, prm_folder):
+    """prm:steps: step k's value v_k on the token of the step's last character; with γ = λ = 1, V = 0
+    and no KL, GAE's return at token t is Σ_{k: e_k ≥ t} w·v_k plus the other terms' reward."""
+    from online_fixtures import digits_reward
+    from preftune.models.load import load_causal_lm
+    from preftune.reward import load_reward
+    from preftune.reward.prm_reward import PRMRewardFn
+    from preftune.rl.ppo import TokenCredit, attach_value_head
+
+    dirs, tok = prm_dirs
+    lm = dirs["llama"].parent / "llama-lm"
+    policy = load_causal_lm(str(lm))
+    attach_value_head(policy)  # zero-initialised: V = 0
+    prompts = ["12+9=\n", "12+9=\n"]
+    texts = ["2+9+0=11 r1\nanswer: 11", "2+9+0=10 r0\n1+0+1=2 r20\nanswer: 20"]
+    reward = load_reward([(f"prm:steps:{prm_folder}", 0.5), (digits_reward, 1.0)])
+    ids, out = _char_rollouts(tok, texts)
+    v = PRMRewardFn(prm_folder).step_values(prompts, texts)
+    digits = [sum(c.isdigit() for c in t) for t in texts]
+    scalar = reward(prompts, texts)
+    torch.testing.assert_close(
+        scalar, torch.tensor([0.5 * sum(v[i]) + digits[i] for i in range(2)], dtype=torch.float64)
+    )
+    steps = reward.token_rewards(prompts, texts, ids, tok)
+    # "2+9+0=11 r1" ends at character 10, "answer: 11" at 21; the second text's steps end at 10, 22, 33
+    ends = [[10, 21], [10, 22, 33]]
+    for i in range(2):
+        want = torch.zeros(steps.shape[1])
+        for e, x in zip(ends[i], v[i]):
+            want[e] = 0.5 * x
+        torch.testing.assert_close(steps[i], want)
+    credit = TokenCredit(load_causal_lm(str(lm)), kl_coef=0.0, gamma=1.0, lam=1.0, whiten=False)
+    prompt_ids = [tok(prompts[0], add_special_tokens=False)["input_ids"]]
+    result = credit(policy, prompt_ids, out, scalar, seed=0, step_rewards=steps)
+    for i in range(2):
+        n = len(texts[i])
+        want = torch.tensor(
+            [sum(0.5 * x for e, x in zip(ends[i], v[i]) if e >= t) + digits[i] for t in range(n)]
+        )
+        torch.testing.assert_close(result.meta["returns"][i, :n], want, atol=1e-6, rtol=0)
+        torch.testing.assert_close(result.advantages[i, :n], want, atol=1e-6, rtol=0)  # V = 0
+    # without step rewards the whole reward sits on the last token: the same return at token 0
+    plain = credit(policy, prompt_ids, out, scalar, seed=0)
+    torch.testing.assert_close(plain.meta["returns"][:, 0], result.meta["returns"][:, 0])
+
+
+def test_ppo_phase_takes_prm_step_rewards_per_token(prm_dirs, prm_folder, tmp_path):
+    """An online PPO batch with reward prm:steps: each sample's returns (γ = λ = 1, V = 0, no KL) are
+    the reward-to-go of its step rewards, and at token 0 the whole reward."""
+    from preftune.models.load import load_causal_lm
+    from preftune.reward import load_reward
+    from preftune.rl.phase import OnlinePhase
+    from preftune.rl.ppo import TokenCredit, attach_value_head
+    from preftune.rl.prompts import load_prompts
+    from preftune.rl.sampling import Sampling
+
+    dirs, tok = prm_dirs
+    lm = str(dirs["llama"].parent / "llama-lm")
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "12+9=\n"}, {"prompt": "7*3=\n"}])
+    policy = load_causal_lm(lm)
+    attach_value_head(policy)
+    reward = load_reward(f"prm:steps:{prm_folder}")
+    credit = TokenCredit(load_causal_lm(lm), kl_coef=0.0, gamma=1.0, lam=1.0, whiten=False)
+    phase = OnlinePhase(
+        0, load_prompts(str(tmp_path / "prompts.jsonl"), tok), 2, 2, 0, reward, tok, "gae", 3,
+        Sampling(max_new_tokens=24), credit=credit,
+    )  # fmt: skip
+    phase.attach(policy)
+    placed_any = 0
+    for ex in phase.batch(0):
+        texts = [tok.decode(c, skip_special_tokens=True) for c in ex.response_ids]
+        prompts = [tok.decode(ex.prompt_ids, skip_special_tokens=True)] * len(texts)
+        steps = reward.token_rewards(prompts, texts, ex.response_ids, tok)
+        for i, ids in enumerate(ex.response_ids):
+            r = steps[i, : len(ids)]
+            placed_any += int((r[:-1] != 0).sum())
+            want = r.flip(0).cumsum(0).flip(0) + (float(ex.meta["rewards"][i]) - float(r.sum()))
+            torch.testing.assert_close(ex.meta["returns"][i, : len(ids)], want, atol=1e-5, rtol=0)
+    assert placed_any > 0  # some sampled step ended before a completion's last token

@@ -107,12 +107,13 @@ def step_scores(model: Any, prompts: list[list[int]], branches: list[list[list[i
     return head(h).float().squeeze(-1)
 
 
-AGGREGATIONS = ("min", "last", "sum", "mean", "prod")
+AGGREGATIONS = ("min", "last", "sum", "mean", "prod", "steps")
 
 
 def aggregate_steps(values: torch.Tensor, how: str) -> torch.Tensor:
     """One number from a solution's step values [K]: `min` (the weakest step; Lightman et al. 2023 use
-    the product, Wang et al. 2024 the minimum), `last`, `sum`, `mean`, `prod`."""
+    the product, Wang et al. 2024 the minimum), `last`, `sum`, `mean`, `prod`; `steps` (each value a
+    reward at its step's end, for the PPO family's token credit) is their sum, the undiscounted return."""
     if how not in AGGREGATIONS:
         raise ConfigError(f"unknown step aggregation '{how}' (known: {', '.join(AGGREGATIONS)})")
     if values.numel() == 0:
@@ -121,7 +122,7 @@ def aggregate_steps(values: torch.Tensor, how: str) -> torch.Tensor:
         return values.min()
     if how == "last":
         return values[-1]
-    if how == "sum":
+    if how in ("sum", "steps"):
         return values.sum()
     return values.mean() if how == "mean" else values.prod()
 

@@ -4,12 +4,17 @@ and Step-DPO pairs located by a PRM instead of a verifier.
     r = PRMRewardFn("runs/prm/final", aggregation="min")
     r(prompts, completions)                  # [agg_k v_k] per completion (the `--reward` interface)
     r.token_rewards(prompts, completions, policy_tokenizer)   # v_k on the token that ends step k
+    r.token_rewards(prompts, completions, policy_tokenizer, token_ids=sampled_ids)   # the same, on
+                                             # the tokens the policy sampled
 
 v_k is the step value: σ(s_k) for a `prm_bce` model (P(step good)), s_k for a `pav_mse` model. A
 completion is split into steps at the folder's separator (newline by default) and each step scored
 as in training. Aggregations: `min` (Wang et al. 2024, Math-Shepherd: a solution is as good as its
 weakest step), `last`, `sum` (Setlur et al. 2024 sum the advantages of a PAV over steps), `mean`,
-`prod` (Lightman et al. 2023).
+`prod` (Lightman et al. 2023), and `steps`: every step's value a reward of its own at the step's
+end (Wang et al. 2024, Math-Shepherd §3.4, step-by-step PPO: "the reward model provides a reward at
+the end of each reasoning step"), which the PPO family's GAE takes per token (`rl.ppo.TokenCredit`);
+as one number per completion it is their sum, the undiscounted return.
 """
 
 from __future__ import annotations
@@ -52,6 +57,9 @@ class PRMRewardFn:
         self.model = load_scorer(folder)
         self.tokenizer = load_tokenizer(str(folder))
         self.batch_items = batch_items
+        self.token_level = self.aggregation == "steps"
+        """Rewards per step-end token (`token_rewards`) rather than one per completion."""
+        self._cache: dict[tuple[str, str], list[float]] = {}
         self.__name__ = f"prm:{self.aggregation}:{folder}"
 
     def step_values(self, prompts: Sequence[str], completions: Sequence[str]) -> list[list[float]]:
@@ -61,14 +69,17 @@ class PRMRewardFn:
 
         sep = self.settings["separator"]
         steps = [split_steps(c, sep) for c in completions]
-        keep = [i for i, s in enumerate(steps) if s]
-        out: list[list[float]] = [[] for _ in completions]
+        out: list[list[float]] = [list(self._cache.get((p, c), [])) for p, c in zip(prompts, completions)]
+        keep = [i for i, s in enumerate(steps) if s and (prompts[i], completions[i]) not in self._cache]
+        if len(self._cache) + len(keep) > 4096:  # the values of the last draws (a step scores them twice)
+            self._cache.clear()
         with torch.no_grad():
             for start in range(0, len(keep), self.batch_items):
                 part = keep[start : start + self.batch_items]
                 enc = [encode_steps(self.tokenizer, prompts[i], steps[i], sep) for i in part]
                 for i, s in zip(part, score_encoded(self.model, enc)):
                     out[i] = step_probabilities(s, self.settings["loss"]).tolist()
+                    self._cache[(prompts[i], completions[i])] = list(out[i])
         return out
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> list[float]:
@@ -81,25 +92,47 @@ class PRMRewardFn:
         ]
 
     def token_rewards(
-        self, prompts: Sequence[str], completions: Sequence[str], tokenizer: Any
+        self,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        tokenizer: Any,
+        token_ids: Sequence[Sequence[int]] | None = None,
     ) -> list[list[float]]:
-        """Per completion, a reward per token of `tokenizer`'s encoding of it (no special tokens): step
-        k's value on the token holding the step's last character, 0 elsewhere; with aggregation `last`
-        only the final step's value, on its token (a process reward shaped as a sparse outcome)."""
+        """Per completion, a reward per token: step k's value on the token holding the step's last
+        character, 0 elsewhere; with aggregation `last` only the final step's value, on its token (a
+        process reward shaped as a sparse outcome). The tokens are `token_ids[i]` (what the policy
+        sampled; `completions[i]` is their decoded text) or, without them, `tokenizer`'s encoding of
+        the text (no special tokens)."""
         values = self.step_values(prompts, completions)
         sep = self.settings["separator"]
         out: list[list[float]] = []
-        for text, vals in zip(completions, values):
-            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            rewards = [0.0] * len(enc["input_ids"])
-            ends = step_end_chars(text, sep)
-            pairs = list(zip(ends, vals))[-1:] if self.aggregation == "last" else list(zip(ends, vals))
-            for end, v in pairs:
-                t = next((j for j, (a, b) in enumerate(enc["offset_mapping"]) if a <= end < b), None)
-                if t is not None:
-                    rewards[t] += v
-            out.append(rewards)
+        for i, (text, vals) in enumerate(zip(completions, values)):
+            if token_ids is not None:
+                ends = token_char_ends(tokenizer, token_ids[i])
+            else:
+                enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+                ends = [b for _, b in enc["offset_mapping"]]
+            pairs = list(zip(step_end_chars(text, sep), vals))
+            out.append(place_at_chars(pairs[-1:] if self.aggregation == "last" else pairs, ends))
         return out
+
+
+def token_char_ends(tokenizer: Any, ids: Sequence[int]) -> list[int]:
+    """For each token t of `ids`, the length of the text decoded from ids[: t + 1] (special tokens
+    skipped): token t holds the characters from the previous token's end up to its own."""
+    return [len(tokenizer.decode(list(ids[: t + 1]), skip_special_tokens=True)) for t in range(len(ids))]
+
+
+def place_at_chars(pairs: Sequence[tuple[int, float]], ends: Sequence[int]) -> list[float]:
+    """A value per token (0 by default): each (character index c, v) adds v on the first token whose
+    end lies past c, the token that holds character c (`ends` from `token_char_ends` or a tokenizer's
+    offsets); a character past the last token's end places nothing."""
+    rewards = [0.0] * len(ends)
+    for c, v in pairs:
+        t = next((j for j, e in enumerate(ends) if e > c), None)
+        if t is not None:
+            rewards[t] += v
+    return rewards
 
 
 def step_end_chars(completion: str, separator: str = "\n") -> list[int]:

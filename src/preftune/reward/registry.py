@@ -15,7 +15,8 @@ weighted sum (TRL sums with nansum). A spec names functions with weights:
 
     "runs/rm/final" or "model:runs/rm/final"   a trained reward model's score (`load_reward_model`)
     "runs/prm/final" or "prm:min:runs/prm/final" a process reward model: its step values aggregated
-                                        by min / last / sum / mean / prod (default: the folder's)
+                                        by min / last / sum / mean / prod (default: the folder's), or
+                                        `prm:steps:…` each a reward at its step's end (PPO's GAE)
     "runs/ens/final", "ensemble:min:runs/ens/final"  an ensemble (its aggregator, or another one)
 """
 
@@ -89,6 +90,28 @@ class Reward:
                 [0.0 if v is None else v for v in values], dtype=torch.float64
             )
         return total
+
+    def token_rewards(
+        self,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        token_ids: Sequence[Sequence[int]],
+        tokenizer: Any,
+    ) -> torch.Tensor | None:
+        """[N, T] float32 (T the longest of `token_ids`): Σ weight × per-token rewards of the terms that
+        give them (`token_level`: a PRM with aggregation `steps`, its step values on the step-end
+        tokens); None when no term does. `__call__`'s sum holds their row sums too, so a consumer that
+        places them per token takes those sums off the sequence reward."""
+        terms = [t for t in self.terms if getattr(t.fn, "token_level", False)]
+        if not terms:
+            return None
+        width = max((len(ids) for ids in token_ids), default=0)
+        out = torch.zeros(len(completions), width, dtype=torch.float32)
+        for term in terms:
+            rows = term.fn.token_rewards(prompts, completions, tokenizer, token_ids=token_ids)  # type: ignore[attr-defined]
+            for i, r in enumerate(rows):
+                out[i, : len(r)] += term.weight * torch.tensor(r, dtype=torch.float32)
+        return out
 
 
 def _call(

@@ -133,7 +133,8 @@ class OnlinePhase:
         if self.credit is not None:  # PPO family: GAE over token rewards with the value head
             out = as_rollouts(drawn, groups, sampling.temperature, k * self.iterations)
             prompt_ids = [self.prompts[drawn.prompt[g[0]]].ids for g in groups]
-            est = self.credit(self.engine.model, prompt_ids, out, rewards, sampling.seed)
+            steps = self._step_rewards(drawn, rows)  # a PRM's step values at step ends (prm:steps:…)
+            est = self.credit(self.engine.model, prompt_ids, out, rewards, sampling.seed, steps)
         else:
             inputs = self._inputs(drawn, groups, sampling)
             est = estimate(self.estimator, rewards, group_of, **inputs, **self.estimator_hparams)
@@ -150,6 +151,16 @@ class OnlinePhase:
             self.metrics.update({k: v for k, v in est.metrics.items() if k != "zero_signal_fraction"})
         self.metrics.update(selection.metrics)
         return examples
+
+    def _step_rewards(self, drawn: Drawn, rows: list[int]) -> torch.Tensor | None:
+        """[N, T] the reward's per-token terms on `rows`' sampled tokens (`Reward.token_rewards`), None
+        when it has none."""
+        if not any(getattr(t.fn, "token_level", False) for t in self.reward.terms):
+            return None
+        ids = [drawn.completions[r] for r in rows]
+        prompts = [self.prompts[drawn.prompt[r]].text for r in rows]
+        texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in ids]
+        return self.reward.token_rewards(prompts, texts, ids, self.tokenizer)
 
     def _inputs(self, drawn: Drawn, groups: list[list[int]], sampling: Sampling) -> dict[str, Any]:
         """The estimator's extra inputs: ReMax's greedy-response rewards; the pools of the kept groups'

@@ -9,7 +9,8 @@ it): each response token gets the reward −β·(log π_θ − log π_ref) (k1, 
 also the sequence reward r(x, y); GAE(γ, λ) over these rewards with the value head's V_t gives the
 advantages, whitened over the batch's tokens, and the returns Â + V, the value targets. MA-RLHF
 (Chai et al. 2025) runs the same GAE over macro actions; RTO (Zhong et al. 2024) adds a DPO model's
-token rewards. The value head lives on the policy (one trunk, one optimizer): checkpoints store it
+token rewards; a PRM's step values (`prm:steps:PATH`) sit on the tokens that end the steps (Wang et
+al. 2024, Math-Shepherd §3.4, step-by-step PPO). The value head lives on the policy (one trunk, one optimizer): checkpoints store it
 with the weights, OUT/final/ keeps it in `value_head.safetensors` beside the plain causal LM.
 """
 
@@ -118,9 +119,19 @@ class TokenCredit:
 
     @torch.no_grad()
     def __call__(
-        self, model: Any, prompt_ids: list[list[int]], out: Rollouts, rewards: torch.Tensor, seed: int | None
+        self,
+        model: Any,
+        prompt_ids: list[list[int]],
+        out: Rollouts,
+        rewards: torch.Tensor,
+        seed: int | None,
+        step_rewards: torch.Tensor | None = None,
     ) -> Credit:
-        """Values, token rewards, GAE advantages and returns of rollouts `out` (rows grouped by prompt)."""
+        """Values, token rewards, GAE advantages and returns of rollouts `out` (rows grouped by prompt).
+
+        `step_rewards` [N, T]: process rewards on the tokens that end each step (a PRM with aggregation
+        `steps`, Math-Shepherd's step-by-step PPO); `rewards` holds their row sums too, which move from
+        the last token to those tokens (the undiscounted return is unchanged)."""
         n = out.mask.shape[0] // len(prompt_ids)
         examples = [Example(p, c, kind="group") for p, c in zip(prompt_ids, out.grouped(n))]
         mask = out.mask
@@ -133,13 +144,19 @@ class TokenCredit:
             token_rewards = token_rewards + rto_token_rewards(
                 dpo.token_logps, ref.token_logps, mask, scale=self.dpo_scale, clip=self.dpo_clip
             )
+        non_score = float(token_rewards.sum(dim=1).mean())
+        sequence = rewards.to(torch.float32)
+        if step_rewards is not None:
+            placed = torch.where(mask, _width(step_rewards, mask.shape[1]), torch.zeros_like(kl))
+            token_rewards = token_rewards + placed
+            sequence = sequence - placed.sum(dim=1)
         segments = None
         if self.macro is not None:
             gen = torch.Generator().manual_seed(seed or 0)
             segments = macro_segments(
                 mask, self.macro, self.macro_n, ref_logps=ref.token_logps, generator=gen
             )
-        per_token = place_rewards(rewards.to(torch.float32), token_rewards, mask)
+        per_token = place_rewards(sequence, token_rewards, mask)
         values = policy.values
         adv, returns = gae_returns(
             per_token, values, mask, gamma=self.gamma, lam=self.lam, segments=segments, pooling=self.pooling
@@ -151,7 +168,7 @@ class TokenCredit:
                 rewards, make_groups(out.prompt_index, len(rewards), "ppo")
             ),
             "kl": float((kl.sum(dim=1) / lengths).mean()),
-            "non_score_reward": float(token_rewards.sum(dim=1).mean()),
+            "non_score_reward": non_score,
             "value": float(values[mask].mean()),
             "returns": float(returns[mask].mean()),
         }
