@@ -13,7 +13,6 @@ import torch
 
 from preftune.errors import ConfigError
 from preftune.losses.core import (
-    branch_mask,
     clean,
     finish,
     log_ratios,
@@ -23,35 +22,19 @@ from preftune.losses.core import (
     valid_examples,
 )
 from preftune.losses.pairwise_losses import pair_log_ratios
-from preftune.losses.registry import BatchStatistic, HParam, LossOutput, register
-from preftune.losses.unpaired_losses import clamped_mean
+from preftune.losses.registry import HParam, LossOutput, register
+from preftune.losses.unpaired_losses import ReferencePoint
 from preftune.types import PreferenceBatch
 
-
-def diffusion_kto_sums(batch: PreferenceBatch, **_: object) -> dict[str, torch.Tensor]:
-    """Σ g and the count of present images, g = −(mse_θ − mse_ref) = 2ρ, detached."""
-    mask = branch_mask(batch)[:, 0].float()
-    g = 2.0 * log_ratios(batch, "diff_kto")[:, 0].detach()
-    return {"g_sum": (g * mask).sum(), "count": mask.sum()}
-
-
-def diffusion_kto_point(sums: dict[str, torch.Tensor]) -> torch.Tensor:
-    """z = max(0, mean g) over the batch the sums were taken on (0 if empty), detached."""
-    return clamped_mean(sums["g_sum"], sums["count"])
-
-
-def diffusion_kto_state(
-    state: dict[str, torch.Tensor], sums: dict[str, torch.Tensor], **_: object
-) -> dict[str, torch.Tensor]:
-    """The state for every micro-batch of a step: z of the whole global batch."""
-    return {**state, "z": diffusion_kto_point(sums)}
+# Diffusion-KTO's z = max(0, mean g) over the images of the global batch, g = −(mse_θ − mse_ref) = 2ρ
+DIFF_KTO_POINT = ReferencePoint("diff_kto", branch=0, total_key="g_sum", state_key="z", scale=2.0)
 
 
 @register(
     "diff_kto",
     kind="unpaired",
     needs_reference=True,
-    batch_statistic=BatchStatistic(diffusion_kto_sums, diffusion_kto_state),
+    batch_statistic=DIFF_KTO_POINT.statistic,
     hparams={
         "beta": HParam(1000.0, "β on g = −(mse_θ − mse_ref) (paper units)", low=0.0, low_open=True),
         "desirable_weight": HParam(1.0, "λ_D, weight of liked images", low=0.0),
@@ -81,7 +64,7 @@ def diffusion_kto(
         raise ConfigError("loss 'diff_kto' needs a 0/1 label per image (batch.labels)")
     valid = valid_examples(batch, 1)
     g = 2.0 * log_ratios(batch, "diff_kto")[:, 0]
-    z = state["z"].detach().float() if "z" in state else diffusion_kto_point(diffusion_kto_sums(batch))
+    z = DIFF_KTO_POINT.value(batch, state)
     desirable = clean(batch.labels, valid) > 0.5
     sign = torch.where(desirable, 1.0, -1.0)
     weight = torch.where(desirable, desirable_weight, undesirable_weight)

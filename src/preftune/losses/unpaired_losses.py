@@ -3,6 +3,8 @@ on human negatives anchored by self-generated samples."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from preftune.errors import ConfigError
@@ -12,32 +14,63 @@ from preftune.losses.registry import BatchStatistic, HParam, LossOutput, registe
 from preftune.types import PreferenceBatch
 
 
-def kto_sums(batch: PreferenceBatch, **_: object) -> dict[str, torch.Tensor]:
-    """Σ ρ(y′) over the present mismatched completions (branch 1) and their count, detached."""
-    mask = branch_mask(batch)
-    if mask.shape[1] < 2:
-        zero = torch.zeros((), device=mask.device)
-        return {"rho_sum": zero, "count": zero}  # the loss itself names the missing branch
-    w = mask[:, 1].float()
-    rho = log_ratios(batch, "kto")[:, 1].detach()
-    return {"rho_sum": (rho * w).sum(), "count": w.sum()}
-
-
 def clamped_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """max(0, total / count), detached; 0 when count is 0 — KTO's z₀ and Diffusion-KTO's z."""
     return (total / count.clamp(min=1)).clamp(min=0.0).detach()
 
 
-def kto_reference_point(sums: dict[str, torch.Tensor]) -> torch.Tensor:
-    """z₀ = max(0, mean of ρ(y′)) from `kto_sums` (of one batch or added over a global batch); 0 if none."""
-    return clamped_mean(sums["rho_sum"], sums["count"])
+@dataclass(frozen=True)
+class ReferencePoint:
+    """A KTO-style reference point: max(0, mean of ``scale``·ρ over the present examples of one
+    branch), detached, taken over the whole global batch (the trainer adds :meth:`sums` over every
+    micro-batch and rank, then :meth:`state` puts the point into the loss's state).
+
+    ``loss`` names the loss for :func:`log_ratios`; ``total_key`` is the name of the sum in the
+    statistic, ``state_key`` the name of the point in the state.
+    """
+
+    loss: str
+    branch: int
+    total_key: str
+    state_key: str
+    scale: float = 1.0
+
+    def sums(self, batch: PreferenceBatch, **_: object) -> dict[str, torch.Tensor]:
+        """Σ scale·ρ over the branch's present examples and their count, detached."""
+        mask = branch_mask(batch)
+        if mask.shape[1] <= self.branch:
+            zero = torch.zeros((), device=mask.device)
+            return {self.total_key: zero, "count": zero}  # the loss itself names the missing branch
+        w = mask[:, self.branch].float()
+        rho = self.scale * log_ratios(batch, self.loss)[:, self.branch].detach()
+        return {self.total_key: (rho * w).sum(), "count": w.sum()}
+
+    def point(self, sums: dict[str, torch.Tensor]) -> torch.Tensor:
+        """max(0, total / count) from :meth:`sums` (of one batch or a global batch); 0 if none."""
+        return clamped_mean(sums[self.total_key], sums["count"])
+
+    def state(
+        self, state: dict[str, torch.Tensor], sums: dict[str, torch.Tensor], **_: object
+    ) -> dict[str, torch.Tensor]:
+        """The state for every micro-batch of a step: the point of the whole global batch."""
+        return {**state, self.state_key: self.point(sums)}
+
+    def value(self, batch: PreferenceBatch, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The point the trainer passed in ``state``, else the one of this batch alone."""
+        if self.state_key in state:
+            return state[self.state_key].detach().float()
+        return self.point(self.sums(batch))
+
+    @property
+    def statistic(self) -> BatchStatistic:
+        return BatchStatistic(self.sums, self.state)
 
 
-def kto_state(
-    state: dict[str, torch.Tensor], sums: dict[str, torch.Tensor], **_: object
-) -> dict[str, torch.Tensor]:
-    """The state for every micro-batch of a step: z₀ of the whole global batch."""
-    return {**state, "z0": kto_reference_point(sums)}
+# KTO's z₀ = max(0, mean of ρ(y′)) over the mismatched completions (branch 1)
+KTO_POINT = ReferencePoint("kto", branch=1, total_key="rho_sum", state_key="z0")
+kto_sums = KTO_POINT.sums
+kto_reference_point = KTO_POINT.point
+kto_state = KTO_POINT.state
 
 
 @register(
@@ -45,7 +78,7 @@ def kto_state(
     kind="unpaired",
     needs_reference=True,
     needs_mismatched=True,
-    batch_statistic=BatchStatistic(kto_sums, kto_state),
+    batch_statistic=KTO_POINT.statistic,
     hparams={
         "beta": BETA,
         "desirable_weight": HParam(1.0, "λ_D, weight of desirable examples", low=0.0),
@@ -85,7 +118,7 @@ def kto(
         )
     valid = valid_examples(batch, 1)
     rho = log_ratios(batch, "kto")
-    z0 = state["z0"].detach().float() if "z0" in state else kto_reference_point(kto_sums(batch))
+    z0 = KTO_POINT.value(batch, state)
     desirable = clean(batch.labels, valid) > 0.5
     rho_y = rho[:, 0]
     losses = torch.where(

@@ -21,11 +21,14 @@ from preftune.diffusion.schedulers.dcsolver import DCSolverScheduler
 from preftune.diffusion.schedulers.dpmv3 import DPMSolverV3Scheduler
 from preftune.diffusion.schedulers.searched import SearchedStepsDPMSolverScheduler
 from preftune.diffusion.schedulers.timeshift import TimeShiftDDIMScheduler
+from preftune.diffusion.schedulers.usf import USFScheduler
 
 __all__ = [
+    "DCSolverScheduler",
     "DPMSolverV3Scheduler",
     "SearchedStepsDPMSolverScheduler",
     "TimeShiftDDIMScheduler",
+    "USFScheduler",
     "new_configurations",
 ]
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -33,10 +32,11 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
 
+from preftune.diffusion.schedulers.base import CalibratedMixin, ModelFn
+
 __all__ = ["DCSolverScheduler"]
 
 _Base: Any = UniPCMultistepScheduler
-ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def lagrange(values: list[torch.Tensor], times: list[float], at: float) -> torch.Tensor:
@@ -51,7 +51,7 @@ def lagrange(values: list[torch.Tensor], times: list[float], at: float) -> torch
     return out
 
 
-class DCSolverScheduler(_Base):
+class DCSolverScheduler(CalibratedMixin, _Base):
     """UniPC-bh2 with DC-Solver's per-step compensation ratios (plain UniPC without calibration)."""
 
     @register_to_config
@@ -152,15 +152,13 @@ class DCSolverScheduler(_Base):
             x = self.step(eps, t, x).prev_sample
         table = dict(self.config.dc_ratios or {})
         table[str(n)] = ratios
-        defaults = [k for k in self.config.get("_use_default_values", []) if k != "dc_ratios"]
-        self.register_to_config(dc_ratios=table, _use_default_values=defaults)
+        self.keep(dc_ratios=table)
         after = self._final_error(model_fn, samples.double(), ratios, refs[-1])
         return {"before": before, "after": after}
 
     def _eps(self, model_fn: ModelFn, x: torch.Tensor, i: int) -> torch.Tensor:
         sigma = np.array(float(self.sigmas[i]))
-        log_sigmas = np.log(np.sqrt((1 - self.alphas_cumprod.numpy()) / self.alphas_cumprod.numpy()))
-        return model_fn(x, torch.tensor(float(self._sigma_to_t(sigma, log_sigmas)))).to(x.dtype)
+        return model_fn(x, torch.tensor(float(self._sigma_to_t(sigma, self._log_levels())))).to(x.dtype)
 
     def _final_error(
         self, model_fn: ModelFn, x: torch.Tensor, ratios: list[float], ref: torch.Tensor
@@ -176,7 +174,7 @@ class DCSolverScheduler(_Base):
         log-SNR steps per interval; σ = 0 is reached from the schedule's lowest level by the data
         prediction there (as the solvers' own last step)."""
         levels = [float(s) for s in self.sigmas]
-        log_sigmas = np.log(np.sqrt((1 - self.alphas_cumprod.numpy()) / self.alphas_cumprod.numpy()))
+        log_sigmas = self._log_levels()
         lowest = math.exp(float(log_sigmas[0]))
         xt, prev, out = x * math.sqrt(1 + levels[0] ** 2), None, [x]
         for a, b in zip(levels[:-1], levels[1:]):

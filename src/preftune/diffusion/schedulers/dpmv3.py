@@ -27,19 +27,16 @@ The steps are uniform in λ from the top level to ``s(ᾱ_0)``; the output is at
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
+from diffusers.configuration_utils import register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+from preftune.diffusion.schedulers.base import ModelFn, PreftuneScheduler
 
 __all__ = ["DPMSolverV3Scheduler"]
-
-_SchedulerBase: Any = SchedulerMixin
-_ConfigBase: Any = ConfigMixin
-ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _cumtrapz(y: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -57,10 +54,8 @@ def _simpson(y: np.ndarray, x: np.ndarray) -> Any:
     return np.tensordot(w, y, axes=(0, 0))
 
 
-class DPMSolverV3Scheduler(_SchedulerBase, _ConfigBase):
+class DPMSolverV3Scheduler(PreftuneScheduler):
     """DPM-Solver-v3 (2-step multistep predictor) on uniform log-SNR steps; EMS from ``calibrate``."""
-
-    order = 1
 
     @register_to_config
     def __init__(
@@ -79,28 +74,10 @@ class DPMSolverV3Scheduler(_SchedulerBase, _ConfigBase):
         set_alpha_to_one: bool = False,
         timestep_spacing: str = "log-snr",
     ) -> None:
-        if trained_betas is not None:
-            betas = torch.tensor(trained_betas, dtype=torch.float64)
-        elif beta_schedule == "linear":
-            betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
-        elif beta_schedule == "scaled_linear":
-            betas = (
-                torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
-            )
-        else:
-            raise ValueError(
-                f"beta_schedule {beta_schedule!r} is not supported: use 'linear' or 'scaled_linear'"
-            )
+        self._init_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type {prediction_type!r}: use epsilon or v_prediction")
-        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-        ac = self.alphas_cumprod.numpy()
-        self.log_levels = np.log(np.sqrt((1 - ac) / ac))  # log s per integer timestep, increasing
-        self.init_noise_sigma = 1.0
-        self.num_inference_steps: int | None = None
-        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.long)
         self.sigmas = torch.empty(0)
-        self._index = 0
         self._coefs: list[dict[str, Any]] = []
         self._prev: tuple[float, torch.Tensor] | None = None
 
@@ -118,9 +95,6 @@ class DPMSolverV3Scheduler(_SchedulerBase, _ConfigBase):
         bs = np.asarray(stats["b"], np.float64).reshape(len(grid), -1)
         big_s = _cumtrapz(ss, grid)
         return grid, _cumtrapz(1 - ls, grid), big_s, _cumtrapz(np.exp(-big_s)[:, None] * bs, grid), ls
-
-    def _t_of(self, level: float) -> float:
-        return float(np.interp(math.log(level), self.log_levels, np.arange(len(self.log_levels))))
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """Uniform λ steps from the top level to s(ᾱ_0); precomputes each step's coefficients."""
@@ -211,12 +185,7 @@ class DPMSolverV3Scheduler(_SchedulerBase, _ConfigBase):
         ss = (nc * dc).sum((1, 2)) / np.maximum((nc * nc).sum((1, 2)), 1e-12)
         bs = d_n.mean(1) - ss[:, None] * big_n.mean(1)
         stats = {"lambdas": lam.tolist(), "l": ls.tolist(), "s": ss.tolist(), "b": bs.tolist()}
-        # no longer a default: from_config(dict(config)) must keep the statistics
-        defaults = [k for k in self.config.get("_use_default_values", []) if k != "statistics"]
-        self.register_to_config(statistics=stats, _use_default_values=defaults)
-
-    def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
-        return sample
+        self.keep(statistics=stats)
 
     def step(
         self,
@@ -227,9 +196,7 @@ class DPMSolverV3Scheduler(_SchedulerBase, _ConfigBase):
         **kwargs: Any,
     ) -> SchedulerOutput | tuple[torch.Tensor]:
         """One step x(λ_i) → x(λ_{i+1}) (VP samples) from ε_θ (or v_θ) at λ_i."""
-        if self.num_inference_steps is None:
-            raise ValueError("call set_timesteps(num_inference_steps) before step()")
-        i = self._index
+        i = self._next_index()
         c, s = self._coefs[i], float(self.sigmas[i])
         alpha = 1.0 / math.sqrt(1 + s * s)
         eps = model_output
@@ -254,6 +221,3 @@ class DPMSolverV3Scheduler(_SchedulerBase, _ConfigBase):
             return value
         arr = torch.as_tensor(np.asarray(value), dtype=like.dtype).reshape(-1)
         return arr.reshape(like.shape[1:]) if arr.numel() == like[0].numel() else float(arr[0])
-
-    def __len__(self) -> int:
-        return self.config.num_train_timesteps

@@ -18,7 +18,6 @@ The levels are stored in the config (``searched_sigmas``, keyed by the step coun
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -26,14 +25,14 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
 
+from preftune.diffusion.schedulers.base import CalibratedMixin, ModelFn
+
 __all__ = ["SearchedStepsDPMSolverScheduler"]
 
 _Base: Any = DPMSolverMultistepScheduler  # diffusers' scheduler classes are typed loosely
 
-ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-
-class SearchedStepsDPMSolverScheduler(_Base):
+class SearchedStepsDPMSolverScheduler(CalibratedMixin, _Base):
     """DPM-Solver++(2M), uniform log-SNR steps unless ``calibrate`` searched levels for this count."""
 
     @register_to_config
@@ -61,14 +60,10 @@ class SearchedStepsDPMSolverScheduler(_Base):
         self.register_to_config(searched_sigmas=searched_sigmas)
         self.continuous_timesteps: np.ndarray | None = None
 
-    def _log_sigmas(self) -> np.ndarray:
-        ac = self.alphas_cumprod.double().numpy()
-        return np.log(np.sqrt((1 - ac) / ac))
-
     def set_levels(self, levels: list[float], device: str | torch.device | None = None) -> None:
         """Use the noise levels ``s`` (decreasing; σ = 0 is appended) for the next sampling run."""
         super().set_timesteps(len(levels), device=device)
-        log_sigmas = self._log_sigmas()
+        log_sigmas = self._log_levels()
         t = np.array([self._sigma_to_t(np.array(s), log_sigmas) for s in levels], dtype=np.float64)
         self.continuous_timesteps = t
         self.timesteps = torch.from_numpy(t.round().astype(np.int64)).to(device)
@@ -81,7 +76,7 @@ class SearchedStepsDPMSolverScheduler(_Base):
         if found is None or kwargs:
             super().set_timesteps(num_inference_steps, device=device, **kwargs)
             sig = self.sigmas[:-1].double().numpy()
-            self.continuous_timesteps = np.array([self._sigma_to_t(s, self._log_sigmas()) for s in sig])
+            self.continuous_timesteps = np.array([self._sigma_to_t(s, self._log_levels()) for s in sig])
             return
         self.set_levels(list(found), device=device)
 
@@ -108,8 +103,8 @@ class SearchedStepsDPMSolverScheduler(_Base):
         from scipy.optimize import minimize
 
         n = num_inference_steps
-        top = math.exp(float(self._log_sigmas()[-1]))
-        low = math.exp(float(self._log_sigmas()[0]))
+        top = math.exp(float(self._log_levels()[-1]))
+        low = math.exp(float(self._log_levels()[0]))
         grid = list(np.exp(np.linspace(math.log(top), math.log(low), reference_steps)))
         reference = self._solve(model_fn, samples.double(), grid)
 
@@ -129,5 +124,5 @@ class SearchedStepsDPMSolverScheduler(_Base):
         z = best.x if best.fun < before else z0
         table = dict(self.config.searched_sigmas or {})
         table[str(n)] = [float(s) for s in levels(z)]
-        self.register_to_config(searched_sigmas=table)
+        self.keep(searched_sigmas=table)
         return {"before": before, "after": min(before, float(best.fun))}

@@ -30,20 +30,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
+from diffusers.configuration_utils import register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+from preftune.diffusion.schedulers.base import PreftuneScheduler
 
 __all__ = ["TimeShiftDDIMScheduler"]
 
-# diffusers' mixins are typed loosely (config is a FrozenDict read by attribute): seen as Any by mypy
-_SchedulerBase: Any = SchedulerMixin
-_ConfigBase: Any = ConfigMixin
 
-
-class TimeShiftDDIMScheduler(_SchedulerBase, _ConfigBase):
+class TimeShiftDDIMScheduler(PreftuneScheduler):
     """Deterministic DDIM with Li et al.'s time-shift rule; ``window_size=0`` is exactly DDIM."""
-
-    order = 1
 
     @register_to_config
     def __init__(
@@ -61,32 +57,13 @@ class TimeShiftDDIMScheduler(_SchedulerBase, _ConfigBase):
         window_size: int = 40,
         cutoff_timestep: int = 300,
     ) -> None:
-        if trained_betas is not None:
-            betas = torch.tensor(trained_betas, dtype=torch.float64)
-        elif beta_schedule == "linear":
-            betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
-        elif beta_schedule == "scaled_linear":
-            betas = (
-                torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
-            )
-        else:
-            raise ValueError(
-                f"beta_schedule {beta_schedule!r} is not supported: use 'linear' or 'scaled_linear'"
-            )
+        self._init_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
         if clip_sample:
             raise ValueError("clip_sample=True is not supported by the time-shift sampler: set it to False")
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"prediction_type {prediction_type!r}: use epsilon, v_prediction or sample")
-        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
-        self.init_noise_sigma = 1.0
-        self.num_inference_steps: int | None = None
-        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.long)
         self._nominal: list[int] = []
-        self._index = 0
-
-    def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
-        return sample
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """The DDIM grid for ``num_inference_steps`` steps (``leading``, ``trailing`` or ``linspace``)."""
@@ -134,9 +111,7 @@ class TimeShiftDDIMScheduler(_SchedulerBase, _ConfigBase):
         **kwargs: Any,
     ) -> SchedulerOutput | tuple[torch.Tensor]:
         """One DDIM step from ``timestep`` (possibly shifted) to the next timestep, then the shift."""
-        if self.num_inference_steps is None:
-            raise ValueError("call set_timesteps(num_inference_steps) before step()")
-        i, t = self._index, int(timestep)
+        i, t = self._next_index(), int(timestep)
         last = i + 1 >= len(self._nominal)
         x0, eps = self._x0_eps(model_output, t, sample)
         nxt = -1 if last else self._nominal[i + 1]
@@ -146,6 +121,3 @@ class TimeShiftDDIMScheduler(_SchedulerBase, _ConfigBase):
             self.timesteps[i + 1] = self.shifted(prev, nxt, t)  # relabels the sample's time only
         self._index = i + 1
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
-
-    def __len__(self) -> int:
-        return self.config.num_train_timesteps
