@@ -136,7 +136,9 @@ def test_search_lowers_the_error_on_other_trajectories_and_is_kept(tmp_path) -> 
     gmm = GaussianMixture.random(components=8, dim=2, seed=0)
     sched = USFScheduler.from_config(SD_CONFIG)
     noise = torch.from_numpy(gmm.sample(64, np.random.default_rng(1), s=S_TOP) / np.sqrt(1 + S_TOP**2))
-    result = sched.calibrate(gmm_model_fn(gmm, sched.alphas_cumprod), noise, 5, reference_steps=200, max_evals=150)
+    result = sched.calibrate(
+        gmm_model_fn(gmm, sched.alphas_cumprod), noise, 5, reference_steps=200, max_evals=150
+    )
     assert result["after"] < 0.8 * result["before"], result
     found = sched.config.solver_schedules["5"]
     assert found["sigmas"][0] == pytest.approx(S_TOP) and len(found["predictor_orders"]) == 5
@@ -149,3 +151,18 @@ def test_search_lowers_the_error_on_other_trajectories_and_is_kept(tmp_path) -> 
     searched = solver_error(lambda: USFScheduler.from_config(dict(sched.config)), gmm, x, S_TOP, 5)
     plain = solver_error(lambda: USFScheduler.from_config(SD_CONFIG), gmm, x, S_TOP, 5)
     assert searched < 0.8 * plain, (plain, searched)
+
+
+@pytest.mark.slow
+def test_searched_usf_halves_the_best_diffusers_error_at_10_nfe() -> None:
+    # the goal's setting: 8 components in 4 dimensions, SD's schedule, 256 test trajectories (seed 0);
+    # the schedule is searched on 2048 other trajectories (seed 1). Measured 0.028 against 0.093.
+    gmm = GaussianMixture.random(components=8, dim=4, seed=0)
+    sched = USFScheduler.from_config(SD_CONFIG)
+    noise = torch.from_numpy(gmm.sample(2048, np.random.default_rng(1), s=S_TOP) / np.sqrt(1 + S_TOP**2))
+    sched.calibrate(gmm_model_fn(gmm, sched.alphas_cumprod), noise, 10)
+    x = gmm.sample(256, np.random.default_rng(0), s=S_TOP)
+    ours = solver_error(lambda: USFScheduler.from_config(dict(sched.config)), gmm, x, S_TOP, 10)
+    lu = {**SD_CONFIG, "use_lu_lambdas": True}
+    best_diffusers = solver_error(lambda: DPMSolverMultistepScheduler.from_config(lu), gmm, x, S_TOP, 10)
+    assert ours <= 0.5 * best_diffusers, (ours, best_diffusers)

@@ -10,6 +10,8 @@ Use any of them in a pipeline with ``pipe.scheduler = X.from_config(pipe.schedul
 - :class:`SearchedStepsDPMSolverScheduler` — DPM-Solver++(2M) on noise levels searched by
   ``calibrate(model_fn, samples, num_inference_steps)`` (the time-step search of USF, Liu et al.
   2023, arXiv 2312.07243).
+- :class:`USFScheduler` — USF (Liu et al. 2024, arXiv 2312.07243): an exponential-integrator
+  predictor-corrector whose levels and per-step predictor/corrector orders ``calibrate`` searches.
 """
 
 from __future__ import annotations
@@ -37,19 +39,21 @@ def new_configurations(
     calibrate: Callable[[Any], None] | None = None,
     calibrate_v3: Callable[[Any], None] | None = None,
     calibrate_dc: Callable[[Any], None] | None = None,
+    calibrate_usf: Callable[[Any], None] | None = None,
 ) -> dict[str, Callable[[], Any]]:
     """The schedulers this package adds, on SD's config, for the exact benchmark.
 
     ``calibrate(scheduler)`` (optional) runs ``scheduler.calibrate`` of a searched-step scheduler for
     every step count the benchmark uses; ``calibrate_v3(scheduler)`` computes DPM-Solver-v3's
-    statistics, ``calibrate_dc(scheduler)`` searches DC-Solver's ratios for every step count.
-    Without them those rows are left out.
+    statistics, ``calibrate_dc(scheduler)`` searches DC-Solver's ratios and ``calibrate_usf(scheduler)``
+    USF's solver schedules for every step count. Without them those rows are left out.
     """
     from preftune.diffusion.schedulers.exact import SD_CONFIG
 
     rows: dict[str, Callable[[], Any]] = {
         "time-shift DDIM (w 40, t_c 300)": lambda: TimeShiftDDIMScheduler.from_config(SD_CONFIG),
         "DPM-Solver-v3 without statistics": lambda: DPMSolverV3Scheduler.from_config(SD_CONFIG),
+        "USF default (P3 + C2, log-SNR, no search)": lambda: USFScheduler.from_config(SD_CONFIG),
     }
     if calibrate_v3 is not None:
         v3 = DPMSolverV3Scheduler.from_config(SD_CONFIG)
@@ -68,4 +72,9 @@ def new_configurations(
         rows["searched-step DPM++2M (calibrated)"] = lambda: SearchedStepsDPMSolverScheduler.from_config(
             config
         )
+    if calibrate_usf is not None:
+        usf = USFScheduler.from_config(SD_CONFIG)
+        calibrate_usf(usf)
+        usf_config = dict(usf.config)
+        rows["USF (searched schedule)"] = lambda: USFScheduler.from_config(usf_config)
     return rows
