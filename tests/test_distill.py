@@ -4,6 +4,7 @@ micro-batching and `preftune train adpa` (docs/online.md, Distillation)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +38,15 @@ def _naive(rule: str, z: list[torch.Tensor], ratio: float = 1.0) -> torch.Tensor
     logp = z[0].log_softmax(-1)
     if rule == "advantage":
         return -(logp.exp() * (z[1].log_softmax(-1) - z[2].log_softmax(-1))).sum(-1)
-    target = z[1] if rule == "forward_kl" else z[2] + ratio * (z[1] - z[2])
+    if rule == "forward_kl":
+        q = z[1].log_softmax(-1)
+        return (q.exp() * (q - logp)).sum(-1)
+    target = z[2] + ratio * (z[1] - z[2]) if rule == "extrapolated" else z[1] + ratio * (z[1] - z[2])
     q = target.log_softmax(-1)
-    return (q.exp() * (q - logp)).sum(-1)
+    return (logp.exp() * (logp - q)).sum(-1)  # AlignDistil: KL(π_θ ‖ π*)
 
 
-@pytest.mark.parametrize("rule", ["advantage", "forward_kl", "extrapolated"])
+@pytest.mark.parametrize("rule", ["advantage", "forward_kl", "extrapolated", "contrastive"])
 def test_chunked_losses_and_gradients_equal_the_full_logits_formulas(rule: str) -> None:
     heads, states = _heads()
     h = states[0].clone().requires_grad_(True)
@@ -60,6 +64,45 @@ def test_chunked_losses_and_gradients_equal_the_full_logits_formulas(rule: str) 
     torch.testing.assert_close(grads[0], h.grad)
     torch.testing.assert_close(grads[1], heads[0].weight.grad)
     assert bool((got >= -1e-6).all()) or rule == "advantage"  # KL ≥ 0
+
+
+def _identity_head(vocab: int) -> torch.nn.Linear:
+    head = torch.nn.Linear(vocab, vocab, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(vocab))
+    return head  # hidden states are the logits
+
+
+def test_aligndistil_contrastive_teacher_by_hand() -> None:
+    """Two tokens, student logits (0, 0), π_dpo (1, 0), the reverse DPO model (0, 1), k = 1:
+    z* = z_dpo + k(z_dpo − z_dpo⁻) = (2, −1), so π* = (1, e⁻³)/(1 + e⁻³) and
+    KL(π_θ ‖ π*) = Σ ½(log ½ − log π*) = −log 2 + log(1 + e⁻³) + 3/2 = 0.855440..."""
+    head = _identity_head(2)
+    student, dpo, reverse = torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    loss = distill_token_losses(student, head, [dpo, reverse], [head, head], rule="contrastive",
+                                transforms=[T] * 3, ratio=1.0)  # fmt: skip
+    want = -math.log(2) + math.log(1 + math.exp(-3)) + 1.5
+    assert loss.item() == pytest.approx(want, abs=1e-6) and want == pytest.approx(0.855440, abs=1e-6)
+    # Theorem 1's teacher on the same numbers with π_ref = (0, 1): z* = z_ref + k(z_dpo − z_ref) = (1, 0)
+    plain = distill_token_losses(student, head, [dpo, reverse], [head, head], rule="extrapolated",
+                                 transforms=[T] * 3, ratio=1.0)  # fmt: skip
+    assert plain.item() == pytest.approx(-math.log(2) + math.log(1 + math.exp(-1)) + 0.5, abs=1e-6)
+
+
+def test_aligndistil_contrastive_teacher_is_the_dpo_model_at_k_0_or_without_contrast() -> None:
+    """k = 0, or a reverse model equal to the DPO model (z_dpo − z_dpo⁻ = 0 exactly): π* = π_dpo, and
+    the loss is the reverse KL to π_dpo, the same numbers as Theorem 1's teacher at k = 1."""
+    heads, states = _heads()
+    zero = distill_token_losses(states[0], heads[0], states[1:], heads[1:], rule="contrastive",
+                                transforms=[T] * 3, ratio=0.0)  # fmt: skip
+    same = distill_token_losses(states[0], heads[0], [states[1], states[1]], [heads[1], heads[1]],
+                                rule="contrastive", transforms=[T] * 3, ratio=2.5)  # fmt: skip
+    assert torch.equal(zero, same)
+    logp, q = heads[0](states[0]).log_softmax(-1), heads[1](states[1]).log_softmax(-1)
+    torch.testing.assert_close(zero, (logp.exp() * (logp - q)).sum(-1).detach())
+    theorem1 = distill_token_losses(states[0], heads[0], states[1:], heads[1:], rule="extrapolated",
+                                    transforms=[T] * 3, ratio=1.0)  # fmt: skip
+    torch.testing.assert_close(zero, theorem1)
 
 
 def test_adpa_is_exactly_zero_when_the_teacher_equals_its_reference() -> None:
@@ -197,3 +240,11 @@ def test_train_adpa_command_and_config_checks(models: dict[str, Path], tmp_path:
         )[0][2]["ratio"]
         == 2.0
     )
+    reverse = TrainConfig(
+        method="aligndistil", teacher="t", teacher_ref="r", hparams={"contrast": "reverse"}, **base
+    )
+    assert validate(reverse)[0][2] == {"ratio": 1.0, "contrast": "reverse", "on": "chosen"}
+    with pytest.raises(ConfigError, match="contrast"):
+        validate(
+            TrainConfig(method="aligndistil", teacher="t", teacher_ref="r", hparams={"contrast": "x"}, **base)
+        )

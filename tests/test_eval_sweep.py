@@ -12,7 +12,7 @@ import yaml
 from preftune.config import TrainConfig
 from preftune.errors import ConfigError
 from preftune.eval.kl import KLEstimate
-from preftune.eval.sweep import parse_methods, run_sweep
+from preftune.eval.sweep import SweepTask, parse_methods, run_sweep
 
 
 class FakeTrainer:
@@ -257,3 +257,66 @@ def test_sweep_compares_offline_and_online_methods_in_one_report(tmp_path):
     page = (tmp_path / "s" / "sweep.html").read_text()
     assert "<th>sample reward</th>" in page and "<th>zero-signal frac.</th>" in page
     assert '<figure id="plot-curves"><img' in page
+
+
+def test_rto_in_a_sweep_takes_the_sweeps_own_dpo_run_as_its_token_reward(tmp_path):
+    """`--methods dpo,rto`: rto trains with dpo_model = OUT/dpo/final; without a dpo run before it
+    (or when dpo failed), rto fails with the check's message and the other methods still run."""
+    from preftune.config import validate
+
+    seen: list[TrainConfig] = []
+
+    def fake_train(config: TrainConfig) -> SimpleNamespace:
+        validate(config)  # the real trainer's checks
+        seen.append(config)
+        Path(config.out).mkdir(parents=True)
+        return SimpleNamespace(final_dir=Path(config.out) / "final", steps=1, metrics={})
+
+    base = TrainConfig(model="m", data="prefs.jsonl", out="x", progress=False)
+    online = {"prompts": "p.jsonl", "reward": "arithmetic"}
+    result = run_sweep(["dpo", "rto"], base, tmp_path / "a", task=SweepTask([], online=online),
+                       train_fn=fake_train, write=False, log=lambda _m: None)  # fmt: skip
+    assert [(r.method, r.status) for r in result.results] == [("dpo", "ok"), ("rto", "ok")]
+    assert seen[1].dpo_model == str(tmp_path / "a" / "dpo" / "final") and seen[0].dpo_model is None
+    alone = run_sweep(["rto", "grpo"], base, tmp_path / "b", task=SweepTask([], online=online),
+                      train_fn=fake_train, write=False, log=lambda _m: None)  # fmt: skip
+    assert [r.status for r in alone.results] == ["failed", "ok"]
+    assert "list dpo before rto in --methods" in str(alone.results[0].error)
+
+
+def test_builtin_sweep_flags_override_the_online_schedule_too(tmp_path, monkeypatch):
+    """On the built-in task the online methods' schedule (the quickstart's online_* values) yields to
+    the command line like the offline one: --max-steps 3 shortens every run."""
+    import preftune.eval.builtin as builtin
+    import preftune.eval.sweep as sweep
+    from preftune.cli import main
+
+    online = {"prompts": "p.jsonl", "reward": "arithmetic", "max_steps": 100, "lr": 5e-5}
+    task = SweepTask([], online=dict(online))
+    values = {"model": "m", "data": "d.jsonl", "max_steps": 100, "lr": 3e-5}
+    monkeypatch.setattr(builtin, "builtin_task", lambda folder, seed, log: (dict(values), task))
+    captured: dict[str, object] = {}
+
+    def fake_run_sweep(methods, base, out, task, evaluate_fn):
+        captured.update(base=base, online=dict(task.online))
+        return SimpleNamespace(results=[SimpleNamespace(method="grpo", status="ok")])
+
+    monkeypatch.setattr(sweep, "run_sweep", fake_run_sweep)
+    assert (
+        main(
+            [
+                "sweep",
+                "--methods",
+                "grpo",
+                "--out",
+                str(tmp_path / "s"),
+                "--max-steps",
+                "3",
+                "--kl-samples",
+                "0",
+            ]
+        )
+        == 0
+    )
+    assert captured["online"] == {"prompts": "p.jsonl", "reward": "arithmetic", "lr": 5e-5}
+    assert captured["base"].max_steps == 3 and captured["base"].lr == 3e-5  # type: ignore[attr-defined]

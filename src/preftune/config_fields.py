@@ -212,7 +212,11 @@ class TrainConfig:
     teacher: str | None = _f(
         None, "Distillation: the aligned teacher π_dpo (a model folder; the student's vocabulary)."
     )
-    teacher_ref: str | None = _f(None, "Distillation: the teacher's reference π_ref (adpa, aligndistil).")
+    teacher_ref: str | None = _f(
+        None,
+        "Distillation: the teacher's reference π_ref (adpa, aligndistil); aligndistil --contrast reverse: "
+        "a reverse DPO model (DPO on the swapped pairs).",
+    )
     sampler: str | None = _f(
         None, "Online methods: uniform | dapo_filter | reinforce_ada | gvm | vade; default: the method's."
     )

@@ -98,4 +98,7 @@ def _validate_ppo(config: Any, estimator: str) -> None:
     if config.lora:
         raise ConfigError(f"method '{config.method}': the value head needs full fine-tuning, not lora (yet)")
     if config.method == "rto" and not config.dpo_model:
-        raise ConfigError("method 'rto' needs dpo_model (--dpo-model PATH): a DPO model trained from `model`")
+        raise ConfigError(
+            "method 'rto' needs dpo_model (--dpo-model PATH): a DPO model trained from `model` "
+            "(in a sweep: list dpo before rto in --methods and its run serves)"
+        )

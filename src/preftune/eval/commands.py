@@ -233,11 +233,14 @@ def _sweep(args: argparse.Namespace) -> int:
             seed=int(overrides.get("seed", file_values.seed if file_values else 0)),
             log=print,
         )
+        in_file: dict[str, Any] = {}
         if args.config:  # precedence: built-in schedule < --config YAML < command line
             import yaml
 
             in_file = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}
             values = {k: v for k, v in values.items() if k not in in_file}
+        # the online methods' schedule yields to the same keys (--max-steps 20 shortens every run)
+        task.online = {k: v for k, v in task.online.items() if k not in in_file and k not in overrides}
         base = load_config(args.config, {**values, **overrides, "method": methods[0], "out": str(out)})
         task.prompts = task.prompts[: args.kl_prompts]
     evaluator = PolicyEvaluator(base, task, kl_samples=args.kl_samples, max_new_tokens=args.kl_max_new_tokens)

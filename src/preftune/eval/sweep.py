@@ -133,6 +133,17 @@ def method_config(base: Any, method: str, out: Path, cache_dir: Path, online: Ma
     return dataclasses.replace(base, report=False, **changes)
 
 
+def with_sweep_dpo_model(config: Any, results: Sequence[MethodResult]) -> Any:
+    """RTO's token reward in a sweep: without `dpo_model`, the sweep's own `dpo` run (listed before
+    rto in --methods) serves, as the quickstart's DPO model does for `quickstart --method rto`."""
+    if config.method.strip() != "rto" or config.dpo_model:
+        return config
+    done = [r for r in results if r.method == "dpo" and r.status == "ok"]
+    if not done:
+        return config  # the run fails with the check's message (method_checks: rto needs dpo_model)
+    return dataclasses.replace(config, dpo_model=str(Path(done[-1].run_dir) / "final"))
+
+
 def cache_snapshot(cache_dir: Path) -> dict[str, tuple[int, int]]:
     """path → (size, mtime_ns) of the reference-cache files (the trainer's layout: CACHE/reference/**)."""
     folder = cache_dir / "reference"
@@ -199,6 +210,7 @@ def run_sweep(
         for i, method in enumerate(methods, start=1):
             log(f"sweep [{i}/{len(methods)}] {method} → {out / method}")
             config = method_config(base, method, out, cache_dir, task.online if task else {})
+            config = with_sweep_dpo_model(config, results)
             results.append(_run_method(config, train_fn, evaluate_fn, log))
             if write:  # after every method, so an interrupted sweep still leaves its numbers
                 write_sweep_json(summarise())

@@ -4,7 +4,8 @@ teacher distributions, computed one chunk of positions at a time (`preftune.mode
     term         per position s_t of the chosen by `on` branches          teachers
     adpa         −Σ_a π_θ(a|s_t) (log π_dpo(a|s_t) − log π_ref(a|s_t))   π_dpo and its reference π_ref
     dckd         KL(π_dpo(·|s_t) ‖ π_θ(·|s_t))                            π_dpo
-    aligndistil  KL(softmax(z_ref + k(z_dpo − z_ref)) ‖ π_θ(·|s_t))       π_dpo and π_ref, k = β_dpo/β
+    aligndistil  KL(π_θ(·|s_t) ‖ softmax(z_ref + k(z_dpo − z_ref)))       π_dpo and π_ref, k = β_dpo/β
+                 contrast=reverse: KL(π_θ ‖ softmax(z_dpo + k(z_dpo − z_dpo⁻)))  π_dpo and π_dpo⁻
 
 A term's loss is the sum over its positions divided by the global count of those positions (every
 micro-batch of every rank), so gradients do not depend on the micro-batch size. Terms combine by the
@@ -94,26 +95,45 @@ def dckd(
 
 @_register(
     "aligndistil",
-    paper="Zhang et al. 2025, AlignDistil: token-level distillation towards DPO-extrapolated logits",
-    equation="L = mean_t KL(softmax(z_ref + k(z_dpo − z_ref)) ‖ π_θ), k = β_dpo/β",
-    on="both",
+    paper="Zhang et al. 2025, AlignDistil: Token-Level Language Model Alignment as Adaptive Policy "
+    "Distillation (Theorem 1; contrastive DPO reward)",
+    equation="L = mean_t KL(π_θ(·|s_t) ‖ softmax(z*)), z* = z_ref + k(z_dpo − z_ref) (Theorem 1) or "
+    "z* = z_dpo + k(z_dpo − z_dpo⁻) (contrastive), k = β₀/β",
+    on="chosen",
     teachers=2,
     hparams={
         "ratio": HParam(
-            1.0, "k = β_dpo/β (the paper's β₀/β): 1 distils π_dpo itself, > 1 extrapolates past it", low=0.0
-        )
+            1.0,
+            "k = β₀/β (β₀: the DPO model's β, β: the RLHF KL weight): 1 with contrast=reference "
+            "distils π_dpo itself, > 1 extrapolates past it",
+            low=0.0,
+        ),
+        "contrast": HParam(
+            "reference",
+            "what --teacher-ref is: 'reference' (π_ref, the model DPO started from; Theorem 1) or "
+            "'reverse' (a reverse DPO model π_dpo⁻, trained on the pairs with chosen and rejected swapped: "
+            "the contrastive DPO reward)",
+            choices=("reference", "reverse"),
+        ),
     },
 )
 def aligndistil(
     student: torch.Tensor, head: Any, teachers: list[torch.Tensor], heads: list[Any], **kw: Any
 ) -> torch.Tensor:
-    """AlignDistil: with the DPO reward r = β_dpo(log π_dpo − log π_ref) and a KL weight β towards
-    π_ref, the RLHF optimum is π* ∝ π_ref (π_dpo/π_ref)^k, k = β_dpo/β (the paper's β₀/β), i.e. the
-    token logits z* = z_ref + k(z_dpo − z_ref); the student is distilled towards softmax(z*) token by
-    token (forward KL). The contrastive (reverse-DPO) teacher and the per-token adaptive ratio of the
-    paper are not implemented."""
+    """AlignDistil. Theorem 1: with the DPO reward r = β₀(log π_dpo − log π_ref) and a KL weight β
+    towards π_ref, the RLHF objective equals token-level distillation of the policy towards
+    π* ∝ π_ref (π_dpo/π_ref)^k, k = β₀/β, i.e. the logits z* = z_ref + k(z_dpo − z_ref); its loss at
+    each position is the policy's KL to π*, KL(π_θ(·|s_t) ‖ π*(·|s_t)) (reverse KL, as the RLHF
+    objective's expectation is over the policy). The contrastive DPO reward (`contrast="reverse"`)
+    replaces π_ref by a reverse DPO model π_dpo⁻ (DPO on the swapped pairs) and extrapolates from
+    π_dpo: z* = z_dpo + k(z_dpo − z_dpo⁻), i.e. π* ∝ π_dpo (π_dpo/π_dpo⁻)^k; k = 0 distils π_dpo
+    itself (DCKD's teacher, in the reverse direction). Positions: the chosen responses (the paper's
+    off-policy setting). Deviations: the loss is not multiplied by β (a constant scale), and the
+    paper's token-adaptive ratio k_t (from the total variation between the two teachers) is not
+    implemented: k is one constant."""
+    rule = "contrastive" if kw["contrast"] == "reverse" else "extrapolated"
     return distill_token_losses(
-        student, head, teachers, heads, rule="extrapolated", transforms=kw["transforms"], ratio=kw["ratio"]
+        student, head, teachers, heads, rule=rule, transforms=kw["transforms"], ratio=kw["ratio"]
     )
 
 

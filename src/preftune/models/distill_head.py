@@ -5,11 +5,13 @@ through their LM heads `chunk_tokens` positions at a time; the chunk's per-token
 the chunk's logits and the chunk is checkpointed, so neither forward nor backward holds a
 `[M, vocab]` tensor of any model — only `[chunk, vocab]` ones.
 
-    rule         per-token loss (p = π_θ, the student; q = π_dpo, r = π_ref the teachers)
-    advantage    −Σ_a p(a) · (log q(a) − log r(a))                     ADPA (Gao et al. 2025)
+    rule         per-token loss (p = π_θ, the student; q = π_dpo and r the second teacher)
+    advantage    −Σ_a p(a) · (log q(a) − log r(a)),  r = π_ref          ADPA (Gao et al. 2025)
     forward_kl   Σ_a q(a) (log q(a) − log p(a))                         DCKD (Gao et al. 2025)
-    extrapolated Σ_a q*(a) (log q*(a) − log p(a)),  q* = softmax(z_r + k (z_q − z_r))
+    extrapolated Σ_a p(a) (log p(a) − log q*(a)),  q* = softmax(z_r + k (z_q − z_r)),  r = π_ref
                                                                          AlignDistil (Zhang et al. 2025)
+    contrastive  Σ_a p(a) (log p(a) − log q*(a)),  q* = softmax(z_q + k (z_q − z_r)),  r = π_dpo⁻
+                 (a reverse DPO model)                                   AlignDistil, contrastive reward
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from preftune.errors import ConfigError
 from preftune.models.logprobs import _CHUNK_ELEMENTS, LogitTransform
 
-RULES = ("advantage", "forward_kl", "extrapolated")
+RULES = ("advantage", "forward_kl", "extrapolated", "contrastive")
 
 
 def _logits(hidden: torch.Tensor, head: torch.nn.Module, transform: LogitTransform) -> torch.Tensor:
@@ -47,13 +49,17 @@ def _chunk_loss(
             z_r = _logits(teachers[1], heads[2], transforms[2])
             if rule == "advantage":
                 target = z_q.log_softmax(-1) - z_r.log_softmax(-1)  # A(s_t, ·): exactly 0 when q = r
-            else:
+            elif rule == "extrapolated":
                 target = (z_r + ratio * (z_q - z_r)).log_softmax(-1)
+            else:  # contrastive: extrapolate π_dpo away from the reverse DPO model
+                target = (z_q + ratio * (z_q - z_r)).log_softmax(-1)
             del z_r
         del z_q
     if rule == "advantage":
         return -(logp.exp() * target).sum(-1)
-    return (target.exp() * (target - logp)).sum(-1)
+    if rule == "forward_kl":
+        return (target.exp() * (target - logp)).sum(-1)
+    return (logp.exp() * (logp - target)).sum(-1)  # AlignDistil: the student's KL to q* (reverse KL)
 
 
 def distill_token_losses(
@@ -69,7 +75,8 @@ def distill_token_losses(
 ) -> torch.Tensor:
     """Per-position losses [M] float32 of `rule` (see the module table), differentiable with respect
     to the student's hidden states and head. `teacher_hiddens` / `teacher_heads`: [π_dpo] for
-    `forward_kl`, [π_dpo, π_ref] for `advantage` and `extrapolated` (k = `ratio`); `transforms`:
+    `forward_kl`, [π_dpo, π_ref] for `advantage` and `extrapolated`, [π_dpo, π_dpo⁻] for
+    `contrastive` (k = `ratio`); `transforms`:
     student's, then each teacher's logit transform. Chunks of `chunk_tokens` positions (default
     2^22 / vocab), each checkpointed when autograd is on."""
     if rule not in RULES:
