@@ -3,7 +3,8 @@
 `builtin_task(folder)` runs the quickstart's preparation once (SFT from scratch, self-sampled and
 verifier-labelled pairs, held-out prompts, the SFT model's accuracy) and records what it made in
 `folder/task.json`; a later sweep into the same folder with the same seed and the same quickstart
-recipe (QuickstartConfig) reuses it instead of training the SFT model again.
+recipe (QuickstartConfig, apart from the training schedules: `SCHEDULE` and the `online_*` fields)
+reuses it instead of training the SFT model again.
 """
 
 from __future__ import annotations
