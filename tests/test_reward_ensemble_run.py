@@ -74,3 +74,87 @@ def test_bad_ensemble_settings_are_refused(ens, capsys):
     assert "--aggregate max: use one of mean, min, uwo, median" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="ensemble aggregator 'max'"):
         load_reward(f"ensemble:max:{ens / 'ens' / 'final'}")
+
+
+# ---- M heads on one trunk (--heads M) ----
+
+
+def _train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "rm", "--model", str(model), "--data", str(data), "--out", str(out), "--max-steps", "3",
+            "--batch-size", "4", "--lr", "1e-2", "--max-grad-norm", "0", "--warmup-ratio", "0", *extra]  # fmt: skip
+
+
+def test_heads_ensemble_is_one_classifier_with_m_heads_aggregated(ens):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = ens / "heads"
+    assert main(_train_args(ens / "sft", ens / "prefs.jsonl", out, "--heads", "3", "--aggregate", "min")) == 0
+    final = out / "final"
+    assert json.loads((final / "ensemble.json").read_text()) == {"heads": 3, "aggregate": "min", "lam": 0.5}
+    model = AutoModelForSequenceClassification.from_pretrained(final).eval()
+    tok = AutoTokenizer.from_pretrained(final)
+    assert model.config.num_labels == 3
+    prompts, completions = ["1+2=", "3+4=", "1+1="], ["3.", "9x.", "2."]
+    with torch.no_grad():  # the model's own forward, one unpadded row per completion (EOS appended)
+        own = torch.stack([
+            model(torch.tensor([tok(p + c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]])).logits[0]
+            for p, c in zip(prompts, completions)
+        ]).double()  # [N, 3]  # fmt: skip
+    assert len({tuple(col.tolist()) for col in own.T}) == 3  # three different heads
+    got = load_reward(str(final))(prompts, completions)
+    torch.testing.assert_close(got, own.min(1).values, atol=1e-5, rtol=0)
+    uwo = load_reward(f"ensemble:uwo:{final}")(prompts, completions)
+    torch.testing.assert_close(uwo, own.mean(1) - 0.5 * own.var(1, unbiased=False), atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="3 labels; a reward model has 1"):
+        RewardModelFn(final)
+    assert main(["eval", str(out), "--data", str(ens / "prefs.jsonl")]) == 0
+    metrics = json.loads((out / "eval.json").read_text())["metrics"]
+    rows = pair_rows(8, seed=1)
+    reward = load_reward(str(final))
+    s_c = reward([r["prompt"] for r in rows], [r["chosen"] for r in rows])
+    s_r = reward([r["prompt"] for r in rows], [r["rejected"] for r in rows])
+    assert metrics["accuracy"] == pytest.approx(float((s_c > s_r).double().mean()))
+    assert metrics["margin"] == pytest.approx(float((s_c - s_r).mean()), abs=1e-5)
+
+
+def test_m_identical_heads_train_exactly_as_one_head(ens):
+    """A pair's loss is the mean of its heads' losses: with M copies of one head the loss is that head's,
+    the trunk's gradient is the single head's, and each copy's gradient is 1/M of it — Adam's update is
+    scale-free, so (clipping off) the trunk and every copy follow the single-head run step for step."""
+    from preftune.reward.scoring import load_scorer
+
+    torch.manual_seed(5)
+    one = load_scorer(ens / "sft")
+    three = load_scorer(ens / "sft", num_labels=3)
+    with torch.no_grad():
+        three.score.weight.copy_(one.score.weight.repeat(3, 1))
+    tok = (ens / "sft" / "tokenizer.json").read_text()
+    for name, model in (("one", one), ("three", three)):
+        model.save_pretrained(ens / f"init-{name}")
+        (ens / f"init-{name}" / "tokenizer.json").write_text(tok)
+        for f in ("tokenizer_config.json", "special_tokens_map.json"):
+            if (ens / "sft" / f).is_file():
+                (ens / f"init-{name}" / f).write_text((ens / "sft" / f).read_text())
+    data = ens / "prefs.jsonl"
+    assert main(_train_args(ens / "init-one", data, ens / "run-one")) == 0
+    assert main(_train_args(ens / "init-three", data, ens / "run-three", "--heads", "3")) == 0
+    a = load_scorer(ens / "run-one" / "final")
+    b = load_scorer(ens / "run-three" / "final", num_labels=3)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        expected = p.detach().repeat(3, 1) if name == "score.weight" else p.detach()
+        torch.testing.assert_close(q.detach(), expected, atol=2e-5, rtol=0, msg=name)
+    logs = [
+        [json.loads(x) for x in (ens / f"run-{n}" / "metrics.jsonl").read_text().splitlines()]
+        for n in ("one", "three")
+    ]
+    assert [r["loss"] for r in logs[0]] == pytest.approx([r["loss"] for r in logs[1]], abs=1e-5)
+
+
+def test_bad_heads_settings_are_refused(ens, capsys):
+    base = _train_args(ens / "sft", ens / "prefs.jsonl", ens / "y")
+    assert main([*base, "--heads", "1"]) != 0
+    assert "--heads 1: give the number of heads on the trunk, ≥ 2" in capsys.readouterr().err
+    assert main([*base, "--heads", "2", "--ensemble", "2"]) != 0
+    assert "two kinds of ensemble" in capsys.readouterr().err
+    assert main([*base, "--heads", "2", "--aggregate", "max"]) != 0
+    assert "--aggregate max: use one of mean, min, uwo, median" in capsys.readouterr().err

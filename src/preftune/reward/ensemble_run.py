@@ -7,6 +7,16 @@ initialisation and batch order), and writes OUT/final/ensemble.json naming the m
 and the aggregator (`preftune.reward.ensemble.aggregate`: mean, min, uwo, median). OUT/final is then
 a reward (`--reward runs/ens/final`, or `ensemble:AGG:PATH` for another aggregator), and
 `preftune eval OUT` scores held-out pairs with the aggregated reward.
+
+Or M heads on one trunk (Zhang et al. 2024, "Improving Reinforcement Learning from Human Feedback
+with Efficient Reward Model Ensemble", the linear-layer ensemble):
+
+    preftune train rm --model ./sft --data prefs.jsonl --out runs/heads --heads 4 --aggregate min
+
+one run whose model is `AutoModelForSequenceClassification(num_labels=M)`: M scalar heads, each
+initialised from the seeded RNG, read at the same last token; a pair's loss is the mean of the heads'
+losses, so each head is fitted to the data on the shared trunk. OUT/final/ensemble.json says
+`{"heads": M, "aggregate": …}`, and the folder is a reward like a seed ensemble's.
 """
 
 from __future__ import annotations
@@ -40,6 +50,30 @@ def _settings(config: TrainConfig) -> tuple[int, str]:
     return members, how
 
 
+def head_settings(config: TrainConfig) -> tuple[int, str]:
+    """(M, aggregator) of `--heads M`: M ≥ 2, not with --ensemble, pairwise losses only."""
+    raw = config.hparams.get("heads")
+    try:
+        heads = int(str(raw))
+    except ValueError:
+        heads = 0
+    if heads < 2:
+        raise ConfigError(f"--heads {raw}: give the number of heads on the trunk, ≥ 2 (e.g. --heads 4)")
+    if "ensemble" in config.hparams:
+        raise ConfigError("--heads M and --ensemble M are two kinds of ensemble: give one of them")
+    if str(config.hparams.get("loss", "bt")) == "regression":
+        raise ConfigError("--heads trains pairwise losses (bt, bt_margin, …), not --loss regression")
+    how = str(config.hparams.get("aggregate", "mean"))
+    if how not in AGGREGATORS:
+        raise ConfigError(f"--aggregate {how}: use one of {', '.join(AGGREGATORS)}")
+    return heads, how
+
+
+def heads_manifest(heads: int, how: str) -> dict[str, str]:
+    """{file name: text} of a heads ensemble's OUT/final/ensemble.json (the folder is its own member)."""
+    return {MANIFEST: json.dumps({"heads": heads, "aggregate": how, "lam": 0.5}, indent=1) + "\n"}
+
+
 def train_ensemble(config: TrainConfig, log: Any = print) -> Any:
     """Train the members one after the other (each resumable with --resume), then write the manifest."""
     from preftune.reward.training import train_rm
@@ -67,15 +101,31 @@ def train_ensemble(config: TrainConfig, log: Any = print) -> Any:
     return RunResult(out, final, sum(r.steps for r in results), metrics)
 
 
-def read_manifest(folder: str | Path) -> tuple[list[Path], str, float]:
-    """(member folders, aggregator, λ) of an ensemble folder (OUT/final with ensemble.json)."""
+def _manifest(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        members = [(Path(folder) / m).resolve() for m in data["members"]]
-        return members, str(data.get("aggregate", "mean")), float(data.get("lam", 0.5))
+        if "heads" in data:
+            data["heads"] = int(data["heads"])
+        else:
+            data["members"] = [(Path(folder) / m).resolve() for m in data["members"]]
+        data["aggregate"], data["lam"] = str(data.get("aggregate", "mean")), float(data.get("lam", 0.5))
+        return dict(data)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ConfigError(f"{path}: not a reward-model ensemble manifest ({err})") from None
+
+
+def read_manifest(folder: str | Path) -> tuple[list[Path], str, float]:
+    """(member folders, aggregator, λ) of an ensemble folder (OUT/final with ensemble.json); a heads
+    ensemble is its own single member folder (`read_heads` gives its M)."""
+    data = _manifest(folder)
+    members = [Path(folder).resolve()] if "heads" in data else list(data["members"])
+    return members, data["aggregate"], data["lam"]
+
+
+def read_heads(folder: str | Path) -> int:
+    """M of a heads ensemble folder (M heads on one trunk); 0 for an ensemble of seeds."""
+    return int(_manifest(folder).get("heads", 0))
 
 
 def is_ensemble(folder: str | Path) -> bool:
@@ -92,11 +142,14 @@ class EnsembleRewardFn:
         self.how = how or default
         if self.how not in AGGREGATORS:
             raise ConfigError(f"ensemble aggregator '{self.how}': use one of {', '.join(AGGREGATORS)}")
-        self.members = [RewardModelFn(p) for p in paths]
+        self.heads = read_heads(folder)
+        self.members = [RewardModelFn(p, heads=self.heads or 1) for p in paths]
         self.__name__ = f"ensemble:{self.how}:{folder}"
 
     def member_scores(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
-        """[M, N] float64: every member's score of every completion."""
+        """[M, N] float64: every member's (or head's) score of every completion."""
+        if self.heads:
+            return self.members[0].scores(prompts, completions).double().T.contiguous()
         return torch.tensor([m(prompts, completions) for m in self.members], dtype=torch.float64)
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> list[float]:
@@ -113,6 +166,10 @@ def ensemble_pair_scores(
     from preftune.reward.training import all_pair_scores
 
     paths, how, lam = read_manifest(folder)
+    heads = read_heads(folder)
+    if heads:  # M heads on one trunk: all_pair_scores gives [P, M]
+        c, r = all_pair_scores(load_scorer(folder, num_labels=heads), examples, batch_size)
+        return aggregate(c.T, how, lam=lam), aggregate(r.T, how, lam=lam)
     scores = [all_pair_scores(load_scorer(p), examples, batch_size) for p in paths]
     s_c = aggregate(torch.stack([c for c, _ in scores]), how, lam=lam)
     s_r = aggregate(torch.stack([r for _, r in scores]), how, lam=lam)

@@ -9,6 +9,7 @@ chat template, EOS after the completion), so a completion is scored the way its 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from preftune.errors import ConfigError
 class RewardModelFn:
     """Scores completions with the reward model in `path` (loaded once, eval mode, no gradient)."""
 
-    def __init__(self, path: str | Path, *, batch_prompts: int = 8) -> None:
+    def __init__(self, path: str | Path, *, batch_prompts: int = 8, heads: int = 1) -> None:
         from preftune.data.formatting import load_tokenizer
         from preftune.reward.scoring import load_scorer
 
@@ -32,21 +33,27 @@ class RewardModelFn:
                 "preftune train rm (OUT/final) or AutoModelForSequenceClassification.save_pretrained"
             )
         self.path = folder
-        self.model = load_scorer(folder)
-        if int(getattr(self.model.config, "num_labels", 1)) != 1:
+        labels = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("id2label")
+        if labels is not None and len(labels) != heads:
             raise ConfigError(
-                f"reward model folder {folder}: {self.model.config.num_labels} labels; a reward model has 1"
+                f"reward model folder {folder}: {len(labels)} labels; a reward model has 1 "
+                f"(M heads on one trunk: a folder of preftune train rm --heads M, with its ensemble.json)"
             )
+        self.model = load_scorer(folder, num_labels=heads)
         self.tokenizer = load_tokenizer(str(folder))
         self.batch_prompts = batch_prompts
         self.__name__ = f"model:{folder}"
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> list[float]:
+        return [float(v) for v in self.scores(prompts, completions)] if completions else []
+
+    def scores(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+        """Scores [N] float32 of the completions ([N, M] for a model with M heads)."""
         from preftune.data.pipeline import prepare_examples
         from preftune.reward.scoring import branch_scores
 
         if not completions:
-            return []
+            return torch.zeros(0)
         records = [{"prompt": p, "completion": c, "label": True} for p, c in zip(prompts, completions)]
         prepared = prepare_examples(
             records, tokenizer=self.tokenizer, kind="unpaired", use_cache=False, num_proc=1
@@ -58,9 +65,9 @@ class RewardModelFn:
                 groups[-1][1].append(e.response_ids[0])
             else:
                 groups.append((e.prompt_ids, [e.response_ids[0]]))
-        out: list[float] = []
+        out: list[torch.Tensor] = []
         with torch.no_grad():
             for start in range(0, len(groups), self.batch_prompts):
                 part = groups[start : start + self.batch_prompts]
-                out += branch_scores(self.model, [g[0] for g in part], [g[1] for g in part]).tolist()
-        return out
+                out.append(branch_scores(self.model, [g[0] for g in part], [g[1] for g in part]))
+        return torch.cat(out)

@@ -120,6 +120,7 @@ class ScorerTask:
              the end (None: no held-out data).
     sorted_batches: hand the batch's examples over in data order (a prompt's solutions adjacent).
     files:   extra files written into OUT/final/ (name → text).
+    num_labels: the scorer's outputs (M > 1: M heads on one trunk, `preftune train rm --heads M`).
     """
 
     header: str
@@ -129,6 +130,7 @@ class ScorerTask:
     evaluate: Callable[[Any], dict[str, float]] | None = None
     sorted_batches: bool = False
     files: dict[str, str] = field(default_factory=dict)
+    num_labels: int = 1
 
 
 @dataclass
@@ -163,7 +165,7 @@ def run_scorer(config: TrainConfig, load: Callable[[Any], ScorerTask], log: Any)
     tokenizer = load_tokenizer(config.tokenizer or config.model)
     task = load(tokenizer)
     total = phase_steps(config, [task.data])[0]
-    model = load_scorer(config.model, dtype=config.dtype)
+    model = load_scorer(config.model, dtype=config.dtype, num_labels=task.num_labels)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, config)

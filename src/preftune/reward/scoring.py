@@ -23,18 +23,23 @@ from preftune.models.packing import RowBatch, build_packed, build_padded, packin
 
 
 def load_scorer(
-    path: str | Path, *, dtype: str | torch.dtype = "float32", attn_implementation: str | None = None
+    path: str | Path,
+    *,
+    dtype: str | torch.dtype = "float32",
+    attn_implementation: str | None = None,
+    num_labels: int = 1,
 ) -> Any:
     """`AutoModelForSequenceClassification(num_labels=1)` from a folder or hub id, in eval mode.
 
     A causal-LM folder (e.g. an SFT model) loads too: its trunk is kept and a new scalar head is
     initialised from the global RNG (seed it first). `config.pad_token_id` falls back to the EOS id,
-    which the model's own batched forward needs to find each row's last token.
+    which the model's own batched forward needs to find each row's last token. `num_labels` M > 1: M
+    scalar heads on the one trunk (a heads ensemble, `preftune train rm --heads M`).
     """
     from transformers import AutoModelForSequenceClassification
 
     source = _check_source(path)
-    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), "num_labels": 1}
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), "num_labels": num_labels}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     from transformers.utils import logging as hf_logging
@@ -82,6 +87,7 @@ def branch_scores(
     source_rows: list[int] | None = None,
 ) -> torch.Tensor:
     """Scalar scores [N] float32 of every response branch, flat: prompt 0 branch 0, prompt 0 branch 1, …
+    ([N, M] for a model with M heads, `load_scorer(..., num_labels=M)`).
 
     `pack=True` runs each prompt once with its K responses as branches of one packed row (falls back to
     padded rows, with a warning, where the architecture's attention takes no custom mask); `pack=False`

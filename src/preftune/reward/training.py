@@ -91,7 +91,8 @@ def pair_scores(model: Any, batch: list[Example]) -> tuple[torch.Tensor, torch.T
 
 def _batch_losses(model: Any, part: list[Example], loss_fn: RMLoss | None) -> tuple[torch.Tensor, ...]:
     """(per-example losses, a, b): pairs give (loss, s_c, s_r); rated responses (loss_fn None, the
-    `regression` loss) give ((s − rating)², s, rating)."""
+    `regression` loss) give ((s − rating)², s, rating). With M heads a pair's loss is the mean of the
+    heads' losses and s_c, s_r the heads' mean scores."""
     if loss_fn is None:
         from preftune.reward.losses import regression
         from preftune.reward.rated import rated_scores
@@ -99,7 +100,11 @@ def _batch_losses(model: Any, part: list[Example], loss_fn: RMLoss | None) -> tu
         scores, ratings = rated_scores(model, part)
         return regression(scores, ratings), scores, ratings
     s_c, s_r = pair_scores(model, part)
-    return loss_fn(s_c, s_r, pair_margins(part)), s_c, s_r
+    m = pair_margins(part)
+    if s_c.dim() == 2:  # M heads on one trunk: each head's loss, averaged over the heads
+        m = None if m is None else m.to(s_c)[:, None].expand_as(s_c)
+        return loss_fn(s_c, s_r, m).mean(-1), s_c.mean(-1), s_r.mean(-1)
+    return loss_fn(s_c, s_r, m), s_c, s_r
 
 
 def _step(model: Any, params: list[torch.nn.Parameter], opt: Any, sched: Any, batch: list[Example],
@@ -151,22 +156,33 @@ def pair_metrics(s_c: torch.Tensor, s_r: torch.Tensor, examples: list[Example], 
 
 
 def evaluate_pairs(
-    model: Any, examples: list[Example], loss_fn: RMLoss, batch_size: int = 8, *, gaps: list | None = None
+    model: Any,
+    examples: list[Example],
+    loss_fn: RMLoss,
+    batch_size: int = 8,
+    *,
+    gaps: list | None = None,
+    how: str = "mean",
 ) -> dict[str, float]:
-    """`pair_metrics` of `model` on `examples`."""
+    """`pair_metrics` of `model` on `examples`; a model with M heads is scored by its heads' scores
+    aggregated by `how` (`preftune.reward.ensemble.aggregate`)."""
+    from preftune.reward.ensemble import aggregate
+
     s_c, s_r = all_pair_scores(model, examples, batch_size)
+    if s_c.dim() == 2:
+        s_c, s_r = aggregate(s_c.T, how), aggregate(s_r.T, how)
     return pair_metrics(s_c, s_r, examples, loss_fn, gaps)
 
 
 def evaluate_held_out(
-    model: Any, examples: list[Example], loss_fn: RMLoss | None, batch_size: int
+    model: Any, examples: list[Example], loss_fn: RMLoss | None, batch_size: int, how: str = "mean"
 ) -> dict[str, float]:
     """Pairs: `evaluate_pairs`; rated responses (loss_fn None): `preftune.reward.rated.evaluate_rated`."""
     if loss_fn is None:
         from preftune.reward.rated import evaluate_rated
 
         return evaluate_rated(model, examples, batch_size)
-    return evaluate_pairs(model, examples, loss_fn, batch_size)
+    return evaluate_pairs(model, examples, loss_fn, batch_size, how=how)
 
 
 def train_rm(config: TrainConfig, log: Any = print) -> Any:
@@ -175,15 +191,19 @@ def train_rm(config: TrainConfig, log: Any = print) -> Any:
     `preftune.reward.losses` ("bt", "bt:1,center:0.01"; default "bt"). Returns the `RunResult`
     (final/ is the reward-model folder)."""
     loss = str(config.hparams.get("loss", "bt"))
-    others = sorted(set(config.hparams) - {"loss", "ensemble", "aggregate"})
+    others = sorted(set(config.hparams) - {"loss", "ensemble", "aggregate", "heads"})
     if others:
         raise ConfigError(
-            f"preftune train rm takes --loss (e.g. bt, 'bt:1,center:0.01'), --ensemble M and --aggregate, "
-            f"not {', '.join(others)}"
+            f"preftune train rm takes --loss (e.g. bt, 'bt:1,center:0.01'), --ensemble M or --heads M, "
+            f"and --aggregate, not {', '.join(others)}"
         )
     loss_fn = None if loss == "regression" else parse_rm_loss(loss)  # regression: rating data
     check_config(config)
-    if "ensemble" in config.hparams or "aggregate" in config.hparams:
+    if "heads" in config.hparams:
+        from preftune.reward.ensemble_run import head_settings
+
+        head_settings(config)  # refuses a bad count, --ensemble with it, and rating data
+    elif "ensemble" in config.hparams or "aggregate" in config.hparams:
         from preftune.reward.ensemble_run import train_ensemble
 
         return train_ensemble(config, log)
@@ -195,8 +215,11 @@ def train_rm(config: TrainConfig, log: Any = print) -> Any:
 
 
 def _train(config: TrainConfig, loss_fn: RMLoss | None, loss: str, log: Any) -> Any:
+    from preftune.reward.ensemble_run import head_settings, heads_manifest
     from preftune.reward.rated import rated_examples
     from preftune.train.api import RunResult
+
+    heads, how = head_settings(config) if "heads" in config.hparams else (1, "mean")
 
     def load(tokenizer: Any) -> ScorerTask:
         read = rm_examples if loss_fn is not None else rated_examples
@@ -211,10 +234,12 @@ def _train(config: TrainConfig, loss_fn: RMLoss | None, loss: str, log: Any) -> 
             lambda model, params, opt, sched, batch: _step(model, params, opt, sched, batch, loss_fn, config),
             shown="accuracy",
             evaluate=(
-                (lambda model: evaluate_held_out(model, held_out, loss_fn, config.eval_batch_size or 8))
+                (lambda model: evaluate_held_out(model, held_out, loss_fn, config.eval_batch_size or 8, how))
                 if held_out
                 else None
             ),
+            files=heads_manifest(heads, how) if heads > 1 else {},
+            num_labels=heads,
         )
 
     run = run_scorer(config, load, log)
