@@ -1,5 +1,6 @@
-"""GRPO learns: from the quickstart's SFT model, `preftune train grpo` with the arithmetic verifier
-raises greedy accuracy on the 1000 held-out prompts (slow: SFT ~5 min + GRPO ~3 min on 2 cores)."""
+"""GRPO learns: from the quickstart's SFT model, GRPO with the quickstart's online settings
+(`online_settings`: the arithmetic verifier, 16 prompts × 8 samples at temperature 0.7, lr 5e-5,
+100 steps) raises greedy accuracy on the 1000 held-out prompts (slow: SFT + GRPO, minutes on 2 cores)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import torch
 
 from preftune.config import TrainConfig
 from preftune.tasks.arithmetic import ArithmeticTask
-from preftune.tasks.quickstart import _load
-from preftune.tasks.sft import SFTConfig, greedy_accuracy, max_new_tokens_for, train_sft
+from preftune.tasks.quickstart import QuickstartConfig, _load, online_settings
+from preftune.tasks.sft import SFTConfig, greedy_accuracy, train_sft
 from preftune.train.api import train
 
 
@@ -26,25 +27,20 @@ def test_grpo_raises_greedy_heldout_accuracy(tmp_path: Path) -> None:
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     model, tokenizer = _load(sft.model_dir, task)
     before = greedy_accuracy(model, tokenizer, task, heldout, batch_size=128)
+    settings = online_settings(QuickstartConfig(), task, tmp_path / "prompts.jsonl")
     result = train(
         TrainConfig(
             method="grpo",
             model=str(sft.model_dir),
-            prompts=str(tmp_path / "prompts.jsonl"),
-            reward="arithmetic",
             out=str(tmp_path / "grpo"),
-            max_steps=50,
-            batch_size=16,
-            num_generations=8,
-            lr=2e-5,
-            warmup_ratio=0.0,
-            scheduler="constant",
-            max_completion_length=max_new_tokens_for(task, prompts),
+            seed=0,
             progress=False,
             report=False,
-        )
+            **settings,
+        )  # fmt: skip
     )
     model, tokenizer = _load(result.final_dir, task)
     after = greedy_accuracy(model, tokenizer, task, heldout, batch_size=128)
-    # measured once: 0.597 -> 0.625 (seed 0, 50 steps × 16 prompts × 8 samples)
-    assert after >= before + 0.015, (before, after)
+    # measured once: 0.597 -> 0.644 (seed 0; docs/quickstart.md). The issue's target is +8 points: not met
+    # (the settings tried are in docs/quickstart.md); this guards the measured gain with a margin.
+    assert after >= before + 0.03, (before, after)

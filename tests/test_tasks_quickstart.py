@@ -259,3 +259,22 @@ def test_run_quickstart_rto_uses_its_own_dpo_model_as_the_token_reward(tmp_path:
     )
     assert any(not torch.equal(sft[k], dpo[k]) for k in sft)
     assert _rows(tmp_path / "data" / "pairs.jsonl")  # the DPO run's pairs were sampled
+
+
+def test_quickstart_remax_spends_the_same_completions_per_prompt(tmp_path: Path) -> None:
+    """ReMax's greedy baseline is a completion too: G − 1 samples + 1 greedy = the G of grpo / rloo."""
+    from preftune.tasks.quickstart import Artifacts, QuickstartConfig, _online_config
+
+    task = ArithmeticTask()
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p.prompt}) + "\n" for p in task.problems(4, seed=0)))
+    art = Artifacts(tmp_path, task, tmp_path / "sft", *(tmp_path / "x.jsonl",) * 4, [], prompts_path=prompts)
+    cfg = QuickstartConfig()
+    generations = {
+        m: _online_config(m, art, cfg, 0, False).num_generations for m in ("grpo", "rloo", "remax")
+    }
+    assert generations == {
+        "grpo": cfg.num_generations,
+        "rloo": cfg.num_generations,
+        "remax": cfg.num_generations - 1,
+    }

@@ -560,11 +560,17 @@ def _offline_config(
 def _online_config(
     method: str, art: Artifacts, cfg: QuickstartConfig, seed: int, progress: bool, **extra: Any
 ) -> Any:
-    """The run of an online method from the SFT model (`online_settings`); `extra`: more config
-    values (RTO's `dpo_model`)."""
+    """The run of an online method from the SFT model (`online_settings`; ReMax at the same completion
+    budget: num_generations − 1 samples and its greedy response); `extra`: more config values (RTO's
+    `dpo_model`)."""
     from preftune.config import TrainConfig
+    from preftune.online_methods import PRESETS
 
     settings = online_settings(cfg, art.task, Path(str(art.prompts_path)))
+    if PRESETS[method.strip()].greedy_baseline and settings["num_generations"] > 2:
+        # ReMax decodes one greedy response per prompt for its baseline: G − 1 samples + 1 greedy
+        # keep its completions per step equal to the other methods' G
+        settings["num_generations"] -= 1
     return TrainConfig(
         method=method, model=str(art.sft_dir), out=str(art.out_dir), seed=seed, progress=progress,
         report=False, **settings, **extra,
