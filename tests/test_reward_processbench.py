@@ -137,3 +137,23 @@ def test_bad_settings_and_labels_are_refused(prm_run, tmp_path: Path):
     ):
         prm_training.prm_items(str(soft), None, "prm_bce")
     assert prm_training.prm_items(str(soft), None, "pav_mse")[0].labels == (-0.5,)
+
+
+def test_eval_data_reports_processbench_during_training(prm_run, tmp_path: Path):
+    """--eval-data: ProcessBench metrics in metrics.jsonl (split eval) every --eval-every steps; the
+    last equal `preftune eval`'s on the final folder (the same items, τ on the same dev split)."""
+    from preftune.reward.processbench import evaluate_prm_folder
+
+    root, base = prm_run
+    out = tmp_path / "evald"
+    data = str(root / "pb.jsonl")
+    assert main([*base, "--out", str(out), "--eval-data", data, "--eval-every", "2"]) == 0
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4]
+    final = evaluate_prm_folder(out / "final", data)
+    for key in ("acc_err", "acc_corr", "f1", "threshold", "erroneous", "correct"):
+        assert evals[-1][key] == pytest.approx(final[key], abs=1e-6), key
+    assert json.loads((out / "summary.json").read_text())["eval"]["f1"] == pytest.approx(
+        final["f1"], abs=1e-6
+    )

@@ -9,6 +9,7 @@ optimizer step (exact whatever the micro-batch size). The run folder, lock, chec
 `--resume` rules are those of `preftune train rm`; OUT/final/ is an
 `AutoModelForSequenceClassification(num_labels=1)` folder with its tokenizer and `prm.json` (the
 loss, separator and default aggregation), which makes the folder a process reward for `--reward`.
+With `eval_data` (hard labels) the ProcessBench metrics of those items are logged as split "eval".
 """
 
 from __future__ import annotations
@@ -102,16 +103,31 @@ def _train(config: TrainConfig, settings: dict[str, str], log: Any) -> Any:
     def load(tokenizer: Any) -> ScorerTask:
         items = prm_items(config.data, config.split, loss)
         data = [(it, encode_steps(tokenizer, it.prompt, it.steps, sep)) for it in items]
+        evaluate = None
+        if config.eval_data:  # ProcessBench metrics of the held-out items (τ on their dev split)
+            from preftune.reward.processbench import evaluate_values, first_errors, prm_step_values
+
+            held = prm_items(config.eval_data, config.eval_split, loss)
+            labels = first_errors(held, config.eval_data)
+            size = config.eval_batch_size or 16
+
+            def evaluate(model: Any) -> dict[str, float]:
+                values = prm_step_values(model, tokenizer, held, loss=loss, separator=sep, batch_items=size)
+                return evaluate_values(values, labels)
+
         return ScorerTask(
             f"preftune train prm ({loss}): {len(items)} solutions",
             data,
             lambda model, params, opt, sched, batch: _step(model, params, opt, sched, batch, loss, config),
+            evaluate=evaluate,
             sorted_batches=True,
             files={PRM_FILE: json.dumps(settings, indent=1)},
         )
 
     run = run_scorer(config, load, log)
     summary = {"method": f"prm ({loss})", "steps": run.total, "train": run.last,
+               **({"eval": run.evals} if run.evals else {}),
                "checkpoint": str(run.checkpoint) if run.checkpoint else None}  # fmt: skip
     runfolder.write_atomic(Path(config.out) / "summary.json", json.dumps(summary, indent=1))
-    return RunResult(Path(config.out), run.final, run.total, dict(run.last))
+    metrics = {**run.last, **{f"eval/{k}": v for k, v in run.evals.items()}}
+    return RunResult(Path(config.out), run.final, run.total, metrics)

@@ -149,15 +149,20 @@ def evaluate_prm_folder(folder: str | Path, data: str, *, threshold: float | Non
 
     settings = read_prm_settings(folder)
     items = read_prm_data(data)
-    soft = next((it for it in items if it.first_error is None), None)
-    if soft is not None:
-        raise DataError("has soft labels: ProcessBench needs the first wrong step", path=data, row=soft.row,
-                        field="labels", fix="give 'label' / 'first_error', or 0/1 labels")  # fmt: skip
+    labels = first_errors(items, data)
     model = load_scorer(folder)
     values = prm_step_values(model, load_tokenizer(str(folder)), items, loss=settings["loss"],
                              separator=settings["separator"], batch_items=batch_items)  # fmt: skip
-    labels = [int(it.first_error) for it in items if it.first_error is not None]
     return {"items": float(len(items)), **evaluate_values(values, labels, threshold)}
+
+
+def first_errors(items: Sequence[Any], path: str) -> list[int]:
+    """The first wrong step of each `PRMItem` (−1: none); DataError on an item with soft labels."""
+    soft = next((it for it in items if it.first_error is None), None)
+    if soft is not None:
+        raise DataError("has soft labels: ProcessBench needs the first wrong step", path=path, row=soft.row,
+                        field="labels", fix="give 'label' / 'first_error', or 0/1 labels")  # fmt: skip
+    return [int(it.first_error) for it in items]
 
 
 def read_prm_settings(folder: str | Path) -> dict[str, str]:
