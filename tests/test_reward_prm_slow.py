@@ -4,10 +4,12 @@
 
 SFT model (the quickstart's, level 2, seed 0, ~50 % greedy accuracy) → `preftune train prm` on 6000
 verifier-labelled solutions (400 steps of 32, lr 1e-3) → ProcessBench metrics on 600 held-out items
-(τ on the dev third). Measured: F1 0.54 (acc_err 0.41, acc_corr 0.78) at load 12-14 on 2 cores; the
-F1 ≥ 0.9 goal is not reached by a model this size in this budget (docs/reward_models.md). The floor
-asserted, 0.45, is well above what a PRM that learned nothing gets (a constant value: F1 0; the
-untrained head on the SFT trunk: 0.22).
+(τ on the dev third). Measured: F1 0.54 (acc_err 0.41, acc_corr 0.78), 48 s process CPU for the
+training, at load 10 on 2 cores. The F1 ≥ 0.9 goal is not reached by a model this size in this
+budget, and longer runs (2000 steps at lr 1e-3: 0.35; 1500 at lr 2e-4: 0.43) do not get closer
+(docs/reward_models.md, `benchmarks/prm_processbench.py`). The floor asserted, 0.45, is well above
+what a PRM that learned nothing gets (a constant value: F1 0; the untrained head on the SFT trunk:
+0.22).
 """
 
 from __future__ import annotations
