@@ -55,6 +55,9 @@ class Panel:
     log_y: bool = False
 
 
+MARKERS = "osD^v"  # scatter shapes, one per round of the palette
+
+
 def method_colors(names: Sequence[str]) -> dict[str, str]:
     """One palette colour per name, in order (cycling after eight)."""
     return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
@@ -276,12 +279,14 @@ def plot_kl_vs_accuracy(
     fig = Figure(figsize=(7.4, 4.2))
     ax = fig.subplots()
     colors = colors or method_colors(list(points))
+    order = list(colors)  # a method's place in the palette sets its shape: colours repeat after eight
     for name, (kl, err, acc) in points.items():
+        place = order.index(name) if name in order else 0
         ax.errorbar(
             [kl],
             [100 * acc],
             xerr=[err],
-            fmt="o",
+            fmt=MARKERS[(place // len(PALETTE)) % len(MARKERS)],
             color=colors[name],
             markersize=7,
             capsize=3,
@@ -296,7 +301,8 @@ def plot_kl_vs_accuracy(
             label=f"reference model: {100 * baseline:.1f}%",
         )
     ax.axvline(0.0, color="#888888", linestyle=":", linewidth=0.9, zorder=0)
-    ax.set_ylim(0, 105)
+    shown = [100 * acc for _, _, acc in points.values()] + ([100 * baseline] if baseline is not None else [])
+    ax.set_ylim(max(0.0, min(shown) - 10), min(105.0, max(shown) + 10))  # a few points apart stay visible
     _style(
         ax,
         "Accuracy vs. drift from the reference",
