@@ -86,7 +86,8 @@ def side_plan(
     """(child variant, executed FLOPs of one step) of a side."""
     if side.startswith("preftune"):
         variant = "plain" if a.trl_variant == "plain" else "best"
-        return variant, flops.preftune_step(spec, pairs, online_reference=variant == "plain")
+        tree = side == "preftune" or "tree" not in a.base_levers_off.split(",")
+        return variant, flops.preftune_step(spec, pairs, online_reference=variant == "plain", tree=tree)
     variant = "gpu" if side == "trl_gpu" else a.trl_variant
     plain = variant == "plain"
     step = flops.trl_step(

@@ -13,7 +13,9 @@ the usual model-FLOP utilisation.
 
 Rows per side (lengths p, c, r per pair, responses with their EOS):
 - preftune: one packed row per example (prompt once, then both responses), rows padded to the
-  longest (`preftune.models.packing.build_packed`); the head scores the c + r response tokens.
+  longest (`preftune.models.packing.build_packed`); attention segment by segment (the prompt's
+  causal half, each response over its prompt and itself: `tree_attention_flops`), not the L×L
+  square; the head scores the c + r response tokens.
 - TRL: a chosen row and a rejected row per pair, each prompt + completion, padded to the longest
   row of the forward; on CPU the head scores every position but the last (L − 1 per row), on a GPU
   (and in the `gpu` variant) only the completion tokens.
@@ -36,14 +38,30 @@ def forward_flops(spec: bu.ModelSpec, row_len: int, scored: int) -> float:
     return 2.0 * body * row_len + 4.0 * h * row_len**2 * layers + 2.0 * spec.vocab_size * h * scored
 
 
-def preftune_step(spec: bu.ModelSpec, pairs: Sequence[Pair], *, online_reference: bool) -> float:
-    """Executed FLOPs of one preftune DPO step over `pairs` (one micro-batch)."""
+def tree_attention_flops(spec: bu.ModelSpec, prompt: int, branches: Sequence[int]) -> float:
+    """Attention FLOPs of one example's segments (`preftune.models.tree_attention`): the prompt's
+    causal half (SDPA `is_causal` skips the blocks above the diagonal) and each branch's full
+    rectangle over its prompt and itself (its mask is applied, not skipped)."""
+    cells = prompt * (prompt + 1) / 2 + sum(b * (prompt + b) for b in branches)
+    return 4.0 * spec.hidden_size * cells * spec.num_layers
+
+
+def preftune_step(
+    spec: bu.ModelSpec, pairs: Sequence[Pair], *, online_reference: bool, tree: bool = True
+) -> float:
+    """Executed FLOPs of one preftune DPO step over `pairs` (one micro-batch): every row position
+    through the body, attention segment by segment (`tree=False`: over each row's L×L square, the
+    dense-mask path), the head on the response tokens."""
     from preftune.models.packing import build_packed
 
     batch = build_packed([[0] * p for p, _, _ in pairs], [[[0] * c, [0] * r] for _, c, r in pairs])
     n_rows, width = batch.input_ids.shape
     scored = sum(c + r for _, c, r in pairs)
-    fwd = n_rows * forward_flops(spec, int(width), 0) + forward_flops(spec, 0, scored)
+    body = forward_flops(spec, 1, 0) - forward_flops(spec, 0, 0) - 4.0 * spec.hidden_size * spec.num_layers
+    attention = sum(tree_attention_flops(spec, p, (c, r)) for p, c, r in pairs)
+    if not tree:
+        attention = n_rows * (forward_flops(spec, int(width), 0) - int(width) * body)
+    fwd = n_rows * int(width) * body + attention + forward_flops(spec, 0, scored)
     return fwd * (3 + (1 if online_reference else 0))
 
 

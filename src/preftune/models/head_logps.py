@@ -61,12 +61,14 @@ class HeadLogps(torch.autograd.Function):
         grad = grad_outputs[0].float()
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[2] else None
+        buffer = torch.empty_like(kept[0]) if kept else None  # one G buffer for every kept chunk
         for index, start in enumerate(range(0, hidden.shape[0], ctx.size)):
             stop = min(start + ctx.size, hidden.shape[0])
             h, g = hidden[start:stop], grad[start:stop, None] * ctx.scale
-            if index < len(kept):  # G = g·c·(onehot(y) − p) from the kept p (kept intact for a 2nd backward)
-                logits = kept[index].mul(-g)
+            if buffer is not None and index < len(kept):  # G = g·c·(onehot(y) − p); p left intact
+                logits = torch.mul(kept[index], -g, out=buffer[: stop - start])
             else:  # recompute the logits, then G in the same buffer
+                buffer = None  # past the kept chunks: the G buffer goes
                 logits = _linear_logits(h, weight, ctx.scale)
                 logits.sub_(lse[start:stop, None]).exp_().mul_(-g)
             logits.scatter_add_(-1, targets[start:stop, None], g)

@@ -17,6 +17,7 @@ branches of B tokens, P²/2 + K·B·(P + B/2) instead of (P + K·B)².
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -65,8 +66,10 @@ def row_units(batch: RowBatch) -> list[list[Unit]]:
     return rows
 
 
+@functools.lru_cache(maxsize=256)
 def _branch_mask(prompt: int, branch: int, device: torch.device) -> torch.Tensor:
-    """[B, P + B] bool: every prompt key, then causal over the branch's own keys."""
+    """[B, P + B] bool: every prompt key, then causal over the branch's own keys (read only: cached,
+    one per shape for every layer and step)."""
     idx = torch.arange(branch, device=device)
     own = idx[:, None] >= idx[None, :]
     return torch.cat([torch.ones(branch, prompt, dtype=torch.bool, device=device), own], dim=1)
