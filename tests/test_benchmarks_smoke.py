@@ -85,8 +85,13 @@ def test_executed_flops_by_hand() -> None:
     # body per layer: q,o 2·64 + k,v 2·8·4 + MLP 3·8·16 = 128 + 64 + 384 = 576; 2 layers: 1152
     assert flops.forward_flops(spec, 10, 3) == 2 * 1152 * 10 + 4 * 8 * 100 * 2 + 2 * 100 * 8 * 3
     pairs = [(5, 2, 3)]
-    # preftune: one packed row of 10 tokens, 5 scored; trained (3×) + online reference (1×)
-    assert flops.preftune_step(spec, pairs, online_reference=True) == 4 * flops.forward_flops(spec, 10, 5)
+    # preftune: one packed row of 10 tokens, 5 scored; trained (3×) + online reference (1×);
+    # attention segment by segment: prompt 5·6/2 = 15 cells, responses 2·(5+2) + 3·(5+3) = 38 → 53
+    segments = 2 * 1152 * 10 + 4 * 8 * 53 * 2 + 2 * 100 * 8 * 5
+    assert flops.preftune_step(spec, pairs, online_reference=True) == 4 * segments
+    # the dense tree mask (preftune_base with tree off): the row's whole 10 × 10 square
+    dense = flops.preftune_step(spec, pairs, online_reference=True, tree=False)
+    assert dense == 4 * flops.forward_flops(spec, 10, 5)
     # TRL: two rows of 5 + 3 = 8; on CPU every position but the last is scored, on GPU the completion
     cpu = flops.trl_step(spec, pairs, micro_pairs=1, online_reference=False, response_only=False)
     gpu = flops.trl_step(spec, pairs, micro_pairs=1, online_reference=False, response_only=True)
