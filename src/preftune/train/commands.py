@@ -9,7 +9,8 @@ METHOD rm trains a reward model (docs/reward_models.md): --loss bt | bt_margin |
 or a weighted sum such as 'bt:1,center:0.01', or regression on rating data (prompt, response,
 rating); the run folder, checkpoints and --resume work as for
 the preference losses; OUT/final/ loads with AutoModelForSequenceClassification. --ensemble M trains
-M seeds (OUT/member-i) and --aggregate mean | min | uwo | median combines them in OUT/final.
+M seeds (OUT/member-i), --heads M trains M scalar heads on one trunk, and --aggregate mean | min |
+uwo | median combines them in OUT/final.
 METHOD prm trains a process reward model on step labels: --loss prm_bce | pav_mse (data: prompt,
 steps, labels or first_error; the ProcessBench rows too).
 
