@@ -24,10 +24,12 @@ each method's final metrics, held-out task accuracy (built-in task only) and KL 
 
     preftune sweep --methods dpo,ipo,simpo,rdpo,kto --out runs/sweep            # built-in arithmetic task
     preftune sweep --methods dpo,ipo --model ./sft --data prefs.jsonl --eval-data held.jsonl --out runs/s
+    preftune sweep --task diffusion --methods dpo,hinge,diff_kto,mapo --out runs/sweep-diffusion
 
 Without --model and --data the sweep first runs the quickstart's preparation (SFT model, self-sampled
 verifier-labelled pairs) into OUT/task/ and trains with the quickstart's schedule; any flag overrides it.
-A method that fails is recorded in the report and the sweep goes on."""
+--task diffusion does the same with the diffusion quickstart (pretrained pipeline, reward-ranked image
+pairs); its score is the held-out mean reward (no KL estimate). A method that fails is recorded in the report and the sweep goes on."""
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -228,11 +230,14 @@ def _sweep(args: argparse.Namespace) -> int:
         )
         task = SweepTask(prompts=prompts, name=f"{len(prompts)} prompts of {source}")
     else:
-        values, task = builtin_task(
-            Path(args.task_dir) if args.task_dir else out / "task",
-            seed=int(overrides.get("seed", file_values.seed if file_values else 0)),
-            log=print,
-        )
+        task_dir = Path(args.task_dir) if args.task_dir else out / "task"
+        seed = int(overrides.get("seed", file_values.seed if file_values else 0))
+        if args.task == "diffusion":
+            from preftune.tasks.diffusion_sweep import diffusion_sweep_task
+
+            values, task = diffusion_sweep_task(task_dir, seed=seed, log=print)
+        else:
+            values, task = builtin_task(task_dir, seed=seed, log=print)
         in_file: dict[str, Any] = {}
         if args.config:  # precedence: built-in schedule < --config YAML < command line
             import yaml
@@ -243,10 +248,19 @@ def _sweep(args: argparse.Namespace) -> int:
         task.online = {k: v for k, v in task.online.items() if k not in in_file and k not in overrides}
         base = load_config(args.config, {**values, **overrides, "method": methods[0], "out": str(out)})
         task.prompts = task.prompts[: args.kl_prompts]
+    if args.task == "diffusion" and not model:  # held-out mean reward; no KL estimate for images yet
+        score = task.accuracy
+        assert score is not None  # diffusion_sweep_task always gives one
+        result = run_sweep(methods, base, out, task=task, evaluate_fn=lambda final, _: (score(final), None))
+        return _sweep_status(out, result)
     evaluator = PolicyEvaluator(base, task, kl_samples=args.kl_samples, max_new_tokens=args.kl_max_new_tokens)
     if args.kl_samples <= 0:
         task.prompts = []  # no KL estimate; task accuracy, if any, is still measured
     result = run_sweep(methods, base, out, task=task, evaluate_fn=evaluator)
+    return _sweep_status(out, result)
+
+
+def _sweep_status(out: Path, result: Any) -> int:
     failed = [r.method for r in result.results if r.status != "ok"]
     print(
         f"wrote {out / 'sweep.html'} and {out / 'sweep.json'}"
@@ -328,6 +342,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--out", required=True, help="sweep folder: OUT/METHOD/ per run, OUT/sweep.html, OUT/sweep.json"
     )
     p.add_argument("--config", help="YAML file of config keys shared by every method")
+    p.add_argument(
+        "--task",
+        choices=("arithmetic", "diffusion"),
+        default="arithmetic",
+        help="built-in task when no --model/--data: arithmetic (a tiny Llama, default) or diffusion "
+        "(the diffusion quickstart's pipeline and reward-ranked image pairs; score: held-out mean reward)",
+    )
     p.add_argument(
         "--task-dir",
         help="folder of the built-in task's SFT model and pairs (default OUT/task); "

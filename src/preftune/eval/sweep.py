@@ -37,6 +37,8 @@ class SweepTask:
     accuracy:          model folder → held-out task accuracy in [0, 1]; None without a verifiable task.
     baseline_accuracy: that accuracy for the starting model, drawn as the line to beat.
     name:              what the held-out set is, for the report.
+    metric:            what `accuracy` measures: "accuracy" (a fraction, shown in %) or the name of
+                       another score shown as a number (the diffusion task: "mean reward").
     online:            config values of the online methods (grpo, rloo, ...): prompts, reward and
                        their schedule; their preference data is dropped.
     """
@@ -45,6 +47,7 @@ class SweepTask:
     accuracy: Callable[[Path], float] | None = None
     baseline_accuracy: float | None = None
     name: str = "held-out prompts"
+    metric: str = "accuracy"
     online: dict[str, Any] = field(default_factory=dict)
 
 
@@ -81,6 +84,7 @@ class SweepResult:
     task_name: str
     config: dict[str, Any]
     seconds: float = 0.0
+    task_metric: str = "accuracy"
 
     def to_json(self) -> dict[str, Any]:
         reused = [r.method for r in self.results if r.reference_cache == "reused"]
@@ -89,6 +93,7 @@ class SweepResult:
             "methods": [r.method for r in self.results],
             "task": self.task_name,
             "baseline_accuracy": self.baseline_accuracy,
+            "task_metric": self.task_metric,
             "seconds": self.seconds,
             "reference_cache": {"dir": self.cache_dir, "computed_by": computed, "reused_by": reused},
             "config": self.config,
@@ -204,6 +209,7 @@ def run_sweep(
             task_name=task.name if task else "none",
             config=_config_dict(base),
             seconds=time.perf_counter() - started,
+            task_metric=task.metric if task else "accuracy",
         )
 
     try:
@@ -394,6 +400,7 @@ def read_sweep(out_dir: str | Path) -> SweepResult:
         task_name=data.get("task", "none"),
         config=data.get("config", {}),
         seconds=float(data.get("seconds", 0.0)),
+        task_metric=data.get("task_metric", "accuracy"),
     )
 
 

@@ -35,11 +35,14 @@ def _cell(value: float | None, percent: bool = False) -> str:
     return f"{100 * value:.1f}%" if percent else fmt(value)
 
 
-def comparison_rows(results: list[MethodResult]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the per-method table (status, metrics, task accuracy, KL, reference cache)."""
+def comparison_rows(
+    results: list[MethodResult], metric: str = "accuracy"
+) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the per-method table (status, metrics, task accuracy or `metric`, KL, reference
+    cache)."""
     shown = [(t, k, pct) for t, k, pct in METRIC_COLUMNS if any(k in r.metrics for r in results)]
     header = ["method", "status", "steps", "time (s)"] + [t for t, _, _ in shown]
-    header += ["task accuracy", "KL to ref. (nats)", "reference"]
+    header += [f"task {metric}", "KL to ref. (nats)", "reference"]
     rows = []
     for r in results:
         kl = f"{r.kl['mean']:.3g} ± {r.kl['stderr']:.2g}" if r.kl else "–"
@@ -47,7 +50,7 @@ def comparison_rows(results: list[MethodResult]) -> tuple[list[str], list[list[s
         rows.append(
             [r.method, status, str(r.steps), f"{r.seconds:.0f}"]
             + [_cell(r.metrics.get(k), percent=pct) for _, k, pct in shown]
-            + [_cell(r.accuracy, percent=True), kl, r.reference_cache]
+            + [_cell(r.accuracy, percent=metric == "accuracy"), kl, r.reference_cache]
         )
     return header, rows
 
@@ -72,14 +75,15 @@ def sweep_findings(result: SweepResult, runs: dict[str, list[dict[str, Any]]]) -
     acc = {r.method: r.accuracy for r in result.results if r.status == "ok" and r.accuracy is not None}
     if acc:
         best = max(acc, key=lambda m: acc[m])
+        name, shown = result.task_metric, _task_value(result, acc[best])
         if result.baseline_accuracy is not None:
             verdict = "above" if acc[best] > result.baseline_accuracy else "not above"
             notes.append(
-                f"Best held-out accuracy: {best} with {100 * acc[best]:.1f}%, {verdict} the starting "
-                f"model's {100 * result.baseline_accuracy:.1f}%."
+                f"Best held-out {name}: {best} with {shown}, {verdict} the starting "
+                f"model's {_task_value(result, result.baseline_accuracy)}."
             )
         else:
-            notes.append(f"Best held-out accuracy: {best} with {100 * acc[best]:.1f}%.")
+            notes.append(f"Best held-out {name}: {best} with {shown}.")
     over = [m for m, recs in runs.items() if any(n.startswith("Over-optimisation") for n in findings(recs))]
     if over:
         notes.append(
@@ -88,6 +92,11 @@ def sweep_findings(result: SweepResult, runs: dict[str, list[dict[str, Any]]]) -
             "term usually helps."
         )
     return notes
+
+
+def _task_value(result: SweepResult, value: float) -> str:
+    """A task score as the report shows it: accuracy in %, another metric as a number."""
+    return f"{100 * value:.1f}%" if result.task_metric == "accuracy" else f"{value:.4f}"
 
 
 def _sweep_cards(result: SweepResult, ok: list[MethodResult]) -> str:
@@ -99,7 +108,7 @@ def _sweep_cards(result: SweepResult, ok: list[MethodResult]) -> str:
         ("reference pass computed by", ", ".join(data["computed_by"]) or "none (all cached)"),
     ]
     if result.baseline_accuracy is not None:
-        items.append(("reference model accuracy", f"{100 * result.baseline_accuracy:.1f}%"))
+        items.append((f"reference model {result.task_metric}", _task_value(result, result.baseline_accuracy)))
     return cards(items)
 
 
@@ -119,7 +128,7 @@ def _failures(result: SweepResult) -> str:
 
 def _comparison(result: SweepResult) -> list[str]:
     """The per-method table, how to read it, and links to the runs' own reports."""
-    header, rows = comparison_rows(result.results)
+    header, rows = comparison_rows(result.results, result.task_metric)
     body = [
         '<h2 id="comparison">Final metrics per method</h2><p class="about">Train values are the last '
         "step's; eval values come from the final evaluation on held-out pairs. Task accuracy and KL are "
@@ -151,14 +160,15 @@ def _method_plots(result: SweepResult, ok: list[MethodResult], colors: dict[str,
     accuracy = {r.method: r.accuracy for r in ok if r.accuracy is not None}
     kl = {r.method: r.kl for r in ok if r.kl}
     if accuracy:
+        is_acc, name = result.task_metric == "accuracy", result.task_metric
         body.append(
             _bars(
                 "accuracy",
-                "Held-out task accuracy",
+                f"Held-out task {name}",
                 accuracy,
-                "task accuracy per method",
-                ylabel="accuracy (%)",
-                percent=True,
+                f"task {name} per method",
+                ylabel="accuracy (%)" if is_acc else name,
+                percent=is_acc,
                 baseline=result.baseline_accuracy,
                 baseline_label="reference model",
                 colors=colors,

@@ -23,17 +23,24 @@ from typing import Any
 import torch
 
 from preftune.errors import ConfigError
-from preftune.tasks.shapes import ShapePrompt, all_prompts, grid_png, reward, to_png
+from preftune.tasks.shapes import (
+    ShapePrompt,
+    all_prompts,
+    grid_png,
+    place_accuracy,
+    reward,
+    to_png,
+)
 from preftune.tasks.shapes_model import PretrainConfig, pretrain, sample
 
 
 @dataclass
 class DiffusionQuickstartConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    samples_per_prompt: int = 8
-    pairs_per_prompt: int = 3
-    min_gap: float = 0.05
-    heldout_seeds: int = 8
+    samples_per_prompt: int = 16
+    pairs_per_prompt: int = 8
+    min_gap: float = 0.01
+    heldout_seeds: int = 16
     sample_steps: int = 20
     max_steps: int = 150
     batch_size: int = 16
@@ -43,7 +50,10 @@ class DiffusionQuickstartConfig:
 
 
 def reward_pairs(
-    prompts: list[ShapePrompt], images: torch.Tensor, rewards: torch.Tensor, cfg: DiffusionQuickstartConfig
+    prompts: list[ShapePrompt],
+    images: torch.Tensor,
+    rewards: torch.Tensor,
+    cfg: DiffusionQuickstartConfig,
 ) -> list[tuple[ShapePrompt, int, int]]:
     """(prompt, chosen index, rejected index): per prompt, i-th best vs i-th worst while the gap > min_gap."""
     pairs = []
@@ -71,6 +81,30 @@ def write_pairs(folder: Path, pairs: list[tuple[ShapePrompt, int, int]], images:
     path = folder / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def sample_pairs(
+    base: Path,
+    folder: Path,
+    cfg: DiffusionQuickstartConfig,
+    seed: int,
+    log: Callable[[str], None],
+) -> tuple[Path, int]:
+    """Stage 2: `samples_per_prompt` samples per prompt from `base`, ranked by the reward into pairs
+    (`reward_pairs`) written as image data under `folder`; (pairs.jsonl, number of pairs)."""
+    prompts = all_prompts() * cfg.samples_per_prompt
+    images = sample(
+        base,
+        prompts,
+        [seed * 10_000 + i for i in range(len(prompts))],
+        steps=cfg.sample_steps,
+    )
+    rewards = reward(images, prompts)
+    pairs = reward_pairs(prompts, images, rewards, cfg)
+    if not pairs:
+        raise ConfigError("quickstart: no sample pair differs in reward by more than min_gap")
+    log(f"      {len(pairs)} pairs, mean reward of the samples {float(rewards.mean()):.3f}")
+    return write_pairs(folder, pairs, images), len(pairs)
 
 
 def heldout(
@@ -110,14 +144,7 @@ def run_diffusion_quickstart(
     log("[1/5] pretraining a tiny text-to-image pipeline on coloured squares (VAE, then UNet + text encoder)")
     base = pretrain(out / "pretrained", seed=seed, config=cfg.pretrain, log=log)
     log(f"[2/5] sampling {cfg.samples_per_prompt} images per prompt and ranking them by the reward")
-    prompts = all_prompts() * cfg.samples_per_prompt
-    images = sample(base, prompts, [seed * 10_000 + i for i in range(len(prompts))], steps=cfg.sample_steps)
-    rewards = reward(images, prompts)
-    pairs = reward_pairs(prompts, images, rewards, cfg)
-    if not pairs:
-        raise ConfigError("quickstart: no sample pair differs in reward by more than min_gap")
-    data = write_pairs(out / "data", pairs, images)
-    log(f"      {len(pairs)} pairs, mean reward of the samples {float(rewards.mean()):.3f}")
+    data, n_pairs = sample_pairs(base, out / "data", cfg, seed, log)
     log("[3/5] held-out reward of the pretrained model")
     held_prompts, before_images, before = heldout(base, cfg, seed)
     log(f"[4/5] training {method} on the pairs")
@@ -132,7 +159,10 @@ def run_diffusion_quickstart(
     )  # fmt: skip
     log("[5/5] held-out reward of the trained model")
     _, after_images, after = heldout(result.final_dir, cfg, seed)
-    summary = _summary(out, method, seed, cfg, before, after, len(pairs), result.steps, start)
+    summary = _summary(out, method, seed, cfg, before, after, n_pairs, result.steps, start)
+    places = [float(place_accuracy(x, held_prompts).mean()) for x in (before_images, after_images)]
+    summary.update(place_before=places[0], place_after=places[1])
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
     grids = {
         "samples before (rows: prompts, columns: held-out seeds)": _grid(before_images, held_prompts),
         "samples after (same prompts and seeds)": _grid(after_images, held_prompts),
@@ -141,11 +171,18 @@ def run_diffusion_quickstart(
         (out / name).write_bytes(png)
     from preftune.eval.report import write_report
 
-    write_report(out, extra={**grids, **{k: v for k, v in summary.items() if not isinstance(v, dict)}})
+    write_report(
+        out,
+        extra={
+            **grids,
+            **{k: v for k, v in summary.items() if not isinstance(v, dict)},
+        },
+    )
     log(
         f"      held-out reward {summary['reward_before']:.3f} ± {summary['reward_before_se']:.3f} → "
         f"{summary['reward_after']:.3f} ± {summary['reward_after_se']:.3f} (paired gain "
-        f"{summary['reward_gain']:.3f} = {summary['gain_in_se']:.1f} standard errors; {summary['seconds']:.0f}s)"
+        f"{summary['reward_gain']:.3f} = {summary['gain_in_se']:.1f} standard errors; {summary['seconds']:.0f}s); "
+        f"squares in the named quadrant {places[0]:.0%} → {places[1]:.0%}"
     )
     return summary
 
@@ -162,7 +199,11 @@ def _summary(
 ) -> dict[str, Any]:  # fmt: skip
     path = out / "summary.json"
     summary: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    (b, b_se), (a, a_se), (gain, gain_se) = mean_se(before), mean_se(after), mean_se(after - before)
+    (b, b_se), (a, a_se), (gain, gain_se) = (
+        mean_se(before),
+        mean_se(after),
+        mean_se(after - before),
+    )
     summary.update(
         method=method, seed=seed, task="diffusion", reward_before=b, reward_before_se=b_se,
         reward_after=a, reward_after_se=a_se, reward_gain=gain, reward_gain_se=gain_se,

@@ -83,6 +83,23 @@ def reward(images: torch.Tensor, prompts: list[ShapePrompt]) -> torch.Tensor:
     return torch.stack(out)
 
 
+def place_accuracy(images: torch.Tensor, prompts: list[ShapePrompt]) -> torch.Tensor:
+    """[N] 1.0 where the named quadrant is strictly the closest to the named colour (mean s(x) per
+    quadrant, module docstring), else 0.0 (ties, e.g. a black image, count as misses): whether the
+    image puts the prompt's colour in the prompt's place."""
+    half = SIZE // 2
+    out = []
+    for image, prompt in zip(images.float(), prompts):
+        colour = torch.tensor(COLOURS[prompt.colour]).view(3, 1, 1)
+        close = (1.0 - (image - colour).norm(dim=0) / 2.0).clamp(0.0, 1.0)
+        quadrants = close.view(2, half, 2, half).mean(dim=(1, 3)).flatten()  # row-major quadrants
+        row, col = PLACES[prompt.place]
+        named = quadrants[row * 2 + col]
+        others = torch.cat([quadrants[: row * 2 + col], quadrants[row * 2 + col + 1 :]])
+        out.append(float(bool(named > others.max())))
+    return torch.tensor(out)
+
+
 def to_png(image: torch.Tensor) -> bytes:
     """PNG bytes of a [3, H, W] image in [−1, 1]."""
     import io
