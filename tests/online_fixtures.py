@@ -8,11 +8,13 @@ source, so that `--reward FILE:NAME` loads them).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import preftune.train.run as train_run
 from test_train_fixtures import tiny_model, write_jsonl
 
 REWARDS_SOURCE = (
@@ -52,3 +54,20 @@ def online_root(factory: pytest.TempPathFactory, name: str, *, teacher: bool = F
     write_jsonl(root / "prompts.jsonl", prompt_rows(teacher=teacher))
     (root / "rewards.py").write_text(REWARDS_SOURCE)
     return root
+
+
+def crash_in_call(monkeypatch: pytest.MonkeyPatch, call: int, run: Callable[[], object]) -> None:
+    """`run()` with the training step raising on its `call`-th objective evaluation (a crash in the
+    middle of a run, after the checkpoints before it were written); the real step is back afterwards."""
+    real, calls = train_run.objective_on_batch, {"n": 0}
+
+    def stopping(*a: Any, **kw: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise RuntimeError(f"stopped in step {call}")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train_run, "objective_on_batch", stopping)
+    with pytest.raises(RuntimeError, match=f"step {call}"):
+        run()
+    monkeypatch.setattr(train_run, "objective_on_batch", real)

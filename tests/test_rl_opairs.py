@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from online_fixtures import digits_reward, online_root
+from online_fixtures import crash_in_call, digits_reward, online_root
 from preftune.cli import main
 from preftune.config import TrainConfig, config_to_dict, validate
 from preftune.errors import ConfigError
@@ -217,20 +217,11 @@ def test_presets_and_their_objective_checks() -> None:
 def test_xpo_stopped_then_resumed_equals_uninterrupted(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The pairs and ỹ ~ π_ref of a step depend on (seed, step) only: a run killed in step 3 and
     resumed from its step-2 checkpoint ends with the uninterrupted run's weights."""
-    import preftune.train.run as train_run
-
     whole = _train(root, "xpo", "xw", "--alpha", "0.1", "--max-steps", "4", "--save-every", "2")
-    real, calls = train_run.objective_on_batch, {"n": 0}
-
-    def stopping(*a: Any, **kw: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("stopped in step 3")
-        return real(*a, **kw)
-
-    monkeypatch.setattr(train_run, "objective_on_batch", stopping)
-    with pytest.raises(RuntimeError, match="step 3"):
-        _train(root, "xpo", "xs", "--alpha", "0.1", "--max-steps", "4", "--save-every", "2")
-    monkeypatch.setattr(train_run, "objective_on_batch", real)
+    crash_in_call(
+        monkeypatch,
+        3,
+        lambda: _train(root, "xpo", "xs", "--alpha", "0.1", "--max-steps", "4", "--save-every", "2"),
+    )
     resumed = _train(root, "xpo", "xs", "--alpha", "0.1", "--max-steps", "4", "--save-every", "2", "--resume")
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)

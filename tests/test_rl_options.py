@@ -11,8 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import preftune.train.run as train_run
-from online_fixtures import digits_reward, online_root
+from online_fixtures import crash_in_call, digits_reward, online_root
 from preftune.cli import build_parser, main
 from preftune.config import config_from_dict, config_to_dict, load_config, resolve_objective, validate
 from preftune.errors import ConfigError
@@ -198,18 +197,8 @@ def test_num_iterations_stopped_inside_a_batch_resumes_exactly(
 ) -> None:
     args = _args(root)
     assert main([*args, "--out", str(root / "whole")]) == 0
-    real, calls = train_run.objective_on_batch, {"n": 0}
-
-    def stopping(*a: Any, **kw: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 4:  # the second step on batch 1 of rollouts
-            raise RuntimeError("stopped in step 4")
-        return real(*a, **kw)
-
-    monkeypatch.setattr(train_run, "objective_on_batch", stopping)
-    with pytest.raises(RuntimeError, match="step 4"):
-        main([*args, "--out", str(root / "stopped")])
-    monkeypatch.setattr(train_run, "objective_on_batch", real)
+    # call 4 = the second step on batch 1 of rollouts
+    crash_in_call(monkeypatch, 4, lambda: main([*args, "--out", str(root / "stopped")]))
     assert sorted(p.name for p in (root / "stopped" / "checkpoints").iterdir()) == ["step-2"]
     assert main([*args, "--out", str(root / "stopped"), "--resume"]) == 0
     expected = load_file(str(root / "whole" / "final" / "model.safetensors"))

@@ -13,8 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import preftune.train.run as train_run
-from online_fixtures import digits_reward, online_root
+from online_fixtures import crash_in_call, digits_reward, online_root
 from preftune.cli import main
 from preftune.config import TrainConfig, validate
 from preftune.errors import ConfigError
@@ -144,18 +143,7 @@ def test_ppo_value_head_is_checkpointed_and_resume_is_exact(
 ) -> None:
     args = _args(root)
     assert main([*args, "--out", str(root / "whole")]) == 0
-    real, calls = train_run.objective_on_batch, {"n": 0}
-
-    def stopping(*a: Any, **kw: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("stopped in step 3")
-        return real(*a, **kw)
-
-    monkeypatch.setattr(train_run, "objective_on_batch", stopping)
-    with pytest.raises(RuntimeError, match="step 3"):
-        main([*args, "--out", str(root / "stopped")])
-    monkeypatch.setattr(train_run, "objective_on_batch", real)
+    crash_in_call(monkeypatch, 3, lambda: main([*args, "--out", str(root / "stopped")]))
     saved = load_file(str(root / "stopped" / "checkpoints" / "step-2" / "model.safetensors"))
     assert "preftune_value_head.weight" in saved and bool(saved["preftune_value_head.weight"].abs().sum() > 0)
     assert main([*args, "--out", str(root / "stopped"), "--resume"]) == 0

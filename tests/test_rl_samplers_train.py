@@ -11,8 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import preftune.train.run as train_run
-from online_fixtures import online_root, parity_reward
+from online_fixtures import crash_in_call, online_root, parity_reward
 from preftune.cli import main
 from preftune.config import TrainConfig, resolve_objective, validate
 from preftune.errors import ConfigError
@@ -95,18 +94,7 @@ def _args(root: Path) -> list[str]:
 def test_vade_stopped_then_resumed_equals_uninterrupted(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     args = _args(root)
     assert main([*args, "--out", str(root / "whole")]) == 0
-    real, calls = train_run.objective_on_batch, {"n": 0}
-
-    def stopping(*a: Any, **kw: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("stopped in step 3")
-        return real(*a, **kw)
-
-    monkeypatch.setattr(train_run, "objective_on_batch", stopping)
-    with pytest.raises(RuntimeError, match="step 3"):
-        main([*args, "--out", str(root / "stopped")])
-    monkeypatch.setattr(train_run, "objective_on_batch", real)
+    crash_in_call(monkeypatch, 3, lambda: main([*args, "--out", str(root / "stopped")]))
     saved = load_file(str(root / "stopped" / "checkpoints" / "step-2" / "sampler.safetensors"))
     assert float((saved["alpha"] + saved["beta"]).max()) > 2.0  # two steps of counts, not the prior
     assert main([*args, "--out", str(root / "stopped"), "--resume"]) == 0

@@ -11,8 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import preftune.train.run as train_run
-from online_fixtures import digits_reward, online_root
+from online_fixtures import crash_in_call, digits_reward, online_root
 from preftune.cli import main
 from preftune.config import TrainConfig, reference_strategy, resolve_objective, validate
 from preftune.errors import ConfigError, DataError
@@ -98,18 +97,7 @@ def _args(root: Path) -> list[str]:
 def test_grpo_stopped_then_resumed_equals_uninterrupted(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     args = _args(root)
     assert main([*args, "--out", str(root / "whole")]) == 0
-    real, calls = train_run.objective_on_batch, {"n": 0}
-
-    def stopping(*a: Any, **kw: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("stopped in step 3")
-        return real(*a, **kw)
-
-    monkeypatch.setattr(train_run, "objective_on_batch", stopping)
-    with pytest.raises(RuntimeError, match="step 3"):
-        main([*args, "--out", str(root / "stopped")])
-    monkeypatch.setattr(train_run, "objective_on_batch", real)
+    crash_in_call(monkeypatch, 3, lambda: main([*args, "--out", str(root / "stopped")]))
     assert sorted(p.name for p in (root / "stopped" / "checkpoints").iterdir()) == ["step-2"]
     assert main([*args, "--out", str(root / "stopped"), "--resume"]) == 0
     expected = load_file(str(root / "whole" / "final" / "model.safetensors"))
