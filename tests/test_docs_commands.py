@@ -3,10 +3,10 @@
 A new user copies commands from the docs; each one here runs as written (tokenised with `shlex`,
 comments dropped) in a sandbox folder that holds what the docs assume: a tiny SFT model at
 `./sft-model` and `./sft`, preference data `prefs.jsonl` / `heldout.jsonl`, arithmetic prompts
-`prompts.jsonl` (online methods), step-labelled solutions `steps.jsonl` (process reward models), a
-tiny diffusers pipeline `./tiny-pipeline` with image pairs `image-pairs.jsonl` (images in `img/`), the
-repository's `examples/`, and (for commands that read a finished run) `runs/dpo1`, `runs/prm` and
-`runs/rm`.
+`prompts.jsonl` (online methods), step-labelled solutions `steps.jsonl` (process reward models),
+tiny diffusers pipelines `./tiny-pipeline` (UNet) and `./tiny-sd3-pipeline` (SD3-style) with image
+pairs `image-pairs.jsonl` (images in `img/`), the repository's `examples/`, and (for commands that
+read a finished run) `runs/dpo1`, `runs/prm` and `runs/rm`.
 What does not run here, and why:
 
 - `bash scripts/setup.sh ...`, `python -m pytest ...`: set-up and the test command (CI runs both);
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from preftune.diffusion.tiny import save_tiny_pipeline, write_image_pairs
+from preftune.diffusion.tiny import save_tiny_pipeline, save_tiny_sd3_pipeline, write_image_pairs
 from preftune.reward.processbench import processbench_from_task
 from preftune.tasks.arithmetic import ArithmeticTask
 from test_train_fixtures import pair_rows, tiny_model, write_jsonl
@@ -152,6 +152,7 @@ def base_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(ROOT / "examples", plain / "examples")
     write_jsonl(plain / "steps.jsonl", processbench_from_task(12, ops="+", seed=4))
     save_tiny_pipeline(plain / "tiny-pipeline")  # diffusion: a pipeline folder and image pairs
+    save_tiny_sd3_pipeline(plain / "tiny-sd3-pipeline")  # a rectified-flow (SD3-style) one
     write_image_pairs(plain, pairs=4, name="image-pairs.jsonl")
     with_run = root / "with_run"
     shutil.copytree(plain, with_run)

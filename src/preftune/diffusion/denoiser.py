@@ -1,7 +1,8 @@
 """The denoiser of a diffusers pipeline folder as a preftune policy (what `preftune train` trains).
 
-`load_denoiser(folder)` loads the pipeline's UNet (LoRA adapters through `peft` when asked) and
-attaches a `DiffusionSpec` (the training noise scheduler and prediction type) as `diffusion_spec`;
+`load_denoiser(folder)` loads the pipeline's denoiser — a UNet2DConditionModel (ε or v
+prediction) or an SD3-style SD3Transformer2DModel (rectified flow, pooled text projections) — with
+LoRA adapters through `peft` when asked, and attaches a `DiffusionSpec` (the training noise scheduler and prediction type) as `diffusion_spec`;
 `models.logprobs.example_stats` hands such a model to `denoising_example_stats`, so the trainer's
 step, its exact normalisation, batch statistics, evaluation and the reference strategies
 (`model`: a frozen copy; `adapter`: the LoRA policy with adapters disabled) work unchanged.
@@ -22,12 +23,16 @@ from typing import Any
 
 import torch
 
-from preftune.diffusion.seam import DenoisingStats, denoising_stats, prediction_type_of
+from preftune.diffusion.seam import DenoisingStats, denoising_stats, draw_timesteps, prediction_type_of
 from preftune.errors import ConfigError
 from preftune.types import Example, SequenceStats
 
-# The attention projections the diffusers LoRA scripts adapt (`all-linear` on a UNet means these).
+# The attention projections the diffusers LoRA scripts adapt (`all-linear` on a UNet means these);
+# on an SD3 transformer also the context branch's projections (train_dreambooth_lora_sd3.py's default).
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TRANSFORMER_LORA_TARGETS = [*LORA_TARGETS, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+# Transformer denoisers `preftune train` drives (pooled text projections, `seam.denoiser_output`).
+TRANSFORMERS = ("SD3Transformer2DModel",)
 
 
 @dataclass
@@ -39,16 +44,66 @@ class DiffusionSpec:
     num_train_timesteps: int
 
 
+def pipeline_index(folder: str | Path) -> dict[str, Any]:
+    """model_index.json of a pipeline folder; a missing or unreadable one is a ConfigError naming it."""
+    file = Path(folder) / "model_index.json"
+    try:
+        index = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"{file}: cannot read the pipeline's model_index.json ({err}) — give a folder written by a "
+            "diffusers pipeline's save_pretrained"
+        ) from None
+    if not isinstance(index, dict):
+        raise ConfigError(f"{file}: expected a JSON object naming the pipeline's components")
+    return index
+
+
 def denoiser_name(folder: str | Path) -> str:
-    """The pipeline's denoiser component: "unet" (refused: "transformer", not supported yet)."""
-    index = json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8"))
+    """The pipeline's denoiser component: "unet", or "transformer" for an SD3-style transformer."""
+    index = pipeline_index(folder)
     if "unet" in index:
         return "unet"
-    found = "transformer" if "transformer" in index else "no denoiser"
+    entry = index.get("transformer")
+    kind = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+    if kind in TRANSFORMERS:
+        return "transformer"
+    found = f"a {kind} transformer" if "transformer" in index else "no denoiser"
     raise ConfigError(
-        f"model {folder}: the pipeline has {found}; preftune train supports UNet pipelines "
-        "(UNet2DConditionModel, Stable Diffusion 1.x/2.x style) so far"
+        f"{Path(folder) / 'model_index.json'}: the pipeline has {found}; preftune train supports "
+        "UNet2DConditionModel pipelines (Stable Diffusion 1.x/2.x style) and SD3Transformer2DModel "
+        "ones (StableDiffusion3Pipeline)"
     )
+
+
+def check_pipeline_folder(folder: str | Path) -> str:
+    """The denoiser's name, after checking that every component model_index.json lists is there
+    (its folder, with the config file diffusers reads); a missing one is a ConfigError naming it."""
+    name = denoiser_name(folder)
+    root = Path(folder)
+    for part, entry in sorted(pipeline_index(folder).items()):
+        if part.startswith("_") or not isinstance(entry, list) or entry[0] is None:
+            continue  # metadata, or a component saved as None (an SD3 pipeline without T5)
+        if part.startswith("tokenizer"):
+            needed = root / part
+        else:
+            needed = root / part / ("scheduler_config.json" if part == "scheduler" else "config.json")
+        if not needed.exists():
+            raise ConfigError(
+                f"{root}: model_index.json lists '{part}' ({entry[1]}) but {needed} is missing — save the "
+                "whole pipeline with save_pretrained, or remove the component from model_index.json"
+            )
+    return name
+
+
+def load_pipeline(folder: str | Path, **kwargs: Any) -> Any:
+    """The whole pipeline at `folder` (`DiffusionPipeline.from_pretrained`), naming as None each
+    component model_index.json lists as null — diffusers refuses to load an SD3 pipeline saved
+    without T5 unless `text_encoder_3=None, tokenizer_3=None` are passed."""
+    from diffusers import DiffusionPipeline
+
+    absent = {k: None for k, v in pipeline_index(folder).items() if isinstance(v, list) and v[0] is None}
+    return DiffusionPipeline.from_pretrained(str(folder), **{**absent, **kwargs})
 
 
 def training_scheduler(folder: str | Path) -> Any:
@@ -69,21 +124,22 @@ def load_denoiser(
     lora: Any = None,
     gradient_checkpointing: bool = False,
 ) -> Any:
-    """The pipeline's UNet with `diffusion_spec` attached; LoRA adapters (a `LoraSettings`) via peft."""
-    from diffusers import UNet2DConditionModel
+    """The pipeline's UNet or SD3 transformer with `diffusion_spec` attached; LoRA adapters (a
+    `LoraSettings`; `all-linear` means the attention projections) via peft."""
+    import diffusers
 
     from preftune.models.load import resolve_dtype
 
-    name = denoiser_name(folder)
-    model: Any = UNet2DConditionModel.from_pretrained(
-        str(folder), subfolder=name, torch_dtype=resolve_dtype(dtype)
-    )
+    name = check_pipeline_folder(folder)
+    model_cls = getattr(diffusers, "UNet2DConditionModel" if name == "unet" else TRANSFORMERS[0])
+    model: Any = model_cls.from_pretrained(str(folder), subfolder=name, torch_dtype=resolve_dtype(dtype))
     if gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if lora is not None:
         from peft import LoraConfig, get_peft_model
 
-        targets = LORA_TARGETS if lora.target_modules == "all-linear" else list(lora.target_modules)
+        default = LORA_TARGETS if name == "unet" else TRANSFORMER_LORA_TARGETS
+        targets = default if lora.target_modules == "all-linear" else list(lora.target_modules)
         model.requires_grad_(False)
         config = LoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets
@@ -100,13 +156,18 @@ def is_denoiser(model: Any) -> bool:
     return getattr(model, "diffusion_spec", None) is not None
 
 
-def example_noise(example: Example, shape: torch.Size, total: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ε [C, h, w], t [1]) of an example, drawn from its `noise_seed` (shared by its branches)."""
+def example_noise(
+    example: Example, shape: torch.Size, total: int, scheduler: Any = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ε [C, h, w], t [1]) of an example, drawn from its `noise_seed` (shared by its branches): t
+    uniform in [0, total), or with a flow-matching `scheduler` t = σ·T, σ logit-normal on its grid."""
     seed = example.meta.get("noise_seed")
     if seed is None:
         raise ConfigError("a diffusion example needs meta['noise_seed'] (set by its phase)")
     g = torch.Generator().manual_seed(int(seed))  # type: ignore[call-overload]
     noise = torch.randn(shape, generator=g)
+    if scheduler is not None and prediction_type_of(scheduler) == "flow":
+        return noise, draw_timesteps(scheduler, 1, g, "flow")
     return noise, torch.randint(0, total, (1,), generator=g)
 
 
@@ -121,7 +182,7 @@ def denoising_example_stats(model: Any, examples: list[Example]) -> SequenceStat
     for e in examples:
         images: list[torch.Tensor] = e.meta["latents"]  # type: ignore[assignment]
         texts: list[torch.Tensor] = e.meta["text"]  # type: ignore[assignment]
-        noise, t = example_noise(e, images[0].shape, spec.num_train_timesteps)
+        noise, t = example_noise(e, images[0].shape, spec.num_train_timesteps, spec.scheduler)
         for k, x0 in enumerate(images):
             latents.append(x0)
             noises.append(noise)

@@ -3,12 +3,18 @@
 The denoiser is the only part a diffusion preference run trains; the VAE and the text encoder are
 frozen, so each image's latent and each caption's embedding are computed once and stored in
 `$PREFTUNE_CACHE/diffusion/FINGERPRINT.safetensors` (the diffusers research script re-encodes every
-image every step). The fingerprint covers the VAE, text encoder and tokenizer files of the pipeline
-folder, the resolution, and every image's SHA-256 and caption, so any change makes a new entry. The
-file is written to a temporary name and renamed; one that cannot be read is recomputed.
+image every step). The fingerprint covers the VAE, text encoder(s) and tokenizer(s) files of the
+pipeline folder (and an SD3 transformer's config.json, whose widths shape the embedding), the
+resolution, and every image's SHA-256 and caption, so any change makes a new entry. The file is
+written to a temporary name and renamed; one that cannot be read is recomputed.
 
 Latents are the VAE posterior mean times `scaling_factor` (minus `shift_factor` first, where the VAE
-has one); images are resized (shorter side) and centre-cropped to the resolution, scaled to [−1, 1].
+has one: SD3's); images are resized (shorter side) and centre-cropped to the resolution, scaled to
+[−1, 1]. A UNet pipeline's caption embedding is its text encoder's last hidden states [L, D]; an
+SD3-style pipeline's is what `StableDiffusion3Pipeline.encode_prompt` returns (both CLIP encoders'
+penultimate hidden states side by side, padded to the joint width and followed by T5's tokens — zeros
+when the pipeline has no T5 — and the pooled projections), packed into [L + 1, D] by
+`seam.pack_conditioning`.
 """
 
 from __future__ import annotations
@@ -26,7 +32,10 @@ import torch
 from preftune.diffusion.imagedata import ImageRecord
 from preftune.errors import DataError
 
-ENCODED_PARTS = ("vae", "text_encoder", "tokenizer")
+ENCODED_PARTS = (
+    "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"
+)  # fmt: skip
+ENCODED_FILES = ("transformer/config.json",)  # an SD3 transformer's widths shape its embeddings
 VERSION = "1"
 
 
@@ -46,15 +55,17 @@ def default_resolution(folder: str | Path) -> int:
 
 
 def parts_fingerprint(folder: str | Path) -> str:
-    """SHA-256 over the names and bytes of every file of the encoding parts (VAE, text encoder, tokenizer)."""
+    """SHA-256 over the names and bytes of every file of the encoding parts (VAE, text encoders,
+    tokenizers; those a pipeline lacks are skipped) and of ENCODED_FILES where present."""
     h = hashlib.sha256(VERSION.encode())
     root = Path(folder)
-    for part in ENCODED_PARTS:
-        for file in sorted(p for p in (root / part).rglob("*") if p.is_file()):
-            h.update(str(file.relative_to(root)).encode())
-            with open(file, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
+    files = [sorted(p for p in (root / part).rglob("*") if p.is_file()) for part in ENCODED_PARTS]
+    extra = [root / name for name in ENCODED_FILES if (root / name).is_file()]
+    for file in [f for part in files for f in part] + extra:
+        h.update(str(file.relative_to(root)).encode())
+        with open(file, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 
@@ -77,6 +88,52 @@ def load_encoders(folder: str | Path) -> tuple[Any, Any, Any]:
     for module in (vae, text_encoder):
         module.requires_grad_(False).eval()
     return vae, tokenizer, text_encoder
+
+
+def load_vae(folder: str | Path) -> Any:
+    """The pipeline's VAE, frozen, in eval mode."""
+    import diffusers
+
+    vae_cls = getattr(diffusers, model_index(folder).get("vae", ["diffusers", "AutoencoderKL"])[1])
+    return vae_cls.from_pretrained(str(folder), subfolder="vae").requires_grad_(False).eval()
+
+
+def caption_encoder(folder: str | Path) -> Callable[[list[str]], torch.Tensor]:
+    """captions → [P, L, D] embeddings, as the pipeline conditions its denoiser (module docstring)."""
+    from preftune.diffusion.tiny import encode_prompts
+
+    if (Path(folder) / "unet").is_dir() or "transformer" not in model_index(folder):
+        _, tokenizer, text_encoder = load_encoders(folder)
+        return lambda captions: encode_prompts(tokenizer, text_encoder, captions)
+    return _pooled_prompt_encoder(folder)
+
+
+def _pooled_prompt_encoder(folder: str | Path) -> Callable[[list[str]], torch.Tensor]:
+    """An SD3-style pipeline's `encode_prompt` (no classifier-free guidance, the pipeline's default
+    max_sequence_length), its outputs packed; the transformer is built on the meta device (only its
+    config is read: the width of T5's zeros) and the VAE is not loaded."""
+    import diffusers
+
+    from preftune.diffusion.denoiser import load_pipeline
+    from preftune.diffusion.seam import pack_conditioning
+
+    index = model_index(folder)
+    transformer_cls = getattr(diffusers, index["transformer"][1])
+    with torch.device("meta"):
+        stand_in = transformer_cls.from_config(
+            transformer_cls.load_config(str(folder), subfolder="transformer")
+        )
+    pipe = load_pipeline(folder, transformer=stand_in, vae=None)
+
+    def encode(captions: list[str]) -> torch.Tensor:
+        with torch.no_grad():
+            embeds, _, pooled, _ = pipe.encode_prompt(
+                prompt=captions, prompt_2=None, prompt_3=None, device=torch.device("cpu"),
+                do_classifier_free_guidance=False,
+            )  # fmt: skip
+        return pack_conditioning(embeds, pooled)
+
+    return encode
 
 
 def pixels(data: bytes, resolution: int, *, where: Callable[[], tuple[str, int, str]]) -> torch.Tensor:
@@ -118,14 +175,11 @@ def vae_latents(vae: Any, images: torch.Tensor, batch: int = 16) -> torch.Tensor
 
 
 @torch.no_grad()
-def text_embeddings(tokenizer: Any, text_encoder: Any, captions: list[str], batch: int = 64) -> torch.Tensor:
-    """[P, L, D] last hidden states of the captions, padded to the tokenizer's max length."""
-    from preftune.diffusion.tiny import encode_prompts
-
-    parts = [
-        encode_prompts(tokenizer, text_encoder, captions[i : i + batch])
-        for i in range(0, len(captions), batch)
-    ]
+def text_embeddings(
+    encode: Callable[[list[str]], torch.Tensor], captions: list[str], batch: int = 64
+) -> torch.Tensor:
+    """[P, L, D] embeddings of the captions by `encode` (`caption_encoder`), in batches."""
+    parts = [encode(captions[i : i + batch]) for i in range(0, len(captions), batch)]
     return torch.cat(parts).float().cpu()
 
 
@@ -166,7 +220,7 @@ def _compute(
     resolution: int,
     data_path: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    vae, tokenizer, text_encoder = load_encoders(folder)
+    vae = load_vae(folder)
     first: dict[str, tuple[ImageRecord, int]] = {}
     for r in records:
         for i, d in enumerate(r.digests):
@@ -177,7 +231,7 @@ def _compute(
         return pixels(r.images[i], resolution, where=lambda: (data_path, r.row, r.fields[i]))
 
     stack = torch.stack([image(d) for d in digests])
-    return vae_latents(vae, stack), text_embeddings(tokenizer, text_encoder, captions)
+    return vae_latents(vae, stack), text_embeddings(caption_encoder(folder), captions)
 
 
 def _read(file: Path, images: int, captions: int) -> tuple[torch.Tensor, torch.Tensor] | None:

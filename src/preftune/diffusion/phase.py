@@ -137,6 +137,23 @@ def inversion_settings(objective: Any) -> dict[str, object] | None:
     return None
 
 
+def check_flow_objective(folder: str, objective: Any) -> None:
+    """The pipeline folder is whole (`check_pipeline_folder`), and a flow-matching one (SD3) is not
+    asked for DDIM/ReNoise inversion (inpo, smpo: defined on an ε-prediction VP schedule)."""
+    from preftune.diffusion.denoiser import check_pipeline_folder, training_scheduler
+    from preftune.diffusion.seam import prediction_type_of
+
+    check_pipeline_folder(folder)
+    if inversion_settings(objective) is None:
+        return
+    if prediction_type_of(training_scheduler(folder)) == "flow":
+        name = next(s.name for s, _, _ in objective.terms if s.name in ("inpo", "smpo"))
+        raise ConfigError(
+            f"{name} inverts images with DDIM on an ε-prediction schedule; {folder} is a flow-matching "
+            "pipeline — use dpo (Flow-DPO on the rectified-flow statistic) or another loss"
+        )
+
+
 def diffusion_sources(
     config: Any, objective: Any, log: Callable[[str], None] = print
 ) -> tuple[list[OfflinePhase], list[Example]]:
@@ -145,6 +162,7 @@ def diffusion_sources(
     from preftune.train.setup import phase_steps
 
     check_diffusion_config(config, reference_strategy(config, objective.needs_reference))
+    check_flow_objective(config.model, objective)
     examples = load_image_examples(config.data, config, objective.kind, split=config.split, log=log)
     if any(spec.name == "smpo" for spec, _, _ in objective.terms):
         unlabelled = next((e for e in examples if e.label is None), None)

@@ -14,7 +14,26 @@ pair must share ε and t (`pair_noise`). The per-element mean (not the sum over 
 is what every official script uses and what fixes the scale of β.
 
 Targets: ε-prediction → ε; v-prediction → v = α_t ε − σ_t x_0 (`scheduler.get_velocity`);
-rectified flow ("flow": x_t = (1 − s) x_0 + s ε, s = t / T) → ε − x_0.
+rectified flow ("flow": x_t = (1 − σ) x_0 + σ ε, σ = t / T) → v = ε − x_0.
+
+Rectified flow (SD3-style transformers). With the flow target the statistic is −½·mse(v_θ, ε − x_0)
+and the registered `dpo` loss is Flow-DPO (Liu et al. 2025, "Improving Video Generation with Human
+Feedback", arXiv:2501.13918) with a constant β: carried over from Diffusion-DPO's ELBO the KL weight
+becomes timestep-dependent, which the paper finds over-optimises the noisiest levels (reward
+hacking), so it keeps β constant — as here. Training σ are drawn as diffusers' SD3 scripts draw
+them (`train_dreambooth_sd3.py`, `train_dreambooth_lora_sd3.py`: default `--weighting_scheme
+logit_normal`, mean 0, std 1, the rf/lognorm(0, 1) sampler Esser et al. 2024, arXiv:2403.03206,
+rank best): u = sigmoid(n), n ~ N(0, 1), index ⌊u·T⌋ into the scheduler's training grid, whose σ
+are already shifted (SD3: shift 3), t = σ·T (`draw_timesteps`). Logit-normal rather than uniform
+because it is what SD3 was trained with, so the statistic weights noise levels as pretraining did;
+that scheme's loss weight is 1, so the statistic is the plain per-element mean. Not followed:
+`train_dreambooth_sd3.py`'s `--precondition_outputs 1` (compare x_t − σ v_θ with x_0), which
+multiplies each mse by σ², i.e. a per-example β_t = β σ² — the timestep weighting Flow-DPO drops.
+
+Conditioning of a pooled-projection transformer (SD3Transformer2DModel) travels as one tensor,
+[N, L + 1, D]: the L token rows of `encode_prompt`'s prompt_embeds, then one row holding the pooled
+projections (zero-padded to D) — `pack_conditioning` / `unpack_conditioning` — so caching, batching
+and DCPO's per-branch captions treat it as they treat a UNet's [N, L, D] (`denoiser_output`).
 """
 
 from __future__ import annotations
@@ -61,6 +80,74 @@ def prediction_type_of(scheduler: Any) -> str:
     return str(kind)
 
 
+def draw_timesteps(
+    scheduler: Any, n: int, generator: torch.Generator | None = None, prediction_type: str | None = None
+) -> torch.Tensor:
+    """[n] training timesteps: uniform integers in [0, T) (DDPM training, Diffusion-DPO), or for a
+    flow-matching scheduler t = σ·T with σ from diffusers' SD3 logit-normal scheme (module docstring;
+    `compute_density_for_timestep_sampling("logit_normal", mean 0, std 1)`)."""
+    total = int(scheduler.config.get("num_train_timesteps", 1000))
+    if (prediction_type or prediction_type_of(scheduler)) != "flow":
+        return torch.randint(0, total, (n,), generator=generator)
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    u = compute_density_for_timestep_sampling("logit_normal", n, 0.0, 1.0, generator=generator)
+    index = (u * total).long().clamp(0, total - 1)
+    return training_timesteps(scheduler)[index]
+
+
+def training_timesteps(scheduler: Any) -> torch.Tensor:
+    """[T] the flow scheduler's training grid t = σ·T (shifted σ, descending), as built by a fresh
+    scheduler from its config (so a scheduler already set for sampling still trains right)."""
+    fresh = type(scheduler).from_config(scheduler.config)
+    return fresh.timesteps.float()
+
+
+def pack_conditioning(embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """[N, L + 1, D]: token embeddings [N, L, D] and, as the last row, pooled projections [N, P ≤ D]
+    zero-padded to D (the form a pooled-projection transformer's conditioning travels in)."""
+    width = embeds.shape[-1]
+    if pooled.shape[-1] > width:
+        raise ConfigError(
+            f"pooled projections of width {pooled.shape[-1]} do not fit a conditioning row of width "
+            f"{width}: this transformer's pooled_projection_dim exceeds its joint_attention_dim"
+        )
+    row = torch.nn.functional.pad(pooled, (0, width - pooled.shape[-1]))
+    return torch.cat([embeds, row[:, None, :].to(embeds.dtype)], dim=1)
+
+
+def unpack_conditioning(cond: torch.Tensor, pooled_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token embeddings [N, L, D], pooled projections [N, pooled_dim]) of `pack_conditioning`'s form."""
+    return cond[:, :-1], cond[:, -1, :pooled_dim]
+
+
+def pooled_projection_dim(model: Any) -> int | None:
+    """The width of the pooled text projections a transformer denoiser takes; None for a UNet."""
+    config = getattr(model, "config", None)
+    dim = getattr(config, "pooled_projection_dim", None)
+    return None if dim is None else int(dim)
+
+
+def denoiser_output(
+    model: Any, noisy: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor, **model_kwargs: Any
+) -> torch.Tensor:
+    """The denoiser's prediction at (x_t, t, c): a UNet as `model(x_t, t, encoder_hidden_states=c)`,
+    a pooled-projection transformer (SD3) with c unpacked into its tokens and pooled projections."""
+    dim = pooled_projection_dim(model)
+    if dim is None:
+        out = model(noisy, timesteps, encoder_hidden_states=cond, **model_kwargs)
+    else:
+        tokens, pooled = unpack_conditioning(cond, dim)
+        out = model(
+            hidden_states=noisy,
+            timestep=timesteps,
+            encoder_hidden_states=tokens,
+            pooled_projections=pooled,
+            **model_kwargs,
+        )
+    return out.sample if hasattr(out, "sample") else out[0]  # type: ignore[no-any-return]
+
+
 def noisy_input_and_target(
     latents: torch.Tensor,
     noise: torch.Tensor,
@@ -68,7 +155,8 @@ def noisy_input_and_target(
     scheduler: Any,
     prediction_type: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_t, regression target) of clean latents x_0 at integer timesteps t with noise ε."""
+    """(x_t, regression target) of clean latents x_0 at timesteps t with noise ε (integers for DDPM
+    schedules; t = σ·T, possibly fractional, for flow matching)."""
     if prediction_type not in PREDICTION_TYPES:
         raise ConfigError(
             f"unknown prediction type '{prediction_type}'; valid: {', '.join(PREDICTION_TYPES)}"
@@ -95,9 +183,9 @@ def denoising_stats(
 ) -> DenoisingStats:
     """One denoising pass of N images: mse [N] of the model's prediction against its target.
 
-    unet: a diffusers denoiser called as `unet(x_t, t, encoder_hidden_states=c, **model_kwargs)`
-        (UNet2DConditionModel; transformers taking the same first arguments); output `.sample`.
-    latents, noise: [N, C, H, W] clean latents x_0 and ε; timesteps: [N] integer t;
+    unet: a diffusers denoiser (`denoiser_output`): a UNet2DConditionModel, or an SD3-style
+        transformer whose `encoder_hidden_states` are packed (`pack_conditioning`).
+    latents, noise: [N, C, H, W] clean latents x_0 and ε; timesteps: [N] t (`draw_timesteps`);
     encoder_hidden_states: [N, L, D], one row per image (DCPO gives a pair's two images different
     captions here). prediction_type defaults to the scheduler's.
     """
@@ -111,8 +199,7 @@ def denoising_stats(
         )
     kind = prediction_type or prediction_type_of(scheduler)
     noisy, target = noisy_input_and_target(latents, noise, timesteps, scheduler, kind)
-    out = unet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states, **model_kwargs)
-    pred = out.sample if hasattr(out, "sample") else out[0]
+    pred = denoiser_output(unet, noisy, timesteps, encoder_hidden_states, **model_kwargs)
     err = (pred.float() - target.float()) ** 2
     return DenoisingStats(mse=err.mean(dim=tuple(range(1, err.dim()))))
 
@@ -122,9 +209,11 @@ def pair_noise(
     latents_l: torch.Tensor,
     num_train_timesteps: int,
     generator: torch.Generator | None = None,
+    scheduler: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(latents [2E], noise [2E], timesteps [2E]) in row order [w_1..w_E, l_1..l_E]; the winner and
-    the loser of a pair share ε and t (Diffusion-DPO; as the official scripts)."""
+    the loser of a pair share ε and t (Diffusion-DPO; as the official scripts). With a flow-matching
+    `scheduler` t is drawn by `draw_timesteps` (SD3's logit-normal σ), else uniform in [0, T)."""
     if latents_w.shape != latents_l.shape:
         raise ConfigError(
             f"chosen latents {tuple(latents_w.shape)} and rejected latents {tuple(latents_l.shape)} "
@@ -132,7 +221,10 @@ def pair_noise(
         )
     e = latents_w.shape[0]
     noise = torch.randn(latents_w.shape, generator=generator, dtype=latents_w.dtype)
-    t = torch.randint(0, num_train_timesteps, (e,), generator=generator)
+    if scheduler is not None and prediction_type_of(scheduler) == "flow":
+        t = draw_timesteps(scheduler, e, generator, "flow")
+    else:
+        t = torch.randint(0, num_train_timesteps, (e,), generator=generator)
     device = latents_w.device
     return (
         torch.cat([latents_w, latents_l]),

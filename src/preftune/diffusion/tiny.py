@@ -2,7 +2,10 @@
 
 `save_tiny_pipeline(folder)` writes a `StableDiffusionPipeline` folder (unet/, vae/, text_encoder/,
 tokenizer/, scheduler/, model_index.json) that `StableDiffusionPipeline.from_pretrained(folder)`
-loads back. The CLIP tokenizer's vocab.json / merges.txt are written here: one token per
+loads back; `save_tiny_sd3_pipeline(folder)` a `StableDiffusion3Pipeline` folder (an
+SD3Transformer2DModel, a VAE with SD3's shift and scaling factors, flow-matching Euler with SD3's
+shift 3, two CLIP encoders with projections and no T5), which
+`StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)` loads. The CLIP tokenizer's vocab.json / merges.txt are written here: one token per
 byte-level character (with and without CLIP's end-of-word mark) and no merges, so any prompt
 tokenizes character by character.
 """
@@ -111,6 +114,74 @@ def save_tiny_pipeline(folder: str | Path, seed: int = 0) -> Path:
         **tiny_components(seed), safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     pipe.save_pretrained(str(folder))  # type: ignore[attr-defined]
+    return Path(folder)
+
+
+def _char_tokenizer(max_tokens: int) -> Any:
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_char_tokenizer_files(Path(tmp))
+        return CLIPTokenizer(
+            str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=max_tokens
+        )
+
+
+def tiny_sd3_components(seed: int = 0, max_tokens: int = MAX_TOKENS) -> dict[str, Any]:
+    """The components of a tiny SD3-style pipeline: an SD3Transformer2DModel on 8×8 latents (patch 2),
+    a VAE with SD3's shift_factor / scaling_factor (and, as SD3's, no quant convs), SD3's scheduler
+    (FlowMatchEulerDiscreteScheduler, shift 3), two character-level CLIP encoders with projections
+    (widths 16 + 16 = the joint width 32; pooled 16 + 16 = 32) and no T5 (`text_encoder_3=None`)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        num_layers=2, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=2 * TEXT_DIM,
+        caption_projection_dim=16, pooled_projection_dim=2 * TEXT_DIM, pos_embed_max_size=8,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=LATENT_CHANNELS,
+        norm_num_groups=4, sample_size=16, shift_factor=0.0609, scaling_factor=1.5305,
+        use_quant_conv=False, use_post_quant_conv=False,
+    )  # fmt: skip
+    tokenizers = [_char_tokenizer(max_tokens) for _ in range(2)]
+    tok = tokenizers[0]
+    text_config = CLIPTextConfig(
+        vocab_size=len(tok.get_vocab()), hidden_size=TEXT_DIM, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=max_tokens, projection_dim=TEXT_DIM,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    encoders = [CLIPTextModelWithProjection(text_config) for _ in range(2)]
+    return {
+        "transformer": transformer,
+        "vae": vae,
+        "scheduler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        "text_encoder": encoders[0],
+        "tokenizer": tokenizers[0],
+        "text_encoder_2": encoders[1],
+        "tokenizer_2": tokenizers[1],
+        "text_encoder_3": None,
+        "tokenizer_3": None,
+    }
+
+
+def save_tiny_sd3_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    """Write the tiny SD3-style pipeline as a StableDiffusion3Pipeline folder; returns the folder."""
+    from diffusers import StableDiffusion3Pipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    pipe = StableDiffusion3Pipeline(**tiny_sd3_components(seed))
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # "text_encoder_3=None ... cannot be saved": by design
+    try:
+        pipe.save_pretrained(str(folder))  # type: ignore[attr-defined]
+    finally:
+        diffusers_logging.set_verbosity(level)
     return Path(folder)
 
 

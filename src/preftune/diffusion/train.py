@@ -74,7 +74,7 @@ def pair_loss(
         raise ConfigError(f"loss '{loss}' needs a reference denoiser (reference=None)")
     pairs = latents_w.shape[0]
     total = int(scheduler.config.get("num_train_timesteps", 1000))
-    latents, noise, t = pair_noise(latents_w, latents_l, total, generator)
+    latents, noise, t = pair_noise(latents_w, latents_l, total, generator, scheduler)
     cond = branch_conditioning(encoder_hidden_states, pairs)
     policy = denoising_stats(unet, latents, noise, t, cond, scheduler)
     ref: DenoisingStats | None = None
