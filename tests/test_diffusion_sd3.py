@@ -117,6 +117,23 @@ def test_statistic_is_the_rectified_flow_mse_by_hand(setup: tuple[Path, Path, Pa
     torch.testing.assert_close(logps, by_hand, rtol=1e-5, atol=1e-6)
 
 
+def test_flow_sampler_on_packed_conditioning_is_the_sd3_pipeline(setup: tuple[Path, Path, Path]) -> None:
+    """awm.sample_flow (the default call, `denoiser_output`) on the cached, packed conditioning
+    reproduces StableDiffusion3Pipeline's own latents from the same noise (no guidance, 3 steps)."""
+    from preftune.diffusion.awm import sample_flow
+
+    _, pipe, _ = setup
+    reader = StableDiffusion3Pipeline.from_pretrained(str(pipe), text_encoder_3=None, tokenizer_3=None)
+    reader.set_progress_bar_config(disable=True)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    cond = caption_encoder(pipe)(["shape 0", "shape 1"])
+    with torch.no_grad():
+        ours = sample_flow(reader.transformer, training_scheduler(pipe), cond, noise, 3)
+        theirs = reader(["shape 0", "shape 1"], num_inference_steps=3, height=16, width=16, guidance_scale=1.0,
+                        latents=noise, output_type="latent").images  # fmt: skip
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
 def test_flow_timesteps_are_sd3_logit_normal(setup: tuple[Path, Path, Path]) -> None:
     """Unshifted, the drawn σ are logit-normal(0, 1): logit(s) has mean 0 and std 1 (20000 draws;
     standard error of the mean 0.007); every t is a point of the scheduler's shifted training grid."""
@@ -153,3 +170,57 @@ def test_broken_sd3_folder_and_inversion_are_refused(
     assert "cannot read the pipeline's model_index.json" in capsys.readouterr().err
     assert _train(root, pipe, data, "inpo", "b4") == 2
     assert "flow-matching pipeline" in capsys.readouterr().err
+
+
+def _bright_dark_pairs(root: Path, name: str, rows: int, prompt: str, seed: int) -> Path:
+    """`rows` pairs of random 16×16 images: the chosen one bright (pixels 160-255), the rejected dark (0-95)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(rows):
+        for branch, low in (("c", 160), ("r", 0)):
+            pixels = rng.integers(low, low + 96, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "img" / f"{name}{i}{branch}.png")
+        row = {
+            "prompt": prompt.format(i % 8),
+            "chosen": f"img/{name}{i}c.png",
+            "rejected": f"img/{name}{i}r.png",
+        }
+        lines.append(json.dumps(row) + "\n")
+    (root / f"{name}.jsonl").write_text("".join(lines))
+    return root / f"{name}.jsonl"
+
+
+def _sample_brightness(folder: Path) -> torch.Tensor:
+    """[32] mean pixel of 32 images (8 prompts × 4, 8 Euler steps) from the same seeded noise."""
+    pipe = load_pipeline(folder)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [f"shape {i}" for i in range(8)] * 4
+    out = pipe(prompts, num_inference_steps=8, height=16, width=16, output_type="pt",
+               generator=torch.Generator().manual_seed(123))  # fmt: skip
+    return out.images.mean(dim=(1, 2, 3))
+
+
+@pytest.mark.slow
+def test_flow_dpo_learns_a_brightness_preference(tmp_path: Path) -> None:
+    """Flow-DPO on 32 (bright chosen, dark rejected) pairs, 20 steps: on 16 held-out pairs with new
+    images and prompts the loss falls from log 2 and the implicit reward ranks ≥ 90 % right; the
+    pipeline's samples from the same noise get brighter by more than 3 paired standard errors."""
+    from preftune.config import TrainConfig
+    from preftune.train.api import train
+
+    pipe = save_tiny_sd3_pipeline(tmp_path / "pipe")
+    data = _bright_dark_pairs(tmp_path, "train", 32, "shape {}", seed=0)
+    held = _bright_dark_pairs(tmp_path, "held", 16, "held {}", seed=1)
+    config = TrainConfig(method="dpo", model=str(pipe), data=str(data), eval_data=str(held), eval_every=10,
+                         out=str(tmp_path / "out"), batch_size=8, max_steps=20, lr=1e-3, scheduler="constant",
+                         warmup_ratio=0.0, cache_dir=str(tmp_path / "cache"), progress=False)  # fmt: skip
+    before = _sample_brightness(pipe)
+    result = train(config)
+    assert result.metrics["eval/loss"] < 0.5 * math.log(2)
+    assert result.metrics["eval/rewards/accuracy"] >= 0.9
+    gain = _sample_brightness(result.final_dir) - before
+    assert float(gain.mean()) > 3 * float(gain.std() / math.sqrt(len(gain)))

@@ -10,9 +10,10 @@ and the update is PPO-clip on ρ = exp(−w(ℓ_θ) + w(ℓ_old)) with group-sta
 β ‖v_θ − v_ref‖² against a frozen reference (the paper's KL in velocity space). Samples come from
 any solver; here diffusers' `FlowMatchEulerDiscreteScheduler` (the rectified-flow ODE).
 
-Models: `call(model, x, t, cond) → v` adapts the denoiser; the default calls a diffusers UNet as
-`model(x, t, encoder_hidden_states=cond).sample`; `transformer_call(pooled)` adapts an SD3-style
-`SD3Transformer2DModel` (keyword inputs and pooled text projections).
+Models: `call(model, x, t, cond) → v` adapts the denoiser; the default (`seam.denoiser_output`) calls
+a diffusers UNet as `model(x, t, encoder_hidden_states=cond).sample`, and an SD3-style
+`SD3Transformer2DModel` on packed conditioning (`seam.pack_conditioning`: token rows, then the pooled
+projections); `transformer_call(pooled)` adapts one whose pooled projections are given apart.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from preftune.diffusion.online import RewardFn, clip_and_step, ddpo_advantages
+from preftune.diffusion.seam import denoiser_output
 from preftune.errors import ConfigError
 from preftune.losses.policy_losses import PolicyBatch, get_policy
 
@@ -33,8 +35,9 @@ WEIGHTINGS = ("uniform", "t", "ghuber")
 
 
 def unet_call(model: Any, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-    """v = model(x, t, encoder_hidden_states=cond).sample (a diffusers UNet or alike)."""
-    return model(x, t, encoder_hidden_states=cond).sample
+    """v = model(x, t, encoder_hidden_states=cond).sample for a diffusers UNet or alike; an SD3-style
+    transformer on packed conditioning (`seam.denoiser_output`)."""
+    return denoiser_output(model, x, t, cond)
 
 
 def transformer_call(pooled: torch.Tensor) -> Call:
