@@ -223,9 +223,12 @@ def test_gradient_descent_raises_the_better_response(name):
     the policy log-probs raises the margin, never lowers the preferred response (branch 0: chosen /
     best / a D2O sample, or a desirable completion) and never raises the dispreferred one (last
     branch, or an undesirable completion). Losses whose paper makes them non-monotone near h = 0
-    (`monotone=False`) are checked at a margin outside that region (ρ_w = 4, ρ_l = −4)."""
+    (`monotone=False`) are checked at a margin outside that region (ρ_w = 4, ρ_l = −4, divided by β
+    where β > 1 so that the logit is not saturated: SePPO at β = 5000)."""
     spec = REGISTRY[name]
-    rho = torch.zeros(2, 4) if spec.monotone else torch.tensor([[4.0, -4.0, 0.0, -4.0]]).repeat(2, 1)
+    beta = float(spec.hparams["beta"].default) if "beta" in spec.hparams else 1.0
+    margin = torch.tensor([[4.0, -4.0, 0.0, -4.0]]).repeat(2, 1) / max(beta, 1.0)
+    rho = torch.zeros(2, 4) if spec.monotone else margin
     batch, leaf = make_batch(spec, rho, ref=-6.0)
     (grad,) = torch.autograd.grad(call(spec, batch).losses.sum(), leaf)
     tiny = 1e-6 * float(grad.abs().max())

@@ -159,10 +159,19 @@ def diffusion_sources(
 ) -> tuple[list[OfflinePhase], list[Example]]:
     """(phase sources, held-out examples) of a diffusion run: one phase per round over the examples."""
     from preftune.config import reference_strategy
+    from preftune.diffusion.generated import (
+        GeneratedLoserPhase,
+        check_generation_config,
+        generation_settings,
+    )
     from preftune.train.setup import phase_steps
 
-    check_diffusion_config(config, reference_strategy(config, objective.needs_reference))
+    strategy = reference_strategy(config, objective.needs_reference)
+    check_diffusion_config(config, strategy)
     check_flow_objective(config.model, objective)
+    generated = generation_settings(objective)
+    if generated is not None:
+        check_generation_config(config, generated, strategy)
     examples = load_image_examples(config.data, config, objective.kind, split=config.split, log=log)
     if any(spec.name == "smpo" for spec, _, _ in objective.terms):
         unlabelled = next((e for e in examples if e.label is None), None)
@@ -185,6 +194,8 @@ def diffusion_sources(
     phases = [examples] * config.rounds
     sources: list[OfflinePhase] = [
         DiffusionPhase(i, data, n, config.batch_size, config.seed)
+        if generated is None
+        else GeneratedLoserPhase(i, data, n, config.batch_size, config.seed, **generated)
         for i, (data, n) in enumerate(zip(phases, phase_steps(config, phases)))
     ]
     return sources, held

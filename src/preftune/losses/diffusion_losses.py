@@ -1,4 +1,5 @@
-"""Losses that exist only for diffusion models (docs/diffusion.md): Diffusion-KTO, MaPO, SmPO, InPO.
+"""Losses that exist only for diffusion models (docs/diffusion.md): Diffusion-KTO, MaPO, SmPO, InPO,
+SePPO, PSO.
 
 They read the same `PreferenceBatch` as every loss, filled by the diffusion seam
 (`preftune.diffusion.denoising_stats`): the "log-prob" of an image is the implicit statistic
@@ -190,5 +191,112 @@ def inpo(
     rho_w, rho_l, valid = pair_log_ratios(batch, "inpo")
     losses = -log_sigmoid(beta * (rho_w - rho_l))
     # rewards are ρ itself (as smpo): β·ρ at β = 2000 would magnify float32 noise of ρ ≈ 0 to ~1e-3
+    losses, metrics = finish(losses, valid, pair_metrics(rho_w, rho_l))
+    return LossOutput(losses, metrics, {})
+
+
+def seppo_flip(rho_w: torch.Tensor) -> torch.Tensor:
+    """SePPO's Anchor-based Adaptive Flipper: +1 (the reference sample is a loser) where the policy
+    denoises the anchor x^w at least as well as the reference, mse_θ^w ≤ mse_ref^w (ρ_w ≥ 0); −1
+    (the reference sample is treated as a winner) where the reference does better on the anchor."""
+    return torch.where(rho_w.detach() >= 0, 1.0, -1.0)
+
+
+@register(
+    "seppo",
+    kind="pairwise",
+    needs_reference=True,
+    monotone=False,  # at ρ_w = 0 the flipper switches sign: the loss jumps up there when ρ_ref > 0
+    hparams={
+        "beta": HParam(
+            5000.0, "β (Diffusion-DPO units; the paper gives none — Diffusion-DPO's)", low=0.0, low_open=True
+        ),
+        "ref_every": HParam(30, "steps between the policy snapshots the reference is drawn from", low=1),
+        "sample_steps": HParam(
+            20, "DDIM (η = 0) steps of the reference sample that replaces the loser", low=1
+        ),
+        "aaf": HParam(True, "the AAF; false: every reference sample is a loser (the paper's ablation)"),
+    },
+    paper="Zhang et al. 2024, SePPO: Semi-Policy Preference Optimization for Diffusion Alignment "
+    "(arXiv:2410.05255)",
+    equation="AAF loss (Eqs. 7–8 of the ICLR 2025 submission): −log σ(−β/2 · (Δ_w − s·Δ_ref)), "
+    "Δ = mse_θ − mse_ref, s = +1 if Δ_w ≤ 0 else −1",
+)
+def seppo(
+    batch: PreferenceBatch,
+    state: dict[str, torch.Tensor],
+    *,
+    beta: float,
+    ref_every: int,
+    sample_steps: int,
+    aaf: bool,
+) -> LossOutput:
+    """SePPO with the Anchor-based Adaptive Flipper: −log σ(β (ρ_w − s·ρ_ref)), s = `seppo_flip(ρ_w)`.
+
+    Branch 0 is a winning image of the data (the anchor x^w), branch 1 the *reference sample*: an
+    image the reference model — a previous checkpoint of the policy, drawn uniformly from the
+    snapshots taken every `ref_every` steps — generated for the same prompt; it replaces the
+    data's losing image (the trainer's `GeneratedLoserPhase` makes both, `sample_steps` DDIM steps).
+    With ρ = −½ (mse_θ − mse_ref) = −½ Δ the logit is −β/2 · (Δ_w − s·Δ_ref):
+
+    - s = +1 (the policy fits the anchor at least as well as the reference, Δ_w ≤ 0): the reference
+      sample is a loser — this is Diffusion-DPO with x^ref as x^l (SPIN-Diffusion's loss);
+    - s = −1 (the reference fits the anchor better, Δ_w > 0: per the paper's Theorem the reference is
+      the better model here, so its sample is likely a winner): −log σ(−β/2 · (Δ_w + Δ_ref)) lowers
+      the policy's error on both images.
+
+    From the paper: the reference is a uniformly drawn previous checkpoint (ref ∼ U(0, k−1)), its
+    samples replace the losers, and the flipper's sign compares the current and the reference
+    model's noise-prediction errors on the winning anchor under the same ε and t. Inferred (the
+    paper has no training code): the tie Δ_w = 0 (always so at the first step, θ = θ_ref) counts as
+    s = +1; β = 5000 (Diffusion-DPO's, in these units); s is detached (a decision, not a gradient
+    path); snapshots every 30 steps follow the paper's checkpointing interval. `aaf=False`
+    is the paper's "w/o AAF" ablation (s = +1 always). Metrics: `seppo/flipped`
+    is the AAF rate (the fraction of pairs with s = −1); rewards are ρ (unscaled).
+    """
+    rho_w, rho_l, valid = pair_log_ratios(batch, "seppo")
+    sign = seppo_flip(rho_w) if aaf else torch.ones_like(rho_w)
+    losses = -log_sigmoid(beta * (rho_w - sign * rho_l))
+    metrics = {**pair_metrics(rho_w, rho_l), "seppo/flipped": (sign < 0).float()}
+    losses, metrics = finish(losses, valid, metrics)
+    return LossOutput(losses, metrics, {})
+
+
+@register(
+    "pso",
+    kind="pairwise",
+    needs_reference=True,
+    hparams={
+        "beta": HParam(
+            5000.0, "β (Diffusion-DPO units; the paper's value is not known here)", low=0.0, low_open=True
+        ),
+        "sample_steps": HParam(
+            4, "DDIM (η = 0) steps of the current model's reference image (few-step)", low=1
+        ),
+    },
+    paper="Miao et al. 2025, Tuning Timestep-Distilled Diffusion Model Using Pairwise Sample "
+    "Optimization (PSO, ICLR, arXiv:2410.03190)",
+    equation="PSO objective: Diffusion-DPO's −log σ(−β/2 · d) with x^w a training image and x^l a "
+    "reference image sampled from the current model",
+)
+def pso(
+    batch: PreferenceBatch, state: dict[str, torch.Tensor], *, beta: float, sample_steps: int
+) -> LossOutput:
+    """PSO: −log σ(β (ρ_w − ρ_l)) = −log σ(−β/2 · d) where branch 0 is a training image and branch 1 a
+    *reference image* sampled from the current (few-step) model for the same prompt.
+
+    From the paper (its abstract; the method section's equations could not be read here, so no
+    equation number is cited): PSO samples reference images from the current timestep-distilled
+    model and increases the relative likelihood margin between the training images and them,
+    pairwise as Diffusion-DPO, with offline- or online-sampled pairs. Inferred (no official code was
+    found): π_ref is the frozen initial model; the online form is the default (the trainer's `GeneratedLoserPhase` samples the
+    reference images with the policy's weights of the step, `sample_steps` DDIM steps, η = 0); the
+    likelihood statistic is the seam's −½·mse at t uniform over the training schedule (the paper
+    evaluates a distilled model at its few sampling timesteps, which a pipeline folder does not
+    name); β = 5000 as Diffusion-DPO. The loss equals `dpo` on the same batch; what makes PSO is
+    where branch 1 comes from. Metrics: rewards are ρ (unscaled).
+    """
+    rho_w, rho_l, valid = pair_log_ratios(batch, "pso")
+    losses = -log_sigmoid(beta * (rho_w - rho_l))
     losses, metrics = finish(losses, valid, pair_metrics(rho_w, rho_l))
     return LossOutput(losses, metrics, {})

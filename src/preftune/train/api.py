@@ -112,26 +112,30 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
         from preftune.train.distill_step import load_teachers
 
         objective.teachers = load_teachers(config, world)
-    for source in sources:
-        if isinstance(source, OnlinePhase):
-            source.attach(state.model)
-            state.sampler = source.sampler  # its state is checkpointed; restored here on resume
-            if source.sampler is not None:
-                source.sampler.load_state_dict(state.extra.get("sampler", {}))
+    for source in sources:  # sources that sample with the policy (online; seppo / pso losers)
+        attach = getattr(source, "attach", None)
+        if attach is not None:
+            attach(state.model)
+            sampler = getattr(source, "sampler", None)
+            state.sampler = sampler  # its state is checkpointed; restored here on resume
+            if sampler is not None:
+                sampler.load_state_dict(state.extra.get("sampler", {}))
     run = _make_run(config, objective, world, sources, eval_examples, total, state)
     graceful = GracefulStop()
     try:
         graceful.__enter__()  # signals now stop the run at a step boundary, after a checkpoint
         for source in sources[state.phase :]:
             ref = run.begin_phase(state, source)
-            if isinstance(source, OnlinePhase):
-                source.attach_reference(ref.provider)  # XPO samples from it
+            if hasattr(source, "attach_reference"):
+                source.attach_reference(ref.provider)  # XPO and seppo sample from it
             while state.step_in_phase < source.steps:
                 batch = source.batch(state.step_in_phase)
                 t0 = time.perf_counter()
                 run.step(state, batch, ref)
                 if isinstance(source, OnlinePhase):  # rollout metrics; sampling vs training time
                     state.last.update(source.metrics, train_s=time.perf_counter() - t0)
+                elif hasattr(source, "metrics"):  # seppo: which snapshot was the reference
+                    state.last.update(source.metrics)
                 run.after_step(state, source, ref, graceful)
             state.phase += 1
             state.step_in_phase = 0
