@@ -22,6 +22,15 @@ fi
 # torch above, then install preftune (editable) so both sides run the same transformers.
 "$VPY" -m pip install -q "trl==1.16.*"
 "$VPY" -m pip install -q -e .
+# The diffusers research script's side of diffusion_dpo_vs_diffusers.py: diffusers and peft at the
+# versions of the main venv. torchvision (its image transforms) goes into a folder of its own that only
+# that benchmark's script child puts on sys.path: the only torchvision wheel here is a CUDA build whose
+# C ops cannot load with the CPU torch, and inside the venv it would break every transformers import.
+"$VPY" -m pip install -q "diffusers==0.42.*" "peft==0.21.*"
+if [ ! -d .bench-venv/diffusers-script-site/torchvision ]; then
+    "$VPY" -m pip install -q --no-deps --target .bench-venv/diffusers-script-site "torchvision==0.28.0" \
+        >/dev/null 2>&1 || echo "torchvision not installable; diffusion_dpo_vs_diffusers.py runs its preftune side only"
+fi
 # Optional: a sampling profiler for the "where does the time go" notes (skipped if unavailable).
 "$VPY" -m pip install -q py-spy >/dev/null 2>&1 || echo "py-spy not installable; profiles use torch.profiler"
 "$VPY" - <<'PY'

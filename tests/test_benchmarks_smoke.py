@@ -284,3 +284,51 @@ def test_prompt_groups_smoke(results: Path) -> None:
     assert (
         json.loads((results / "tmp" / "prompt_groups.json").read_text())["points"][0]["pairs_per_step"] == 3
     )
+
+
+def test_diffusion_dpo_step_summary_by_hand() -> None:
+    import diffusion_dpo_vs_diffusers as dd
+
+    a = dd.parse(["--quick", "--batch", "4", "--warmup", "1", "--script", ""])
+    # 5 optimizer steps at t = 10, 11, 13, 14, 18 s (CPU 1, 2, 3, 5, 6); start at t = 4 s
+    stamps = [[10.0, 1.0], [11.0, 2.0], [13.0, 3.0], [14.0, 5.0], [18.0, 6.0]]
+    phases = [{"unet_forward": 0.5}] * 2 + [{"unet_forward": 0.5, "vae_encode": 0.25}] * 3
+    res = {"side": "script", "stamps": stamps, "train_start": [4.0, 0.0], "wall_s": 20.0, "peak_rss_mb": 9.0,
+           "losses": [0.5], "phases": phases, "load_average": [1.0, 1.0, 1.0], "rss_after_imports_mb": 5.0}  # fmt: skip
+    s = dd.step_summary(res, a)
+    # intervals after the warm-up step: 2, 1, 4 s (median 2); CPU 1, 2, 1 (median 1)
+    assert s["step_s"] == 2.0 and s["cpu_step_s"] == 1.0 and s["pairs_per_s"] == 2.0
+    assert s["to_first_step_s"] == 6.0
+    phases = {"vae_encode": 0.25, "text_encode": 0.0, "unet_forward": 0.5, "rest": 1.25}
+    phases |= {"vae_encode_cpu": 0.0, "text_encode_cpu": 0.0, "unet_forward_cpu": 0.0, "rest_cpu": 1.0}
+    assert s["phases_s"] == phases
+
+
+@pytest.mark.slow
+def test_diffusion_dpo_vs_diffusers_smoke_preftune_side(
+    results: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PREFTUNE_DIFFUSERS_DPO_SCRIPT", raising=False)
+    _run("diffusion_dpo_vs_diffusers.py", "--quick", "--steps", "3", "--warmup", "1")
+    res = json.loads((results / "tmp" / "diffusion_dpo_vs_diffusers.json").read_text())
+    cold, warm = res["runs"]["preftune_cold"][0], res["runs"]["preftune_warm"][0]
+    assert set(res["runs"]) == {"preftune_cold", "preftune_warm"}  # the second run found the cache
+    # LoRA's B starts at 0: policy = reference, so the first DPO loss is log 2 exactly
+    assert cold["first_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    # the cached latents and embeddings are the ones the cold run encoded: the same losses, step by step
+    assert warm["losses"] == pytest.approx(cold["losses"], rel=1e-6) and len(cold["losses"]) == 3
+    assert cold["pairs_per_s"] > 0 and warm["peak_rss_mb"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("PREFTUNE_DIFFUSERS_DPO_SCRIPT"),
+    reason="set PREFTUNE_DIFFUSERS_DPO_SCRIPT to diffusers' train_diffusion_dpo.py (run from .bench-venv)",
+)
+def test_diffusion_dpo_vs_diffusers_first_step_equal(results: Path) -> None:
+    _run("diffusion_dpo_vs_diffusers.py", "--quick")
+    res = json.loads((results / "tmp" / "diffusion_dpo_vs_diffusers.json").read_text())
+    check, script = res["first_step_check"], res["first_step_check"]["script_first_logs"]
+    for key in ("loss", "raw_model_loss", "ref_loss"):
+        assert check[key] == pytest.approx(script[key], rel=1e-5), key
+    assert max(check["latent_gap_winners"], check["latent_gap_losers"], check["text_gap"]) < 1e-5
