@@ -167,16 +167,22 @@ LEVERS = ("keep", "tree")
 def levers_off(names: str) -> None:
     """preftune as before the speed levers named (comma-separated; `preftune_base` in dpo_vs_trl.py):
     `keep`: the LM head recomputes every chunk's logits in backward instead of keeping their softmax;
-    `tree`: packed rows attend through the dense [L, L] tree mask instead of segment by segment."""
+    `tree`: packed rows attend through the dense [L, L] tree mask instead of segment by segment.
+    Two settings of the LM head take a value instead: `keep=C` keeps softmax within C float32 copies
+    of the head weight (`keep` = `keep=0`; the default is logprobs._KEEP_WEIGHT_COPIES), `chunk=N`
+    runs the head N tokens at a time (at the benchmarks' 32k vocabulary; default 2^22 / 32000 = 131)."""
     import preftune.models.logprobs as lp
 
-    for name in names.split(","):
+    for entry in names.split(","):
+        name, _, value = entry.partition("=")
         if name == "keep":
-            lp._KEEP_WEIGHT_COPIES = 0
-        elif name == "tree":
+            lp._KEEP_WEIGHT_COPIES = float(value or 0)
+        elif name == "chunk" and value:
+            lp._CHUNK_ELEMENTS = int(value) * bu.MODELS["20m"].vocab_size
+        elif name == "tree" and not value:
             lp._TREE_ATTENTION = False
-        elif name:
-            raise ValueError(f"lever {name!r}: choose from {', '.join(LEVERS)}")
+        elif entry:
+            raise ValueError(f"lever {entry!r}: choose from {', '.join(LEVERS)}, keep=C, chunk=N")
 
 
 def child_preftune(a: argparse.Namespace) -> dict[str, Any]:

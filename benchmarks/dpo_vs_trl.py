@@ -17,7 +17,9 @@ completion tokens only; see dpo_children.py for how and why), `preftune` runs pr
 matching reference and optimizer (`best`: its reference cache and fused AdamW; `plain`: an online
 reference model and the unfused AdamW), and `preftune_base` (not in the default sides) runs the same
 with the speed levers of `--base-levers-off` switched off (dpo_children.levers_off): their
-before/after in one run.
+before/after in one run. `--base-levers-off` also takes the LM head's two settings, `keep=C` (the
+kept-softmax budget in head-weight copies) and `chunk=N` (tokens per head chunk), so a candidate
+setting runs side by side with the default.
 The first step of every run (compilation for TRL `best`, the reference pass for preftune's cache) is
 reported apart and never in the step time.
 
@@ -187,19 +189,19 @@ LABELS = {
     "trl": "TRL {variant}",
     "trl_gpu": "TRL GPU path",
     "preftune": "preftune {variant}",
-    "preftune_base": "preftune {variant}, levers off",  # which: the results' base_levers_off
+    "preftune_base": "preftune {variant}, base: {levers}",  # the results' base_levers_off
 }
 
 
 def render_table(res: dict[str, Any]) -> str:
-    peak = res["matmul_peak_flops"]
+    peak, levers = res["matmul_peak_flops"], res.get("base_levers_off") or "levers off"
     rows = []
     for name, r in res["shapes"].items():
         for side, m in r["median"].items():
             rows.append(
                 [
                     name,
-                    LABELS[side].format(variant=r["variants"][side]),
+                    LABELS[side].format(variant=r["variants"][side], levers=levers),
                     m["pairs_s"],
                     m["tokens_s"],
                     m["pairs_per_cpu_s"],
@@ -213,7 +215,12 @@ def render_table(res: dict[str, Any]) -> str:
     head = ["shape", "side", "pairs/s", "tokens/s", "pairs/CPU-s", "first step s", "peak RSS MiB"]
     head += ["executed GFLOP/s", "MFU (executed)", "first losses"]
     ratios = [
-        [n, LABELS[o].format(variant=r["variants"][o]), x["speedup"], x["speedup_paired_median"]]
+        [
+            n,
+            LABELS[o].format(variant=r["variants"][o], levers=levers),
+            x["speedup"],
+            x["speedup_paired_median"],
+        ]
         + [x["speedup_cpu_time"], x["speedup_best_of_reps"], x["memory_ratio"], x["max_abs_loss_diff"]]
         for n, r in res["shapes"].items()
         for o, x in r["ratios"].items()
@@ -281,7 +288,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--base-levers-off",
         default=",".join(LEVERS),
-        help=f"levers the preftune_base side switches off (comma-separated: {','.join(LEVERS)})",
+        help=f"levers the preftune_base side switches off (comma-separated: {','.join(LEVERS)}), or sets: "
+        "keep=C (kept softmax within C head-weight copies), chunk=N (LM head N tokens at a time)",
     )
     ap.add_argument("--compare-steps", type=int, default=3, help="first losses compared between sides")
     ap.add_argument("--peak-seconds", type=float, default=3.0)

@@ -81,8 +81,14 @@ def _trl_config(a: argparse.Namespace, n: int, out: str) -> Any:
     )  # fmt: skip
 
 
-def child_trl(a: argparse.Namespace) -> dict[str, Any]:
+def child_trl(a: argparse.Namespace, *, gpu_path: bool = False) -> dict[str, Any]:
+    """TRL's GRPOTrainer; `gpu_path`: its LM head scores completion positions only, as on a GPU
+    (grpo_vs_trl.py's `trl_gpu` side; the same switch as dpo_children.py's `gpu` variant)."""
     stamps = bu.install_step_clock()
+    if gpu_path:
+        import trl.trainer.utils as trl_utils
+
+        trl_utils._use_triton = lambda device: True  # compact: completion positions only
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -113,7 +119,7 @@ def child_trl(a: argparse.Namespace) -> dict[str, Any]:
     logs = [h for h in trainer.state.log_history if "loss" in h]
     rewards = REWARD_SECONDS[: len(scored)]
     return {
-        "side": "trl",
+        "side": "trl_gpu" if gpu_path else "trl",
         "train_start": start,
         "stamps": stamps,
         "losses": [float(h["loss"]) for h in logs],

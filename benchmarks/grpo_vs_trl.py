@@ -10,6 +10,16 @@ completion uses it all), temperature 1, β = 0 (no reference model), TRL's `loss
 preftune's token mean (its default), ε = 0.2, one optimizer step per batch of rollouts, fused AdamW,
 constant lr, the same reward function (grpo_children.reward).
 
+Sides (`--sides`): `trl` is TRL as it runs on CPU; `trl_gpu` is the same TRL with its GPU scoring
+path. TRL 1.16 sends the hidden states through its fused chunked LM-head kernel
+(`trl.trainer.utils.add_fused_lm_head`); on devices with Triton it scores only the positions whose
+label is a completion token, elsewhere (CPU included) every position, the ~250 prompt tokens of a
+prompt-heavy sample too, and masks the result afterwards. `trl_gpu` makes that one decision answer
+"compact" on CPU, as dpo_children.py's `gpu` variant does, so its row shows what TRL costs when its
+vocabulary layer runs on completion tokens only, as it does on a GPU. β = 0 leaves no reference
+model to precompute, fused AdamW is on, and the step is one forward/backward over the generation
+batch (TRL's default); `torch_compile` was not measured for GRPO (docs/performance.md §6).
+
 Two shapes: `prompt_heavy` (~250-token prompts) and `short` (the quickstart's ~10-token prompts).
 Each side runs in a fresh process; the order alternates between repetitions; medians are reported.
 A step is timed by the optimizer hook of bench_utils (the first step is not timed) and split into
@@ -35,7 +45,7 @@ import bench_utils as bu  # noqa: E402
 from grpo_children import child_preftune, child_trl  # noqa: E402
 
 SHAPES = {"prompt_heavy": ((224, 288), 64), "short": ((6, 12), 48)}  # prompt tokens, completion budget
-SIDES = ("trl", "preftune")
+SIDES = ("trl", "trl_gpu", "preftune")
 
 
 def write_prompts(path: Path, n: int, lengths: tuple[int, int], seed: int, vocab: int) -> Path:
@@ -91,14 +101,18 @@ def measure(name: str, a: argparse.Namespace, model: Path, work: Path) -> dict[s
         "runs": runs,
         "median": med,
     }
-    if set(SIDES) <= set(runs):
-        p, t = med["preftune"], med["trl"]
-        out["ratios"] = {
+    p = med.get("preftune")
+    out["ratios"] = {
+        peer: {
             "speedup": p["completions_s"] / t["completions_s"],
+            "speedup_cpu_time": t["cpu_s_per_step"] / p["cpu_s_per_step"],
             "memory_ratio": p["peak_rss_mb"] / t["peak_rss_mb"],
             "generate_speedup": t["generate_s"] / max(p["generate_s"], 1e-9),
             "rest_speedup": t["rest_s"] / max(p["rest_s"], 1e-9),
         }
+        for peer, t in med.items()
+        if p is not None and peer != "preftune"
+    }
     return out
 
 
@@ -110,9 +124,11 @@ def render(res: dict[str, Any]) -> str:
     ]  # fmt: skip
     head = ["shape", "side", "completions/s", "completion tokens/s", "generation s/step", "reward s/step"]
     head += ["log-probs+backward+update s/step", "peak RSS MiB", "first-step loss"]
-    ratios = [[n, *(r["ratios"][k] for k in ("speedup", "generate_speedup", "rest_speedup", "memory_ratio"))]
-              for n, r in res["shapes"].items() if "ratios" in r]  # fmt: skip
-    rhead = ["shape", "speedup (completions/s)", "generation speedup", "train-part speedup", "memory ratio"]
+    keys = ("speedup", "speedup_cpu_time", "generate_speedup", "rest_speedup", "memory_ratio")
+    ratios = [[n, peer, *(x[k] for k in keys)]
+              for n, r in res["shapes"].items() for peer, x in r["ratios"].items()]  # fmt: skip
+    rhead = ["shape", "preftune vs", "speedup (completions/s)", "speedup (CPU time)", "generation speedup"]
+    rhead += ["train-part speedup", "memory ratio"]
     loads = [
         lv[0][0]
         for r in res["shapes"].values()
@@ -167,7 +183,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if a.child:
-        out = {"trl": child_trl, "preftune": child_preftune}[a.child](a)
+        out = child_preftune(a) if a.child == "preftune" else child_trl(a, gpu_path=a.child == "trl_gpu")
         print(json.dumps(out))
         return 0
     spec, t0 = bu.MODELS[a.model_size], time.time()
@@ -188,11 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     jp, _ = bu.save_results(stem, res, render(res), quick=a.quick or a.smoke)
     print(render(res), file=sys.stderr)
     print(f"[grpo_vs_trl] results: {jp}", file=sys.stderr)
-    ratios = {n: r.get("ratios", {}) for n, r in shapes.items()}
+
+    def ratio(shape: str, peer: str, key: str) -> Any:
+        return shapes.get(shape, {}).get("ratios", {}).get(peer, {}).get(key)
+
     headline = {
-        "speedup": ratios.get("prompt_heavy", {}).get("speedup"),
-        "speedup_short": ratios.get("short", {}).get("speedup"),
-        "memory_ratio": ratios.get("prompt_heavy", {}).get("memory_ratio"),
+        "speedup": ratio("prompt_heavy", "trl", "speedup"),
+        "speedup_short": ratio("short", "trl", "speedup"),
+        "memory_ratio": ratio("prompt_heavy", "trl", "memory_ratio"),
+        "speedup_gpu_path": ratio("prompt_heavy", "trl_gpu", "speedup"),
+        "speedup_short_gpu_path": ratio("short", "trl_gpu", "speedup"),
         "elapsed_s": round(res["elapsed_s"], 1),
     }
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in headline.items()}))

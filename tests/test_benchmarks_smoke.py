@@ -118,6 +118,20 @@ def test_dpo_vs_trl_smoke_preftune_side(results: Path) -> None:
     assert res["shapes"]["prompt_heavy"]["ratios"]["preftune_base"]["max_abs_loss_diff"] < 1e-5
 
 
+def test_levers_off_sets_the_head_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dpo_children
+    import preftune.models.logprobs as lp
+
+    for name in ("_KEEP_WEIGHT_COPIES", "_CHUNK_ELEMENTS", "_TREE_ATTENTION"):
+        monkeypatch.setattr(lp, name, getattr(lp, name))  # restored after the test
+    dpo_children.levers_off("keep=1.5,chunk=64")
+    assert (lp._KEEP_WEIGHT_COPIES, lp._CHUNK_ELEMENTS, lp._TREE_ATTENTION) == (1.5, 64 * 32000, True)
+    dpo_children.levers_off("keep,tree")
+    assert (lp._KEEP_WEIGHT_COPIES, lp._TREE_ATTENTION) == (0.0, False)
+    with pytest.raises(ValueError, match="chunk=N"):
+        dpo_children.levers_off("tree=1")
+
+
 @pytest.mark.skipif(not HAS_TRL, reason=NO_TRL)
 def test_dpo_vs_trl_smoke_trl_sides(results: Path) -> None:
     _check_dpo_vs_trl(results, "trl,trl_gpu,preftune", "plain")
@@ -140,8 +154,8 @@ def test_grpo_vs_trl_smoke_preftune_side(results: Path) -> None:
 
 @pytest.mark.skipif(not HAS_TRL, reason=NO_TRL)
 def test_grpo_vs_trl_smoke_both_sides(results: Path) -> None:
-    last = _check_grpo_vs_trl(results, "trl,preftune")
-    assert last["speedup"] > 0 and last["memory_ratio"] > 0
+    last = _check_grpo_vs_trl(results, "trl,trl_gpu,preftune")
+    assert last["speedup"] > 0 and last["memory_ratio"] > 0 and last["speedup_gpu_path"] > 0
 
 
 def _check_grpo_vs_trl(results: Path, sides: str) -> dict[str, Any]:
