@@ -72,7 +72,8 @@ def error_kinds(folder: Path, data: Path, threshold: float) -> dict[str, list[in
 
 def lm_probe(sft: Path, data: Path) -> dict[str, float]:
     """ProcessBench metrics of the SFT model's own next-token probabilities as step values (the lowest
-    in each step): what the trunk knows of the arithmetic without a trained head."""
+    among each step's tokens, its separator left out): what the trunk knows of the arithmetic without
+    a trained head."""
     import torch
 
     from preftune.data.formatting import load_tokenizer
@@ -92,7 +93,9 @@ def lm_probe(sft: Path, data: Path) -> dict[str, float]:
                 bounds.append(len(ids))
             logp = torch.log_softmax(lm(torch.tensor([ids])).logits[0].float(), -1)
             p = logp[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0].exp()  # p(token i + 1)
-            values.append([float(p[a - 1 : b - 1].min()) for a, b in zip(bounds, bounds[1:])])
+            # the step's own tokens, its separator left out: after the answer line the model expects
+            # EOS, so the separator there is improbable in every item, right or wrong
+            values.append([float(p[a - 1 : b - 2].min()) for a, b in zip(bounds, bounds[1:])])
     return evaluate_values(values, first_errors(items, str(data)))
 
 
@@ -114,6 +117,12 @@ def main() -> None:
     ap.add_argument("--local", type=float, default=0.0, help="per-line corruption probability (0: off)")
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument(
+        "--trunk",
+        default=None,
+        help="start the PRM from this causal-LM folder (e.g. benchmarks/verifier_trunk.py's) instead of "
+        "the quickstart's SFT model",
+    )
+    ap.add_argument(
         "--lm-probe", action="store_true", help="also score the SFT model's own token probabilities"
     )
     args = ap.parse_args()
@@ -122,8 +131,11 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     test = processbench_from_task(600, level=2, seed=2)
     held = {r["problem"] for r in test}
-    if not (work / "sft" / "config.json").is_file():
-        train_sft(ArithmeticTask(level=2), work / "sft", SFTConfig(seed=0), exclude_prompts=held)
+    trunk = Path(args.trunk) if args.trunk else work / "sft"
+    if not (trunk / "config.json").is_file():
+        if args.trunk:
+            raise SystemExit(f"--trunk {trunk}: no config.json; build it with benchmarks/verifier_trunk.py")
+        train_sft(ArithmeticTask(level=2), trunk, SFTConfig(seed=0), exclude_prompts=held)
     if args.local:
         train = _local_items(args.train_items, args.local, held)
     else:
@@ -134,11 +146,13 @@ def main() -> None:
     files = {"train": train, "test": test, "valid": valid}
     for name, rows in files.items():
         (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    name = f"prm-s{args.steps}-b{args.batch_size}-lr{args.lr:g}-n{args.train_items}" + (
-        f"-local{args.local:g}" if args.local else ""
+    name = (
+        ("trunk-" if args.trunk else "")
+        + f"prm-s{args.steps}-b{args.batch_size}-lr{args.lr:g}-n{args.train_items}"
+        + (f"-local{args.local:g}" if args.local else "")
     )
     config = load_config(None, {
-        "method": "prm", "model": str(work / "sft"), "data": str(work / "train.jsonl"), "out": str(work / name),
+        "method": "prm", "model": str(trunk), "data": str(work / "train.jsonl"), "out": str(work / name),
         "max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "log_every": 50,
         "save_every": 0, "eval_data": str(work / "valid.jsonl"), "eval_every": args.eval_every,
     })  # fmt: skip
@@ -151,7 +165,7 @@ def main() -> None:
     cpu = c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime
     wall = round(time.time() - t0, 1)
     kinds = error_kinds(work / name / "final", work / "test.jsonl", metrics["threshold"])
-    probe = {"lm_probe": lm_probe(work / "sft", work / "test.jsonl")} if args.lm_probe else {}
+    probe = {"lm_probe": lm_probe(trunk, work / "test.jsonl")} if args.lm_probe else {}
     print(json.dumps({"run": name, **metrics, "valid_f1": curve, "flagged": kinds, **probe,
                       "cpu_s": round(cpu, 1), "wall_s": wall}))  # fmt: skip
 

@@ -13,6 +13,7 @@ from preftune.models.tiny import save_tiny_model
 from preftune.reward.prm import aggregate_steps, pav_mse, prm_bce, score_encoded, step_scores
 from preftune.reward.prm_data import encode_steps, parse_record, read_prm_data
 from preftune.reward.prm_labels import (
+    character_record,
     math_shepherd_labels,
     mc_values,
     pav_targets,
@@ -127,6 +128,22 @@ def test_verifier_record_labels_the_first_wrong_line():
     assert verifier_record("12+9=\n", "2+9+0=11 r1\n1+0+1=2 r21\nanswer: 21")["first_error"] == -1
     # a response that stops early: the error (the missing line) goes on the last line written
     assert verifier_record("12+9=\n", "2+9+0=11 r1")["first_error"] == 0
+
+
+def test_character_record_labels_up_to_the_first_departing_character():
+    right = ["2+9+0=11 r1", "1+0+1=2 r21", "answer: 21"]
+    rec = character_record("12+9=\n", right)
+    assert "".join(rec["steps"]) == "2+9+0=11 r1\n1+0+1=2 r21\nanswer: 21\n"
+    assert rec["labels"] == [1] * 35
+    # value 12 for 11: "2+9+0=1" (7 characters) still agrees, the 8th departs; the line's own
+    # separator (index 11) carries the line's label 0, every later character 0 too
+    wrong = character_record("12+9=\n", ["2+9+0=12 r2", "1+0+1=2 r22", "answer: 22"])["labels"]
+    assert wrong == [1] * 7 + [0] * 28
+    assert character_record("12+9=\n", ["2+9+0=11 r1", "answer: 1"])["labels"][:12] == [1] * 12
+    # stopped after the first line: the missing rest is an error at the last character (the separator)
+    assert character_record("12+9=\n", ["2+9+0=11 r1"])["labels"] == [1] * 11 + [0]
+    with pytest.raises(ConfigError, match="non-empty"):
+        character_record("12+9=\n", [])
 
 
 def test_monte_carlo_labels_and_pav_targets_by_hand():

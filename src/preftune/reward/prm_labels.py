@@ -48,6 +48,34 @@ def verifier_record(prompt: str, response: str) -> dict[str, Any]:
     return {"prompt": prompt, "steps": steps, "first_error": k}
 
 
+def character_record(prompt: str, steps: Sequence[str], separator: str = "\n") -> dict[str, Any]:
+    """The exact labels of an arithmetic solution at character granularity: a PRM record whose steps
+    are the characters of `separator.join(steps) + separator` (train it with `--separator ""`), each
+    labelled 1 while the text so far is a prefix of the reference solution and 0 from the first
+    character that departs from it on (ProcessBench's convention, carried from lines to characters;
+    Math-Shepherd's "can still reach the right answer" for a task with one right solution). A text
+    that stops short of the reference has its last character labelled 0. The label at each line's
+    separator is the line's own exact label, so such a PRM is read at line ends like a line-level one
+    (`evaluate_prm_folder(..., separator="\n")`); the labels in between put the supervision on the
+    character where the error is."""
+    from preftune.tasks.arithmetic import parse_prompt, solution
+
+    text = separator.join(steps) + separator
+    if not steps or not all(steps):
+        raise ConfigError("character_record: give a non-empty list of non-empty steps")
+    reference = separator.join(solution(parse_prompt(prompt)).split("\n")) + separator
+    first = next(
+        (i for i, (a, b) in enumerate(zip(text, reference)) if a != b), min(len(text), len(reference))
+    )
+    if first == len(text) and len(text) < len(reference):
+        first = len(text) - 1  # stopped early: the missing rest is an error at the last character
+    return {
+        "prompt": prompt,
+        "steps": list(text),
+        "labels": [1 if i < first else 0 for i in range(len(text))],
+    }
+
+
 def mc_values(prompts: Sequence[str], steps: Sequence[Sequence[str]], rollout: Rollout, n: int,
               check: Checker = arithmetic_check, separator: str = "\n") -> list[list[float]]:  # fmt: skip
     """Monte-Carlo values V̂(s_k), k = 0..K per solution (K + 1 numbers: the bare prompt, then each

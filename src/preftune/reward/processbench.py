@@ -140,9 +140,11 @@ def prm_step_values(model: Any, tokenizer: Any, items: Sequence[Any], *, loss: s
 
 
 def evaluate_prm_folder(folder: str | Path, data: str, *, threshold: float | None = None,
-                        batch_items: int = 16) -> dict[str, float]:  # fmt: skip
+                        batch_items: int = 16, separator: str | None = None) -> dict[str, float]:  # fmt: skip
     """ProcessBench metrics of the PRM in `folder` (OUT/final of `preftune train prm`) on the items of
-    `data` (ProcessBench JSONL or PRM records with hard labels): τ on the dev split unless given."""
+    `data` (ProcessBench JSONL or PRM records with hard labels): τ on the dev split unless given.
+    `separator` replaces the folder's own: a PRM trained on characters (`character_record`, separator
+    "") is read at the line ends of line-level items with `separator="\n"`."""
     from preftune.data.formatting import load_tokenizer
     from preftune.reward.prm_data import read_prm_data
     from preftune.reward.scoring import load_scorer
@@ -152,7 +154,8 @@ def evaluate_prm_folder(folder: str | Path, data: str, *, threshold: float | Non
     labels = first_errors(items, data)
     model = load_scorer(folder)
     values = prm_step_values(model, load_tokenizer(str(folder)), items, loss=settings["loss"],
-                             separator=settings["separator"], batch_items=batch_items)  # fmt: skip
+                             separator=settings["separator"] if separator is None else separator,
+                             batch_items=batch_items)  # fmt: skip
     return {"items": float(len(items)), **evaluate_values(values, labels, threshold)}
 
 
