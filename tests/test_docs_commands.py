@@ -5,8 +5,9 @@ comments dropped) in a sandbox folder that holds what the docs assume: a tiny SF
 `./sft-model` and `./sft`, preference data `prefs.jsonl` / `heldout.jsonl`, arithmetic prompts
 `prompts.jsonl` (online methods), step-labelled solutions `steps.jsonl` (process reward models),
 tiny diffusers pipelines `./tiny-pipeline` (UNet) and `./tiny-sd3-pipeline` (SD3-style) with image
-pairs `image-pairs.jsonl` (images in `img/`), the repository's `examples/`, and (for commands that
-read a finished run) `runs/dpo1`, `runs/prm` and `runs/rm`.
+pairs `image-pairs.jsonl` (images in `img/`) and shapes-task prompts `shape-prompts.jsonl`, the
+repository's `examples/`, and (for commands that read a finished run) `runs/dpo1`, `runs/prm` and
+`runs/rm`.
 What does not run here, and why:
 
 - `bash scripts/setup.sh ...`, `python -m pytest ...`: set-up and the test command (CI runs both);
@@ -154,6 +155,8 @@ def base_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_tiny_pipeline(plain / "tiny-pipeline")  # diffusion: a pipeline folder and image pairs
     save_tiny_sd3_pipeline(plain / "tiny-sd3-pipeline")  # a rectified-flow (SD3-style) one
     write_image_pairs(plain, pairs=4, name="image-pairs.jsonl")
+    shapes = [{"prompt": f"{c} square {p}"} for c in ("red", "blue") for p in ("top left", "bottom right")]
+    write_jsonl(plain / "shape-prompts.jsonl", shapes)  # the built-in image task's prompts (--reward shapes)
     with_run = root / "with_run"
     shutil.copytree(plain, with_run)
     with _cwd(with_run):

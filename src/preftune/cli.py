@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "preftune.eval.commands",  # eval, report, sweep
     "preftune.tasks.commands",  # quickstart
     "preftune.data.commands",  # data check
+    "preftune.sample_commands",  # sample (diffusion pipelines)
 )
 
 # Commands whose module sits in a package that imports torch when imported (preftune.losses): their

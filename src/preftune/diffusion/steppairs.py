@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from preftune.diffusion.online import RewardFn, clip_and_step
 from preftune.diffusion.policy import DDIMPolicy, Trajectory, sample_trajectory, step_log_prob, step_stats
 
-__all__ = ["StepPairs", "d3po_loss", "d3po_step", "spo_pairs", "spo_step"]
+__all__ = ["StepPairs", "d3po_loss", "d3po_step", "spo_pairs", "spo_step", "spo_update"]
 
 
 def d3po_loss(
@@ -205,6 +205,22 @@ def spo_step(
         skip_steps=skip_steps,
         generator=generator,
     )
+    return spo_update(unet, optimizer, policy, pairs, reference=reference, beta=beta, eps=eps,
+                      max_grad_norm=max_grad_norm)  # fmt: skip
+
+
+def spo_update(
+    unet: Any,
+    optimizer: torch.optim.Optimizer,
+    policy: DDIMPolicy,
+    pairs: StepPairs,
+    *,
+    reference: Any | None = None,
+    beta: float = 10.0,
+    eps: float = 0.1,
+    max_grad_norm: float = 1.0,
+) -> dict[str, float]:
+    """One optimiser step on the mean D3PO-form loss of SPO's step pairs (none: no step)."""
     if pairs.steps.numel() == 0:
         return {"pairs": 0.0, "loss": 0.0}
     elements = int(pairs.states[0].numel())

@@ -36,7 +36,7 @@ class PretrainConfig:
     lr: float = 2e-3
     vae_lr: float = 5e-3
     kl_weight: float = 1e-6
-    prediction_type: str = "v_prediction"  # or "epsilon" (module docstring: why v)
+    prediction_type: str = "v_prediction"  # or "epsilon" (module docstring: why v), or "flow"
     levels: int = 3  # UNet resolutions: 8×8, 4×4, 2×2 latents — at 2×2 each position is one quadrant
 
 
@@ -90,13 +90,7 @@ def train_denoiser(
         with torch.enable_grad():
             text = _encode_with_grad(tokenizer, text_encoder, [p.text for p in prompts])
         noise = torch.randn_like(latents)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],))
-        pred = unet(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=text).sample
-        target = (
-            noise
-            if scheduler.config.prediction_type == "epsilon"
-            else scheduler.get_velocity(latents, noise, t)
-        )
+        pred, target = _prediction_and_target(unet, scheduler, latents, noise, text)
         loss = torch.nn.functional.mse_loss(pred, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -105,6 +99,23 @@ def train_denoiser(
         lr_at.step()
         if (step + 1) % max(1, total // 5) == 0:
             log(f"      unet step {step + 1}/{total}: loss {float(loss.detach()):.4f}")
+
+
+def _prediction_and_target(
+    unet: Any, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, text: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The denoiser's output and its target: ε or v (DDPM forward noise), or for a flow-matching
+    scheduler the velocity ε − x_0 at x_s = (1 − s) x_0 + s ε, s ~ U(0, 1), timestep 1000 s
+    (rectified flow, Liu et al. 2023; as SD3's training)."""
+    if "FlowMatch" in type(scheduler).__name__:
+        s = torch.rand(latents.shape[0])
+        sb = s.view(-1, 1, 1, 1)
+        steps = s * scheduler.config.num_train_timesteps
+        return unet((1 - sb) * latents + sb * noise, steps, encoder_hidden_states=text).sample, noise - latents
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],))
+    pred = unet(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=text).sample
+    kind = scheduler.config.prediction_type
+    return pred, noise if kind == "epsilon" else scheduler.get_velocity(latents, noise, t)
 
 
 def _encode_with_grad(tokenizer: Any, text_encoder: Any, prompts: list[str]) -> torch.Tensor:
@@ -152,22 +163,25 @@ def pretrain(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Train the tiny pipeline on the task from scratch and save it as a StableDiffusionPipeline folder."""
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline
 
     from preftune.diffusion.tiny import tiny_components
 
     cfg = config or PretrainConfig()
-    if cfg.prediction_type not in ("epsilon", "v_prediction") or cfg.levels not in (2, 3):
+    if cfg.prediction_type not in ("epsilon", "v_prediction", "flow") or cfg.levels not in (2, 3):
         raise ConfigError(
-            f"pretrain: prediction_type {cfg.prediction_type!r} / levels {cfg.levels} — use epsilon or "
-            "v_prediction, and 2 or 3 levels"
+            f"pretrain: prediction_type {cfg.prediction_type!r} / levels {cfg.levels} — use epsilon, "
+            "v_prediction or flow, and 2 or 3 levels"
         )
     rng = np.random.default_rng(seed)
     parts = tiny_components(seed, max_tokens=MAX_PROMPT_TOKENS)
     parts["unet"] = task_unet(seed, cfg.levels)
-    parts["scheduler"] = DDPMScheduler.from_config(
-        parts["scheduler"].config, prediction_type=cfg.prediction_type
-    )
+    if cfg.prediction_type == "flow":  # a rectified-flow pipeline (what preftune train awm trains)
+        parts["scheduler"] = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
+    else:
+        parts["scheduler"] = DDPMScheduler.from_config(
+            parts["scheduler"].config, prediction_type=cfg.prediction_type
+        )
     train_vae(parts["vae"], cfg, rng, log)
     train_denoiser(parts, cfg, rng, log)
     pipe = StableDiffusionPipeline(

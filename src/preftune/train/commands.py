@@ -167,7 +167,31 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         if name != "hparams":
             _add_field(group, name)  # type: ignore[arg-type]
     _add_trl_names(p)
+    _add_diffusion_rl_options(p)
     p.set_defaults(func=run)
+
+
+def _add_diffusion_rl_options(p: argparse.ArgumentParser) -> None:
+    """The options of the online diffusion methods (preftune.diffusion_methods), with their defaults."""
+    from preftune.diffusion_methods import OPTIONS, help_text
+
+    group = p.add_argument_group(
+        "online diffusion RL: METHOD ddpo | dpok | d3po | spo | awm (docs/diffusion.md)",
+        help_text() + "\n--batch-size prompts per step, --num-generations samples per prompt,"
+        "\n--max-steps, --lr, --save-every, --resume as for every method; --beta is β of d3po (0.1)"
+        "\nand spo (10).",
+    )
+    for key, option in OPTIONS.items():
+        if key == "beta":  # a loss flag already (same meaning: the DPO-form β)
+            continue
+        defaults = ", ".join(f"{m} {v}" for m, v in option.defaults.items())
+        group.add_argument(
+            f"--{key.replace('_', '-')}",
+            dest=f"hp__{key}",
+            default=argparse.SUPPRESS,
+            metavar="V",
+            help=f"{option.help} (default: {defaults})".replace("%", "%%"),
+        )
 
 
 def _add_trl_names(p: argparse.ArgumentParser) -> None:
@@ -250,7 +274,13 @@ def run(args: argparse.Namespace) -> int:
     overrides = overrides_from_args(args)
     config = load_config(args.config, overrides)
     _check_file_method(args.config, getattr(args, "method_arg", None))
-    if str(config.method).strip() == "rm":  # a reward model: scores, no reference (preftune.reward)
+    from preftune.diffusion_methods import is_diffusion_rl
+
+    if is_diffusion_rl(str(config.method)):  # a pipeline's denoiser on its own samples (docs/diffusion.md)
+        from preftune.diffusion.online_run import train_online_diffusion
+
+        result = train_online_diffusion(config)
+    elif str(config.method).strip() == "rm":  # a reward model: scores, no reference (preftune.reward)
         from preftune.reward.training import train_rm
 
         result = train_rm(config)
