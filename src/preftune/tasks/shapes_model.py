@@ -111,7 +111,9 @@ def _prediction_and_target(
         s = torch.rand(latents.shape[0])
         sb = s.view(-1, 1, 1, 1)
         steps = s * scheduler.config.num_train_timesteps
-        return unet((1 - sb) * latents + sb * noise, steps, encoder_hidden_states=text).sample, noise - latents
+        return unet(
+            (1 - sb) * latents + sb * noise, steps, encoder_hidden_states=text
+        ).sample, noise - latents
     t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],))
     pred = unet(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=text).sample
     kind = scheduler.config.prediction_type
