@@ -72,6 +72,9 @@ def run_sample(
     check_sample_options(options, folder)
     if not is_pipeline_folder(model):
         raise ConfigError(f"--model {model}: not a diffusers pipeline folder (no model_index.json)")
+    from preftune.diffusion.online_run import check_unet_pipeline
+
+    check_unet_pipeline(model, "preftune sample")
     prompts = read_prompts(prompts_file)
     reward = load_image_reward(options.reward) if options.reward else None
     unet = load_denoiser(model).eval().requires_grad_(False)

@@ -80,6 +80,7 @@ class _TrainParser(argparse.ArgumentParser):
                 help=f"{docs[key]} (used by {', '.join(users[key])})".replace("%", "%%"),
                 **(_SWITCH if key in switches else {}),
             )
+        _add_diffusion_rl_options(self)  # after the loss flags: a shared key stays one flag
 
     def _pairs(self, extras: list[str]) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -167,30 +168,37 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         if name != "hparams":
             _add_field(group, name)  # type: ignore[arg-type]
     _add_trl_names(p)
-    _add_diffusion_rl_options(p)
     p.set_defaults(func=run)
 
 
 def _add_diffusion_rl_options(p: argparse.ArgumentParser) -> None:
-    """The options of the online diffusion methods (preftune.diffusion_methods), with their defaults."""
+    """The options of the online diffusion methods (preftune.diffusion_methods), with their defaults;
+    one that a loss flag already names (--beta, --sample-steps) is that flag (the same hparams key)."""
     from preftune.diffusion_methods import OPTIONS, help_text
 
+    def defaults(key: str) -> str:
+        values = OPTIONS[key].defaults
+        if len(set(map(str, values.values()))) == 1:
+            return f"{', '.join(values)}: {next(iter(values.values()))}"
+        return ", ".join(f"{m} {v}" for m, v in values.items())
+
+    shared = [k for k in OPTIONS if f"--{k.replace('_', '-')}" in p._option_string_actions]
     group = p.add_argument_group(
         "online diffusion RL: METHOD ddpo | dpok | d3po | spo | awm (docs/diffusion.md)",
         help_text() + "\n--batch-size prompts per step, --num-generations samples per prompt,"
-        "\n--max-steps, --lr, --save-every, --resume as for every method; --beta is β of d3po (0.1)"
-        "\nand spo (10).",
+        "\n--max-steps, --lr, --save-every, --resume as for every method. Loss flags that set"
+        "\nthese methods' options too: "
+        + "; ".join(f"--{k.replace('_', '-')} ({defaults(k)})" for k in shared),
     )
     for key, option in OPTIONS.items():
-        if key == "beta":  # a loss flag already (same meaning: the DPO-form β)
+        if key in shared:
             continue
-        defaults = ", ".join(f"{m} {v}" for m, v in option.defaults.items())
         group.add_argument(
             f"--{key.replace('_', '-')}",
             dest=f"hp__{key}",
             default=argparse.SUPPRESS,
             metavar="V",
-            help=f"{option.help} (default: {defaults})".replace("%", "%%"),
+            help=f"{option.help} (default: {defaults(key)})".replace("%", "%%"),
         )
 
 
