@@ -4,9 +4,9 @@ The task is the quickstart's (`preftune.tasks.diffusion_sweep`): a tiny pipeline
 coloured squares, reward-ranked pairs of its samples, 256 held-out samples (16 prompts × 16 seeds).
 Each method trains with the quickstart's schedule (150 steps of 16 pairs, lr 5e-5, full
 fine-tuning) and its own registered defaults (β = 5000 for dpo/hinge on a pipeline folder,
-`DIFFUSION_DEFAULTS`; pso samples its reference images with the task's 20 DDIM steps; smpo reads
-scores from a copy of the pairs); the gain is paired per (prompt, seed) — DDIM is deterministic, so a sample
-before and after training start from the same noise — and must exceed GAIN_IN_SE standard errors.
+`DIFFUSION_DEFAULTS`; smpo reads scores from a copy of the pairs), plus two variants (VARIANTS);
+the gain is paired per (prompt, seed) — DDIM is deterministic, so a sample before and after
+training start from the same noise — and must exceed GAIN_IN_SE standard errors.
 Measured gains are in docs/diffusion.md ("Learning test").
 
 Set PREFTUNE_TEST_TASK_DIR to a folder to reuse the prepared task between pytest sessions.
@@ -56,15 +56,22 @@ NOT_MET = {
         reason="measured 0.4998 → 0.4984, gain −0.0014 ± 0.0006 (−2.2 s.e.): a random past sample is a "
         "weaker contrast than the pair's worst, and flipped pairs fit the model's own past samples",
     ),
-    "pso": pytest.mark.xfail(
+    "pso-20-steps": pytest.mark.xfail(
         strict=True,
-        reason="measured 0.4998 → 0.4995, gain −0.0003 ± 0.0003 (−1.1 s.e.) with 20-step reference images",
+        reason="measured 0.4998 → 0.4995, gain −0.0003 ± 0.0003 (−1.1 s.e.) with 20-step reference images "
+        "(the default 4 steps: +4.2 s.e.)",
     ),
     "smpo": pytest.mark.xfail(
         strict=True, raises=ConfigError, reason="ReNoise inversion: the same ε-prediction requirement as inpo"
     ),
 }
-PARAMS = [pytest.param(m, marks=NOT_MET[m]) if m in NOT_MET else m for m in OFFLINE_METHODS]
+# Cases beyond each method at its defaults: (method, hyper-parameters).
+VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
+    "seppo-no-aaf": ("seppo", {"aaf": False}),  # the paper's "w/o AAF" ablation
+    "pso-20-steps": ("pso", {"sample_steps": 20}),  # reference images at the task's 20 DDIM steps
+}
+CASES = [*OFFLINE_METHODS, *VARIANTS]
+PARAMS = [pytest.param(c, marks=NOT_MET[c]) if c in NOT_MET else c for c in CASES]
 
 
 def test_the_learning_test_covers_every_diffusion_loss() -> None:
@@ -119,23 +126,22 @@ def shapes_task(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(0)  # the first also pretrains the task: over 10 minutes on loaded cores
-@pytest.mark.parametrize("method", PARAMS)
+@pytest.mark.parametrize("case", PARAMS)
 def test_offline_method_raises_heldout_reward(
-    shapes_task: dict[str, object], tmp_path: Path, method: str
+    shapes_task: dict[str, object], tmp_path: Path, case: str
 ) -> None:
     from preftune.config import TrainConfig
     from preftune.tasks.diffusion_quickstart import heldout
     from preftune.train.api import train
 
+    method, hparams = VARIANTS.get(case, (case, {}))
     values: dict[str, object] = dict(shapes_task["values"])  # type: ignore[call-overload]
     if method == "smpo":
         values["data"] = str(_scored_pairs(Path(str(values["data"]))))
-    if method == "pso":  # its reference images as the task's model is used: 20 DDIM steps, not 4
-        values["hparams"] = {"sample_steps": shapes_task["cfg"].sample_steps}  # type: ignore[attr-defined]
     result = train(
         TrainConfig(
-            method=method, out=str(tmp_path / method), cache_dir=str(tmp_path / "cache"), progress=False,
-            report=False, **values,  # type: ignore[arg-type]
+            method=method, out=str(tmp_path / case), cache_dir=str(tmp_path / "cache"), progress=False,
+            report=False, hparams=hparams, **values,  # type: ignore[arg-type]
         )
     )  # fmt: skip
     before: torch.Tensor = shapes_task["before"]  # type: ignore[assignment]
@@ -143,7 +149,7 @@ def test_offline_method_raises_heldout_reward(
     gain = after - before
     mean, se = float(gain.mean()), float(gain.std() / math.sqrt(gain.numel()))
     line = (
-        f"{method}: held-out reward {float(before.mean()):.4f} → {float(after.mean()):.4f}, paired gain "
+        f"{case}: held-out reward {float(before.mean()):.4f} → {float(after.mean()):.4f}, paired gain "
         f"{mean:+.4f} ± {se:.4f} ({mean / se:+.1f} s.e.)"
     )
     print(line)
