@@ -5,7 +5,8 @@
 The setting of tests/test_reward_prm_slow.py with the schedule as flags: the quickstart's SFT model
 (level 2, seed 0, trained once into WORK/sft and reused) → `preftune train prm` on `--train-items`
 task-built ProcessBench items (seed 1; `--local P`: instead every line corrupted with probability P
-and labelled on its own) with a validation set (seed 3) as --eval-data → ProcessBench metrics on
+and labelled on its own; `--chars`: labelled per character by `character_record`, trained with
+separator "" and read at line ends) with a validation set (seed 3) as --eval-data (not with --chars) → ProcessBench metrics on
 600 held-out items (seed 2, τ on their dev third). Prints one JSON line: the metrics, the validation
 curve, which kinds of wrong line the PRM flags (`error_kinds`), with `--lm-probe` the SFT model's own
 token probabilities as step values (`lm_probe`), and the training's process CPU seconds (user + sys)
@@ -123,6 +124,13 @@ def main() -> None:
         "the quickstart's SFT model",
     )
     ap.add_argument(
+        "--chars",
+        action="store_true",
+        help='label the training items per character (`character_record`, separator ""), read at line ends',
+    )
+    ap.add_argument("--warmup-steps", type=int, default=0)
+    ap.add_argument("--scheduler", default="linear")
+    ap.add_argument(
         "--lm-probe", action="store_true", help="also score the SFT model's own token probabilities"
     )
     args = ap.parse_args()
@@ -136,6 +144,8 @@ def main() -> None:
         if args.trunk:
             raise SystemExit(f"--trunk {trunk}: no config.json; build it with benchmarks/verifier_trunk.py")
         train_sft(ArithmeticTask(level=2), trunk, SFTConfig(seed=0), exclude_prompts=held)
+    if args.chars and args.local:
+        raise SystemExit("--chars labels task-built items per character; --local items are labelled per line")
     if args.local:
         train = _local_items(args.train_items, args.local, held)
     else:
@@ -143,6 +153,10 @@ def main() -> None:
     valid = processbench_from_task(
         600, level=2, seed=3, exclude=held | {r.get("problem", r.get("prompt")) for r in train}
     )
+    if args.chars:
+        from preftune.reward.prm_labels import character_record
+
+        train = [character_record(r["problem"], r["steps"]) for r in train]
     files = {"train": train, "test": test, "valid": valid}
     for name, rows in files.items():
         (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -150,16 +164,24 @@ def main() -> None:
         ("trunk-" if args.trunk else "")
         + f"prm-s{args.steps}-b{args.batch_size}-lr{args.lr:g}-n{args.train_items}"
         + (f"-local{args.local:g}" if args.local else "")
+        + ("-chars" if args.chars else "")
+        + (
+            f"-w{args.warmup_steps}-{args.scheduler}"
+            if args.warmup_steps or args.scheduler != "linear"
+            else ""
+        )
     )
     config = load_config(None, {
         "method": "prm", "model": str(trunk), "data": str(work / "train.jsonl"), "out": str(work / name),
         "max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "log_every": 50,
-        "save_every": 0, "eval_data": str(work / "valid.jsonl"), "eval_every": args.eval_every,
+        "save_every": 0, "warmup_steps": args.warmup_steps, "scheduler": args.scheduler,
+        # the training-time validation reads at the training separator: off for character records
+        **({"separator": ""} if args.chars else {"eval_data": str(work / "valid.jsonl"), "eval_every": args.eval_every}),
     })  # fmt: skip
     t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_SELF)
     train_prm(config)
     c1 = resource.getrusage(resource.RUSAGE_SELF)
-    metrics = evaluate_prm_folder(work / name / "final", str(work / "test.jsonl"))
+    metrics = evaluate_prm_folder(work / name / "final", str(work / "test.jsonl"), separator="\n")
     rows = [json.loads(x) for x in (work / name / "metrics.jsonl").read_text().splitlines()]
     curve = [(r["step"], round(r["f1"], 3)) for r in rows if r.get("split") == "eval"]
     cpu = c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime
