@@ -104,6 +104,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--warmup-steps", type=int, default=0)
+    ap.add_argument("--scheduler", default="linear")
     ap.add_argument("--train-prompts", type=int, default=4000)
     ap.add_argument("--pairs-per-prompt", type=int, default=4)
     ap.add_argument("--flip", type=float, default=0.0, help="fraction of training pairs with swapped labels")
@@ -125,11 +127,16 @@ def main() -> None:
     name = f"rm-s{args.steps}-b{args.batch_size}-lr{args.lr:g}-p{args.train_prompts}x{args.pairs_per_prompt}"
     name += (f"-flip{args.flip:g}" if args.flip else "") + (f"-h{args.heads}" if args.heads > 1 else "")
     name += f"-{args.label}" if args.trunk else ""
+    name += (
+        f"-w{args.warmup_steps}-{args.scheduler}" if args.warmup_steps or args.scheduler != "linear" else ""
+    )
     data = write_jsonl(work / f"{name}.jsonl", flipped(train, args.flip) if args.flip else train)
     run = ["train", "rm", "--model", args.trunk or str(work / "policy"), "--data", str(data), "--out",
            str(work / name), "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr",
            str(args.lr), "--log-every", "50", "--save-every", "0"]  # fmt: skip
     run += ["--heads", str(args.heads), "--aggregate", "mean"] if args.heads > 1 else []
+    schedule = args.warmup_steps or args.scheduler != "linear"
+    run += ["--warmup-steps", str(args.warmup_steps), "--scheduler", args.scheduler] if schedule else []
     start = _cpu()
     assert cli(run) == 0
     cpu = _cpu() - start
