@@ -43,6 +43,9 @@ class PipeSpec:
 SPECS = {
     # 64 px images → 4×16×16 latents; UNet 4.5M, VAE 1.6M, text encoder 0.14M parameters.
     "bench": PipeSpec(64, (32, 64, 128), 2, (32, 48, 96), 64, 2, 32, 8),
+    # 128 px images through an SD-like 8× VAE (4 levels) → 4×16×16 latents; UNet 17.8M, VAE 3.9M,
+    # text encoder 0.47M parameters; VAE encode = 1.44× a UNet forward in FLOPs (SD 1.5: 1.39×).
+    "wide": PipeSpec(128, (64, 128, 256), 2, (32, 64, 128, 128), 128, 2, 32, 8),
     # 16 px images → 4×8×8 latents (the smoke test's size: every code path, timings meaningless).
     "quick": PipeSpec(16, (8, 16), 1, (8, 8), 16, 1, 24, 4),
 }
@@ -230,4 +233,39 @@ def _count(unet: Any, vae: Any, text: Any, resolution: int, tokens: int) -> dict
         return float(sum(p.numel() for p in m.parameters()))
 
     out.update(unet_params=params(unet), vae_params=params(vae), text_params=params(text))
+    return out
+
+
+def op_rates(spec: PipeSpec, folder: Path, images: int = 8, repeats: int = 3) -> dict[str, Any]:
+    """Achieved forward FLOP rate of the VAE encoder and the UNet of the saved pipeline on `images`
+    images (best of `repeats`, process CPU time, this process's threads), and the UNet forward's top
+    operators by self CPU time (torch.profiler): why re-encoding weighs less in time than in FLOPs."""
+    import time
+
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from torch.profiler import ProfilerActivity, profile
+
+    flops = flops_per_image(spec)
+    vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae").eval()
+    unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet").eval()
+    side = spec.latent_side
+    x, img = torch.randn(images, 4, side, side), torch.randn(images, 3, spec.resolution, spec.resolution)
+    cond, t = torch.randn(images, spec.max_tokens, spec.text_dim), torch.randint(0, 1000, (images,))
+    calls = {"vae_encode": lambda: vae.encode(img), "unet_forward": lambda: unet(x, t, cond)}
+    out: dict[str, Any] = {}
+    with torch.no_grad():
+        for name, fn in calls.items():
+            fn()
+            best = float("inf")
+            for _ in range(repeats):
+                c0 = time.process_time()
+                fn()
+                best = min(best, time.process_time() - c0)
+            out[name] = {"cpu_s": best, "gflop_per_cpu_s": images * flops[name] / best / 1e9}
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            calls["unet_forward"]()
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in rows) or 1.0
+    out["unet_top_ops"] = [(e.key, round(e.self_cpu_time_total / total, 3), e.count) for e in rows[:8]]
     return out

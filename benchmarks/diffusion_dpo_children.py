@@ -275,7 +275,7 @@ def child_check(a: argparse.Namespace) -> dict[str, Any]:
     _, text_gap = _match(rec["text"][:pairs], [e.meta["text"][0] for e in chosen])  # type: ignore[index]
     for i, e in enumerate(chosen):
         e.meta.update(bench_noise=rec["noise"][i], bench_t=rec["t"][i : i + 1])
-    den.example_noise = lambda e, shape, total: (e.meta["bench_noise"], e.meta["bench_t"])
+    den.example_noise = lambda e, *_args, **_kw: (e.meta["bench_noise"], e.meta["bench_t"])
     lora = LoraSettings(r=a.rank, alpha=float(a.rank), dropout=0.0, target_modules="all-linear")
     model = den.load_denoiser(a.model, lora=lora)
     with torch.no_grad():
@@ -298,7 +298,19 @@ def child_check(a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def child_rates(a: argparse.Namespace) -> dict[str, Any]:
+    """The VAE's and UNet's achieved FLOP rates and the UNet's top operators (`op_rates`)."""
+    import torch
+
+    import diffusion_bench_data as bd
+
+    torch.set_num_threads(a.threads)
+    spec = bd.PipeSpec(**json.loads((Path(a.model) / "bench_spec.json").read_text()))
+    return {"side": "rates", **bd.op_rates(spec, Path(a.model))}
+
+
 CHILDREN: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "rates": child_rates,
     "script": child_script,
     "preftune": child_preftune,
     "check": child_check,

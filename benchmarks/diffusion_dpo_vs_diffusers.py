@@ -66,6 +66,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--beta", type=float, default=5000.0)
+    ap.add_argument("--rates", action="store_true", help="also measure the VAE's and UNet's FLOP rates")
     a = ap.parse_args(argv)
     defaults = {"size": "quick", "pairs": 8, "batch": 2, "steps": 3, "warmup": 1, "reps": 1}
     if not a.quick:
@@ -141,7 +142,11 @@ def run_all(
                   f"{runs[side][-1]['peak_rss_mb']:.0f} MiB", flush=True)  # fmt: skip
     check = None
     if a.script:
-        check = run_side(a, "check", work, work / "cache0")
+        try:
+            check = run_side(a, "check", work, work / "cache0")
+        except RuntimeError as err:  # keep the timed runs: the check failing is reported, not fatal
+            print(f"first-step check failed: {err}", file=sys.stderr)
+            return runs, {"error": str(err)[-2000:]}
         check["script_first_logs"] = raw["script"][0]["first_logs"]
         check["script_shims"] = raw["script"][0]["shims"]
     return runs, check
@@ -215,7 +220,9 @@ def table(summary: dict[str, dict[str, Any]], check: dict[str, Any] | None) -> s
     )
     names = ["VAE encode", "text encode", "UNet forwards", "rest"]
     text += bu.md_table(["side", *(f"{n} CPU" for n in names), *(f"{n} wall" for n in names)], phase_rows)
-    if check:
+    if check and "error" in check:
+        text += "\n\nFirst-step check FAILED (see first_step_check.error in the JSON)"
+    elif check:
         logs = check["script_first_logs"]
         text += (
             f"\n\nFirst step on the script's batch, ε and t: loss script {logs['loss']:.9g} / preftune "
@@ -234,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
         bd.save_pipeline(spec, work / "pipe")
         bd.write_pickapic(work / "data", a.pairs, spec)
         runs, check = run_all(a, work)
+        rates = (
+            bu.run_child([CHILD, "rates", "--model", str(work / "pipe"), "--threads", str(a.threads)])
+            if a.rates
+            else None
+        )
     summary = summarise(runs)
     md = table(summary, check)
     data = {
@@ -244,8 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "first_step_check": check,
         "flop_model": flop_model(a),
+        "rates": rates,
     }
-    jp, _ = bu.save_results("diffusion_dpo_vs_diffusers", data, md, quick=a.quick)
+    name = "diffusion_dpo_vs_diffusers" + ("" if a.size in ("bench", "quick") else f"_{a.size}")
+    jp, _ = bu.save_results(name, data, md, quick=a.quick)
     print(md)
     print(f"results: {jp}")
     return 0

@@ -323,9 +323,12 @@ def test_diffusion_dpo_vs_diffusers_smoke_preftune_side(
     results: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("PREFTUNE_DIFFUSERS_DPO_SCRIPT", raising=False)
-    _run("diffusion_dpo_vs_diffusers.py", "--quick", "--steps", "3", "--warmup", "1")
+    _run("diffusion_dpo_vs_diffusers.py", "--quick", "--steps", "3", "--warmup", "1", "--rates")
     res = json.loads((results / "tmp" / "diffusion_dpo_vs_diffusers.json").read_text())
     cold, warm = res["runs"]["preftune_cold"][0], res["runs"]["preftune_warm"][0]
+    rates = res["rates"]
+    assert rates["vae_encode"]["gflop_per_cpu_s"] > 0 and rates["unet_forward"]["cpu_s"] > 0
+    assert 0 < sum(share for _, share, _ in rates["unet_top_ops"]) <= 1.0 + 1e-6
     assert set(res["runs"]) == {"preftune_cold", "preftune_warm"}  # the second run found the cache
     # LoRA's B starts at 0: policy = reference, so the first DPO loss is log 2 exactly
     assert cold["first_loss"] == pytest.approx(math.log(2), abs=1e-6)
