@@ -139,7 +139,7 @@ def inversion_settings(objective: Any) -> dict[str, object] | None:
 
 def check_flow_objective(folder: str, objective: Any) -> None:
     """The pipeline folder is whole (`check_pipeline_folder`), and a flow-matching one (SD3) is not
-    asked for DDIM/ReNoise inversion (inpo, smpo: defined on an ε-prediction VP schedule)."""
+    asked for DDIM/ReNoise inversion (inpo, smpo: defined on a VP schedule; ε-, v- and x_0-prediction are inverted)."""
     from preftune.diffusion.denoiser import check_pipeline_folder, training_scheduler
     from preftune.diffusion.seam import prediction_type_of
 
@@ -149,7 +149,7 @@ def check_flow_objective(folder: str, objective: Any) -> None:
     if prediction_type_of(training_scheduler(folder)) == "flow":
         name = next(s.name for s, _, _ in objective.terms if s.name in ("inpo", "smpo"))
         raise ConfigError(
-            f"{name} inverts images with DDIM on an ε-prediction schedule; {folder} is a flow-matching "
+            f"{name} inverts images with DDIM on a variance-preserving schedule; {folder} is a flow-matching "
             "pipeline — use dpo (Flow-DPO on the rectified-flow statistic) or another loss"
         )
 

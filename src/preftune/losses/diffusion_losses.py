@@ -183,7 +183,8 @@ def inpo(
 ) -> LossOutput:
     """InPO: −log σ(β·(ρ_w − ρ_l)) = −log σ(−β/2 · d), Diffusion-DPO on statistics whose x_t is the
     DDIM inversion of each image by the current model (`preftune.diffusion.inversion`), with the
-    target ε = (x_t − √ᾱ_t x_0)/√(1 − ᾱ_t); a pair's images share t, not ε. The trainer makes x_t
+    target ε = (x_t − √ᾱ_t x_0)/√(1 − ᾱ_t) (its v or x_0 for a v- or x_0-prediction model, whose
+    predictions the inversion converts to ε); a pair's images share t, not ε. The trainer makes x_t
     that way for this loss (`inversion_steps`, `inversion_eta` are read there). Defaults from the
     official script: 10 inverse steps, η_inv = 0.1; β = 2000 (the paper's SD 1.5 setting).
     Metrics: rewards = ρ (unscaled).
