@@ -166,7 +166,7 @@ def _train(config: TrainConfig, options: dict[str, Any], log: Any) -> Any:
         f"{config.num_generations} samples, {total} steps ({options['sample_steps']} denoising steps)"
     )
     held = heldout_set(method, held_prompts, int(options["heldout"]), config.seed)
-    before = _before(method, held, config, logger, start, options)
+    before = _before(method, held, config, logger, start, options, prompts)
     try:
         for step in range(start, total):
             t0 = time.perf_counter()
@@ -212,7 +212,7 @@ BEFORE = "heldout_before.json"
 
 
 def _before(method: Method, held: Held, config: TrainConfig, logger: Any, start: int,
-            options: dict[str, Any]) -> torch.Tensor:  # fmt: skip
+            options: dict[str, Any], prompts: list[str]) -> torch.Tensor:  # fmt: skip
     """The pretrained model's held-out rewards (OUT/heldout_before.json, OUT/samples_before.png); at a
     fresh start also the critic's warm-up. A resumed run reads them back."""
     import json
@@ -226,9 +226,8 @@ def _before(method: Method, held: Held, config: TrainConfig, logger: Any, start:
     logger.log({"step": 0, "split": "eval", "reward": float(rewards.mean())})
     steps = int(options.get("critic_warmup", 0))
     if method.critic is not None and steps and start == 0:
-        prompts = list(dict.fromkeys(held.texts))[: config.batch_size]
         g = torch.Generator().manual_seed(noise_seed(config.seed, "critic-warmup"))
-        critic_warmup(method, prompts, steps, g)
+        critic_warmup(method, prompts[: config.batch_size], steps, g)
     return rewards
 
 
