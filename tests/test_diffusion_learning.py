@@ -22,8 +22,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from preftune.errors import ConfigError
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 GAIN_IN_SE = 3.0
@@ -45,12 +43,6 @@ NOT_MET = {
         strict=True,
         reason="measured 0.4998 → 0.4990, gain −0.0008 ± 0.0009 (−0.9 s.e.) at the paper's β = 1000",
     ),
-    "inpo": pytest.mark.xfail(
-        strict=True,
-        raises=ConfigError,
-        reason="the task's model is v-prediction; InPO's inversion is refused there (the official "
-        "script asserts an ε-prediction model)",
-    ),
     "seppo": pytest.mark.xfail(
         strict=True,
         reason="measured 0.4998 → 0.4984, gain −0.0014 ± 0.0006 (−2.2 s.e.): a random past sample is a "
@@ -60,9 +52,6 @@ NOT_MET = {
         strict=True,
         reason="measured 0.4998 → 0.4995, gain −0.0003 ± 0.0003 (−1.1 s.e.) with 20-step reference images "
         "(the default 4 steps: +4.2 s.e.)",
-    ),
-    "smpo": pytest.mark.xfail(
-        strict=True, raises=ConfigError, reason="ReNoise inversion: the same ε-prediction requirement as inpo"
     ),
 }
 # Cases beyond each method at its defaults: (method, hyper-parameters).
