@@ -6,8 +6,8 @@ One pipeline is pretrained for the module (`shapes_model.pretrain`, the quicksta
 lr 3e-5 and is scored on 16 prompts × 8 held-out seeds with its own sampler, before and after, from
 the same noise (`online_run.train_online_diffusion`, the function the CLI calls).
 
-AWM trains flow-matching pipelines; the built-in task's pipeline is a v-prediction one (AWM's learning
-test on a computable latent reward is in tests/test_diffusion_online.py).
+AWM trains flow-matching pipelines: its test pretrains the same task with the rectified-flow loss
+(`PretrainConfig(prediction_type="flow")`) and samples with the flow ODE.
 """
 
 from __future__ import annotations
@@ -40,6 +40,11 @@ def task(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _task(tmp_path_factory.mktemp("shapes-online"), "v_prediction")
 
 
+@pytest.fixture(scope="module")
+def flow_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _task(tmp_path_factory.mktemp("shapes-flow"), "flow")
+
+
 # the paper defaults of each method but where the built-in task needs otherwise (docs/diffusion.md):
 # SPO scores candidates by the reward of the decoded x̂_0 (its paper's step-aware critic, a tiny
 # network here, ranks this task's candidates no better than chance) and keeps every step pair
@@ -49,6 +54,10 @@ METHODS = {"ddpo": {}, "dpok": {}, "d3po": {}, "spo": {"scorer": "x0", "threshol
 @pytest.mark.parametrize("method", list(METHODS))
 def test_online_method_raises_the_heldout_reward_of_the_built_in_task(task, method):
     _check_learns(task, method)
+
+
+def test_awm_raises_the_heldout_reward_of_the_built_in_task_trained_as_a_flow(flow_task):
+    _check_learns(flow_task, "awm")
 
 
 def _check_learns(task: Path, method: str) -> None:
