@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from preftune.data.rows import Problem
 from preftune.diffusion.image_rewards import ImageReward
 from preftune.errors import DataError
 
@@ -24,8 +25,7 @@ _FIX = "give each row a 'prompt' with the text of an image prompt"
 
 def read_prompts(source: str, split: str | None = None) -> list[str]:
     """The prompt texts of `source`; DataError listing every bad row (`PATH:ROW: field 'prompt'`)."""
-    from preftune.data.rows import Problem, render_problems
-    from preftune.data.sources import read_source
+    from preftune.rl.prompts import checked_prompt_rows
 
     path = Path(source)
     if path.suffix == ".txt":
@@ -38,22 +38,16 @@ def read_prompts(source: str, split: str | None = None) -> list[str]:
         if not texts:
             raise DataError("no prompts", path=source, fix="write one prompt a line")
         return texts
-    data = read_source(source, split=split)
-    problems, texts = list(data.problems), []
-    for row, rec in data.rows:
-        if rec is None:
-            continue
-        prompt = rec.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            what = "missing" if prompt is None else "empty text" if isinstance(prompt, str) else "not text"
-            problems.append(Problem(what, row=row, field="prompt", fix=_FIX, path=data.path))
-        else:
-            texts.append(prompt)
-    if not problems and not texts:
-        problems.append(Problem("no prompts", path=data.path, fix=_FIX))
-    if problems:
-        raise DataError(f"{len(problems)} problem(s) in prompts {data.path}:\n" + render_problems(problems))
-    return texts
+    _, rows = checked_prompt_rows(source, _text_problem, _FIX, split=split)
+    return [rec["prompt"] for _, rec in rows]
+
+
+def _text_problem(rec: dict[str, Any], row: int, path: str) -> Problem | None:
+    prompt = rec.get("prompt")
+    if isinstance(prompt, str) and prompt.strip():
+        return None
+    what = "missing" if prompt is None else "empty text" if isinstance(prompt, str) else "not text"
+    return Problem(what, row=row, field="prompt", fix=_FIX, path=path)
 
 
 @dataclass

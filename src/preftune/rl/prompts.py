@@ -8,6 +8,7 @@ offline data does. The other columns of a row reach the reward function as keywo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,33 @@ def _problem(rec: dict[str, Any], row: int, path: str) -> Problem | None:
     return Problem(f"is {what}, not text or a message list", row=row, field="prompt", fix=_FIX, path=path)
 
 
+def checked_prompt_rows(
+    source: str,
+    problem: Callable[[dict[str, Any], int, str], Problem | None],
+    fix: str,
+    *,
+    split: str | None = None,
+) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
+    """The source's path and the (row, record) pairs that `problem` accepts; DataError listing every
+    bad row (`PATH:ROW: field`) and "no prompts" (with `fix`) for a source without any."""
+    data = read_source(source, split=split)
+    problems = list(data.problems)
+    good: list[tuple[int, dict[str, Any]]] = []
+    for row, rec in data.rows:
+        if rec is None:
+            continue  # the reader recorded why
+        bad = problem(rec, row, data.path)
+        if bad is not None:
+            problems.append(bad)
+        else:
+            good.append((row, rec))
+    if not problems and not good:
+        problems.append(Problem("no prompts", path=data.path, fix=fix))
+    if problems:
+        raise DataError(f"{len(problems)} problem(s) in prompts {data.path}:\n" + render_problems(problems))
+    return data.path, good
+
+
 def load_prompts(
     source: str,
     tokenizer: Any,
@@ -57,21 +85,7 @@ def load_prompts(
     max_prompt_length: int | None = None,
 ) -> list[PromptRow]:
     """Every row of `source` as a `PromptRow`; DataError listing the bad rows (`PATH:ROW: field`)."""
-    data = read_source(source, split=split)
-    problems = list(data.problems)
-    good: list[tuple[int, dict[str, Any]]] = []
-    for row, rec in data.rows:
-        if rec is None:
-            continue  # the reader recorded why
-        bad = _problem(rec, row, data.path)
-        if bad is not None:
-            problems.append(bad)
-        else:
-            good.append((row, rec))
-    if not problems and not good:
-        problems.append(Problem("no prompts", path=data.path, fix=_FIX))
-    if problems:
-        raise DataError(f"{len(problems)} problem(s) in prompts {data.path}:\n" + render_problems(problems))
+    path, good = checked_prompt_rows(source, _problem, _FIX, split=split)
     template = read_template(chat_template) or getattr(tokenizer, "chat_template", None)
     out = []
     for row, rec in good:
@@ -80,7 +94,7 @@ def load_prompts(
             if not template:
                 raise DataError(
                     "is a message list but the tokenizer has no chat template",
-                    path=data.path,
+                    path=path,
                     row=row,
                     field="prompt",
                     fix="pass --chat-template FILE, or give the prompt as text",
