@@ -167,13 +167,14 @@ def _awm(m: Method, texts: list[str], ids: torch.Tensor, cond: Any, noise: Any, 
 
 def x0_scorer(m: Method, texts: list[str]) -> Any:
     """score(x_t, t, c): the reward of the decoded x̂_0 = (x_t − √(1 − ᾱ_t) ε_θ)/√ᾱ_t (SPO's `scorer x0`)."""
+    from preftune.diffusion.inversion import epsilon_of
 
     @torch.no_grad()
     def score(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         step = int(t)
         a = float(m.policy.ddim.alphas_cumprod[step])
         out = m.unet(x, torch.tensor(step), encoder_hidden_states=cond).sample
-        eps = a**0.5 * out + (1 - a) ** 0.5 * x if m.policy.prediction_type == "v_prediction" else out
+        eps = epsilon_of(out, x, a, m.policy.prediction_type)
         x0 = (x - (1 - a) ** 0.5 * eps) / a**0.5
         rows = len(texts)
         return m.reward(m.pipe.decode(x0), [texts[i % rows] for i in range(x.shape[0])])
