@@ -244,6 +244,7 @@ def _save(config: TrainConfig, method: Method, optimizer: Any, scheduler: Any, d
 
 
 def mean_se(values: torch.Tensor) -> tuple[float, float]:
+    """(mean, standard error of the mean) of a 1-D tensor; the error is 0 for one value."""
     n = values.numel()
     return float(values.mean()), float(values.std() / math.sqrt(n)) if n > 1 else 0.0
 

@@ -140,21 +140,12 @@ def ode_sample(
     unet: Any, pipe: Pipeline, cond: torch.Tensor, noise: torch.Tensor, steps: int
 ) -> torch.Tensor:
     """Final latents of DDIM (η = 0) on the pipeline's schedule, or of the flow ODE (Euler)."""
-    from diffusers import DDIMScheduler
-
     from preftune.diffusion.awm import sample_flow
+    from preftune.diffusion.generated import ddim_sample
 
     if pipe.is_flow:
         return sample_flow(unet, pipe.scheduler, cond, noise, steps)
-    sched = DDIMScheduler.from_config(
-        {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
-    )
-    sched.set_timesteps(steps)
-    x = noise
-    with torch.no_grad():
-        for t in sched.timesteps:
-            x = sched.step(unet(x, t, encoder_hidden_states=cond).sample, t, x, eta=0.0).prev_sample
-    return x
+    return ddim_sample(unet, pipe.scheduler.config, cond, noise, steps)
 
 
 def _reno(unet: Any, pipe: Pipeline, policy: Any, cond: torch.Tensor, prompt: str, noise: torch.Tensor,

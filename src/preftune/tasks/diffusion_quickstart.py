@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,7 @@ from typing import Any
 
 import torch
 
+from preftune.diffusion.online_run import mean_se
 from preftune.errors import ConfigError
 from preftune.tasks.shapes import (
     ShapePrompt,
@@ -115,11 +115,6 @@ def heldout(
     seeds = [1_000_000 + seed * 10_000 + i for i in range(len(prompts))]
     images = sample(folder, prompts, seeds, steps=cfg.sample_steps)
     return prompts, images, reward(images, prompts)
-
-
-def mean_se(values: torch.Tensor) -> tuple[float, float]:
-    n = values.numel()
-    return float(values.mean()), float(values.std() / math.sqrt(n)) if n > 1 else 0.0
 
 
 def run_diffusion_quickstart(
