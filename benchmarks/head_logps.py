@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,29 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_utils as bu  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
+def _paths(hidden: Any, targets: Any, head: Any, transform: Any, size: int) -> dict[str, Callable[[], Any]]:
+    """The three LM-head log-prob paths compared: log-sum-exp recompute, kept softmax, checkpointed chunks."""
     import torch
     from torch.utils.checkpoint import checkpoint
 
     from preftune.models.head_logps import HeadLogps
-    from preftune.models.logprobs import LogitTransform, _chunk_logps
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=1100, help="response tokens through the head")
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--name", default="head_logps", help="results file stem under benchmarks/results/")
-    a = ap.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
-    head = torch.nn.Linear(a.hidden, a.vocab, bias=False)
-    transform = LogitTransform(head)  # no scaling attributes: identity
-    hidden = torch.randn(a.tokens, a.hidden, requires_grad=True)
-    targets = torch.randint(0, a.vocab, (a.tokens,))
-    size = max(16, (1 << 22) // a.vocab)
+    from preftune.models.logprobs import _chunk_logps
 
     def lse() -> torch.Tensor:
         out: torch.Tensor = HeadLogps.apply(hidden, targets, head.weight, 1.0, size, 0)
@@ -69,11 +54,36 @@ def main(argv: list[str] | None = None) -> int:
                 transform,
                 use_reentrant=False,
             )
-            for s in range(0, a.tokens, size)
+            for s in range(0, len(targets), size)
         ]
         return torch.cat(outs)
 
-    paths = {"lse": lse, "keep": keep, "checkpoint": ckpt}
+    return {"lse": lse, "keep": keep, "checkpoint": ckpt}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from preftune.models.logprobs import LogitTransform
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=1100, help="response tokens through the head")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--name", default="head_logps", help="results file stem under benchmarks/results/")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(a.hidden, a.vocab, bias=False)
+    transform = LogitTransform(head)  # no scaling attributes: identity
+    hidden = torch.randn(a.tokens, a.hidden, requires_grad=True)
+    targets = torch.randint(0, a.vocab, (a.tokens,))
+    size = max(16, (1 << 22) // a.vocab)
+
+    paths = _paths(hidden, targets, head, transform, size)
     grads: dict[str, list[torch.Tensor]] = {}
     for name, fn in paths.items():  # warm-up, and the numbers compared
         out = fn()

@@ -106,7 +106,7 @@ def step(model: Any, examples: list[Any], layout: str, device: str) -> tuple[flo
     return elapsed, cpu
 
 
-def main() -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -122,7 +122,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--full-logits", action="store_true", help="also time padded_full (TRL-style)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = _parser().parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -130,40 +130,8 @@ def k_sweep(a: argparse.Namespace, model: Path, work: Path) -> list[dict[str, An
     return points
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--model", help=argparse.SUPPRESS)
-    ap.add_argument("--data", help=argparse.SUPPRESS)
-    ap.add_argument("--sweep", choices=["prompt", "k", "both"], default="both")
-    ap.add_argument("--model-size", choices=sorted(bu.MODELS), default="quick")
-    ap.add_argument("--prompts", default="128,256,512,1024,2048")
-    ap.add_argument("--ks", default="2,4,8")
-    ap.add_argument("--k-prompt", type=int, default=256)
-    ap.add_argument("--response", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=3)
-    a = ap.parse_args(argv)
-    if a.child:
-        print(json.dumps(child_listwise(a)))
-        return 0
-    spec = bu.MODELS[a.model_size]
-    bu.RESULTS_DIR.joinpath("tmp").mkdir(parents=True, exist_ok=True)
-    res: dict[str, Any] = {
-        "command": "python benchmarks/scaling.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": bu.machine_info(),
-        "model": spec,
-        "params": bu.param_counts(spec),
-        "batch": a.batch,
-        "steps": a.steps,
-    }
-    with tempfile.TemporaryDirectory(dir=bu.RESULTS_DIR / "tmp") as tmp:
-        work = Path(tmp)
-        model = bu.save_model(spec, work / "model")
-        if a.sweep in ("prompt", "both"):
-            res["prompt"] = prompt_sweep(a, model, work)
-        if a.sweep in ("k", "both"):
-            res["k"] = k_sweep(a, model, work)
+def _tables(res: dict[str, Any]) -> list[str]:
+    """The markdown tables of the prompt-length and K sweeps that ran."""
     parts = []
     if "prompt" in res:
         parts.append(
@@ -207,6 +175,44 @@ def main(argv: list[str] | None = None) -> int:
                 ],
             )
         )
+    return parts
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--sweep", choices=["prompt", "k", "both"], default="both")
+    ap.add_argument("--model-size", choices=sorted(bu.MODELS), default="quick")
+    ap.add_argument("--prompts", default="128,256,512,1024,2048")
+    ap.add_argument("--ks", default="2,4,8")
+    ap.add_argument("--k-prompt", type=int, default=256)
+    ap.add_argument("--response", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3)
+    a = ap.parse_args(argv)
+    if a.child:
+        print(json.dumps(child_listwise(a)))
+        return 0
+    spec = bu.MODELS[a.model_size]
+    bu.RESULTS_DIR.joinpath("tmp").mkdir(parents=True, exist_ok=True)
+    res: dict[str, Any] = {
+        "command": "python benchmarks/scaling.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": bu.machine_info(),
+        "model": spec,
+        "params": bu.param_counts(spec),
+        "batch": a.batch,
+        "steps": a.steps,
+    }
+    with tempfile.TemporaryDirectory(dir=bu.RESULTS_DIR / "tmp") as tmp:
+        work = Path(tmp)
+        model = bu.save_model(spec, work / "model")
+        if a.sweep in ("prompt", "both"):
+            res["prompt"] = prompt_sweep(a, model, work)
+        if a.sweep in ("k", "both"):
+            res["k"] = k_sweep(a, model, work)
+    parts = _tables(res)
     table = "\n\n".join(parts) + f"\n\nCommand: `{res['command']}`.\n"
     stem = "scaling" if a.sweep == "both" else f"scaling_{a.sweep}"
     bu.save_results(stem, res, table)

@@ -324,6 +324,16 @@ def validate(config: TrainConfig) -> list[tuple[Any, float, dict[str, Any]]]:
     objective = resolve_objective(config)
     needs_ref = any(spec.needs_reference for spec, _, _ in objective)
     strategy = reference_strategy(config, needs_ref)
+    _check_reference(config, strategy, needs_ref)
+    if online:
+        validate_online(config, strategy)
+    check_distill(config, objective)
+    _check_phases(config, objective, strategy, needs_ref)
+    return objective
+
+
+def _check_reference(config: TrainConfig, strategy: str, needs_ref: bool) -> None:
+    """The reference options agree with the method and with each other."""
     if needs_ref and strategy == "none":
         raise ConfigError(
             f"method '{config.method}' needs a reference model but reference='none' — use "
@@ -336,9 +346,6 @@ def validate(config: TrainConfig) -> list[tuple[Any, float, dict[str, Any]]]:
             f"method '{config.method}' is reference-free: remove ref_model / reference / "
             "ref_sync_every (they would be ignored)"
         )
-    if online:
-        validate_online(config, strategy)
-    check_distill(config, objective)
     if config.merge_lora and not config.lora:
         raise ConfigError("merge_lora merges LoRA adapters into the weights; it needs lora=true (--lora)")
     if strategy == "adapter" and not config.lora:
@@ -350,6 +357,12 @@ def validate(config: TrainConfig) -> list[tuple[Any, float, dict[str, Any]]]:
             f"ref_sync_every (TR-DPO) updates the reference during training, which needs "
             f"reference='model', not '{strategy}'"
         )
+
+
+def _check_phases(
+    config: TrainConfig, objective: list[tuple[Any, float, dict[str, Any]]], strategy: str, needs_ref: bool
+) -> None:
+    """Evaluation, rounds, stages and precision options agree with each other and the objective."""
     if config.eval_every and not config.eval_data:
         raise ConfigError("eval_every > 0 needs eval_data")
     if config.apo_alpha and config.rounds < 2:
@@ -380,7 +393,6 @@ def validate(config: TrainConfig) -> list[tuple[Any, float, dict[str, Any]]]:
         )
     if (config.stages > 1 or config.rounds > 1) and not needs_ref:
         raise ConfigError("stages and rounds move the reference between stages; the method uses none")
-    return objective
 
 
 def _check_optimizer(name: str) -> None:

@@ -132,38 +132,16 @@ def objective_on_batch(
         prepare(global_batch)
     sums = MetricSums()
     mine = shard(global_batch, world.rank, world.size)
-    first_names: set[str] = set()
     groups = micro_batches(mine, micro_batch_size)
     for _ in range(padding_forwards(len(global_batch), len(groups), micro_batch_size, world)):
-        # FSDP: this rank has fewer micro-batches than another; a zero-weighted pass keeps the
-        # collectives (one all-gather per unit per forward, one reduce-scatter per backward) in step.
-        with torch.set_grad_enabled(backward), compute(autocast, world):
-            dummy = example_stats(model, [global_batch[0]])
-            if getattr(reference, "collective", False):  # a sharded reference model: in step too
-                reference.stats([global_batch[0]])  # type: ignore[union-attr]
-            if backward:
-                (dummy.logps.sum() * 0.0).backward()
+        _padding_pass(model, global_batch[0], reference, world, backward, autocast)
     for micro in groups:
         with torch.set_grad_enabled(backward):
             with compute(autocast, world):
                 policy = example_stats(model, micro, token_logps=need_tok)
                 ref = reference.stats(micro, token_logps=need_tok) if reference is not None else None
             batch = build_batch(micro, policy, ref)
-            total = policy.logps.new_zeros(())
-            for i, ((spec, weight, hparams), denom) in enumerate(zip(objective.terms, denominators)):
-                state = batch_states.get(spec.name, loss_state.get(spec.name, {}))
-                out = spec.run(batch, dict(state), hparams)
-                term = out.losses.float().sum() / denom
-                total = total + weight * term
-                if spec.stateful:
-                    loss_state[spec.name] = {k: v.detach() for k, v in out.state.items()}
-                if len(objective.terms) > 1:
-                    sums.add_total(f"loss/{spec.name}", term)
-                for name, values in out.metrics.items():
-                    key = name if i == 0 or name not in first_names else f"{spec.name}/{name}"
-                    if i == 0:
-                        first_names.add(name)
-                    sums.add(key, values)
+            total = _terms_loss(batch, objective, denominators, batch_states, loss_state, sums)
         if backward and total.requires_grad:
             total.backward()
         sums.add_total("loss", total)
@@ -171,6 +149,56 @@ def objective_on_batch(
         sums.add_total("examples", float(len(micro)))
         preference_metrics(batch, sums, unpaired=objective.kind == "unpaired")
     return sums
+
+
+def _padding_pass(
+    model: Any,
+    example: Example,
+    reference: Reference | None,
+    world: World,
+    backward: bool,
+    autocast: torch.dtype | None,
+) -> None:
+    """FSDP: this rank has fewer micro-batches than another; a zero-weighted pass keeps the
+    collectives (one all-gather per unit per forward, one reduce-scatter per backward) in step."""
+    from preftune.models.logprobs import example_stats
+
+    with torch.set_grad_enabled(backward), compute(autocast, world):
+        dummy = example_stats(model, [example])
+        if getattr(reference, "collective", False):  # a sharded reference model: in step too
+            reference.stats([example])  # type: ignore[union-attr]
+        if backward:
+            (dummy.logps.sum() * 0.0).backward()
+
+
+def _terms_loss(
+    batch: Any,
+    objective: Objective,
+    denominators: list[float],
+    batch_states: dict[str, dict[str, torch.Tensor]],
+    loss_state: dict[str, dict[str, torch.Tensor]],
+    sums: MetricSums,
+) -> torch.Tensor:
+    """The weighted sum of the objective's terms on one micro-batch; their metrics go into `sums`
+    (a later term's metric named like the first term's is prefixed with the term's name)."""
+    total: torch.Tensor | None = None
+    first_names: set[str] = set()
+    for i, ((spec, weight, hparams), denom) in enumerate(zip(objective.terms, denominators)):
+        state = batch_states.get(spec.name, loss_state.get(spec.name, {}))
+        out = spec.run(batch, dict(state), hparams)
+        term = out.losses.float().sum() / denom
+        total = weight * term if total is None else total + weight * term
+        if spec.stateful:
+            loss_state[spec.name] = {k: v.detach() for k, v in out.state.items()}
+        if len(objective.terms) > 1:
+            sums.add_total(f"loss/{spec.name}", term)
+        for name, values in out.metrics.items():
+            key = name if i == 0 or name not in first_names else f"{spec.name}/{name}"
+            if i == 0:
+                first_names.add(name)
+            sums.add(key, values)
+    assert total is not None
+    return total
 
 
 def statistic_sums(
