@@ -295,6 +295,9 @@ def test_trainable_head_keeps_lse_only_and_gives_the_same_gradients(dtype, keep_
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
     for g, g2, r in zip(got, again, ref):
         assert g.dtype == r.dtype and (g - r).abs().max() <= 1e-5 and torch.equal(g, g2)
+    with torch.no_grad():  # a reference / evaluation pass: the same arithmetic, bit for bit
+        plain = chunked_token_logps(hidden, targets, head, transform, chunk_tokens=4, keep_bytes=keep)
+    assert torch.equal(plain, out.detach())
 
 
 def test_softcapped_or_biased_heads_keep_the_checkpointed_path():

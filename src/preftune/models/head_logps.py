@@ -36,24 +36,10 @@ class HeadLogps(torch.autograd.Function):
         size: int,
         keep_bytes: int = 0,
     ) -> torch.Tensor:
-        outs, lses, kept = [], [], []
-        budget = keep_bytes  # p of the leading chunks while it lasts
-        for start in range(0, hidden.shape[0], size):
-            z = _linear_logits(hidden[start : start + size], weight, scale)
-            z_y = z.gather(-1, targets[start : start + size, None]).squeeze(-1)
-            budget -= z.numel() * z.element_size()
-            if budget >= 0:  # p = exp(z − m) / Σ exp(z − m) in the logits buffer: one exp pass for p and lse
-                top = z.amax(-1, keepdim=True)
-                total = z.sub_(top).exp_().sum(-1, keepdim=True)
-                kept.append(z.div_(total))
-                lse = (top + total.log()).squeeze(-1)
-            else:
-                lse = z.logsumexp(-1)
-            outs.append(z_y - lse)
-            lses.append(lse)
-        ctx.save_for_backward(hidden, targets, weight, torch.cat(lses), *kept)
+        logps, lse, kept = head_logps_forward(hidden, targets, weight, scale, size, keep_bytes)
+        ctx.save_for_backward(hidden, targets, weight, lse, *kept)
         ctx.scale, ctx.size = scale, size
-        return torch.cat(outs)
+        return logps
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> Any:
@@ -78,6 +64,40 @@ class HeadLogps(torch.autograd.Function):
             if grad_w is not None:
                 grad_w.addmm_(grad_logits.t().float(), h.float())
         return grad_h, None, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
+
+
+def head_logps_forward(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    weight: torch.Tensor,
+    scale: float,
+    size: int,
+    keep_bytes: int,
+    keep: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """`HeadLogps`'s forward: (log-probs [M], log-sum-exp [M], the kept softmax chunks).
+
+    Without gradients (`keep=False`: a reference pass, an evaluation) the same arithmetic runs chunk
+    for chunk, so a trainable head's log-probs are bit-identical with and without autograd — the
+    implicit reward of a policy against its own cached reference is exactly 0 at the first step.
+    """
+    outs, lses, kept = [], [], []
+    budget = keep_bytes  # p of the leading chunks while it lasts
+    for start in range(0, hidden.shape[0], size):
+        z = _linear_logits(hidden[start : start + size], weight, scale)
+        z_y = z.gather(-1, targets[start : start + size, None]).squeeze(-1)
+        budget -= z.numel() * z.element_size()
+        if budget >= 0:  # p = exp(z − m) / Σ exp(z − m) in the logits buffer: one exp pass for p and lse
+            top = z.amax(-1, keepdim=True)
+            total = z.sub_(top).exp_().sum(-1, keepdim=True)
+            if keep:
+                kept.append(z.div_(total))
+            lse = (top + total.log()).squeeze(-1)
+        else:
+            lse = z.logsumexp(-1)
+        outs.append(z_y - lse)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses), kept
 
 
 def _linear_logits(hidden: torch.Tensor, weight: torch.Tensor, scale: float) -> torch.Tensor:

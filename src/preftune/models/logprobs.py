@@ -19,7 +19,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from preftune.errors import ConfigError
-from preftune.models.head_logps import HeadLogps, linear_head_scale
+from preftune.models.head_logps import HeadLogps, head_logps_forward, linear_head_scale
 from preftune.models.load import unwrap_model
 from preftune.models.packing import RowBatch, attention_masks, build_packed, build_padded, packing_support
 from preftune.models.tree_attention import row_units, tree_attention, tree_supported
@@ -147,9 +147,11 @@ def chunked_token_logps(
     if torch.is_grad_enabled() and hidden.requires_grad and frozen_head:
         out: torch.Tensor = _FrozenHeadLogps.apply(hidden, targets, head, transform, size, min_logits)
         return out
-    scale = linear_head_scale(head, transform) if torch.is_grad_enabled() and min_logits is None else None
-    if scale is not None and not frozen_head:
+    scale = linear_head_scale(head, transform) if min_logits is None and not frozen_head else None
+    if scale is not None:  # a trainable linear head: one arithmetic with and without autograd
         keep = _KEEP_WEIGHT_COPIES * 4 * weight.numel() if keep_bytes is None else keep_bytes
+        if not torch.is_grad_enabled():
+            return head_logps_forward(hidden, targets, weight, scale, size, keep, keep=False)[0]
         linear: torch.Tensor = HeadLogps.apply(hidden, targets, weight, scale, size, keep)
         return linear
     outs = []
