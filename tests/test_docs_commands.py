@@ -6,8 +6,8 @@ comments dropped) in a sandbox folder that holds what the docs assume: a tiny SF
 `prompts.jsonl` (online methods), step-labelled solutions `steps.jsonl` (process reward models),
 tiny diffusers pipelines `./tiny-pipeline` (UNet) and `./tiny-sd3-pipeline` (SD3-style) with image
 pairs `image-pairs.jsonl` (images in `img/`) and shapes-task prompts `shape-prompts.jsonl`, the
-repository's `examples/`, and (for commands that read a finished run) `runs/dpo1`, `runs/prm` and
-`runs/rm`.
+repository's `examples/`, and (for commands that read a finished run) `runs/dpo1`, `runs/prm`,
+`runs/rm` and `runs/irm` (an implicit reward model).
 What does not run here, and why:
 
 - `bash scripts/setup.sh ...`, `python -m pytest ...`: set-up and the test command (CI runs both);
@@ -166,6 +166,8 @@ def base_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
         assert main([*argv, "--batch-size", "4", "--max-steps", "2"]) == 0
         argv = ["train", "rm", "--model", "./sft-model", "--data", "prefs.jsonl", "--out", "runs/rm"]
         assert main([*argv, "--batch-size", "4", "--max-steps", "2"]) == 0
+        argv = ["train", "rm", "--model", "./sft-model", "--data", "prefs.jsonl", "--out", "runs/irm"]
+        assert main([*argv, "--head", "implicit", "--batch-size", "4", "--max-steps", "2"]) == 0
     return root
 
 

@@ -88,7 +88,12 @@ def _eval(args: argparse.Namespace) -> int:
             "a completed 'preftune train'"
         )
     config = load_config(run / "config.yaml")
-    if config.method == "rm":  # a reward model: pairwise accuracy, calibration, best-of-n
+    from preftune.reward.implicit import holds_steps, is_implicit
+
+    method = config.method
+    if method == "rm" and is_implicit(final) and holds_steps(args.data):
+        method = "prm"  # an implicit outcome RM is a PRM too: ProcessBench metrics of step data
+    if method == "rm":  # a reward model: pairwise accuracy, calibration, best-of-n
         from preftune.reward.evaluation import rm_eval_payload
 
         payload = rm_eval_payload(run, config, args)
@@ -104,7 +109,7 @@ def _eval(args: argparse.Namespace) -> int:
         write_atomic(path, json.dumps(payload, indent=1) + "\n")
         print(f"wrote {path}")
         return 0
-    if config.method == "prm":  # a process reward model: ProcessBench metrics (first wrong step)
+    if method == "prm":  # a process reward model: ProcessBench metrics (first wrong step)
         from preftune.reward.processbench import evaluate_prm_folder
 
         prm_metrics = evaluate_prm_folder(final, args.data, batch_items=args.batch_size)

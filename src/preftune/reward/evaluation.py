@@ -65,6 +65,10 @@ def evaluate_rm_run(
     from preftune.reward.training import all_pair_scores, pair_metrics, rm_examples
 
     final = run / "final"
+    from preftune.reward.implicit import is_implicit
+
+    if is_implicit(final):  # r_θ = β log π_θ/π_ref on the held-out pairs
+        return _implicit_metrics(final, data, config, batch_size, bins)
     if str(config.hparams.get("loss", "bt")) == "regression":  # rating data: mse and ordering accuracy
         from preftune.reward.rated import evaluate_rated, rated_examples
 
@@ -80,6 +84,26 @@ def evaluate_rm_run(
     loss_fn = parse_rm_loss(str(config.hparams.get("loss", "bt")))
     gaps: list[torch.Tensor] = []
     metrics = pair_metrics(s_c, s_r, examples, loss_fn, gaps)
+    if bins is not None:
+        bins += reliability(torch.cat(gaps) if gaps else torch.zeros(0))
+    return {"pairs": float(len(examples)), **metrics}
+
+
+def _implicit_metrics(final: Path, data: str, config: TrainConfig, batch_size: int,
+                      bins: list[dict[str, float]] | None) -> dict[str, float]:  # fmt: skip
+    """`evaluate_rm_run` of an implicit RM folder (`preftune.reward.implicit`)."""
+    from preftune.data.formatting import load_tokenizer
+    from preftune.reward.implicit import load_implicit
+    from preftune.reward.implicit_training import implicit_pair_scores
+    from preftune.reward.losses import parse_rm_loss
+    from preftune.reward.training import pair_metrics, rm_examples
+
+    irm, settings = load_implicit(final)
+    examples = rm_examples(data, config, load_tokenizer(str(final)), None)
+    s_c, s_r = implicit_pair_scores(irm, examples, batch_size)
+    loss = str(settings["loss"])
+    gaps: list[torch.Tensor] = []
+    metrics = pair_metrics(s_c, s_r, examples, parse_rm_loss("bt" if loss == "ce" else loss), gaps)
     if bins is not None:
         bins += reliability(torch.cat(gaps) if gaps else torch.zeros(0))
     return {"pairs": float(len(examples)), **metrics}

@@ -28,11 +28,11 @@ from preftune.reward.scorer_loop import ScorerTask, check_config, claim, optimiz
 from preftune.train import runfolder
 
 PRM_FILE = "prm.json"
-HPARAMS = ("loss", "separator", "aggregation")
+HPARAMS = ("loss", "separator", "aggregation", "head")
 
 
 def _settings(config: TrainConfig) -> dict[str, str]:
-    hp = {k: str(v) for k, v in config.hparams.items()}
+    hp = {k: str(v) for k, v in config.hparams.items() if k != "head"}
     others = sorted(set(hp) - set(HPARAMS))
     if others:
         raise ConfigError(
@@ -86,6 +86,12 @@ def _step(model: Any, params: list[torch.nn.Parameter], opt: Any, sched: Any, ba
 def train_prm(config: TrainConfig, log: Any = print) -> Any:
     """Train a PRM: `config` as for `preftune train rm`, method "prm", `hparams` loss (prm_bce | pav_mse),
     separator (default newline) and aggregation (the reward's default: min). Returns the `RunResult`."""
+    from preftune.reward.training import head_kind
+
+    if head_kind(config) == "implicit":  # q_θ = partial sums of β log π_θ/π_ref
+        from preftune.reward.implicit_training import train_implicit_prm
+
+        return train_implicit_prm(config, log)
     settings = _settings(config)
     check_config(config)
     lock = claim(config)

@@ -140,18 +140,31 @@ def prm_step_values(model: Any, tokenizer: Any, items: Sequence[Any], *, loss: s
 
 
 def evaluate_prm_folder(folder: str | Path, data: str, *, threshold: float | None = None,
-                        batch_items: int = 16, separator: str | None = None) -> dict[str, float]:  # fmt: skip
+                        batch_items: int = 16, separator: str | None = None,
+                        step_value: str | None = None) -> dict[str, float]:  # fmt: skip
     """ProcessBench metrics of the PRM in `folder` (OUT/final of `preftune train prm`) on the items of
     `data` (ProcessBench JSONL or PRM records with hard labels): τ on the dev split unless given.
     `separator` replaces the folder's own: a PRM trained on characters (`character_record`, separator
-    "") is read at the line ends of line-level items with `separator="\n"`."""
+    "") is read at the line ends of line-level items with `separator="\n"`. An implicit RM folder
+    (`preftune.reward.implicit`) is valued by q_θ at each step's end, or by `step_value` "delta"."""
     from preftune.data.formatting import load_tokenizer
     from preftune.reward.prm_data import read_prm_data
     from preftune.reward.scoring import load_scorer
 
-    settings = read_prm_settings(folder)
     items = read_prm_data(data)
     labels = first_errors(items, data)
+    from preftune.reward.implicit import is_implicit
+
+    if is_implicit(folder):  # q_θ at step ends (Yuan et al. 2024, Proposition 3.1)
+        from preftune.reward.implicit import load_implicit
+        from preftune.reward.implicit_training import item_step_values
+
+        irm, found = load_implicit(folder)
+        sep = found["separator"] if separator is None else separator
+        values = item_step_values(irm, load_tokenizer(str(folder)), items, sep, step_value or found["step_value"],
+                                  batch_items)  # fmt: skip
+        return {"items": float(len(items)), **evaluate_values(values, labels, threshold)}
+    settings = read_prm_settings(folder)
     model = load_scorer(folder)
     values = prm_step_values(model, load_tokenizer(str(folder)), items, loss=settings["loss"],
                              separator=settings["separator"] if separator is None else separator,

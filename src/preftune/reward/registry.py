@@ -18,6 +18,8 @@ weighted sum (TRL sums with nansum). A spec names functions with weights:
                                         by min / last / sum / mean / prod (default: the folder's), or
                                         `prm:steps:…` each a reward at its step's end (PPO's GAE)
     "runs/ens/final", "ensemble:min:runs/ens/final"  an ensemble (its aggregator, or another one)
+    "runs/irm/final", "prm:min:runs/irm/final"  an implicit RM (`--head implicit`): β log π_θ/π_ref of
+                                        the completion, or its step values q_θ aggregated (a PRM)
 """
 
 from __future__ import annotations
@@ -181,8 +183,13 @@ def load_reward_model(path: str | Path, how: str | None = None) -> RewardFn:
     the scalar score of each completion, read at its last token (docs/reward_models.md). An ensemble
     folder (ensemble.json) gives its members' scores aggregated by `how` (default: its own)."""
     from preftune.reward.ensemble_run import EnsembleRewardFn, is_ensemble
+    from preftune.reward.implicit import is_implicit
     from preftune.reward.model_reward import RewardModelFn
 
+    if is_implicit(path):  # β log π_θ/π_ref (preftune train rm/prm --head implicit)
+        from preftune.reward.implicit_reward import ImplicitRewardFn
+
+        return ImplicitRewardFn(path)
     if (Path(path) / "prm.json").is_file():  # a process reward model (preftune train prm)
         from preftune.reward.prm_reward import PRMRewardFn
 
@@ -200,7 +207,17 @@ def _resolve(name: str) -> RewardTerm:
 
         head, _, rest = name[4:].partition(":")
         how = head if head in AGGREGATIONS and rest else None
-        return RewardTerm(name, PRMRewardFn(rest if how else name[4:], aggregation=how), 1.0)
+        folder = rest if how else name[4:]
+        from preftune.reward.implicit import is_implicit
+
+        if is_implicit(folder):  # its step values q_θ; an outcome-trained folder defaults to min
+            from preftune.reward.implicit_reward import ImplicitRewardFn
+
+            fn = ImplicitRewardFn(folder, aggregation=how)
+            if fn.aggregation == "outcome":
+                fn = ImplicitRewardFn(folder, aggregation="min")
+            return RewardTerm(name, fn, 1.0)
+        return RewardTerm(name, PRMRewardFn(folder, aggregation=how), 1.0)
     if name.startswith("ensemble:"):  # ensemble:AGG:PATH
         how, _, folder = name.removeprefix("ensemble:").partition(":")
         return RewardTerm(name, load_reward_model(folder, how), 1.0)

@@ -121,6 +121,8 @@ class ScorerTask:
     sorted_batches: hand the batch's examples over in data order (a prompt's solutions adjacent).
     files:   extra files written into OUT/final/ (name → text).
     num_labels: the scorer's outputs (M > 1: M heads on one trunk, `preftune train rm --heads M`).
+    model:   the model to train, built by the task (the implicit RM's causal LM); None: a scalar-head
+             scorer from `config.model` (`load_scorer`).
     """
 
     header: str
@@ -131,6 +133,7 @@ class ScorerTask:
     sorted_batches: bool = False
     files: dict[str, str] = field(default_factory=dict)
     num_labels: int = 1
+    model: Any = None
 
 
 @dataclass
@@ -165,7 +168,9 @@ def run_scorer(config: TrainConfig, load: Callable[[Any], ScorerTask], log: Any)
     tokenizer = load_tokenizer(config.tokenizer or config.model)
     task = load(tokenizer)
     total = phase_steps(config, [task.data])[0]
-    model = load_scorer(config.model, dtype=config.dtype, num_labels=task.num_labels)
+    model = task.model
+    if model is None:
+        model = load_scorer(config.model, dtype=config.dtype, num_labels=task.num_labels)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, config)

@@ -185,17 +185,31 @@ def evaluate_held_out(
     return evaluate_pairs(model, examples, loss_fn, batch_size, how=how)
 
 
+def head_kind(config: TrainConfig) -> str:
+    """`--head`: scalar (a score head on the trunk, the default) or implicit (`preftune.reward.implicit`)."""
+    head = str(config.hparams.get("head", "scalar"))
+    if head not in ("scalar", "implicit"):
+        raise ConfigError(
+            f"--head {head}: use scalar (a score head, the default) or implicit (β log π_θ/π_ref)"
+        )
+    return head
+
+
 def train_rm(config: TrainConfig, log: Any = print) -> Any:
     """Train a reward model: `config` as for `preftune train` (model, data, out, batch, optimizer,
     schedule, save_every, resume, eval_data) with method "rm" and `hparams["loss"]` a spec of
     `preftune.reward.losses` ("bt", "bt:1,center:0.01"; default "bt"). Returns the `RunResult`
     (final/ is the reward-model folder)."""
+    if head_kind(config) == "implicit":  # r = β log π_θ/π_ref, no scalar head
+        from preftune.reward.implicit_training import train_implicit_rm
+
+        return train_implicit_rm(config, log)
     loss = str(config.hparams.get("loss", "bt"))
-    others = sorted(set(config.hparams) - {"loss", "ensemble", "aggregate", "heads"})
+    others = sorted(set(config.hparams) - {"loss", "ensemble", "aggregate", "heads", "head"})
     if others:
         raise ConfigError(
             f"preftune train rm takes --loss (e.g. bt, 'bt:1,center:0.01'), --ensemble M or --heads M, "
-            f"and --aggregate, not {', '.join(others)}"
+            f"--aggregate, and --head implicit (with --beta), not {', '.join(others)}"
         )
     loss_fn = None if loss == "regression" else parse_rm_loss(loss)  # regression: rating data
     check_config(config)
