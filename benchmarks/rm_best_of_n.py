@@ -83,7 +83,13 @@ def best_of_n(folder: Path, held: list[str], held_samples: list[list[str]], head
         [[task.reward(p, s) for s in ss] for p, ss in zip(held, held_samples)], dtype=torch.float64
     )
     flat = [p for p, ss in zip(held, held_samples) for _ in ss]
-    scores = RewardModelFn(folder, heads=heads).scores(flat, [s for ss in held_samples for s in ss]).double()
+    completions = [s for ss in held_samples for s in ss]
+    if (folder / "implicit.json").is_file():  # --head implicit: r = β log π_θ/π_ref
+        from preftune.reward.implicit_reward import ImplicitRewardFn
+
+        scores = ImplicitRewardFn(folder).outcome(flat, completions).double()
+    else:
+        scores = RewardModelFn(folder, heads=heads).scores(flat, completions).double()
     if heads == 1:
         return best_of_n_curve(scores.view(len(held), n), gold, curve_points(n))
     return {how: best_of_n_curve(aggregate(scores.T, how).view(len(held), n), gold, curve_points(n))
@@ -111,6 +117,8 @@ def main() -> None:
     ap.add_argument("--flip", type=float, default=0.0, help="fraction of training pairs with swapped labels")
     ap.add_argument("--heads", type=int, default=1)
     ap.add_argument("--n-max", type=int, default=8, help="samples per held-out prompt (best-of-n up to it)")
+    ap.add_argument("--head", default="scalar", help="scalar, or implicit: r = β log π_θ/π_ref (with --beta)")
+    ap.add_argument("--beta", type=float, default=0.05, help="β of --head implicit")
     args = ap.parse_args()
     torch.set_num_threads(1)
     work, task = Path(args.work), ArithmeticTask(level=2)
@@ -127,6 +135,7 @@ def main() -> None:
     name = f"rm-s{args.steps}-b{args.batch_size}-lr{args.lr:g}-p{args.train_prompts}x{args.pairs_per_prompt}"
     name += (f"-flip{args.flip:g}" if args.flip else "") + (f"-h{args.heads}" if args.heads > 1 else "")
     name += f"-{args.label}" if args.trunk else ""
+    name += f"-implicit{args.beta:g}" if args.head == "implicit" else ""
     name += (
         f"-w{args.warmup_steps}-{args.scheduler}" if args.warmup_steps or args.scheduler != "linear" else ""
     )
@@ -135,6 +144,7 @@ def main() -> None:
            str(work / name), "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr",
            str(args.lr), "--log-every", "50", "--save-every", "0"]  # fmt: skip
     run += ["--heads", str(args.heads), "--aggregate", "mean"] if args.heads > 1 else []
+    run += ["--head", "implicit", "--beta", str(args.beta)] if args.head == "implicit" else []
     schedule = args.warmup_steps or args.scheduler != "linear"
     run += ["--warmup-steps", str(args.warmup_steps), "--scheduler", args.scheduler] if schedule else []
     start = _cpu()
