@@ -11,6 +11,9 @@ separator "" and read at line ends) with a validation set (seed 3) as --eval-dat
 curve, which kinds of wrong line the PRM flags (`error_kinds`), with `--lm-probe` the SFT model's own
 token probabilities as step values (`lm_probe`), and the training's process CPU seconds (user + sys)
 and wall seconds. One thread.
+
+`--quick` (the test suite's smoke run, a few seconds): a 4-step SFT model, 16 training items, 2 PRM
+steps of 4 with a validation after each, 12 test and 12 validation items; only WORK is written.
 """
 
 from __future__ import annotations
@@ -133,17 +136,23 @@ def main() -> None:
     ap.add_argument(
         "--lm-probe", action="store_true", help="also score the SFT model's own token probabilities"
     )
+    ap.add_argument("--quick", action="store_true", help="toy sizes, a smoke run of a few seconds")
     args = ap.parse_args()
+    if args.quick:
+        args.steps, args.batch_size, args.train_items, args.eval_every = 2, 4, 16, 1
+    n_test, sft_size = (
+        (12, {"steps": 4, "batch_size": 8, "target_accuracy": None}) if args.quick else (600, {})
+    )
     torch.set_num_threads(1)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    test = processbench_from_task(600, level=2, seed=2)
+    test = processbench_from_task(n_test, level=2, seed=2)
     held = {r["problem"] for r in test}
     trunk = Path(args.trunk) if args.trunk else work / "sft"
     if not (trunk / "config.json").is_file():
         if args.trunk:
             raise SystemExit(f"--trunk {trunk}: no config.json; build it with benchmarks/verifier_trunk.py")
-        train_sft(ArithmeticTask(level=2), trunk, SFTConfig(seed=0), exclude_prompts=held)
+        train_sft(ArithmeticTask(level=2), trunk, SFTConfig(seed=0, **sft_size), exclude_prompts=held)
     if args.chars and args.local:
         raise SystemExit("--chars labels task-built items per character; --local items are labelled per line")
     if args.local:
@@ -151,7 +160,7 @@ def main() -> None:
     else:
         train = processbench_from_task(args.train_items, level=2, seed=1, exclude=held)
     valid = processbench_from_task(
-        600, level=2, seed=3, exclude=held | {r.get("problem", r.get("prompt")) for r in train}
+        n_test, level=2, seed=3, exclude=held | {r.get("problem", r.get("prompt")) for r in train}
     )
     if args.chars:
         from preftune.reward.prm_labels import character_record

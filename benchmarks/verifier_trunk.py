@@ -11,6 +11,10 @@ prompts of seed 777) nor the ProcessBench-style test items (benchmarks/prm_proce
 items of seed 2). Prints one JSON line: the accuracy checks (step, greedy accuracy), the steps run,
 the process CPU seconds (user + sys) and wall seconds, and the greedy accuracy on the 1000 held-out
 prompts. One thread.
+
+`--quick` (the test suite's smoke run, a few seconds): 4 steps of 8 problems with a check at steps 2
+and 4 on 4 check prompts, held-out accuracy on the first 8 held-out prompts; only the `--out` folder
+is written.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import argparse
 import json
 import resource
 import time
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -41,17 +46,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="folder of the trunk (a causal-LM folder)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="4 steps, 8 held-out prompts (a smoke run)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     task = ArithmeticTask(level=2)
     t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_SELF)
-    result = train_sft(
-        task, Path(args.out), verifier_trunk_config(args.seed), exclude_prompts=held_out_prompts()
-    )
+    config = verifier_trunk_config(args.seed)
+    if args.quick:
+        config = replace(config, steps=4, batch_size=8, warmup_steps=2, check_from=2, check_every=2,
+                         check_prompts=4)  # fmt: skip
+    result = train_sft(task, Path(args.out), config, exclude_prompts=held_out_prompts())
     c1 = resource.getrusage(resource.RUSAGE_SELF)
-    held = [p.prompt for p in task.problems(1000, seed=777)]
+    held = [p.prompt for p in task.problems(1000, seed=777)][: 8 if args.quick else None]
     accuracy = evaluate_accuracy(Path(args.out), task, held)
     print(json.dumps({"checks": result.checks, "steps": result.steps, "heldout_greedy": accuracy,
+                      "heldout_prompts": len(held),
                       "cpu_s": round(c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime, 1),
                       "wall_s": round(time.time() - t0, 1)}))  # fmt: skip
 

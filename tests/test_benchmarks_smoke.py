@@ -349,3 +349,70 @@ def test_diffusion_dpo_vs_diffusers_first_step_equal(results: Path) -> None:
     for key in ("loss", "raw_model_loss", "ref_loss"):
         assert check[key] == pytest.approx(script[key], rel=1e-5), key
     assert max(check["latent_gap_winners"], check["latent_gap_losers"], check["text_gap"]) < 1e-5
+
+
+def test_verifier_trunk_quick(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from preftune.tasks.arithmetic import ArithmeticTask
+    from preftune.tasks.quickstart import evaluate_accuracy
+
+    _in_process("verifier_trunk.py", "--quick", "--out", str(tmp_path / "trunk"), monkeypatch=monkeypatch)
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # 4 steps cannot reach the 95 % target: every step runs, checked at steps 2 and 4
+    assert res["steps"] == 4 and [step for step, _ in res["checks"]] == [2, 4]
+    assert res["heldout_prompts"] == 8 and res["cpu_s"] > 0
+    # the reported held-out accuracy is that of the saved folder on the first 8 held-out prompts
+    held = [p.prompt for p in ArithmeticTask(level=2).problems(1000, seed=777)][:8]
+    assert res["heldout_greedy"] == evaluate_accuracy(tmp_path / "trunk", ArithmeticTask(level=2), held)
+
+
+def test_rm_best_of_n_flipped_swaps_a_seeded_fraction() -> None:
+    import rm_best_of_n
+
+    pairs = [{"prompt": str(i), "chosen": f"c{i}", "rejected": f"r{i}"} for i in range(20)]
+    out = rm_best_of_n.flipped(pairs, 0.25, seed=3)
+    swapped = [r for r in out if r["chosen"].startswith("r")]
+    assert len(swapped) == 5 and all(r["rejected"] == "c" + r["prompt"] for r in swapped)
+    assert out == rm_best_of_n.flipped(pairs, 0.25, seed=3) and pairs[0]["chosen"] == "c0"  # input kept
+
+
+def test_rm_best_of_n_quick_ensemble(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ("--quick", "--work", str(tmp_path), "--ensemble", "2", "--flip", "0.25")
+    _in_process("rm_best_of_n.py", *args, monkeypatch=monkeypatch)
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["held_prompts"] == 8 and 0 < res["train_pairs"] <= 8 * 3 and 0 < res["held_pairs"] <= 8 * 2
+    curves = res["best_of_n"]
+    assert set(curves) == {"member0", "member1", "mean", "min", "uwo", "median", "paired"}
+    for name in ("member0", "member1", "mean", "min", "uwo", "median"):
+        c = curves[name]
+        # each prompt's 4 samples: the reference solution first, then 3 wrong ones of the 10-step
+        # policy: the oracle finds the one right sample in half the pairs and in every group of 4
+        assert c["n"] == [1.0, 2.0, 4.0] and c["oracle"] == [0.25, 0.5, 1.0], name
+        assert c["rm"][0] == 0.25 and c["se"][0] == 0.0, name  # n = 1: no choice, no spread
+        assert all(r <= o for r, o in zip(c["rm"], c["oracle"])), name
+    for how, d in curves["paired"].items():  # paired differences at n = 4 agree with the curves
+        assert d["vs_member0"][0] == pytest.approx(curves[how]["rm"][-1] - curves["member0"]["rm"][-1])
+        members = (curves["member0"]["rm"][-1] + curves["member1"]["rm"][-1]) / 2
+        assert d["vs_members_mean"][0] == pytest.approx(curves[how]["rm"][-1] - members, abs=1e-4)
+
+
+def test_prm_processbench_quick(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _in_process("prm_processbench.py", "--quick", "--work", str(tmp_path), monkeypatch=monkeypatch)
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    test = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+    assert len(test) == res["items"] == 12
+    # every third item (0, 3, 6, 9) is the dev split that picks τ; the other 8 are scored
+    assert res["erroneous"] + res["correct"] == 8
+    assert res["erroneous"] == sum(r["label"] >= 0 for i, r in enumerate(test) if i % 3)
+    a, c = res["acc_err"], res["acc_corr"]
+    assert res["f1"] == pytest.approx(2 * a * c / (a + c) if a + c else 0.0)
+    assert 0 < res["threshold"] < 1  # a midpoint between σ step values
+    # error kinds cover every erroneous item, dev split included; flagged ≤ items of each kind
+    assert sum(n for _, n in res["flagged"].values()) == sum(r["label"] >= 0 for r in test)
+    assert all(0 <= hit <= n for hit, n in res["flagged"].values())
+    assert [step for step, _ in res["valid_f1"]] == [1, 2]  # a validation after each of the 2 steps
