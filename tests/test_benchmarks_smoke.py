@@ -416,3 +416,22 @@ def test_prm_processbench_quick(
     assert sum(n for _, n in res["flagged"].values()) == sum(r["label"] >= 0 for r in test)
     assert all(0 <= hit <= n for hit, n in res["flagged"].values())
     assert [step for step, _ in res["valid_f1"]] == [1, 2]  # a validation after each of the 2 steps
+
+
+def test_rm_grpo_quick(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+
+    _in_process("rm_grpo.py", "--quick", "--work", str(tmp_path), monkeypatch=monkeypatch)
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["heldout_prompts"] == 8 and res["grpo_steps"] == 2 and res["rm_train_pairs"] > 0
+    # the per-prompt greedy check agrees with the quickstart's own greedy accuracy of the SFT model
+    assert res["greedy_before"] == res["prepare_greedy"]
+    assert res["gain"] == pytest.approx(res["greedy_after"] - res["greedy_before"])
+    assert res["prompts_gained"] - res["prompts_lost"] == round(res["gain"] * 8)
+    # GRPO's reward was the trained RM folder, and its logged rewards are RM scores, not 0/1 verdicts
+    config = yaml.safe_load((tmp_path / "grpo-rm" / "config.yaml").read_text())
+    assert config["reward"] == str(tmp_path / "rm-s2-lr0.0003" / "final")
+    rows = [json.loads(x) for x in (tmp_path / "grpo-rm" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("reward") not in (None, 0.0, 0.5, 1.0) for r in rows)

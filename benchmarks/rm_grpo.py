@@ -1,0 +1,153 @@
+"""GRPO with a trained reward model as its reward instead of the verifier: does verifier accuracy rise?
+
+    python benchmarks/rm_grpo.py --work /tmp/rmgrpo --trunk W/trunk
+
+The quickstart's GRPO setting (`preftune quickstart --method grpo`, seed 0): `prepare` trains the SFT
+model (800 training prompts, 1000 held-out prompts, never trained on). The SFT model samples
+`--samples` completions of each training prompt at temperature 0.7 (GRPO's rollout temperature);
+correct ≻ wrong pairs of its own samples (whole samples, up to 4 per prompt, as
+benchmarks/rm_best_of_n.py; the pairs of every tenth prompt held out for the RM's pairwise accuracy)
+train `preftune train rm` (bt, `--rm-steps` steps of 32 pairs at `--rm-lr`) from `--trunk` (default:
+the SFT model itself; benchmarks/verifier_trunk.py builds the verifier trunk). GRPO then runs with the
+quickstart's online settings (16 prompts × 8 completions at 0.7, lr 5e-5, 100 steps) with
+`--reward`: the RM folder (`rm`, the default) or the verifier (`arithmetic`, for comparison).
+
+Prints one JSON line: greedy verifier accuracy on the held-out prompts before and after GRPO, the
+paired difference and its standard error over prompts, the RM's held-out pairwise accuracy, and the
+process CPU seconds (user + sys) of each stage with the load average. One thread.
+
+`--quick` (the test suite's smoke run, a few seconds): a 4-step SFT model, 8 training and 8 held-out
+prompts, 4 samples each with the first replaced by the task's reference solution (so the barely
+trained model still yields pairs), 2 RM steps and 2 GRPO steps of 2 prompts × 2 completions; only
+WORK is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+from pathlib import Path
+from typing import Any
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _config(quick: bool) -> Any:
+    from preftune.tasks.quickstart import QuickstartConfig
+    from preftune.tasks.sft import SFTConfig
+
+    if not quick:
+        return QuickstartConfig()
+    return QuickstartConfig(sft=SFTConfig(steps=4, batch_size=8, target_accuracy=None), train_prompts=8,
+                            heldout_prompts=8, eval_samples=1, online_steps=2, online_batch_size=2,
+                            num_generations=2)  # fmt: skip
+
+
+def greedy_right(folder: Path, task: Any, prompts: list[str]) -> list[float]:
+    """Per prompt, the verifier's reward (1 fully right, else 0) of the greedy completion."""
+    from preftune.tasks.quickstart import sample_responses
+
+    out = sample_responses(folder, task, prompts, num_samples=1, temperature=0.0, seed=0)
+    return [task.reward(p, r[0]) for p, r in zip(prompts, out)]
+
+
+def rm_pairs(args: argparse.Namespace, art: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training, held-out) correct ≻ wrong pairs of the SFT model's own samples of the training prompts."""
+    from preftune.tasks.arithmetic import parse_prompt
+    from preftune.tasks.quickstart import sample_responses
+    from rm_best_of_n import own_pairs
+
+    prompts = [json.loads(x)["prompt"] for x in Path(art.prompts_path).read_text().splitlines()]
+    path = Path(args.work) / f"samples{args.samples}.json"
+    if not path.is_file():
+        got = sample_responses(
+            art.sft_dir, art.task, prompts, num_samples=args.samples, temperature=0.7, seed=1
+        )
+        path.write_text(json.dumps(got), encoding="utf-8")
+    samples = json.loads(path.read_text(encoding="utf-8"))
+    if args.quick:
+        samples = [[art.task.solution(parse_prompt(p)), *ss[1:]] for p, ss in zip(prompts, samples)]
+    pairs = own_pairs(art.task, prompts, samples, 4)
+    held = set(prompts[::10])
+    return [r for r in pairs if r["prompt"] not in held], [r for r in pairs if r["prompt"] in held]
+
+
+def train_rm(args: argparse.Namespace, art: Any) -> tuple[Path, float, int]:
+    """(the RM's final folder, its held-out pairwise accuracy, training pairs)."""
+    from preftune.cli import main as cli
+    from rm_best_of_n import write_jsonl
+
+    work = Path(args.work)
+    train, held = rm_pairs(args, art)
+    out = work / (f"rm-s{args.rm_steps}-lr{args.rm_lr:g}" + ("-trunk" if args.trunk else ""))
+    if not (out / "final" / "config.json").is_file():
+        run = ["train", "rm", "--model", args.trunk or str(art.sft_dir), "--out", str(out),
+               "--data", str(write_jsonl(work / "rm_train.jsonl", train)), "--max-steps", str(args.rm_steps),
+               "--batch-size", "4" if args.quick else "32", "--lr", str(args.rm_lr), "--save-every", "0"]  # fmt: skip
+        assert cli(run) == 0
+    assert cli(["eval", str(out), "--data", str(write_jsonl(work / "rm_held.jsonl", held))]) == 0
+    return out / "final", json.loads((out / "eval.json").read_text())["metrics"]["accuracy"], len(train)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--work", required=True, help="folder for the SFT model, the samples, the RM and the runs"
+    )
+    ap.add_argument(
+        "--trunk", default=None, help="the RM's starting causal-LM folder (default: the SFT model)"
+    )
+    ap.add_argument("--reward", default="rm", choices=["rm", "arithmetic"], help="GRPO's reward")
+    ap.add_argument("--samples", type=int, default=8, help="SFT samples per training prompt for the RM")
+    ap.add_argument("--rm-steps", type=int, default=400)
+    ap.add_argument("--rm-lr", type=float, default=3e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="toy sizes, a smoke run of a few seconds")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.samples, args.rm_steps = 4, 2
+    return args
+
+
+def main() -> None:
+    import sys
+
+    import torch
+
+    from preftune.tasks.quickstart import _online_config, prepare
+    from preftune.train.api import train
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    args = parse()
+    torch.set_num_threads(1)
+    work, cfg, cpu = Path(args.work), _config(args.quick), {}
+    start = _cpu()
+    art = prepare(work / "qs", seed=args.seed, config=cfg, log=lambda _m: None, with_pairs=False)
+    before = greedy_right(art.sft_dir, art.task, art.heldout_prompts)
+    cpu["prepare"], start = round(_cpu() - start, 1), _cpu()
+    rm_accuracy, rm_pairs_n, reward = None, 0, "arithmetic"
+    if args.reward == "rm":
+        folder, rm_accuracy, rm_pairs_n = train_rm(args, art)
+        reward = str(folder)
+        cpu["rm"], start = round(_cpu() - start, 1), _cpu()
+    run = dataclasses.replace(art, out_dir=work / (f"grpo-{args.reward}" + ("-trunk" if args.trunk else "")))
+    result = train(dataclasses.replace(_online_config("grpo", run, cfg, args.seed, False), reward=reward))
+    cpu["grpo"], start = round(_cpu() - start, 1), _cpu()
+    after = greedy_right(result.final_dir, art.task, art.heldout_prompts)
+    d = torch.tensor(after, dtype=torch.float64) - torch.tensor(before, dtype=torch.float64)
+    print(json.dumps({"reward": args.reward, "trunk": args.trunk, "heldout_prompts": len(before),
+                      "greedy_before": sum(before) / len(before), "greedy_after": sum(after) / len(after),
+                      "gain": float(d.mean()), "gain_se": float(d.std() / len(d) ** 0.5),
+                      "prompts_gained": int((d > 0).sum()), "prompts_lost": int((d < 0).sum()),
+                      "prepare_greedy": art.stats["accuracy_before"]["greedy"], "rm_heldout_accuracy": rm_accuracy,
+                      "rm_train_pairs": rm_pairs_n, "grpo_steps": result.steps, "cpu_s": cpu,
+                      "load_average": open("/proc/loadavg").read().split()[:3]}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
