@@ -84,17 +84,19 @@ def test_awm_needs_a_flow_pipeline_and_d3po_two_samples(root, capsys):
     assert "--num-generations must be ≥ 2" in capsys.readouterr().err
 
 
-def test_transformer_pipelines_are_refused_with_the_reason(tmp_path, capsys):
+def test_a_broken_transformer_folder_is_refused_with_the_reason(tmp_path, capsys):
+    """An SD3-style folder trains (tests/test_diffusion_flow_online.py); one whose transformer is not
+    SD3's is named, as the offline runs name it."""
     from preftune.diffusion.tiny import save_tiny_sd3_pipeline
 
     pipe = save_tiny_sd3_pipeline(tmp_path / "sd3")
+    index = json.loads((pipe / "model_index.json").read_text())
+    index["transformer"] = ["diffusers", "FluxTransformer2DModel"]
+    (pipe / "model_index.json").write_text(json.dumps(index))
     argv = ["train", "ddpo", "--model", str(pipe), "--prompts", "p.jsonl", "--reward", "shapes", "--out",
             str(tmp_path / "o")]  # fmt: skip
     assert main(argv) == 2
-    assert (
-        "runs UNet pipelines (Stable Diffusion 1.x/2.x layout); this one has an SD3-style"
-        in capsys.readouterr().err
-    )
+    assert "the pipeline has a FluxTransformer2DModel transformer" in capsys.readouterr().err
 
 
 def test_a_two_step_run_writes_the_run_folder_with_a_user_reward(root):

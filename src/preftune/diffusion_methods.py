@@ -42,12 +42,21 @@ _SAMPLED = dict.fromkeys(("ddpo", "dpok", "d3po", "spo"))
 OPTIONS: dict[str, Option] = {
     "sample_steps": Option(
         {m: 10 for m in METHODS},
-        "denoising steps K of the sampler (DDIM η for ddpo/dpok/d3po/spo, the flow ODE for awm); the "
-        "papers use 50 (DDPO, DPOK) and 20 (D3PO) on Stable Diffusion, 10 suits the built-in task",
+        "denoising steps K of the sampler (ddpo/dpok/d3po/spo: DDIM η, or Flow-GRPO's SDE on a flow; "
+        "awm: the flow ODE); the papers use 50 (DDPO, DPOK) and 20 (D3PO) on Stable Diffusion, 10 "
+        "suits the built-in task",
         low=1,
     ),
     "eta": Option(
-        {m: 1.0 for m in _SAMPLED}, "DDIM η of the policy (1: DDPM's ancestral steps, DDPO's)", low=0
+        {m: 1.0 for m in _SAMPLED},
+        "DDIM η of the policy on ε/v pipelines (1: DDPM's ancestral steps, DDPO's)",
+        low=0,
+    ),
+    "noise_level": Option(
+        {m: 0.7 for m in _SAMPLED},
+        "on flow-matching pipelines: the noise level a of the policy, Flow-GRPO's SDE sampler "
+        "(σ_t = a·√(σ/(1−σ)); the paper's 0.7)",
+        low=0,
     ),
     "clip_range": Option(
         {"ddpo": 1e-4, "dpok": 1e-4, "d3po": 0.1, "spo": 0.1, "awm": 1.0},

@@ -3,6 +3,7 @@
     preftune sample --model PIPELINE_FOLDER --prompts prompts.jsonl --out samples/ --reward shapes
     preftune sample --model PIPELINE_FOLDER --prompts prompts.jsonl --out reno/ --reward shapes --reno
     preftune sample --model PIPELINE_FOLDER --prompts prompts.jsonl --out dts/ --reward shapes --dts 32
+    preftune sample --model SD3_PIPELINE_FOLDER --prompts prompts.jsonl --out heun/ --solver flow-heun
 
 Writes OUT/images/NNNNN.png and OUT/samples.jsonl (prompt, seed, image, reward, how). See
 docs/diffusion.md, "Inference-time alignment".
@@ -27,6 +28,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--per-prompt", type=int, default=1, help="images per prompt, seeds seed.. (default 1)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     p.add_argument("--seed", type=int, default=0, help="first noise seed (default 0)")
+    p.add_argument(
+        "--solver",
+        default=None,
+        help="ODE solver of plain sampling: ddim (default on ε/v pipelines), dpm++, unipc, deis, time-shift; "
+        "on flow-matching pipelines (SD3-style) flow-euler (default), flow-heun, dpm++, unipc",
+    )
     p.add_argument(
         "--reward",
         default=None,
@@ -68,7 +75,7 @@ def _run(args: argparse.Namespace) -> int:
     options = SampleOptions(
         per_prompt=args.per_prompt, steps=args.steps, seed=args.seed, reward=args.reward, reno=args.reno,
         reno_iterations=args.reno_iterations, dts=args.dts, dts_mode=args.dts_mode, lam=args.lam,
-        branching=args.branching,
+        branching=args.branching, solver=args.solver,
     )  # fmt: skip
     run_sample(args.model, args.prompts, args.out, options)
     return 0

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from preftune.diffusion.seam import pair_noise
+from preftune.diffusion.seam import noisy_input_and_target, pair_noise, prediction_type_of
 
 __all__ = ["LatentCritic", "step_preference_loss"]
 
@@ -60,10 +60,11 @@ def step_preference_loss(
     """SPO's step-aware preference model objective (Liang et al. 2024, arXiv 2406.04314, §4.1):
     the Bradley–Terry loss −log σ(f(x_t^w, t, c) − f(x_t^l, t, c)) on a pair of clean latents noised
     to the same random t with the same ε (the pair shares its noise, as in Diffusion-DPO). Returns
-    the mean over the E pairs; cond: [E, L, D]."""
+    the mean over the E pairs; cond: [E, L, D]. On a flow-matching scheduler x_t = (1 − σ) x_0 + σ ε
+    with t = σ·T drawn as the offline runs draw it (`seam.draw_timesteps`)."""
     total = int(scheduler.config.get("num_train_timesteps", 1000))
-    latents, noise, t = pair_noise(latents_w, latents_l, total, generator)
-    noisy = scheduler.add_noise(latents, noise, t)
+    latents, noise, t = pair_noise(latents_w, latents_l, total, generator, scheduler=scheduler)
+    noisy = noisy_input_and_target(latents, noise, t, scheduler, prediction_type_of(scheduler))[0]
     scores = critic(noisy, t, cond.repeat(2, 1, 1))
     s_w, s_l = scores.chunk(2)
     return -F.logsigmoid(s_w - s_l).mean()

@@ -39,6 +39,7 @@ def check_online_diffusion(config: TrainConfig) -> dict[str, Any]:
     """Refuse what the run cannot do, naming the field and the fix; return the method's options."""
     from preftune.config import _check_range
     from preftune.config_fields import TrainConfig as Fields
+    from preftune.diffusion.denoiser import check_pipeline_folder
     from preftune.diffusion_methods import method_options
     from preftune.paths import is_pipeline_folder
 
@@ -52,7 +53,7 @@ def check_online_diffusion(config: TrainConfig) -> dict[str, Any]:
             f"--model {config.model}: {method} trains a diffusers pipeline folder (model_index.json); "
             "for a language model use grpo, rloo, ppo, ..."
         )
-    check_unet_pipeline(config.model, f"preftune train {method}")
+    check_pipeline_folder(config.model)  # a UNet or an SD3-style transformer, every part in place
     defaults = Fields()
     given = [n for n in _UNUSED if getattr(config, n) != getattr(defaults, n)]
     if given:
@@ -62,17 +63,6 @@ def check_online_diffusion(config: TrainConfig) -> dict[str, Any]:
         )
     _check_range(config)
     return method_options(method, dict(config.hparams))
-
-
-def check_unet_pipeline(folder: str, what: str) -> None:
-    """Refuse an SD3-style transformer pipeline (the online methods and sampling call a UNet)."""
-    from preftune.diffusion.denoiser import denoiser_name
-
-    if denoiser_name(folder) != "unet":
-        raise ConfigError(
-            f"--model {folder}: {what} runs UNet pipelines (Stable Diffusion 1.x/2.x layout); this one has "
-            "an SD3-style transformer — not supported yet (in Python, awm.awm_step takes one)"
-        )
 
 
 @dataclass

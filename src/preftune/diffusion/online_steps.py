@@ -49,7 +49,7 @@ class Method:
               config: Any) -> Method:  # fmt: skip
         """Check the pipeline suits the method; the policy, critic and reference it needs."""
         from preftune.diffusion.critics import LatentCritic
-        from preftune.diffusion.policy import DDIMPolicy
+        from preftune.diffusion.flow_policy import make_policy
 
         m = cls(name, unet, pipe, reward, options, config.num_generations, config.max_grad_norm)
         if name == "awm" and not pipe.is_flow:
@@ -57,16 +57,11 @@ class Method:
                 f"--model {pipe.folder}: awm trains flow-matching pipelines (a FlowMatch scheduler), this "
                 f"one has {type(pipe.scheduler).__name__} — use ddpo, dpok, d3po or spo"
             )
-        if name != "awm":
-            if pipe.is_flow:
-                raise ConfigError(
-                    f"--model {pipe.folder}: {name} samples with DDIM (ε/v pipelines); this is a flow-"
-                    "matching pipeline — use awm"
-                )
-            m.policy = DDIMPolicy(pipe.scheduler, int(options["sample_steps"]), eta=float(options["eta"]))
+        if name != "awm":  # DDIM η on ε/v pipelines, Flow-GRPO's SDE on flow-matching ones
+            m.policy = make_policy(pipe.scheduler, int(options["sample_steps"]), eta=float(options["eta"]),
+                                   noise_level=float(options["noise_level"]))  # fmt: skip
         if name == "dpok" or (name == "spo" and options["scorer"] == "critic"):
-            text_dim = int(pipe.text_encoder.config.hidden_size)
-            m.critic = LatentCritic(latent_shape(unet)[0], text_dim)
+            m.critic = LatentCritic(latent_shape(unet)[0], pipe.text_dim)
         if name in ("dpok", "awm"):
             m.reference = copy.deepcopy(unet).requires_grad_(False).eval()
         if name == "d3po" and config.num_generations < 2:
@@ -166,16 +161,12 @@ def _awm(m: Method, texts: list[str], ids: torch.Tensor, cond: Any, noise: Any, 
 
 
 def x0_scorer(m: Method, texts: list[str]) -> Any:
-    """score(x_t, t, c): the reward of the decoded x̂_0 = (x_t − √(1 − ᾱ_t) ε_θ)/√ᾱ_t (SPO's `scorer x0`)."""
-    from preftune.diffusion.inversion import epsilon_of
+    """score(x_t, t, c): the reward of the decoded x̂_0 the denoiser predicts from x_t (SPO's `scorer
+    x0`): (x_t − √(1 − ᾱ_t) ε_θ)/√ᾱ_t on DDIM, x_t − σ v_θ on a flow (`policy.x0_at`)."""
 
     @torch.no_grad()
     def score(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        step = int(t)
-        a = float(m.policy.ddim.alphas_cumprod[step])
-        out = m.unet(x, torch.tensor(step), encoder_hidden_states=cond).sample
-        eps = epsilon_of(out, x, a, m.policy.prediction_type)
-        x0 = (x - (1 - a) ** 0.5 * eps) / a**0.5
+        x0 = m.policy.x0_at(m.unet, x, t, cond)
         rows = len(texts)
         return m.reward(m.pipe.decode(x0), [texts[i % rows] for i in range(x.shape[0])])
 

@@ -1,15 +1,16 @@
 """What sampling from a pipeline folder needs besides the denoiser: prompts, text embeddings, the
 VAE decode, the sampler of the pipeline's kind, and a reward of latents.
 
-`Pipeline.load(folder)` holds the frozen VAE, tokenizer and text encoder (`encode.load_encoders`) and
-the training scheduler (DDPM on the pipeline's schedule, or flow matching); `read_prompts(source)`
+`Pipeline.load(folder)` holds the frozen VAE, the caption encoder the offline runs use
+(`encode.caption_encoder`: UNet pipelines and SD3-style ones) and the training scheduler (DDPM on the
+pipeline's schedule, or flow matching); `read_prompts(source)`
 reads a prompt file (JSONL / JSON / Parquet / CSV with a 'prompt' column, or a .txt file, one prompt
 a line) with `PATH:ROW: field` errors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,31 +53,35 @@ def _text_problem(rec: dict[str, Any], row: int, path: str) -> Problem | None:
 
 @dataclass
 class Pipeline:
-    """The frozen parts of a pipeline folder (VAE, tokenizer, text encoder) and its scheduler."""
+    """The frozen parts of a pipeline folder: its VAE, its caption encoder (`encode.caption_encoder`:
+    a UNet pipeline's text encoder, or an SD3-style pipeline's `encode_prompt`, packed) and its
+    training scheduler (DDPM on its schedule, or flow matching)."""
 
     folder: str
     vae: Any
-    tokenizer: Any
-    text_encoder: Any
+    encoder: Callable[[list[str]], torch.Tensor]
     scheduler: Any
 
     @classmethod
     def load(cls, folder: str | Path) -> Pipeline:
         from preftune.diffusion.denoiser import training_scheduler
-        from preftune.diffusion.encode import load_encoders
+        from preftune.diffusion.encode import caption_encoder, load_vae
 
-        vae, tokenizer, text_encoder = load_encoders(folder)
-        return cls(str(folder), vae, tokenizer, text_encoder, training_scheduler(folder))
+        return cls(str(folder), load_vae(folder), caption_encoder(folder), training_scheduler(folder))
 
     @property
     def is_flow(self) -> bool:
         return "FlowMatch" in type(self.scheduler).__name__
 
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
-        """[N, L, D] text embeddings (no gradient)."""
-        from preftune.diffusion.tiny import encode_prompts
+        """[N, L, D] conditioning of the prompts, as the offline runs cache it (no gradient)."""
+        with torch.no_grad():
+            return self.encoder(list(prompts))
 
-        return encode_prompts(self.tokenizer, self.text_encoder, list(prompts))
+    @property
+    def text_dim(self) -> int:
+        """D, the width of the conditioning (what a critic's text projection reads)."""
+        return int(self.encode([""]).shape[-1])
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] images in [0, 1] of latents (differentiable: ReNO's gradient goes through)."""

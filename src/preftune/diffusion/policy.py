@@ -124,6 +124,20 @@ class DDIMPolicy:
             out = math.sqrt(a) * out + math.sqrt(1 - a) * x
         return out
 
+    def next_timestep(self, k: int) -> torch.Tensor:
+        """t of the state after step k (what SPO's scorer sees its candidates at)."""
+        return torch.tensor(max(int(self.timesteps[k]) - self.stride, 0))
+
+    def x0_at(self, unet: Any, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """x̂_0 = (x − √(1 − ᾱ_t) ε_θ)/√ᾱ_t at an integer timestep t (v converted to ε, no guidance)."""
+        from preftune.diffusion.inversion import epsilon_of
+
+        step = int(t)
+        a = float(self.ddim.alphas_cumprod[step])
+        out = unet(x, torch.tensor(step), encoder_hidden_states=cond).sample
+        eps = epsilon_of(out, x, a, self.prediction_type)
+        return (x - (1 - a) ** 0.5 * eps) / a**0.5
+
     def mean_std(self, eps: torch.Tensor, x: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
         """(μ_θ, σ_t) of step k given ε_θ at x (Song et al. 2021, eq. 12 and 16)."""
         a, a_prev = self.alphas(k)

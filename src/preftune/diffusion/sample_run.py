@@ -1,14 +1,18 @@
 """`preftune sample --model PIPELINE_FOLDER --prompts FILE --out DIR`: images and their rewards.
 
-Plain sampling is DDIM (η = 0, `steps` steps) for ε/v pipelines and the Euler flow ODE for flow-matching
-pipelines. Two inference-time alignment options steer it with `--reward` (nothing is trained):
+Any diffusers text-to-image pipeline folder preftune trains: UNet ε/v pipelines and flow-matching ones
+(SD3-style transformers, or a UNet with a FlowMatch scheduler). Plain sampling runs `--solver` (default
+DDIM, η = 0, for ε/v pipelines and the flow-matching Euler ODE for flow ones; `sampling.SOLVERS` lists
+which solver takes which kind). Two inference-time alignment options steer it with `--reward`
+(nothing is trained):
 
 - `--reno`: ReNO (Eyring et al. 2024, arXiv 2406.04312) — gradient ascent on the initial noise of the
   one-step generator x̂_0(ε) (the x̂_0 prediction from the top timestep of the sampler's grid), the
   reward computed on the decoded image (it must be differentiable: return a tensor computed from the
   images); the image is the best one seen (`reno.reno`). For one-step (timestep-distilled) models;
-  on a multi-step model x̂_0 of pure noise is a blurred mean image.
-- `--dts N`: DTS (Jain et al. 2025, arXiv 2506.20701) — a tree over the DDIM η = 1 reverse chain grown by
+  on a multi-step model x̂_0 of pure noise is a blurred mean image. On a flow x̂_0 = x − σ v_θ.
+- `--dts N`: DTS (Jain et al. 2025, arXiv 2506.20701) — a tree over the stochastic reverse chain (DDIM
+  η = 1 on ε/v pipelines, Flow-GRPO's SDE with noise level 0.7 on flow ones, `flow_policy`) grown by
   N rollouts, soft values backed up from the reward (`tree.tree_sample`); `--dts-mode search` is DTS*
   (the best rollout found).
 
@@ -40,6 +44,7 @@ class SampleOptions:
     dts_mode: str = "sample"
     lam: float = 1.0
     branching: int = 4
+    solver: str | None = None  # None: sampling.default_solver of the pipeline
 
 
 def check_sample_options(o: SampleOptions, out: Path) -> None:
@@ -48,6 +53,10 @@ def check_sample_options(o: SampleOptions, out: Path) -> None:
         raise ConfigError(f"--{'reno' if o.reno else 'dts'} steers sampling by a reward: pass --reward NAME")
     if o.reno and o.dts:
         raise ConfigError("--reno and --dts are two ways of steering one sample: pass one of them")
+    if o.solver and (o.reno or o.dts):
+        raise ConfigError(
+            f"--solver sets plain sampling; --{'reno' if o.reno else 'dts'} runs its own sampler — drop --solver"
+        )
     for name in ("per_prompt", "steps", "reno_iterations", "branching"):
         if getattr(o, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(o, name)}: must be ≥ 1")
@@ -63,18 +72,24 @@ def run_sample(
     model: str, prompts_file: str, out: str | Path, options: SampleOptions, log: Any = print
 ) -> Path:
     """Sample every prompt `per_prompt` times (noise seeds seed, seed + 1, ...); returns samples.jsonl."""
+    from diffusers.utils import logging as diffusers_logging
+
     from preftune.diffusion.denoiser import load_denoiser
     from preftune.diffusion.image_rewards import load_image_reward
     from preftune.paths import is_pipeline_folder
     from preftune.tasks.shapes import to_png
 
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components" of the caption encoder
     folder = Path(out)
     check_sample_options(options, folder)
     if not is_pipeline_folder(model):
         raise ConfigError(f"--model {model}: not a diffusers pipeline folder (no model_index.json)")
-    from preftune.diffusion.online_run import check_unet_pipeline
+    from preftune.diffusion.denoiser import check_pipeline_folder, training_scheduler
+    from preftune.diffusion.sampling import solver_scheduler
 
-    check_unet_pipeline(model, "preftune sample")
+    check_pipeline_folder(model)  # a UNet or an SD3-style transformer, every part in place
+    if options.solver:
+        solver_scheduler(options.solver, training_scheduler(model))  # refuse before loading anything
     prompts = read_prompts(prompts_file)
     reward = load_image_reward(options.reward) if options.reward else None
     unet = load_denoiser(model).eval().requires_grad_(False)
@@ -111,15 +126,11 @@ def run_sample(
 def _one(unet: Any, pipe: Pipeline, prompt: str, noise: torch.Tensor, g: torch.Generator, reward: Any,
          o: SampleOptions) -> torch.Tensor:  # fmt: skip
     """[1, 3, H, W] image in [0, 1] of one prompt from `noise`."""
-    from preftune.diffusion.policy import DDIMPolicy
+    from preftune.diffusion.flow_policy import make_policy
 
     cond = pipe.encode([prompt])
     if o.reno or o.dts:
-        if pipe.is_flow:
-            raise ConfigError(
-                "--reno / --dts run on the DDIM policy of ε/v pipelines, not flow-matching ones"
-            )
-        policy = DDIMPolicy(pipe.scheduler, o.steps, eta=1.0)
+        policy = make_policy(pipe.scheduler, o.steps, eta=1.0)
         if o.reno:
             return _reno(unet, pipe, policy, cond, prompt, noise, reward, o)
         from preftune.diffusion.tree import policy_step, tree_sample
@@ -133,31 +144,30 @@ def _one(unet: Any, pipe: Pipeline, prompt: str, noise: torch.Tensor, g: torch.G
         with torch.no_grad():
             return pipe.decode(result.sample)
     with torch.no_grad():
-        return pipe.decode(ode_sample(unet, pipe, cond, noise, o.steps))
+        return pipe.decode(ode_sample(unet, pipe, cond, noise, o.steps, o.solver))
 
 
 def ode_sample(
-    unet: Any, pipe: Pipeline, cond: torch.Tensor, noise: torch.Tensor, steps: int
+    unet: Any, pipe: Pipeline, cond: torch.Tensor, noise: torch.Tensor, steps: int, solver: str | None = None
 ) -> torch.Tensor:
-    """Final latents of DDIM (η = 0) on the pipeline's schedule, or of the flow ODE (Euler)."""
-    from preftune.diffusion.awm import sample_flow
+    """Final latents of `solver` (`sampling.SOLVERS`; default DDIM η = 0 on the pipeline's schedule, or
+    the flow-matching Euler ODE)."""
     from preftune.diffusion.generated import ddim_sample
+    from preftune.diffusion.sampling import default_solver, solve, solver_scheduler
 
-    if pipe.is_flow:
-        return sample_flow(unet, pipe.scheduler, cond, noise, steps)
-    return ddim_sample(unet, pipe.scheduler.config, cond, noise, steps)
+    name = solver or default_solver(pipe.scheduler)
+    if name == "ddim":
+        return ddim_sample(unet, pipe.scheduler.config, cond, noise, steps)
+    return solve(unet, solver_scheduler(name, pipe.scheduler), cond, noise, steps)
 
 
 def _reno(unet: Any, pipe: Pipeline, policy: Any, cond: torch.Tensor, prompt: str, noise: torch.Tensor,
           reward: Any, o: SampleOptions) -> torch.Tensor:  # fmt: skip
-    """ReNO on x̂_0(ε) from the first (noisiest) step of the DDIM grid; the decoded best image."""
+    """ReNO on x̂_0(ε) from the first (noisiest) step of the sampler's grid; the decoded best image."""
     from preftune.diffusion.reno import reno
 
-    a = policy.alphas(0)[0]
-
     def generate(eps_noise: torch.Tensor) -> torch.Tensor:
-        eps = policy.predict(unet, eps_noise, 0, cond)
-        return pipe.decode((eps_noise - (1 - a) ** 0.5 * eps) / a**0.5)
+        return pipe.decode(policy.x0_at(unet, eps_noise, policy.timesteps[0], cond))
 
     def image_reward(images: torch.Tensor) -> torch.Tensor:
         values = reward(images, [prompt])

@@ -128,9 +128,8 @@ def spo_pairs(
         mean, std = policy.mean_std(policy.predict(unet, x, k, cond), x, k)
         z = torch.randn((candidates, *x.shape), generator=generator, dtype=x.dtype).to(x.device)
         cands = mean[None] + std * z  # [k, N, C, H, W]
-        t_next = max(int(policy.timesteps[k]) - policy.stride, 0)
         flat = cands.flatten(0, 1)
-        scores = scorer(flat, torch.tensor(t_next), cond.repeat(candidates, 1, 1)).reshape(candidates, n)
+        scores = scorer(flat, policy.next_timestep(k), cond.repeat(candidates, 1, 1)).reshape(candidates, n)
         probs = scores.float().softmax(dim=0)
         best, worst = scores.argmax(dim=0), scores.argmin(dim=0)
         keep = (probs[best, rows] - probs[worst, rows] > threshold) & (k >= skip_steps)
