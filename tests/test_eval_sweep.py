@@ -320,3 +320,28 @@ def test_builtin_sweep_flags_override_the_online_schedule_too(tmp_path, monkeypa
     )
     assert captured["online"] == {"prompts": "p.jsonl", "reward": "arithmetic", "lr": 5e-5}
     assert captured["base"].max_steps == 3 and captured["base"].lr == 3e-5  # type: ignore[attr-defined]
+
+
+def test_each_run_records_its_process_cpu_time_next_to_its_wall_time(tmp_path):
+    """On a shared machine wall time ranks costs only roughly: each result also holds the CPU seconds
+    of its training call (time.process_time), shown in the table. A run that burns ≥ 0.05 s of CPU
+    records at least that; a run that sleeps records wall time but almost no CPU."""
+    import time
+
+    base = TrainConfig(model="m", data="d.jsonl", out="x")
+
+    def train(config):
+        if config.method == "dpo":
+            start = time.process_time()
+            while time.process_time() - start < 0.05:
+                pass
+        else:
+            time.sleep(0.05)
+        return SimpleNamespace(final_dir=Path(config.out), steps=1, metrics={})
+
+    result = run_sweep(["dpo", "ipo"], base, tmp_path / "s", train_fn=train, log=lambda _m: None)
+    dpo, ipo = result.results
+    assert dpo.cpu_seconds >= 0.05 and ipo.seconds >= 0.05 and ipo.cpu_seconds < 0.04
+    data = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert data["results"][0]["cpu_seconds"] == pytest.approx(dpo.cpu_seconds)
+    assert "<th>CPU (s)</th>" in (tmp_path / "s" / "sweep.html").read_text()

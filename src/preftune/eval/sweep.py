@@ -58,12 +58,15 @@ class MethodResult:
     reference_cache: "computed" (this run filled the shared cache), "reused" (cache files untouched),
     "reference-free" (no reference), or the reference strategy when it is not the cache ("model", ...).
     eval_error: an error of the post-training evaluation (accuracy or KL); the trained run is kept.
+    seconds, cpu_seconds: wall time and process CPU time (time.process_time) of the training call; on a
+    shared machine the CPU time is the cost to compare.
     """
 
     method: str
     run_dir: str
     status: str = "ok"
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
     steps: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     accuracy: float | None = None
@@ -247,9 +250,9 @@ def _run_method(
     try:
         strategy = reference_strategy(config, _needs_reference(config))
         before = cache_snapshot(cache_dir)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         run = train_fn(config)
-        res.seconds = time.perf_counter() - t0
+        res.seconds, res.cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         res.steps = int(run.steps)
         res.metrics = {k: float(v) for k, v in dict(run.metrics).items()}
         if strategy == "none":

@@ -41,14 +41,14 @@ def comparison_rows(
     """Header and rows of the per-method table (status, metrics, task accuracy or `metric`, KL, reference
     cache)."""
     shown = [(t, k, pct) for t, k, pct in METRIC_COLUMNS if any(k in r.metrics for r in results)]
-    header = ["method", "status", "steps", "time (s)"] + [t for t, _, _ in shown]
+    header = ["method", "status", "steps", "wall (s)", "CPU (s)"] + [t for t, _, _ in shown]
     header += [f"task {metric}", "KL to ref. (nats)", "reference"]
     rows = []
     for r in results:
         kl = f"{r.kl['mean']:.3g} ± {r.kl['stderr']:.2g}" if r.kl else "–"
         status = r.status if not r.eval_error else f"{r.status} (eval failed)"
         rows.append(
-            [r.method, status, str(r.steps), f"{r.seconds:.0f}"]
+            [r.method, status, str(r.steps), f"{r.seconds:.0f}", f"{r.cpu_seconds:.0f}"]
             + [_cell(r.metrics.get(k), percent=pct) for _, k, pct in shown]
             + [_cell(r.accuracy, percent=metric == "accuracy"), kl, r.reference_cache]
         )
