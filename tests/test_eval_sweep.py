@@ -345,3 +345,37 @@ def test_each_run_records_its_process_cpu_time_next_to_its_wall_time(tmp_path):
     data = json.loads((tmp_path / "s" / "sweep.json").read_text())
     assert data["results"][0]["cpu_seconds"] == pytest.approx(dpo.cpu_seconds)
     assert "<th>CPU (s)</th>" in (tmp_path / "s" / "sweep.html").read_text()
+
+
+def test_online_methods_take_their_task_options_under_the_command_lines(tmp_path):
+    """The built-in task's per-method options (RAFT keeps the correct samples, the pair methods take the
+    quickstart's β) reach only their method; a value given for the whole sweep wins over them."""
+    from preftune.eval.builtin import online_method_hparams
+    from preftune.tasks.quickstart import QuickstartConfig
+
+    options = online_method_hparams(QuickstartConfig())
+    assert options == {
+        "raft": {"keep": 0, "min_reward": 1.0},
+        "online_dpo": {"beta": 1.0},
+        "dno": {"beta": 1.0},
+        "xpo": {"beta": 1.0},
+    }
+    task = SweepTask([], online={"prompts": "p.jsonl", "reward": "arithmetic"}, online_hparams=options)
+    configs: list[TrainConfig] = []
+
+    def train(config):
+        configs.append(config)
+        return SimpleNamespace(final_dir=Path(config.out), steps=1, metrics={})
+
+    def hparams_of(methods, given):
+        base = TrainConfig(model="m", data="d.jsonl", out="x", hparams=given)
+        run_sweep(methods, base, tmp_path / "s", task=task, train_fn=train, write=False, log=lambda _m: None)
+        return {c.method: c.hparams for c in configs[-len(methods) :]}
+
+    assert hparams_of(["raft", "online_dpo", "grpo", "dpo"], {}) == {
+        "raft": {"keep": 0, "min_reward": 1.0},
+        "online_dpo": {"beta": 1.0},
+        "grpo": {},
+        "dpo": {},
+    }
+    assert hparams_of(["raft"], {"min_reward": 0.5}) == {"raft": {"keep": 0, "min_reward": 0.5}}

@@ -278,3 +278,24 @@ def test_quickstart_remax_spends_the_same_completions_per_prompt(tmp_path: Path)
         "rloo": cfg.num_generations,
         "remax": cfg.num_generations - 1,
     }
+
+
+def test_quickstart_online_runs_take_the_tasks_options(tmp_path: Path) -> None:
+    """On the 0/1 verifier RAFT keeps every correct sample and only those (keep 0, min_reward 1) and
+    the online pair methods take the offline quickstart's β; the policy-gradient presets none."""
+    from preftune.config import resolve_objective
+    from preftune.rl.builders import builder_settings
+    from preftune.tasks.quickstart import Artifacts, QuickstartConfig, _online_config
+
+    task = ArithmeticTask()
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p.prompt}) + "\n" for p in task.problems(4, seed=0)))
+    art = Artifacts(tmp_path, task, tmp_path / "sft", *(tmp_path / "x.jsonl",) * 4, [], prompts_path=prompts)
+    cfg = QuickstartConfig(beta=0.7)
+    configs = {m: _online_config(m, art, cfg, 0, False) for m in ("raft", "online_dpo", "dno", "xpo", "grpo")}
+    assert builder_settings(configs["raft"]) == ("best_of_k", {"keep": 0, "min_reward": 1.0})
+    for m in ("online_dpo", "dno", "xpo"):
+        assert {s.name: h["beta"] for s, _, h in resolve_objective(configs[m])} == {
+            "dpo" if m != "xpo" else "xpo_loss": 0.7
+        }
+    assert configs["grpo"].hparams == {}

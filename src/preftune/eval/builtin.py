@@ -115,8 +115,20 @@ def builtin_task(
         baseline_accuracy=float(manifest["accuracy_before"]["greedy"]),
         name=f"{len(heldout)} held-out arithmetic prompts (greedy accuracy)",
         online=online_values(folder, manifest, qcfg, task_obj),
+        online_hparams=online_method_hparams(qcfg),
     )
     return values, task
+
+
+def online_method_hparams(qcfg: Any) -> dict[str, dict[str, Any]]:
+    """Each online method's options on the task (`quickstart.online_hparams`: RAFT keeps the correct
+    samples, the pair methods take the quickstart's β), where it has any."""
+    from preftune.online_methods import PRESETS
+
+    hparams = getattr(_quickstart(), "online_hparams", None)
+    if hparams is None:
+        return {}
+    return {m: h for m in PRESETS if (h := hparams(m, qcfg))}
 
 
 def online_values(folder: Path, manifest: dict[str, Any], qcfg: Any, task: Any) -> dict[str, Any]:

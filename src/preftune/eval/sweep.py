@@ -41,6 +41,8 @@ class SweepTask:
                        another score shown as a number (the diffusion task: "mean reward").
     online:            config values of the online methods (grpo, rloo, ...): prompts, reward and
                        their schedule; their preference data is dropped.
+    online_hparams:    per online method, options it takes on this task unless the command line
+                       gives them (the built-in task: RAFT's `keep`/`min_reward`, the pair methods' β).
     """
 
     prompts: list[list[int]]
@@ -49,6 +51,7 @@ class SweepTask:
     name: str = "held-out prompts"
     metric: str = "accuracy"
     online: dict[str, Any] = field(default_factory=dict)
+    online_hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -127,15 +130,24 @@ def _needs_reference(config: Any) -> bool:
     return any(spec.needs_reference for spec, _, _ in resolve_objective(config))
 
 
-def method_config(base: Any, method: str, out: Path, cache_dir: Path, online: Mapping[str, Any]) -> Any:
+def method_config(
+    base: Any,
+    method: str,
+    out: Path,
+    cache_dir: Path,
+    online: Mapping[str, Any],
+    online_hparams: Mapping[str, Any] | None = None,
+) -> Any:
     """The config of `method` in a sweep: `base` with its method and run folder. An online method
-    (grpo, rloo, ...) drops the preference data and takes `online` (prompts, reward, its schedule);
-    an offline one drops the online settings."""
+    (grpo, rloo, ...) drops the preference data and takes `online` (prompts, reward, its schedule)
+    and `online_hparams` (its options on the task, under those of `base`); an offline one drops the
+    online settings."""
     from preftune.online_methods import is_online
 
     changes: dict[str, Any] = {"method": method, "out": str(out / method), "cache_dir": str(cache_dir)}
     if is_online(method):
-        changes.update(data=None, eval_data=None, eval_every=0, **online)
+        hparams = {**(online_hparams or {}), **base.hparams}
+        changes.update(data=None, eval_data=None, eval_every=0, hparams=hparams, **online)
     else:
         changes.update(prompts=None, reward=None, estimator=None, objective=None, num_iterations=1)
     return dataclasses.replace(base, report=False, **changes)
@@ -218,7 +230,10 @@ def run_sweep(
     try:
         for i, method in enumerate(methods, start=1):
             log(f"sweep [{i}/{len(methods)}] {method} → {out / method}")
-            config = method_config(base, method, out, cache_dir, task.online if task else {})
+            config = method_config(
+                base, method, out, cache_dir, task.online if task else {},
+                task.online_hparams.get(method) if task else None,
+            )  # fmt: skip
             config = with_sweep_dpo_model(config, results)
             results.append(_run_method(config, train_fn, evaluate_fn, log))
             if write:  # after every method, so an interrupted sweep still leaves its numbers

@@ -543,6 +543,27 @@ def online_settings(cfg: QuickstartConfig, task: ArithmeticTask, prompts_path: P
     }
 
 
+def online_hparams(method: str, cfg: QuickstartConfig) -> dict[str, Any]:
+    """Options of online `method` on the task where its preset's defaults do not fit a 0/1 verifier
+    (the quickstart's and a sweep's; anything given explicitly overrides them):
+
+    - `raft` keeps every correct sample and only those (`keep 0`, `min_reward 1`), the RAFT of Xiong
+      et al. 2025 (rejection sampling on a verifier). Dong et al. 2023's best-of-K (`keep 1`) ranks a
+      continuous reward; with 0/1 rewards it trains on a wrong sample of every prompt whose samples
+      are all wrong, and lost accuracy here (docs/online.md).
+    - `online_dpo`, `dno`, `xpo` take the β of the quickstart's offline DPO (`cfg.beta`, 1), not the
+      papers' 0.1, for the reason given at `QuickstartConfig.beta`.
+    """
+    from preftune.online_methods import PRESETS
+
+    builder = PRESETS[method.strip()].builder
+    if builder == "best_of_k":
+        return {"keep": 0, "min_reward": 1.0}
+    if builder in ("best_worst", "dno", "xpo"):
+        return {"beta": cfg.beta}
+    return {}
+
+
 def _offline_config(
     method: str, art: Artifacts, cfg: QuickstartConfig, seed: int, progress: bool, out: Path
 ) -> Any:
@@ -563,9 +584,9 @@ def _offline_config(
 def _online_config(
     method: str, art: Artifacts, cfg: QuickstartConfig, seed: int, progress: bool, **extra: Any
 ) -> Any:
-    """The run of an online method from the SFT model (`online_settings`; ReMax at the same completion
-    budget: num_generations − 1 samples and its greedy response); `extra`: more config values (RTO's
-    `dpo_model`)."""
+    """The run of an online method from the SFT model (`online_settings`, `online_hparams`; ReMax at the
+    same completion budget: num_generations − 1 samples and its greedy response); `extra`: more config
+    values (RTO's `dpo_model`)."""
     from preftune.config import TrainConfig
     from preftune.online_methods import PRESETS
 
@@ -576,5 +597,5 @@ def _online_config(
         settings["num_generations"] -= 1
     return TrainConfig(
         method=method, model=str(art.sft_dir), out=str(art.out_dir), seed=seed, progress=progress,
-        report=False, **settings, **extra,
+        report=False, hparams=online_hparams(method, cfg), **settings, **extra,
     )  # fmt: skip
