@@ -547,12 +547,10 @@ def online_hparams(method: str, cfg: QuickstartConfig) -> dict[str, Any]:
     """Options of online `method` on the task where its preset's defaults do not fit a 0/1 verifier
     (the quickstart's and a sweep's; anything given explicitly overrides them):
 
-    - `raft` keeps every correct sample and only those (`keep 0`, `min_reward 1`), the RAFT of Xiong
-      et al. 2025 (rejection sampling on a verifier). Dong et al. 2023's best-of-K (`keep 1`) ranks a
-      continuous reward; with 0/1 rewards it trains on a wrong sample of every prompt whose samples
-      are all wrong, and lost accuracy here (docs/online.md).
-    - `online_dpo`, `dno`, `xpo` take the β of the quickstart's offline DPO (`cfg.beta`, 1), not the
-      papers' 0.1, for the reason given at `QuickstartConfig.beta`.
+    - `raft` keeps every correct sample and only those (`keep 0`, `min_reward 1`), Xiong et al. 2025's
+      RAFT on a verifier: Dong et al. 2023's best-of-K (`keep 1`) ranks a continuous reward; with 0/1
+      rewards it trains on a wrong sample of every all-wrong prompt and lost accuracy (docs/online.md).
+    - `online_dpo`, `dno`, `xpo` take the offline DPO's β (`cfg.beta`, 1; see there), not the papers' 0.1.
     """
     from preftune.online_methods import PRESETS
 
