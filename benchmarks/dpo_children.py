@@ -9,8 +9,9 @@ Settings variants (`--trl-variant`, and the matching preftune side):
   log-probs precomputed once before training (`precompute_ref_log_probs=True`, no reference model in
   memory), `torch_compile=True` (its compilation falls in the first step, which is reported apart
   and never timed) and one pair per forward with gradient accumulation over the batch (a smaller
-  activation peak for the same update). preftune uses its counterparts: its default fused AdamW and
-  `reference="cache"` (the reference log-probs computed in one pass before the first step).
+  activation peak for the same update). preftune uses its counterparts: its default fused AdamW,
+  `reference="cache"` (the reference log-probs computed in one pass before the first step) and one
+  pair per forward (`micro_batch_size=1`, gradients accumulated exactly over the batch).
 - `gpu`: `best`, plus TRL's GPU scoring path. TRL 1.16 projects hidden states through the LM head
   with a fused chunked kernel (`trl.trainer.utils.add_fused_lm_head`). On devices with Triton
   (CUDA, XPU) it scores only the positions whose label is a completion token
@@ -161,37 +162,46 @@ def child_trl(a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-LEVERS = ("keep", "tree")
+LEVERS = ("keep", "tree", "lean")
 
 
-def levers_off(names: str) -> None:
-    """preftune as before the speed levers named (comma-separated; `preftune_base` in dpo_vs_trl.py):
-    `keep`: the LM head recomputes every chunk's logits in backward instead of keeping their softmax;
-    `tree`: packed rows attend through the dense [L, L] tree mask instead of segment by segment.
-    Two settings of the LM head take a value instead: `keep=C` keeps softmax within C float32 copies
-    of the head weight (`keep` = `keep=0`; the default is logprobs._KEEP_WEIGHT_COPIES), `chunk=N`
-    runs the head N tokens at a time (at the benchmarks' 32k vocabulary; default 2^22 / 32000 = 131)."""
+def levers_off(names: str) -> dict[str, Any]:
+    """preftune as before the speed and memory levers named (comma-separated; `preftune_base` in
+    dpo_vs_trl.py): `keep`: the LM head recomputes every chunk's logits in backward instead of keeping
+    their softmax; `tree`: packed rows attend through the dense [L, L] tree mask instead of segment by
+    segment; `lean`: `torch._inductor.config` is imported, as `torch.use_deterministic_algorithms` did
+    before `preftune.train.api.deterministic_algorithms` (~70 MiB resident).
+    Three settings take a value instead: `keep=C` keeps softmax within C float32 copies of the head
+    weight (`keep` = `keep=0`; the default is logprobs._KEEP_WEIGHT_COPIES), `chunk=N` runs the head N
+    tokens at a time (at the benchmarks' 32k vocabulary; default 2^22 / 32000 = 131), `micro=N` runs N
+    pairs per forward (the `best` side runs 1, as TRL `best` does). Returns the config overrides."""
     import preftune.models.logprobs as lp
 
+    overrides: dict[str, Any] = {}
     for entry in names.split(","):
         name, _, value = entry.partition("=")
         if name == "keep":
             lp._KEEP_WEIGHT_COPIES = float(value or 0)
         elif name == "chunk" and value:
             lp._CHUNK_ELEMENTS = int(value) * bu.MODELS["20m"].vocab_size
+        elif name == "micro" and value:
+            overrides["micro_batch_size"] = int(value)
         elif name == "tree" and not value:
             lp._TREE_ATTENTION = False
+        elif name == "lean" and not value:
+            import torch._inductor.config  # noqa: F401
         elif entry:
-            raise ValueError(f"lever {entry!r}: choose from {', '.join(LEVERS)}, keep=C, chunk=N")
+            raise ValueError(f"lever {entry!r}: choose from {', '.join(LEVERS)}, keep=C, chunk=N, micro=N")
+    return overrides
 
 
 def child_preftune(a: argparse.Namespace) -> dict[str, Any]:
     stamps = bu.install_step_clock()
     from preftune.train.api import train
 
-    levers_off(a.levers_off)
-
     plain = a.trl_variant == "plain"
+    # best: one pair per forward, gradients accumulated over the batch (TRL best's setting); plain: the batch
+    overrides = {"micro_batch_size": a.batch if plain else 1, **levers_off(a.levers_off)}
     with tempfile.TemporaryDirectory() as tmp:
         reference: dict[str, Any] = (
             {"reference": "model", "ref_model": a.model} if plain else {"reference": "cache"}
@@ -213,6 +223,7 @@ def child_preftune(a: argparse.Namespace) -> dict[str, Any]:
             seed=a.seed,
             cache_dir=str(Path(tmp) / "cache"),
             **reference,
+            **overrides,
         )
         start = (time.perf_counter(), time.process_time())
         train(cfg)
@@ -238,4 +249,5 @@ def child_preftune(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def child_peak(a: argparse.Namespace) -> dict[str, Any]:
-    return {"side": "peak", "flops": bu.matmul_peak_flops(seconds=a.peak_seconds)}
+    wall, cpu = bu.matmul_peak(seconds=a.peak_seconds)
+    return {"side": "peak", "flops": wall, "cpu_flops": cpu}

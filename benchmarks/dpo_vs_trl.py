@@ -24,7 +24,10 @@ The first step of every run (compilation for TRL `best`, the reference pass for 
 reported apart and never in the step time.
 
 MFU counts executed FLOPs (flops.py): the matmuls each side actually runs, LM head included only on
-the positions it scores, divided by the measured float32 matmul peak of the machine. Data order is identical by construction: the training set holds exactly one batch
+the positions it scores, divided by the measured float32 matmul peak of the machine: "MFU
+(executed)" in wall time (FLOP/s over the peak FLOP/s), "MFU (CPU time)" in process CPU time (FLOP
+per CPU second of the step over the peak's FLOP per CPU second; other load on a shared machine moves
+it far less). Data order is identical by construction: the training set holds exactly one batch
 of pairs, so every optimizer step (= one epoch) sees the same pairs on both sides whatever either
 sampler does (TRL additionally runs `train_sampling_strategy="sequential"`).
 
@@ -88,8 +91,14 @@ def side_plan(
     """(child variant, executed FLOPs of one step) of a side."""
     if side.startswith("preftune"):
         variant = "plain" if a.trl_variant == "plain" else "best"
-        tree = side == "preftune" or "tree" not in a.base_levers_off.split(",")
-        return variant, flops.preftune_step(spec, pairs, online_reference=variant == "plain", tree=tree)
+        off = a.base_levers_off.split(",") if side == "preftune_base" else []
+        micro = next((int(x.split("=")[1]) for x in off if x.startswith("micro=")), None)
+        micro = micro or (a.batch if variant == "plain" else 1)
+        plain = variant == "plain"
+        step = flops.preftune_step(
+            spec, pairs, online_reference=plain, tree="tree" not in off, micro_pairs=micro
+        )
+        return variant, step
     variant = "gpu" if side == "trl_gpu" else a.trl_variant
     plain = variant == "plain"
     step = flops.trl_step(
@@ -209,11 +218,12 @@ def render_table(res: dict[str, Any]) -> str:
                     round(m["peak_rss_mb"]),
                     m["executed_flops_s"] / 1e9,
                     m["executed_flops_s"] / peak,
+                    mfu_cpu(r, side, res["batch"], res.get("matmul_peak_cpu_flops")),
                     ", ".join(f"{x:.4f}" for x in r["first_losses"][side]),
                 ]
             )
     head = ["shape", "side", "pairs/s", "tokens/s", "pairs/CPU-s", "first step s", "peak RSS MiB"]
-    head += ["executed GFLOP/s", "MFU (executed)", "first losses"]
+    head += ["executed GFLOP/s", "MFU (executed)", "MFU (CPU time)", "first losses"]
     ratios = [
         [
             n,
@@ -237,7 +247,9 @@ def render_table(res: dict[str, Any]) -> str:
     return (
         f"{bu.md_table(head, rows)}\n\n{bu.md_table(rhead, ratios)}\n\n"
         f"Command: `{res['command']}`; {res['reps']} repetitions × {res['steps']} steps of {res['batch']} pairs, "
-        f"model {res['params']['total'] / 1e6:.1f}M params; matmul peak {peak / 1e9:.1f} GFLOP/s; "
+        f"model {res['params']['total'] / 1e6:.1f}M params; matmul peak {peak / 1e9:.1f} GFLOP/s "
+        f"({res.get('matmul_peak_cpu_flops', float('nan')) / 1e9:.1f} GFLOP per CPU-s), "
+        f"{res['machine'].get('torch_threads')} thread(s) per child; "
         f"1-min load average {min(loads, default=0):.2f}–{max(loads, default=0):.2f} "
         f"(OMP_WAIT_POLICY={res['machine'].get('omp_wait_policy')}). First step: compilation (TRL best), "
         f"reference pass (preftune cache), never timed.\n"
@@ -311,6 +323,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
+def _peak_pair(res: dict[str, Any]) -> tuple[float, float]:
+    return float(res["flops"]), float(res["cpu_flops"])
+
+
+def mfu_cpu(r: dict[str, Any], side: str, batch: int, cpu_peak: float | None) -> float:
+    """Executed FLOPs per process CPU second over the matmul peak per CPU second (NaN without it)."""
+    if not cpu_peak:
+        return float("nan")
+    return r["executed_flops_per_step"][side] * r["median"][side]["pairs_per_cpu_s"] / batch / cpu_peak
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if a.render:
@@ -332,13 +355,13 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         model_dir = bu.save_model(spec, work / "model", seed=a.seed)
         peak_cmd = [__file__, "--child", "peak", "--peak-seconds", str(a.peak_seconds)]
-        measure_peak = (lambda: bu.matmul_peak_flops(seconds=a.peak_seconds)) if a.smoke else None
-        peak0 = measure_peak() if measure_peak else bu.run_child(peak_cmd)["flops"]
+        measure_peak = (lambda: bu.matmul_peak(seconds=a.peak_seconds)) if a.smoke else None
+        peak0 = measure_peak() if measure_peak else _peak_pair(bu.run_child(peak_cmd))
         shapes = {}
         for name in a.shapes.split(","):
             print(f"[dpo_vs_trl] {name}", file=sys.stderr, flush=True)
             shapes[name] = measure_shape(SHAPES[name], a, model_dir, work, spec)
-        peak1 = measure_peak() if measure_peak else bu.run_child(peak_cmd)["flops"]
+        peak1 = measure_peak() if measure_peak else _peak_pair(bu.run_child(peak_cmd))
     res = {
         "command": "python benchmarks/dpo_vs_trl.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": bu.machine_info(),
@@ -351,8 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         "beta": a.beta,
         "trl_variant": a.trl_variant,
         "base_levers_off": a.base_levers_off if "preftune_base" in a.sides else "",
-        "matmul_peak_flops": max(peak0, peak1),
-        "matmul_peak_flops_each": [peak0, peak1],
+        "matmul_peak_flops": max(peak0[0], peak1[0]),
+        "matmul_peak_flops_each": [peak0[0], peak1[0]],
+        "matmul_peak_cpu_flops": max(peak0[1], peak1[1]),
         "shapes": shapes,
         "elapsed_s": time.time() - t0,
     }

@@ -47,11 +47,22 @@ def tree_attention_flops(spec: bu.ModelSpec, prompt: int, branches: Sequence[int
 
 
 def preftune_step(
-    spec: bu.ModelSpec, pairs: Sequence[Pair], *, online_reference: bool, tree: bool = True
+    spec: bu.ModelSpec,
+    pairs: Sequence[Pair],
+    *,
+    online_reference: bool,
+    tree: bool = True,
+    micro_pairs: int | None = None,
 ) -> float:
-    """Executed FLOPs of one preftune DPO step over `pairs` (one micro-batch): every row position
-    through the body, attention segment by segment (`tree=False`: over each row's L×L square, the
-    dense-mask path), the head on the response tokens."""
+    """Executed FLOPs of one preftune DPO step over `pairs`, `micro_pairs` per forward (default: all
+    in one): every row position through the body, attention segment by segment (`tree=False`: over
+    each row's L×L square, the dense-mask path), the head on the response tokens."""
+    size = micro_pairs or len(pairs)
+    if size < len(pairs):
+        return sum(
+            preftune_step(spec, pairs[i : i + size], online_reference=online_reference, tree=tree)
+            for i in range(0, len(pairs), size)
+        )
     from preftune.models.packing import build_packed
 
     batch = build_packed([[0] * p for p, _, _ in pairs], [[[0] * c, [0] * r] for _, c, r in pairs])

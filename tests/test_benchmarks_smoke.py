@@ -97,6 +97,14 @@ def test_executed_flops_by_hand() -> None:
     gpu = flops.trl_step(spec, pairs, micro_pairs=1, online_reference=False, response_only=True)
     assert cpu == 3 * 2 * flops.forward_flops(spec, 8, 7)
     assert gpu == 3 * (flops.forward_flops(spec, 8, 2) + flops.forward_flops(spec, 8, 3))
+    # preftune one pair per forward: rows of 10 and 6 tokens, no padding; together (one micro-batch)
+    # both rows are padded to 10: the 4 padding positions run through the body
+    two = [(5, 2, 3), (2, 1, 3)]
+    one_each = flops.preftune_step(spec, two[:1], online_reference=False)
+    one_each += flops.preftune_step(spec, two[1:], online_reference=False)
+    assert flops.preftune_step(spec, two, online_reference=False, micro_pairs=1) == one_each
+    together = flops.preftune_step(spec, two, online_reference=False)
+    assert together - one_each == 3 * 2 * 1152 * 4
 
 
 def test_profile_step_namespace_has_every_child_field() -> None:
@@ -114,7 +122,7 @@ def test_profile_step_namespace_has_every_child_field() -> None:
 def test_dpo_vs_trl_smoke_preftune_side(results: Path) -> None:
     _check_dpo_vs_trl(results, "preftune,preftune_base", "best")
     res = json.loads((results / "tmp" / "dpo_vs_trl_smoke.json").read_text())
-    assert res["base_levers_off"] == "keep,tree"  # the levers change the speed, not the losses:
+    assert res["base_levers_off"] == "keep,tree,lean"  # the levers change the speed, not the losses:
     assert res["shapes"]["prompt_heavy"]["ratios"]["preftune_base"]["max_abs_loss_diff"] < 1e-5
 
 
@@ -126,8 +134,9 @@ def test_levers_off_sets_the_head_settings(monkeypatch: pytest.MonkeyPatch) -> N
         monkeypatch.setattr(lp, name, getattr(lp, name))  # restored after the test
     dpo_children.levers_off("keep=1.5,chunk=64")
     assert (lp._KEEP_WEIGHT_COPIES, lp._CHUNK_ELEMENTS, lp._TREE_ATTENTION) == (1.5, 64 * 32000, True)
-    dpo_children.levers_off("keep,tree")
+    assert dpo_children.levers_off("keep,tree") == {}
     assert (lp._KEEP_WEIGHT_COPIES, lp._TREE_ATTENTION) == (0.0, False)
+    assert dpo_children.levers_off("micro=2") == {"micro_batch_size": 2}  # pairs per forward
     with pytest.raises(ValueError, match="chunk=N"):
         dpo_children.levers_off("tree=1")
 
@@ -146,6 +155,8 @@ def _check_dpo_vs_trl(results: Path, sides: str, variant: str) -> None:
     assert res["machine"]["omp_wait_policy"] == "PASSIVE"
     assert shape["runs"]["preftune"][0]["load_average"][0][0] >= 0
     assert "MFU (executed)" in (results / "tmp" / "dpo_vs_trl_smoke.md").read_text()
+    assert "MFU (CPU time)" in (results / "tmp" / "dpo_vs_trl_smoke.md").read_text()
+    assert 0 < res["matmul_peak_cpu_flops"] and 0 < res["matmul_peak_flops"]
 
 
 def test_grpo_vs_trl_smoke_preftune_side(results: Path) -> None:

@@ -246,3 +246,32 @@ def test_optimizers_take_their_fused_kernel_unless_told_otherwise() -> None:
         opt.step()
         updated.append(p.detach() - start)
     torch.testing.assert_close(updated[0], updated[1], atol=1e-7, rtol=1e-5)
+
+
+def test_deterministic_algorithms_sets_torch_flags_without_loading_inductor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The public torch function imports `torch._inductor.config` (~70 MiB); ours must not, and must set
+    the same eager flags (deterministic, warn-only) — and Inductor's flag when Inductor is loaded."""
+    import sys
+    import types
+
+    from preftune.train.api import deterministic_algorithms
+
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    monkeypatch.delitem(sys.modules, "torch._inductor.config", raising=False)
+    try:
+        torch._C._set_deterministic_algorithms(False)
+        deterministic_algorithms()
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert "torch._inductor.config" not in sys.modules
+        loaded = types.SimpleNamespace(deterministic=False)  # Inductor already imported by someone else
+        monkeypatch.setitem(sys.modules, "torch._inductor.config", loaded)
+        deterministic_algorithms()
+        assert loaded.deterministic is True
+    finally:
+        torch._C._set_deterministic_algorithms(before[0], warn_only=before[1])

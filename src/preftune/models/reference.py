@@ -70,7 +70,8 @@ def model_fingerprint(model: Any, *, adapters: bool = True) -> str:
             continue
         t = full_tensor(t)  # a sharded (FSDP) weight is gathered: every rank hashes in step
         h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        # the tensor's own bytes (no `.tobytes()` copy: that doubled the largest weight in memory)
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 
