@@ -162,7 +162,7 @@ def child_trl(a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-LEVERS = ("keep", "tree", "lean")
+LEVERS = ("keep", "tree", "lean", "fill")
 
 
 def levers_off(names: str) -> dict[str, Any]:
@@ -170,7 +170,8 @@ def levers_off(names: str) -> dict[str, Any]:
     dpo_vs_trl.py): `keep`: the LM head recomputes every chunk's logits in backward instead of keeping
     their softmax; `tree`: packed rows attend through the dense [L, L] tree mask instead of segment by
     segment; `lean`: `torch._inductor.config` is imported, as `torch.use_deterministic_algorithms` did
-    before `preftune.train.api.deterministic_algorithms` (~70 MiB resident).
+    before `preftune.train.api.deterministic_algorithms` (~70 MiB resident); `fill`: deterministic mode
+    fills every new tensor with NaN again (`torch.utils.deterministic.fill_uninitialized_memory`).
     Three settings take a value instead: `keep=C` keeps softmax within C float32 copies of the head
     weight (`keep` = `keep=0`; the default is logprobs._KEEP_WEIGHT_COPIES), `chunk=N` runs the head N
     tokens at a time (at the benchmarks' 32k vocabulary; default 2^22 / 32000 = 131), `micro=N` runs N
@@ -190,9 +191,26 @@ def levers_off(names: str) -> dict[str, Any]:
             lp._TREE_ATTENTION = False
         elif name == "lean" and not value:
             import torch._inductor.config  # noqa: F401
+        elif name == "fill" and not value:
+            _fill_new_tensors()
         elif entry:
             raise ValueError(f"lever {entry!r}: choose from {', '.join(LEVERS)}, keep=C, chunk=N, micro=N")
     return overrides
+
+
+def _fill_new_tensors() -> None:
+    """The `fill` lever: preftune's deterministic mode with torch's NaN fill of new tensors back on."""
+    import torch
+
+    import preftune.train.api as api
+
+    lean = api.deterministic_algorithms
+
+    def filling() -> None:
+        lean()
+        torch.utils.deterministic.fill_uninitialized_memory = True  # type: ignore[attr-defined]
+
+    api.deterministic_algorithms = filling
 
 
 def child_preftune(a: argparse.Namespace) -> dict[str, Any]:

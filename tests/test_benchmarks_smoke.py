@@ -122,7 +122,7 @@ def test_profile_step_namespace_has_every_child_field() -> None:
 def test_dpo_vs_trl_smoke_preftune_side(results: Path) -> None:
     _check_dpo_vs_trl(results, "preftune,preftune_base", "best")
     res = json.loads((results / "tmp" / "dpo_vs_trl_smoke.json").read_text())
-    assert res["base_levers_off"] == "keep,tree,lean"  # the levers change the speed, not the losses:
+    assert res["base_levers_off"] == "keep,tree,lean,fill"  # the levers change the speed, not the losses:
     assert res["shapes"]["prompt_heavy"]["ratios"]["preftune_base"]["max_abs_loss_diff"] < 1e-5
 
 

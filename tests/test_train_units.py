@@ -262,6 +262,7 @@ def test_deterministic_algorithms_sets_torch_flags_without_loading_inductor(
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
     )
+    monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)  # restored after
     monkeypatch.delitem(sys.modules, "torch._inductor.config", raising=False)
     try:
         torch._C._set_deterministic_algorithms(False)
@@ -269,6 +270,7 @@ def test_deterministic_algorithms_sets_torch_flags_without_loading_inductor(
         assert torch.are_deterministic_algorithms_enabled()
         assert torch.is_deterministic_algorithms_warn_only_enabled()
         assert "torch._inductor.config" not in sys.modules
+        assert torch.utils.deterministic.fill_uninitialized_memory is False  # no NaN fill of torch.empty
         loaded = types.SimpleNamespace(deterministic=False)  # Inductor already imported by someone else
         monkeypatch.setitem(sys.modules, "torch._inductor.config", loaded)
         deterministic_algorithms()

@@ -74,8 +74,14 @@ def deterministic_algorithms() -> None:
     """`torch.use_deterministic_algorithms(True, warn_only=True)` without the import that function makes
     of `torch._inductor.config` to set the compiler's own flag: ~800 modules (sympy, mpmath) and
     ~70 MiB of resident memory for a compiler preftune never runs. The dispatcher flag the eager ops
-    read is set the same way; Inductor's flag is set too when something already loaded Inductor."""
+    read is set the same way; Inductor's flag is set too when something already loaded Inductor.
+
+    `torch.utils.deterministic.fill_uninitialized_memory` is turned off: in deterministic mode torch
+    otherwise writes NaN into every new `torch.empty` buffer (a debugging aid against kernels that
+    read memory they never wrote) — ~3 ms per 16 MiB buffer, about a tenth of a DPO step's CPU time
+    in `benchmarks/profile_step.py`. Results of correct kernels do not depend on it."""
     torch._C._set_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
     inductor: Any = sys.modules.get("torch._inductor.config")
     if inductor is not None:
         inductor.deterministic = True
