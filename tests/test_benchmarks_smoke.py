@@ -446,3 +446,14 @@ def test_rm_grpo_quick(
     assert config["reward"] == str(tmp_path / "rm-s2-lr0.0003" / "final")
     rows = [json.loads(x) for x in (tmp_path / "grpo-rm" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("reward") not in (None, 0.0, 0.5, 1.0) for r in rows)
+
+
+def test_memory_timeline_smoke(results: Path) -> None:
+    out = _run("memory_timeline.py", "--smoke")
+    rows = [ln for ln in out.splitlines() if ln.startswith("| ") and not ln.startswith("| from")]
+    assert rows, out
+    first = float(rows[0].split("|")[2])  # | from s | MiB before | MiB after | rise | charged to |
+    last = float(rows[-1].split("|")[3])
+    rises = sum(float(r.split("|")[4].strip().lstrip("+")) for r in rows)
+    assert rises == pytest.approx(last - first, abs=len(rows))  # the rises add up to the high-water mark
+    assert (results / "tmp" / "memory_timeline_balanced_tiny.md").exists()

@@ -1,0 +1,131 @@
+"""Where preftune's peak resident memory comes from: the RSS high-water mark of one DPO training run,
+each rise attributed to the preftune function running at that moment.
+
+    .bench-venv/bin/python benchmarks/memory_timeline.py --model-size 20m --shape balanced
+
+Runs the same preftune child as dpo_vs_trl.py's `preftune` side (same model, data and settings; the
+`--levers-off` of its `preftune_base` side) in this process, while a thread samples the resident set
+(/proc/self/statm) every millisecond. Each time it passes its previous maximum by `--step-mib`, the
+rise is charged to the innermost preftune frame of the main thread's Python stack (or to the torch
+optimizer; "imports" for this script's own, torch included). The table lists those charges in order of time, with
+the optimizer steps, and the process peak (`ru_maxrss`). A rise is where the high-water mark grew,
+not what is alive there: memory freed earlier and kept by the allocator is reused before the mark
+moves, so the charges add up to the peak. Start it with `OMP_NUM_THREADS` and `OMP_WAIT_POLICY` set
+as for the benchmark children. Results: benchmarks/results/memory_timeline_SHAPE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_utils as bu  # noqa: E402
+import dpo_children  # noqa: E402
+import dpo_vs_trl  # noqa: E402
+
+
+def charge(frame: Any) -> str:
+    """The innermost preftune (or torch.optim) function of a stack, as file:function."""
+    for fr, _ in traceback.walk_stack(frame):
+        name = fr.f_code.co_filename
+        if "/preftune/" in name or "/torch/optim/" in name:
+            return f"{Path(name).stem}.{fr.f_code.co_name}"
+    return "other"
+
+
+class Sampler(threading.Thread):
+    def __init__(self, step_mib: float) -> None:
+        super().__init__(daemon=True)
+        self.main, self.step, self.stop = threading.get_ident(), step_mib, False
+        self.t0, self.label = time.perf_counter(), "imports"
+        self.rises: list[tuple[float, float, str]] = []
+
+    def run(self) -> None:
+        high = bu.rss_mb()
+        self.rises.append((0.0, high, "start"))
+        while not self.stop:
+            now = bu.rss_mb()
+            if now >= high + self.step:
+                frame = sys._current_frames().get(self.main)
+                where = charge(frame) if self.label == "train" else self.label
+                self.rises.append((time.perf_counter() - self.t0, now, where))
+                high = now
+            time.sleep(0.001)
+
+
+def merged(rises: list[tuple[float, float, str]]) -> list[tuple[float, float, float, str]]:
+    """Consecutive rises charged to the same function as one row: (start s, MiB before, MiB after, where)."""
+    rows: list[tuple[float, float, float, str]] = []
+    for (_, before, _), (t, after, where) in zip(rises, rises[1:]):
+        if rows and rows[-1][3] == where:
+            rows[-1] = (rows[-1][0], rows[-1][1], after, where)
+        else:
+            rows.append((t, before, after, where))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=sorted(dpo_vs_trl.SHAPES), default="balanced")
+    ap.add_argument("--model-size", choices=sorted(bu.MODELS), default="20m")
+    ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--levers-off", default="", help="as dpo_vs_trl.py --base-levers-off")
+    ap.add_argument("--step-mib", type=float, default=8.0, help="resolution of the high-water mark")
+    ap.add_argument("--smoke", action="store_true", help="tiny model and lengths: the code path only")
+    ap.add_argument("--prepare", metavar="DIR", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.model_size, a.scale, a.steps = "tiny", 0.05, 2
+    if a.prepare:
+        bu.save_model(bu.MODELS[a.model_size], Path(a.prepare) / "model")
+        rows = bu.synth_pairs(dpo_vs_trl.SHAPES[a.shape].scaled(a.scale), a.batch, seed=1)
+        bu.write_jsonl(rows, Path(a.prepare) / "d.jsonl")
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        # model and data are written by a child process, so that building them leaves nothing here
+        subprocess.run([sys.executable, __file__, "--prepare", tmp, *(argv or sys.argv[1:])], check=True)
+        sampler = Sampler(a.step_mib)
+        sampler.start()
+        stamps = bu.install_step_clock()
+        ns = dpo_children.child_namespace(
+            model=str(work / "model"),
+            data=str(work / "d.jsonl"),
+            batch=a.batch,
+            steps=a.steps,
+            levers_off=a.levers_off,
+        )
+        sampler.label = "train"
+        out = dpo_children.child_preftune(ns)
+    sampler.stop = True
+    sampler.join()
+    steps = [round(s[0] - sampler.t0, 2) for s in stamps]
+    lines = [f"| {t:.2f} | {b:.0f} | {e:.0f} | +{e - b:.0f} | {w} |" for t, b, e, w in merged(sampler.rises)]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    text = (
+        f"preftune DPO, {a.model_size} model, {a.shape} × {a.scale}, batch {a.batch}, {a.steps} steps, "
+        f"levers off: {a.levers_off or 'none'}; losses {[round(x, 4) for x in out['losses']]}\n"
+        f"optimizer steps end at {steps} s; peak RSS (ru_maxrss) {peak:.0f} MiB; load average {bu.load_average()}\n\n"
+        "| from s | MiB before | MiB after | rise | charged to |\n|---|---|---|---|---|\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+    stem = f"memory_timeline_{a.shape}" + (f"_{a.model_size}" if a.model_size != "20m" else "")
+    bu.save_results(stem, {"rises": sampler.rises, "steps": steps, "peak_rss_mb": peak}, text, quick=a.smoke)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
