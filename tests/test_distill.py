@@ -16,7 +16,7 @@ from preftune.config import TrainConfig, validate
 from preftune.errors import ConfigError
 from preftune.losses.distill_losses import DISTILL_LOSSES
 from preftune.method_checks import DISTILL_METHODS
-from preftune.models.distill_head import distill_token_losses
+from preftune.models.distill_head import distill_token_losses, nll_token_losses
 from preftune.models.logprobs import LogitTransform
 from preftune.train.distill_step import distill_on_batch
 from preftune.train.distributed import World
@@ -115,6 +115,22 @@ def test_adpa_is_exactly_zero_when_the_teacher_equals_its_reference() -> None:
     assert h.grad is not None and h.grad.abs().max().item() == 0.0
 
 
+def test_nll_term_is_the_cross_entropy_of_the_data_tokens_in_any_chunking() -> None:
+    heads, states = _heads()
+    targets = torch.tensor([3, 0, 10, 7, 7, 1, 5])
+    h = states[0].clone().requires_grad_(True)
+    got = nll_token_losses(h, heads[0], targets, transform=T, chunk_tokens=3)
+    want = torch.nn.functional.cross_entropy(heads[0](states[0]), targets, reduction="none")
+    torch.testing.assert_close(got, want.detach())
+    got.sum().backward()
+    ref = states[0].clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(heads[0](ref), targets, reduction="sum").backward()
+    assert h.grad is not None and ref.grad is not None
+    torch.testing.assert_close(h.grad, ref.grad)
+    with pytest.raises(ConfigError, match="one token per position"):
+        nll_token_losses(h, heads[0], targets[:3], transform=T)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("distill")
@@ -172,6 +188,29 @@ def test_adpa_step_is_zero_with_identical_teachers_and_exact_across_micro_batche
         torch.testing.assert_close(grad, grads[0], atol=1e-6, rtol=1e-5)
 
 
+def test_nll_term_in_a_distillation_step_is_the_chosen_responses_token_mean_nll(
+    models: dict[str, Path],
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    load = AutoModelForCausalLM.from_pretrained
+    student, tok = load(models["student"]).eval(), AutoTokenizer.from_pretrained(models["student"])
+    batch = _examples(tok)
+    teachers = (load(models["teacher"]).eval(), load(models["ref"]).eval())
+    out = distill_on_batch(student, batch, objective=_objective("adpa,nll", teachers), world=World(),
+                           micro_batch_size=4, backward=False).result()  # fmt: skip
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for e in batch:
+            ids = list(e.prompt_ids) + list(e.response_ids[0])
+            logp = student(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+            n = len(e.response_ids[0])
+            total -= float(logp[-n:].gather(-1, torch.tensor(ids[-n:])[:, None]).sum())
+            count += n
+    assert out["loss/nll"] == pytest.approx(total / count, rel=1e-5)
+    assert out["loss"] == pytest.approx(out["loss/adpa"] + out["loss/nll"], rel=1e-6)
+
+
 def _peak_bytes(fn: Any) -> int:
     from test_models_logprobs import _peak_bytes as peak
 
@@ -218,7 +257,7 @@ def test_chunked_teacher_distributions_peak_memory_at_128k_vocab() -> None:
 
 
 def test_train_adpa_command_and_config_checks(models: dict[str, Path], tmp_path: Path) -> None:
-    assert set(DISTILL_METHODS) == set(DISTILL_LOSSES)
+    assert set(DISTILL_METHODS) == set(DISTILL_LOSSES) - {"nll"}  # nll: a term next to one, not a method
     args = [
         "train", "adpa", "--model", str(models["student"]), "--teacher", str(models["teacher"]),
         "--teacher-ref", str(models["ref"]), "--data", str(models["data"]), "--max-steps", "2",

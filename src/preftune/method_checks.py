@@ -6,12 +6,12 @@ from typing import Any
 
 from preftune.errors import ConfigError
 
-DISTILL_METHODS = ("adpa", "dckd", "aligndistil")  # preftune.losses.distill_losses
+DISTILL_METHODS = ("adpa", "dckd", "aligndistil")  # preftune.losses.distill_losses (+ "nll", no method)
 
 
 def is_distill(method: str) -> bool:
-    """Whether `method` is a distillation objective ("adpa", "dckd:1,adpa:0.5", ...)."""
-    return method.split(",")[0].partition(":")[0].strip() in DISTILL_METHODS
+    """Whether `method` is a distillation objective ("adpa", "dckd:1,adpa:0.5", "adpa:1,nll:0.1", ...)."""
+    return any(part.partition(":")[0].strip() in DISTILL_METHODS for part in method.split(","))
 
 
 def check_sampler(config: Any, estimator: str) -> None:

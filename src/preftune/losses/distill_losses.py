@@ -6,6 +6,7 @@ teacher distributions, computed one chunk of positions at a time (`preftune.mode
     dckd         KL(π_dpo(·|s_t) ‖ π_θ(·|s_t))                            π_dpo
     aligndistil  KL(π_θ(·|s_t) ‖ softmax(z_ref + k(z_dpo − z_ref)))       π_dpo and π_ref, k = β_dpo/β
                  contrast=reverse: KL(π_θ ‖ softmax(z_dpo + k(z_dpo − z_dpo⁻)))  π_dpo and π_dpo⁻
+    nll          −log π_θ(y_t|s_t) of the data's token (SFT; chosen)         none (next to a term)
 
 A term's loss is the sum over its positions divided by the global count of those positions (every
 micro-batch of every rank), so gradients do not depend on the micro-batch size. Terms combine by the
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from preftune.losses.registry import HParam, LossSpec, get, parse_objective
-from preftune.models.distill_head import distill_token_losses
+from preftune.models.distill_head import distill_token_losses, nll_token_losses
 
 DISTILL_LOSSES: dict[str, LossSpec] = {}
 BRANCHES = ("chosen", "rejected", "both")
@@ -72,7 +73,9 @@ def adpa(
     implicit token reward (up to β); minimising −Σ_a π_θ(a|s_t) A(s_t, a) moves the student's
     distribution towards tokens the aligned teacher prefers over its reference. Positions: the
     rejected responses by default (the setting of the method description; `on` changes it). When
-    π_dpo = π_ref the advantage is exactly 0 and so is the loss."""
+    π_dpo = π_ref the advantage is exactly 0 and so is the loss. The authors' trainer
+    (github.com/SLIT-AI/ADPA, DistillTrainer.get_batch_loss_metrics) adds `sft_on_chosen` × the NLL
+    of the chosen responses: `"adpa:1,nll:λ"` (the term `nll`)."""
     return distill_token_losses(student, head, teachers, heads, rule="advantage", transforms=kw["transforms"])
 
 
@@ -135,6 +138,25 @@ def aligndistil(
     return distill_token_losses(
         student, head, teachers, heads, rule=rule, transforms=kw["transforms"], ratio=kw["ratio"]
     )
+
+
+@_register(
+    "nll",
+    paper="Gao et al. 2025, ADPA: the authors' trainer (DistillTrainer.get_batch_loss_metrics, "
+    "`sft_on_chosen`) adds the SFT loss on the chosen responses to the ADPA term",
+    equation="L = mean_t −log π_θ(y_t|s_t) on the chosen positions",
+    on="chosen",
+    teachers=0,
+)
+def nll(
+    student: torch.Tensor, head: Any, teachers: list[torch.Tensor], heads: list[Any], **kw: Any
+) -> torch.Tensor:
+    """SFT next to a distillation term: the student's negative log-likelihood of the data's tokens,
+    on the chosen responses by default. ADPA alone maximises Σ_a π_θ(a|s_t) A(s_t, a), linear in
+    π_θ, whose optimum is the token of largest teacher log-ratio at every position, likely or not;
+    the ADPA authors' trainer weights this term by `sft_on_chosen` (`"adpa:1,nll:λ"` here). Not a
+    method of its own (it needs no teacher): give it after a distillation term."""
+    return nll_token_losses(student, head, kw["targets"], transform=kw["transforms"][0])
 
 
 def get_distill(name: str) -> LossSpec:

@@ -12,6 +12,9 @@ the chunk's logits and the chunk is checkpointed, so neither forward nor backwar
                                                                          AlignDistil (Zhang et al. 2025)
     contrastive  Σ_a p(a) (log p(a) − log q*(a)),  q* = softmax(z_q + k (z_q − z_r)),  r = π_dpo⁻
                  (a reverse DPO model)                                   AlignDistil, contrastive reward
+
+`nll_token_losses` gives −log p(y_t) of the data's tokens through the same chunked head (the SFT
+term the ADPA authors' trainer adds on the chosen responses).
 """
 
 from __future__ import annotations
@@ -116,4 +119,41 @@ def distill_token_losses(
             outs.append(checkpoint(_chunk_loss, *args, use_reentrant=False))
         else:
             outs.append(_chunk_loss(*args))
+    return torch.cat(outs)
+
+
+def _chunk_nll(
+    student: torch.Tensor, head: torch.nn.Module, transform: LogitTransform, targets: torch.Tensor
+) -> torch.Tensor:
+    logp = _logits(student, head, transform).log_softmax(-1)
+    return -logp.gather(-1, targets[:, None]).squeeze(-1)
+
+
+def nll_token_losses(
+    student_hidden: torch.Tensor,
+    student_head: torch.nn.Module,
+    targets: torch.Tensor,
+    *,
+    transform: LogitTransform,
+    chunk_tokens: int | None = None,
+) -> torch.Tensor:
+    """Per-position negative log-likelihoods [M] float32, −log p(y_t | s_t), of the tokens `targets`
+    [M] under the student, `chunk_tokens` positions at a time (each chunk checkpointed when autograd
+    is on), so no `[M, vocab]` tensor exists."""
+    rows = student_hidden.shape[0]
+    if targets.shape != (rows,):
+        raise ConfigError(f"nll: targets {tuple(targets.shape)} must be one token per position ({rows})")
+    if rows == 0:
+        return student_hidden.new_zeros(0, dtype=torch.float32)
+    vocab = int(getattr(student_head, "out_features", 0) or student_head.get_parameter("weight").shape[0])
+    size = chunk_tokens or max(16, _CHUNK_ELEMENTS // max(vocab, 1))
+    targets = targets.to(student_hidden.device)
+    outs = []
+    for start in range(0, rows, size):
+        part = slice(start, start + size)
+        args = (student_hidden[part], student_head, transform, targets[part])
+        if torch.is_grad_enabled():
+            outs.append(checkpoint(_chunk_nll, *args, use_reentrant=False))
+        else:
+            outs.append(_chunk_nll(*args))
     return torch.cat(outs)

@@ -120,6 +120,7 @@ def distill_on_batch(
                     student[idx], lm.get_output_embeddings(), [h[idx] for h in hidden[:need]],
                     [unwrap_model(t).get_output_embeddings() for t in teachers[:need]],
                     transforms=[student_t, *(LogitTransform(unwrap_model(t).config) for t in teachers[:need])],
+                    targets=batch.targets[idx.to(batch.targets.device)],
                     **{k: v for k, v in hp.items() if k != "on"},
                 )  # fmt: skip
                 parts[f"loss/{spec.name}"] = losses.sum() / denominator
