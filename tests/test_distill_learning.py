@@ -1,56 +1,85 @@
-"""A distilled student improves: the quickstart's SFT → DPO pair is the teacher (96×3 Llama), a smaller
-SFT model (64×2) the student; DCKD on the quickstart's pairs raises the student's greedy accuracy on
-the 1000 held-out prompts; ADPA from the DCKD result (ADPA+) does not, on this task (measured and
-checked, docs/online.md). Slow: ~20-30 minutes on 2 loaded cores."""
+"""A distilled student improves: the quickstart's SFT → DPO pair (96×3 Llama, seed 0) is the teacher,
+a smaller SFT model (64×2) the student; 60 steps of 16 of the quickstart's pairs, lr 1e-4, constant.
+Each method must raise the student's greedy accuracy on the 1000 held-out prompts by ≥ 2 points:
+DCKD; ADPA with the SFT term of the authors' trainer (`adpa:1,nll:1`) from the student; ADPA+
+(the same from the DCKD result); AlignDistil. A method measured below that is a strict expected
+failure with its number (docs/online.md, Distillation). Slow: prepare + DPO + the runs."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from preftune.config import TrainConfig
-from preftune.tasks.quickstart import QuickstartConfig, _load, run_quickstart
+from preftune.tasks.quickstart import Artifacts, QuickstartConfig, _load, prepare
 from preftune.tasks.sft import SFTConfig, greedy_accuracy, train_sft
 from preftune.train.api import train
 
+CFG = QuickstartConfig()
+# name → (objective, start): start "student" (the small SFT model) or "dckd" (ADPA+)
+RUNS = {
+    "dckd": ("dckd", "student"),
+    "adpa": ("adpa:1,nll:1", "student"),
+    "adpa_plus": ("adpa:1,nll:1", "dckd"),
+    "aligndistil": ("aligndistil", "student"),
+}
+MEASURED: dict[str, str] = {}  # runs measured below +2 points (docs/online.md): strict xfails
+_DONE: dict[str, Path] = {}
 
-def _accuracy(model_dir: Path, task: object, prompts: list[str]) -> float:
-    model, tokenizer = _load(model_dir, task)  # type: ignore[arg-type]
-    return float(greedy_accuracy(model, tokenizer, task, prompts, batch_size=128))  # type: ignore[arg-type]
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("distill_learning")
+    art = prepare(root / "qs", seed=0, config=CFG, log=lambda _m: None)
+    dpo = train(
+        TrainConfig(
+            method="dpo", model=str(art.sft_dir), data=str(art.pairs_path), out=str(root / "dpo"),
+            hparams={"beta": CFG.beta}, max_steps=CFG.max_steps, batch_size=CFG.batch_size, lr=CFG.lr,
+            progress=False, report=False,
+        )
+    ).final_dir  # fmt: skip
+    student = train_sft(
+        art.task, root / "student", SFTConfig(hidden_size=64, num_layers=2, seed=1, target_accuracy=0.3),
+        exclude_prompts=set(art.heldout_prompts),
+    ).model_dir  # fmt: skip
+    _DONE["student"] = student
+    return {"art": art, "teacher": dpo, "root": root, "before": _accuracy(student, art)}
+
+
+def _accuracy(model_dir: Path, art: Artifacts) -> float:
+    model, tokenizer = _load(model_dir, art.task)
+    return float(greedy_accuracy(model, tokenizer, art.task, art.heldout_prompts, batch_size=128))
+
+
+def _run(name: str, setup: dict[str, Any]) -> Path:
+    if name not in _DONE:
+        method, start = RUNS[name]
+        art = setup["art"]
+        result = train(
+            TrainConfig(
+                method=method, model=str(_run(start, setup)), data=str(art.pairs_path),
+                teacher=str(setup["teacher"]), teacher_ref=None if method == "dckd" else str(art.sft_dir),
+                out=str(setup["root"] / name), max_steps=60, batch_size=16, lr=1e-4, warmup_ratio=0.0,
+                scheduler="constant", progress=False, report=False,
+            )
+        )  # fmt: skip
+        _DONE[name] = result.final_dir
+    return _DONE[name]
+
+
+def _case(name: str) -> Any:
+    reason = MEASURED.get(name)
+    return pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=reason)) if reason else name
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(0)  # ~30 minutes on loaded cores
-def test_dckd_student_improves_and_adpa_plus_is_measured_on_arithmetic(tmp_path: Path) -> None:
-    torch.set_num_threads(1)
-    teacher = tmp_path / "teacher"
-    summary = run_quickstart(
-        teacher, method="dpo", seed=0, config=QuickstartConfig(), log=lambda _: None, progress=False
-    )
-    from preftune.tasks.arithmetic import ArithmeticTask
-
-    task = ArithmeticTask()
-    heldout = [
-        json.loads(line)["prompt"] for line in (teacher / "data" / "heldout.jsonl").read_text().splitlines()
-    ]
-    student = train_sft(task, tmp_path / "student", SFTConfig(hidden_size=64, num_layers=2, seed=1, target_accuracy=0.3),
-                        exclude_prompts=set(heldout)).model_dir  # fmt: skip
-    before = _accuracy(student, task, heldout)
-    common = dict(data=str(teacher / "data" / "pairs.jsonl"), teacher=str(teacher / "final"), max_steps=60,
-                  batch_size=16, lr=1e-4, warmup_ratio=0.0, scheduler="constant", progress=False, report=False)  # fmt: skip
-    dckd = train(TrainConfig(method="dckd", model=str(student), out=str(tmp_path / "dckd"), **common))  # type: ignore[arg-type]
-    mid = _accuracy(dckd.final_dir, task, heldout)
-    results = {}
-    for name, method, lr in (("adpa_lr1e-5", "adpa", 1e-5), ("dckd+adpa", "dckd:1,adpa:1", 1e-4)):
-        run = train(TrainConfig(method=method, model=str(dckd.final_dir), out=str(tmp_path / name),
-                                teacher_ref=str(teacher / "sft"), **{**common, "lr": lr}))  # type: ignore[arg-type]  # fmt: skip
-        results[name] = _accuracy(run.final_dir, task, heldout)
-    after = max(results.values())
-    print(f"teacher {summary['accuracy_after']}, student SFT {before:.3f} → DCKD {mid:.3f} → {results}")
-    # measured once (load 15-20): SFT 0.286 → DCKD 0.344; from DCKD, ADPA at lr 1e-5 0.087 and
-    # dckd:1,adpa:1 0.170 (ADPA at lr 1e-4: 0.004): the advantage term alone collapses this student
-    assert mid > before + 0.02, (before, mid)
-    assert after < mid, "ADPA improved on DCKD: update docs/online.md (Distillation, measured)"
+@pytest.mark.timeout(0)  # tens of minutes on loaded cores
+@pytest.mark.parametrize("name", [_case(n) for n in RUNS])
+def test_distilled_student_improves_on_arithmetic(name: str, setup: dict[str, Any]) -> None:
+    after = _accuracy(_run(name, setup), setup["art"])
+    print(f"{name}: student {setup['before']:.3f} -> {after:.3f}")
+    assert after >= setup["before"] + 0.02, (name, setup["before"], after)

@@ -1,6 +1,9 @@
-"""PPO, MA-PPO and RTO learn: from the quickstart's SFT model (and, for RTO, its DPO model), greedy
-accuracy on the 1000 held-out prompts rises (slow: SFT ~5-10 min, DPO ~2 min, each run ~5-14 min on
-2 shared cores)."""
+"""PPO, MA-PPO and RTO learn: from the quickstart's SFT model (and, for RTO, the quickstart's DPO
+model trained from it), greedy accuracy on the 1000 held-out prompts rises by ≥ 5 points within 10
+minutes of CPU — the issue's target. Settings: the quickstart's online schedule (`_online_config`:
+100 steps × 16 prompts × 8 samples, lr 5e-5, temperature 0.7) plus `--value-lr 1e-3`. A method
+measured below the target is a strict expected failure with its number (docs/online.md, "PPO with a
+value head"). Slow: SFT (+ pairs and DPO for RTO), then one run each, ~2-4 minutes of CPU a run."""
 
 from __future__ import annotations
 
@@ -13,48 +16,56 @@ import pytest
 import torch
 
 from preftune.config import TrainConfig
-from preftune.tasks.quickstart import QuickstartConfig, _online_config, held_out_accuracy, prepare
+from preftune.tasks.quickstart import Artifacts, QuickstartConfig, _load, _online_config, prepare
+from preftune.tasks.sft import greedy_accuracy
 from preftune.train.api import train
 
 CFG = QuickstartConfig()
-# the quickstart's online settings (50 steps × 16 prompts × 8 samples) plus these; measured once
-# (seed 0, docs/online.md): SFT 0.597 greedy → ppo 0.631, ma_ppo 0.630, rto 0.627, 865-985 s each
-# with three runs in parallel at load 13-22 on 2 cores. The issue's target (+5 points) is not met.
-SETTINGS: dict[str, dict[str, Any]] = {
-    "ppo": {"value_lr": 1e-3, "lr": 5e-5},
-    "ma_ppo": {"value_lr": 1e-3},
-    "rto": {"value_lr": 1e-3},
-}
+SETTINGS: dict[str, dict[str, Any]] = {name: {"value_lr": 1e-3} for name in ("ppo", "ma_ppo", "rto")}
+# measured on seed 0 (docs/online.md; SFT 49.1 %): ppo 55.3 % (+6.2, 164 s CPU), ma_ppo 56.7 %
+# (+7.6, 142 s CPU); rto not re-measured on this SFT model. A method below +5 points: a strict xfail
+MEASURED: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
-def quickstart(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Artifacts:
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("ppo_learning")
-    art = prepare(root / "qs", seed=0, config=CFG, log=lambda _m: None)
-    dpo = train(
+    return prepare(tmp_path_factory.mktemp("ppo_learning") / "qs", seed=0, config=CFG, log=lambda _m: None)
+
+
+def _dpo_model(art: Artifacts) -> str:
+    """The quickstart's DPO run from the SFT model on its pairs (RTO's token rewards)."""
+    result = train(
         TrainConfig(
-            method="dpo", model=str(art.sft_dir), data=str(art.pairs_path), out=str(root / "dpo"),
+            method="dpo", model=str(art.sft_dir), data=str(art.pairs_path), out=str(art.out_dir.parent / "dpo"),
             hparams={"beta": CFG.beta}, max_steps=CFG.max_steps, batch_size=CFG.batch_size, lr=CFG.lr,
             progress=False, report=False,
         )
     )  # fmt: skip
-    return art, dpo.final_dir
+    return str(result.final_dir)
+
+
+def _case(method: str) -> Any:
+    reason = MEASURED.get(method)
+    return pytest.param(method, marks=pytest.mark.xfail(strict=True, reason=reason)) if reason else method
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["ppo", "ma_ppo", "rto"])
-def test_ppo_family_raises_greedy_heldout_accuracy(method: str, quickstart: tuple[Any, Path]) -> None:
-    art, dpo_dir = quickstart
+@pytest.mark.timeout(0)  # minutes of CPU, hours of wall time on a loaded machine
+@pytest.mark.parametrize("method", [_case(m) for m in ("ppo", "ma_ppo", "rto")])
+def test_ppo_family_gains_five_points_of_greedy_heldout_accuracy(method: str, prepared: Artifacts) -> None:
+    art = prepared
     extra = dict(SETTINGS[method])
     if method == "rto":
-        extra["dpo_model"] = str(dpo_dir)
-    out = art.out_dir.parent / method
+        extra["dpo_model"] = _dpo_model(art)
+    out: Path = art.out_dir.parent / method
     config: TrainConfig = replace(_online_config(method, replace(art, out_dir=out), CFG, 0, False), **extra)
-    start = time.perf_counter()
+    start = time.process_time()
     result = train(config)
-    seconds = time.perf_counter() - start
+    cpu = time.process_time() - start
+    model, tokenizer = _load(result.final_dir, art.task)
+    after = greedy_accuracy(model, tokenizer, art.task, art.heldout_prompts, batch_size=128)
     before = art.stats["accuracy_before"]["greedy"]
-    after = held_out_accuracy(result.final_dir, art.task, art.heldout_prompts, CFG, seed=0)["greedy"]
-    assert after >= before + 0.02, (method, before, after, seconds)
-    assert seconds <= 1800, seconds  # 15-16 minutes at load 13-22
+    print(f"{method}: greedy {before:.3f} -> {after:.3f} ({100 * (after - before):+.1f}), {cpu:.0f} s CPU")
+    assert cpu <= 600, cpu
+    assert after >= before + 0.05, (method, before, after)
