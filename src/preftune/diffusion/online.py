@@ -1,6 +1,7 @@
-"""Online diffusion RL with the DDIM sampler as the policy: DDPO and DPOK (Python API).
+"""Online diffusion RL with the stochastic sampler as the policy: DDPO and DPOK (Python API).
 
     policy = DDIMPolicy(pipe.scheduler, num_steps=50)          # η = 1
+    # a flow-matching model: FlowSDEPolicy(pipe.scheduler, 50)  (Flow-GRPO's SDE, `flow_policy`)
     metrics = ddpo_step(unet, optimizer, policy, cond, prompt_ids, reward_fn, noise=noise)
 
 Every step samples trajectories with the current weights (`sample_trajectory`), scores the final
@@ -15,14 +16,17 @@ elements (its clip range 1e-4 is in those units); the losses here do the same (`
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from preftune import rl
-from preftune.diffusion.policy import DDIMPolicy, Trajectory, sample_trajectory, step_stats
+from preftune.diffusion.policy import Trajectory, sample_trajectory, step_stats
 from preftune.losses.policy_losses import PolicyBatch, get_policy
 from preftune.losses.registry import LossOutput
+
+if TYPE_CHECKING:
+    from preftune.diffusion.policy import StochasticPolicy
 
 __all__ = ["RewardFn", "clip_and_step", "ddpo_advantages", "ddpo_loss", "ddpo_step", "dpok_kl", "dpok_step"]
 
@@ -72,7 +76,7 @@ def clip_and_step(optimizer: torch.optim.Optimizer, params: Any, max_grad_norm: 
 def ddpo_step(
     unet: Any,
     optimizer: torch.optim.Optimizer,
-    policy: DDIMPolicy,
+    policy: StochasticPolicy,
     cond: torch.Tensor,
     prompt_ids: torch.Tensor,
     reward_fn: RewardFn,
@@ -114,7 +118,7 @@ def dpok_kl(eps: torch.Tensor, eps_pretrained: torch.Tensor) -> torch.Tensor:
 def _value_update(
     value: Any,
     value_optimizer: torch.optim.Optimizer,
-    policy: DDIMPolicy,
+    policy: StochasticPolicy,
     traj: Trajectory,
     rewards: torch.Tensor,
 ) -> tuple[torch.Tensor, float]:
@@ -135,7 +139,7 @@ def dpok_step(
     value: Any,
     optimizer: torch.optim.Optimizer,
     value_optimizer: torch.optim.Optimizer,
-    policy: DDIMPolicy,
+    policy: StochasticPolicy,
     cond: torch.Tensor,
     reward_fn: RewardFn,
     *,

@@ -22,11 +22,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from preftune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from preftune.diffusion.flow_policy import FlowSDEPolicy
+
+    # what the samplers, DDPO/DPOK, D3PO/SPO and DTS take: DDIM η, or Flow-GRPO's SDE on a flow
+    StochasticPolicy: TypeAlias = "DDIMPolicy | FlowSDEPolicy"
 
 __all__ = [
     "DDIMPolicy",
@@ -157,7 +165,7 @@ def step_log_prob(x_prev: torch.Tensor, mean: torch.Tensor, std: float) -> torch
 @torch.no_grad()
 def sample_trajectory(
     unet: Any,
-    policy: DDIMPolicy,
+    policy: StochasticPolicy,
     cond: torch.Tensor,
     noise: torch.Tensor,
     generator: torch.Generator | None = None,
@@ -178,7 +186,7 @@ def sample_trajectory(
 
 
 def step_stats(
-    unet: Any, policy: DDIMPolicy, trajectory: Trajectory, k: int
+    unet: Any, policy: StochasticPolicy, trajectory: Trajectory, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log π_θ(x_{k+1} | x_k, c) [N], ε_θ(x_k, t_k, c)) of step k under `unet`'s current weights."""
     x, x_prev = trajectory.latents[k], trajectory.latents[k + 1]
@@ -188,7 +196,7 @@ def step_stats(
 
 
 def trajectory_log_probs(
-    unet: Any, policy: DDIMPolicy, trajectory: Trajectory, steps: list[int] | None = None
+    unet: Any, policy: StochasticPolicy, trajectory: Trajectory, steps: list[int] | None = None
 ) -> torch.Tensor:
     """[N, len(steps)] log π_θ(x_{k+1} | x_k, c) of the stored actions under `unet`'s current weights
     (differentiable). Under the sampling weights it equals `trajectory.logps` (the PPO ratio is 1)."""

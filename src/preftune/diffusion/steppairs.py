@@ -1,4 +1,5 @@
-"""Step-level preference pairs on the DDIM policy: D3PO and SPO (Python API).
+"""Step-level preference pairs on the stochastic sampler (DDIM η, or Flow-GRPO's SDE on a flow model,
+`flow_policy`): D3PO and SPO (Python API).
 
 Both train every denoising step of a judged pair with a DPO-form loss on clipped per-step ratios
 (D3PO, Yang et al. CVPR 2024, arXiv 2311.13231, eq. 10–11):
@@ -20,13 +21,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn import functional as F
 
 from preftune.diffusion.online import RewardFn, clip_and_step
-from preftune.diffusion.policy import DDIMPolicy, Trajectory, sample_trajectory, step_log_prob, step_stats
+from preftune.diffusion.policy import Trajectory, sample_trajectory, step_log_prob, step_stats
+
+if TYPE_CHECKING:
+    from preftune.diffusion.policy import StochasticPolicy
 
 __all__ = ["StepPairs", "d3po_loss", "d3po_step", "spo_pairs", "spo_step", "spo_update"]
 
@@ -49,7 +53,7 @@ def d3po_loss(
     return -F.logsigmoid(beta * (log_rw - log_rl))
 
 
-def _ref_logps(reference: Any, policy: DDIMPolicy, traj: Trajectory, k: int) -> torch.Tensor:
+def _ref_logps(reference: Any, policy: StochasticPolicy, traj: Trajectory, k: int) -> torch.Tensor:
     if reference is None:
         return traj.logps[:, k]
     with torch.no_grad():
@@ -59,7 +63,7 @@ def _ref_logps(reference: Any, policy: DDIMPolicy, traj: Trajectory, k: int) -> 
 def d3po_step(
     unet: Any,
     optimizer: torch.optim.Optimizer,
-    policy: DDIMPolicy,
+    policy: StochasticPolicy,
     cond: torch.Tensor,
     reward_fn: RewardFn,
     *,
@@ -108,7 +112,7 @@ class StepPairs:
 @torch.no_grad()
 def spo_pairs(
     unet: Any,
-    policy: DDIMPolicy,
+    policy: StochasticPolicy,
     scorer: Any,
     cond: torch.Tensor,
     noise: torch.Tensor,
@@ -162,7 +166,7 @@ def _stack_pairs(found: list[Any], noise: torch.Tensor, cond: torch.Tensor) -> S
     return StepPairs(cat[0], steps, cat[1], cat[2], cat[3], cat[4], cat[5])
 
 
-def _pair_logps(unet: Any, policy: DDIMPolicy, pairs: StepPairs) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair_logps(unet: Any, policy: StochasticPolicy, pairs: StepPairs) -> tuple[torch.Tensor, torch.Tensor]:
     """log π_θ(x_w | x_t) and log π_θ(x_l | x_t) [P] under `unet` (one model call per distinct step)."""
     out_w, out_l = torch.zeros_like(pairs.logp_w), torch.zeros_like(pairs.logp_l)
     for k in pairs.steps.unique().tolist():
@@ -177,7 +181,7 @@ def _pair_logps(unet: Any, policy: DDIMPolicy, pairs: StepPairs) -> tuple[torch.
 def spo_step(
     unet: Any,
     optimizer: torch.optim.Optimizer,
-    policy: DDIMPolicy,
+    policy: StochasticPolicy,
     scorer: Any,
     cond: torch.Tensor,
     *,
@@ -211,7 +215,7 @@ def spo_step(
 def spo_update(
     unet: Any,
     optimizer: torch.optim.Optimizer,
-    policy: DDIMPolicy,
+    policy: StochasticPolicy,
     pairs: StepPairs,
     *,
     reference: Any | None = None,

@@ -25,12 +25,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from preftune.diffusion.policy import DDIMPolicy
 from preftune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from preftune.diffusion.policy import StochasticPolicy
 
 __all__ = ["TreeResult", "policy_step", "tree_sample"]
 
@@ -142,7 +144,7 @@ def tree_sample(
 
 
 def policy_step(
-    unet: Any, policy: DDIMPolicy, cond: torch.Tensor, generator: torch.Generator | None = None
+    unet: Any, policy: StochasticPolicy, cond: torch.Tensor, generator: torch.Generator | None = None
 ) -> Step:
     """One DDIM-policy step x_k → x_{k+1} ~ N(μ_θ, σ_k² I) under `cond` [1, L, D], as a tree `step`."""
 
