@@ -275,3 +275,21 @@ def test_step_preference_loss_noises_a_flow_pair_on_the_flow_path(sd3: dict) -> 
     torch.testing.assert_close(
         seen["x"], torch.cat([(1 - sigma) * w + sigma * eps, (1 - sigma) * lose + sigma * eps])
     )
+
+
+def test_solve_is_the_ddim_loop_on_a_unet() -> None:
+    """On an ε UNet, `solve` with the ddim solver gives `generated.ddim_sample`'s latents exactly (the
+    same loop diffusers' pipelines run), so the other solvers differ only by their scheduler."""
+    from diffusers import DDPMScheduler
+
+    from preftune.diffusion.generated import ddim_sample
+    from preftune.diffusion.tiny import tiny_components
+
+    parts = tiny_components(seed=0)
+    scheduler = DDPMScheduler.from_config(parts["scheduler"].config)
+    cond = torch.randn(
+        2, 8, parts["unet"].config.cross_attention_dim, generator=torch.Generator().manual_seed(0)
+    )
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    ours = solve(parts["unet"].eval(), solver_scheduler("ddim", scheduler), cond, noise, 4)
+    assert torch.equal(ours, ddim_sample(parts["unet"], scheduler.config, cond, noise, 4))
