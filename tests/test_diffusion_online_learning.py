@@ -7,7 +7,8 @@ lr 3e-5 and is scored on 16 prompts × 8 held-out seeds with its own sampler, be
 the same noise (`online_run.train_online_diffusion`, the function the CLI calls).
 
 AWM trains flow-matching pipelines: its test pretrains the same task with the rectified-flow loss
-(`PretrainConfig(prediction_type="flow")`) and samples with the flow ODE.
+(`PretrainConfig(prediction_type="flow")`) and samples with the flow ODE. DDPO and D3PO run on that
+flow pipeline too, sampling with Flow-GRPO's SDE (`flow_policy.FlowSDEPolicy`).
 """
 
 from __future__ import annotations
@@ -58,6 +59,13 @@ def test_online_method_raises_the_heldout_reward_of_the_built_in_task(task, meth
 
 def test_awm_raises_the_heldout_reward_of_the_built_in_task_trained_as_a_flow(flow_task):
     _check_learns(flow_task, "awm")
+
+
+@pytest.mark.parametrize("method", ["ddpo", "d3po"])
+def test_sde_sampled_method_raises_the_heldout_reward_of_the_task_trained_as_a_flow(flow_task, method):
+    """DDPO and D3PO on the flow-matching pipeline: the policy is Flow-GRPO's SDE sampler (noise level
+    0.7), held-out samples are drawn with it from fixed noise before and after."""
+    _check_learns(flow_task, method)
 
 
 def _check_learns(task: Path, method: str) -> None:
