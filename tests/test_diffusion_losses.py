@@ -105,6 +105,29 @@ def test_ipo_on_seam_statistics():
     assert abs(4 * float(losses.get("ipo")(batch, beta=beta).losses.mean()) - float(script)) <= 1e-6
 
 
+def test_on_a_pipeline_ipo_and_hinge_default_to_the_scripts_beta(tmp_path):
+    """On a pipeline folder `preftune train ipo|hinge|dpo` gets β = 5000 (DIFFUSION_DEFAULTS): the
+    script's one β_dpo = 2500 for its three loss types; a β the user gives is kept."""
+    from preftune.config import TrainConfig
+    from preftune.diffusion.train import DIFFUSION_DEFAULTS, with_paper_defaults
+
+    assert {name: hp["beta"] for name, hp in DIFFUSION_DEFAULTS.items()} == {
+        "dpo": 5000.0,
+        "hinge": 5000.0,
+        "ipo": 5000.0,
+    }
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    for method in ("dpo", "hinge", "ipo"):
+        config = with_paper_defaults(TrainConfig(method=method, model=str(tmp_path)))
+        assert config.hparams == {f"{method}.beta": 5000.0}
+    kept = with_paper_defaults(TrainConfig(method="ipo", model=str(tmp_path), hparams={"beta": 50.0}))
+    assert kept.hparams == {"beta": 50.0}
+    mw, ml, rw, rl = pair_stats(3)
+    ours = losses.get("ipo")(seam_batch(mw, ml, rw, rl), beta=5000.0).losses.mean()
+    script = float(diffusers_script(mw, ml, rw, rl, 2500.0, "ipo"))
+    assert script > 0 and abs(4 * float(ours) - script) <= 1e-4 * script
+
+
 def official_diffusion_kto(model_losses, ref_loss, labels, beta, lambda_d=1.0, lambda_u=1.0):
     """jacklishufan/diffusion-kto train_kto_sd_v1.5.py, loss 'kto', halo 'sigmoid', one process."""
     g_term = -model_losses - -ref_loss

@@ -26,8 +26,16 @@ from preftune.errors import ConfigError
 from preftune.losses.registry import LossOutput
 
 # Defaults of the zoo's language-model losses that differ on diffusion statistics (paper units):
-# Diffusion-DPO β = 5000 (Wallace et al. 2023, SD 1.5), its hinge variant the same.
-DIFFUSION_DEFAULTS: dict[str, dict[str, Any]] = {"dpo": {"beta": 5000.0}, "hinge": {"beta": 5000.0}}
+# Diffusion-DPO β = 5000 (Wallace et al. 2023, SD 1.5); its hinge and IPO variants the same, as in the
+# diffusers research script, whose one β_dpo = 2500 (the ½ folded in) serves all three loss types:
+# its IPO branch, (−d − 1/(2β_dpo))² once it reads β_dpo (it reads an undefined `args.beta`), is
+# 4 × ipo at β = 2β_dpo = 5000. The zoo's language default β = 0.1 would set IPO's target margin
+# 1/(2β) = 5 in h = −d/2, three orders of magnitude beyond what per-element-mean statistics span.
+DIFFUSION_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dpo": {"beta": 5000.0},
+    "hinge": {"beta": 5000.0},
+    "ipo": {"beta": 5000.0},
+}
 
 
 def with_paper_defaults(config: Any) -> Any:
