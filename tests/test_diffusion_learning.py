@@ -4,7 +4,7 @@ The task is the quickstart's (`preftune.tasks.diffusion_sweep`): a tiny pipeline
 coloured squares, reward-ranked pairs of its samples, 256 held-out samples (16 prompts × 16 seeds).
 Each method trains with the quickstart's schedule (150 steps of 16 pairs, lr 5e-5, full
 fine-tuning) and its own registered defaults (β = 5000 for dpo/hinge on a pipeline folder,
-`DIFFUSION_DEFAULTS`; smpo reads scores from a copy of the pairs), plus two variants (VARIANTS);
+`DIFFUSION_DEFAULTS`; the pairs carry each image's standardised reward, which smpo reads as its score), plus two variants (VARIANTS);
 the gain is paired per (prompt, seed) — DDIM is deterministic, so a sample before and after
 training start from the same noise — and must exceed GAIN_IN_SE standard errors.
 Measured gains are in docs/diffusion.md ("Learning test").
@@ -14,7 +14,6 @@ Set PREFTUNE_TEST_TASK_DIR to a folder to reuse the prepared task between pytest
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -74,33 +73,6 @@ def test_the_learning_test_covers_every_diffusion_loss() -> None:
     assert registered <= set(OFFLINE_METHODS), sorted(registered - set(OFFLINE_METHODS))
 
 
-def _scored_pairs(data: Path) -> Path:
-    """A copy of the task's pairs with SmPO's scores: each image's reward, standardised by the std of
-    all the pairs' rewards (so σ(s_w − s_l) is not ½ for every pair)."""
-    import numpy as np
-    from PIL import Image
-
-    from preftune.tasks.shapes import parse_prompt, reward
-
-    rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()]
-
-    def image(name: str) -> torch.Tensor:
-        pixels = np.asarray(Image.open(data.parent / name).convert("RGB"), dtype=np.float32)
-        return torch.from_numpy(pixels / 127.5 - 1.0).permute(2, 0, 1)
-
-    prompts = [parse_prompt(r["prompt"]) for r in rows]
-    chosen = reward(torch.stack([image(r["chosen"]) for r in rows]), prompts)
-    rejected = reward(torch.stack([image(r["rejected"]) for r in rows]), prompts)
-    scale = float(torch.cat([chosen, rejected]).std())
-    out = data.with_name("pairs_scored.jsonl")
-    lines = [
-        json.dumps({**r, "chosen_score": float(c) / scale, "rejected_score": float(s) / scale})
-        for r, c, s in zip(rows, chosen, rejected)
-    ]
-    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return out
-
-
 @pytest.fixture(scope="module")
 def shapes_task(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     from preftune.tasks.diffusion_quickstart import DiffusionQuickstartConfig, heldout
@@ -125,8 +97,6 @@ def test_offline_method_raises_heldout_reward(
 
     method, hparams = VARIANTS.get(case, (case, {}))
     values: dict[str, object] = dict(shapes_task["values"])  # type: ignore[call-overload]
-    if method == "smpo":
-        values["data"] = str(_scored_pairs(Path(str(values["data"]))))
     result = train(
         TrainConfig(
             method=method, out=str(tmp_path / case), cache_dir=str(tmp_path / "cache"), progress=False,

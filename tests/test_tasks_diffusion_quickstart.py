@@ -91,15 +91,21 @@ def test_diffusion_sweep_scores_each_method_by_heldout_reward(tmp_path: Path) ->
     assert again == values and task.metric == "mean reward" and -1.0 <= task.baseline_accuracy <= 1.0
     with pytest.raises(ConfigError, match="another seed or recipe"):
         diffusion_sweep_task(tmp_path / "task", seed=1, config=cfg, log=quiet)
+    # the pairs carry SmPO's scores: each image's reward over the std of all the pairs' rewards
+    rows = [json.loads(line) for line in Path(values["data"]).read_text().splitlines()]
+    scores = torch.tensor([[r["chosen_score"], r["rejected_score"]] for r in rows])
+    assert len(rows) == 16 and abs(float(scores.flatten().std()) - 1.0) < 1e-5
     base = TrainConfig(**values, method="dpo", out=str(tmp_path / "sweep"), progress=False)
     score = task.accuracy
     assert score is not None
     result = run_sweep(
-        ["dpo", "mapo"], base, tmp_path / "sweep", task=task,
+        ["dpo", "mapo", "smpo"], base, tmp_path / "sweep", task=task,
         evaluate_fn=lambda final, _: (score(final), None), log=quiet,
     )  # fmt: skip
-    assert [r.status for r in result.results] == ["ok", "ok"]
+    assert [r.status for r in result.results] == ["ok", "ok", "ok"]
     assert all(r.steps == 1 and -1.0 <= (r.accuracy or 2.0) <= 1.0 for r in result.results)
     assert read_sweep(tmp_path / "sweep").task_metric == "mean reward"
     html = (tmp_path / "sweep" / "sweep.html").read_text()
     assert "task mean reward" in html and f"{task.baseline_accuracy:.4f}" in html
+    # the scores are drawn as their change from the pretrained model's, not as bars from 0
+    assert f"mean reward: change from the reference model ({task.baseline_accuracy:.4f})" in html

@@ -5,7 +5,9 @@
 `folder/task.json` and reused while the seed and recipe match) and returns the training values every
 method shares (the quickstart's schedule; each loss keeps its paper's hyper-parameters) and a
 `SweepTask` whose score is the held-out mean reward of a run's final pipeline on the same 256
-samples (prompt × seed) as the quickstart's.
+samples (prompt × seed) as the quickstart's. The training data is `scored_pairs`' copy of the pairs,
+which adds each image's standardised reward as `chosen_score` / `rejected_score`: SmPO reads them as
+its smoothed label; every other loss ignores them.
 """
 
 from __future__ import annotations
@@ -53,6 +55,37 @@ def _prepare(
     return manifest
 
 
+def scored_pairs(data: Path) -> Path:
+    """data/../pairs_scored.jsonl: the pairs of `data` with SmPO's scores, each image's reward (read
+    back from its PNG) divided by the std of all the pairs' rewards, so that p = σ(s_w − s_l) spreads
+    over (½, 1) instead of sitting at ½ for rewards that differ by hundredths. Written once."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from preftune.tasks.shapes import parse_prompt, reward
+
+    out = data.with_name("pairs_scored.jsonl")
+    if out.is_file():
+        return out
+    rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()]
+
+    def image(name: str) -> torch.Tensor:
+        pixels = np.asarray(Image.open(data.parent / name).convert("RGB"), dtype=np.float32)
+        return torch.from_numpy(pixels / 127.5 - 1.0).permute(2, 0, 1)
+
+    prompts = [parse_prompt(r["prompt"]) for r in rows]
+    chosen = reward(torch.stack([image(r["chosen"]) for r in rows]), prompts)
+    rejected = reward(torch.stack([image(r["rejected"]) for r in rows]), prompts)
+    scale = float(torch.cat([chosen, rejected]).std())
+    lines = [
+        json.dumps({**r, "chosen_score": float(c) / scale, "rejected_score": float(s) / scale})
+        for r, c, s in zip(rows, chosen, rejected)
+    ]
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
 def diffusion_sweep_task(
     folder: Path,
     *,
@@ -72,7 +105,8 @@ def diffusion_sweep_task(
         return float(heldout(final_dir, cfg, seed)[2].mean())
 
     values = {
-        "model": manifest["model"], "data": manifest["data"], "max_steps": cfg.max_steps,
+        "model": manifest["model"], "data": str(scored_pairs(Path(manifest["data"]))),
+        "max_steps": cfg.max_steps,
         "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": seed, "scheduler": "constant",
         "warmup_ratio": 0.0,
     }  # fmt: skip
