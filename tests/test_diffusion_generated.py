@@ -117,18 +117,23 @@ def _examples(pipe: Path, n: int) -> list[Example]:
 
 
 def test_generated_loser_is_the_pipelines_ddim_sample(pipe: Path) -> None:
-    """pso: branch 0 stays the data's image; branch 1 is what StableDiffusionPipeline (DDIM, guidance 1)
-    returns as latents from the same initial noise, prompt embedding and number of steps."""
+    """pso: branch 0 stays the data's image; branch 1 is the image StableDiffusionPipeline (DDIM,
+    guidance 1) returns from the same initial noise, prompt embedding and number of steps, as 8-bit
+    pixels encoded the way the data's images are (without a VAE: the pipeline's latents)."""
+    import numpy as np
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from preftune.diffusion.denoiser import load_denoiser
+    from preftune.diffusion.encode import load_vae, vae_latents
     from preftune.diffusion.generated import GeneratedLoserPhase
     from preftune.diffusion.phase import noise_seed
 
     examples = _examples(pipe, 3)
-    phase = GeneratedLoserPhase(0, examples, 2, 2, 7, method="pso", sample_steps=3)
+    phase = GeneratedLoserPhase(0, examples, 2, 2, 7, method="pso", sample_steps=3, vae=load_vae(pipe))
     phase.attach(load_denoiser(pipe))
-    batch = phase.batch(1)
+    raw = GeneratedLoserPhase(0, examples, 2, 2, 7, method="pso", sample_steps=3)
+    raw.attach(phase.policy)
+    batch, raw_batch = phase.batch(1), raw.batch(1)
     sd = StableDiffusionPipeline.from_pretrained(
         str(pipe), safety_checker=None, requires_safety_checker=False
     )
@@ -138,11 +143,13 @@ def test_generated_loser_is_the_pipelines_ddim_sample(pipe: Path) -> None:
         assert any(torch.equal(e.meta["latents"][0], x.meta["latents"][0]) for x in examples)  # type: ignore[index]
         g = torch.Generator().manual_seed(noise_seed(7, 0, 1, j, "loser"))
         noise = torch.randn(4, 8, 8, generator=g)[None]
-        want = sd(
-            prompt_embeds=e.meta["text"][0][None], num_inference_steps=3, guidance_scale=1.0,  # type: ignore[index]
-            latents=noise, output_type="latent",
-        ).images  # fmt: skip
-        assert torch.allclose(e.meta["latents"][1], want[0], atol=1e-5)  # type: ignore[index]
+        call = {"prompt_embeds": e.meta["text"][0][None], "num_inference_steps": 3, "guidance_scale": 1.0}  # type: ignore[index]
+        latent = sd(**call, latents=noise, output_type="latent").images
+        assert torch.allclose(raw_batch[j].meta["latents"][1], latent[0], atol=1e-5)  # type: ignore[index]
+        pixels = np.round(sd(**call, latents=noise, output_type="np").images * 255.0) / 127.5 - 1.0
+        want = vae_latents(sd.vae, torch.from_numpy(pixels).permute(0, 3, 1, 2).float())
+        assert torch.allclose(e.meta["latents"][1], want[0], atol=1e-4)  # type: ignore[index]
+        assert not torch.allclose(e.meta["latents"][1], latent[0], atol=1e-2)  # type: ignore[index]
     assert torch.equal(phase.batch(1)[0].meta["latents"][1], batch[0].meta["latents"][1])  # type: ignore[index]
 
 

@@ -2,7 +2,11 @@
 
 Both methods keep the data's preferred image x^w and replace its rejected image by a sample the
 model draws for the same prompt at every step (DDIM, η = 0, `sample_steps` steps, from noise seeded
-by (seed, phase, step, position), so a resumed run draws what the uninterrupted one drew):
+by (seed, phase, step, position), so a resumed run draws what the uninterrupted one drew). The sample
+is an *image*, as in both papers: its latent is decoded, rounded to 8-bit pixels and encoded again
+(`image_latents`), the way the data's images reach their latents — a raw sampler latent differs from
+that in ways the VAE discards, which the loss could tell the two branches apart by instead of by
+their content:
 
 - **pso** (Miao et al. 2025): the sample comes from the current policy (the weights of the step);
 - **seppo** (Zhang et al. 2024): from the *reference*, a previous checkpoint drawn uniformly from
@@ -45,6 +49,18 @@ def ddim_sample(
     return x
 
 
+@torch.no_grad()
+def image_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """The latents of the images `latents` decode to, as the data's images get theirs: decode, clamp to
+    [−1, 1], round to 8 bits (an image file), encode (posterior mean, `encode.vae_latents`)."""
+    from preftune.diffusion.encode import vae_latents
+
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    decoded = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift).sample
+    pixels = torch.round((decoded.float().clamp(-1.0, 1.0) + 1.0) * 127.5) / 127.5 - 1.0
+    return vae_latents(vae, pixels)
+
+
 def generation_settings(objective: Any) -> dict[str, Any] | None:
     """{"method", "sample_steps", "snapshot_every" (seppo's `ref_every`)} of a seppo / pso term, else None."""
     for spec, _, hparams in objective.terms:
@@ -85,6 +101,7 @@ class GeneratedLoserPhase(DiffusionPhase):
     method: str = "pso"
     sample_steps: int = 4
     snapshot_every: int = 30
+    vae: Any = None  # the pipeline's VAE (`image_latents`); None keeps the sampler's latents
     policy: Any = None
     reference: Any = None
     snapshots: list[tuple[int, dict[str, torch.Tensor]]] = field(default_factory=list)
@@ -97,6 +114,8 @@ class GeneratedLoserPhase(DiffusionPhase):
 
     def attach(self, model: Any) -> None:
         self.policy = model
+        if self.vae is not None:
+            self.vae.to(next(model.parameters()).device)
 
     def attach_reference(self, provider: Any) -> None:
         if self.method == "seppo" and not hasattr(getattr(provider, "model", None), "load_state_dict"):
@@ -125,6 +144,8 @@ class GeneratedLoserPhase(DiffusionPhase):
             model, spec.scheduler.config, torch.stack(conds).to(device), torch.stack(noises).to(device),
             self.sample_steps,
         ).cpu()  # fmt: skip
+        if self.vae is not None:
+            samples = image_latents(self.vae, samples)
         model.train(was_training)
         return [
             replace(e, meta={**e.meta, "latents": [e.meta["latents"][0], samples[j]], "text": [conds[j]]})  # type: ignore[index]

@@ -171,7 +171,10 @@ def diffusion_sources(
     check_flow_objective(config.model, objective)
     generated = generation_settings(objective)
     if generated is not None:
+        from preftune.diffusion.encode import load_vae
+
         check_generation_config(config, generated, strategy)
+        generated["vae"] = load_vae(config.model)
     examples = load_image_examples(config.data, config, objective.kind, split=config.split, log=log)
     if any(spec.name == "smpo" for spec, _, _ in objective.terms):
         unlabelled = next((e for e in examples if e.label is None), None)
