@@ -21,12 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from preftune.tasks.diffusion_sweep import two_caption_pairs
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 GAIN_IN_SE = 3.0
 
 # Every offline method `preftune train METHOD --model PIPELINE_FOLDER` runs on image pairs. DCPO is
-# not a loss of its own (Diffusion-DPO with per-branch captions); the task's pairs share one caption.
+# not a loss of its own (Diffusion-DPO with per-branch captions): it is the "dcpo" variant below.
 OFFLINE_METHODS = ["dpo", "hinge", "ipo", "diff_kto", "mapo", "inpo", "smpo", "seppo", "pso"]
 
 # Measured on this task (docs/diffusion.md, "Learning test"): what does not raise the reward is kept
@@ -57,7 +59,10 @@ NOT_MET = {
 VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
     "seppo-no-aaf": ("seppo", {"aaf": False}),  # the paper's "w/o AAF" ablation
     "pso-20-steps": ("pso", {"sample_steps": 20}),  # reference images at the task's 20 DDIM steps
+    "dcpo": ("dpo", {"beta": 500.0}),  # DCPO: Diffusion-DPO at its β on two-caption rows (DATA)
 }
+# Cases that train on other rows made from the task's pairs.
+DATA = {"dcpo": two_caption_pairs}
 CASES = [*OFFLINE_METHODS, *VARIANTS]
 PARAMS = [pytest.param(c, marks=NOT_MET[c]) if c in NOT_MET else c for c in CASES]
 
@@ -97,6 +102,8 @@ def test_offline_method_raises_heldout_reward(
 
     method, hparams = VARIANTS.get(case, (case, {}))
     values: dict[str, object] = dict(shapes_task["values"])  # type: ignore[call-overload]
+    if case in DATA:
+        values["data"] = str(DATA[case](Path(str(values["data"]))))
     result = train(
         TrainConfig(
             method=method, out=str(tmp_path / case), cache_dir=str(tmp_path / "cache"), progress=False,

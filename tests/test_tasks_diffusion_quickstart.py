@@ -109,3 +109,35 @@ def test_diffusion_sweep_scores_each_method_by_heldout_reward(tmp_path: Path) ->
     assert "task mean reward" in html and f"{task.baseline_accuracy:.4f}" in html
     # the scores are drawn as their change from the pretrained model's, not as bars from 0
     assert f"mean reward: change from the reference model ({task.baseline_accuracy:.4f})" in html
+
+
+def test_two_caption_pairs_caption_the_loser_by_what_it_shows(tmp_path: Path) -> None:
+    """DCPO's rows for the task: the winner keeps its prompt; the loser is captioned by the other prompt
+    its image matches best — a blue square at the bottom right is "blue square bottom right" even
+    under the prompt "red square top left"; a loser that shows its own prompt gets the nearest other
+    caption, never its own."""
+    from preftune.tasks.diffusion_sweep import scored_pairs, two_caption_pairs
+    from preftune.tasks.shapes import parse_prompt, to_png
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    for n, text in enumerate(("red square top left", "blue square bottom right")):
+        image = torch.from_numpy(render(parse_prompt(text), rng))
+        (tmp_path / "img" / f"{n}.png").write_bytes(to_png(image))
+    rows = [
+        {"prompt": "red square top left", "chosen": "img/0.png", "rejected": "img/1.png"},
+        {"prompt": "red square top left", "chosen": "img/0.png", "rejected": "img/0.png"},
+    ]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = [json.loads(line) for line in two_caption_pairs(scored_pairs(data)).read_text().splitlines()]
+    assert [(r["chosen_prompt"], r["chosen"], r["rejected"]) for r in out] == [
+        ("red square top left", "img/0.png", "img/1.png"),
+        ("red square top left", "img/0.png", "img/0.png"),
+    ]
+    assert out[0]["rejected_prompt"] == "blue square bottom right"
+    # a red square top left under another prompt: red elsewhere scores below 0 (the red pixels lie
+    # outside the named place); green, blue or yellow anywhere exactly 0 (red and black pixels are
+    # ≥ 2 from those colours, closeness 0) — the first of the ties in prompt order is green top left
+    assert out[1]["rejected_prompt"] == "green square top left"
+    assert "chosen_score" in out[0] and "prompt" not in out[0]

@@ -55,19 +55,14 @@ def _prepare(
     return manifest
 
 
-def scored_pairs(data: Path) -> Path:
-    """data/../pairs_scored.jsonl: the pairs of `data` with SmPO's scores, each image's reward (read
-    back from its PNG) divided by the std of all the pairs' rewards, so that p = σ(s_w − s_l) spreads
-    over (½, 1) instead of sitting at ½ for rewards that differ by hundredths. Written once."""
+def _pair_images(data: Path) -> tuple[list[dict[str, Any]], list[Any], Any, Any]:
+    """(rows, prompts, chosen images, rejected images [N, 3, R, R] in [−1, 1]) of a pairs file of the task."""
     import numpy as np
     import torch
     from PIL import Image
 
-    from preftune.tasks.shapes import parse_prompt, reward
+    from preftune.tasks.shapes import parse_prompt
 
-    out = data.with_name("pairs_scored.jsonl")
-    if out.is_file():
-        return out
     rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()]
 
     def image(name: str) -> torch.Tensor:
@@ -75,13 +70,51 @@ def scored_pairs(data: Path) -> Path:
         return torch.from_numpy(pixels / 127.5 - 1.0).permute(2, 0, 1)
 
     prompts = [parse_prompt(r["prompt"]) for r in rows]
-    chosen = reward(torch.stack([image(r["chosen"]) for r in rows]), prompts)
-    rejected = reward(torch.stack([image(r["rejected"]) for r in rows]), prompts)
+    chosen = torch.stack([image(r["chosen"]) for r in rows])
+    return rows, prompts, chosen, torch.stack([image(r["rejected"]) for r in rows])
+
+
+def scored_pairs(data: Path) -> Path:
+    """data/../pairs_scored.jsonl: the pairs of `data` with SmPO's scores, each image's reward (read
+    back from its PNG) divided by the std of all the pairs' rewards, so that p = σ(s_w − s_l) spreads
+    over (½, 1) instead of sitting at ½ for rewards that differ by hundredths. Written once."""
+    import torch
+
+    from preftune.tasks.shapes import reward
+
+    out = data.with_name("pairs_scored.jsonl")
+    if out.is_file():
+        return out
+    rows, prompts, chosen_images, rejected_images = _pair_images(data)
+    chosen, rejected = reward(chosen_images, prompts), reward(rejected_images, prompts)
     scale = float(torch.cat([chosen, rejected]).std())
     lines = [
         json.dumps({**r, "chosen_score": float(c) / scale, "rejected_score": float(s) / scale})
         for r, c, s in zip(rows, chosen, rejected)
     ]
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
+def two_caption_pairs(data: Path) -> Path:
+    """data/../pairs_two_captions.jsonl: DCPO's rows (`chosen_prompt`, `rejected_prompt`) for the task's
+    pairs. The winner keeps its prompt; the loser's caption is the task prompt *other than the
+    winner's* that the loser image matches best by the task's reward — a captioner that reads the
+    image exactly and must name a different caption (Saeidi et al. 2025 caption each image with a
+    vision-language model, DCPO-c, or perturb the prompt, DCPO-p). Written once."""
+    from preftune.tasks.shapes import reward
+
+    out = data.with_name("pairs_two_captions.jsonl")
+    if out.is_file():
+        return out
+    rows, prompts, _, rejected = _pair_images(data)
+    lines = []
+    for row, prompt, image in zip(rows, prompts, rejected):
+        others = [p for p in all_prompts() if p != prompt]
+        scores = reward(image[None].expand(len(others), -1, -1, -1), others)
+        caption = others[int(scores.argmax())].text
+        pair = {k: v for k, v in row.items() if k != "prompt"}
+        lines.append(json.dumps({"chosen_prompt": prompt.text, "rejected_prompt": caption, **pair}))
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out
 
