@@ -137,6 +137,10 @@ def main() -> None:
         "--lm-probe", action="store_true", help="also score the SFT model's own token probabilities"
     )
     ap.add_argument("--quick", action="store_true", help="toy sizes, a smoke run of a few seconds")
+    ap.add_argument(
+        "--head", default="scalar", help="scalar, or implicit: q = partial sums of β log π_θ/π_ref"
+    )
+    ap.add_argument("--beta", type=float, default=0.05, help="β of --head implicit")
     args = ap.parse_args()
     if args.quick:
         args.steps, args.batch_size, args.train_items, args.eval_every = 2, 4, 16, 1
@@ -174,6 +178,7 @@ def main() -> None:
         + f"prm-s{args.steps}-b{args.batch_size}-lr{args.lr:g}-n{args.train_items}"
         + (f"-local{args.local:g}" if args.local else "")
         + ("-chars" if args.chars else "")
+        + (f"-implicit{args.beta:g}" if args.head == "implicit" else "")
         + (
             f"-w{args.warmup_steps}-{args.scheduler}"
             if args.warmup_steps or args.scheduler != "linear"
@@ -184,6 +189,7 @@ def main() -> None:
         "method": "prm", "model": str(trunk), "data": str(work / "train.jsonl"), "out": str(work / name),
         "max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "log_every": 50,
         "save_every": 0, "warmup_steps": args.warmup_steps, "scheduler": args.scheduler,
+        **({"head": "implicit", "beta": args.beta} if args.head == "implicit" else {}),
         # the training-time validation reads at the training separator: off for character records
         **({"separator": ""} if args.chars else {"eval_data": str(work / "valid.jsonl"), "eval_every": args.eval_every}),
     })  # fmt: skip
@@ -195,7 +201,8 @@ def main() -> None:
     curve = [(r["step"], round(r["f1"], 3)) for r in rows if r.get("split") == "eval"]
     cpu = c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime
     wall = round(time.time() - t0, 1)
-    kinds = error_kinds(work / name / "final", work / "test.jsonl", metrics["threshold"])
+    implicit = args.head == "implicit"  # error_kinds reads a scalar-head PRM
+    kinds = {} if implicit else error_kinds(work / name / "final", work / "test.jsonl", metrics["threshold"])
     probe = {"lm_probe": lm_probe(trunk, work / "test.jsonl")} if args.lm_probe else {}
     print(json.dumps({"run": name, **metrics, "valid_f1": curve, "flagged": kinds, **probe,
                       "cpu_s": round(cpu, 1), "wall_s": wall}))  # fmt: skip
