@@ -1,0 +1,91 @@
+"""Slow: the implicit reward model (Yuan et al. 2024) from the verifier trunk, as an ORM and as a PRM.
+
+    python -m pytest -m slow tests/test_reward_implicit_slow.py -s
+
+The protocol of tests/test_reward_rm_slow.py (docs/reward_models.md, "On the built-in task"): the
+quickstart's SFT policy samples 8 completions at temperature 1 for 4000 training and 1000 held-out
+prompts; pairs are a correct ≻ a wrong sample of the same prompt. The reward model starts from the
+verifier trunk (the same tiny Llama SFT'd on to ~90 % greedy; `verifier_trunk_config`) — a pretrained
+trunk, as real reward models start from one; building it is a separate cost. `preftune train rm
+--head implicit` (bt = the paper's DPO objective) trains r = β log π_θ/π_ref with π_ref the frozen
+trunk; then held-out pairwise accuracy, the best-of-n curve judged by the verifier, and the same
+model's process rewards (q_θ at each line's end) on the ProcessBench-style test items of
+benchmarks/prm_processbench.py (600 items of seed 2, τ on their dev third).
+
+Measured (docs/reward_models.md, "The implicit RM on the built-in task"; the same setting through
+benchmarks/rm_best_of_n.py, 158.5 s training CPU at load 9–11): held-out pairwise accuracy 0.833 on
+1252 pairs; best-of-1 / 8 0.363 / 0.480; ProcessBench-style F1 of q_θ 0.32 (of the step deltas 0.35).
+Asserted: the 3-minute budget, best-of-8 ≥ one sample + 10 points (the goal, met), and held-out
+accuracy ≥ 0.80 (the goal of 0.95 is not met; 0.80 is well above the scalar head's 0.65). The
+ProcessBench figure is printed, not asserted (the goal of 0.9 is not met).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+
+import pytest
+import torch
+
+from preftune.cli import main
+from preftune.reward.best_of_n import best_of_n_curve
+from preftune.reward.implicit_reward import ImplicitRewardFn
+from preftune.reward.processbench import evaluate_prm_folder, processbench_from_task
+from preftune.tasks.arithmetic import ArithmeticTask
+from preftune.tasks.quickstart import build_pairs, sample_responses
+from preftune.tasks.sft import SFTConfig, train_sft, verifier_trunk_config
+from test_train_fixtures import write_jsonl
+
+STEPS, BATCH, LR, BETA = 250, 32, 3e-4, 0.05
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _own_pairs(task, prompts, samples, per_prompt):
+    pairs, _, _ = build_pairs(task, prompts, samples, pairs_per_prompt=per_prompt, seed=0, rejected="full")
+    sampled = dict(zip(prompts, (set(s) for s in samples)))
+    return [r for r in pairs if r["chosen"] in sampled[r["prompt"]]]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(5400)  # ~12 CPU-minutes: two SFT runs, 40 000 samples, the RM, scoring
+def test_implicit_rm_heldout_accuracy_best_of_n_and_processbench(tmp_path):
+    torch.set_num_threads(1)
+    task = ArithmeticTask(level=2)
+    held = [p.prompt for p in task.problems(1000, seed=777)]
+    test_items = processbench_from_task(600, level=2, seed=2)
+    never = set(held) | {r["problem"] for r in test_items}
+    sft, trunk = tmp_path / "sft", tmp_path / "trunk"
+    train_sft(task, sft, SFTConfig(seed=0), exclude_prompts=set(held))
+    train_sft(task, trunk, verifier_trunk_config(0), exclude_prompts=never)
+    prompts = [p.prompt for p in task.problems(4000, seed=1, exclude=set(held))]
+    samples = sample_responses(sft, task, prompts, num_samples=8, temperature=1.0, seed=1)
+    held_samples = sample_responses(sft, task, held, num_samples=8, temperature=1.0, seed=0)
+    write_jsonl(tmp_path / "train.jsonl", _own_pairs(task, prompts, samples, 4))
+    write_jsonl(tmp_path / "held.jsonl", _own_pairs(task, held, held_samples, 2))
+    write_jsonl(tmp_path / "test.jsonl", test_items)
+    out = tmp_path / "irm"
+    args = ["train", "rm", "--model", str(trunk), "--data", str(tmp_path / "train.jsonl"), "--out", str(out),
+            "--head", "implicit", "--beta", str(BETA), "--max-steps", str(STEPS), "--batch-size", str(BATCH),
+            "--lr", str(LR), "--log-every", "50", "--save-every", "0"]  # fmt: skip
+    start = _cpu()
+    assert main(args) == 0
+    train_cpu = _cpu() - start
+    assert main(["eval", str(out), "--data", str(tmp_path / "held.jsonl")]) == 0
+    accuracy = json.loads((out / "eval.json").read_text())["metrics"]["accuracy"]
+    gold = torch.tensor(
+        [[task.reward(p, s) for s in ss] for p, ss in zip(held, held_samples)], dtype=torch.float64
+    )
+    flat_p = [p for p, ss in zip(held, held_samples) for _ in ss]
+    scores = ImplicitRewardFn(out / "final").outcome(flat_p, [s for ss in held_samples for s in ss])
+    curve = best_of_n_curve(scores.view(len(held), -1).double(), gold, [1, 2, 4, 8])
+    pb = evaluate_prm_folder(out / "final", str(tmp_path / "test.jsonl"))
+    print(json.dumps({"accuracy": accuracy, "best_of_n": curve, "processbench": pb,
+                      "train_cpu_s": round(train_cpu, 1)}))  # fmt: skip
+    assert train_cpu <= 180.0
+    assert accuracy >= 0.80
+    assert curve["rm"][3] >= curve["rm"][0] + 0.10, curve
