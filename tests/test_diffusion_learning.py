@@ -51,10 +51,6 @@ NOT_MET = {
         reason="earlier: 0.4998 → 0.4984, gain −0.0014 ± 0.0006 (−2.2 s.e.): a random past sample is a "
         "weaker contrast than the pair's worst, and flipped pairs fit the model's own past samples",
     ),
-    "pso-20-steps": pytest.mark.xfail(
-        strict=True,
-        reason="earlier: 0.4998 → 0.4995, gain −0.0003 ± 0.0003 (−1.1 s.e.) with 20-step reference images",
-    ),
 }
 # Cases beyond each method at its defaults: (method, hyper-parameters).
 VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
