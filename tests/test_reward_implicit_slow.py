@@ -23,7 +23,6 @@ ProcessBench figure is printed, not asserted (the goal of 0.9 is not met).
 from __future__ import annotations
 
 import json
-import resource
 
 import pytest
 import torch
@@ -31,50 +30,28 @@ import torch
 from preftune.cli import main
 from preftune.reward.best_of_n import best_of_n_curve
 from preftune.reward.implicit_reward import ImplicitRewardFn
-from preftune.reward.processbench import evaluate_prm_folder, processbench_from_task
-from preftune.tasks.arithmetic import ArithmeticTask
-from preftune.tasks.quickstart import build_pairs, sample_responses
-from preftune.tasks.sft import SFTConfig, train_sft, verifier_trunk_config
+from preftune.reward.processbench import evaluate_prm_folder
+from reward_task_fixtures import cpu_seconds, own_pairs, policy_trunk_samples
 from test_train_fixtures import write_jsonl
 
 STEPS, BATCH, LR, BETA = 250, 32, 3e-4, 0.05
-
-
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _own_pairs(task, prompts, samples, per_prompt):
-    pairs, _, _ = build_pairs(task, prompts, samples, pairs_per_prompt=per_prompt, seed=0, rejected="full")
-    sampled = dict(zip(prompts, (set(s) for s in samples)))
-    return [r for r in pairs if r["chosen"] in sampled[r["prompt"]]]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(5400)  # ~12 CPU-minutes: two SFT runs, 40 000 samples, the RM, scoring
 def test_implicit_rm_heldout_accuracy_best_of_n_and_processbench(tmp_path):
     torch.set_num_threads(1)
-    task = ArithmeticTask(level=2)
-    held = [p.prompt for p in task.problems(1000, seed=777)]
-    test_items = processbench_from_task(600, level=2, seed=2)
-    never = set(held) | {r["problem"] for r in test_items}
-    sft, trunk = tmp_path / "sft", tmp_path / "trunk"
-    train_sft(task, sft, SFTConfig(seed=0), exclude_prompts=set(held))
-    train_sft(task, trunk, verifier_trunk_config(0), exclude_prompts=never)
-    prompts = [p.prompt for p in task.problems(4000, seed=1, exclude=set(held))]
-    samples = sample_responses(sft, task, prompts, num_samples=8, temperature=1.0, seed=1)
-    held_samples = sample_responses(sft, task, held, num_samples=8, temperature=1.0, seed=0)
-    write_jsonl(tmp_path / "train.jsonl", _own_pairs(task, prompts, samples, 4))
-    write_jsonl(tmp_path / "held.jsonl", _own_pairs(task, held, held_samples, 2))
+    task, held, test_items, trunk, prompts, samples, held_samples = policy_trunk_samples(tmp_path)
+    write_jsonl(tmp_path / "train.jsonl", own_pairs(task, prompts, samples, 4))
+    write_jsonl(tmp_path / "held.jsonl", own_pairs(task, held, held_samples, 2))
     write_jsonl(tmp_path / "test.jsonl", test_items)
     out = tmp_path / "irm"
     args = ["train", "rm", "--model", str(trunk), "--data", str(tmp_path / "train.jsonl"), "--out", str(out),
             "--head", "implicit", "--beta", str(BETA), "--max-steps", str(STEPS), "--batch-size", str(BATCH),
             "--lr", str(LR), "--log-every", "50", "--save-every", "0"]  # fmt: skip
-    start = _cpu()
+    start = cpu_seconds()
     assert main(args) == 0
-    train_cpu = _cpu() - start
+    train_cpu = cpu_seconds() - start
     assert main(["eval", str(out), "--data", str(tmp_path / "held.jsonl")]) == 0
     accuracy = json.loads((out / "eval.json").read_text())["metrics"]["accuracy"]
     gold = torch.tensor(

@@ -23,7 +23,6 @@ likelihood orders ≥ 95 % of pairs and gains ≥ 10 points at best-of-8).
 from __future__ import annotations
 
 import json
-import resource
 
 import pytest
 import torch
@@ -33,22 +32,9 @@ from preftune.models.load import load_causal_lm
 from preftune.models.logprobs import sequence_logps
 from preftune.reward.best_of_n import best_of_n_curve
 from preftune.reward.model_reward import RewardModelFn
-from preftune.reward.processbench import processbench_from_task
-from preftune.tasks.arithmetic import ArithmeticTask
-from preftune.tasks.quickstart import build_pairs, sample_responses
-from preftune.tasks.sft import SFTConfig, encode, train_sft, verifier_trunk_config
+from preftune.tasks.sft import encode
+from reward_task_fixtures import cpu_seconds, own_pairs, policy_trunk_samples
 from test_train_fixtures import write_jsonl
-
-
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _own_pairs(task, prompts, samples, per_prompt):
-    pairs, _, _ = build_pairs(task, prompts, samples, pairs_per_prompt=per_prompt, seed=0, rejected="full")
-    sampled = dict(zip(prompts, (set(s) for s in samples)))
-    return [r for r in pairs if r["chosen"] in sampled[r["prompt"]]]  # no reference solutions
 
 
 def _loglik(folder, prompts, samples):
@@ -74,25 +60,17 @@ def _pair_accuracy(scores, prompts, samples, pairs):
 @pytest.mark.timeout(5400)  # ~12 CPU-minutes: two SFT runs, 40 000 samples, the RM, scoring
 def test_rm_on_policy_samples_heldout_accuracy_and_best_of_n(tmp_path):
     torch.set_num_threads(1)
-    task = ArithmeticTask(level=2)
-    held = [p.prompt for p in task.problems(1000, seed=777)]
-    never = set(held) | {r["problem"] for r in processbench_from_task(600, level=2, seed=2)}
-    sft, trunk = tmp_path / "sft", tmp_path / "trunk"
-    train_sft(task, sft, SFTConfig(seed=0), exclude_prompts=set(held))
-    train_sft(task, trunk, verifier_trunk_config(0), exclude_prompts=never)
-    prompts = [p.prompt for p in task.problems(4000, seed=1, exclude=set(held))]
-    samples = sample_responses(sft, task, prompts, num_samples=8, temperature=1.0, seed=1)
-    held_samples = sample_responses(sft, task, held, num_samples=8, temperature=1.0, seed=0)
-    train_pairs = _own_pairs(task, prompts, samples, 4)
+    task, held, _, trunk, prompts, samples, held_samples = policy_trunk_samples(tmp_path)
+    train_pairs = own_pairs(task, prompts, samples, 4)
     write_jsonl(tmp_path / "train.jsonl", train_pairs)
-    held_pairs = _own_pairs(task, held, held_samples, 2)
+    held_pairs = own_pairs(task, held, held_samples, 2)
     write_jsonl(tmp_path / "held.jsonl", held_pairs)
     args = ["train", "rm", "--model", str(trunk), "--data", str(tmp_path / "train.jsonl"), "--out",
             str(tmp_path / "rm"), "--max-steps", "400", "--batch-size", "32", "--lr", "3e-4", "--log-every", "50",
             "--save-every", "0"]  # fmt: skip
-    start = _cpu()
+    start = cpu_seconds()
     assert main(args) == 0
-    train_cpu = _cpu() - start
+    train_cpu = cpu_seconds() - start
     assert main(["eval", str(tmp_path / "rm"), "--data", str(tmp_path / "held.jsonl")]) == 0
     accuracy = json.loads((tmp_path / "rm" / "eval.json").read_text())["metrics"]["accuracy"]
     gold = torch.tensor(

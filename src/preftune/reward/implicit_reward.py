@@ -48,21 +48,16 @@ class ImplicitRewardFn(PRMRewardFn):
 
     def outcome(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
         """[N] r_θ(y) of the completions, formatted and tokenized as training pairs are."""
-        from preftune.data.pipeline import prepare_examples
         from preftune.reward.implicit_training import example_scores
+        from preftune.reward.model_reward import completion_examples
 
         if not completions:
             return torch.zeros(0)
-        records = [{"prompt": p, "completion": c, "label": True} for p, c in zip(prompts, completions)]
-        prepared = prepare_examples(
-            records, tokenizer=self.tokenizer, kind="unpaired", use_cache=False, num_proc=1
-        )
+        examples = completion_examples(self.tokenizer, prompts, completions)
         out = []
         with torch.no_grad():
-            for start in range(0, len(prepared.examples), self.batch_items):
-                out.append(
-                    example_scores(self.irm, prepared.examples[start : start + self.batch_items]).cpu()
-                )
+            for start in range(0, len(examples), self.batch_items):
+                out.append(example_scores(self.irm, examples[start : start + self.batch_items]).cpu())
         return torch.cat(out)
 
     def step_values(self, prompts: Sequence[str], completions: Sequence[str]) -> list[list[float]]:

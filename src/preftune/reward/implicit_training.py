@@ -26,6 +26,7 @@ from preftune.config import TrainConfig
 from preftune.errors import ConfigError
 from preftune.reward.implicit import ImplicitRM, implicit_ce, own_ends, write_folder
 from preftune.reward.losses import RMLoss, parse_rm_loss
+from preftune.reward.prm import prompt_runs
 from preftune.reward.scorer_loop import ScorerTask, check_config, claim, optimizer_step, run_scorer
 from preftune.train import runfolder
 from preftune.types import Example
@@ -233,18 +234,7 @@ def encode_items(tokenizer: Any, items: list[Any], separator: str) -> list[Any]:
 
 def encoded_values(irm: ImplicitRM, encoded: list[Any], how: str = "q") -> list[torch.Tensor]:
     """Step values [K_i] of encoded items (runs of equal prompts share a packed row); differentiable."""
-    prompts: list[list[int]] = []
-    branches: list[list[list[int]]] = []
-    ends: list[list[list[int]]] = []
-    for it in encoded:
-        if prompts and prompts[-1] == it.prompt_ids:
-            branches[-1].append(it.response_ids)
-            ends[-1].append(it.ends)
-        else:
-            prompts.append(it.prompt_ids)
-            branches.append([it.response_ids])
-            ends.append([it.ends])
-    flat = irm.step_values(prompts, branches, ends, how)
+    flat = irm.step_values(*prompt_runs(encoded), how)
     return list(flat.split([len(it.ends) for it in encoded]))
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from preftune.errors import ConfigError
+from preftune.types import Example
 
 
 class RewardModelFn:
@@ -49,18 +50,14 @@ class RewardModelFn:
 
     def scores(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
         """Scores [N] float32 of the completions ([N, M] for a model with M heads)."""
-        from preftune.data.pipeline import prepare_examples
         from preftune.reward.scoring import branch_scores
 
         if not completions:
             return torch.zeros(0)
-        records = [{"prompt": p, "completion": c, "label": True} for p, c in zip(prompts, completions)]
-        prepared = prepare_examples(
-            records, tokenizer=self.tokenizer, kind="unpaired", use_cache=False, num_proc=1
-        )
+        examples = completion_examples(self.tokenizer, prompts, completions)
         # runs of equal prompts (a group of rollouts) become one packed row each: one prompt pass
         groups: list[tuple[list[int], list[list[int]]]] = []
-        for e in prepared.examples:
+        for e in examples:
             if groups and groups[-1][0] == e.prompt_ids:
                 groups[-1][1].append(e.response_ids[0])
             else:
@@ -71,3 +68,14 @@ class RewardModelFn:
                 part = groups[start : start + self.batch_prompts]
                 out.append(branch_scores(self.model, [g[0] for g in part], [g[1] for g in part]))
         return torch.cat(out)
+
+
+def completion_examples(tokenizer: Any, prompts: Sequence[str], completions: Sequence[str]) -> list[Example]:
+    """Each (prompt, completion) as a one-branch example, formatted and tokenized as training data is
+    (the chat template, EOS), for a reward model to score."""
+    from preftune.data.pipeline import prepare_examples
+
+    records = [{"prompt": p, "completion": c, "label": True} for p, c in zip(prompts, completions)]
+    return prepare_examples(
+        records, tokenizer=tokenizer, kind="unpaired", use_cache=False, num_proc=1
+    ).examples

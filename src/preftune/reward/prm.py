@@ -127,9 +127,9 @@ def aggregate_steps(values: torch.Tensor, how: str) -> torch.Tensor:
     return values.mean() if how == "mean" else values.prod()
 
 
-def score_encoded(model: Any, items: list[Any], *, pack: bool = True) -> list[torch.Tensor]:
-    """Step scores of `EncodedItem`s (`preftune.reward.prm_data.encode_steps`), one tensor [K_i] per
-    item; runs of items with the same prompt are branches of one packed row (one prompt pass)."""
+def prompt_runs(items: list[Any]) -> tuple[list[list[int]], list[list[list[int]]], list[list[list[int]]]]:
+    """(prompts, branches, step ends) of `EncodedItem`s: each run of items with the same prompt
+    becomes one prompt with its items' responses as branches (one packed row, one prompt pass)."""
     prompts: list[list[int]] = []
     branches: list[list[list[int]]] = []
     ends: list[list[list[int]]] = []
@@ -141,5 +141,11 @@ def score_encoded(model: Any, items: list[Any], *, pack: bool = True) -> list[to
             prompts.append(it.prompt_ids)
             branches.append([it.response_ids])
             ends.append([it.ends])
-    flat = step_scores(model, prompts, branches, ends, pack=pack)
+    return prompts, branches, ends
+
+
+def score_encoded(model: Any, items: list[Any], *, pack: bool = True) -> list[torch.Tensor]:
+    """Step scores of `EncodedItem`s (`preftune.reward.prm_data.encode_steps`), one tensor [K_i] per
+    item; runs of items with the same prompt are branches of one packed row (one prompt pass)."""
+    flat = step_scores(model, *prompt_runs(items), pack=pack)
     return list(flat.split([len(it.ends) for it in items]))
