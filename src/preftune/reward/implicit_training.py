@@ -27,7 +27,7 @@ from preftune.errors import ConfigError
 from preftune.reward.implicit import ImplicitRM, implicit_ce, own_ends, write_folder
 from preftune.reward.losses import RMLoss, parse_rm_loss
 from preftune.reward.prm import prompt_runs
-from preftune.reward.scorer_loop import ScorerTask, check_config, claim, optimizer_step, run_scorer
+from preftune.reward.scorer_loop import ScorerTask, check_config, claim, optimizer_step, pair_step, run_scorer
 from preftune.train import runfolder
 from preftune.types import Example
 
@@ -88,7 +88,9 @@ def example_scores(irm: ImplicitRM, examples: list[Example]) -> torch.Tensor:
     return irm.scores(*_grouped(examples))
 
 
-def _losses(irm: ImplicitRM, part: list[Example], loss_fn: RMLoss | None) -> tuple[torch.Tensor, ...]:
+def _losses(
+    irm: ImplicitRM, part: list[Example], loss_fn: RMLoss | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-example losses, correct [per example], margin): pairs (s_c > s_r, s_c − s_r) or, for ce,
     responses ((s > 0) = label, s)."""
     from preftune.reward.training import pair_margins
@@ -103,18 +105,8 @@ def _losses(irm: ImplicitRM, part: list[Example], loss_fn: RMLoss | None) -> tup
 
 def _rm_step(irm: ImplicitRM, params: list[torch.nn.Parameter], opt: Any, sched: Any, batch: list[Example],
              loss_fn: RMLoss | None, config: TrainConfig) -> dict[str, float]:  # fmt: skip
-    """One optimizer step: Σ over micro-batches of Σ_examples loss / |batch| (the exact step mean)."""
-    micro = config.micro_batch_size or config.batch_size
-    total = correct = margin = 0.0
-    for start in range(0, len(batch), micro):
-        losses, right, gap = _losses(irm, batch[start : start + micro], loss_fn)
-        (losses.sum() / len(batch)).backward()
-        total += float(losses.detach().sum())
-        correct += float(right.sum())
-        margin += float(gap.detach().sum())
-    norm, lr = optimizer_step(params, opt, sched, config)
-    n = len(batch)
-    return {"loss": total / n, "accuracy": correct / n, "margin": margin / n, "grad_norm": norm, "lr": lr}
+    """One optimizer step (`pair_step`) of the implicit reward model."""
+    return pair_step(batch, lambda part: _losses(irm, part, loss_fn), params, opt, sched, config)
 
 
 @torch.no_grad()

@@ -107,6 +107,30 @@ def optimizer_step(
     return norm, lr
 
 
+def pair_step(
+    batch: list[Any],
+    part_losses: Callable[[list[Any]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    params: list[torch.nn.Parameter],
+    opt: Any,
+    sched: Any,
+    config: TrainConfig,
+) -> dict[str, float]:
+    """One optimizer step over `batch` in micro-batches: Σ_micro Σ_examples loss / |batch| (the exact
+    step mean). `part_losses(micro)` → (per-example losses, right [0/1], margin) of one micro-batch;
+    the step's metrics are their means, with the gradient norm and learning rate."""
+    micro = config.micro_batch_size or config.batch_size
+    total = correct = margin = 0.0
+    for start in range(0, len(batch), micro):
+        losses, right, gap = part_losses(batch[start : start + micro])
+        (losses.sum() / len(batch)).backward()
+        total += float(losses.detach().sum())
+        correct += float(right.sum())
+        margin += float(gap.detach().sum())
+    norm, lr = optimizer_step(params, opt, sched, config)
+    n = len(batch)
+    return {"loss": total / n, "accuracy": correct / n, "margin": margin / n, "grad_norm": norm, "lr": lr}
+
+
 @dataclass
 class ScorerTask:
     """What one kind of scorer brings to `run_scorer`.

@@ -19,7 +19,7 @@ import torch
 from preftune.config import TrainConfig
 from preftune.errors import ConfigError, DataError
 from preftune.reward.losses import RMLoss, parse_rm_loss
-from preftune.reward.scorer_loop import ScorerTask, check_config, claim, optimizer_step, run_scorer
+from preftune.reward.scorer_loop import ScorerTask, check_config, claim, pair_step, run_scorer
 from preftune.reward.scoring import branch_scores
 from preftune.train import runfolder
 from preftune.types import Example
@@ -109,20 +109,14 @@ def _batch_losses(model: Any, part: list[Example], loss_fn: RMLoss | None) -> tu
 
 def _step(model: Any, params: list[torch.nn.Parameter], opt: Any, sched: Any, batch: list[Example],
           loss_fn: RMLoss | None, config: TrainConfig) -> dict[str, float]:  # fmt: skip
-    """One optimizer step: Σ over micro-batches of Σ_examples loss / |batch| (the exact step mean).
-    accuracy / margin: of s_c > s_r and s_c − s_r for pairs; of s > rating and s − rating for ratings."""
-    micro = config.micro_batch_size or config.batch_size
-    total = correct = margin = 0.0
-    for start in range(0, len(batch), micro):
-        part = batch[start : start + micro]
+    """One optimizer step (`pair_step`). accuracy / margin: of s_c > s_r and s_c − s_r for pairs; of
+    s > rating and s − rating for ratings."""
+
+    def part_losses(part: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         losses, s_c, s_r = _batch_losses(model, part, loss_fn)
-        (losses.sum() / len(batch)).backward()
-        total += float(losses.detach().sum())
-        correct += float((s_c > s_r).sum())
-        margin += float((s_c - s_r).detach().sum())
-    norm, lr = optimizer_step(params, opt, sched, config)
-    n = len(batch)
-    return {"loss": total / n, "accuracy": correct / n, "margin": margin / n, "grad_norm": norm, "lr": lr}
+        return losses, (s_c > s_r).float(), s_c - s_r
+
+    return pair_step(batch, part_losses, params, opt, sched, config)
 
 
 @torch.no_grad()
