@@ -103,15 +103,7 @@ def lm_probe(sft: Path, data: Path) -> dict[str, float]:
     return evaluate_values(values, first_errors(items, str(data)))
 
 
-def main() -> None:
-    import torch
-
-    from preftune.config import load_config
-    from preftune.reward.prm_training import train_prm
-    from preftune.reward.processbench import evaluate_prm_folder, processbench_from_task
-    from preftune.tasks.arithmetic import ArithmeticTask
-    from preftune.tasks.sft import SFTConfig, train_sft
-
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", required=True, help="folder for the SFT model, the data and the runs")
     ap.add_argument("--steps", type=int, default=400)
@@ -141,7 +133,35 @@ def main() -> None:
         "--head", default="scalar", help="scalar, or implicit: q = partial sums of β log π_θ/π_ref"
     )
     ap.add_argument("--beta", type=float, default=0.05, help="β of --head implicit")
-    args = ap.parse_args()
+    return ap
+
+
+def _run_name(args: argparse.Namespace) -> str:
+    """The run folder's name: the options that differ between runs."""
+    return (
+        ("trunk-" if args.trunk else "")
+        + f"prm-s{args.steps}-b{args.batch_size}-lr{args.lr:g}-n{args.train_items}"
+        + (f"-local{args.local:g}" if args.local else "")
+        + ("-chars" if args.chars else "")
+        + (f"-implicit{args.beta:g}" if args.head == "implicit" else "")
+        + (
+            f"-w{args.warmup_steps}-{args.scheduler}"
+            if args.warmup_steps or args.scheduler != "linear"
+            else ""
+        )
+    )
+
+
+def main() -> None:
+    import torch
+
+    from preftune.config import load_config
+    from preftune.reward.prm_training import train_prm
+    from preftune.reward.processbench import evaluate_prm_folder, processbench_from_task
+    from preftune.tasks.arithmetic import ArithmeticTask
+    from preftune.tasks.sft import SFTConfig, train_sft
+
+    args = _parser().parse_args()
     if args.quick:
         args.steps, args.batch_size, args.train_items, args.eval_every = 2, 4, 16, 1
     n_test, sft_size = (
@@ -173,18 +193,7 @@ def main() -> None:
     files = {"train": train, "test": test, "valid": valid}
     for name, rows in files.items():
         (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    name = (
-        ("trunk-" if args.trunk else "")
-        + f"prm-s{args.steps}-b{args.batch_size}-lr{args.lr:g}-n{args.train_items}"
-        + (f"-local{args.local:g}" if args.local else "")
-        + ("-chars" if args.chars else "")
-        + (f"-implicit{args.beta:g}" if args.head == "implicit" else "")
-        + (
-            f"-w{args.warmup_steps}-{args.scheduler}"
-            if args.warmup_steps or args.scheduler != "linear"
-            else ""
-        )
-    )
+    name = _run_name(args)
     config = load_config(None, {
         "method": "prm", "model": str(trunk), "data": str(work / "train.jsonl"), "out": str(work / name),
         "max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "log_every": 50,
