@@ -94,31 +94,9 @@ def _eval(args: argparse.Namespace) -> int:
     if method == "rm" and is_implicit(final) and holds_steps(args.data):
         method = "prm"  # an implicit outcome RM is a PRM too: ProcessBench metrics of step data
     if method == "rm":  # a reward model: pairwise accuracy, calibration, best-of-n
-        from preftune.reward.evaluation import rm_eval_payload
-
-        payload = rm_eval_payload(run, config, args)
-        _print_table(f"reward model on {args.data}", [(k, fmt(v)) for k, v in payload["metrics"].items()])
-        if "best_of_n" in payload:
-            bon = payload["best_of_n"]
-            rows = [
-                (f"best-of-{n:g} (oracle)", f"{r:.3f} ({o:.3f})")
-                for n, r, o in zip(bon["n"], bon["rm"], bon["oracle"])
-            ]
-            _print_table(f"gold '{bon['gold']}' of the RM's pick, {bon['prompts']} prompts", rows)
-        path = run / "eval.json"
-        write_atomic(path, json.dumps(payload, indent=1) + "\n")
-        print(f"wrote {path}")
-        return 0
+        return _eval_reward_model(run, config, args)
     if method == "prm":  # a process reward model: ProcessBench metrics (first wrong step)
-        from preftune.reward.processbench import evaluate_prm_folder
-
-        prm_metrics = evaluate_prm_folder(final, args.data, batch_items=args.batch_size)
-        _print_table(f"process reward model on {args.data}", [(k, fmt(v)) for k, v in prm_metrics.items()])
-        path = run / "eval.json"
-        write_atomic(path, json.dumps({"run": str(run), "data": args.data, "method": "prm",
-                                       "metrics": prm_metrics}, indent=1) + "\n")  # fmt: skip
-        print(f"wrote {path}")
-        return 0
+        return _eval_process_reward_model(run, final, args)
     reference = args.ref_model or config.ref_model or config.model
     metrics = evaluate(
         str(final),
@@ -154,6 +132,40 @@ def _eval(args: argparse.Namespace) -> int:
         from preftune.train.runfolder import write_run_report
 
         write_run_report(run, print)
+    return 0
+
+
+def _eval_reward_model(run: Path, config: Any, args: argparse.Namespace) -> int:
+    """`preftune eval` of a reward model: pairwise accuracy, calibration and best-of-n into eval.json."""
+    from preftune.eval.htmlkit import fmt, write_atomic
+    from preftune.reward.evaluation import rm_eval_payload
+
+    payload = rm_eval_payload(run, config, args)
+    _print_table(f"reward model on {args.data}", [(k, fmt(v)) for k, v in payload["metrics"].items()])
+    if "best_of_n" in payload:
+        bon = payload["best_of_n"]
+        rows = [
+            (f"best-of-{n:g} (oracle)", f"{r:.3f} ({o:.3f})")
+            for n, r, o in zip(bon["n"], bon["rm"], bon["oracle"])
+        ]
+        _print_table(f"gold '{bon['gold']}' of the RM's pick, {bon['prompts']} prompts", rows)
+    path = run / "eval.json"
+    write_atomic(path, json.dumps(payload, indent=1) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+def _eval_process_reward_model(run: Path, final: Path, args: argparse.Namespace) -> int:
+    """`preftune eval` of a process reward model: ProcessBench metrics (first wrong step) into eval.json."""
+    from preftune.eval.htmlkit import fmt, write_atomic
+    from preftune.reward.processbench import evaluate_prm_folder
+
+    prm_metrics = evaluate_prm_folder(final, args.data, batch_items=args.batch_size)
+    _print_table(f"process reward model on {args.data}", [(k, fmt(v)) for k, v in prm_metrics.items()])
+    path = run / "eval.json"
+    payload = {"run": str(run), "data": args.data, "method": "prm", "metrics": prm_metrics}
+    write_atomic(path, json.dumps(payload, indent=1) + "\n")
+    print(f"wrote {path}")
     return 0
 
 

@@ -428,16 +428,7 @@ def run_quickstart(
     log("[5/5] held-out accuracy of the trained model")
     before = art.stats["accuracy_before"]
     after = held_out_accuracy(result.final_dir, art.task, art.heldout_prompts, cfg, seed=seed)
-    shown = art.heldout_prompts[:6]
-    samples = _sample_table(
-        art.task,
-        shown,
-        [r[0] for r in sample_responses(art.sft_dir, art.task, shown, num_samples=1, temperature=0, seed=0)],
-        [
-            r[0]
-            for r in sample_responses(result.final_dir, art.task, shown, num_samples=1, temperature=0, seed=0)
-        ],
-    )
+    samples = _greedy_samples(art, result.final_dir)
     train_summary_path = out / "summary.json"
     train_summary = json.loads(train_summary_path.read_text()) if train_summary_path.exists() else {}
     summary = {
@@ -456,17 +447,34 @@ def run_quickstart(
         "quickstart": {**art.stats, "config": asdict(cfg)},
     }
     train_summary_path.write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
-    try:
-        from preftune.eval.report import write_report
-
-        write_report(out, extra={"held-out samples (greedy)": samples, **_flat(art.stats)})
-    except ImportError as err:  # the report module is optional for the numbers above
-        log(f"      (no report: {err})")
+    _write_report(out, samples, art.stats, log)
     log(
         f"      accuracy greedy {before['greedy']:.1%} → {after['greedy']:.1%}, "
         f"sampled {before['sampled']:.1%} → {after['sampled']:.1%}  ({summary['seconds']:.0f}s in all)"
     )
     return summary
+
+
+def _greedy_samples(art: Artifacts, final_dir: Path) -> str:
+    """The report's table of greedy responses of the SFT and the trained model to 6 held-out prompts."""
+    shown = art.heldout_prompts[:6]
+
+    def greedy(model_dir: Path) -> list[str]:
+        return [
+            r[0] for r in sample_responses(model_dir, art.task, shown, num_samples=1, temperature=0, seed=0)
+        ]
+
+    return _sample_table(art.task, shown, greedy(art.sft_dir), greedy(final_dir))
+
+
+def _write_report(out: Path, samples: str, stats: dict[str, Any], log: Log) -> None:
+    """report.html of the quickstart run in `out`, with the sample table and the task's statistics."""
+    try:
+        from preftune.eval.report import write_report
+
+        write_report(out, extra={"held-out samples (greedy)": samples, **_flat(stats)})
+    except ImportError as err:  # the report module is optional for the numbers above
+        log(f"      (no report: {err})")
 
 
 def _flat(stats: dict[str, Any]) -> dict[str, Any]:
