@@ -32,6 +32,7 @@ import torch
 from preftune.errors import ConfigError
 from preftune.generation import generate
 from preftune.tasks.arithmetic import ArithmeticTask, parse_prompt
+from preftune.tasks.quickstart_report import sample_table, write_report
 from preftune.tasks.sft import SFTConfig, encode, greedy_accuracy, max_new_tokens_for, train_sft
 
 Log = Callable[[str], None]
@@ -366,20 +367,6 @@ def held_out_accuracy(
     }
 
 
-def _sample_table(task: ArithmeticTask, prompts: list[str], before: list[str], after: list[str]) -> str:
-    """A few held-out prompts with the greedy answer before and after training, checked by the verifier."""
-    blocks = []
-    for p, b, a in zip(prompts, before, after):
-        rows = [f"prompt: {p.strip()}"]
-        for name, text in (("before", b), ("after", a)):
-            v = task.verify(p, text)
-            mark = "right" if v.fully_correct else "answer right" if v.correct else "wrong"
-            where = "" if v.first_error is None else f" (line {v.first_error}: {v.reason})"
-            rows.append(f"{name} [{mark}{where}]:\n  " + text.replace("\n", "\n  "))
-        blocks.append("\n".join(rows))
-    return "\n\n".join(blocks)
-
-
 def run_quickstart(
     out_dir: str | Path,
     *,
@@ -447,7 +434,7 @@ def run_quickstart(
         "quickstart": {**art.stats, "config": asdict(cfg)},
     }
     train_summary_path.write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
-    _write_report(out, samples, art.stats, log)
+    write_report(out, samples, art.stats, log)
     log(
         f"      accuracy greedy {before['greedy']:.1%} → {after['greedy']:.1%}, "
         f"sampled {before['sampled']:.1%} → {after['sampled']:.1%}  ({summary['seconds']:.0f}s in all)"
@@ -464,28 +451,7 @@ def _greedy_samples(art: Artifacts, final_dir: Path) -> str:
             r[0] for r in sample_responses(model_dir, art.task, shown, num_samples=1, temperature=0, seed=0)
         ]
 
-    return _sample_table(art.task, shown, greedy(art.sft_dir), greedy(final_dir))
-
-
-def _write_report(out: Path, samples: str, stats: dict[str, Any], log: Log) -> None:
-    """report.html of the quickstart run in `out`, with the sample table and the task's statistics."""
-    try:
-        from preftune.eval.report import write_report
-
-        write_report(out, extra={"held-out samples (greedy)": samples, **_flat(stats)})
-    except ImportError as err:  # the report module is optional for the numbers above
-        log(f"      (no report: {err})")
-
-
-def _flat(stats: dict[str, Any]) -> dict[str, Any]:
-    """Nested stats as 'a.b' → value, for the report's details table."""
-    flat: dict[str, Any] = {}
-    for k, v in stats.items():
-        if isinstance(v, dict):
-            flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
-        else:
-            flat[k] = v
-    return flat
+    return sample_table(art.task, shown, greedy(art.sft_dir), greedy(final_dir))
 
 
 def _sample_pairs(
