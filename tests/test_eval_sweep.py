@@ -13,6 +13,7 @@ from preftune.config import TrainConfig
 from preftune.errors import ConfigError
 from preftune.eval.kl import KLEstimate
 from preftune.eval.sweep import SweepTask, parse_methods, run_sweep
+from preftune.train.signals import Interrupted
 
 
 class FakeTrainer:
@@ -141,10 +142,12 @@ def test_an_interrupted_sweep_still_writes_what_it_has(tmp_path):
             raise KeyboardInterrupt  # Ctrl-C is not a method failure: it stops the sweep
         return trainer(config)
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match="not started: simpo") as stopped:
         run_sweep(["dpo", "rdpo", "simpo"], base, tmp_path / "s", train_fn=train, log=lambda _m: None)
+    assert stopped.value.exit_code == 130
     data = json.loads((tmp_path / "s" / "sweep.json").read_text())
-    assert data["methods"] == ["dpo"] and data["results"][0]["status"] == "ok"
+    assert data["methods"] == ["dpo", "rdpo"] and data["results"][0]["status"] == "ok"
+    assert data["results"][1]["status"] == "interrupted"
     assert "<td>dpo</td><td>ok</td>" in (tmp_path / "s" / "sweep.html").read_text()
 
 
@@ -297,7 +300,7 @@ def test_builtin_sweep_flags_override_the_online_schedule_too(tmp_path, monkeypa
     monkeypatch.setattr(builtin, "builtin_task", lambda folder, seed, log: (dict(values), task))
     captured: dict[str, object] = {}
 
-    def fake_run_sweep(methods, base, out, task, evaluate_fn):
+    def fake_run_sweep(methods, base, out, task, evaluate_fn, **_resume):
         captured.update(base=base, online=dict(task.online))
         return SimpleNamespace(results=[SimpleNamespace(method="grpo", status="ok")])
 

@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    args.argv = argv  # the command line as given: a stopped sweep prints it back with --resume
     try:
         return int(args.func(args) or 0)
     except PreftuneError as err:

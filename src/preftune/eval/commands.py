@@ -29,7 +29,9 @@ each method's final metrics, held-out task accuracy (built-in task only) and KL 
 Without --model and --data the sweep first runs the quickstart's preparation (SFT model, self-sampled
 verifier-labelled pairs) into OUT/task/ and trains with the quickstart's schedule; any flag overrides it.
 --task diffusion does the same with the diffusion quickstart (pretrained pipeline, reward-ranked image
-pairs); its score is the held-out mean reward (no KL estimate). A method that fails is recorded in the report and the sweep goes on."""
+pairs); its score is the held-out mean reward (no KL estimate). A method that fails is recorded in the report and the sweep goes on.
+Ctrl-C (SIGINT) or SIGTERM stops the sweep: the running method saves a checkpoint, no further method
+starts, the report shows what finished, and the printed command (this one with --resume) goes on."""
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -216,9 +218,9 @@ def _sweep(args: argparse.Namespace) -> int:
     methods = parse_methods(args.methods)
     out = Path(args.out)
     taken = [m for m in methods if (out / m / "metrics.jsonl").is_file()]
-    if taken:  # checked before any work, not after the SFT model and the first runs
+    if taken and not args.resume_sweep:  # checked before any work, not after the SFT model and the first runs
         raise ConfigError(
-            f"sweep: {out / taken[0]} already holds a run — pass another --out"
+            f"sweep: {out / taken[0]} already holds a run — pass another --out, or --resume to go on"
             + (
                 ""
                 if getattr(args, "model", None)
@@ -265,16 +267,33 @@ def _sweep(args: argparse.Namespace) -> int:
         task.online = {k: v for k, v in task.online.items() if k not in in_file and k not in overrides}
         base = load_config(args.config, {**values, **overrides, "method": methods[0], "out": str(out)})
         task.prompts = task.prompts[: args.kl_prompts]
+    resume = _resume_options(args, out)
     if args.task == "diffusion" and not model:  # held-out mean reward; no KL estimate for images yet
         score = task.accuracy
         assert score is not None  # diffusion_sweep_task always gives one
-        result = run_sweep(methods, base, out, task=task, evaluate_fn=lambda final, _: (score(final), None))
+        result = run_sweep(
+            methods, base, out, task=task, evaluate_fn=lambda final, _: (score(final), None), **resume
+        )
         return _sweep_status(out, result)
     evaluator = PolicyEvaluator(base, task, kl_samples=args.kl_samples, max_new_tokens=args.kl_max_new_tokens)
     if args.kl_samples <= 0:
         task.prompts = []  # no KL estimate; task accuracy, if any, is still measured
-    result = run_sweep(methods, base, out, task=task, evaluate_fn=evaluator)
+    result = run_sweep(methods, base, out, task=task, evaluate_fn=evaluator, **resume)
     return _sweep_status(out, result)
+
+
+def _resume_options(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """run_sweep's `previous` (with --resume: the methods OUT/sweep.json holds as finished) and the
+    command a stopped sweep prints: this one, with --resume."""
+    import shlex
+
+    from preftune.eval.sweep import finished_results
+
+    argv = [a for a in getattr(args, "argv", None) or [] if a != "--resume"]
+    hint = (
+        f"preftune {shlex.join(argv)} --resume" if argv else "the same preftune sweep command with --resume"
+    )
+    return {"previous": finished_results(out) if args.resume_sweep else None, "resume_hint": hint}
 
 
 def _sweep_status(out: Path, result: Any) -> int:
@@ -370,6 +389,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--task-dir",
         help="folder of the built-in task's SFT model and pairs (default OUT/task); "
         "another sweep's OUT/task is reused when its seed and recipe match",
+    )
+    p.add_argument(
+        "--resume",
+        dest="resume_sweep",  # not the run field `resume` (a checkpoint): every method's is set here
+        action="store_true",
+        help="go on with a stopped sweep into OUT: the methods OUT/sweep.json holds as finished are kept, "
+        "the others resume from their newest checkpoint (same flags as the first command)",
     )
     _add_kl_flags(p, default_samples=4)
     group = p.add_argument_group(

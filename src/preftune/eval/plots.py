@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # before any figure is made: reports are written on machines without a display
 
+from matplotlib.artist import Artist  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
@@ -215,6 +216,20 @@ def plot_accuracy_before_after(groups: Mapping[str, tuple[float, float]], *, tit
     return _png(fig)
 
 
+def bar_axis_range(values: Sequence[float], *, pad: float = 0.2, least: float = 1.0) -> tuple[float, float]:
+    """The value axis of a bar chart, from the data: the span of `values` (0, where the bars start, when
+    it lies within reach) widened by `pad` of it on each side and at least `least` units, so that a
+    difference of a point between two bars shows and the value labels above them fit."""
+    lo, hi = min(values), max(values)
+    margin = max(pad * (hi - lo), least)
+    low, high = lo - margin, hi + margin
+    if lo >= 0 and lo <= 2 * (hi - lo):  # bars that start near 0 start at 0
+        low = 0.0
+    if hi <= 0 and -hi <= 2 * (hi - lo):
+        high = 0.0
+    return low, high
+
+
 def plot_method_bars(
     values: Mapping[str, float],
     *,
@@ -225,41 +240,55 @@ def plot_method_bars(
     baseline_label: str = "before training",
     colors: Mapping[str, str] | None = None,
     errors: Mapping[str, float] | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> bytes:
     """One bar per method (a sweep), value labels on the bars, an optional dashed baseline line.
 
     `colors` maps a method to its colour, so one method has one colour in every plot of a report;
-    `errors` adds ±1 standard-error whiskers.
+    `errors` adds ±1 standard-error whiskers; `labels` replaces the value printed at a bar. The value
+    axis spans the data and the baseline (`bar_axis_range`), not a fixed 0–100 %; where it does not
+    start at 0 its label says so. More than six methods are drawn as horizontal bars, one row each,
+    so that names and labels stay readable.
     """
-    fig = Figure(figsize=(max(5.0, 1.1 * len(values) + 2.5), 3.7))
-    ax = fig.subplots()
     names = list(values)
+    horizontal = len(names) > 6
+    size = (8.0, 0.34 * len(names) + 1.6) if horizontal else (max(5.0, 0.9 * len(names) + 2.5), 3.9)
+    fig = Figure(figsize=size)
+    ax = fig.subplots()
     scale = 100.0 if percent else 1.0
     vals = [scale * values[n] for n in names]
     colors = colors or method_colors(names)
-    yerr = [scale * errors.get(n, 0.0) for n in names] if errors else None
-    bars = ax.bar(
-        range(len(names)),
-        vals,
-        color=[colors[n] for n in names],
-        yerr=yerr,
-        capsize=4,
-        error_kw={"elinewidth": 1.0, "ecolor": "#333333"},
-    )
-    ax.bar_label(bars, labels=[f"{v:.1f}%" if percent else f"{v:.3g}" for v in vals], fontsize=8, padding=2)
+    err = [scale * errors.get(n, 0.0) for n in names] if errors else None
+    style = {"color": [colors[n] for n in names], "capsize": 4,
+             "error_kw": {"elinewidth": 1.0, "ecolor": "#333333"}}  # fmt: skip
+    if horizontal:
+        bars = ax.barh(range(len(names)), vals, xerr=err, **style)  # type: ignore[arg-type]
+        ax.invert_yaxis()  # the first method on top, as in the table
+    else:
+        bars = ax.bar(range(len(names)), vals, yerr=err, **style)  # type: ignore[arg-type]
+    text = [labels[n] if labels else (f"{v:.1f}%" if percent else f"{v:.3g}") for n, v in zip(names, vals)]
+    ax.bar_label(bars, labels=text, fontsize=8, padding=2)
+    shown = vals + [v + e for v, e in zip(vals, err or [])] + [v - e for v, e in zip(vals, err or [])]
     if baseline is not None:
-        ax.axhline(
-            scale * baseline,
-            color="#444444",
-            linestyle="--",
-            linewidth=1.0,
-            label=f"{baseline_label}: {scale * baseline:.1f}{'%' if percent else ''}",
-        )
-        ax.legend(fontsize=8, frameon=False, loc="upper left")
-    ax.set_xticks(range(len(names)), names)
-    if percent:
-        ax.set_ylim(0, 109)
-    _style(ax, title, "method", ylabel, grid="y")
+        shown.append(scale * baseline)
+        line = ax.axvline if horizontal else ax.axhline
+        line(scale * baseline, color="#444444", linestyle="--", linewidth=1.0,
+             label=f"{baseline_label}: {scale * baseline:.1f}{'%' if percent else ''}")  # fmt: skip
+        ax.legend(fontsize=8, frameon=False, loc="best")
+    low, high = bar_axis_range(shown, least=1.0 if percent else 0.05 * max(1e-9, max(map(abs, shown))))
+    if horizontal:  # room for the labels right of the bars
+        high += 0.25 * (high - low) if high > 0 else 0.0
+        low -= 0.25 * (high - low) if low < 0 else 0.0
+    if low > 0:
+        ylabel += f" — axis from {low:.3g}{'%' if percent else ''}"
+    (ax.set_xlim if horizontal else ax.set_ylim)(low, high)
+    if low < 0:  # negative values: the zero line they hang from
+        (ax.axvline if horizontal else ax.axhline)(0.0, color="#444444", linewidth=0.8)
+    (ax.set_yticks if horizontal else ax.set_xticks)(range(len(names)), names)
+    if horizontal:
+        _style(ax, title, ylabel, "method", grid="x")
+    else:
+        _style(ax, title, "method", ylabel, grid="y")
     fig.tight_layout()
     return _png(fig)
 
@@ -326,8 +355,13 @@ def plot_runs_overlay(
     share one axis as "fraction of the starting loss".
     """
     colors = colors or method_colors(list(runs))
-    fig = Figure(figsize=(5.0 * len(panels), 3.7))
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    cols = min(2, len(panels))  # two panels a row: four side by side shrink to unreadable on a page
+    rows = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(5.4 * cols, 3.5 * rows))
+    grid = fig.subplots(rows, cols, squeeze=False)
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
     for ax, (key, title, ylabel, normalise) in zip(axes, panels):
         for name, records in runs.items():
             steps, values = metric_series(records, key, "train")
@@ -338,16 +372,28 @@ def plot_runs_overlay(
                 start = sum(head) / len(head)
                 if abs(start) > 1e-12:
                     values = [v / start for v in values]
+            place = list(colors).index(name) if name in colors else 0
             ax.plot(
                 steps,
                 smooth(values, smoothing_window(len(values))),
                 color=colors[name],
+                linestyle=("-", "--", ":")[(place // len(PALETTE)) % 3],  # colours repeat after eight
                 linewidth=1.7,
                 marker="." if len(values) <= 30 else None,
                 label=name,
             )
         _style(ax, title, "optimizer step", ylabel)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7.5, frameon=False, loc="best")
+        if not ax.get_legend_handles_labels()[0]:
+            ax.text(0.5, 0.5, "no method logged this", ha="center", va="center", color="#59636e",
+                    fontsize=9, transform=ax.transAxes)  # fmt: skip
+    handles: dict[str, Artist] = {}  # one legend for the figure, under the panels: none covers a curve
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
     fig.tight_layout()
+    if handles:
+        fig.legend(
+            list(handles.values()), list(handles), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+            ncols=min(len(handles), 7), frameon=False, fontsize=8.5, title="method", title_fontsize=8.5,
+        )  # fmt: skip
     return _png(fig)

@@ -9,6 +9,12 @@ unchanged by it (the trainer writes them only when it computes missing sequences
 After training, each policy is compared with the starting model (the reference) on held-out prompts:
 task accuracy when a verifiable task is given, and the sequence-level KL(π_θ ‖ π_ref) of eval/kl.py.
 A method that fails is recorded with its error and the sweep goes on with the next one.
+
+SIGINT (Ctrl-C), SIGTERM or SIGHUP stops the sweep: the running method saves a checkpoint at its next
+step boundary (as `preftune train` does) or finishes its evaluation, no further method starts, the
+report of what finished is written, and `run_sweep` raises `Interrupted` (exit status 128 + the
+signal's number) naming the command that resumes: the finished methods are kept, the interrupted one
+resumes from its checkpoint. A second signal stops at once.
 """
 
 from __future__ import annotations
@@ -58,6 +64,9 @@ class SweepTask:
 class MethodResult:
     """The outcome of one method. status: "ok", or "failed" (training raised; `error` says why).
 
+    status "interrupted": a stop signal ended the sweep during this method (`error` says where).
+    settings: the method's own config values where they differ from the sweep's shared config (an
+    online method's prompts, reward and schedule; a task option), as `method_settings` gives them.
     reference_cache: "computed" (this run filled the shared cache), "reused" (cache files untouched),
     "reference-free" (no reference), or the reference strategy when it is not the cache ("model", ...).
     eval_error: an error of the post-training evaluation (accuracy or KL); the trained run is kept.
@@ -77,6 +86,7 @@ class MethodResult:
     reference_cache: str = "unknown"
     error: str | None = None
     eval_error: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)  # its config values unlike the sweep's config
 
 
 @dataclass
@@ -198,13 +208,20 @@ def run_sweep(
     evaluate_fn: Callable[[Path, Any], tuple[float | None, KLEstimate | None]] | None = None,
     write: bool = True,
     log: Log = print,
+    previous: Mapping[str, MethodResult] | None = None,
+    resume_hint: str = "run_sweep(..., previous=finished_results(OUT))",
 ) -> SweepResult:
     """Train each of `methods` from `base` (a TrainConfig) into OUT/METHOD; return and write the comparison.
 
     train_fn(config) → an object with `final_dir`, `steps`, `metrics` (default: preftune.train.api.train).
     evaluate_fn(final_dir, config) → (task accuracy | None, KL estimate | None) (default: `PolicyEvaluator`
     built from `task`). Writes OUT/sweep.json and OUT/sweep.html when `write`.
+    previous: the results of an earlier, interrupted sweep into OUT (`finished_results`); its finished
+    methods are kept as they are and the others resume from their newest checkpoint.
+    A stop signal raises `Interrupted` after the report is written (the module's docstring).
     """
+    from preftune.train.signals import GracefulStop
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(base.cache_dir) if base.cache_dir else out / "cache"
@@ -227,18 +244,36 @@ def run_sweep(
             task_metric=task.metric if task else "accuracy",
         )
 
+    stop = GracefulStop("no further method starts; the running one saves a checkpoint or ends its evaluation")
+    interrupted: BaseException | None = None
     try:
-        for i, method in enumerate(methods, start=1):
-            log(f"sweep [{i}/{len(methods)}] {method} → {out / method}")
-            config = method_config(
-                base, method, out, cache_dir, task.online if task else {},
-                task.online_hparams.get(method) if task else None,
-            )  # fmt: skip
-            config = with_sweep_dpo_model(config, results)
-            results.append(_run_method(config, train_fn, evaluate_fn, log))
-            if write:  # after every method, so an interrupted sweep still leaves its numbers
-                write_sweep_json(summarise())
-            gc.collect()
+        with stop:
+            for i, method in enumerate(methods, start=1):
+                if stop.signum or (results and results[-1].status == "interrupted"):
+                    break
+                if previous and method in previous:
+                    log(f"sweep [{i}/{len(methods)}] {method}: finished before, kept")
+                    results.append(previous[method])
+                    continue
+                log(f"sweep [{i}/{len(methods)}] {method} → {out / method}")
+                config = method_config(
+                    base, method, out, cache_dir, task.online if task else {},
+                    task.online_hparams.get(method) if task else None,
+                )  # fmt: skip
+                config = with_sweep_dpo_model(config, results)
+                if previous is not None:
+                    config = dataclasses.replace(config, resume="latest")
+                results.append(
+                    MethodResult(method, config.out, "interrupted", settings=method_settings(base, config))
+                )
+                _run_method(results[-1], config, train_fn, evaluate_fn, log)
+                if write:  # after every method, so an interrupted sweep still leaves its numbers
+                    write_sweep_json(summarise())
+                gc.collect()
+    except KeyboardInterrupt as err:  # a second signal, or Ctrl-C where no handler could be installed
+        interrupted = err
+        if results and results[-1].status == "interrupted" and not results[-1].error:
+            results[-1].error = "stopped at once (a second signal)"
     finally:
         result = summarise()
         if write and results:
@@ -246,22 +281,54 @@ def run_sweep(
 
             write_sweep(result)
     _log_cache_use(results, cache_dir, log)
+    if interrupted is not None or stop.signum or any(r.status == "interrupted" for r in results):
+        raise _sweep_stopped(methods, results, stop.signum, out, resume_hint) from None
     return result
 
 
+def _sweep_stopped(
+    methods: Sequence[str], results: list[MethodResult], signum: int, out: Path, resume_hint: str
+) -> Exception:
+    """The error of a sweep a signal stopped: what finished, what was interrupted, how to resume."""
+    import signal
+
+    from preftune.train.signals import Interrupted
+
+    done = [r.method for r in results if r.status != "interrupted"]
+    cut = [r for r in results if r.status == "interrupted"]
+    rest = [m for m in methods if m not in {r.method for r in results}]
+    name = signal.Signals(signum).name if signum else "a second signal"
+    parts = [f"sweep stopped by {name}", f"finished: {', '.join(done) or 'none'}"]
+    parts += [f"interrupted: {r.method} ({r.error or 'before its training began'})" for r in cut]
+    parts.append(f"not started: {', '.join(rest) or 'none'}")
+    return Interrupted(
+        "; ".join(parts) + f"; {out / 'sweep.html'} shows the finished methods — resume with: {resume_hint}",
+        signum or signal.SIGINT,
+    )
+
+
+def finished_results(out_dir: str | Path) -> dict[str, MethodResult]:
+    """The methods an earlier sweep into OUT finished (trained, or failed for good), from
+    OUT/sweep.json; {} when there is none. A resumed sweep keeps these and reruns the others."""
+    if not (Path(out_dir) / "sweep.json").is_file():
+        return {}
+    return {r.method: r for r in read_sweep(out_dir).results if r.status != "interrupted"}
+
+
 def _run_method(
+    res: MethodResult,
     config: Any,
     train_fn: Callable[[Any], Any],
     evaluate_fn: Callable[[Path, Any], tuple[float | None, KLEstimate | None]] | None,
     log: Log,
-) -> MethodResult:
+) -> None:
     """Train one method (`config`, from `method_config`: report=False, the sweep writes each run's
-    report itself once its evaluation is in) and evaluate it; any exception is recorded in the
-    result, never raised."""
+    report itself once its evaluation is in) and evaluate it into `res`; any exception is recorded in
+    the result, never raised. A run a signal stopped stays "interrupted" with the run's message."""
     from preftune.config import reference_strategy
+    from preftune.train.signals import Interrupted
 
     method, cache_dir = config.method, Path(config.cache_dir)
-    res = MethodResult(method=method, run_dir=config.out)
     try:
         strategy = reference_strategy(config, _needs_reference(config))
         before = cache_snapshot(cache_dir)
@@ -277,11 +344,15 @@ def _run_method(
         else:
             res.reference_cache = strategy
         final_dir = Path(run.final_dir)
+    except Interrupted as err:  # a stop signal: the run saved its checkpoint; the sweep stops
+        res.error = str(err).split(" — resume with:")[0]
+        _write_run_report(Path(res.run_dir), log)
+        return
     except Exception as err:  # one failing method must not lose the others
         res.status, res.error = "failed", _short_error(err)
         log(f"sweep: {method} failed — {res.error}; going on with the next method")
         _write_run_report(Path(res.run_dir), log)  # the curves up to the failure, when there are any
-        return res
+        return
     _write_run_report(Path(res.run_dir), log)
     if evaluate_fn is not None:
         try:
@@ -291,7 +362,7 @@ def _run_method(
         except Exception as err:
             res.eval_error = _short_error(err)
             log(f"sweep: evaluating {method} failed — {res.eval_error}")
-    return res
+    res.status = "ok"
 
 
 def _log_cache_use(results: list[MethodResult], cache_dir: Path, log: Log) -> None:
@@ -304,6 +375,17 @@ def _log_cache_use(results: list[MethodResult], cache_dir: Path, log: Log) -> No
         )
     if reused:
         log(f"sweep: reference log-probs reused from the cache by {', '.join(reused)} ({cache_dir})")
+
+
+def method_settings(base: Any, config: Any) -> dict[str, Any]:
+    """`config`'s values that differ from `base`'s, by key (a loss option as `hparams.KEY`), leaving out
+    what every run has of its own (method, out) and the bookkeeping (report, resume, cache_dir)."""
+    ours, shared = _config_dict(config), _config_dict(base)
+    hparams, base_hparams = ours.pop("hparams", None) or {}, shared.pop("hparams", None) or {}
+    skip = ("report", "resume", "cache_dir")
+    changed = {k: v for k, v in ours.items() if k not in skip and v != shared.get(k)}
+    changed.update({f"hparams.{k}": v for k, v in hparams.items() if base_hparams.get(k, object()) != v})
+    return changed
 
 
 def _config_dict(config: Any) -> dict[str, Any]:

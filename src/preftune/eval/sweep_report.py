@@ -12,8 +12,9 @@ from preftune.eval.htmlkit import cards, figure, findings_box, fmt, html_table, 
 from preftune.eval.report import read_metrics
 from preftune.eval.sweep import MethodResult, SweepResult, write_sweep_json
 
-# (column title, key in MethodResult.metrics): final train values and the final evaluation's.
-METRIC_COLUMNS = (
+# (column title, key in MethodResult.metrics, shown in %): final train values and the final evaluation's.
+# Each table shows only the columns some of its methods logged, so it fits a page.
+PAIR_COLUMNS = (
     ("train loss", "loss", False),
     ("eval loss", "eval/loss", False),
     ("eval reward acc.", "eval/rewards/accuracy", True),
@@ -21,12 +22,15 @@ METRIC_COLUMNS = (
     ("eval log p chosen /tok", "eval/logps/chosen_per_token", False),
     ("eval log p rejected /tok", "eval/logps/rejected_per_token", False),
     ("eval ranking acc.", "eval/policy_rank_accuracy", True),
-    # online methods (grpo, rloo, ...): the last step's samples
+)
+ONLINE_COLUMNS = (  # online methods (grpo, rloo, ...): the last step's samples
+    ("train loss", "loss", False),
     ("sample reward", "reward", False),
     ("sample acc.", "accuracy", True),
     ("KL to ref. (train)", "kl", False),
     ("zero-signal frac.", "zero_signal_fraction", True),
 )
+ONLINE_KEYS = ("reward", "zero_signal_fraction")  # a run that logs one of these sampled online
 
 
 def _cell(value: float | None, percent: bool = False) -> str:
@@ -38,21 +42,36 @@ def _cell(value: float | None, percent: bool = False) -> str:
 def comparison_rows(
     results: list[MethodResult], metric: str = "accuracy"
 ) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the per-method table (status, metrics, task accuracy or `metric`, KL, reference
-    cache)."""
-    shown = [(t, k, pct) for t, k, pct in METRIC_COLUMNS if any(k in r.metrics for r in results)]
-    header = ["method", "status", "steps", "wall (s)", "CPU (s)"] + [t for t, _, _ in shown]
-    header += [f"task {metric}", "KL to ref. (nats)", "reference"]
+    """Header and rows of the outcome table: status, steps, time, task accuracy or `metric`, KL and
+    how the run got its reference."""
+    header = ["method", "status", "steps", "wall (s)", "CPU (s)", f"task {metric}", "KL to ref. (nats)"]
+    header.append("reference")
     rows = []
     for r in results:
         kl = f"{r.kl['mean']:.3g} ± {r.kl['stderr']:.2g}" if r.kl else "–"
         status = r.status if not r.eval_error else f"{r.status} (eval failed)"
         rows.append(
             [r.method, status, str(r.steps), f"{r.seconds:.0f}", f"{r.cpu_seconds:.0f}"]
-            + [_cell(r.metrics.get(k), percent=pct) for _, k, pct in shown]
             + [_cell(r.accuracy, percent=metric == "accuracy"), kl, r.reference_cache]
         )
     return header, rows
+
+
+def metric_tables(results: list[MethodResult]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) of the final training metrics: one table for the preference-pair methods,
+    one for the online ones, each with the columns its methods logged (none: no table)."""
+    online = [r for r in results if any(k in r.metrics for k in ONLINE_KEYS)]
+    pairs = [r for r in results if r.metrics and r not in online]
+    tables = []
+    for title, group, columns in (
+        ("preference-pair methods", pairs, PAIR_COLUMNS),
+        ("online methods (the last step's samples)", online, ONLINE_COLUMNS),
+    ):
+        shown = [(t, k, pct) for t, k, pct in columns if any(k in r.metrics for r in group)]
+        if group and shown:
+            rows = [[r.method] + [_cell(r.metrics.get(k), percent=pct) for _, k, pct in shown] for r in group]
+            tables.append((title, ["method"] + [t for t, _, _ in shown], rows))
+    return tables
 
 
 def _run_records(result: SweepResult) -> dict[str, list[dict[str, Any]]]:
@@ -127,17 +146,24 @@ def _failures(result: SweepResult) -> str:
 
 
 def _comparison(result: SweepResult) -> list[str]:
-    """The per-method table, how to read it, and links to the runs' own reports."""
+    """The per-method tables, how to read them, and links to the runs' own reports."""
     header, rows = comparison_rows(result.results, result.task_metric)
     body = [
-        '<h2 id="comparison">Final metrics per method</h2><p class="about">Train values are the last '
-        "step's; eval values come from the final evaluation on held-out pairs. Task accuracy and KL are "
-        f"measured on {html.escape(result.task_name)}: KL(π_θ ‖ π_ref) is a Monte-Carlo estimate from "
-        'policy samples (temperature 1), ± one standard error. "reused" in the reference column means '
-        "the run read its reference log-probs from the shared cache without computing any; the time of a "
-        'run marked "computed" includes that reference pass.</p>',
+        '<h2 id="comparison">Results per method</h2><p class="about">Task accuracy and KL are measured '
+        f"on {html.escape(result.task_name)}: KL(π_θ ‖ π_ref) is a Monte-Carlo estimate from policy "
+        'samples (temperature 1), ± one standard error. "reused" in the reference column means the run '
+        "read its reference log-probs from the shared cache without computing any; the time of a run "
+        'marked "computed" includes that reference pass.</p>',
         html_table(header, rows),
     ]
+    tables = metric_tables(result.results)
+    if tables:
+        body.append(
+            '<h2 id="metrics">Final training metrics</h2><p class="about">Train values are the last '
+            "step's; eval values come from the final evaluation on held-out pairs.</p>"
+        )
+    for title, header, rows in tables:
+        body.append(f"<h3>{html.escape(title[0].upper() + title[1:])}</h3>" + html_table(header, rows))
     links = [
         f'<a href="{html.escape(r.method)}/report.html">{html.escape(r.method)}</a>'
         for r in result.results
@@ -148,6 +174,31 @@ def _comparison(result: SweepResult) -> list[str]:
     return body
 
 
+def settings_tables(result: SweepResult) -> str:
+    """The configuration every method shares, then the settings the methods do not share (an online
+    method's prompts, reward and schedule against a pair method's data and schedule), each method's
+    own value of each; methods with the same values share a row."""
+    own = sorted({k for r in result.results for k in r.settings})
+    shared = [(k, v) for k, v in result.config.items() if v not in (None, "", [], {}) and k not in own]
+    groups: dict[str, list[str]] = {}
+    for r in result.results:
+        values = {k: r.settings.get(k, result.config.get(k)) for k in own}
+        text = "; ".join(f"{k} = {fmt(v)}" for k, v in values.items() if v not in (None, "", [], {}))
+        groups.setdefault(text, []).append(r.method)
+    parts = ['<h2 id="config">Configuration</h2>']
+    if own:
+        rows = [[", ".join(methods), text or "–"] for text, methods in groups.items()]
+        parts.append(
+            '<p class="about">Settings the methods do not share: an online method trains on prompts '
+            "with a reward and its own schedule (steps, batch, learning rate, samples per prompt), a "
+            "preference-pair method on the pairs with the offline one.</p>"
+            + html_table(["methods", "their settings"], rows)
+            + "<h3>Shared by every method</h3>"
+        )
+    parts.append(html_table(["key", "value"], shared))
+    return "".join(parts)
+
+
 def _bars(sid: str, title: str, values: dict[str, float], alt: str, **style: Any) -> str:
     """A section of one bar per method: `title` as its heading and `style` for `plot_method_bars`."""
     png = plots.plot_method_bars(values, title=f"{title} per method", **style)
@@ -155,22 +206,36 @@ def _bars(sid: str, title: str, values: dict[str, float], alt: str, **style: Any
 
 
 def _task_bars(result: SweepResult, accuracy: dict[str, float], colors: dict[str, str]) -> str:
-    """The held-out task score per method: accuracy in % from 0 with the reference model's as a dashed
-    line; another metric (the diffusion task's mean reward) as its change from the reference model's,
-    since differences of hundredths on a bar drawn from 0 look flat."""
+    """The held-out task score per method. With the reference model's score: each bar is the change
+    from it (accuracy in points), labelled with the score itself, since differences of a point on bars
+    drawn from 0 to 100 % look flat; without: the score, on an axis that spans the data."""
     name, base = result.task_metric, result.baseline_accuracy
-    if name == "accuracy" or base is None:
-        percent = name == "accuracy"
+    percent = name == "accuracy"
+    if base is None:
         return _bars(
             "accuracy", f"Held-out task {name}", accuracy, f"task {name} per method",
-            ylabel="accuracy (%)" if percent else name, percent=percent, baseline=base,
-            baseline_label="reference model", colors=colors,
+            ylabel=f"held-out {name}" + (" (%)" if percent else ""), percent=percent, colors=colors,
         )  # fmt: skip
-    change = {m: v - base for m, v in accuracy.items()}
+    change, labels = task_change(accuracy, base, percent)
+    shown = f"{100 * base:.1f}%" if percent else f"{base:.4f}"
+    unit = "points" if percent else name
     return _bars(
-        "accuracy", f"Held-out task {name}: change from the reference model ({base:.4f})", change,
-        f"change in task {name} per method", ylabel=f"{name} − the reference model's", colors=colors,
+        "accuracy", f"Held-out task {name}: change from the reference model ({shown})", change,
+        f"change in task {name} per method", ylabel=f"held-out {name} − reference model's ({unit})",
+        colors=colors, labels=labels,
     )  # fmt: skip
+
+
+def task_change(
+    score: dict[str, float], base: float, percent: bool
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Each method's change from the reference model's score (in points when `percent`) and its bar
+    label: the score and the signed change ("63.4% (+14.3)")."""
+    scale = 100.0 if percent else 1.0
+    change = {m: scale * (v - base) for m, v in score.items()}
+    if percent:
+        return change, {m: f"{100 * score[m]:.1f}% ({change[m]:+.1f})" for m in score}
+    return change, {m: f"{score[m]:.4f} ({change[m]:+.4f})" for m in score}
 
 
 def _method_plots(result: SweepResult, ok: list[MethodResult], colors: dict[str, str]) -> list[str]:
@@ -243,7 +308,6 @@ def build_sweep_html(result: SweepResult) -> str:
     ok = [r for r in result.results if r.status == "ok"]
     runs = _run_records(result)
     colors = plots.method_colors([r.method for r in result.results])
-    shared = [(k, v) for k, v in result.config.items() if v not in (None, "", [], {})]
     body = [
         _sweep_cards(result, ok),
         _failures(result),
@@ -251,8 +315,7 @@ def build_sweep_html(result: SweepResult) -> str:
         *_comparison(result),
         *_method_plots(result, ok, colors),
         _curves(runs, colors),
-        '<h2 id="config">Shared configuration</h2>',
-        html_table(["key", "value"], shared),
+        settings_tables(result),
     ]
     methods = ", ".join(r.method for r in result.results)
     return page(

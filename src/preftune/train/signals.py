@@ -35,22 +35,37 @@ class GracefulStop:
     """Within `with`: the stop signals set a flag instead of ending the process (main thread only;
     elsewhere signals keep their handlers). `requested(world)` is read at each step boundary."""
 
-    def __init__(self) -> None:
+    def __init__(self, action: str = "saving a checkpoint after this step, then stopping") -> None:
         self.signum = 0
+        self.action = action  # what the first signal does, for its message
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> GracefulStop:
+        """Nested stops (a training run inside `preftune sweep`) hand a signal on: one the outer stop
+        received before this one began is this one's too (the run stops at its first step boundary)."""
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            outer = self._outer()
+            if outer is not None and outer.signum and not self.signum:
+                self.signum = outer.signum
         return self
 
     def __exit__(
         self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
     ) -> None:
+        """... and one received here is the outer stop's after this one ends (a run that finished in
+        the meantime must not swallow it)."""
+        outer = self._outer()
+        if outer is not None and self.signum and not outer.signum:
+            outer.signum = self.signum
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+    def _outer(self) -> GracefulStop | None:
+        owner = getattr(self._previous.get(signal.SIGINT), "__self__", None)
+        return owner if isinstance(owner, GracefulStop) else None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum:
@@ -59,8 +74,8 @@ class GracefulStop:
         # os.write, not print: a handler may run in the middle of another write to the same stream
         os.write(
             2,
-            f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step, then "
-            "stopping (send it again to stop at once)\n".encode(),
+            f"\n{signal.Signals(signum).name} received: {self.action} "
+            "(send it again to stop at once)\n".encode(),
         )
 
     def requested(self, world: World) -> int:
