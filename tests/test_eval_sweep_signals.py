@@ -76,7 +76,10 @@ def test_a_run_stopped_by_a_signal_is_kept_as_interrupted_and_resumed_with_the_f
                   log=lambda _m: None, resume_hint="preftune sweep ... --resume")  # fmt: skip
     message = str(stopped.value)
     assert stopped.value.exit_code == 130
-    assert "interrupted: ipo (stopped by SIGINT after step 2 of 3; checkpoint C saved)" in message
+    assert message.startswith("sweep stopped by SIGINT; finished: dpo; interrupted: ipo (stopped by SIGINT after "
+                              "step 2 of 3; checkpoint C saved); not started: simpo")  # fmt: skip
+    page = (tmp_path / "s" / "sweep.html").read_text()
+    assert 'id="stopped"' in page and "not started: simpo" in page and 'id="failures"' not in page
     assert "not started: simpo" in message and message.endswith("resume with: preftune sweep ... --resume")
     assert [c.method for c in calls] == ["dpo", "ipo"]
     kept = finished_results(tmp_path / "s")

@@ -101,6 +101,7 @@ class SweepResult:
     config: dict[str, Any]
     seconds: float = 0.0
     task_metric: str = "accuracy"
+    stopped: str = ""  # a sweep a signal stopped: what finished, what was interrupted, what did not start
 
     def to_json(self) -> dict[str, Any]:
         reused = [r.method for r in self.results if r.reference_cache == "reused"]
@@ -111,6 +112,7 @@ class SweepResult:
             "baseline_accuracy": self.baseline_accuracy,
             "task_metric": self.task_metric,
             "seconds": self.seconds,
+            "stopped": self.stopped,
             "reference_cache": {"dir": self.cache_dir, "computed_by": computed, "reused_by": reused},
             "config": self.config,
             "results": [dataclasses.asdict(r) for r in self.results],
@@ -232,7 +234,7 @@ def run_sweep(
     started = time.perf_counter()
     results: list[MethodResult] = []
 
-    def summarise() -> SweepResult:
+    def summarise(stopped: str = "") -> SweepResult:
         return SweepResult(
             out_dir=out,
             results=results,
@@ -242,10 +244,12 @@ def run_sweep(
             config=_config_dict(base),
             seconds=time.perf_counter() - started,
             task_metric=task.metric if task else "accuracy",
+            stopped=stopped,
         )
 
     stop = GracefulStop("no further method starts; the running one saves a checkpoint or ends its evaluation")
     interrupted: BaseException | None = None
+    signum = 0  # the signal that stopped a run (the run's own handler had it)
     try:
         with stop:
             for i, method in enumerate(methods, start=1):
@@ -266,7 +270,7 @@ def run_sweep(
                 results.append(
                     MethodResult(method, config.out, "interrupted", settings=method_settings(base, config))
                 )
-                _run_method(results[-1], config, train_fn, evaluate_fn, log)
+                signum = _run_method(results[-1], config, train_fn, evaluate_fn, log)
                 if write:  # after every method, so an interrupted sweep still leaves its numbers
                     write_sweep_json(summarise())
                 gc.collect()
@@ -275,24 +279,28 @@ def run_sweep(
         if results and results[-1].status == "interrupted" and not results[-1].error:
             results[-1].error = "stopped at once (a second signal)"
     finally:
-        result = summarise()
+        signum = stop.signum or signum
+        halted = interrupted is not None or signum or any(r.status == "interrupted" for r in results)
+        note = _stop_note(methods, results, signum) if halted else ""
+        result = summarise(note)
         if write and results:
             from preftune.eval.sweep_report import write_sweep
 
             write_sweep(result)
     _log_cache_use(results, cache_dir, log)
-    if interrupted is not None or stop.signum or any(r.status == "interrupted" for r in results):
-        raise _sweep_stopped(methods, results, stop.signum, out, resume_hint) from None
+    if note:
+        import signal
+
+        from preftune.train.signals import Interrupted
+
+        where = f"; {out / 'sweep.html'} shows the finished methods" if write and results else ""
+        raise Interrupted(f"{note}{where} — resume with: {resume_hint}", signum or signal.SIGINT) from None
     return result
 
 
-def _sweep_stopped(
-    methods: Sequence[str], results: list[MethodResult], signum: int, out: Path, resume_hint: str
-) -> Exception:
-    """The error of a sweep a signal stopped: what finished, what was interrupted, how to resume."""
+def _stop_note(methods: Sequence[str], results: list[MethodResult], signum: int) -> str:
+    """What a sweep a signal stopped did: what finished, what was interrupted, what did not start."""
     import signal
-
-    from preftune.train.signals import Interrupted
 
     done = [r.method for r in results if r.status != "interrupted"]
     cut = [r for r in results if r.status == "interrupted"]
@@ -301,10 +309,7 @@ def _sweep_stopped(
     parts = [f"sweep stopped by {name}", f"finished: {', '.join(done) or 'none'}"]
     parts += [f"interrupted: {r.method} ({r.error or 'before its training began'})" for r in cut]
     parts.append(f"not started: {', '.join(rest) or 'none'}")
-    return Interrupted(
-        "; ".join(parts) + f"; {out / 'sweep.html'} shows the finished methods — resume with: {resume_hint}",
-        signum or signal.SIGINT,
-    )
+    return "; ".join(parts)
 
 
 def finished_results(out_dir: str | Path) -> dict[str, MethodResult]:
@@ -321,10 +326,11 @@ def _run_method(
     train_fn: Callable[[Any], Any],
     evaluate_fn: Callable[[Path, Any], tuple[float | None, KLEstimate | None]] | None,
     log: Log,
-) -> None:
+) -> int:
     """Train one method (`config`, from `method_config`: report=False, the sweep writes each run's
     report itself once its evaluation is in) and evaluate it into `res`; any exception is recorded in
-    the result, never raised. A run a signal stopped stays "interrupted" with the run's message."""
+    the result, never raised. A run a signal stopped stays "interrupted" with the run's message, and
+    the signal's number is returned (0 otherwise)."""
     from preftune.config import reference_strategy
     from preftune.train.signals import Interrupted
 
@@ -347,12 +353,12 @@ def _run_method(
     except Interrupted as err:  # a stop signal: the run saved its checkpoint; the sweep stops
         res.error = str(err).split(" — resume with:")[0]
         _write_run_report(Path(res.run_dir), log)
-        return
+        return int(getattr(err, "exit_code", 130)) - 128
     except Exception as err:  # one failing method must not lose the others
         res.status, res.error = "failed", _short_error(err)
         log(f"sweep: {method} failed — {res.error}; going on with the next method")
         _write_run_report(Path(res.run_dir), log)  # the curves up to the failure, when there are any
-        return
+        return 0
     _write_run_report(Path(res.run_dir), log)
     if evaluate_fn is not None:
         try:
@@ -363,6 +369,7 @@ def _run_method(
             res.eval_error = _short_error(err)
             log(f"sweep: evaluating {method} failed — {res.eval_error}")
     res.status = "ok"
+    return 0
 
 
 def _log_cache_use(results: list[MethodResult], cache_dir: Path, log: Log) -> None:
@@ -501,6 +508,7 @@ def read_sweep(out_dir: str | Path) -> SweepResult:
         config=data.get("config", {}),
         seconds=float(data.get("seconds", 0.0)),
         task_metric=data.get("task_metric", "accuracy"),
+        stopped=data.get("stopped", ""),
     )
 
 

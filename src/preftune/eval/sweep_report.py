@@ -133,7 +133,7 @@ def _sweep_cards(result: SweepResult, ok: list[MethodResult]) -> str:
 
 def _failures(result: SweepResult) -> str:
     """The methods that failed to train or to evaluate, with their errors ("" when none did)."""
-    failed = [r for r in result.results if r.status != "ok"]
+    failed = [r for r in result.results if r.status == "failed"]
     if not failed and not any(r.eval_error for r in result.results):
         return ""
     items = [f"<li><b>{html.escape(r.method)}</b>: {html.escape(r.error or '')}</li>" for r in failed]
@@ -143,6 +143,18 @@ def _failures(result: SweepResult) -> str:
         if r.eval_error
     ]
     return f'<h2 id="failures">Failures</h2><ul class="err">{"".join(items)}</ul>'
+
+
+def stopped_notice(result: SweepResult) -> str:
+    """A sweep a signal stopped: what finished, what was interrupted (its checkpoint), what did not
+    start, and how to go on ("" for a sweep that ran to its end)."""
+    if not result.stopped:
+        return ""
+    return (
+        f'<div class="warn" id="stopped"><b>Stopped before its end.</b> {html.escape(result.stopped)}. '
+        "Run the same <code>preftune sweep</code> command with <code>--resume</code> to go on: the "
+        "finished methods are kept, the interrupted one resumes from its checkpoint.</div>"
+    )
 
 
 def _comparison(result: SweepResult) -> list[str]:
@@ -310,6 +322,7 @@ def build_sweep_html(result: SweepResult) -> str:
     colors = plots.method_colors([r.method for r in result.results])
     body = [
         _sweep_cards(result, ok),
+        stopped_notice(result),
         _failures(result),
         findings_box(sweep_findings(result, runs)),
         *_comparison(result),
