@@ -11,6 +11,15 @@ train `preftune train rm` (bt, `--rm-steps` steps of 32 pairs at `--rm-lr`) from
 the SFT model itself; benchmarks/verifier_trunk.py builds the verifier trunk). GRPO then runs with the
 quickstart's online settings (16 prompts × 8 completions at 0.7, lr 5e-5, 100 steps) with
 `--reward`: the RM folder (`rm`, the default) or the verifier (`arithmetic`, for comparison).
+The SFT model is trained once per WORK (`WORK/qs/artifacts.pkl`); samples and RMs are reused too.
+
+Against reward hacking (docs/reward_models.md, "GRPO with a reward model as its reward"):
+`--kl C` adds DeepSeekMath's k3 KL term to the SFT model to GRPO's loss (objective `ppo_clip:1,kl:C`);
+`--head implicit --beta B` trains the implicit RM β log π_θ/π_ref instead of the scalar head;
+`--heads M --aggregate min|uwo|mean|median` an ensemble of M scalar heads on one trunk;
+`--grpo-steps`, `--grpo-lr` the schedule; `--eval-every N` keeps a checkpoint every N steps and
+reports the curve: greedy held-out verifier accuracy at each, with the mean logged reward (the RM's
+score of the rollouts), KL and completion length of the steps since the previous point.
 
 Prints one JSON line: greedy verifier accuracy on the held-out prompts before and after GRPO, the
 paired difference and its standard error over prompts, the RM's held-out pairwise accuracy, and the
@@ -46,6 +55,21 @@ def _config(quick: bool) -> Any:
     return QuickstartConfig(sft=SFTConfig(steps=4, batch_size=8, target_accuracy=None), train_prompts=8,
                             heldout_prompts=8, eval_samples=1, online_steps=2, online_batch_size=2,
                             num_generations=2)  # fmt: skip
+
+
+def prepared(out: Path, seed: int, config: Any) -> Any:
+    """The quickstart's `prepare` into `out`, once: its artifacts are kept in OUT/artifacts.pkl and
+    read back by later runs with the same WORK (the SFT model is trained once for all settings)."""
+    import pickle
+
+    from preftune.tasks.quickstart import prepare
+
+    path = out / "artifacts.pkl"
+    if path.is_file():
+        return pickle.loads(path.read_bytes())
+    art = prepare(out, seed=seed, config=config, log=lambda _m: None, with_pairs=False)
+    path.write_bytes(pickle.dumps(art))
+    return art
 
 
 def greedy_right(folder: Path, task: Any, prompts: list[str]) -> list[float]:
@@ -84,14 +108,78 @@ def train_rm(args: argparse.Namespace, art: Any) -> tuple[Path, float, int]:
 
     work = Path(args.work)
     train, held = rm_pairs(args, art)
-    out = work / (f"rm-s{args.rm_steps}-lr{args.rm_lr:g}" + ("-trunk" if args.trunk else ""))
+    out = work / (f"rm-s{args.rm_steps}-lr{args.rm_lr:g}" + ("-trunk" if args.trunk else "") + _rm_tag(args))
     if not (out / "final" / "config.json").is_file():
         run = ["train", "rm", "--model", args.trunk or str(art.sft_dir), "--out", str(out),
                "--data", str(write_jsonl(work / "rm_train.jsonl", train)), "--max-steps", str(args.rm_steps),
                "--batch-size", "4" if args.quick else "32", "--lr", str(args.rm_lr), "--save-every", "0"]  # fmt: skip
+        if args.head == "implicit":
+            run += ["--head", "implicit", "--beta", str(args.beta)]
+        if args.heads > 1:
+            run += ["--heads", str(args.heads), "--aggregate", args.aggregate]
         assert cli(run) == 0
     assert cli(["eval", str(out), "--data", str(write_jsonl(work / "rm_held.jsonl", held))]) == 0
     return out / "final", json.loads((out / "eval.json").read_text())["metrics"]["accuracy"], len(train)
+
+
+def _rm_tag(args: argparse.Namespace) -> str:
+    """The RM folder's suffix for non-default heads (empty for the scalar head, so old folders are reused)."""
+    tag = f"-implicit{args.beta:g}" if args.head == "implicit" else ""
+    return tag + (f"-heads{args.heads}{args.aggregate}" if args.heads > 1 else "")
+
+
+def _grpo_dir(args: argparse.Namespace) -> str:
+    """The GRPO run's folder name: grpo-REWARD[-trunk][RM tag][-klC][-sSTEPS][-lrLR] (defaults omitted)."""
+    name = f"grpo-{args.reward}" + ("-trunk" if args.trunk else "")
+    name += _rm_tag(args) if args.reward == "rm" else ""
+    name += f"-kl{args.kl:g}" if args.kl else ""
+    name += f"-s{args.grpo_steps}" if args.grpo_steps is not None else ""
+    return name + (f"-lr{args.grpo_lr:g}" if args.grpo_lr is not None else "")
+
+
+def grpo_config(args: argparse.Namespace, art: Any, cfg: Any, reward: str) -> Any:
+    """The quickstart's GRPO run with `reward`, `--kl` (DeepSeekMath's k3 term in the loss, weight β),
+    `--grpo-steps`, `--grpo-lr`, and a checkpoint every `--eval-every` steps (all kept)."""
+    from preftune.tasks.quickstart import _online_config
+
+    run = dataclasses.replace(art, out_dir=Path(args.work) / _grpo_dir(args))
+    config = _online_config("grpo", run, cfg, args.seed, False)
+    extra: dict[str, Any] = {"reward": reward}
+    if args.kl:
+        extra["objective"] = f"ppo_clip:1,kl:{args.kl:g}"
+    if args.grpo_steps is not None:
+        extra["max_steps"] = args.grpo_steps
+    if args.grpo_lr is not None:
+        extra["lr"] = args.grpo_lr
+    if args.eval_every:
+        extra.update(save_every=args.eval_every, keep_last=10_000)
+    return dataclasses.replace(config, **extra)
+
+
+def curve(args: argparse.Namespace, art: Any, out: Path, before: list[float]) -> list[dict[str, Any]]:
+    """Per checkpoint (every `--eval-every` steps): greedy held-out verifier accuracy and the mean
+    logged reward (the RM's score of the rollouts), KL to the reference and completion length of the
+    steps since the previous point."""
+    from preftune.models.load import load_causal_lm
+    from preftune.train.checkpoint import list_checkpoints, load_weights
+
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "reward" in r and "step" in r]
+    points, last = [{"step": 0, "greedy": sum(before) / len(before)}], 0
+    for folder in list_checkpoints(out / "checkpoints"):
+        step = int(folder.name.split("-")[1])
+        model = load_causal_lm(str(art.sft_dir))
+        load_weights(model, folder)
+        right = greedy_right(model, art.task, art.heldout_prompts)
+        window = [r for r in rows if last < r["step"] <= step]
+        point = {"step": step, "greedy": sum(right) / len(right)}
+        for key in ("reward", "kl", "completion_length"):
+            vals = [r[key] for r in window if key in r]
+            if vals:
+                point[key] = round(sum(vals) / len(vals), 4)
+        points.append(point)
+        last = step
+    return points
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -106,6 +194,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--samples", type=int, default=8, help="SFT samples per training prompt for the RM")
     ap.add_argument("--rm-steps", type=int, default=400)
     ap.add_argument("--rm-lr", type=float, default=3e-4)
+    ap.add_argument("--head", default="scalar", choices=["scalar", "implicit"], help="the RM's head")
+    ap.add_argument("--beta", type=float, default=0.05, help="β of the implicit RM (--head implicit)")
+    ap.add_argument("--heads", type=int, default=1, help="M scalar heads on one trunk (an ensemble)")
+    ap.add_argument("--aggregate", default="min", choices=["mean", "min", "uwo", "median"],
+                    help="the ensemble's aggregator (--heads M > 1)")  # fmt: skip
+    ap.add_argument("--kl", type=float, default=0.0, help="weight of GRPO's k3 KL term to the SFT model")
+    ap.add_argument("--grpo-steps", type=int, default=None, help="GRPO steps (default: the quickstart's)")
+    ap.add_argument("--grpo-lr", type=float, default=None, help="GRPO lr (default: the quickstart's)")
+    ap.add_argument("--eval-every", type=int, default=0,
+                    help="checkpoint every N GRPO steps and report held-out greedy accuracy at each")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="toy sizes, a smoke run of a few seconds")
     args = ap.parse_args(argv)
@@ -119,7 +217,6 @@ def main() -> None:
 
     import torch
 
-    from preftune.tasks.quickstart import _online_config, prepare
     from preftune.train.api import train
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -127,7 +224,7 @@ def main() -> None:
     torch.set_num_threads(1)
     work, cfg, cpu = Path(args.work), _config(args.quick), {}
     start = _cpu()
-    art = prepare(work / "qs", seed=args.seed, config=cfg, log=lambda _m: None, with_pairs=False)
+    art = prepared(work / "qs", args.seed, cfg)
     before = greedy_right(art.sft_dir, art.task, art.heldout_prompts)
     cpu["prepare"], start = round(_cpu() - start, 1), _cpu()
     rm_accuracy, rm_pairs_n, reward = None, 0, "arithmetic"
@@ -135,17 +232,20 @@ def main() -> None:
         folder, rm_accuracy, rm_pairs_n = train_rm(args, art)
         reward = str(folder)
         cpu["rm"], start = round(_cpu() - start, 1), _cpu()
-    run = dataclasses.replace(art, out_dir=work / (f"grpo-{args.reward}" + ("-trunk" if args.trunk else "")))
-    result = train(dataclasses.replace(_online_config("grpo", run, cfg, args.seed, False), reward=reward))
+    config = grpo_config(args, art, cfg, reward)
+    result = train(config)
     cpu["grpo"], start = round(_cpu() - start, 1), _cpu()
     after = greedy_right(result.final_dir, art.task, art.heldout_prompts)
+    points = curve(args, art, Path(config.out), before) if args.eval_every else None
+    cpu["eval"] = round(_cpu() - start, 1)
     d = torch.tensor(after, dtype=torch.float64) - torch.tensor(before, dtype=torch.float64)
-    print(json.dumps({"reward": args.reward, "trunk": args.trunk, "heldout_prompts": len(before),
+    print(json.dumps({"reward": args.reward, "trunk": args.trunk, "head": args.head, "heads": args.heads,
+                      "kl": args.kl, "run": Path(config.out).name, "heldout_prompts": len(before),
                       "greedy_before": sum(before) / len(before), "greedy_after": sum(after) / len(after),
                       "gain": float(d.mean()), "gain_se": float(d.std() / len(d) ** 0.5),
                       "prompts_gained": int((d > 0).sum()), "prompts_lost": int((d < 0).sum()),
                       "prepare_greedy": art.stats["accuracy_before"]["greedy"], "rm_heldout_accuracy": rm_accuracy,
-                      "rm_train_pairs": rm_pairs_n, "grpo_steps": result.steps, "cpu_s": cpu,
+                      "rm_train_pairs": rm_pairs_n, "grpo_steps": result.steps, "curve": points, "cpu_s": cpu,
                       "load_average": open("/proc/loadavg").read().split()[:3]}))  # fmt: skip
 
 

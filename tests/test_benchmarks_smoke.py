@@ -446,6 +446,20 @@ def test_rm_grpo_quick(
     assert config["reward"] == str(tmp_path / "rm-s2-lr0.0003" / "final")
     rows = [json.loads(x) for x in (tmp_path / "grpo-rm" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("reward") not in (None, 0.0, 0.5, 1.0) for r in rows)
+    # the KL term and the curve: the same SFT model and RM (reused from WORK), a checkpoint per step
+    _in_process("rm_grpo.py", "--quick", "--work", str(tmp_path), "--kl", "0.1", "--eval-every", "1",
+                monkeypatch=monkeypatch)  # fmt: skip
+    kl = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert kl["run"] == "grpo-rm-kl0.1" and kl["rm_train_pairs"] == res["rm_train_pairs"]
+    assert kl["greedy_before"] == res["greedy_before"]
+    config = yaml.safe_load((tmp_path / "grpo-rm-kl0.1" / "config.yaml").read_text())
+    assert config["objective"] == "ppo_clip:1,kl:0.1"
+    assert [p["step"] for p in kl["curve"]] == [0, 1, 2]
+    # step 0 is the SFT model; the last checkpoint holds the final weights
+    assert kl["curve"][0]["greedy"] == kl["greedy_before"] and kl["curve"][-1]["greedy"] == kl["greedy_after"]
+    rows = [json.loads(x) for x in (tmp_path / "grpo-rm-kl0.1" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["reward"] for r in rows if "reward" in r]
+    assert [p["reward"] for p in kl["curve"][1:]] == pytest.approx(logged, abs=1e-4)
 
 
 def test_memory_timeline_smoke(results: Path) -> None:
