@@ -104,6 +104,30 @@ def test_nested_graceful_stops_hand_a_signal_on_both_ways() -> None:
         assert inner.signum == outer.signum == signal.SIGTERM
 
 
+def test_a_signal_while_the_sweep_prepares_stops_it_before_its_first_method(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import preftune.eval.sweep as sweep
+    from preftune.cli import main
+
+    real = sweep.prompts_from_data
+
+    def prompts_then_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # while the held-out prompts are tokenized
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep, "prompts_from_data", prompts_then_sigterm)
+    model = tiny_model(tmp_path / "model")
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(8))
+    out = tmp_path / "s"
+    argv = ["sweep", "--methods", "dpo,ipo", "--model", str(model), "--data", str(data), "--out", str(out),
+            "--max-steps", "2", "--kl-samples", "0", "--no-progress"]  # fmt: skip
+    assert main(argv) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "preftune: error: sweep stopped by SIGTERM; finished: none; not started: dpo, ipo" in err
+    assert not (out / "dpo").exists() and not (out / "sweep.json").exists()
+
+
 DRIVER = """
 import sys, time
 import preftune.train.run as train_run

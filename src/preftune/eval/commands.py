@@ -200,6 +200,15 @@ def _kl(final: Path, reference: str, args: argparse.Namespace, config: Any) -> d
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    """`preftune sweep`; a stop signal during its preparation (the built-in task's SFT model, the
+    tokenized prompts) stops it before its first method, with the same line as a stop later on."""
+    from preftune.train.signals import GracefulStop
+
+    with GracefulStop("the sweep stops once its preparation ends; no method starts"):
+        return _sweep_command(args)
+
+
+def _sweep_command(args: argparse.Namespace) -> int:
     from preftune.train.logging import quiet_libraries
 
     quiet_libraries()
