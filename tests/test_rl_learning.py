@@ -1,14 +1,14 @@
 """GRPO, RLOO and ReMax learn: from the quickstart's SFT model (`prepare`), GRPO with the quickstart's
 online settings (`_online_config`: the arithmetic verifier, 16 prompts × 8 completions at temperature
 0.7, lr 5e-5, 100 steps) raises greedy accuracy on the 1000 held-out prompts by ≥ 8 points on seeds
-0, 1 and 2, and RLOO and ReMax (7 samples + its greedy baseline) end within 2 points of GRPO (ReMax
-on seed 2 does not: 3.0 behind, a strict xfail) — the
+0, 1 and 2, and RLOO and ReMax (7 samples + its greedy baseline) end within 2 points of GRPO — the
 issue's target (slow: SFT + three online runs per seed, ~6 minutes of CPU a seed).
 
 The SFT model differs between machines (one-thread float32 kernels chosen per CPU round differently;
-the SFT stops at a different step, docs/quickstart.md), and so do the outcomes: on a second machine
-GRPO gains +4.0 on seed 0, ReMax ends 2.3 behind on seed 1 and 1.1 on seed 2. The cells whose
-outcome differs between the two measured machines are non-strict xfails with both numbers."""
+the SFT stops at a different step, docs/quickstart.md), and so do the outcomes: on the first machine
+ReMax ended 3.0 behind GRPO on seed 2; on a second GRPO gained +4.0 on seed 0 and ReMax ended 2.3
+behind on seed 1 and 1.1 on seed 2. The cells whose outcome differs between the two measured
+machines are non-strict xfails with both numbers; the other six are met on both."""
 
 from __future__ import annotations
 

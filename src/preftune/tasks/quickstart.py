@@ -93,11 +93,13 @@ class QuickstartConfig:
     held-out accuracy gained 1.6 points at 40 steps, 4.0 at 80, then 2.2–2.6 at 120–160: more steps
     did not keep adding; num_iterations 2 on the same rollouts gained nothing (docs/quickstart.md).
     From another machine's seed-0 SFT model (49.1 %) 200 steps gained +10.3 against +4.0 at 100, but
-    ReMax then ended 4.9 points behind GRPO, so the default stays at 100 (docs/quickstart.md)."""
+    ReMax then ended 3.5–6.4 points behind GRPO on seeds 0–2, so the default stays at 100
+    (docs/quickstart.md)."""
     online_batch_size: int = 16
     """Prompts per online step, each with `num_generations` samples."""
     num_generations: int = 8
-    """Samples per prompt of an online method."""
+    """Samples per prompt of an online method. 16 lifted GRPO on another machine's seed 0 from +4.0
+    to +8.2 points, but left ReMax 5.3 behind GRPO (docs/quickstart.md)."""
     online_temperature: float = 0.7
     """Sampling temperature of an online method's rollouts (the trainer recomputes its log-probs at
     the same temperature, as TRL does). 0.7, not 1: the samples stay near the greedy answer, so their
