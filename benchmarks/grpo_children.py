@@ -38,18 +38,21 @@ def _prompts(path: str) -> list[str]:
     return [json.loads(line)["prompt"] for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def _preftune_config(a: argparse.Namespace, n: int, out: Path) -> Any:
+    return bu.preftune_config(
+        model=a.model, data=None, out=out, steps=a.steps, batch=n, method="grpo", prompts=a.prompts,
+        reward="grpo_children:reward", num_generations=a.generations,
+        max_completion_length=a.max_completion, temperature=1.0, lr=a.lr, weight_decay=0.0,
+        max_grad_norm=1.0, optimizer_args={}, seed=a.seed, report=False,
+    )  # fmt: skip
+
+
 def child_preftune(a: argparse.Namespace) -> dict[str, Any]:
     stamps = bu.install_step_clock()
     from preftune.train.api import train
 
-    n = len(_prompts(a.prompts))
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = bu.preftune_config(
-            model=a.model, data=None, out=Path(tmp) / "run", steps=a.steps, batch=n, method="grpo",
-            prompts=a.prompts, reward="grpo_children:reward", num_generations=a.generations,
-            max_completion_length=a.max_completion, temperature=1.0, lr=a.lr, weight_decay=0.0,
-            max_grad_norm=1.0, optimizer_args={}, seed=a.seed, report=False,
-        )  # fmt: skip
+        cfg = _preftune_config(a, len(_prompts(a.prompts)), Path(tmp) / "run")
         start = (time.perf_counter(), time.process_time())
         train(cfg)
         rows = [json.loads(ln) for ln in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -78,6 +81,7 @@ def _trl_config(a: argparse.Namespace, n: int, out: str) -> Any:
         max_grad_norm=1.0, max_steps=a.steps, logging_steps=1, report_to="none", save_strategy="no",
         use_cpu=True, bf16=False, fp16=False, seed=a.seed, dataloader_num_workers=0,
         optim="adamw_torch_fused", disable_dropout=True,
+        gradient_checkpointing=False,  # GRPOConfig defaults to True; preftune recomputes nothing either
     )  # fmt: skip
 
 

@@ -169,6 +169,41 @@ def test_grpo_vs_trl_smoke_both_sides(results: Path) -> None:
     assert last["speedup"] > 0 and last["memory_ratio"] > 0 and last["speedup_gpu_path"] > 0
 
 
+@pytest.mark.skipif(not HAS_TRL, reason=NO_TRL)
+def test_grpo_vs_trl_sides_share_the_settings(tmp_path: Path) -> None:
+    """The TRL child's GRPOConfig and the preftune child's TrainConfig agree on every setting that
+    changes the work of a step. GRPOConfig turns gradient checkpointing on by default (a recomputed
+    forward in every backward); preftune's side recomputes nothing, so TRL's must not either."""
+    import argparse
+
+    import grpo_children
+
+    (tmp_path / "p.jsonl").write_text('{"prompt": "w4 w5"}\n')
+    a = argparse.Namespace(
+        model="m",
+        prompts=str(tmp_path / "p.jsonl"),
+        steps=3,
+        lr=1e-6,
+        generations=8,
+        max_completion=64,
+        seed=0,
+    )
+    trl = grpo_children._trl_config(a, 16, str(tmp_path / "trl"))
+    ours = grpo_children._preftune_config(a, 16, tmp_path / "run")
+    assert trl.gradient_checkpointing is False and ours.gradient_checkpointing is False
+    assert (trl.per_device_train_batch_size, trl.num_generations) == (
+        ours.batch_size * 8,
+        ours.num_generations,
+    )
+    assert trl.gradient_accumulation_steps == 1 and ours.micro_batch_size == ours.batch_size
+    pairs = [("max_completion_length",) * 2, ("temperature",) * 2, ("top_p",) * 2, ("top_k",) * 2,
+             ("num_iterations",) * 2, ("learning_rate", "lr"), ("weight_decay",) * 2,
+             ("max_grad_norm",) * 2, ("max_steps",) * 2, ("seed",) * 2]  # fmt: skip
+    for t, o in pairs:
+        assert getattr(trl, t) == getattr(ours, o), (t, getattr(trl, t), getattr(ours, o))
+    assert (trl.beta, trl.loss_type, trl.bf16) == (0.0, "dapo", False) and ours.dtype == "float32"
+
+
 def _check_grpo_vs_trl(results: Path, sides: str) -> dict[str, Any]:
     out = _run("grpo_vs_trl.py", "--smoke", "--sides", sides)
     last = json.loads(out.strip().splitlines()[-1])  # the --quick/--smoke headline
