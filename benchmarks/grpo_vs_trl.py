@@ -17,8 +17,10 @@ label is a completion token, elsewhere (CPU included) every position, the ~250 p
 prompt-heavy sample too, and masks the result afterwards. `trl_gpu` makes that one decision answer
 "compact" on CPU, as dpo_children.py's `gpu` variant does, so its row shows what TRL costs when its
 vocabulary layer runs on completion tokens only, as it does on a GPU. β = 0 leaves no reference
-model to precompute, fused AdamW is on, and the step is one forward/backward over the generation
-batch (TRL's default); `torch_compile` was not measured for GRPO (docs/performance.md §6).
+model to precompute, fused AdamW is on, gradient checkpointing is off on both sides (GRPOConfig
+turns it on by default; preftune's side recomputes nothing), and the step is one forward/backward
+over the generation batch (TRL's default); `torch_compile` was not measured for GRPO
+(docs/performance.md §6).
 
 Two shapes: `prompt_heavy` (~250-token prompts) and `short` (the quickstart's ~10-token prompts).
 Each side runs in a fresh process; the order alternates between repetitions; medians are reported.
