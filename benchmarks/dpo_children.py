@@ -172,10 +172,12 @@ def levers_off(names: str) -> dict[str, Any]:
     segment; `lean`: `torch._inductor.config` is imported, as `torch.use_deterministic_algorithms` did
     before `preftune.train.api.deterministic_algorithms` (~70 MiB resident); `fill`: deterministic mode
     fills every new tensor with NaN again (`torch.utils.deterministic.fill_uninitialized_memory`).
-    Three settings take a value instead: `keep=C` keeps softmax within C float32 copies of the head
+    Settings that take a value instead: `keep=C` keeps softmax within C float32 copies of the head
     weight (`keep` = `keep=0`; the default is logprobs._KEEP_WEIGHT_COPIES), `chunk=N` runs the head N
     tokens at a time (at the benchmarks' 32k vocabulary; default 2^22 / 32000 = 131), `micro=N` runs N
-    pairs per forward (the `best` side runs 1, as TRL `best` does). Returns the config overrides."""
+    pairs per forward (the `best` side runs 1, as TRL `best` does), `mmap=M` fixes glibc's mmap
+    threshold at M MiB (`malloc_mmap_threshold_mib`; default 0, glibc's own). Returns the config
+    overrides."""
     import preftune.models.logprobs as lp
 
     overrides: dict[str, Any] = {}
@@ -191,10 +193,14 @@ def levers_off(names: str) -> dict[str, Any]:
             lp._TREE_ATTENTION = False
         elif name == "lean" and not value:
             import torch._inductor.config  # noqa: F401
+        elif name == "mmap" and value:
+            overrides["malloc_mmap_threshold_mib"] = float(value)
         elif name == "fill" and not value:
             _fill_new_tensors()
         elif entry:
-            raise ValueError(f"lever {entry!r}: choose from {', '.join(LEVERS)}, keep=C, chunk=N, micro=N")
+            raise ValueError(
+                f"lever {entry!r}: choose from {', '.join(LEVERS)}, keep=C, chunk=N, micro=N, mmap=M"
+            )
     return overrides
 
 

@@ -301,7 +301,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--base-levers-off",
         default=",".join(LEVERS),
         help=f"levers the preftune_base side switches off (comma-separated: {','.join(LEVERS)}), or sets: "
-        "keep=C (kept softmax within C head-weight copies), chunk=N (LM head N tokens at a time)",
+        "keep=C (kept softmax within C head-weight copies), chunk=N (LM head N tokens at a time), "
+        "micro=N (pairs per forward), mmap=M (glibc mmap threshold, MiB)",
     )
     ap.add_argument("--compare-steps", type=int, default=3, help="first losses compared between sides")
     ap.add_argument("--peak-seconds", type=float, default=3.0)

@@ -17,9 +17,11 @@ class HeadLogps(torch.autograd.Function):
     """Chunked log-probs through a trainable bias-free linear head W [V, H] with linear logits z = c·h·Wᵀ.
 
     Forward keeps each token's log-sum-exp [M] and, while their total stays within `keep_bytes`, the
-    softmax p = exp(z − lse) of whole chunks (float32, `[chunk, V]`). Backward builds each chunk's logit
-    gradient G = g·c·(onehot(y) − p) from the kept p, or for the other chunks recomputes the logits
-    once and writes G in place into that buffer; then ∂h = G·W and ∂W += Gᵀ·h. A kept chunk costs
+    softmax p = exp(z − lse) of whole chunks (float32, `[chunk, V]`). Backward writes each chunk's logit
+    gradient G = g·c·(onehot(y) − p) over its kept p (no further vocabulary-sized buffer; the graph
+    cannot be run backward twice, `retain_graph` included: torch then reports the saved tensors as
+    modified), or for the other chunks recomputes the logits once and writes G in place into that
+    buffer; then ∂h = G·W and ∂W += Gᵀ·h. A kept chunk costs
     three head matmuls per token (forward, two in backward) and 4·V bytes per token until backward;
     a recomputed one four matmuls and no vocabulary-sized memory between the passes. Either way
     backward has none of checkpointing's extra vocabulary-sized passes (a re-run log_softmax, a
@@ -47,14 +49,12 @@ class HeadLogps(torch.autograd.Function):
         grad = grad_outputs[0].float()
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[2] else None
-        buffer = torch.empty_like(kept[0]) if kept else None  # one G buffer for every kept chunk
         for index, start in enumerate(range(0, hidden.shape[0], ctx.size)):
             stop = min(start + ctx.size, hidden.shape[0])
             h, g = hidden[start:stop], grad[start:stop, None] * ctx.scale
-            if buffer is not None and index < len(kept):  # G = g·c·(onehot(y) − p); p left intact
-                logits = torch.mul(kept[index], -g, out=buffer[: stop - start])
+            if index < len(kept):  # G = g·c·(onehot(y) − p), written over the kept p
+                logits = kept[index].mul_(-g)
             else:  # recompute the logits, then G in the same buffer
-                buffer = None  # past the kept chunks: the G buffer goes
                 logits = _linear_logits(h, weight, ctx.scale)
                 logits.sub_(lse[start:stop, None]).exp_().mul_(-g)
             logits.scatter_add_(-1, targets[start:stop, None], g)

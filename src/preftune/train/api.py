@@ -25,6 +25,7 @@ from preftune.paths import is_pipeline_folder
 from preftune.rl.phase import OnlinePhase, online_phase
 from preftune.train import checkpoint as ckpt
 from preftune.train import faults, runfolder
+from preftune.train.allocator import apply_mmap_threshold
 from preftune.train.batches import objective_kind, prompt_groups
 from preftune.train.distributed import (
     World,
@@ -122,6 +123,7 @@ def _say(text: str) -> None:
 
 def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult:
     """Set up, then the loop: each phase's source yields a batch per step; `Run` steps and checkpoints."""
+    apply_mmap_threshold(config.malloc_mmap_threshold_mib)
     seed_everything(config.seed)
     tokenizer, sources, eval_examples = _load_data(config, objective, world)
     total = sum(s.steps for s in sources)

@@ -25,8 +25,8 @@ from preftune.errors import ConfigError, PreftuneError, TrainingError
 from preftune.online_methods import builder_of, is_online
 from preftune.train import checkpoint as ckpt
 
-# Settings a resumed run may change: they decide what is logged, saved, shown or kept, never a
-# weight. Every other field must equal the run's own value (config.yaml), or the resume is refused.
+# Settings a resumed run may change: they decide what is logged, saved, shown or kept, or how the C
+# allocator holds memory, never a weight. Every other field must equal the run's own value (config.yaml), or the resume is refused.
 RESUME_SAFE = (
     "save_every",
     "keep_last",
@@ -38,6 +38,7 @@ RESUME_SAFE = (
     "progress",
     "report",
     "on_nonfinite",
+    "malloc_mmap_threshold_mib",
 )
 # The run's length: changeable when no step's learning rate depends on it (see `length_fixed_lr`).
 RESUME_LENGTH = ("max_steps", "epochs")
