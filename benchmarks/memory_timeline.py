@@ -10,13 +10,16 @@ rise is charged to the innermost preftune frame of the main thread's Python stac
 optimizer; "imports" for this script's own, torch included). The table lists those charges in order of time, with
 the optimizer steps, and the process peak (`ru_maxrss`). A rise is where the high-water mark grew,
 not what is alive there: memory freed earlier and kept by the allocator is reused before the mark
-moves, so the charges add up to the peak. Start it with `OMP_NUM_THREADS` and `OMP_WAIT_POLICY` set
+moves, so the charges add up to the peak. Under glibc each row also gives its allocator's own
+accounting at the row's last rise (`mallinfo2`): MiB in live blocks (heap and mapped) and MiB of
+freed blocks it keeps in its heap — the part of the resident set an allocator setting could return. Start it with `OMP_NUM_THREADS` and `OMP_WAIT_POLICY` set
 as for the benchmark children. Results: benchmarks/results/memory_timeline_SHAPE.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import resource
 import subprocess
 import sys
@@ -42,35 +45,64 @@ def charge(frame: Any) -> str:
     return "other"
 
 
+class MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks")
+        + ("uordblks", "fordblks", "keepcost")
+    ]
+
+
+def glibc_heap() -> tuple[float, float] | None:
+    """(MiB in live blocks, MiB of free blocks kept in the heap) from glibc's `mallinfo2`, or None."""
+    from preftune.train.allocator import glibc
+
+    libc = glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = MallInfo2
+    info = libc.mallinfo2()
+    return (info.uordblks + info.hblkhd) / 2**20, info.fordblks / 2**20
+
+
 class Sampler(threading.Thread):
     def __init__(self, step_mib: float) -> None:
         super().__init__(daemon=True)
         self.main, self.step, self.stop = threading.get_ident(), step_mib, False
         self.t0, self.label = time.perf_counter(), "imports"
         self.rises: list[tuple[float, float, str]] = []
+        self.heap: list[tuple[float, float] | None] = []  # glibc's (live, kept free) at each rise
 
     def run(self) -> None:
         high = bu.rss_mb()
         self.rises.append((0.0, high, "start"))
+        self.heap.append(glibc_heap())
         while not self.stop:
             now = bu.rss_mb()
             if now >= high + self.step:
                 frame = sys._current_frames().get(self.main)
                 where = charge(frame) if self.label == "train" else self.label
                 self.rises.append((time.perf_counter() - self.t0, now, where))
+                self.heap.append(glibc_heap())
                 high = now
             time.sleep(0.001)
 
 
-def merged(rises: list[tuple[float, float, str]]) -> list[tuple[float, float, float, str]]:
-    """Consecutive rises charged to the same function as one row: (start s, MiB before, MiB after, where)."""
-    rows: list[tuple[float, float, float, str]] = []
-    for (_, before, _), (t, after, where) in zip(rises, rises[1:]):
+def merged(rises: list[tuple[float, float, str]], heap: list[Any]) -> list[tuple[Any, ...]]:
+    """Consecutive rises charged to the same function as one row: (start s, MiB before, MiB after,
+    where, glibc's (live, kept free) at the row's last rise)."""
+    rows: list[tuple[Any, ...]] = []
+    for (_, before, _), (t, after, where), held in zip(rises, rises[1:], heap[1:]):
         if rows and rows[-1][3] == where:
-            rows[-1] = (rows[-1][0], rows[-1][1], after, where)
+            rows[-1] = (rows[-1][0], rows[-1][1], after, where, held)
         else:
-            rows.append((t, before, after, where))
+            rows.append((t, before, after, where, held))
     return rows
+
+
+def row_line(t: float, before: float, after: float, where: str, held: Any) -> str:
+    glibc = f"{held[0]:.0f} | {held[1]:.0f}" if held else "– | –"
+    return f"| {t:.2f} | {before:.0f} | {after:.0f} | +{after - before:.0f} | {where} | {glibc} |"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,18 +143,18 @@ def main(argv: list[str] | None = None) -> int:
     sampler.stop = True
     sampler.join()
     steps = [round(s[0] - sampler.t0, 2) for s in stamps]
-    lines = [f"| {t:.2f} | {b:.0f} | {e:.0f} | +{e - b:.0f} | {w} |" for t, b, e, w in merged(sampler.rises)]
+    lines = [row_line(*row) for row in merged(sampler.rises, sampler.heap)]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     text = (
         f"preftune DPO, {a.model_size} model, {a.shape} × {a.scale}, batch {a.batch}, {a.steps} steps, "
         f"levers off: {a.levers_off or 'none'}; losses {[round(x, 4) for x in out['losses']]}\n"
         f"optimizer steps end at {steps} s; peak RSS (ru_maxrss) {peak:.0f} MiB; load average {bu.load_average()}\n\n"
-        "| from s | MiB before | MiB after | rise | charged to |\n|---|---|---|---|---|\n"
-        + "\n".join(lines)
-        + "\n"
+        "| from s | MiB before | MiB after | rise | charged to | glibc live MiB | glibc kept free MiB |\n"
+        "|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n"
     )
     stem = f"memory_timeline_{a.shape}" + (f"_{a.model_size}" if a.model_size != "20m" else "")
-    bu.save_results(stem, {"rises": sampler.rises, "steps": steps, "peak_rss_mb": peak}, text, quick=a.smoke)
+    found = {"rises": sampler.rises, "glibc_heap": sampler.heap, "steps": steps, "peak_rss_mb": peak}
+    bu.save_results(stem, found, text, quick=a.smoke)
     print(text)
     return 0
 
