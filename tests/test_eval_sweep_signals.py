@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from preftune.config import TrainConfig
 from preftune.eval.sweep import finished_results, run_sweep
 from preftune.train.signals import GracefulStop, Interrupted
+from slow_steps import slow_step_driver
 from test_train_fixtures import pair_rows, tiny_model, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -128,17 +129,7 @@ def test_a_signal_while_the_sweep_prepares_stops_it_before_its_first_method(
     assert not (out / "dpo").exists() and not (out / "sweep.json").exists()
 
 
-DRIVER = """
-import sys, time
-import preftune.train.run as train_run
-real = train_run.objective_on_batch
-def slow(*a, **kw):
-    time.sleep(0.3)  # long enough steps for the test to act between them; no effect on the numbers
-    return real(*a, **kw)
-train_run.objective_on_batch = slow
-from preftune.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+DRIVER = slow_step_driver(0.3)
 
 
 def test_ctrl_c_stops_a_sweep_process_with_its_checkpoint_and_the_printed_command_resumes_it(

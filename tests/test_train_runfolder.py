@@ -26,6 +26,7 @@ import preftune.train.api as api
 import preftune.train.run as train_run
 from preftune.cli import main
 from preftune.config import TrainConfig, save_config
+from slow_steps import slow_step_driver
 from test_train_fixtures import pair_rows, tiny_model, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -392,18 +393,7 @@ def test_train_writes_the_report_with_preftune_eval_results(setup: Setup, tmp_pa
     assert "held.jsonl" in section and "0.4321" in section and "kl/mean" in section and "1.25" in section
 
 
-DRIVER = """
-import sys, time
-import preftune.train.api as api
-import preftune.train.run as train_run
-real = train_run.objective_on_batch
-def slow(*a, **kw):
-    time.sleep(0.4)  # long enough steps for the test to act between them; no effect on the numbers
-    return real(*a, **kw)
-train_run.objective_on_batch = slow
-from preftune.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+DRIVER = slow_step_driver(0.4)
 
 
 @pytest.mark.slow

@@ -26,7 +26,8 @@ from preftune.online_methods import builder_of, is_online
 from preftune.train import checkpoint as ckpt
 
 # Settings a resumed run may change: they decide what is logged, saved, shown or kept, or how the C
-# allocator holds memory, never a weight. Every other field must equal the run's own value (config.yaml), or the resume is refused.
+# allocator holds memory, never a weight. Every other field must equal the run's own value
+# (config.yaml), or the resume is refused.
 RESUME_SAFE = (
     "save_every",
     "keep_last",
