@@ -152,7 +152,13 @@ def _run_name(args: argparse.Namespace) -> str:
     )
 
 
-def main() -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options of the command line (`argv`, default sys.argv), as `run` takes them."""
+    return _parser().parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train the PRM of `args` and measure it on the test items: the record `main` prints."""
     import torch
 
     from preftune.config import load_config
@@ -161,7 +167,6 @@ def main() -> None:
     from preftune.tasks.arithmetic import ArithmeticTask
     from preftune.tasks.sft import SFTConfig, train_sft
 
-    args = _parser().parse_args()
     if args.quick:
         args.steps, args.batch_size, args.train_items, args.eval_every = 2, 4, 16, 1
     n_test, sft_size = (
@@ -213,8 +218,12 @@ def main() -> None:
     implicit = args.head == "implicit"  # error_kinds reads a scalar-head PRM
     kinds = {} if implicit else error_kinds(work / name / "final", work / "test.jsonl", metrics["threshold"])
     probe = {"lm_probe": lm_probe(trunk, work / "test.jsonl")} if args.lm_probe else {}
-    print(json.dumps({"run": name, **metrics, "valid_f1": curve, "flagged": kinds, **probe,
-                      "cpu_s": round(cpu, 1), "wall_s": wall}))  # fmt: skip
+    return {"run": name, **metrics, "valid_f1": curve, "flagged": kinds, **probe, "cpu_s": round(cpu, 1),
+            "wall_s": wall}  # fmt: skip
+
+
+def main() -> None:
+    print(json.dumps(run(parse())))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ next to what its trunk knows untrained.
 SFT model (the quickstart's, level 2, seed 0, ~50 % greedy accuracy) → `preftune train prm` on 6000
 verifier-labelled solutions (400 steps of 32, lr 1e-3) → ProcessBench metrics on 600 held-out items
 (τ on the dev third). Measured: F1 0.54 (acc_err 0.41, acc_corr 0.78), 48 s process CPU for the
-training, at load 10 on 2 cores. The F1 ≥ 0.9 goal is not reached by a trained PRM: not by longer
+training, at load 10 on 2 cores. A scalar-head PRM does not reach the F1 ≥ 0.9 goal: not by longer
 runs (2000 steps at lr 1e-3: 0.35; 1500 at lr 2e-4: 0.43), nor from a trunk SFT'd on to 90 % greedy
 (0.24), nor with labels on the erring character (0.32) (docs/reward_models.md,
 `benchmarks/prm_processbench.py`). The floor asserted, 0.45, is well above what a PRM that learned
@@ -15,7 +15,13 @@ nothing gets (a constant value: F1 0; the untrained head on the SFT trunk: 0.22)
 The same SFT model's own next-token probabilities as step values (the lowest among a step's tokens,
 the separator left out: `lm_probe` of the benchmark) find the first errors: F1 0.988 in this test's
 last run (the PRM: 0.54; 148 s CPU in all); asserted ≥ 0.9 — the knowledge is in the trunk, the
-trained head does not read it.
+trained scalar head does not read it.
+
+The implicit PRM reads it (second test): the verifier trunk (`benchmarks/verifier_trunk.py`), then
+`benchmarks/prm_processbench.py --trunk W/trunk --head implicit` through the benchmark's own `run`:
+q_θ = partial sums of β log π_θ/π_ref trained with prm_bce on the same exact line labels. Measured
+(docs/reward_models.md, "From the verifier trunk"): F1 0.978 (acc_err 0.971, acc_corr 0.985), 164.5 s
+training CPU after the trunk's 287 s; asserted: the goal, F1 ≥ 0.9.
 """
 
 from __future__ import annotations
@@ -25,11 +31,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from preftune.cli import main
 from preftune.reward.processbench import evaluate_prm_folder, processbench_from_task
 from preftune.tasks.arithmetic import ArithmeticTask
-from preftune.tasks.sft import SFTConfig, train_sft
+from preftune.tasks.sft import SFTConfig, train_sft, verifier_trunk_config
+from reward_task_fixtures import cpu_seconds
 from test_train_fixtures import write_jsonl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -54,3 +62,26 @@ def test_prm_on_exact_step_labels_finds_first_errors(tmp_path):
     assert metrics["erroneous"] + metrics["correct"] == 400.0
     assert metrics["f1"] >= 0.45, metrics
     assert probe["f1"] >= 0.9, probe
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)  # ~7 CPU-minutes: the verifier trunk (~5), the implicit PRM (~2), scoring
+def test_implicit_prm_from_verifier_trunk_on_exact_step_labels_reaches_f1_0_9(tmp_path):
+    """`benchmarks/verifier_trunk.py --out W/trunk`, then `benchmarks/prm_processbench.py --work W
+    --trunk W/trunk --head implicit` (β 0.05, 400 steps of 32, lr 1e-3, 6000 items): q_θ, the partial
+    sums of β log π_θ/π_ref trained with prm_bce on the exact line labels, at each line's end."""
+    import prm_processbench
+    from verifier_trunk import held_out_prompts
+
+    torch.set_num_threads(1)
+    start = cpu_seconds()
+    trunk = tmp_path / "trunk"
+    train_sft(ArithmeticTask(level=2), trunk, verifier_trunk_config(0), exclude_prompts=held_out_prompts())
+    trunk_cpu = cpu_seconds() - start
+    args = prm_processbench.parse(["--work", str(tmp_path), "--trunk", str(trunk), "--head", "implicit"])
+    result = prm_processbench.run(args)
+    total_cpu = cpu_seconds() - start
+    print(json.dumps({**result, "trunk_cpu_s": round(trunk_cpu, 1), "total_cpu_s": round(total_cpu, 1)}))
+    assert result["run"] == "trunk-prm-s400-b32-lr0.001-n6000-implicit0.05"  # the documented setting
+    assert result["erroneous"] + result["correct"] == 400.0
+    assert result["f1"] >= 0.9, result
