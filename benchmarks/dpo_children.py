@@ -162,7 +162,7 @@ def child_trl(a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-LEVERS = ("keep", "tree", "lean", "fill")
+LEVERS = ("keep", "tree", "lean", "fill", "direct")
 
 
 def levers_off(names: str) -> dict[str, Any]:
@@ -171,7 +171,9 @@ def levers_off(names: str) -> dict[str, Any]:
     their softmax; `tree`: packed rows attend through the dense [L, L] tree mask instead of segment by
     segment; `lean`: `torch._inductor.config` is imported, as `torch.use_deterministic_algorithms` did
     before `preftune.train.api.deterministic_algorithms` (~70 MiB resident); `fill`: deterministic mode
-    fills every new tensor with NaN again (`torch.utils.deterministic.fill_uninitialized_memory`).
+    fills every new tensor with NaN again (`torch.utils.deterministic.fill_uninitialized_memory`);
+    `direct`: the LM head's and the input embedding's backwards return a fresh weight gradient that
+    autograd adds into `.grad` instead of adding into `.grad` themselves (`preftune.models.direct_grads`).
     Settings that take a value instead: `keep=C` keeps softmax within C float32 copies of the head
     weight (`keep` = `keep=0`; the default is logprobs._KEEP_WEIGHT_COPIES), `chunk=N` runs the head N
     tokens at a time (at the benchmarks' 32k vocabulary; default 2^22 / 32000 = 131), `micro=N` runs N
@@ -197,6 +199,10 @@ def levers_off(names: str) -> dict[str, Any]:
             overrides["malloc_mmap_threshold_mib"] = float(value)
         elif name == "fill" and not value:
             _fill_new_tensors()
+        elif name == "direct" and not value:
+            import preftune.models.direct_grads as dg
+
+            dg._DIRECT_GRADS = False
         elif entry:
             raise ValueError(
                 f"lever {entry!r}: choose from {', '.join(LEVERS)}, keep=C, chunk=N, micro=N, mmap=M"

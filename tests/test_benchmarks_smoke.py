@@ -122,7 +122,9 @@ def test_profile_step_namespace_has_every_child_field() -> None:
 def test_dpo_vs_trl_smoke_preftune_side(results: Path) -> None:
     _check_dpo_vs_trl(results, "preftune,preftune_base", "best")
     res = json.loads((results / "tmp" / "dpo_vs_trl_smoke.json").read_text())
-    assert res["base_levers_off"] == "keep,tree,lean,fill"  # the levers change the speed, not the losses:
+    assert (
+        res["base_levers_off"] == "keep,tree,lean,fill,direct"
+    )  # the levers change the speed, not the losses:
     assert res["shapes"]["prompt_heavy"]["ratios"]["preftune_base"]["max_abs_loss_diff"] < 1e-5
 
 
@@ -137,6 +139,10 @@ def test_levers_off_sets_the_head_settings(monkeypatch: pytest.MonkeyPatch) -> N
     assert dpo_children.levers_off("keep,tree") == {}
     assert (lp._KEEP_WEIGHT_COPIES, lp._TREE_ATTENTION) == (0.0, False)
     assert dpo_children.levers_off("micro=2") == {"micro_batch_size": 2}  # pairs per forward
+    import preftune.models.direct_grads as dg
+
+    monkeypatch.setattr(dg, "_DIRECT_GRADS", True)
+    assert dpo_children.levers_off("direct") == {} and dg._DIRECT_GRADS is False
     with pytest.raises(ValueError, match="chunk=N"):
         dpo_children.levers_off("tree=1")
 

@@ -318,3 +318,101 @@ def test_softcapped_or_biased_heads_keep_the_checkpointed_path():
     ):
         out = chunked_token_logps(hidden, torch.arange(5), head, transform, chunk_tokens=2)
         assert "HeadLogps" not in type(out.grad_fn).__name__
+
+
+def _head_micro_batches(weight: torch.nn.Parameter, n: int = 3, chunk: int = 4) -> list[torch.Tensor]:
+    """n micro-batches through `HeadLogps` (13 tokens in chunks of 4, the first 2 chunks' softmax kept,
+    logit scale 1/0.7), each backward into `weight.grad`; the grad after each, cloned."""
+    from preftune.models.head_logps import HeadLogps
+
+    after = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(10 + i)
+        hidden = torch.randn(13, weight.shape[1], generator=g)
+        targets = torch.randint(0, weight.shape[0], (13,), generator=g)
+        coef = torch.linspace(-1.0, 2.0, 13) * (i + 1)
+        out = HeadLogps.apply(hidden, targets, weight, 1 / 0.7, chunk, 2 * chunk * weight.shape[0] * 4)
+        (out * coef).sum().backward()
+        after.append(weight.grad.clone())
+    return after
+
+
+def _float64_head_grad(weight: torch.Tensor, n: int = 3) -> torch.Tensor:
+    """Σ over the n micro-batches of ∂/∂W of Σ coef · log softmax(h Wᵀ / 0.7)[y], in float64 autograd."""
+    w = weight.detach().double().requires_grad_()
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(n):
+        g = torch.Generator().manual_seed(10 + i)
+        hidden = torch.randn(13, weight.shape[1], generator=g).double()
+        targets = torch.randint(0, weight.shape[0], (13,), generator=g)
+        coef = torch.linspace(-1.0, 2.0, 13).double() * (i + 1)
+        logp = (hidden @ w.t() / 0.7).log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+        total = total + (logp * coef).sum()
+    (grad,) = torch.autograd.grad(total, w)
+    return grad
+
+
+def test_head_weight_gradient_goes_straight_into_grad_and_accumulates_exactly():
+    """Under `grads_into_params` the head's backward adds ∂W into the existing `.grad` (and hands
+    autograd nothing for W); the first micro-batch (no `.grad` yet) is the old path bit for bit, the
+    later ones equal autograd's `.grad += fresh` to float32 rounding, and three micro-batches equal
+    the float64 gradient of their sum."""
+    from preftune.models.direct_grads import grads_into_params
+    from preftune.models.head_logps import HeadLogps
+
+    torch.manual_seed(0)
+    start = torch.randn(50, 16)
+    old_w, new_w = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    old = _head_micro_batches(old_w)
+    with grads_into_params():
+        new = _head_micro_batches(new_w)
+        grad_buffer = new_w.grad
+        # the node itself: no gradient for W returned, W.grad raised by exactly what the old path returns
+        hidden, targets = torch.randn(5, 16), torch.randint(0, 50, (5,))
+        out = HeadLogps.apply(hidden, targets, new_w, 1.0, 4, 0)
+        before = new_w.grad.clone()
+        with torch.no_grad():
+            returned = out.grad_fn.apply(torch.ones(5))
+        assert returned[2] is None and new_w.grad is grad_buffer
+        added = new_w.grad - before
+    assert torch.equal(new[0], old[0])
+    scale = float(old[-1].abs().max())
+    for n, o in zip(new, old):
+        assert (n - o).abs().max() <= 1e-6 * scale
+    exact = _float64_head_grad(start)
+    assert (new[-1].double() - exact).abs().max() <= 2e-6 * float(exact.abs().max())
+    out = HeadLogps.apply(hidden, targets, old_w, 1.0, 4, 0)
+    (fresh,) = torch.autograd.grad(out.sum(), old_w)  # the old path's gradient of the same call
+    torch.testing.assert_close(added, fresh, atol=1e-6 * float(fresh.abs().max()), rtol=0)
+
+
+def test_head_weight_gradient_keeps_autograd_where_direct_is_not_safe():
+    """The old path (a fresh gradient returned to autograd) outside `grads_into_params`, for a weight
+    with a post-accumulate hook (what DDP/FSDP-style reducers use: it must see every gradient), and
+    for a float64 weight; `torch.autograd.grad` never touches `.grad`."""
+    from preftune.models.direct_grads import grads_into_params
+    from preftune.models.head_logps import HeadLogps
+
+    def call(weight: torch.nn.Parameter) -> torch.Tensor:
+        out: torch.Tensor = HeadLogps.apply(
+            torch.randn(6, 8, dtype=weight.dtype), torch.arange(6), weight, 1.0, 4, 0
+        )
+        return out
+
+    hooked = torch.nn.Parameter(torch.randn(20, 8))
+    seen = []
+    hooked.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.clone()))
+    wide = torch.nn.Parameter(torch.randn(20, 8, dtype=torch.float64))
+    with grads_into_params():
+        for weight in (hooked, wide):
+            for _ in range(2):
+                call(weight).sum().backward()
+                node = call(weight).grad_fn
+                with torch.no_grad():
+                    returned = node.apply(torch.ones(6))
+                assert returned[2] is not None  # W's gradient handed to autograd
+    assert len(seen) == 2 and not torch.equal(seen[0], seen[1])
+    plain = torch.nn.Parameter(torch.randn(20, 8))
+    plain.grad = torch.zeros_like(plain)
+    (grad,) = torch.autograd.grad(call(plain).sum(), plain)
+    assert grad.abs().max() > 0 and torch.equal(plain.grad, torch.zeros_like(plain))

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from preftune.models import direct_grads
+
 
 class HeadLogps(torch.autograd.Function):
     """Chunked log-probs through a trainable bias-free linear head W [V, H] with linear logits z = c·h·Wᵀ.
@@ -21,7 +23,8 @@ class HeadLogps(torch.autograd.Function):
     gradient G = g·c·(onehot(y) − p) over its kept p (no further vocabulary-sized buffer; the graph
     cannot be run backward twice, `retain_graph` included: torch then reports the saved tensors as
     modified), or for the other chunks recomputes the logits once and writes G in place into that
-    buffer; then ∂h = G·W and ∂W += Gᵀ·h. A kept chunk costs
+    buffer; then ∂h = G·W and ∂W += Gᵀ·h (into `weight.grad` itself where
+    `preftune.models.direct_grads.direct_grad` allows). A kept chunk costs
     three head matmuls per token (forward, two in backward) and 4·V bytes per token until backward;
     a recomputed one four matmuls and no vocabulary-sized memory between the passes. Either way
     backward has none of checkpointing's extra vocabulary-sized passes (a re-run log_softmax, a
@@ -48,7 +51,12 @@ class HeadLogps(torch.autograd.Function):
         hidden, targets, weight, lse, *kept = ctx.saved_tensors
         grad = grad_outputs[0].float()
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[2] else None
+        into = (
+            direct_grads.direct_grad(weight) if ctx.needs_input_grad[2] else None
+        )  # ∂W straight into weight.grad
+        grad_w = into
+        if into is None and ctx.needs_input_grad[2]:
+            grad_w = torch.zeros_like(weight, dtype=torch.float32)
         for index, start in enumerate(range(0, hidden.shape[0], ctx.size)):
             stop = min(start + ctx.size, hidden.shape[0])
             h, g = hidden[start:stop], grad[start:stop, None] * ctx.scale
@@ -63,7 +71,9 @@ class HeadLogps(torch.autograd.Function):
                 grad_h[start:stop] = grad_logits @ weight
             if grad_w is not None:
                 grad_w.addmm_(grad_logits.t().float(), h.float())
-        return grad_h, None, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
+        if into is not None or grad_w is None:  # (already in weight.grad: nothing for autograd to add)
+            return grad_h, None, None, None, None, None
+        return grad_h, None, grad_w.to(weight.dtype), None, None, None
 
 
 def head_logps_forward(

@@ -19,6 +19,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from preftune.errors import ConfigError
+from preftune.models.direct_grads import embedding_inputs
 from preftune.models.head_logps import HeadLogps, head_logps_forward, linear_head_scale
 from preftune.models.load import unwrap_model
 from preftune.models.packing import RowBatch, attention_masks, build_packed, build_padded, packing_support
@@ -183,13 +184,14 @@ def trunk_hidden_states(backbone: Any, config: Any, dtype: torch.dtype, batch: R
     branch positions for a packed batch, the 2-D padding mask for padded rows."""
     device = next(backbone.parameters()).device
     ids = batch.input_ids.to(device)
+    tokens = embedding_inputs(backbone, ids)  # (the embedding's weight gradient straight into .grad)
     # (not under gradient checkpointing: its re-run forward in backward happens outside the block)
     recompute = getattr(backbone, "gradient_checkpointing", False) and torch.is_grad_enabled()
     if batch.shared and _TREE_ATTENTION and tree_supported(backbone.config) and not recompute:
         # segment by segment: no [L, L] mask; the 4-D placeholder only tells the model a mask is given
         with tree_attention(backbone.config):
             out = backbone(
-                input_ids=ids,
+                **tokens,
                 attention_mask=torch.ones(ids.shape[0], 1, 1, 1, dtype=torch.bool, device=device),
                 position_ids=batch.position_ids.to(device),
                 use_cache=False,
@@ -198,12 +200,10 @@ def trunk_hidden_states(backbone: Any, config: Any, dtype: torch.dtype, batch: R
     elif batch.shared:
         mask = attention_masks(batch, config, dtype, device)
         out = backbone(
-            input_ids=ids, attention_mask=mask, position_ids=batch.position_ids.to(device), use_cache=False
+            **tokens, attention_mask=mask, position_ids=batch.position_ids.to(device), use_cache=False
         )
     else:
-        out = backbone(
-            input_ids=ids, attention_mask=(batch.example_ids >= 0).long().to(device), use_cache=False
-        )
+        out = backbone(**tokens, attention_mask=(batch.example_ids >= 0).long().to(device), use_cache=False)
     return out.last_hidden_state
 
 

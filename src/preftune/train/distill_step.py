@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from preftune.errors import ConfigError
+from preftune.models.direct_grads import grads_into_params
 from preftune.models.load import unwrap_model
 from preftune.models.logprobs import LogitTransform, _hidden_states
 from preftune.models.packing import build_packed, build_padded, packing_support
@@ -126,7 +127,8 @@ def distill_on_batch(
                 parts[f"loss/{spec.name}"] = losses.sum() / denominator
                 total = total + weight * parts[f"loss/{spec.name}"]
         if backward and total.requires_grad:
-            total.backward()
+            with grads_into_params():  # (the head's weight gradient straight into .grad)
+                total.backward()
         sums.add_total("loss", total)
         if len(objective.terms) > 1:
             for name, value in parts.items():

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
+from preftune.models.direct_grads import grads_into_params
 from preftune.models.sharding import full_tensor, release
 from preftune.train.batches import build_batch, micro_batches, shard, token_count
 from preftune.train.distributed import World, all_reduce_grads, all_reduce_sum
@@ -143,7 +144,8 @@ def objective_on_batch(
             batch = build_batch(micro, policy, ref)
             total = _terms_loss(batch, objective, denominators, batch_states, loss_state, sums)
         if backward and total.requires_grad:
-            total.backward()
+            with grads_into_params():  # (the head's weight gradient straight into .grad)
+                total.backward()
         sums.add_total("loss", total)
         sums.add_total("tokens", float(sum(e.num_tokens for e in micro)))
         sums.add_total("examples", float(len(micro)))

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from preftune.losses.policy_losses import PolicyBatch, global_denominators, kl_tokens, policy_objective
+from preftune.models.direct_grads import grads_into_params
 from preftune.rl.ppo import value_head
 from preftune.train.batches import micro_batches, shard
 from preftune.train.distributed import World
@@ -94,7 +95,8 @@ def policy_on_batch(
             batch = policy_batch(micro, policy, ref, policy.logps.device)
             total, parts = policy_objective(batch, objective.terms, denominators)
         if backward and total.requires_grad:
-            total.backward()
+            with grads_into_params():  # (the head's weight gradient straight into .grad)
+                total.backward()
         _metrics(sums, batch, total, parts, len(objective.terms) > 1)
         sums.add_total("tokens", float(sum(e.num_tokens for e in micro)))
         sums.add_total("examples", float(len(micro)))
