@@ -162,7 +162,7 @@ def child_trl(a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-LEVERS = ("keep", "tree", "lean", "fill", "direct")
+LEVERS = ("keep", "tree", "lean", "fill", "direct", "trim")
 
 
 def levers_off(names: str) -> dict[str, Any]:
@@ -173,7 +173,9 @@ def levers_off(names: str) -> dict[str, Any]:
     before `preftune.train.api.deterministic_algorithms` (~70 MiB resident); `fill`: deterministic mode
     fills every new tensor with NaN again (`torch.utils.deterministic.fill_uninitialized_memory`);
     `direct`: the LM head's and the input embedding's backwards return a fresh weight gradient that
-    autograd adds into `.grad` instead of adding into `.grad` themselves (`preftune.models.direct_grads`).
+    autograd adds into `.grad` instead of adding into `.grad` themselves (`preftune.models.direct_grads`);
+    `trim`: the report after training is written without first handing the heap's free memory back to
+    the system (`preftune.train.allocator.release_free_heap`).
     Settings that take a value instead: `keep=C` keeps softmax within C float32 copies of the head
     weight (`keep` = `keep=0`; the default is logprobs._KEEP_WEIGHT_COPIES), `chunk=N` runs the head N
     tokens at a time (at the benchmarks' 32k vocabulary; default 2^22 / 32000 = 131), `micro=N` runs N
@@ -203,6 +205,10 @@ def levers_off(names: str) -> dict[str, Any]:
             import preftune.models.direct_grads as dg
 
             dg._DIRECT_GRADS = False
+        elif name == "trim" and not value:
+            import preftune.train.allocator as al
+
+            al.release_free_heap = lambda: False
         elif entry:
             raise ValueError(
                 f"lever {entry!r}: choose from {', '.join(LEVERS)}, keep=C, chunk=N, micro=N, mmap=M"

@@ -123,7 +123,7 @@ def test_dpo_vs_trl_smoke_preftune_side(results: Path) -> None:
     _check_dpo_vs_trl(results, "preftune,preftune_base", "best")
     res = json.loads((results / "tmp" / "dpo_vs_trl_smoke.json").read_text())
     assert (
-        res["base_levers_off"] == "keep,tree,lean,fill,direct"
+        res["base_levers_off"] == "keep,tree,lean,fill,direct,trim"
     )  # the levers change the speed, not the losses:
     assert res["shapes"]["prompt_heavy"]["ratios"]["preftune_base"]["max_abs_loss_diff"] < 1e-5
 
@@ -143,6 +143,10 @@ def test_levers_off_sets_the_head_settings(monkeypatch: pytest.MonkeyPatch) -> N
 
     monkeypatch.setattr(dg, "_DIRECT_GRADS", True)
     assert dpo_children.levers_off("direct") == {} and dg._DIRECT_GRADS is False
+    import preftune.train.allocator as al
+
+    monkeypatch.setattr(al, "release_free_heap", al.release_free_heap)
+    assert dpo_children.levers_off("trim") == {} and al.release_free_heap() is False
     with pytest.raises(ValueError, match="chunk=N"):
         dpo_children.levers_off("tree=1")
 

@@ -313,6 +313,9 @@ def finish(
 def write_run_report(out: Path, log: Callable[[str], None]) -> None:
     """OUT/report.html (with `preftune eval` results when OUT/eval.json exists). The run's results do
     not depend on it, so a failure is a warning, never a failed run."""
+    from preftune.train.allocator import release_free_heap
+
+    release_free_heap()  # (the report's imports then do not add to training's resident peak)
     try:
         from preftune.eval.report import write_report
 
