@@ -13,7 +13,8 @@ not what is alive there: memory freed earlier and kept by the allocator is reuse
 moves, so the charges add up to the peak. Under glibc each row also gives its allocator's own
 accounting at the row's last rise (`mallinfo2`): MiB in live blocks (heap and mapped) and MiB of
 freed blocks it keeps in its heap — the part of the resident set an allocator setting could return. Start it with `OMP_NUM_THREADS` and `OMP_WAIT_POLICY` set
-as for the benchmark children. Results: benchmarks/results/memory_timeline_SHAPE.md.
+as for the benchmark children. Results: benchmarks/results/memory_timeline_SHAPE.md (`_inthread` with
+`--in-thread`, `_off_LEVERS` with `--levers-off`).
 """
 
 from __future__ import annotations
@@ -88,6 +89,34 @@ class Sampler(threading.Thread):
             time.sleep(0.001)
 
 
+class InThreadSampler:
+    """The same rises without a second thread: `sys.setprofile` reads the process's high-water mark
+    (`ru_maxrss`, one cheap system call) at every Python call and return of the main thread. A sampling
+    thread makes glibc give it a malloc arena of its own, so the process it measures is not quite the
+    single-threaded benchmark child; this one is. Rises inside one long C call are charged to its caller."""
+
+    def __init__(self, step_mib: float) -> None:
+        self.step, self.stop = step_mib, False
+        self.t0, self.label = time.perf_counter(), "imports"
+        self.high = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        self.rises: list[tuple[float, float, str]] = [(0.0, self.high, "start")]
+        self.heap: list[tuple[float, float] | None] = [glibc_heap()]
+
+    def hook(self, frame: Any, event: str, arg: Any) -> None:
+        now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if now >= self.high + self.step:
+            where = charge(frame) if self.label == "train" else self.label
+            self.rises.append((time.perf_counter() - self.t0, now, where))
+            self.heap.append(glibc_heap())
+            self.high = now
+
+    def start(self) -> None:
+        sys.setprofile(self.hook)
+
+    def join(self) -> None:
+        sys.setprofile(None)
+
+
 def merged(rises: list[tuple[float, float, str]], heap: list[Any]) -> list[tuple[Any, ...]]:
     """Consecutive rises charged to the same function as one row: (start s, MiB before, MiB after,
     where, glibc's (live, kept free) at the row's last rise)."""
@@ -115,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--levers-off", default="", help="as dpo_vs_trl.py --base-levers-off")
     ap.add_argument("--step-mib", type=float, default=8.0, help="resolution of the high-water mark")
     ap.add_argument("--smoke", action="store_true", help="tiny model and lengths: the code path only")
+    ap.add_argument(
+        "--in-thread",
+        action="store_true",
+        help="sample through sys.setprofile in the main thread (no sampling thread, no second malloc "
+        "arena); results in memory_timeline_SHAPE_inthread",
+    )
     ap.add_argument("--prepare", metavar="DIR", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.smoke:
@@ -128,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         # model and data are written by a child process, so that building them leaves nothing here
         subprocess.run([sys.executable, __file__, "--prepare", tmp, *(argv or sys.argv[1:])], check=True)
-        sampler = Sampler(a.step_mib)
+        sampler: Any = InThreadSampler(a.step_mib) if a.in_thread else Sampler(a.step_mib)
         sampler.start()
         stamps = bu.install_step_clock()
         ns = dpo_children.child_namespace(
@@ -153,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n"
     )
     stem = f"memory_timeline_{a.shape}" + (f"_{a.model_size}" if a.model_size != "20m" else "")
+    stem += "_inthread" if a.in_thread else ""
+    stem += "_off_" + a.levers_off.replace(",", "_").replace("=", "") if a.levers_off else ""
     found = {"rises": sampler.rises, "glibc_heap": sampler.heap, "steps": steps, "peak_rss_mb": peak}
     bu.save_results(stem, found, text, quick=a.smoke)
     print(text)

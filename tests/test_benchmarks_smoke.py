@@ -507,12 +507,13 @@ def test_rm_grpo_quick(
     assert [p["reward"] for p in kl["curve"][1:]] == pytest.approx(logged, abs=1e-4)
 
 
-def test_memory_timeline_smoke(results: Path) -> None:
-    out = _run("memory_timeline.py", "--smoke")
+@pytest.mark.parametrize("in_thread", [False, True])
+def test_memory_timeline_smoke(results: Path, in_thread: bool) -> None:
+    out = _run("memory_timeline.py", "--smoke", *(["--in-thread"] if in_thread else []))
     rows = [ln for ln in out.splitlines() if ln.startswith("| ") and not ln.startswith("| from")]
     assert rows, out
     first = float(rows[0].split("|")[2])  # | from s | MiB before | MiB after | rise | charged to |
     last = float(rows[-1].split("|")[3])
     rises = sum(float(r.split("|")[4].strip().lstrip("+")) for r in rows)
     assert rises == pytest.approx(last - first, abs=len(rows))  # the rises add up to the high-water mark
-    assert (results / "tmp" / "memory_timeline_balanced_tiny.md").exists()
+    assert (results / "tmp" / f"memory_timeline_balanced_tiny{'_inthread' if in_thread else ''}.md").exists()
