@@ -57,6 +57,16 @@ def test_all_equal_groups_give_zeros_and_count_as_zero_signal() -> None:
         assert est.advantages[4] > 0 > est.advantages[5], name
 
 
+def test_remax_zero_signal_counts_groups_that_match_their_greedy_reward() -> None:
+    # group 0 all 1 with greedy 1: no signal; group 1 all 1 with greedy 0: signal (+1 each);
+    # group 2 one of one sample (1) with greedy 1: none; group 3 mixed with greedy 0: signal
+    rewards = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0])
+    groups = torch.tensor([0, 0, 1, 1, 2, 3, 3])
+    est = rl.estimate("remax", rewards, groups, baseline_rewards=torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    torch.testing.assert_close(est.advantages, torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0]))
+    assert est.metrics["zero_signal_fraction"] == pytest.approx(2 / 4)
+
+
 def test_remax_baseline_and_clip() -> None:
     rewards = torch.tensor([1.0, 0.0, 9.0, -9.0])
     groups = torch.tensor([0, 0, 1, 1])

@@ -90,3 +90,11 @@ def zero_signal_fraction(rewards: torch.Tensor, groups: Groups) -> float:
     columns = rewards[:, None] if rewards.dim() == 1 else rewards
     flat = torch.stack([groups.spread(c) == 0 for c in columns.unbind(dim=1)]).all(dim=0)
     return float(flat.float().mean())
+
+
+def zero_advantage_fraction(advantages: torch.Tensor, groups: Groups) -> float:
+    """Fraction of groups whose advantages are all 0: the zero-signal fraction of an estimator whose
+    baseline is not the group's own rewards (ReMax: a group whose samples all score as its greedy
+    response gives no gradient, and a group of equal rewards unlike the greedy one does)."""
+    rows = advantages.reshape(advantages.shape[0], -1).abs().amax(dim=1)
+    return float((groups.sum(rows) == 0).float().mean())

@@ -20,7 +20,13 @@ import torch
 
 from preftune.errors import ConfigError
 from preftune.losses.registry import HParam, _did_you_mean
-from preftune.rl.groups import Groups, check_rewards, make_groups, zero_signal_fraction
+from preftune.rl.groups import (
+    Groups,
+    check_rewards,
+    make_groups,
+    zero_advantage_fraction,
+    zero_signal_fraction,
+)
 
 # fn(rewards [N] (or [N, C]), groups: Groups, **inputs, **hparams) -> advantages [N] (or [N, T])
 EstimatorFn = Callable[..., torch.Tensor]
@@ -68,7 +74,8 @@ class EstimatorSpec:
 @dataclass
 class Estimate:
     """Advantages [N] (float, the rewards' dtype; [N, T] for token-level returns) and batch metrics:
-    `zero_signal_fraction` (groups whose rewards are all equal), `reward_mean`, `reward_std`,
+    `zero_signal_fraction` (groups whose rewards are all equal; with `baseline_rewards`, ReMax's,
+    groups whose advantages are all 0), `reward_mean`, `reward_std`,
     `groups`, `advantage_mean`, `advantage_abs_mean`."""
 
     advantages: torch.Tensor
@@ -139,8 +146,10 @@ def estimate(name: str, rewards: torch.Tensor, groups: torch.Tensor, **kwargs: A
     hparams = spec.validate(kwargs)
     adv = spec.fn(rewards, grouped, **inputs, **hparams)
     flat = rewards if rewards.dim() == 1 else rewards.mean(dim=1)
+    baseline = "baseline_rewards" in inputs  # ReMax: the signal is against the greedy reward
+    zero = zero_advantage_fraction(adv, grouped) if baseline else zero_signal_fraction(rewards, grouped)
     metrics = {
-        "zero_signal_fraction": zero_signal_fraction(rewards, grouped),
+        "zero_signal_fraction": zero,
         "reward_mean": float(flat.mean()),
         "reward_std": float(flat.std(unbiased=False)),
         "groups": float(grouped.size),
