@@ -44,9 +44,10 @@ def test_a_mixed_sweep_shows_each_methods_own_schedule_and_shares_only_what_is_s
     page = settings_tables(result)
     own, shared = page.split("<h3>Shared by every method</h3>")
     rows = _rows(own)
-    # dpo: the shared config's values of the keys the online methods set (num_generations' default 8)
+    # dpo: the shared config's values of the keys the online methods set, but none that only online
+    # methods read (num_generations, prompts, reward)
     assert rows == {
-        "dpo": "data = d.jsonl; lr = 3.000e-05; max_steps = 20; num_generations = 8",
+        "dpo": "data = d.jsonl; lr = 3.000e-05; max_steps = 20",
         "grpo, rloo": "lr = 5.000e-05; max_steps = 100; num_generations = 4; prompts = p.jsonl; reward = arithmetic",
         "raft": "hparams.keep = 0; lr = 5.000e-05; max_steps = 100; num_generations = 4; prompts = p.jsonl; "
         "reward = arithmetic",
@@ -55,6 +56,14 @@ def test_a_mixed_sweep_shows_each_methods_own_schedule_and_shares_only_what_is_s
     assert shared_rows["model"] == "m" and shared_rows["seed"] == "3"
     assert not {"max_steps", "lr", "data", "num_generations"} & set(shared_rows)
     assert (tmp_path / "s" / "sweep.html").read_text().count("<h3>Shared by every method</h3>") == 1
+
+
+def test_online_only_fields_are_those_pair_methods_ignore() -> None:
+    from preftune.config_fields import online_only_fields
+
+    fields = online_only_fields()
+    assert {"prompts", "reward", "num_generations", "temperature", "kl_coef", "macro", "dpo_model"} <= fields
+    assert not {"lr", "max_steps", "data", "model", "beta", "batch_size", "hparams"} & fields
 
 
 def test_an_offline_only_sweep_has_one_shared_table() -> None:

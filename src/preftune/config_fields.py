@@ -24,6 +24,10 @@ def _f(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
 
+ONLINE_HELP = ("Online methods:", "PPO family:", "MA-RLHF", "RTO:")
+"""How the help of a field that only online methods read begins (`online_only_fields`)."""
+
+
 @dataclass
 class TrainConfig:
     """Everything one `preftune train` run needs. Each field's help is its documentation."""
@@ -311,3 +315,9 @@ def reference_markdown() -> str:
         text = str(f.metadata["help"]).replace("|", "\\|")
         rows.append(f"| `{name}` | `{default!r}` | {text} |")
     return "\n".join(rows)
+
+
+def online_only_fields() -> frozenset[str]:
+    """The TrainConfig fields only online methods read (prompts, reward, num_generations, ...): those
+    whose help begins with one of `ONLINE_HELP`."""
+    return frozenset(name for name, f in FIELDS.items() if str(f.metadata["help"]).startswith(ONLINE_HELP))

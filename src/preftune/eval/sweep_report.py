@@ -189,12 +189,18 @@ def _comparison(result: SweepResult) -> list[str]:
 def settings_tables(result: SweepResult) -> str:
     """The configuration every method shares, then the settings the methods do not share (an online
     method's prompts, reward and schedule against a pair method's data and schedule), each method's
-    own value of each; methods with the same values share a row."""
+    own value of each (a pair method's row leaves out what only online methods read, such as
+    num_generations); methods with the same values share a row."""
+    from preftune.config_fields import online_only_fields
+    from preftune.online_methods import is_online
+
     own = sorted({k for r in result.results for k in r.settings})
     shared = [(k, v) for k, v in result.config.items() if v not in (None, "", [], {}) and k not in own]
+    online_only = online_only_fields()
     groups: dict[str, list[str]] = {}
     for r in result.results:
-        values = {k: r.settings.get(k, result.config.get(k)) for k in own}
+        keys = [k for k in own if k in r.settings or is_online(r.method) or k not in online_only]
+        values = {k: r.settings.get(k, result.config.get(k)) for k in keys}
         text = "; ".join(f"{k} = {fmt(v)}" for k, v in values.items() if v not in (None, "", [], {}))
         groups.setdefault(text, []).append(r.method)
     parts = ['<h2 id="config">Configuration</h2>']
