@@ -92,6 +92,26 @@ def test_a_run_stopped_by_a_signal_is_kept_as_interrupted_and_resumed_with_the_f
     assert [(r.method, r.status) for r in result.results] == [("dpo", "ok"), ("ipo", "ok"), ("simpo", "ok")]
 
 
+def test_a_resumed_sweep_runs_a_failed_method_again(tmp_path: Path) -> None:
+    calls: list[TrainConfig] = []
+
+    def fail_ipo(config: TrainConfig) -> None:
+        if config.method == "ipo":
+            raise ValueError("reward function raised KeyError: 'answer'")
+
+    base = TrainConfig(model="m", data="d.jsonl", out="x")
+    first = run_sweep(["dpo", "ipo"], base, tmp_path / "s", train_fn=fake_train(calls, fail_ipo),
+                      log=lambda _m: None)  # fmt: skip
+    assert [(r.method, r.status) for r in first.results] == [("dpo", "ok"), ("ipo", "failed")]
+    kept = finished_results(tmp_path / "s")
+    assert list(kept) == ["dpo"]
+    calls.clear()
+    result = run_sweep(["dpo", "ipo"], base, tmp_path / "s", train_fn=fake_train(calls),
+                       log=lambda _m: None, previous=kept)  # fmt: skip
+    assert [(c.method, c.resume) for c in calls] == [("ipo", "latest")]
+    assert [(r.method, r.status) for r in result.results] == [("dpo", "ok"), ("ipo", "ok")]
+
+
 def test_nested_graceful_stops_hand_a_signal_on_both_ways() -> None:
     """A signal the sweep received before a run began stops that run at its first step boundary; one
     the run received after its last step check stops the sweep."""

@@ -218,7 +218,7 @@ def run_sweep(
     train_fn(config) → an object with `final_dir`, `steps`, `metrics` (default: preftune.train.api.train).
     evaluate_fn(final_dir, config) → (task accuracy | None, KL estimate | None) (default: `PolicyEvaluator`
     built from `task`). Writes OUT/sweep.json and OUT/sweep.html when `write`.
-    previous: the results of an earlier, interrupted sweep into OUT (`finished_results`); its finished
+    previous: the results of an earlier, interrupted sweep into OUT (`finished_results`); its trained
     methods are kept as they are and the others resume from their newest checkpoint.
     A stop signal raises `Interrupted` after the report is written (the module's docstring).
     """
@@ -313,11 +313,12 @@ def _stop_note(methods: Sequence[str], results: list[MethodResult], signum: int)
 
 
 def finished_results(out_dir: str | Path) -> dict[str, MethodResult]:
-    """The methods an earlier sweep into OUT finished (trained, or failed for good), from
-    OUT/sweep.json; {} when there is none. A resumed sweep keeps these and reruns the others."""
+    """The methods an earlier sweep into OUT trained (status "ok"), from OUT/sweep.json; {} when there
+    is none. A resumed sweep keeps these and runs the others again from their newest checkpoint: one
+    a signal stopped, one not started, and one that failed (its cause may be fixed by now)."""
     if not (Path(out_dir) / "sweep.json").is_file():
         return {}
-    return {r.method: r for r in read_sweep(out_dir).results if r.status != "interrupted"}
+    return {r.method: r for r in read_sweep(out_dir).results if r.status == "ok"}
 
 
 def _run_method(
