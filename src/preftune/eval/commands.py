@@ -292,7 +292,7 @@ def _sweep_command(args: argparse.Namespace) -> int:
 
 
 def _resume_options(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    """run_sweep's `previous` (with --resume: the methods OUT/sweep.json holds as finished) and the
+    """run_sweep's `previous` (with --resume: the methods OUT/sweep.json holds as trained) and the
     command a stopped sweep prints: this one, with --resume."""
     import shlex
 
@@ -403,8 +403,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--resume",
         dest="resume_sweep",  # not the run field `resume` (a checkpoint): every method's is set here
         action="store_true",
-        help="go on with a stopped sweep into OUT: the methods OUT/sweep.json holds as finished are kept, "
-        "the others resume from their newest checkpoint (same flags as the first command)",
+        help="go on with a stopped sweep into OUT: the methods OUT/sweep.json holds as trained are kept, "
+        "the others (stopped, not started or failed) resume from their newest checkpoint (same flags as "
+        "the first command)",
     )
     _add_kl_flags(p, default_samples=4)
     group = p.add_argument_group(
