@@ -247,7 +247,8 @@ def test_sweep_compares_offline_and_online_methods_in_one_report(tmp_path):
               "num_generations": 4, "max_completion_length": 4}  # fmt: skip
     methods = ["dpo", "grpo", "rloo", "remax", "bnpo"]
     assert parse_methods(",".join(methods)) == methods
-    result = run_sweep(methods, base, tmp_path / "s", task=SweepTask([], online=online), log=lambda _m: None)
+    task = SweepTask([], online=online, online_overrides={"remax": {"num_generations": 3, "lr": 1e-4}})
+    result = run_sweep(methods, base, tmp_path / "s", task=task, log=lambda _m: None)
     assert [(r.method, r.status, r.steps) for r in result.results] == [(m, "ok", 2) for m in methods], [
         r.error for r in result.results
     ]
@@ -257,6 +258,9 @@ def test_sweep_compares_offline_and_online_methods_in_one_report(tmp_path):
     assert by["remax"].reference_cache == "reference-free" and by["dpo"].reference_cache == "computed"
     saved = yaml.safe_load((tmp_path / "s" / "grpo" / "config.yaml").read_text())
     assert saved["prompts"] == online["prompts"] and saved["data"] is None and saved["max_steps"] == 2
+    assert (saved["num_generations"], saved["lr"]) == (4, base.lr)
+    remax = yaml.safe_load((tmp_path / "s" / "remax" / "config.yaml").read_text())
+    assert (remax["num_generations"], remax["lr"], remax["prompts"]) == (3, 1e-4, online["prompts"])
     page = (tmp_path / "s" / "sweep.html").read_text()
     assert "<th>sample reward</th>" in page and "<th>zero-signal frac.</th>" in page
     assert '<figure id="plot-curves"><img' in page
@@ -382,3 +386,11 @@ def test_online_methods_take_their_task_options_under_the_command_lines(tmp_path
         "dpo": {},
     }
     assert hparams_of(["raft"], {"min_reward": 0.5}) == {"raft": {"keep": 0, "min_reward": 0.5}}
+
+
+def test_a_sweep_on_the_builtin_task_gives_remax_the_quickstarts_completion_budget() -> None:
+    from preftune.eval.builtin import online_method_overrides
+    from preftune.tasks.quickstart import QuickstartConfig
+
+    cfg = QuickstartConfig()
+    assert online_method_overrides(cfg) == {"remax": {"num_generations": cfg.num_generations - 1}}

@@ -278,6 +278,7 @@ def test_quickstart_remax_spends_the_same_completions_per_prompt(tmp_path: Path)
         "rloo": cfg.num_generations,
         "remax": cfg.num_generations - 1,
     }
+    assert {_online_config(m, art, cfg, 0, False).lr for m in ("grpo", "rloo", "remax")} == {cfg.online_lr}
 
 
 def test_quickstart_online_runs_take_the_tasks_options(tmp_path: Path) -> None:

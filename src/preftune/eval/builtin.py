@@ -116,6 +116,7 @@ def builtin_task(
         name=f"{len(heldout)} held-out arithmetic prompts (greedy accuracy)",
         online=online_values(folder, manifest, qcfg, task_obj),
         online_hparams=online_method_hparams(qcfg),
+        online_overrides=online_method_overrides(qcfg),
     )
     return values, task
 
@@ -129,6 +130,15 @@ def online_method_hparams(qcfg: Any) -> dict[str, dict[str, Any]]:
     if hparams is None:
         return {}
     return {m: h for m in PRESETS if (h := hparams(m, qcfg))}
+
+
+def online_method_overrides(qcfg: Any) -> dict[str, dict[str, Any]]:
+    """Each online method's config values on the task that replace the shared ones
+    (`quickstart.online_overrides`: ReMax's G − 1 samples), where it has any."""
+    from preftune.online_methods import PRESETS
+
+    overrides = getattr(_quickstart(), "online_overrides", None)  # a stand-in module may lack it
+    return {m: o for m in PRESETS if (o := overrides(m, qcfg))} if overrides else {}
 
 
 def online_values(folder: Path, manifest: dict[str, Any], qcfg: Any, task: Any) -> dict[str, Any]:

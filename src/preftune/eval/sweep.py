@@ -49,6 +49,8 @@ class SweepTask:
                        their schedule; their preference data is dropped.
     online_hparams:    per online method, options it takes on this task unless the command line
                        gives them (the built-in task: RAFT's `keep`/`min_reward`, the pair methods' β).
+    online_overrides:  per online method, config values that replace those of `online` (the built-in
+                       task: ReMax's G − 1 samples + its greedy response, the others' G).
     """
 
     prompts: list[list[int]]
@@ -58,6 +60,7 @@ class SweepTask:
     metric: str = "accuracy"
     online: dict[str, Any] = field(default_factory=dict)
     online_hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
+    online_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -260,10 +263,10 @@ def run_sweep(
                     results.append(previous[method])
                     continue
                 log(f"sweep [{i}/{len(methods)}] {method} → {out / method}")
+                online = {**task.online, **task.online_overrides.get(method, {})} if task else {}
                 config = method_config(
-                    base, method, out, cache_dir, task.online if task else {},
-                    task.online_hparams.get(method) if task else None,
-                )  # fmt: skip
+                    base, method, out, cache_dir, online, task.online_hparams.get(method) if task else None
+                )
                 config = with_sweep_dpo_model(config, results)
                 if previous is not None:
                     config = dataclasses.replace(config, resume="latest")

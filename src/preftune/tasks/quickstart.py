@@ -88,13 +88,11 @@ class QuickstartConfig:
     """β of DPO-family methods (ignored by methods without it). Large on purpose: the DPO loss saturates
     once β·(log-ratio margin) is a few units, so β = 1 stops after a few nats of change where β = 0.1
     kept pushing and lowered held-out accuracy (docs/quickstart.md)."""
-    online_steps: int = 100
-    """Optimizer steps of an online method (--method grpo, rloo, remax, ...). At lr 5e-5 (seed 0)
-    held-out accuracy gained 1.6 points at 40 steps, 4.0 at 80, then 2.2–2.6 at 120–160: more steps
-    did not keep adding; num_iterations 2 on the same rollouts gained nothing (docs/quickstart.md).
-    From another machine's seed-0 SFT model (49.1 %) 200 steps gained +10.3 against +4.0 at 100, but
-    ReMax then ended 3.5–6.4 points behind GRPO on seeds 0–2, so the default stays at 100
-    (docs/quickstart.md)."""
+    online_steps: int = 200
+    """Optimizer steps of an online method (--method grpo, rloo, remax, ...). On one machine's seed 0
+    (SFT 49.1 %) GRPO at lr 5e-5 gained +4.0 points at 100 steps — greedy accuracy stalls near 54 %
+    from step 25 to 125, then rises — and +10.3 at 200 (docs/quickstart.md; `online_lr` for the
+    learning rate chosen with it). num_iterations 2 on the same rollouts gained nothing."""
     online_batch_size: int = 16
     """Prompts per online step, each with `num_generations` samples."""
     num_generations: int = 8
@@ -105,11 +103,14 @@ class QuickstartConfig:
     the same temperature, as TRL does). 0.7, not 1: the samples stay near the greedy answer, so their
     rewards rank the mistakes greedy decoding makes. Seed 0, lr 5e-5, 100 steps, 500 held-out
     prompts: greedy 60.6 → 66.6 % at 0.7 against 60.6 → 64.6 % at 1.0 (docs/quickstart.md)."""
-    online_lr: float = 5e-5
-    """Learning rate of an online method (constant, no warm-up). 2e-5 learned slowly; 1e-4 was
-    flat after 50 steps and 3e-4 collapsed (sampled accuracy 22 % → 2 % in 40 steps) on fresh
-    batches, although 1e-4 fits 16 repeated prompts fine: the single-batch gradient is too noisy for
-    large Adam steps."""
+    online_lr: float = 2.5e-5
+    """Learning rate of an online method (constant, no warm-up). At 200 steps, 2.5e-5 against 5e-5
+    (docs/quickstart.md): GRPO +9.0 / +15.5 / +14.9 against +10.3 / +18.6 / +15.7 on seeds 0 / 1 / 2,
+    while ReMax, whose advantage r − r(greedy) is not centred within the group (a noisier gradient),
+    swung by up to 7 points between checkpoints at 5e-5 and ended 3.5–6.4 behind GRPO, and at 2.5e-5
+    rose at every checkpoint and ended 0.2 / 0.7 / 1.5 behind. Earlier, at 100 steps: 2e-5 learned
+    slowly, 1e-4 was flat after 50 steps and 3e-4 collapsed (sampled accuracy 22 % → 2 % in 40 steps):
+    the single-batch gradient is too noisy for large Adam steps."""
 
 
 @dataclass
@@ -557,20 +558,29 @@ def _offline_config(
     )  # fmt: skip
 
 
+def online_overrides(method: str, cfg: QuickstartConfig) -> dict[str, Any]:
+    """The config values of online `method` on the task that differ from the shared `online_settings`
+    (the quickstart's and a sweep's). ReMax decodes one greedy response per prompt for its baseline:
+    G − 1 samples + the greedy one keep its completions per step equal to the other methods' G (the
+    same completion budget)."""
+    from preftune.online_methods import PRESETS
+
+    if not PRESETS[method.strip()].greedy_baseline or cfg.num_generations <= 2:
+        return {}
+    return {"num_generations": cfg.num_generations - 1}
+
+
 def _online_config(
     method: str, art: Artifacts, cfg: QuickstartConfig, seed: int, progress: bool, **extra: Any
 ) -> Any:
-    """The run of an online method from the SFT model (`online_settings`, `online_hparams`; ReMax at the
-    same completion budget: num_generations − 1 samples and its greedy response); `extra`: more config
-    values (RTO's `dpo_model`)."""
+    """The run of an online method from the SFT model (`online_settings`, `online_overrides`,
+    `online_hparams`); `extra`: more config values (RTO's `dpo_model`)."""
     from preftune.config import TrainConfig
-    from preftune.online_methods import PRESETS
 
-    settings = online_settings(cfg, art.task, Path(str(art.prompts_path)))
-    if PRESETS[method.strip()].greedy_baseline and settings["num_generations"] > 2:
-        # ReMax decodes one greedy response per prompt for its baseline: G − 1 samples + 1 greedy
-        # keep its completions per step equal to the other methods' G
-        settings["num_generations"] -= 1
+    settings = {
+        **online_settings(cfg, art.task, Path(str(art.prompts_path))),
+        **online_overrides(method, cfg),
+    }
     return TrainConfig(
         method=method, model=str(art.sft_dir), out=str(art.out_dir), seed=seed, progress=progress,
         report=False, hparams=online_hparams(method, cfg), **settings, **extra,
