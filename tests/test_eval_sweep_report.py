@@ -101,3 +101,14 @@ def test_task_bars_are_changes_from_the_reference_labelled_with_the_score() -> N
     assert labels == {"dpo": "63.4% (+8.2)", "ipo": "23.1% (-32.1)"}
     change, labels = task_change({"dpo": 0.71}, 0.70, percent=False)  # a mean reward: no points
     assert change == pytest.approx({"dpo": 0.01}) and labels == {"dpo": "0.7100 (+0.0100)"}
+
+
+def test_a_sweep_without_a_task_says_accuracy_and_kl_were_not_measured(tmp_path: Path) -> None:
+    def train(config: TrainConfig):
+        return SimpleNamespace(final_dir=Path(config.out), steps=config.max_steps, metrics={"loss": 0.5})
+
+    base = TrainConfig(model="m", data="d.jsonl", out="x", max_steps=2)
+    run_sweep(["dpo", "ipo"], base, tmp_path / "s", train_fn=train, log=lambda _m: None)
+    page = (tmp_path / "s" / "sweep.html").read_text()
+    assert "No held-out task was given, so task accuracy and KL were not measured." in page
+    assert "measured on none" not in page

@@ -160,12 +160,16 @@ def stopped_notice(result: SweepResult) -> str:
 def _comparison(result: SweepResult) -> list[str]:
     """The per-method tables, how to read them, and links to the runs' own reports."""
     header, rows = comparison_rows(result.results, result.task_metric)
+    measured = (
+        "No held-out task was given, so task accuracy and KL were not measured. "
+        if result.task_name == "none"
+        else f"Task accuracy and KL are measured on {html.escape(result.task_name)}: KL(π_θ ‖ π_ref) is a "
+        "Monte-Carlo estimate from policy samples (temperature 1), ± one standard error. "
+    )
     body = [
-        '<h2 id="comparison">Results per method</h2><p class="about">Task accuracy and KL are measured '
-        f"on {html.escape(result.task_name)}: KL(π_θ ‖ π_ref) is a Monte-Carlo estimate from policy "
-        'samples (temperature 1), ± one standard error. "reused" in the reference column means the run '
-        "read its reference log-probs from the shared cache without computing any; the time of a run "
-        'marked "computed" includes that reference pass.</p>',
+        f'<h2 id="comparison">Results per method</h2><p class="about">{measured}"reused" in the reference '
+        "column means the run read its reference log-probs from the shared cache without computing any; "
+        'the time of a run marked "computed" includes that reference pass.</p>',
         html_table(header, rows),
     ]
     tables = metric_tables(result.results)
