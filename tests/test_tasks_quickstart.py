@@ -300,3 +300,19 @@ def test_quickstart_online_runs_take_the_tasks_options(tmp_path: Path) -> None:
             "dpo" if m != "xpo" else "xpo_loss": 0.7
         }
     assert configs["grpo"].hparams == {}
+
+
+def test_quickstart_help_states_the_configs_schedules() -> None:
+    """`preftune quickstart --help` names the defaults QuickstartConfig really has."""
+    import argparse
+
+    from preftune.tasks.commands import register
+    from preftune.tasks.quickstart import QuickstartConfig
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    register(sub)
+    cfg = QuickstartConfig()
+    text = " ".join(sub.choices["quickstart"].format_help().split())
+    assert f"(default {cfg.max_steps}; online methods {cfg.online_steps})" in text
+    lr, online_lr = (f"{x:g}".replace("e-0", "e-") for x in (cfg.lr, cfg.online_lr))  # 3e-5, not 3e-05
+    assert f"(default {lr}; online methods {online_lr})" in text

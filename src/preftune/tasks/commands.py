@@ -38,10 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="stop SFT once greedy accuracy on 100 check prompts reaches this (default 0.5; 0: never stop early)",
     )
     p.add_argument(
-        "--steps", type=int, default=None, help="training optimizer steps (default 100; online methods 100)"
+        "--steps", type=int, default=None, help="training optimizer steps (default 100; online methods 200)"
     )
     p.add_argument(
-        "--lr", type=float, default=None, help="training learning rate (default 3e-5; online methods 5e-5)"
+        "--lr", type=float, default=None, help="training learning rate (default 3e-5; online methods 2.5e-5)"
     )
     p.add_argument("--beta", type=float, default=None, help="β of DPO-family methods")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
