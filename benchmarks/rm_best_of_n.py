@@ -19,7 +19,8 @@ on the same pairs) and reports the best-of-n curve of every member on its own (`
 RMs of the same data) and of every aggregator over them, each point with its standard error over
 prompts, and at n = `--n-max` the paired difference (with its standard error) of each aggregator
 against member 0 and against the members' mean. `--held-prompts P` uses the first P of the 1000
-held-out prompts (best-of-64 on 1000 prompts is 64 000 samples).
+held-out prompts (best-of-64 on 1000 prompts is 64 000 samples); the policy and the training
+prompts avoid all 1000 whatever P is.
 
 `--quick` (the test suite's smoke run, a few seconds): a 10-step policy, 8 training and 8 held-out
 prompts with 4 samples each, the first sample of every prompt replaced by the task's reference
@@ -167,6 +168,17 @@ def _with_reference(task: Any, prompts: list[str], samples: list[list[str]]) -> 
     return [[task.solution(parse_prompt(p)), *ss[1:]] for p, ss in zip(prompts, samples)]
 
 
+def prompt_sets(train_prompts: int) -> tuple[list[str], list[str]]:
+    """(the 1000 held-out prompts, the `train_prompts` training prompts). The policy and the training
+    prompts avoid all 1000 whatever `--held-prompts` scores, so the policy and the cached training
+    samples (WORK/trainN.json) stay those of their prompts."""
+    from preftune.tasks.arithmetic import ArithmeticTask
+
+    task = ArithmeticTask(level=2)
+    held = [p.prompt for p in task.problems(1000, seed=777)]
+    return held, [p.prompt for p in task.problems(train_prompts, seed=1, exclude=set(held))]
+
+
 def data(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]], list[str], list[list[str]]]:
     """(training pairs, held-out prompts, their samples): the policy trained once into WORK/policy,
     its samples cached in WORK."""
@@ -174,11 +186,11 @@ def data(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]], li
     from preftune.tasks.sft import SFTConfig, train_sft
 
     task = ArithmeticTask(level=2)
-    held = [p.prompt for p in task.problems(1000, seed=777)][: args.held_prompts]
+    all_held, prompts = prompt_sets(args.train_prompts)
+    held = all_held[: args.held_prompts]
     if not (work / "policy" / "config.json").is_file():
         size = {"steps": 10, "batch_size": 8, "target_accuracy": None} if args.quick else {}
-        train_sft(task, work / "policy", SFTConfig(seed=0, **size), exclude_prompts=set(held))
-    prompts = [p.prompt for p in task.problems(args.train_prompts, seed=1, exclude=set(held))]
+        train_sft(task, work / "policy", SFTConfig(seed=0, **size), exclude_prompts=set(all_held))
     k = 4 if args.quick else 8
     train_samples = samples(work, f"train{args.train_prompts}", prompts, k, 1)
     held_name = f"held{args.n_max}" + (f"-p{args.held_prompts}" if args.held_prompts != 1000 else "")

@@ -433,6 +433,17 @@ def test_rm_best_of_n_flipped_swaps_a_seeded_fraction() -> None:
     assert out == rm_best_of_n.flipped(pairs, 0.25, seed=3) and pairs[0]["chosen"] == "c0"  # input kept
 
 
+def test_rm_best_of_n_training_prompts_avoid_every_held_out_prompt() -> None:
+    import rm_best_of_n
+    from preftune.tasks.arithmetic import ArithmeticTask
+
+    held, train = rm_best_of_n.prompt_sets(400)
+    assert held == [p.prompt for p in ArithmeticTask(level=2).problems(1000, seed=777)]
+    # all 1000 avoided, not only the `--held-prompts` scored: the training prompts (and the cached
+    # samples of WORK/train400.json) are the same whatever --held-prompts says
+    assert len(train) == 400 and not set(train) & set(held)
+
+
 def test_rm_best_of_n_quick_ensemble(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
