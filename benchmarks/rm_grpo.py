@@ -9,8 +9,10 @@ correct ≻ wrong pairs of its own samples (whole samples, up to 4 per prompt, a
 benchmarks/rm_best_of_n.py; the pairs of every tenth prompt held out for the RM's pairwise accuracy)
 train `preftune train rm` (bt, `--rm-steps` steps of 32 pairs at `--rm-lr`) from `--trunk` (default:
 the SFT model itself; benchmarks/verifier_trunk.py builds the verifier trunk). GRPO then runs with the
-quickstart's online settings (16 prompts × 8 completions at 0.7, lr 5e-5, 100 steps) with
-`--reward`: the RM folder (`rm`, the default) or the verifier (`arithmetic`, for comparison).
+quickstart's online settings (16 prompts × 8 completions at 0.7, lr 2.5e-5, 200 steps) with
+`--reward`: the RM folder (`rm`, the default), a process reward model (`prm` with `--prm FOLDER`, its
+step values aggregated by `--prm-aggregate`, default min; benchmarks/prm_processbench.py trains one on
+exact step labels) or the verifier (`arithmetic`, for comparison).
 The SFT model is trained once per WORK (`WORK/qs/artifacts.pkl`); samples and RMs are reused too.
 
 Against reward hacking (docs/reward_models.md, "GRPO with a reward model as its reward"):
@@ -130,8 +132,9 @@ def _rm_tag(args: argparse.Namespace) -> str:
 
 def _grpo_dir(args: argparse.Namespace) -> str:
     """The GRPO run's folder name: grpo-REWARD[-trunk][RM tag][-klC][-sSTEPS][-lrLR] (defaults omitted)."""
-    name = f"grpo-{args.reward}" + ("-trunk" if args.trunk else "")
+    name = f"grpo-{args.reward}" + ("-trunk" if args.trunk and args.reward == "rm" else "")
     name += _rm_tag(args) if args.reward == "rm" else ""
+    name += f"-{args.prm_aggregate}-{Path(args.prm).parent.name}" if args.reward == "prm" else ""
     name += f"-kl{args.kl:g}" if args.kl else ""
     name += f"-s{args.grpo_steps}" if args.grpo_steps is not None else ""
     return name + (f"-lr{args.grpo_lr:g}" if args.grpo_lr is not None else "")
@@ -190,7 +193,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--trunk", default=None, help="the RM's starting causal-LM folder (default: the SFT model)"
     )
-    ap.add_argument("--reward", default="rm", choices=["rm", "arithmetic"], help="GRPO's reward")
+    ap.add_argument("--reward", default="rm", choices=["rm", "prm", "arithmetic"], help="GRPO's reward")
+    ap.add_argument("--prm", default=None,
+                    help="--reward prm: a process reward model folder (benchmarks/prm_processbench.py builds one)")
+    ap.add_argument("--prm-aggregate", default="min", choices=["min", "last", "sum", "mean", "prod"],
+                    help="--reward prm: how the PRM's step values make the completion's reward")  # fmt: skip
     ap.add_argument("--samples", type=int, default=8, help="SFT samples per training prompt for the RM")
     ap.add_argument("--rm-steps", type=int, default=400)
     ap.add_argument("--rm-lr", type=float, default=3e-4)
@@ -209,6 +216,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.quick:
         args.samples, args.rm_steps = 4, 2
+    if (args.reward == "prm") != (args.prm is not None):
+        ap.error("--prm FOLDER goes with --reward prm, and --reward prm needs it")
     return args
 
 
@@ -232,6 +241,8 @@ def main() -> None:
         folder, rm_accuracy, rm_pairs_n = train_rm(args, art)
         reward = str(folder)
         cpu["rm"], start = round(_cpu() - start, 1), _cpu()
+    if args.reward == "prm":
+        reward = f"prm:{args.prm_aggregate}:{args.prm}"
     config = grpo_config(args, art, cfg, reward)
     result = train(config)
     cpu["grpo"], start = round(_cpu() - start, 1), _cpu()
