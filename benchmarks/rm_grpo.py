@@ -8,7 +8,8 @@ model (800 training prompts, 1000 held-out prompts, never trained on). The SFT m
 correct ≻ wrong pairs of its own samples (whole samples, up to 4 per prompt, as
 benchmarks/rm_best_of_n.py; the pairs of every tenth prompt held out for the RM's pairwise accuracy)
 train `preftune train rm` (bt, `--rm-steps` steps of 32 pairs at `--rm-lr`) from `--trunk` (default:
-the SFT model itself; benchmarks/verifier_trunk.py builds the verifier trunk). GRPO then runs with the
+the SFT model itself; benchmarks/verifier_trunk.py builds the verifier trunk); `--rm FOLDER` uses a
+reward model trained elsewhere instead (benchmarks/rm_best_of_n.py's, on 4000 other training prompts). GRPO then runs with the
 quickstart's online settings (16 prompts × 8 completions at 0.7, lr 2.5e-5, 200 steps) with
 `--reward`: the RM folder (`rm`, the default), a process reward model (`prm` with `--prm FOLDER`, its
 step values aggregated by `--prm-aggregate`, default min; benchmarks/prm_processbench.py trains one on
@@ -133,7 +134,8 @@ def _rm_tag(args: argparse.Namespace) -> str:
 def _grpo_dir(args: argparse.Namespace) -> str:
     """The GRPO run's folder name: grpo-REWARD[-trunk][RM tag][-klC][-sSTEPS][-lrLR] (defaults omitted)."""
     name = f"grpo-{args.reward}" + ("-trunk" if args.trunk and args.reward == "rm" else "")
-    name += _rm_tag(args) if args.reward == "rm" else ""
+    name += _rm_tag(args) if args.reward == "rm" and not args.rm else ""
+    name += f"-{Path(args.rm).parent.name}" if args.reward == "rm" and args.rm else ""
     name += f"-{args.prm_aggregate}-{Path(args.prm).parent.name}" if args.reward == "prm" else ""
     name += f"-kl{args.kl:g}" if args.kl else ""
     name += f"-s{args.grpo_steps}" if args.grpo_steps is not None else ""
@@ -194,10 +196,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--trunk", default=None, help="the RM's starting causal-LM folder (default: the SFT model)"
     )
     ap.add_argument("--reward", default="rm", choices=["rm", "prm", "arithmetic"], help="GRPO's reward")
-    ap.add_argument("--prm", default=None,
-                    help="--reward prm: a process reward model folder (benchmarks/prm_processbench.py builds one)")
+    ap.add_argument(
+        "--prm",
+        default=None,
+        help="--reward prm: a process reward model folder (benchmarks/prm_processbench.py builds one)",
+    )
     ap.add_argument("--prm-aggregate", default="min", choices=["min", "last", "sum", "mean", "prod"],
                     help="--reward prm: how the PRM's step values make the completion's reward")  # fmt: skip
+    ap.add_argument("--rm", default=None,
+                    help="--reward rm: a trained RM folder to use instead of training one "
+                    "(e.g. benchmarks/rm_best_of_n.py's OUT/final)")  # fmt: skip
     ap.add_argument("--samples", type=int, default=8, help="SFT samples per training prompt for the RM")
     ap.add_argument("--rm-steps", type=int, default=400)
     ap.add_argument("--rm-lr", type=float, default=3e-4)
@@ -218,6 +226,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         args.samples, args.rm_steps = 4, 2
     if (args.reward == "prm") != (args.prm is not None):
         ap.error("--prm FOLDER goes with --reward prm, and --reward prm needs it")
+    if args.rm and args.reward != "rm":
+        ap.error("--rm FOLDER is the reward of --reward rm")
     return args
 
 
@@ -237,7 +247,9 @@ def main() -> None:
     before = greedy_right(art.sft_dir, art.task, art.heldout_prompts)
     cpu["prepare"], start = round(_cpu() - start, 1), _cpu()
     rm_accuracy, rm_pairs_n, reward = None, 0, "arithmetic"
-    if args.reward == "rm":
+    if args.reward == "rm" and args.rm:
+        reward = args.rm
+    elif args.reward == "rm":
         folder, rm_accuracy, rm_pairs_n = train_rm(args, art)
         reward = str(folder)
         cpu["rm"], start = round(_cpu() - start, 1), _cpu()
