@@ -518,6 +518,38 @@ def test_rm_grpo_quick(
     assert [p["reward"] for p in kl["curve"][1:]] == pytest.approx(logged, abs=1e-4)
 
 
+def test_rm_grpo_quick_given_rm_and_prm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--rm FOLDER` rewards GRPO with an RM trained elsewhere; `--reward prm --prm FOLDER` with a PRM's
+    step values (here an implicit RM's q_θ at step ends, aggregated by min)."""
+    import yaml
+
+    _in_process(
+        "rm_grpo.py", "--quick", "--work", str(tmp_path), "--head", "implicit", monkeypatch=monkeypatch
+    )
+    trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    folder = tmp_path / "rm-s2-lr0.0003-implicit0.05" / "final"
+    given = ["--rm", str(folder)], "grpo-rm-rm-s2-lr0.0003-implicit0.05", str(folder)
+    as_prm = (
+        ["--reward", "prm", "--prm", str(folder)],
+        "grpo-prm-min-rm-s2-lr0.0003-implicit0.05",
+        f"prm:min:{folder}",
+    )
+    for extra, run, reward in (given, as_prm):
+        _in_process("rm_grpo.py", "--quick", "--work", str(tmp_path), *extra, monkeypatch=monkeypatch)
+        res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert res["run"] == run and res["rm_train_pairs"] == 0 and res["grpo_steps"] == 2
+        assert res["greedy_before"] == trained["greedy_before"]  # the same SFT model, reused from WORK
+        assert yaml.safe_load((tmp_path / run / "config.yaml").read_text())["reward"] == reward
+        rows = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        assert any(r.get("reward") not in (None, 0.0, 0.5, 1.0) for r in rows)  # model scores, not verdicts
+    monkeypatch.setattr(sys, "argv", ["rm_grpo.py", "--quick", "--work", str(tmp_path), "--reward", "prm"])
+    with pytest.raises(SystemExit) as stop:  # --reward prm without --prm: a usage error, nothing run
+        runpy.run_path(str(BENCH / "rm_grpo.py"), run_name="__main__")
+    assert stop.value.code == 2 and "--prm FOLDER" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("in_thread", [False, True])
 def test_memory_timeline_smoke(results: Path, in_thread: bool) -> None:
     out = _run("memory_timeline.py", "--smoke", *(["--in-thread"] if in_thread else []))
