@@ -158,3 +158,44 @@ def test_bad_heads_settings_are_refused(ens, capsys):
     assert "two kinds of ensemble" in capsys.readouterr().err
     assert main([*base, "--heads", "2", "--aggregate", "max"]) != 0
     assert "--aggregate max: use one of mean, min, uwo, median" in capsys.readouterr().err
+
+
+# ---- M seeds of implicit RMs (--ensemble M --head implicit) ----
+
+
+def test_implicit_members_are_implicit_rms_and_aggregate_their_r_theta(ens):
+    from preftune.reward.implicit import is_implicit
+    from preftune.reward.implicit_reward import ImplicitRewardFn
+
+    out = ens / "iens"
+    args = _train_args(ens / "sft", ens / "prefs.jsonl", out, "--ensemble", "2", "--aggregate", "mean",
+                       "--head", "implicit", "--beta", "0.5")  # fmt: skip
+    assert main(args) == 0
+    finals = [out / f"member-{i}" / "final" for i in range(2)]
+    assert all(is_implicit(f) for f in finals)
+    assert [json.loads((f / "implicit.json").read_text())["beta"] for f in finals] == [0.5, 0.5]
+    assert [load_config(out / f"member-{i}" / "config.yaml").seed for i in range(2)] == [0, 1]
+    rows = pair_rows(8, seed=1)
+    prompts = [r["prompt"] for r in rows] * 2
+    completions = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    members = torch.stack([ImplicitRewardFn(f).outcome(prompts, completions).double() for f in finals])
+    assert not torch.allclose(members[0], members[1])  # other batch orders: other models
+    assert members.abs().max() > 0  # trained away from π_ref (r_θ ≡ 0 at the start)
+    got = load_reward(str(out / "final"))(prompts, completions)
+    torch.testing.assert_close(got, members.mean(0), atol=1e-5, rtol=0)
+    low = load_reward(f"ensemble:min:{out / 'final'}")(prompts, completions)
+    torch.testing.assert_close(low, members.min(0).values, atol=1e-5, rtol=0)
+    # preftune eval orders the held-out pairs by the aggregated r_θ
+    assert main(["eval", str(out), "--data", str(ens / "prefs.jsonl")]) == 0
+    metrics = json.loads((out / "eval.json").read_text())["metrics"]
+    s_c, s_r = got[: len(rows)], got[len(rows) :]
+    assert metrics["accuracy"] == pytest.approx(float((s_c > s_r).double().mean()))
+    assert metrics["margin"] == pytest.approx(float((s_c - s_r).mean()), abs=1e-4)
+
+
+def test_implicit_ensemble_refuses_heads(ens, capsys):
+    base = _train_args(ens / "sft", ens / "prefs.jsonl", ens / "z", "--head", "implicit")
+    assert main([*base, "--ensemble", "2", "--heads", "2"]) != 0
+    assert "two kinds of ensemble" in capsys.readouterr().err
+    assert main([*base, "--heads", "2", "--aggregate", "min"]) != 0
+    assert "--head implicit takes --beta" in capsys.readouterr().err

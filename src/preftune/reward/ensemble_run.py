@@ -8,6 +8,9 @@ and the aggregator (`preftune.reward.ensemble.aggregate`: mean, min, uwo, median
 a reward (`--reward runs/ens/final`, or `ensemble:AGG:PATH` for another aggregator), and
 `preftune eval OUT` scores held-out pairs with the aggregated reward.
 
+Members may be implicit RMs (`--head implicit --beta B`: each member r = β log π_θ/π_ref from the
+same trunk, seeded batch order): the seeds then differ only in the order they see the pairs.
+
 Or M heads on one trunk (Zhang et al. 2024, "Improving Reinforcement Learning from Human Feedback
 with Efficient Reward Model Ensemble", the linear-layer ensemble):
 
@@ -44,6 +47,8 @@ def _settings(config: TrainConfig) -> tuple[int, str]:
         members = 0
     if members < 2:
         raise ConfigError(f"--ensemble {raw}: give the number of members, ≥ 2 (e.g. --ensemble 4)")
+    if "heads" in config.hparams:
+        raise ConfigError("--heads M and --ensemble M are two kinds of ensemble: give one of them")
     how = str(config.hparams.get("aggregate", "mean"))
     if how not in AGGREGATORS:
         raise ConfigError(f"--aggregate {how}: use one of {', '.join(AGGREGATORS)}")
@@ -82,10 +87,10 @@ def train_ensemble(config: TrainConfig, log: Any = print) -> Any:
 
     members, how = _settings(config)
     out = Path(config.out)
-    loss = {"loss": config.hparams.get("loss", "bt")}
+    own = {k: v for k, v in config.hparams.items() if k not in ("ensemble", "aggregate")}  # loss, head, β
     results = []
     for i in range(members):
-        member = replace(config, out=str(out / f"member-{i}"), seed=config.seed + i, hparams=dict(loss))
+        member = replace(config, out=str(out / f"member-{i}"), seed=config.seed + i, hparams=dict(own))
         log(f"ensemble member {i + 1}/{members}: seed {member.seed}, {member.out}")
         results.append(train_rm(member, log))
     final = out / "final"
@@ -132,18 +137,42 @@ def is_ensemble(folder: str | Path) -> bool:
     return (Path(folder) / MANIFEST).is_file()
 
 
+def _member_pair_scores(folder: Path, examples: list[Any], batch_size: int) -> tuple[torch.Tensor, ...]:
+    """(s_chosen [P], s_rejected [P]) of one member: a scalar-head RM's scores, or an implicit RM's r_θ."""
+    from preftune.reward.implicit import is_implicit, load_implicit
+    from preftune.reward.implicit_training import implicit_pair_scores
+    from preftune.reward.scoring import load_scorer
+    from preftune.reward.training import all_pair_scores
+
+    if is_implicit(folder):
+        return implicit_pair_scores(load_implicit(folder)[0], examples, batch_size)
+    return all_pair_scores(load_scorer(folder), examples, batch_size)
+
+
+def _member_reward(folder: Path, heads: int) -> Any:
+    """One member as a reward function: `ImplicitRewardFn` (r_θ) for an implicit RM, else `RewardModelFn`."""
+    from preftune.reward.implicit import is_implicit
+
+    if is_implicit(folder):
+        from preftune.reward.implicit_reward import ImplicitRewardFn
+
+        return ImplicitRewardFn(folder, aggregation="outcome")
+    from preftune.reward.model_reward import RewardModelFn
+
+    return RewardModelFn(folder, heads=heads)
+
+
 class EnsembleRewardFn:
-    """The aggregated score of an ensemble's members (each a `RewardModelFn`) for each completion."""
+    """The aggregated score of an ensemble's members (each a `RewardModelFn`, or an `ImplicitRewardFn`
+    for members trained with `--head implicit`) for each completion."""
 
     def __init__(self, folder: str | Path, how: str | None = None) -> None:
-        from preftune.reward.model_reward import RewardModelFn
-
         paths, default, self.lam = read_manifest(folder)
         self.how = how or default
         if self.how not in AGGREGATORS:
             raise ConfigError(f"ensemble aggregator '{self.how}': use one of {', '.join(AGGREGATORS)}")
         self.heads = read_heads(folder)
-        self.members = [RewardModelFn(p, heads=self.heads or 1) for p in paths]
+        self.members = [_member_reward(p, self.heads or 1) for p in paths]
         self.__name__ = f"ensemble:{self.how}:{folder}"
 
     def member_scores(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
@@ -170,7 +199,7 @@ def ensemble_pair_scores(
     if heads:  # M heads on one trunk: all_pair_scores gives [P, M]
         c, r = all_pair_scores(load_scorer(folder, num_labels=heads), examples, batch_size)
         return aggregate(c.T, how, lam=lam), aggregate(r.T, how, lam=lam)
-    scores = [all_pair_scores(load_scorer(p), examples, batch_size) for p in paths]
+    scores = [_member_pair_scores(p, examples, batch_size) for p in paths]
     s_c = aggregate(torch.stack([c for c, _ in scores]), how, lam=lam)
     s_r = aggregate(torch.stack([r for _, r in scores]), how, lam=lam)
     return s_c, s_r

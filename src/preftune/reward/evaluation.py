@@ -81,7 +81,8 @@ def evaluate_rm_run(
         s_c, s_r = ensemble_pair_scores(final, examples, batch_size)
     else:
         s_c, s_r = all_pair_scores(load_scorer(final, dtype=config.dtype), examples, batch_size)
-    loss_fn = parse_rm_loss(str(config.hparams.get("loss", "bt")))
+    loss = str(config.hparams.get("loss", "bt"))
+    loss_fn = parse_rm_loss("bt" if loss == "ce" else loss)  # implicit members trained with CE: bt's loss
     gaps: list[torch.Tensor] = []
     metrics = pair_metrics(s_c, s_r, examples, loss_fn, gaps)
     if bins is not None:

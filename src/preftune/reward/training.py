@@ -194,6 +194,10 @@ def train_rm(config: TrainConfig, log: Any = print) -> Any:
     schedule, save_every, resume, eval_data) with method "rm" and `hparams["loss"]` a spec of
     `preftune.reward.losses` ("bt", "bt:1,center:0.01"; default "bt"). Returns the `RunResult`
     (final/ is the reward-model folder)."""
+    if "ensemble" in config.hparams or ("aggregate" in config.hparams and "heads" not in config.hparams):
+        from preftune.reward.ensemble_run import train_ensemble
+
+        return train_ensemble(config, log)  # M seeds, each member a run of this function
     if head_kind(config) == "implicit":  # r = β log π_θ/π_ref, no scalar head
         from preftune.reward.implicit_training import train_implicit_rm
 
@@ -210,11 +214,7 @@ def train_rm(config: TrainConfig, log: Any = print) -> Any:
     if "heads" in config.hparams:
         from preftune.reward.ensemble_run import head_settings
 
-        head_settings(config)  # refuses a bad count, --ensemble with it, and rating data
-    elif "ensemble" in config.hparams or "aggregate" in config.hparams:
-        from preftune.reward.ensemble_run import train_ensemble
-
-        return train_ensemble(config, log)
+        head_settings(config)  # refuses a bad count and rating data
     lock = claim(config)
     try:
         return _train(config, loss_fn, loss, log)
