@@ -13,11 +13,12 @@ model's process rewards (q_θ at each line's end) on the ProcessBench-style test
 benchmarks/prm_processbench.py (600 items of seed 2, τ on their dev third).
 
 Measured (docs/reward_models.md, "The implicit RM on the built-in task"; the same setting through
-benchmarks/rm_best_of_n.py, 158.5 s training CPU at load 9–11): held-out pairwise accuracy 0.833 on
-1252 pairs; best-of-1 / 8 0.363 / 0.480; ProcessBench-style F1 of q_θ 0.32 (of the step deltas 0.35).
-Asserted: the 3-minute budget, best-of-8 ≥ one sample + 10 points (the goal, met), and held-out
-accuracy ≥ 0.80 (the goal of 0.95 is not met; 0.80 is well above the scalar head's 0.65). The
-ProcessBench figure is printed, not asserted (the goal of 0.9 is not met).
+benchmarks/rm_best_of_n.py, one thread, load 2–3): at β 1, held-out pairwise accuracy 0.957 on 1252
+pairs in 160.4 s of training CPU, best-of-1 / 8 0.363 / 0.647; at the paper's β 0.05, 0.833 and
+0.480 (ProcessBench-style F1 of q_θ 0.32, of the step deltas 0.35). Asserted at β 1: the 3-minute
+budget, held-out accuracy ≥ 0.95 and best-of-8 ≥ one sample + 10 points (both goals). The
+ProcessBench figure is printed, not asserted (trained on outcome pairs, the goal of 0.9 is not met;
+the PRM trained on step labels meets it, tests/test_reward_prm_slow.py).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from preftune.reward.processbench import evaluate_prm_folder
 from reward_task_fixtures import cpu_seconds, own_pairs, policy_trunk_samples
 from test_train_fixtures import write_jsonl
 
-STEPS, BATCH, LR, BETA = 250, 32, 3e-4, 0.05
+STEPS, BATCH, LR, BETA = 250, 32, 3e-4, 1.0
 
 
 @pytest.mark.slow
@@ -64,5 +65,5 @@ def test_implicit_rm_heldout_accuracy_best_of_n_and_processbench(tmp_path):
     print(json.dumps({"accuracy": accuracy, "best_of_n": curve, "processbench": pb,
                       "train_cpu_s": round(train_cpu, 1)}))  # fmt: skip
     assert train_cpu <= 180.0
-    assert accuracy >= 0.80
+    assert accuracy >= 0.95
     assert curve["rm"][3] >= curve["rm"][0] + 0.10, curve
