@@ -11,7 +11,8 @@ rating); the run folder, checkpoints and --resume work as for
 the preference losses; OUT/final/ loads with AutoModelForSequenceClassification. --ensemble M trains
 M seeds (OUT/member-i), --heads M trains M scalar heads on one trunk, and --aggregate mean | min |
 uwo | median combines them in OUT/final. --head implicit (with --beta) trains the causal LM itself as
-the reward r = β log π_θ/π_ref against a frozen copy of --model (also a PRM: partial sums at step ends).
+the reward r = β log π_θ/π_ref against a frozen copy of --model (also a PRM: partial sums at step ends;
+--ensemble M with it trains M implicit RMs).
 METHOD prm trains a process reward model on step labels: --loss prm_bce | pav_mse (data: prompt,
 steps, labels or first_error; the ProcessBench rows too).
 
