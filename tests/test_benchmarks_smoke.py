@@ -444,12 +444,15 @@ def test_rm_best_of_n_training_prompts_avoid_every_held_out_prompt() -> None:
     assert len(train) == 400 and not set(train) & set(held)
 
 
+@pytest.mark.parametrize("head", ["scalar", "implicit"])
 def test_rm_best_of_n_quick_ensemble(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    head: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = ("--quick", "--work", str(tmp_path), "--ensemble", "2", "--flip", "0.25")
+    args = ("--quick", "--work", str(tmp_path), "--ensemble", "2", "--flip", "0.25", "--head", head)
     _in_process("rm_best_of_n.py", *args, monkeypatch=monkeypatch)
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    members = [tmp_path / res["run"] / f"member-{i}" / "final" / "implicit.json" for i in range(2)]
+    assert [m.is_file() for m in members] == [head == "implicit"] * 2  # members of the asked head
     assert res["held_prompts"] == 8 and 0 < res["train_pairs"] <= 8 * 3 and 0 < res["held_pairs"] <= 8 * 2
     curves = res["best_of_n"]
     assert set(curves) == {"member0", "member1", "mean", "min", "uwo", "median", "paired"}
