@@ -17,8 +17,10 @@ benchmarks/rm_best_of_n.py, one thread, load 2–3): at β 1, held-out pairwise 
 pairs in 160.4 s of training CPU, best-of-1 / 8 0.363 / 0.647; at the paper's β 0.05, 0.833 and
 0.480 (ProcessBench-style F1 of q_θ 0.32, of the step deltas 0.35). Asserted at β 1: the 3-minute
 budget, held-out accuracy ≥ 0.95 and best-of-8 ≥ one sample + 10 points (both goals). The
-ProcessBench figure is printed, not asserted (trained on outcome pairs, the goal of 0.9 is not met;
-the PRM trained on step labels meets it, tests/test_reward_prm_slow.py).
+ProcessBench figure is printed, not asserted: its last run gave F1 0.905 at β 1 (0.32 at β 0.05),
+too close to the goal of 0.9 to assert from one run; the PRM trained on step labels meets it with
+room, tests/test_reward_prm_slow.py. Last run of this test: accuracy 0.957, best-of-8 0.647, 168.4 s
+training CPU, 838.8 s CPU in all (load 2.1–3.3).
 """
 
 from __future__ import annotations
