@@ -56,7 +56,8 @@ def _settings(config: TrainConfig) -> tuple[int, str]:
 
 
 def head_settings(config: TrainConfig) -> tuple[int, str]:
-    """(M, aggregator) of `--heads M`: M ≥ 2, not with --ensemble, pairwise losses only."""
+    """(M, aggregator) of `--heads M`: M ≥ 2, pairwise losses only (`--ensemble` with it is refused by
+    `_settings`: `train_rm` sends any `--ensemble` run there first)."""
     raw = config.hparams.get("heads")
     try:
         heads = int(str(raw))
@@ -64,8 +65,6 @@ def head_settings(config: TrainConfig) -> tuple[int, str]:
         heads = 0
     if heads < 2:
         raise ConfigError(f"--heads {raw}: give the number of heads on the trunk, ≥ 2 (e.g. --heads 4)")
-    if "ensemble" in config.hparams:
-        raise ConfigError("--heads M and --ensemble M are two kinds of ensemble: give one of them")
     if str(config.hparams.get("loss", "bt")) == "regression":
         raise ConfigError("--heads trains pairwise losses (bt, bt_margin, …), not --loss regression")
     how = str(config.hparams.get("aggregate", "mean"))
