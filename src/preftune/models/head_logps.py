@@ -51,12 +51,10 @@ class HeadLogps(torch.autograd.Function):
         hidden, targets, weight, lse, *kept = ctx.saved_tensors
         grad = grad_outputs[0].float()
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        into = (
-            direct_grads.direct_grad(weight) if ctx.needs_input_grad[2] else None
-        )  # ∂W straight into weight.grad
-        grad_w = into
-        if into is None and ctx.needs_input_grad[2]:
-            grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        grad_w = into = None
+        if ctx.needs_input_grad[2]:  # ∂W straight into weight.grad where allowed, else a fresh buffer
+            into = direct_grads.direct_grad(weight)
+            grad_w = into if into is not None else torch.zeros_like(weight, dtype=torch.float32)
         for index, start in enumerate(range(0, hidden.shape[0], ctx.size)):
             stop = min(start + ctx.size, hidden.shape[0])
             h, g = hidden[start:stop], grad[start:stop, None] * ctx.scale
