@@ -24,8 +24,9 @@ def _f(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
 
-ONLINE_HELP = ("Online methods:", "PPO family:", "MA-RLHF", "RTO:")
-"""How the help of a field that only online methods read begins (`online_only_fields`)."""
+def _online(default: Any, help: str, **extra: Any) -> Any:
+    """A field that only online methods read (`online_only_fields`)."""
+    return _f(default, help, online=True, **extra)
 
 
 @dataclass
@@ -206,21 +207,21 @@ class TrainConfig:
         choices=("error", "skip"),
     )
     # --- online methods (grpo, dr_grpo, rloo, remax, reinforce_pp, bnpo) ---
-    prompts: str | None = _f(
+    prompts: str | None = _online(
         None,
         "Online methods: prompt data (JSONL / JSON / Parquet / CSV, dataset folder or hub id) with "
         "'prompt' (text or a message list); every other column goes to the reward as a keyword argument.",
     )
-    reward: str | None = _f(
+    reward: str | None = _online(
         None,
         "Online methods: the reward — arithmetic | arithmetic_steps | module:function | file.py:function "
         "| a weighted sum 'a:1,b:0.5' (docs/online.md).",
     )
-    num_generations: int = _f(8, "Online methods: samples per prompt, G (TRL's default 8).", low=1)
-    estimator: str | None = _f(
+    num_generations: int = _online(8, "Online methods: samples per prompt, G (TRL's default 8).", low=1)
+    estimator: str | None = _online(
         None, "Online methods: advantage estimator (grpo, dr_grpo, rloo, remax, ...); default: the method's."
     )
-    objective: str | None = _f(
+    objective: str | None = _online(
         None, "Online methods: policy objective, e.g. 'ppo_clip:1,kl:0.01'; default: the method's."
     )
     # --- distillation (adpa, dckd, aligndistil; docs/online.md, Distillation) ---
@@ -232,33 +233,33 @@ class TrainConfig:
         "Distillation: the teacher's reference π_ref (adpa, aligndistil); aligndistil --contrast reverse: "
         "a reverse DPO model (DPO on the swapped pairs).",
     )
-    sampler: str | None = _f(
+    sampler: str | None = _online(
         None, "Online methods: uniform | dapo_filter | reinforce_ada | gvm | vade; default: the method's."
     )
-    sampler_args: dict[str, Any] = _f(
+    sampler_args: dict[str, Any] = _online(
         {}, 'Online methods: the sampler\'s options as JSON, e.g. \'{"rounds": 4, "exit": "pos"}\'.'
     )
-    temperature: float = _f(1.0, "Online methods: sampling temperature.", low=0.0, low_open=True)
-    top_p: float = _f(1.0, "Online methods: nucleus sampling p (1: off).", low=0.0, high=1.0, low_open=True)
-    top_k: int = _f(0, "Online methods: sample from the k most likely tokens (0: off).", low=0)
+    temperature: float = _online(1.0, "Online methods: sampling temperature.", low=0.0, low_open=True)
+    top_p: float = _online(1.0, "Online methods: nucleus sampling p (1: off).", low=0.0, high=1.0, low_open=True)
+    top_k: int = _online(0, "Online methods: sample from the k most likely tokens (0: off).", low=0)
     # --- PPO family (ppo, ma_ppo, rto: estimator gae with a value head; TRL's PPOConfig names) ---
-    kl_coef: float | None = _f(
+    kl_coef: float | None = _online(
         None,
         "PPO family: per-token KL penalty β·(log π − log π_ref) in the reward (ppo 0.05, rto 0.01).",
         low=0.0,
     )
-    value_lr: float | None = _f(None, "PPO family: learning rate of the value head (default: lr).", low=0.0)
-    gamma: float = _f(1.0, "PPO family: GAE discount γ.", low=0.0, high=1.0)
-    lam: float = _f(0.95, "PPO family: GAE λ.", low=0.0, high=1.0)
-    macro: str | None = _f(
+    value_lr: float | None = _online(None, "PPO family: learning rate of the value head (default: lr).", low=0.0)
+    gamma: float = _online(1.0, "PPO family: GAE discount γ.", low=0.0, high=1.0)
+    lam: float = _online(0.95, "PPO family: GAE λ.", low=0.0, high=1.0)
+    macro: str | None = _online(
         None, "MA-RLHF macro actions: fixed | randomized | ppl (ma_ppo: fixed).", choices=MACROS
     )
-    macro_n: int = _f(5, "MA-RLHF: tokens per fixed macro action (1 = PPO).", low=1)
-    macro_pooling: str = _f("equal", "MA-RLHF: value/reward pooling over a macro action.", choices=POOLINGS)
-    dpo_model: str | None = _f(None, "RTO: the DPO model whose token log-ratio to `model` is a reward.")
-    dpo_scale: float = _f(0.05, "RTO: scale s of the token reward s·(log π_dpo − log π_ref).", low=0.0)
-    dpo_clip: float = _f(0.05, "RTO: clip c of each DPO token reward to [−c, c].", low=0.0, low_open=True)
-    num_iterations: int = _f(
+    macro_n: int = _online(5, "MA-RLHF: tokens per fixed macro action (1 = PPO).", low=1)
+    macro_pooling: str = _online("equal", "MA-RLHF: value/reward pooling over a macro action.", choices=POOLINGS)
+    dpo_model: str | None = _online(None, "RTO: the DPO model whose token log-ratio to `model` is a reward.")
+    dpo_scale: float = _online(0.05, "RTO: scale s of the token reward s·(log π_dpo − log π_ref).", low=0.0)
+    dpo_clip: float = _online(0.05, "RTO: clip c of each DPO token reward to [−c, c].", low=0.0, low_open=True)
+    num_iterations: int = _online(
         1, "Online methods: optimizer steps per batch of rollouts, μ (TRL's num_iterations).", low=1
     )
     # --- evaluation, checkpoints, logging ---
@@ -319,5 +320,5 @@ def reference_markdown() -> str:
 
 def online_only_fields() -> frozenset[str]:
     """The TrainConfig fields only online methods read (prompts, reward, num_generations, ...): those
-    whose help begins with one of `ONLINE_HELP`."""
-    return frozenset(name for name, f in FIELDS.items() if str(f.metadata["help"]).startswith(ONLINE_HELP))
+    declared with `_online`."""
+    return frozenset(name for name, f in FIELDS.items() if f.metadata.get("online"))
