@@ -39,7 +39,7 @@ def test_quickstart_pipeline_at_toy_size(tmp_path: Path) -> None:
     from preftune.tasks.shapes_model import PretrainConfig
 
     cfg = DiffusionQuickstartConfig(
-        pretrain=PretrainConfig(vae_steps=2, unet_steps=2, batch_size=4), samples_per_prompt=2,
+        pretrain=PretrainConfig(vae_steps=2, unet_steps=2, batch_size=4, target_place=None), samples_per_prompt=2,
         pairs_per_prompt=1, min_gap=-1.0, heldout_seeds=2, sample_steps=2, max_steps=1, batch_size=4,
     )  # fmt: skip
     summary = run_diffusion_quickstart(tmp_path / "qs", config=cfg, log=lambda _: None, progress=False)
@@ -90,7 +90,7 @@ def test_diffusion_sweep_scores_each_method_by_heldout_reward(tmp_path: Path) ->
     from preftune.tasks.shapes_model import PretrainConfig
 
     cfg = DiffusionQuickstartConfig(
-        pretrain=PretrainConfig(vae_steps=2, unet_steps=2, batch_size=4), samples_per_prompt=2,
+        pretrain=PretrainConfig(vae_steps=2, unet_steps=2, batch_size=4, target_place=None), samples_per_prompt=2,
         pairs_per_prompt=1, min_gap=-1.0, heldout_seeds=1, sample_steps=2, max_steps=1, batch_size=4,
     )  # fmt: skip
     quiet = lambda _: None  # noqa: E731
@@ -149,3 +149,41 @@ def test_two_caption_pairs_caption_the_loser_by_what_it_shows(tmp_path: Path) ->
     # ≥ 2 from those colours, closeness 0) — the first of the ties in prompt order is green top left
     assert out[1]["rejected_prompt"] == "green square top left"
     assert "chosen_score" in out[0] and "prompt" not in out[0]
+
+
+def test_a_failed_place_check_trains_the_denoiser_again_as_a_longer_pretraining_would(tmp_path: Path) -> None:
+    """Below `target_place` the UNet and text encoder are trained again from their start for
+    `max_unet_steps`: the saved pipeline equals the one `unet_steps=max_unet_steps` gives directly, to
+    the bit; above it, or with the check off, the first training is kept."""
+    from safetensors.torch import load_file
+
+    from preftune.tasks.shapes_model import PretrainConfig, pretrain
+
+    small = {"vae_steps": 2, "batch_size": 4, "check_seeds": 1}
+    logs: list[str] = []
+    pretrain(tmp_path / "again", seed=3, config=PretrainConfig(**small, unet_steps=2, max_unet_steps=4,
+             target_place=1.0), log=logs.append)  # fmt: skip
+    assert any("training the denoiser again from its start with 4 steps" in line for line in logs), logs
+    pretrain(
+        tmp_path / "direct",
+        seed=3,
+        config=PretrainConfig(**small, unet_steps=4, target_place=None),
+        log=print,
+    )
+    pretrain(
+        tmp_path / "kept", seed=3, config=PretrainConfig(**small, unet_steps=2, target_place=0.0), log=print
+    )
+    pretrain(
+        tmp_path / "short", seed=3, config=PretrainConfig(**small, unet_steps=2, target_place=None), log=print
+    )
+
+    def weights(name: str, part: str) -> dict[str, torch.Tensor]:
+        return load_file(str(next((tmp_path / name / part).glob("*.safetensors"))))
+
+    for part in ("unet", "text_encoder", "vae"):
+        again, direct = weights("again", part), weights("direct", part)
+        assert again.keys() == direct.keys() and all(torch.equal(again[k], direct[k]) for k in again)
+        kept, short = weights("kept", part), weights("short", part)
+        assert all(torch.equal(kept[k], short[k]) for k in kept)
+    unet_again, unet_short = weights("again", "unet"), weights("short", "unet")
+    assert not all(torch.equal(unet_again[k], unet_short[k]) for k in unet_again)  # 4 steps are not 2

@@ -240,7 +240,9 @@ class TrainConfig:
         {}, 'Online methods: the sampler\'s options as JSON, e.g. \'{"rounds": 4, "exit": "pos"}\'.'
     )
     temperature: float = _online(1.0, "Online methods: sampling temperature.", low=0.0, low_open=True)
-    top_p: float = _online(1.0, "Online methods: nucleus sampling p (1: off).", low=0.0, high=1.0, low_open=True)
+    top_p: float = _online(
+        1.0, "Online methods: nucleus sampling p (1: off).", low=0.0, high=1.0, low_open=True
+    )
     top_k: int = _online(0, "Online methods: sample from the k most likely tokens (0: off).", low=0)
     # --- PPO family (ppo, ma_ppo, rto: estimator gae with a value head; TRL's PPOConfig names) ---
     kl_coef: float | None = _online(
@@ -248,17 +250,23 @@ class TrainConfig:
         "PPO family: per-token KL penalty β·(log π − log π_ref) in the reward (ppo 0.05, rto 0.01).",
         low=0.0,
     )
-    value_lr: float | None = _online(None, "PPO family: learning rate of the value head (default: lr).", low=0.0)
+    value_lr: float | None = _online(
+        None, "PPO family: learning rate of the value head (default: lr).", low=0.0
+    )
     gamma: float = _online(1.0, "PPO family: GAE discount γ.", low=0.0, high=1.0)
     lam: float = _online(0.95, "PPO family: GAE λ.", low=0.0, high=1.0)
     macro: str | None = _online(
         None, "MA-RLHF macro actions: fixed | randomized | ppl (ma_ppo: fixed).", choices=MACROS
     )
     macro_n: int = _online(5, "MA-RLHF: tokens per fixed macro action (1 = PPO).", low=1)
-    macro_pooling: str = _online("equal", "MA-RLHF: value/reward pooling over a macro action.", choices=POOLINGS)
+    macro_pooling: str = _online(
+        "equal", "MA-RLHF: value/reward pooling over a macro action.", choices=POOLINGS
+    )
     dpo_model: str | None = _online(None, "RTO: the DPO model whose token log-ratio to `model` is a reward.")
     dpo_scale: float = _online(0.05, "RTO: scale s of the token reward s·(log π_dpo − log π_ref).", low=0.0)
-    dpo_clip: float = _online(0.05, "RTO: clip c of each DPO token reward to [−c, c].", low=0.0, low_open=True)
+    dpo_clip: float = _online(
+        0.05, "RTO: clip c of each DPO token reward to [−c, c].", low=0.0, low_open=True
+    )
     num_iterations: int = _online(
         1, "Online methods: optimizer steps per batch of rollouts, μ (TRL's num_iterations).", low=1
     )
