@@ -119,6 +119,7 @@ def best_of_n(folder: Path, held: list[str], held_samples: list[list[str]], head
     from preftune.reward.best_of_n import curve_points
     from preftune.reward.ensemble import AGGREGATORS, aggregate
     from preftune.reward.ensemble_run import EnsembleRewardFn, is_ensemble
+    from preftune.reward.implicit import is_implicit
     from preftune.reward.model_reward import RewardModelFn
     from preftune.tasks.arithmetic import ArithmeticTask
 
@@ -130,7 +131,7 @@ def best_of_n(folder: Path, held: list[str], held_samples: list[list[str]], head
     flat = [p for p, ss in zip(held, held_samples) for _ in ss]
     texts = [s for ss in held_samples for s in ss]
     keep = [i for i, t in enumerate(texts) if t.strip()]  # an empty sample (EOS first) has no score:
-    if (folder / "implicit.json").is_file():  # --head implicit: r = β log π_θ/π_ref
+    if is_implicit(folder):  # --head implicit: r = β log π_θ/π_ref
         from preftune.reward.implicit_reward import ImplicitRewardFn
 
         scorer = ImplicitRewardFn(folder).outcome
