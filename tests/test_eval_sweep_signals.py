@@ -85,9 +85,12 @@ def test_a_run_stopped_by_a_signal_is_kept_as_interrupted_and_resumed_with_the_f
     assert [c.method for c in calls] == ["dpo", "ipo"]
     kept = finished_results(tmp_path / "s")
     assert list(kept) == ["dpo"]
+    record = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    (tmp_path / "s" / "sweep.json").write_text(json.dumps({**record, "seconds": 3600.0}))  # an hour's work
     calls.clear()
     result = run_sweep(["dpo", "ipo", "simpo"], base, tmp_path / "s", train_fn=fake_train(calls),
                        log=lambda _m: None, previous=kept)  # fmt: skip
+    assert 3600.0 <= result.seconds < 3660.0  # the resumed sweep's wall time counts the first part's
     assert [(c.method, c.resume) for c in calls] == [("ipo", "latest"), ("simpo", "latest")]
     assert [(r.method, r.status) for r in result.results] == [("dpo", "ok"), ("ipo", "ok"), ("simpo", "ok")]
 

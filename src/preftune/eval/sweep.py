@@ -234,7 +234,9 @@ def run_sweep(
     if evaluate_fn is None and task is not None:
         evaluate_fn = PolicyEvaluator(base, task, log=log)
 
-    started = time.perf_counter()
+    # a resumed sweep's wall time counts the earlier sweep's too (its kept runs are part of the report)
+    earlier = read_sweep(out).seconds if previous and (out / "sweep.json").is_file() else 0.0
+    started = time.perf_counter() - earlier
     results: list[MethodResult] = []
 
     def summarise(stopped: str = "") -> SweepResult:
