@@ -22,9 +22,8 @@ from preftune.train.api import train
 
 CFG = QuickstartConfig()
 SETTINGS: dict[str, dict[str, Any]] = {name: {"value_lr": 1e-3} for name in ("ppo", "ma_ppo", "rto")}
-# measured on seed 0 (docs/online.md; SFT 49.1 %): ppo 56.9 % (+7.8, 391 s CPU), rto 57.7 % (+8.6,
-# 342 s CPU); ma_ppo 56.7 % (+7.6, 142 s CPU) on the earlier 100-step schedule. A method below +5
-# points would be a strict xfail with its number here
+# measured on seed 0 (docs/online.md; SFT 49.1 %): ppo 56.9 % (+7.8, 391 s CPU), ma_ppo 59.4 % (+10.3,
+# 382 s CPU), rto 57.7 % (+8.6, 342 s CPU). A method below +5 points would be a strict xfail here
 MEASURED: dict[str, str] = {}
 
 
