@@ -201,16 +201,18 @@ def pretrain(
             parts["scheduler"].config, prediction_type=cfg.prediction_type
         )
     train_vae(parts["vae"], cfg, rng, log)
-    start = _denoiser_state(parts, rng)
+    # the place check's target; none for a flow pipeline (the check samples with DDIM) or no longer training
+    target = (
+        cfg.target_place if cfg.prediction_type != "flow" and cfg.max_unet_steps > cfg.unet_steps else None
+    )
+    start = _denoiser_state(parts, rng) if target is not None else {}  # only the check trains it again
     train_denoiser(parts, cfg, rng, log)
     _save(parts, folder)
-    if cfg.target_place is None or cfg.prediction_type == "flow" or cfg.max_unet_steps <= cfg.unet_steps:
+    if target is None:
         return Path(folder)
     placed = place_check(folder, seed, cfg.check_seeds)
-    log(
-        f"      place check: {placed:.0%} of the squares in the named quadrant (target {cfg.target_place:.0%})"
-    )
-    if placed < cfg.target_place:
+    log(f"      place check: {placed:.0%} of the squares in the named quadrant (target {target:.0%})")
+    if placed < target:
         log(f"      training the denoiser again from its start with {cfg.max_unet_steps} steps")
         rng = _restore_denoiser_state(parts, start)
         train_denoiser(parts, replace(cfg, unet_steps=cfg.max_unet_steps), rng, log)
