@@ -3,7 +3,8 @@
 The task is the quickstart's (`preftune.tasks.diffusion_sweep`): a tiny pipeline pretrained on
 coloured squares, reward-ranked pairs of its samples, 256 held-out samples (16 prompts × 16 seeds).
 Each method trains with the quickstart's schedule (150 steps of 16 pairs, lr 5e-5, full
-fine-tuning; diff_kto on 64 images per step, SCHEDULES) and its own registered defaults (β = 5000
+fine-tuning; diff_kto on 64 images per step, SCHEDULES) on the pairs of 16 samples per prompt
+(MEASURED_PAIRS; the quickstart now draws 32) and its own registered defaults (β = 5000
 for dpo/hinge on a pipeline folder, `DIFFUSION_DEFAULTS`; the pairs carry each image's standardised
 reward, which smpo reads as its score), plus variants (VARIANTS);
 the gain is paired per (prompt, seed) — DDIM is deterministic, so a sample before and after
@@ -27,6 +28,9 @@ from preftune.tasks.diffusion_sweep import two_caption_pairs
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 GAIN_IN_SE = 3.0
+# The task every case was measured on (docs/diffusion.md, "Learning test"): the seed-0 pipeline's 107
+# pairs from 16 samples per prompt, the quickstart's until it moved to 32 samples (3 December 2026)
+MEASURED_PAIRS = {"samples_per_prompt": 16, "pairs_per_prompt": 8}
 
 # Every offline method `preftune train METHOD --model PIPELINE_FOLDER` runs on image pairs. DCPO is
 # not a loss of its own (Diffusion-DPO with per-branch captions): it is the "dcpo" variant below.
@@ -89,7 +93,7 @@ def shapes_task(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     from preftune.tasks.diffusion_sweep import diffusion_sweep_task
 
     folder = Path(os.environ.get("PREFTUNE_TEST_TASK_DIR") or tmp_path_factory.mktemp("shapes-task"))
-    cfg = DiffusionQuickstartConfig()
+    cfg = DiffusionQuickstartConfig(**MEASURED_PAIRS)
     values, _ = diffusion_sweep_task(folder, seed=0, config=cfg, log=print)
     before = heldout(Path(values["model"]), cfg, 0)[2]
     return {"values": values, "before": before, "cfg": cfg, "folder": folder}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -57,21 +58,13 @@ def test_quickstart_pipeline_at_toy_size(tmp_path: Path) -> None:
     assert html.count('src="data:image/png;base64,') >= 2 and "samples before" in html
 
 
-# docs/diffusion.md ("Quickstart"): seed 2's 500-step pretraining fails the place check (56 %); trained again
-# for 1000 steps it places 97 % of the held-out squares right, and Diffusion-DPO gains 2.2 standard errors
-SEED_2_MISSES = pytest.mark.xfail(
-    strict=True,
-    reason="measured 0.3463 → 0.3581, paired gain +0.0118 ± 0.0053 (+2.2 s.e.); the named quadrant "
-    "97 % → 99 % of the held-out samples (before the place check: 0.1139 → 0.1183, +1.3 s.e.)",
-)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1, pytest.param(2, marks=SEED_2_MISSES)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
 def test_quickstart_raises_heldout_reward_by_3_standard_errors(tmp_path: Path, seed: int) -> None:
     """The target: held-out mean reward rises by more than 3 standard errors of the paired gain, and the
     pretrained model already puts the named colour in the named place more often than chance (a random
-    quadrant scores 0 on average, a true image 36/64)."""
+    quadrant scores 0 on average, a true image 36/64). Measured (docs/diffusion.md, "Quickstart"): seeds
+    0, 1, 2 gain 14.6, 5.0 and 3.5 standard errors (seed 2 after its failed place check)."""
     from preftune.tasks.diffusion_quickstart import run_diffusion_quickstart
 
     summary = run_diffusion_quickstart(tmp_path / "qs", seed=seed, log=print, progress=False)
@@ -98,6 +91,11 @@ def test_diffusion_sweep_scores_each_method_by_heldout_reward(tmp_path: Path) ->
     values, task = diffusion_sweep_task(tmp_path / "task", seed=0, config=cfg, log=quiet)
     again, _ = diffusion_sweep_task(tmp_path / "task", seed=0, config=cfg, log=quiet)
     assert again == values and task.metric == "mean reward" and -1.0 <= task.baseline_accuracy <= 1.0
+    # another training schedule reuses the prepared folder (the pretraining and the pairs do not depend on it)
+    longer, _ = diffusion_sweep_task(
+        tmp_path / "task", seed=0, config=replace(cfg, max_steps=3, lr=1e-4), log=quiet
+    )
+    assert longer == {**values, "max_steps": 3, "lr": 1e-4}
     with pytest.raises(ConfigError, match="another seed or recipe"):
         diffusion_sweep_task(tmp_path / "task", seed=1, config=cfg, log=quiet)
     # the pairs carry SmPO's scores: each image's reward over the std of all the pairs' rewards

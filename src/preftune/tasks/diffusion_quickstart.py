@@ -37,8 +37,12 @@ from preftune.tasks.shapes_model import PretrainConfig, pretrain, sample
 @dataclass
 class DiffusionQuickstartConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    samples_per_prompt: int = 16
-    pairs_per_prompt: int = 8
+    samples_per_prompt: int = 32
+    pairs_per_prompt: int = 16
+    """Up to 16 pairs per prompt from 32 samples (~215 pairs; 16 and 8, ~105 pairs, until 3 December
+    2026): with half as many pairs one seed of five fitted its 97 pairs to a loss of 0.001 and gained
+    only 2.2 standard errors; with these every measured seed gains more than 3 (docs/diffusion.md,
+    "Quickstart")."""
     min_gap: float = 0.01
     heldout_seeds: int = 16
     sample_steps: int = 20

@@ -29,15 +29,23 @@ from preftune.tasks.diffusion_quickstart import (
 from preftune.tasks.shapes import BEST_REWARD, all_prompts
 from preftune.tasks.shapes_model import pretrain
 
+TRAINING_FIELDS = ("max_steps", "batch_size", "lr", "beta")
+
 
 def _prepare(
     folder: Path, seed: int, cfg: DiffusionQuickstartConfig, log: Callable[[str], None]
 ) -> dict[str, Any]:
-    recipe = {"seed": seed, "config": asdict(cfg)}
+    # what the prepared folder depends on: the training stage's schedule (the sweep's values) does not
+    recipe = {"seed": seed, "config": {k: v for k, v in asdict(cfg).items() if k not in TRAINING_FIELDS}}
     path = folder / "task.json"
     if path.is_file():
         manifest: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-        if manifest.get("recipe") == json.loads(json.dumps(recipe)):
+        held = manifest.get("recipe") or {}
+        held = {
+            **held,
+            "config": {k: v for k, v in held.get("config", {}).items() if k not in TRAINING_FIELDS},
+        }
+        if held == json.loads(json.dumps(recipe)):  # a folder of earlier code also recorded the schedule
             log(f"sweep: reusing the diffusion task in {folder}")
             return manifest
         raise ConfigError(
