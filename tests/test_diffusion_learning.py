@@ -3,8 +3,7 @@
 The task is the quickstart's (`preftune.tasks.diffusion_sweep`): a tiny pipeline pretrained on
 coloured squares, reward-ranked pairs of its samples, 256 held-out samples (16 prompts × 16 seeds).
 Each method trains with the quickstart's schedule (150 steps of 16 pairs, lr 5e-5, full
-fine-tuning; diff_kto on 64 images per step, SCHEDULES) on the pairs of 16 samples per prompt
-(MEASURED_PAIRS; the quickstart now draws 32) and its own registered defaults (β = 5000
+fine-tuning; diff_kto on 64 images per step, SCHEDULES) on the quickstart's pairs (217 for seed 0) and its own registered defaults (β = 5000
 for dpo/hinge on a pipeline folder, `DIFFUSION_DEFAULTS`; the pairs carry each image's standardised
 reward, which smpo reads as its score), plus variants (VARIANTS);
 the gain is paired per (prompt, seed) — DDIM is deterministic, so a sample before and after
@@ -28,35 +27,20 @@ from preftune.tasks.diffusion_sweep import two_caption_pairs
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 GAIN_IN_SE = 3.0
-# The task every case was measured on (docs/diffusion.md, "Learning test"): the seed-0 pipeline's 107
-# pairs from 16 samples per prompt, the quickstart's until it moved to 32 samples (3 December 2026)
-MEASURED_PAIRS = {"samples_per_prompt": 16, "pairs_per_prompt": 8}
 
 # Every offline method `preftune train METHOD --model PIPELINE_FOLDER` runs on image pairs. DCPO is
 # not a loss of its own (Diffusion-DPO with per-branch captions): it is the "dcpo" variant below.
 OFFLINE_METHODS = ["dpo", "hinge", "ipo", "diff_kto", "mapo", "inpo", "smpo", "seppo", "pso"]
 
-# Measured on this task (docs/diffusion.md, "Learning test"): what does not raise the reward is kept
-# as a strict xfail with its numbers, so that a change that makes it pass is noticed. "Earlier" marks
-# a number measured on the earlier pretrained model (reward 0.4998), before the generated losers of
-# pso and seppo went through the VAE.
+# Measured on this task (docs/diffusion.md, "Learning test"; seed 0, the quickstart's 217 pairs, 3
+# December 2026): what does not raise the reward is kept as a strict xfail with its numbers, so that a
+# change that makes it pass is noticed.
 NOT_MET = {
-    "pso": pytest.mark.xfail(
-        strict=True,
-        reason="measured 0.4742 → 0.4782, gain +0.0040 ± 0.0015 (+2.7 s.e.) with its 4-step reference "
-        "images as images (decoded, 8-bit, encoded); earlier, with raw sampler latents: +4.2 s.e.",
-    ),
-    "diff_kto-batch-16": pytest.mark.xfail(
-        strict=True,
-        reason="measured 0.4742 → 0.4636, gain −0.0106 ± 0.0020 (−5.3 s.e.) at the paper's β = 1000 "
-        "(earlier: −0.9 s.e.); 16 × 150 unpaired images are too few for its noisy per-image "
-        "signal: 64 per step rose by +13.9 s.e., 16 per step for 600 steps by +12.7",
-    ),
     "seppo": pytest.mark.xfail(
         strict=True,
-        reason="measured 0.4742 → 0.4707, gain −0.0035 ± 0.0008 (−4.2 s.e.) with its losers as images "
-        "(earlier, raw latents: −2.2 s.e.; at 64 pairs per step: −4.8 s.e.); without the flipper it "
-        "rose (+12.2 s.e.): the flip, decided on one noisy draw, fits the model's own past samples",
+        reason="measured 0.4742 → 0.4669, gain −0.0072 ± 0.0009 (−7.9 s.e.) on the quickstart's 217 pairs "
+        "(on the earlier 107: −4.2 s.e.; at 64 pairs per step: −4.8); without the flipper it rose (+17.2 "
+        "s.e.): the flip, decided on one noisy draw, fits the model's own past samples",
     ),
 }
 # Cases beyond each method at its defaults: (method, hyper-parameters).
@@ -93,7 +77,7 @@ def shapes_task(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     from preftune.tasks.diffusion_sweep import diffusion_sweep_task
 
     folder = Path(os.environ.get("PREFTUNE_TEST_TASK_DIR") or tmp_path_factory.mktemp("shapes-task"))
-    cfg = DiffusionQuickstartConfig(**MEASURED_PAIRS)
+    cfg = DiffusionQuickstartConfig()
     values, _ = diffusion_sweep_task(folder, seed=0, config=cfg, log=print)
     before = heldout(Path(values["model"]), cfg, 0)[2]
     return {"values": values, "before": before, "cfg": cfg, "folder": folder}
