@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 
+from measured_cases import measured_cases
 from preftune.config import TrainConfig
 from preftune.tasks.quickstart import Artifacts, QuickstartConfig, _load, prepare
 from preftune.tasks.sft import SFTConfig, greedy_accuracy, train_sft
@@ -77,14 +78,9 @@ def _run(name: str, setup: dict[str, Any]) -> Path:
     return _DONE[name]
 
 
-def _case(name: str) -> Any:
-    reason = MEASURED.get(name)
-    return pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=reason)) if reason else name
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(0)  # tens of minutes on loaded cores
-@pytest.mark.parametrize("name", [_case(n) for n in RUNS])
+@pytest.mark.parametrize("name", measured_cases(RUNS, MEASURED))
 def test_distilled_student_improves_on_arithmetic(name: str, setup: dict[str, Any]) -> None:
     after = _accuracy(_run(name, setup), setup["art"])
     print(f"{name}: student {setup['before']:.3f} -> {after:.3f}")

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 
+from measured_cases import measured_cases
 from preftune.config import TrainConfig
 from preftune.tasks.quickstart import (
     Artifacts,
@@ -63,14 +64,9 @@ def _before(art: Artifacts) -> float:
     return float(art.stats["accuracy_before"]["greedy"])
 
 
-def _case(method: str) -> Any:
-    reason = MEASURED.get(method)
-    return pytest.param(method, marks=pytest.mark.xfail(strict=True, reason=reason)) if reason else method
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(0)  # minutes of CPU, more of wall time on a loaded machine
-@pytest.mark.parametrize("method", [_case(m) for m in ("dno", "online_dpo", "xpo")])
+@pytest.mark.parametrize("method", measured_cases(("dno", "online_dpo", "xpo"), MEASURED))
 def test_online_pair_method_matches_offline_dpo_in_its_cpu_time(offline: dict[str, Any], method: str) -> None:
     art: Artifacts = offline["art"]
     settings = {**online_settings(CFG, art.task, Path(str(art.prompts_path))), **ONLINE}

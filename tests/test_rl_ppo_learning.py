@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 
+from measured_cases import measured_cases
 from preftune.config import TrainConfig
 from preftune.tasks.quickstart import Artifacts, QuickstartConfig, _load, _online_config, prepare
 from preftune.tasks.sft import greedy_accuracy
@@ -45,14 +46,9 @@ def _dpo_model(art: Artifacts) -> str:
     return str(result.final_dir)
 
 
-def _case(method: str) -> Any:
-    reason = MEASURED.get(method)
-    return pytest.param(method, marks=pytest.mark.xfail(strict=True, reason=reason)) if reason else method
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(0)  # minutes of CPU, hours of wall time on a loaded machine
-@pytest.mark.parametrize("method", [_case(m) for m in ("ppo", "ma_ppo", "rto")])
+@pytest.mark.parametrize("method", measured_cases(("ppo", "ma_ppo", "rto"), MEASURED))
 def test_ppo_family_gains_five_points_of_greedy_heldout_accuracy(method: str, prepared: Artifacts) -> None:
     art = prepared
     extra = dict(SETTINGS[method])
