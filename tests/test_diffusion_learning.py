@@ -3,8 +3,9 @@
 The task is the quickstart's (`preftune.tasks.diffusion_sweep`): a tiny pipeline pretrained on
 coloured squares, reward-ranked pairs of its samples, 256 held-out samples (16 prompts × 16 seeds).
 Each method trains with the quickstart's schedule (150 steps of 16 pairs, lr 5e-5, full
-fine-tuning; diff_kto on 64 images per step, SCHEDULES) on the quickstart's pairs (217 for seed 0) and its own registered defaults (β = 5000
-for dpo/hinge on a pipeline folder, `DIFFUSION_DEFAULTS`; the pairs carry each image's standardised
+fine-tuning; diff_kto on 64 images per step, SCHEDULES) on the quickstart's pairs (217 for seed 0)
+and its own registered defaults (β = 5000 for dpo/hinge on a pipeline folder, `DIFFUSION_DEFAULTS`;
+the pairs carry each image's standardised
 reward, which smpo reads as its score), plus variants (VARIANTS);
 the gain is paired per (prompt, seed) — DDIM is deterministic, so a sample before and after
 training start from the same noise — and must exceed GAIN_IN_SE standard errors.

@@ -32,20 +32,22 @@ from preftune.tasks.shapes_model import pretrain
 TRAINING_FIELDS = ("max_steps", "batch_size", "lr", "beta")
 
 
+def _preparation(config: dict[str, Any]) -> dict[str, Any]:
+    """The recipe values a prepared folder depends on: all but the training stage's schedule (the
+    sweep's values, `TRAINING_FIELDS`)."""
+    return {k: v for k, v in config.items() if k not in TRAINING_FIELDS}
+
+
 def _prepare(
     folder: Path, seed: int, cfg: DiffusionQuickstartConfig, log: Callable[[str], None]
 ) -> dict[str, Any]:
-    # what the prepared folder depends on: the training stage's schedule (the sweep's values) does not
-    recipe = {"seed": seed, "config": {k: v for k, v in asdict(cfg).items() if k not in TRAINING_FIELDS}}
+    recipe = {"seed": seed, "config": _preparation(asdict(cfg))}
     path = folder / "task.json"
     if path.is_file():
         manifest: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
         held = manifest.get("recipe") or {}
-        held = {
-            **held,
-            "config": {k: v for k, v in held.get("config", {}).items() if k not in TRAINING_FIELDS},
-        }
-        if held == json.loads(json.dumps(recipe)):  # a folder of earlier code also recorded the schedule
+        # a folder of earlier code also recorded the schedule in its recipe
+        if {**held, "config": _preparation(held.get("config", {}))} == json.loads(json.dumps(recipe)):
             log(f"sweep: reusing the diffusion task in {folder}")
             return manifest
         raise ConfigError(
