@@ -18,7 +18,7 @@ from preftune.config import TrainConfig, config_to_dict, validate
 from preftune.errors import ConfigError
 from preftune.losses import REGISTRY
 from preftune.reward import load_reward
-from preftune.rl.builders import best_of_k, best_worst
+from preftune.rl.builders import best_of_k, best_worst, cut_at_divergence
 from preftune.rl.phase import OnlinePhase
 from preftune.rl.prompts import load_prompts
 from preftune.rl.sampling import Sampling
@@ -41,6 +41,30 @@ def test_best_worst_keeps_exactly_the_pairs_with_margin_above_the_threshold() ->
     for margin in (0.0, 0.35, 0.75, 0.95):
         kept = [i for i, v in enumerate(pools) if best_worst(v, margin) is not None]
         assert kept == [i for i, v in enumerate(pools) if max(v) - min(v) > margin]
+
+
+def test_cut_at_divergence_keeps_the_rejected_through_its_first_differing_token() -> None:
+    eos = 9
+    assert cut_at_divergence([1, 2, 3, eos], [1, 2, 4, 5, 6, eos]) == [1, 2, 4]  # the mistake, then stop
+    assert cut_at_divergence([1, 2, 3, eos], [7, 2, 3, eos]) == [7]  # wrong from the first token
+    assert cut_at_divergence([1, 2, 3, eos], [1, 2, eos]) == [1, 2, eos]  # early EOS is its mistake
+    assert cut_at_divergence([1, 2, eos], [1, 2, 3, 4, eos]) == [1, 2, 3]  # runs on past the answer
+    assert cut_at_divergence([1, 2, 3, eos], [1, 2]) == [1, 2]  # a strict prefix stays whole
+
+
+def test_cut_rejected_ends_each_pair_s_rejected_at_its_divergence(root: Path) -> None:
+    """`cut_rejected`: the same samples and pairs as without it (same seed), each rejected response
+    ended at its first token that differs from the chosen one; the chosen responses unchanged."""
+    for builder in ("best_worst", "dno"):
+        whole, _ = _phase(root, builder)
+        cut, _ = _phase(root, builder, cut_rejected=True)
+        pairs, cut_pairs = whole.batch(0), cut.batch(0)
+        assert pairs and len(cut_pairs) == len(pairs)
+        for e, c in zip(pairs, cut_pairs):
+            chosen, rejected = e.response_ids
+            k = next(i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b)  # they differ
+            assert c.response_ids == [chosen, rejected[: k + 1]] and c.prompt_ids == e.prompt_ids
+        assert any(len(c.response_ids[1]) < len(e.response_ids[1]) for e, c in zip(pairs, cut_pairs))
 
 
 def test_best_of_k_keeps_the_best_above_min_reward() -> None:
@@ -205,7 +229,12 @@ def test_presets_and_their_objective_checks() -> None:
     assert config_to_dict(dno, validate(dno))["hparams"] == {
         "beta": 0.1,
         "margin": 0.5,
+        "cut_rejected": False,
     }  # kept in config.yaml
+    cut = _config(hparams={"cut_rejected": "true"})  # as the command line gives it (--cut-rejected)
+    assert config_to_dict(cut, validate(cut))["hparams"] == {"beta": 0.1, "cut_rejected": True}
+    with pytest.raises(ConfigError, match="cut_rejected"):
+        validate(_config(method="grpo", hparams={"cut_rejected": True}))
     assert validate(_config(method="xpo", hparams={"alpha": 0.1}))[0][2]["alpha"] == 0.1
     assert validate(_config(objective="ipo", hparams={"beta": 0.5}))[0][2]["beta"] == 0.5
     with pytest.raises(ConfigError, match="makes pairwise examples of its samples, but objective 'kto'"):

@@ -13,7 +13,9 @@ of the offline registry (`dpo`, `ipo`, `sft`, `copg_loss`, ...) in the prefix-sh
     groups      CoPG: each prompt's G samples as one ranked list, best first, the rewards as scores
 
 Ties: the best is the first sample with the highest reward, the worst the first with the lowest
-(DNO's teacher comes after the samples, so an on-policy sample wins a tie with it). The builders'
+(DNO's teacher comes after the samples, so an on-policy sample wins a tie with it). With
+`cut_rejected` the pair builders end each rejected response at its first token that differs from
+the chosen one (`cut_at_divergence`): where the chosen response is right, at its first mistake. The builders'
 options are run options (`--margin 0.5`, `--keep 0 --min-reward 1`), validated like loss options.
 """
 
@@ -46,15 +48,33 @@ class BuilderSpec:
         return out
 
 
+CUT_REJECTED = HParam(
+    False,
+    "end the rejected response at its first token that differs from the chosen one (the mistake, where "
+    "the chosen response is correct; the quickstart's first-error cut)",
+)
 BUILDERS: dict[str, BuilderSpec] = {
-    "best_worst": BuilderSpec("best_worst", "pairwise", "Guo et al. 2024, online AI feedback; Xiong et al. 2024"),
+    "best_worst": BuilderSpec(
+        "best_worst",
+        "pairwise",
+        "Guo et al. 2024, online AI feedback; Xiong et al. 2024",
+        {"cut_rejected": CUT_REJECTED},
+    ),
     "dno": BuilderSpec(
         "dno",
         "pairwise",
         "Rosset et al. 2024, Direct Nash Optimization, Alg. 2 (DNO-Prct)",
-        {"margin": HParam(0.0, "DNO: keep a pair only when r_best − r_worst > margin", low=0.0)},
+        {
+            "margin": HParam(0.0, "DNO: keep a pair only when r_best − r_worst > margin", low=0.0),
+            "cut_rejected": CUT_REJECTED,
+        },
     ),
-    "xpo": BuilderSpec("xpo", "pairwise", "Xie et al. 2024, Exploratory Preference Optimization, Alg. 1"),
+    "xpo": BuilderSpec(
+        "xpo",
+        "pairwise",
+        "Xie et al. 2024, Exploratory Preference Optimization, Alg. 1",
+        {"cut_rejected": CUT_REJECTED},
+    ),
     "best_of_k": BuilderSpec(
         "best_of_k",
         "unpaired",
@@ -74,6 +94,13 @@ def best_worst(values: Sequence[float], margin: float = 0.0) -> tuple[int, int] 
     best = max(range(len(values)), key=lambda i: values[i])
     worst = min(range(len(values)), key=lambda i: values[i])
     return (best, worst) if values[best] - values[worst] > margin else None
+
+
+def cut_at_divergence(chosen: Sequence[int], rejected: Sequence[int]) -> list[int]:
+    """`rejected` up to and including its first token that differs from `chosen` — whole when it is a
+    prefix of `chosen` (its divergence is then its end, EOS included)."""
+    k = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), len(rejected))
+    return list(rejected[: k + 1])
 
 
 def best_of_k(values: Sequence[float], keep: int, min_reward: float | None) -> list[int]:
@@ -208,6 +235,10 @@ def build_examples(
     pairs = [best_worst(v, hp.get("margin", 0.0)) for v in values]
     keep = [p for p, pair in enumerate(pairs) if pair is not None]
     examples = [Example(rows[p].ids, [branches[p][pairs[p][0]], branches[p][pairs[p][1]]], source_row=rows[p].row) for p in keep]  # type: ignore[index]  # fmt: skip
+    if hp.get("cut_rejected"):
+        examples = [
+            replace(e, response_ids=[e.response_ids[0], cut_at_divergence(*e.response_ids)]) for e in examples
+        ]
     if name == "dno":
         metrics["teacher_chosen"] = sum(pairs[p][0] == g for p in keep) / max(len(keep), 1)  # type: ignore[index]
     if name == "xpo" and keep and hp.get("explore", True):
