@@ -162,7 +162,7 @@ def child_trl(a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-LEVERS = ("keep", "tree", "lean", "fill", "direct", "trim")
+LEVERS = ("keep", "tree", "lean", "fill", "direct", "trim", "finite", "grads")
 
 
 def levers_off(names: str) -> dict[str, Any]:
@@ -175,7 +175,10 @@ def levers_off(names: str) -> dict[str, Any]:
     `direct`: the LM head's and the input embedding's backwards return a fresh weight gradient that
     autograd adds into `.grad` instead of adding into `.grad` themselves (`preftune.models.direct_grads`);
     `trim`: the report after training is written without first handing the heap's free memory back to
-    the system (`preftune.train.allocator.release_free_heap`).
+    the system (`preftune.train.allocator.release_free_heap`); `finite`: the per-step check that the
+    weights are finite takes a max-|x| norm (`torch._foreach_norm(·, inf)`) instead of each tensor's
+    min and max (`preftune.train.guards`); `grads`: every step frees its gradients
+    (`zero_grad(set_to_none=True)`) instead of zeroing them in place under gradient accumulation.
     Settings that take a value instead: `keep=C` keeps softmax within C float32 copies of the head
     weight (`keep` = `keep=0`; the default is logprobs._KEEP_WEIGHT_COPIES), `chunk=N` runs the head N
     tokens at a time (at the benchmarks' 32k vocabulary; default 2^22 / 32000 = 131), `micro=N` runs N
@@ -205,6 +208,14 @@ def levers_off(names: str) -> dict[str, Any]:
             import preftune.models.direct_grads as dg
 
             dg._DIRECT_GRADS = False
+        elif name == "finite" and not value:
+            import preftune.train.guards as guards
+
+            guards._EXTREMES_ON_CPU = False
+        elif name == "grads" and not value:
+            import preftune.train.run as run
+
+            run._KEEP_ACCUMULATED_GRADS = False
         elif name == "trim" and not value:
             import preftune.train.allocator as al
 

@@ -17,6 +17,7 @@ import preftune.train.api as api
 from preftune.cli import main
 from preftune.errors import TrainingError
 from preftune.train import checkpoint as ckpt
+from preftune.train import guards
 from preftune.train.distributed import World
 from preftune.train.guards import weights_finite
 from preftune.train.integrity import verify
@@ -50,17 +51,28 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"root": root, "args": args}
 
 
-def test_weights_finite_sees_nan_and_inf() -> None:
-    params = [
-        torch.nn.Parameter(torch.ones(3, 4)),
-        torch.nn.Parameter(torch.zeros(0)),
-        torch.nn.Parameter(torch.ones(5)),
-    ]
-    assert weights_finite(params, World())
-    for bad in (float("nan"), float("inf"), -float("inf")):
-        with torch.no_grad():
-            params[2][3] = bad
-        assert not weights_finite(params, World())
+@pytest.mark.parametrize("extremes", [True, False])
+def test_weights_finite_sees_nan_and_inf(monkeypatch: pytest.MonkeyPatch, extremes: bool) -> None:
+    """On CPU by each tensor's min and max (`extremes`), elsewhere by the max-|x| norm: the same
+    verdicts, for float32 and bfloat16 weights and the largest finite values."""
+    monkeypatch.setattr(guards, "_EXTREMES_ON_CPU", extremes)
+    for dtype in (torch.float32, torch.bfloat16):
+        big = torch.finfo(dtype).max
+        params = [
+            torch.nn.Parameter(torch.full((3, 4), -big, dtype=dtype)),
+            torch.nn.Parameter(torch.zeros(0, dtype=dtype)),
+            torch.nn.Parameter(torch.full((5,), big, dtype=dtype)),
+        ]
+        assert weights_finite(params, World())
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            for p in (params[0], params[2]):
+                kept = p.detach().clone()
+                with torch.no_grad():
+                    p.view(-1)[3] = bad
+                assert not weights_finite(params, World()), (dtype, bad)
+                with torch.no_grad():
+                    p.copy_(kept)
+            assert weights_finite(params, World())
 
 
 def test_huge_lr_from_the_first_step_saves_nothing(

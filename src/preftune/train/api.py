@@ -151,7 +151,7 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
             while state.step_in_phase < source.steps:
                 batch = source.batch(state.step_in_phase)
                 t0 = time.perf_counter()
-                run.step(state, batch, ref)
+                run.step(state, batch, ref, keep_grads=isinstance(source, OfflinePhase))
                 if isinstance(source, OnlinePhase):  # rollout metrics; sampling vs training time
                     state.last.update(source.metrics, train_s=time.perf_counter() - t0)
                 elif hasattr(source, "metrics"):  # seppo: which snapshot was the reference

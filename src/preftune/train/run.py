@@ -45,6 +45,8 @@ from preftune.types import Example
 
 LossState = dict[str, dict[str, torch.Tensor]]
 
+_KEEP_ACCUMULATED_GRADS = True  # benchmarks' `grads` lever sets False: every step frees them
+
 
 @dataclass
 class RunState:
@@ -152,9 +154,10 @@ class Run:
         state.resume = None
         return ref
 
-    def step(self, state: RunState, batch: list[Example], ref: Any) -> None:
+    def step(self, state: RunState, batch: list[Example], ref: Any, *, keep_grads: bool = False) -> None:
         """One optimizer step on `batch` (the global batch; this rank computes its share), with the
-        non-finite guard on loss and gradient; sets `state.last`."""
+        non-finite guard on loss and gradient; sets `state.last`. `keep_grads`: the next step's batch
+        is read, not generated (an offline phase), so its gradients may stay allocated (below)."""
         if not batch:  # an online step whose samples gave nothing to train on (no pair, nothing kept)
             self._empty_step(state)
             return
@@ -187,7 +190,13 @@ class Run:
             )
             state.loss_state.clear()  # a NaN must not enter running loss state (BCO's δ) either
             state.loss_state.update(state_before)
-        state.optimizer.zero_grad(set_to_none=True)
+        # With gradient accumulation the later micro-batches hold every gradient anyway, so keeping them
+        # (zeroed) does not raise the step's peak; the next step then neither maps and zero-fills fresh
+        # buffers nor allocates the first micro-batch's head/embedding gradients (they add into .grad).
+        # Not where the next batch is generated (rollouts, samples) with the gradients still held.
+        accumulating = len(batch) > self.micro * self.world.size and not self.world.fsdp
+        keep = keep_grads and accumulating and _KEEP_ACCUMULATED_GRADS
+        state.optimizer.zero_grad(set_to_none=not keep)
         sync_loss_state(state.loss_state, self.world)
         state.global_step += 1
         state.step_in_phase += 1
