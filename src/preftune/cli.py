@@ -27,7 +27,7 @@ COMMAND_MODULES: tuple[str, ...] = (
 DEFERRED: dict[str, tuple[str, str]] = {
     "losses": (
         "preftune.losses.commands",
-        "list the registered losses (methods), their hyper-parameters and papers",
+        "list every method (losses, online RL, distillation, reward models), its knobs and paper",
     ),
 }
 
@@ -37,8 +37,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     own parser is registered only when it runs (`preftune --help` imports no torch)."""
     parser = argparse.ArgumentParser(
         prog="preftune",
-        description="Align generative models with preference feedback: DPO and its family "
-        "(offline preference losses), trained and evaluated from the command line or Python.",
+        description="Align generative models with preference and reward feedback: the DPO family "
+        "and other offline preference losses, reward models and process reward models, online RL "
+        "from rewards (GRPO, RLOO, PPO, online DPO, ...), distillation, and diffusion-model "
+        "alignment (Diffusion-DPO and its family, DDPO, DPOK, SPO, AWM) — trained and evaluated "
+        "from the command line or Python.",
         epilog="Run 'preftune COMMAND --help' for the options of a command. "
         "Start with 'preftune quickstart' for the built-in end-to-end demo.",
     )

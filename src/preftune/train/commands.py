@@ -4,6 +4,18 @@
     preftune train simpo --config examples/simpo.yaml --model ./sft-model --data prefs.jsonl --out runs/simpo --gamma 0.5
     torchrun --nproc_per_node 2 -m preftune train dpo ...
     preftune train rm --model ./sft --data prefs.jsonl --out runs/rm --loss bt
+    preftune train grpo --model ./sft --prompts prompts.jsonl --reward arithmetic --out runs/grpo
+    preftune train dckd --model ./student --teacher ./dpo-model --data prefs.jsonl --out runs/dckd
+    preftune train dpo --model ./pipeline --data image-pairs.jsonl --out runs/diffusion-dpo
+
+METHOD is an offline preference loss or a weighted sum of them on --data (`preftune losses` lists
+every method and `preftune losses NAME` explains one), or:
+- an online RL preset (grpo, rloo, remax, ppo, raft, online_dpo, dno, xpo, ...) that samples its own
+  responses to --prompts and scores them with --reward (docs/online.md);
+- a distillation objective (adpa, dckd, aligndistil) from --teacher on preference pairs;
+- on a diffusers pipeline folder as --model: the same offline losses on image pairs (Diffusion-DPO,
+  MaPO, ...) or an online diffusion method (ddpo, dpok, d3po, spo, awm) (docs/diffusion.md);
+- rm or prm, below.
 
 METHOD rm trains a reward model (docs/reward_models.md): --loss bt | bt_margin | bt_scaled | center
 or a weighted sum such as 'bt:1,center:0.01', or regression on rating data (prompt, response,
@@ -150,7 +162,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add `preftune train`."""
     p = sub.add_parser(
         "train",
-        help="train a policy with a preference loss (DPO, IPO, KTO, SimPO, ...)",
+        help="train with any method: preference losses (DPO, KTO, ...), online RL (GRPO, PPO, ...), "
+        "distillation, reward models, diffusion alignment",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
@@ -161,8 +174,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "method_arg",
         nargs="?",
         metavar="METHOD",
-        help="loss or objective, e.g. dpo or 'dpo:1.0,sft:0.2' (same as --method); rm: a reward model; "
-        "prm: a process reward model",
+        help="loss or objective, e.g. dpo or 'dpo:1.0,sft:0.2' (same as --method); an online preset "
+        "(grpo, ...), a distillation objective (adpa, ...), an online diffusion method (ddpo, ...); rm: a "
+        "reward model; prm: a process reward model ('preftune losses' lists them all)",
     )
     p.add_argument("--config", help="YAML file of config keys (command-line values override it)")
     group = p.add_argument_group("run configuration (any key also works in --config YAML)")

@@ -1,0 +1,74 @@
+"""`preftune losses` lists every method `preftune train` takes — online RL presets, distillation,
+reward models and online diffusion RL next to the offline losses — and `preftune losses NAME` explains
+any of them (a user who types `preftune losses grpo` was told "unknown loss 'grpo' — did you mean
+'rpo'?")."""
+
+from __future__ import annotations
+
+import pytest
+
+from preftune import diffusion_methods, losses
+from preftune.cli import main
+from preftune.losses import catalogue
+from preftune.method_checks import DISTILL_METHODS, is_distill
+from preftune.online_methods import PRESETS, is_online
+
+
+def test_the_catalogue_is_every_method_train_dispatches_on():
+    by_family: dict[str, set[str]] = {}
+    for entry in catalogue.entries():
+        by_family.setdefault(entry.family, set()).add(entry.name)
+        assert entry.paper and entry.summary, entry
+        assert entry.name not in losses.REGISTRY, entry.name  # one name, one method
+    assert by_family["online"] == set(PRESETS) and all(map(is_online, by_family["online"]))
+    assert by_family["distillation"] == set(DISTILL_METHODS) and all(
+        map(is_distill, by_family["distillation"])
+    )
+    assert by_family["reward_model"] == {"rm", "prm"}
+    assert by_family["diffusion_rl"] == set(diffusion_methods.METHODS)
+    assert set(by_family) == set(catalogue.FAMILIES)
+
+
+def test_listing_shows_every_family_with_its_command(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")
+    assert main(["losses"]) == 0
+    out = capsys.readouterr().out
+    for entry in catalogue.entries():
+        assert f" {entry.name} " in out, entry.name
+    for _label, title, run, _doc in catalogue.FAMILIES.values():
+        assert title in out and run in out
+    assert "builder best_worst → dpo" in out  # what online_dpo expands to
+    assert "estimator positive_only, objective ppo_clip:1, sampler gvm" in out
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        (
+            "grpo",
+            ["online RL", "--estimator", "GRPO: group-relative reward", "ppo_clip", "eps_high", "--prompts"],
+        ),
+        ("dno", ["builder dno", "--margin", "--cut-rejected", "Direct Preference Optimization"]),
+        ("ppo", ["estimator gae", "--kl-coef", "0.05", "value"]),
+        ("adpa", ["distillation", "--teacher", "log π_dpo(a|s_t) − log π_ref(a|s_t)", "rejected"]),
+        ("rm", ["train rm --model", "bt_margin", "Touvron et al. 2023"]),
+        ("prm", ["train prm --model", "prm_bce", "pav_mse"]),
+        ("ddpo", ["online diffusion RL", "PIPELINE_FOLDER", "--clip-range", "0.0001", "--adv-clip"]),
+        ("awm", ["--weighting", "ghuber", "--kl-weight", "0.002"]),
+    ],
+)
+def test_one_method_in_detail(name, expected, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")
+    assert main(["losses", name]) == 0
+    out = capsys.readouterr().out
+    for text in expected:
+        assert text in out, (name, text)
+    assert "dpo_norm" not in out  # a method's page, not the whole list
+
+
+def test_an_unknown_name_is_matched_against_every_family(capsys):
+    assert main(["losses", "grpoo"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'grpo'" in err and "ddpo" in err and "dpo_norm" in err
+    assert main(["losses", "aligndistill"]) == 2
+    assert "did you mean 'aligndistil'" in capsys.readouterr().err
