@@ -570,3 +570,17 @@ def test_memory_timeline_smoke(results: Path, in_thread: bool) -> None:
     rises = sum(float(r.split("|")[4].strip().lstrip("+")) for r in rows)
     assert rises == pytest.approx(last - first, abs=len(rows))  # the rises add up to the high-water mark
     assert (results / "tmp" / f"memory_timeline_balanced_tiny{'_inthread' if in_thread else ''}.md").exists()
+
+
+def test_memory_floor_smoke(results: Path) -> None:
+    """The floor child holds a gradient per weight and AdamW's two moments when it reads the floor,
+    and the stages' resident sets are read in order (imports first, the floor last)."""
+    _run("memory_floor.py", "--smoke")
+    data = json.loads((results / "tmp" / "memory_floor.json").read_text())
+    tiny = data["sizes"]["tiny"]
+    assert tiny["moment_elements"] == 2 * tiny["params"]
+    stages = [
+        tiny[s] for s in ("imports", "tokenizer_and_model", "weights_read", "gradients", "adamw_moments")
+    ]
+    assert stages[0] > 100 and stages[-1] >= stages[0]  # torch alone is ~300 MiB resident
+    assert "| tiny |" in (results / "tmp" / "memory_floor.md").read_text()
