@@ -45,7 +45,10 @@ from preftune.errors import ConfigError
 from preftune.trl_names import HELP as TRL_HELP
 
 _SWITCH: dict[str, Any] = {"nargs": "?", "const": "true"}  # `--flag` alone means true
-_HPARAM_GROUP = "loss hyper-parameters (routed to every term of METHOD that declares them)"
+_HPARAM_GROUP = (
+    "hyper-parameters of losses, online policy terms, estimators, builders and distillation terms "
+    "(routed to every part of METHOD that declares them)"
+)
 
 
 class _TrainParser(argparse.ArgumentParser):
@@ -67,20 +70,15 @@ class _TrainParser(argparse.ArgumentParser):
         if self._loss_flags_added:
             return
         self._loss_flags_added = True
-        from preftune import losses
-
         users: dict[str, list[str]] = {}
         docs: dict[str, str] = {}
-        for name, spec in sorted(losses.REGISTRY.items()):
-            for key, hp in spec.hparams.items():
-                users.setdefault(key, []).append(name)
+        switches: set[str] = set()
+        for user, hparams in _hparam_owners():
+            for key, hp in hparams.items():
+                users.setdefault(key, []).append(user)
                 docs.setdefault(key, f"{hp.doc} [{hp.range_text()}]")
-        switches = {
-            k
-            for spec in losses.REGISTRY.values()
-            for k, hp in spec.hparams.items()
-            if hp.default is True or hp.default is False
-        }
+                if hp.default is True or hp.default is False:
+                    switches.add(key)
         group = self.add_argument_group(_HPARAM_GROUP)
         for key in sorted(users):
             if key in FIELDS:
@@ -185,6 +183,27 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             _add_field(group, name)  # type: ignore[arg-type]
     _add_trl_names(p)
     p.set_defaults(func=run)
+
+
+def _hparam_owners() -> list[tuple[str, Any]]:
+    """(who uses them, their HParams) for every registry whose hyper-parameters are `--key value`
+    flags of `preftune train`: the offline losses, the online policy terms and advantage
+    estimators, the online presets' example builders (by preset) and the distillation terms."""
+    from preftune import losses
+    from preftune.losses.distill_losses import DISTILL_LOSSES
+    from preftune.losses.policy_losses import POLICY_LOSSES
+    from preftune.online_methods import PRESETS
+    from preftune.rl.builders import BUILDERS
+    from preftune.rl.registry import REGISTRY as ESTIMATORS
+
+    owners: list[tuple[str, Any]] = [(n, s.hparams) for n, s in sorted(losses.REGISTRY.items())]
+    owners += [(f"policy term {n}", s.hparams) for n, s in sorted(POLICY_LOSSES.items())]
+    owners += [(f"estimator {n}", s.hparams) for n, s in sorted(ESTIMATORS.items())]
+    for name, spec in BUILDERS.items():
+        presets = "/".join(sorted(m for m, p in PRESETS.items() if p.builder == name))
+        owners.append((presets, spec.hparams))
+    owners += [(n, s.hparams) for n, s in sorted(DISTILL_LOSSES.items())]
+    return owners
 
 
 def _add_diffusion_rl_options(p: argparse.ArgumentParser) -> None:
