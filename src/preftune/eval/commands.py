@@ -100,13 +100,16 @@ def _eval(args: argparse.Namespace) -> int:
     if method == "prm":  # a process reward model: ProcessBench metrics (first wrong step)
         return _eval_process_reward_model(run, final, args)
     reference = args.ref_model or config.ref_model or config.model
+    eval_method, eval_hparams = preference_objective(config.method, config.objective, config.hparams)
+    if not _trains_pairwise(config.method, config.objective, eval_method):
+        print(f"{config.method} trains no pairwise loss of its own: preference metrics with {eval_method}")
     metrics = evaluate(
         str(final),
         args.data,
-        method=config.method,
+        method=eval_method,
         ref_model=reference,
         tokenizer=config.tokenizer or str(final),
-        hparams=config.hparams,
+        hparams=eval_hparams,
         batch_size=args.batch_size,
         max_length=config.max_length,
         max_prompt_length=config.max_prompt_length,
@@ -119,6 +122,7 @@ def _eval(args: argparse.Namespace) -> int:
         "run": str(run),
         "data": args.data,
         "method": config.method,
+        "metrics_objective": eval_method,
         "reference": reference,
         "metrics": metrics,
     }
@@ -126,7 +130,8 @@ def _eval(args: argparse.Namespace) -> int:
         kl = _kl(final, reference, args, config)
         result["kl"] = kl
         metrics = {**metrics, "kl": kl["mean"], "kl_stderr": kl["stderr"]}
-    _print_table(f"{config.method} on {args.data}", [(k, fmt(v)) for k, v in metrics.items()])
+    title = config.method + (f" (metrics of {eval_method})" if eval_method != config.method else "")
+    _print_table(f"{title} on {args.data}", [(k, fmt(v)) for k, v in metrics.items()])
     path = run / "eval.json"
     write_atomic(path, json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
@@ -135,6 +140,43 @@ def _eval(args: argparse.Namespace) -> int:
 
         write_run_report(run, print)
     return 0
+
+
+def preference_objective(
+    method: str, objective: str | None, hparams: dict[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    """(objective, its hyper-parameters) that `preftune eval` scores a run's final policy with on
+    held-out pairs: an offline run's own; for an online preset that trains a pairwise loss on the pairs
+    it builds (online_dpo, dno; `--objective` as given) that loss; for any other run (a policy-gradient
+    preset such as grpo, RAFT, CoPG, XPO's three-branch loss, distillation) `dpo` — the §5 metrics
+    compare the policy with the reference on the pairs whatever trained it. Hyper-parameters the
+    objective's terms do not declare (a builder's, an estimator's) are left out."""
+    from preftune import losses
+    from preftune.method_checks import is_distill
+    from preftune.online_methods import PRESETS, is_online
+
+    if not is_online(method) and not is_distill(method):
+        return method, hparams  # an offline run: its own objective, as trained
+    own = objective or PRESETS[method.strip()].objective if is_online(method) else ""
+    try:
+        terms = [spec for spec, _ in losses.parse_objective(own)] if own else []
+    except ConfigError:
+        terms = []
+    pairwise = terms and all(spec.kind == "pairwise" and not spec.needs_mismatched for spec in terms)
+    if not pairwise or PRESETS[method.strip()].builder not in ("best_worst", "dno"):
+        own, terms = "dpo", [losses.get("dpo")]
+    names = {spec.name for spec in terms}
+    keys = {key for spec in terms for key in spec.hparams}
+    kept = {k: v for k, v in hparams.items() if k in keys or k.partition(".")[0] in names}
+    return own, kept
+
+
+def _trains_pairwise(method: str, objective: str | None, eval_method: str) -> bool:
+    """Whether `eval_method` is the pairwise loss the run itself trained."""
+    from preftune.online_methods import PRESETS, is_online
+
+    own = (objective or PRESETS[method.strip()].objective) if is_online(method) else method
+    return own == eval_method
 
 
 def _eval_reward_model(run: Path, config: Any, args: argparse.Namespace) -> int:

@@ -342,9 +342,11 @@ def render_evaluation(result: Mapping[str, Any]) -> str:
     kl = result.get("kl")
     if isinstance(kl, Mapping):
         rows += [(f"kl/{k}", v) for k, v in kl.items()]
+    scored = result.get("metrics_objective")
+    with_loss = f", scored with the {scored} loss" if scored and scored != result.get("method") else ""
     about = (
         f"preftune eval of final/ on {result.get('data', '?')} against the reference "
-        f"{result.get('reference', '?')} (RUN/eval.json)."
+        f"{result.get('reference', '?')}{with_loss} (RUN/eval.json)."
     )
     return (
         '<h2 id="heldout-eval">Held-out evaluation (preftune eval)</h2>'

@@ -338,6 +338,7 @@ def _make_run(
     log = progress.print if world.is_main else (lambda _msg: None)
     if repaired:
         log(repaired)
+    online = any(isinstance(s, OnlinePhase) for s in sources)
     sizes = "+".join(
         f"{len(s.prompts)} prompts × {s.num_generations} samples"
         if isinstance(s, OnlinePhase)
@@ -345,7 +346,7 @@ def _make_run(
         for s in sources
     )
     log(
-        f"preftune train {config.method}: {sizes}{'' if objective.kind == 'policy' else ' examples'}, {total} steps "
+        f"preftune train {config.method}: {sizes}{'' if online else ' examples'}, {total} steps "
         f"over {len(sources)} phase(s), batch {config.batch_size} = {world.size} process(es) × micro-batches "
         f"of {micro}"
         + (", sharded (fsdp)" if world.fsdp else "")
