@@ -375,3 +375,34 @@ def test_hub_id_goes_through_datasets_load_dataset(monkeypatch, tmp_path):
     assert res.ok and res.summary["valid"] == 2 and calls == [("org/prefs", "test")]
     out = prepare_examples("org/prefs", tokenizer=build_char_tokenizer(), cache_dir=tmp_path / "c")
     assert len(out.examples) == 2 and calls[-1] == ("org/prefs", "train")
+
+
+def test_cli_checks_an_online_method_s_prompt_data(tmp_path, capsys):
+    """A file of prompts (an online method's --prompts) is detected and checked as the online loop
+    reads it; it was refused with "cannot tell the record kind from the fields ['prompt']"."""
+    from preftune.data.char_tokenizer import build_char_tokenizer
+
+    build_char_tokenizer().save_pretrained(tmp_path / "tok")
+    rows = [{"prompt": "ab", "answer": 3}, {"prompt": "abcdef", "answer": 4}, {"prompt": "abcd", "answer": 5}]
+    p = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    assert main(["data", "check", str(p), "--tokenizer", str(tmp_path / "tok")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (
+        f"{p}: OK — 3 prompts (0 message lists), kind prompts (an online method's --prompts); "
+        "columns passed to the reward: answer"
+    )
+    assert out[1].split() == ["tokens", "p50", "p90", "p99", "max"]
+    assert out[2].split() == ["prompt", "4", "6", "6", "6"]  # char tokenizer, no BOS: 2, 4, 6 tokens
+    bad = write_jsonl(
+        tmp_path / "bad.jsonl", [{"prompt": "ab"}, {"prompt": ""}, {"question": "x"}, {"prompt": 5}]
+    )
+    assert main(["data", "check", str(bad)]) == 1
+    text = capsys.readouterr().out
+    assert f"{bad}:2: field 'prompt': empty text" in text
+    assert f"{bad}:3: field 'prompt': missing" in text
+    assert f"{bad}:4: field 'prompt': is an int, not text or a message list" in text
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}])
+    assert main(["data", "check", str(pairs)]) == 0  # preference data is still checked as such
+    assert "kind pairwise" in capsys.readouterr().out
+    assert main(["data", "check", str(pairs), "--kind", "prompts"]) == 0  # a prompt + extra columns
+    assert "columns passed to the reward: chosen, rejected" in capsys.readouterr().out

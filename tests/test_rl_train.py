@@ -125,7 +125,7 @@ def test_prompt_file_with_a_bad_row_names_path_row_field(root: Path) -> None:
         load_prompts(str(bad), tokenizer)
     text = str(err.value)
     assert f"{bad}:2: field 'prompt': missing" in text
-    assert f"{bad}:3: field 'prompt': is a int, not text or a message list" in text
+    assert f"{bad}:3: field 'prompt': is an int, not text or a message list" in text
     rows = load_prompts(str(root / "prompts.jsonl"), tokenizer)
     assert rows[1].text == "0+1=" and rows[1].columns == {"answer": 1} and rows[1].row == 2
 

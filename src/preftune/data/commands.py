@@ -22,9 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     data.set_defaults(func=lambda args: (data.print_help(), 2)[1])
     check = data_sub.add_parser(
         "check",
-        help="validate a data file and summarise it",
+        help="validate a data file (preference data or an online method's prompts) and summarise it",
         description="Check every record of PATH (JSONL, JSON, Parquet, CSV, a datasets folder or a hub id) "
-        "the way training does. Lists each problem as PATH:ROW: field 'NAME': what — fix, and "
+        "the way training does: preference data, or the prompt data of an online method (rows with a "
+        "'prompt' and extra columns for the reward). Lists each problem as PATH:ROW: field 'NAME': what — fix, and "
         "exits 1 if there is any; otherwise prints a summary (with --tokenizer, token-length "
         "percentiles) and exits 0.",
     )
@@ -32,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         check,
         tokenizer_help="tokenizer or model folder: also format and tokenize, and report "
         "token-length percentiles",
+        checks_prompts=True,
     )
     check.add_argument("--max-problems", type=int, default=20, help="problems to print (default 20)")
     check.set_defaults(func=_check)
@@ -111,12 +113,25 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common(p: argparse.ArgumentParser, *, tokenizer_help: str, max_length: int | None = None) -> None:
+def _common(
+    p: argparse.ArgumentParser,
+    *,
+    tokenizer_help: str,
+    max_length: int | None = None,
+    checks_prompts: bool = False,
+) -> None:
     p.add_argument("path", metavar="PATH", help="data file, datasets folder or hub dataset id")
     p.add_argument(
         "--kind",
-        choices=("pairwise", "unpaired", "ranked"),
-        help="record kind (default: detected from the fields)",
+        choices=("pairwise", "unpaired", "ranked", "prompts")
+        if checks_prompts
+        else ("pairwise", "unpaired", "ranked"),
+        help="record kind (default: detected from the fields"
+        + (
+            "; prompts: an online method's prompt data, detected when rows have only a prompt and extra columns)"
+            if checks_prompts
+            else ")"
+        ),
     )
     p.add_argument("--tokenizer", metavar="DIR", help=tokenizer_help)
     p.add_argument(
@@ -149,6 +164,8 @@ def _common(p: argparse.ArgumentParser, *, tokenizer_help: str, max_length: int 
 def _check(args: argparse.Namespace) -> int:
     from preftune.data.validate import check_data, format_check
 
+    if args.kind == "prompts" or (args.kind is None and not args.columns and _prompt_only(args)):
+        return _check_prompts(args)
     result = check_data(
         args.path,
         kind=args.kind,
@@ -163,6 +180,57 @@ def _check(args: argparse.Namespace) -> int:
     )
     print(format_check(result, args.max_problems))
     return 0 if result.ok else 1
+
+
+def _prompt_only(args: argparse.Namespace) -> bool:
+    """Whether PATH's first record has a `prompt` and nothing that makes it preference data: the
+    prompt data of an online method (`preftune train grpo --prompts PATH`)."""
+    from preftune.data.schema import detect_kind, normalize
+    from preftune.data.sources import read_source
+
+    first = next((r for _, r in read_source(args.path, split=args.split).rows if r is not None), None)
+    return first is not None and "prompt" in first and detect_kind(normalize(first)[0]) is None
+
+
+def _check_prompts(args: argparse.Namespace) -> int:
+    """`data check` of prompt data: every row checked as the online loop reads it (with --tokenizer,
+    formatted and tokenized too); problems as PATH:ROW: field 'prompt', else a summary."""
+    from preftune.data.formatting import load_tokenizer
+    from preftune.errors import DataError
+    from preftune.rl.prompts import _FIX, _problem, checked_prompt_rows, load_prompts
+
+    try:
+        if args.tokenizer:
+            tokenizer = load_tokenizer(args.tokenizer)
+            rows = load_prompts(
+                args.path,
+                tokenizer,
+                split=args.split,
+                chat_template=args.chat_template,
+                max_prompt_length=args.max_prompt_length,
+            )
+            records = [{"prompt": r.text, **r.columns} for r in rows]
+            lengths = sorted(len(r.ids) for r in rows)
+        else:
+            _path, good = checked_prompt_rows(args.path, _problem, _FIX, split=args.split)
+            records, lengths = [rec for _, rec in good], []
+    except DataError as err:
+        print(f"{err}\n{args.path}: prompt data of an online method — fix the file")
+        return 1
+    columns = sorted({k for rec in records for k in rec if k != "prompt"})
+    chat = sum(isinstance(rec["prompt"], list) for rec in records)
+    print(
+        f"{args.path}: OK — {len(records)} prompts ({chat} message lists), kind prompts (an online "
+        f"method's --prompts); columns passed to the reward: {', '.join(columns) or 'none'}"
+    )
+    if lengths:
+        pct = {k: lengths[min(len(lengths) - 1, int(q * len(lengths)))] for k, q in _PCTS.items()}
+        print(f"{'tokens':<10}" + "".join(f"{k:>8}" for k in pct))
+        print(f"{'prompt':<10}" + "".join(f"{v:>8}" for v in pct.values()))
+    return 0
+
+
+_PCTS = {"p50": 0.5, "p90": 0.9, "p99": 0.99, "max": 1.0}
 
 
 def _prepare(args: argparse.Namespace) -> int:

@@ -45,7 +45,8 @@ def _problem(rec: dict[str, Any], row: int, path: str) -> Problem | None:
         )
     ):
         return None
-    what = "an empty list" if prompt == [] else f"a {type(prompt).__name__}"
+    name = type(prompt).__name__
+    what = "an empty list" if prompt == [] else f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
     return Problem(f"is {what}, not text or a message list", row=row, field="prompt", fix=_FIX, path=path)
 
 
