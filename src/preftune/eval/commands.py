@@ -54,12 +54,32 @@ def _add_best_of_n_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--best-of-n", type=int, default=0, metavar="N",
                    help="sample N completions per prompt of --prompts and report the gold reward of the "
                    "RM's pick among n = 1, 2, 4, ..., N (and of the best one, the oracle)")  # fmt: skip
-    g.add_argument("--prompts", help="prompt rows ('prompt' and the columns the gold reward reads)")
     g.add_argument("--gold", default="arithmetic", help="gold reward spec (default: the task's verifier)")
     g.add_argument("--policy", help="model to sample (default: the run's --model)")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
-    g.add_argument("--max-new-tokens", type=int, default=128, help="longest completion (default 128)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    h = p.add_argument_group(
+        "held-out prompts (--prompts): best-of-n of a reward-model run, or a policy run's held-out reward: "
+        "final/'s responses and the starting model's to the same prompts, scored by --reward"
+    )
+    h.add_argument("--prompts", help="prompt rows ('prompt' and the columns the reward reads)")
+    h.add_argument(
+        "--reward", help="a policy run's reward for --prompts (default: the run's --reward, else arithmetic)"
+    )
+    h.add_argument(
+        "--num-samples", type=int, default=1, help="a policy run's responses per prompt (default 1: greedy)"
+    )
+    h.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="sampling temperature (default: 0, greedy, for a policy run; 1 for best-of-n)",
+    )
+    h.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="longest response (default: the run's max_completion_length, else 128)",
+    )
+    h.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
 
 
 def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
@@ -76,8 +96,6 @@ def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     from preftune.config import load_config
-    from preftune.eval.htmlkit import fmt, write_atomic
-    from preftune.train.api import evaluate
     from preftune.train.logging import quiet_libraries
 
     quiet_libraries()
@@ -93,13 +111,60 @@ def _eval(args: argparse.Namespace) -> int:
     from preftune.reward.implicit import holds_steps, is_implicit
 
     method = config.method
+    if method in ("rm", "prm") and not args.data:
+        raise ConfigError(f"preftune eval of a {method} run needs --data (held-out {method} data)")
     if method == "rm" and is_implicit(final) and holds_steps(args.data):
         method = "prm"  # an implicit outcome RM is a PRM too: ProcessBench metrics of step data
     if method == "rm":  # a reward model: pairwise accuracy, calibration, best-of-n
         return _eval_reward_model(run, config, args)
     if method == "prm":  # a process reward model: ProcessBench metrics (first wrong step)
         return _eval_process_reward_model(run, final, args)
+    return _eval_policy(run, final, config, args)
+
+
+def _eval_policy(run: Path, final: Path, config: Any, args: argparse.Namespace) -> int:
+    """`preftune eval` of a policy run: preference metrics on --data, the held-out reward on --prompts
+    (either or both), the sampled KL; one table, RUN/eval.json and the rebuilt report."""
+    from preftune.eval.htmlkit import fmt, write_atomic
+
+    if not args.data and not args.prompts:
+        raise ConfigError(
+            "preftune eval: pass --data (held-out preference pairs: the §5 metrics) and/or --prompts "
+            "(held-out prompts: the reward of final/ against the starting model's)"
+        )
     reference = args.ref_model or config.ref_model or config.model
+    result: dict[str, Any] = {"run": str(run), "data": args.data or args.prompts, "method": config.method}
+    result["reference"], metrics = reference, {}
+    if args.data:
+        eval_method, pref = _preference_metrics(final, config, reference, args)
+        result["metrics_objective"], metrics = eval_method, pref
+    rows, tokenizer = _heldout_prompts(final, config, args) if args.prompts else (None, None)
+    if rows is not None:
+        metrics = {**metrics, **_heldout_reward(final, reference, config, tokenizer, rows, args)}
+        result["prompts"], result["reward"] = args.prompts, _reward_spec(config, args)
+    result["metrics"] = dict(metrics)
+    if args.kl_samples > 0:
+        kl = _kl(final, reference, args, config, rows)
+        result["kl"] = kl
+        metrics = {**metrics, "kl": kl["mean"], "kl_stderr": kl["stderr"]}
+    scored = result.get("metrics_objective", config.method)
+    title = config.method + (f" (metrics of {scored})" if scored != config.method else "")
+    _print_table(f"{title} on {result['data']}", [(k, fmt(v)) for k, v in metrics.items()])
+    path = run / "eval.json"
+    write_atomic(path, json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
+    if (run / "metrics.jsonl").is_file():  # the run's report shows these results from now on
+        from preftune.train.runfolder import write_run_report
+
+        write_run_report(run, print)
+    return 0
+
+
+def _preference_metrics(
+    final: Path, config: Any, reference: str, args: argparse.Namespace
+) -> tuple[str, dict[str, float]]:
+    from preftune.train.api import evaluate
+
     eval_method, eval_hparams = preference_objective(config.method, config.objective, config.hparams)
     if not _trains_pairwise(config.method, config.objective, eval_method):
         print(f"{config.method} trains no pairwise loss of its own: preference metrics with {eval_method}")
@@ -118,28 +183,49 @@ def _eval(args: argparse.Namespace) -> int:
         cache_dir=config.cache_dir,
         kind=config.kind,
     )
-    result: dict[str, Any] = {
-        "run": str(run),
-        "data": args.data,
-        "method": config.method,
-        "metrics_objective": eval_method,
-        "reference": reference,
-        "metrics": metrics,
-    }
-    if args.kl_samples > 0:
-        kl = _kl(final, reference, args, config)
-        result["kl"] = kl
-        metrics = {**metrics, "kl": kl["mean"], "kl_stderr": kl["stderr"]}
-    title = config.method + (f" (metrics of {eval_method})" if eval_method != config.method else "")
-    _print_table(f"{title} on {args.data}", [(k, fmt(v)) for k, v in metrics.items()])
-    path = run / "eval.json"
-    write_atomic(path, json.dumps(result, indent=1) + "\n")
-    print(f"wrote {path}")
-    if (run / "metrics.jsonl").is_file():  # the run's report shows these results from now on
-        from preftune.train.runfolder import write_run_report
+    return eval_method, metrics
 
-        write_run_report(run, print)
-    return 0
+
+def _reward_spec(config: Any, args: argparse.Namespace) -> str:
+    """--reward, else the run's own reward (an online run's), else the built-in task's verifier."""
+    return str(args.reward or config.reward or "arithmetic")
+
+
+def _heldout_prompts(final: Path, config: Any, args: argparse.Namespace) -> tuple[list[Any], Any]:
+    from preftune.data.formatting import load_tokenizer
+    from preftune.rl.prompts import load_prompts
+
+    tokenizer = load_tokenizer(config.tokenizer or str(final))
+    rows = load_prompts(
+        args.prompts,
+        tokenizer,
+        chat_template=config.chat_template,
+        max_prompt_length=config.max_prompt_length,
+    )
+    return rows, tokenizer
+
+
+def _heldout_reward(
+    final: Path, reference: str, config: Any, tokenizer: Any, rows: list[Any], args: argparse.Namespace
+) -> dict[str, float]:
+    from preftune.eval.heldout_reward import heldout_reward
+    from preftune.eval.sweep import load_policy_folder
+    from preftune.models.load import load_causal_lm
+    from preftune.reward.registry import load_reward
+
+    temperature = 0.0 if args.temperature is None else args.temperature
+    length = args.max_new_tokens or config.max_completion_length or 128
+    return heldout_reward(
+        load_policy_folder(final),
+        load_causal_lm(reference),
+        tokenizer,
+        rows,
+        load_reward(_reward_spec(config, args)),
+        num_samples=args.num_samples,
+        temperature=temperature,
+        max_new_tokens=length,
+        seed=args.seed,
+    )
 
 
 def preference_objective(
@@ -213,7 +299,9 @@ def _eval_process_reward_model(run: Path, final: Path, args: argparse.Namespace)
     return 0
 
 
-def _kl(final: Path, reference: str, args: argparse.Namespace, config: Any) -> dict[str, float]:
+def _kl(
+    final: Path, reference: str, args: argparse.Namespace, config: Any, rows: list[Any] | None = None
+) -> dict[str, float]:
     import dataclasses
 
     from preftune.data.formatting import load_tokenizer
@@ -222,13 +310,16 @@ def _kl(final: Path, reference: str, args: argparse.Namespace, config: Any) -> d
     from preftune.models.load import load_causal_lm
 
     tokenizer = load_tokenizer(config.tokenizer or str(final))
-    prompts = prompts_from_data(
-        args.data,
-        tokenizer,
-        limit=args.kl_prompts,
-        max_prompt_length=config.max_prompt_length,
-        cache_dir=config.cache_dir,
-    )
+    if args.data:
+        prompts = prompts_from_data(
+            args.data,
+            tokenizer,
+            limit=args.kl_prompts,
+            max_prompt_length=config.max_prompt_length,
+            cache_dir=config.cache_dir,
+        )
+    else:  # the held-out prompts of --prompts
+        prompts = [r.ids for r in (rows or [])[: args.kl_prompts]]
     est = sequence_kl(
         load_policy_folder(final),
         load_causal_lm(reference),
@@ -395,16 +486,20 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     p = sub.add_parser(
         "eval",
-        help="preference metrics of a trained run on held-out data (writes RUN/eval.json)",
+        help="a trained run on held-out data: preference metrics on pairs, held-out reward on prompts (RUN/eval.json)",
         description="Evaluate RUN_DIR/final against its reference (the run's starting model) on held-out "
         "preference data: loss, implicit rewards and margin, reward accuracy, chosen/rejected log-probs, "
         "policy ranking accuracy, and a sampled KL to the reference. Prints a table, writes RUN_DIR/eval.json "
-        "and rebuilds RUN_DIR/report.html with it. A reward model ('preftune train rm'): held-out pairwise "
+        "and rebuilds RUN_DIR/report.html with it. With --prompts, a policy run's held-out reward: final/'s "
+        "responses and the starting model's to the same prompts, scored by the run's reward (paired gain "
+        "± standard error). A reward model ('preftune train rm'): held-out pairwise "
         "accuracy, loss, mean score gap, calibration (ece, brier, reliability bins) and, with --best-of-n, "
         "the gold reward of the RM's pick among n = 1, 2, 4, ... samples.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a finished 'preftune train'")
-    p.add_argument("--data", required=True, help="held-out preference data (same formats as training data)")
+    p.add_argument(
+        "--data", help="held-out preference data (same formats as training data); and/or --prompts below"
+    )
     p.add_argument(
         "--ref-model", default=None, help="reference model folder (default: the run's ref_model or model)"
     )

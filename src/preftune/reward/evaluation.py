@@ -130,6 +130,7 @@ def rm_eval_payload(run: Path, config: TrainConfig, args: Any) -> dict[str, Any]
 
         out["best_of_n"] = sample_and_score(
             load_reward_model(run / "final"), args.policy or config.model, args.prompts, args.gold, args.best_of_n,
-            temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
+            temperature=1.0 if args.temperature is None else args.temperature,
+            max_new_tokens=args.max_new_tokens or 128, seed=args.seed,
         )  # fmt: skip
     return out
