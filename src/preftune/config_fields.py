@@ -42,7 +42,11 @@ class TrainConfig:
         "", "Training data: JSONL / JSON / Parquet / CSV file, saved dataset folder or hub id (required)."
     )
     out: str = _f("", "Run folder: config.yaml, metrics.jsonl, checkpoints/, final/ (required).")
-    eval_data: str | None = _f(None, "Held-out data evaluated every `eval_every` steps and at the end.")
+    eval_data: str | None = _f(
+        None,
+        "Held-out data evaluated every `eval_every` steps and at the end (online methods: held-out "
+        "prompts, the mean reward of greedy responses).",
+    )
     tokenizer: str | None = _f(None, "Tokenizer folder or hub id; default: the model's.")
     hparams: dict[str, Any] = _f(
         {}, "Loss hyper-parameters, e.g. {beta: 0.1}; flat keys such as --beta also land here."

@@ -59,9 +59,9 @@ def validate_online(config: Any, strategy: str) -> None:
             f"method '{config.method}' samples its own responses to 'prompts'; remove 'data' "
             "(preference data is for the offline methods)"
         )
-    if config.eval_data or config.stages > 1 or config.rounds > 1 or config.apo_alpha or config.fsdp:
+    if config.stages > 1 or config.rounds > 1 or config.apo_alpha or config.fsdp:
         raise ConfigError(
-            f"method '{config.method}' (online) cannot use eval_data, stages, rounds, apo_alpha or fsdp yet"
+            f"method '{config.method}' (online) cannot use stages, rounds, apo_alpha or fsdp yet"
         )
     if strategy == "cache":
         raise ConfigError(

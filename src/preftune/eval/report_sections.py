@@ -106,7 +106,8 @@ ONLINE_SECTIONS = (
         "Reward and accuracy of the samples",
         "Mean reward of each step's completions, sampled from the policy being trained at the sampling "
         "temperature, and with a 0/1 verifier the fraction that is right. Rising curves are the policy "
-        "learning from its rewards; each point is one batch of prompts, so expect noise.",
+        "learning from its rewards; each point is one batch of prompts, so expect noise. Eval points "
+        "(--eval-data): the mean reward of greedy answers to the held-out prompts.",
         Panel("Sample reward", "mean reward per completion", (Curve("reward", "reward", NEUTRAL),)),
         Panel(
             "Sample accuracy",

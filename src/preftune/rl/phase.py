@@ -221,6 +221,36 @@ class OnlinePhase:
                 self.metrics[f"reward/{name}"] = float(torch.tensor(values).nanmean())
 
 
+def held_out_prompts(config: Any, tokenizer: Any) -> list[PromptRow]:
+    """An online run's `eval_data` (`eval_split`): held-out prompts, read as the training prompts are;
+    [] without it."""
+    from preftune.rl.prompts import load_prompts
+
+    if not config.eval_data:
+        return []
+    return load_prompts(
+        config.eval_data,
+        tokenizer,
+        split=config.eval_split,
+        chat_template=config.chat_template,
+        max_prompt_length=config.max_prompt_length,
+    )
+
+
+def held_out_reward(model: Any, phase: OnlinePhase, rows: list[PromptRow]) -> dict[str, float]:
+    """The mean reward of `model`'s greedy responses to the held-out prompt `rows` under the phase's
+    reward and generation budget (logged as `split: eval`, `reward`; `accuracy` too for the 0/1
+    verifier): what `preftune eval RUN --prompts` measures at the end, during training."""
+    from preftune.eval.heldout_reward import mean_rewards, responses
+
+    texts = responses(
+        model, phase.tokenizer, rows, num_samples=1, max_new_tokens=phase.sampling.max_new_tokens,
+        temperature=0.0, seed=0,
+    )  # fmt: skip
+    mean = float(mean_rewards(phase.reward, rows, texts, 1).mean())
+    return {"reward": mean, **({"accuracy": mean} if phase.verifier else {}), "prompts": float(len(rows))}
+
+
 def online_phase(config: Any, tokenizer: Any) -> OnlinePhase:
     """The online phase of `config` (an online method): its prompts, reward, estimator and sampling.
 

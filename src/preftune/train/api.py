@@ -22,7 +22,7 @@ from preftune.config import TrainConfig, config_to_dict, validate
 from preftune.errors import TrainingError
 from preftune.online_methods import is_online
 from preftune.paths import is_pipeline_folder
-from preftune.rl.phase import OnlinePhase, online_phase
+from preftune.rl.phase import OnlinePhase, held_out_prompts, online_phase
 from preftune.train import checkpoint as ckpt
 from preftune.train import faults, runfolder
 from preftune.train.allocator import apply_mmap_threshold
@@ -192,7 +192,8 @@ def _load_data(
     tokenizer = load_tokenizer(config.tokenizer or config.model)
     faults.check_vocab(tokenizer, config)
     if is_online(config.method):  # the policy's own samples: groups, or what a builder makes of them
-        return tokenizer, [main_first(world, lambda: online_phase(config, tokenizer))], []
+        phase = main_first(world, lambda: online_phase(config, tokenizer))
+        return tokenizer, [phase], held_out_prompts(config, tokenizer)
 
     def load() -> tuple[list[Any], list[Any]]:
         examples = (

@@ -118,7 +118,7 @@ class Run:
     objective: Objective
     world: World
     out: Path
-    eval_examples: list[Example]
+    eval_examples: list[Any]  # held-out Examples; an online run's held-out prompts (PromptRows)
     micro: int
     eval_micro: int
     autocast: torch.dtype | None
@@ -137,7 +137,7 @@ class Run:
             self.objective,
             state.model,
             source.index,
-            [source.examples, self.eval_examples],
+            [source.examples, [e for e in self.eval_examples if isinstance(e, Example)]],
             self.world,
             log=self.log,
             resume_state=state.resume if mid else None,
@@ -242,7 +242,7 @@ class Run:
         if self.eval_examples and (
             (config.eval_every and state.global_step % config.eval_every == 0) or (phase_done and last_phase)
         ):
-            state.eval_metrics = self.evaluate(state, ref)
+            state.eval_metrics = self.evaluate(state, ref, source)
         # a source whose steps share a batch (online μ > 1) checkpoints and stops between batches only
         between = phase_done or state.step_in_phase % getattr(source, "iterations", 1) == 0
         signum = graceful.requested(self.world) if between else 0
@@ -253,8 +253,15 @@ class Run:
         if signum:
             raise stopped(signum, state.global_step, self.total, state.last_good, config.out, self.world)
 
-    def evaluate(self, state: RunState, ref: Any) -> dict[str, float]:
-        """The objective and §5 metrics on the held-out examples, logged as `split: eval`."""
+    def evaluate(self, state: RunState, ref: Any, source: Any = None) -> dict[str, float]:
+        """The objective and §5 metrics on the held-out examples (an online run: the held-out reward of
+        greedy responses to its held-out prompts), logged as `split: eval`."""
+        from preftune.rl.phase import OnlinePhase, held_out_reward
+
+        if isinstance(source, OnlinePhase):
+            reward = held_out_reward(state.model, source, self.eval_examples)
+            self.logger.log({"step": state.global_step, "split": "eval", **reward})
+            return reward
         metrics = evaluate_examples(
             state.model,
             self.eval_examples,
