@@ -164,7 +164,7 @@ def _common(
 def _check(args: argparse.Namespace) -> int:
     from preftune.data.validate import check_data, format_check
 
-    if args.kind == "prompts" or (args.kind is None and not args.columns and _prompt_only(args)):
+    if args.kind == "prompts":
         return _check_prompts(args)
     result = check_data(
         args.path,
@@ -178,6 +178,8 @@ def _check(args: argparse.Namespace) -> int:
         max_completion_length=args.max_completion_length,
         truncation=args.truncation,
     )
+    if result.summary["kind"] is None and args.kind is None and not args.columns and _prompt_only(args):
+        return _check_prompts(args)  # no preference kind fits: an online method's prompt data?
     print(format_check(result, args.max_problems))
     return 0 if result.ok else 1
 
@@ -196,6 +198,7 @@ def _check_prompts(args: argparse.Namespace) -> int:
     """`data check` of prompt data: every row checked as the online loop reads it (with --tokenizer,
     formatted and tokenized too); problems as PATH:ROW: field 'prompt', else a summary."""
     from preftune.data.formatting import load_tokenizer
+    from preftune.data.validate import token_lengths, token_table
     from preftune.errors import DataError
     from preftune.rl.prompts import _FIX, _problem, checked_prompt_rows, load_prompts
 
@@ -210,7 +213,7 @@ def _check_prompts(args: argparse.Namespace) -> int:
                 max_prompt_length=args.max_prompt_length,
             )
             records = [{"prompt": r.text, **r.columns} for r in rows]
-            lengths = sorted(len(r.ids) for r in rows)
+            lengths = [len(r.ids) for r in rows]
         else:
             _path, good = checked_prompt_rows(args.path, _problem, _FIX, split=args.split)
             records, lengths = [rec for _, rec in good], []
@@ -224,13 +227,8 @@ def _check_prompts(args: argparse.Namespace) -> int:
         f"method's --prompts); columns passed to the reward: {', '.join(columns) or 'none'}"
     )
     if lengths:
-        pct = {k: lengths[min(len(lengths) - 1, int(q * len(lengths)))] for k, q in _PCTS.items()}
-        print(f"{'tokens':<10}" + "".join(f"{k:>8}" for k in pct))
-        print(f"{'prompt':<10}" + "".join(f"{v:>8}" for v in pct.values()))
+        print("\n".join(token_table({"prompt": token_lengths(lengths)})))
     return 0
-
-
-_PCTS = {"p50": 0.5, "p90": 0.9, "p99": 0.99, "max": 1.0}
 
 
 def _prepare(args: argparse.Namespace) -> int:

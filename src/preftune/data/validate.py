@@ -133,6 +133,20 @@ def _percentiles(values: np.ndarray) -> dict[str, int]:
     return {("max" if q == 100 else f"p{q}"): int(v) for q, v in zip(PERCENTILES, qs)}
 
 
+def token_lengths(values: Any) -> dict[str, int]:
+    """{"p50", "p90", "p99", "max"} of token lengths, as `preftune data check` prints them."""
+    return _percentiles(np.asarray(values))
+
+
+def token_table(tokens: dict[str, dict[str, int]]) -> list[str]:
+    """`preftune data check`'s token-length table: a header, then one line per name (prompt, ...)."""
+    keys = ("p50", "p90", "p99", "max")
+    lines = [f"{'tokens':<10}" + "".join(f"{k:>8}" for k in keys)]
+    return lines + [
+        f"{name:<10}" + "".join(f"{pct.get(k, 0):>8}" for k in keys) for name, pct in tokens.items()
+    ]
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """One paragraph a trainer prints after `prepare_examples`: rows, kept, dropped and why, truncation."""
     lines = [
@@ -171,9 +185,7 @@ def format_check(result: CheckResult, cap: int = 20) -> str:
     form = "messages" if s["conversational"] else "text"
     lines = [f"{s['source']}: OK — {s['rows']} rows, kind {s['kind']} ({form})"]
     if "tokens" in s:
-        lines.append(f"{'tokens':<10}" + "".join(f"{k:>8}" for k in ("p50", "p90", "p99", "max")))
-        for name, pct in s["tokens"].items():
-            lines.append(f"{name:<10}" + "".join(f"{pct.get(k, 0):>8}" for k in ("p50", "p90", "p99", "max")))
+        lines += token_table(s["tokens"])
         if s.get("truncated") or s.get("dropped_by_length"):
             lines.append(
                 f"with these limits: {s['truncated']} rows truncated, {s['dropped_by_length']} dropped"

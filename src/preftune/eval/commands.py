@@ -12,6 +12,7 @@ Heavy imports (torch, matplotlib, transformers) happen inside the command functi
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -138,13 +139,14 @@ def _eval_policy(run: Path, final: Path, config: Any, args: argparse.Namespace) 
     if args.data:
         eval_method, pref = _preference_metrics(final, config, reference, args)
         result["metrics_objective"], metrics = eval_method, pref
-    rows, tokenizer = _heldout_prompts(final, config, args) if args.prompts else (None, None)
+    models = _Models(final, reference, config)  # loaded once, for the held-out reward and the KL
+    rows = _heldout_prompts(models.tokenizer, config, args) if args.prompts else None
     if rows is not None:
-        metrics = {**metrics, **_heldout_reward(final, reference, config, tokenizer, rows, args)}
+        metrics = {**metrics, **_heldout_reward(models, config, rows, args)}
         result["prompts"], result["reward"] = args.prompts, _reward_spec(config, args)
     result["metrics"] = dict(metrics)
     if args.kl_samples > 0:
-        kl = _kl(final, reference, args, config, rows)
+        kl = _kl(models, args, config, rows)
         result["kl"] = kl
         metrics = {**metrics, "kl": kl["mean"], "kl_stderr": kl["stderr"]}
     scored = result.get("metrics_objective", config.method)
@@ -191,34 +193,49 @@ def _reward_spec(config: Any, args: argparse.Namespace) -> str:
     return str(args.reward or config.reward or "arithmetic")
 
 
-def _heldout_prompts(final: Path, config: Any, args: argparse.Namespace) -> tuple[list[Any], Any]:
-    from preftune.data.formatting import load_tokenizer
-    from preftune.rl.prompts import load_prompts
+class _Models:
+    """The tokenizer, final/ and the reference of a run, each loaded on first use and kept."""
 
-    tokenizer = load_tokenizer(config.tokenizer or str(final))
-    rows = load_prompts(
-        args.prompts,
-        tokenizer,
-        chat_template=config.chat_template,
-        max_prompt_length=config.max_prompt_length,
-    )
-    return rows, tokenizer
+    def __init__(self, final: Path, reference: str, config: Any) -> None:
+        self.final, self.reference, self.config = final, reference, config
+
+    @functools.cached_property
+    def tokenizer(self) -> Any:
+        from preftune.data.formatting import load_tokenizer
+
+        return load_tokenizer(self.config.tokenizer or str(self.final))
+
+    @functools.cached_property
+    def policy(self) -> Any:
+        from preftune.eval.sweep import load_policy_folder
+
+        return load_policy_folder(self.final)
+
+    @functools.cached_property
+    def start(self) -> Any:
+        from preftune.models.load import load_causal_lm
+
+        return load_causal_lm(self.reference)
+
+
+def _heldout_prompts(tokenizer: Any, config: Any, args: argparse.Namespace) -> list[Any]:
+    from preftune.rl.phase import run_prompts
+
+    return run_prompts(config, args.prompts, tokenizer)
 
 
 def _heldout_reward(
-    final: Path, reference: str, config: Any, tokenizer: Any, rows: list[Any], args: argparse.Namespace
+    models: _Models, config: Any, rows: list[Any], args: argparse.Namespace
 ) -> dict[str, float]:
     from preftune.eval.heldout_reward import heldout_reward
-    from preftune.eval.sweep import load_policy_folder
-    from preftune.models.load import load_causal_lm
     from preftune.reward.registry import load_reward
 
     temperature = 0.0 if args.temperature is None else args.temperature
     length = args.max_new_tokens or config.max_completion_length or 128
     return heldout_reward(
-        load_policy_folder(final),
-        load_causal_lm(reference),
-        tokenizer,
+        models.policy,
+        models.start,
+        models.tokenizer,
         rows,
         load_reward(_reward_spec(config, args)),
         num_samples=args.num_samples,
@@ -243,7 +260,7 @@ def preference_objective(
 
     if not is_online(method) and not is_distill(method):
         return method, hparams  # an offline run: its own objective, as trained
-    own = objective or PRESETS[method.strip()].objective if is_online(method) else ""
+    own = _own_objective(method, objective) if is_online(method) else ""
     try:
         terms = [spec for spec, _ in losses.parse_objective(own)] if own else []
     except ConfigError:
@@ -257,12 +274,16 @@ def preference_objective(
     return own, kept
 
 
-def _trains_pairwise(method: str, objective: str | None, eval_method: str) -> bool:
-    """Whether `eval_method` is the pairwise loss the run itself trained."""
+def _own_objective(method: str, objective: str | None) -> str:
+    """The objective a run trained: an online preset's (`--objective` over the preset's), else `method`."""
     from preftune.online_methods import PRESETS, is_online
 
-    own = (objective or PRESETS[method.strip()].objective) if is_online(method) else method
-    return own == eval_method
+    return (objective or PRESETS[method.strip()].objective) if is_online(method) else method
+
+
+def _trains_pairwise(method: str, objective: str | None, eval_method: str) -> bool:
+    """Whether `eval_method` is the pairwise loss the run itself trained."""
+    return _own_objective(method, objective) == eval_method
 
 
 def _eval_reward_model(run: Path, config: Any, args: argparse.Namespace) -> int:
@@ -300,20 +321,17 @@ def _eval_process_reward_model(run: Path, final: Path, args: argparse.Namespace)
 
 
 def _kl(
-    final: Path, reference: str, args: argparse.Namespace, config: Any, rows: list[Any] | None = None
+    models: _Models, args: argparse.Namespace, config: Any, rows: list[Any] | None = None
 ) -> dict[str, float]:
     import dataclasses
 
-    from preftune.data.formatting import load_tokenizer
     from preftune.eval.kl import sequence_kl
-    from preftune.eval.sweep import load_policy_folder, prompts_from_data
-    from preftune.models.load import load_causal_lm
+    from preftune.eval.sweep import prompts_from_data
 
-    tokenizer = load_tokenizer(config.tokenizer or str(final))
     if args.data:
         prompts = prompts_from_data(
             args.data,
-            tokenizer,
+            models.tokenizer,
             limit=args.kl_prompts,
             max_prompt_length=config.max_prompt_length,
             cache_dir=config.cache_dir,
@@ -321,9 +339,9 @@ def _kl(
     else:  # the held-out prompts of --prompts
         prompts = [r.ids for r in (rows or [])[: args.kl_prompts]]
     est = sequence_kl(
-        load_policy_folder(final),
-        load_causal_lm(reference),
-        tokenizer,
+        models.policy,
+        models.start,
+        models.tokenizer,
         prompts,
         samples_per_prompt=args.kl_samples,
         max_new_tokens=args.kl_max_new_tokens,

@@ -221,20 +221,24 @@ class OnlinePhase:
                 self.metrics[f"reward/{name}"] = float(torch.tensor(values).nanmean())
 
 
-def held_out_prompts(config: Any, tokenizer: Any) -> list[PromptRow]:
-    """An online run's `eval_data` (`eval_split`): held-out prompts, read as the training prompts are;
-    [] without it."""
+def run_prompts(config: Any, source: str, tokenizer: Any, split: str | None = None) -> list[PromptRow]:
+    """Prompt rows of `source` read as the online run of `config` reads its prompts (its chat template,
+    its prompt-length limit): training prompts, held-out ones, and those `preftune eval --prompts` scores."""
     from preftune.rl.prompts import load_prompts
 
-    if not config.eval_data:
-        return []
     return load_prompts(
-        config.eval_data,
+        source,
         tokenizer,
-        split=config.eval_split,
+        split=split,
         chat_template=config.chat_template,
         max_prompt_length=config.max_prompt_length,
     )
+
+
+def held_out_prompts(config: Any, tokenizer: Any) -> list[PromptRow]:
+    """An online run's `eval_data` (`eval_split`): held-out prompts, read as the training prompts are;
+    [] without it."""
+    return run_prompts(config, config.eval_data, tokenizer, config.eval_split) if config.eval_data else []
 
 
 def held_out_reward(model: Any, phase: OnlinePhase, rows: list[PromptRow]) -> dict[str, float]:
@@ -262,15 +266,8 @@ def online_phase(config: Any, tokenizer: Any) -> OnlinePhase:
     from preftune.online_options import resolve_online
     from preftune.reward import load_reward
     from preftune.rl.ppo import token_credit
-    from preftune.rl.prompts import load_prompts
 
-    prompts = load_prompts(
-        config.prompts,
-        tokenizer,
-        split=config.split,
-        chat_template=config.chat_template,
-        max_prompt_length=config.max_prompt_length,
-    )
+    prompts = run_prompts(config, config.prompts, tokenizer, config.split)
     from preftune.rl.builders import builder_settings
 
     builder, builder_hparams = builder_settings(config)  # a builder's objective is an offline loss
