@@ -162,7 +162,7 @@ def child_trl(a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-LEVERS = ("keep", "tree", "lean", "fill", "direct", "trim", "finite", "grads")
+LEVERS = ("keep", "tree", "lean", "fill", "direct", "trim", "finite", "grads", "lse")
 
 
 def levers_off(names: str) -> dict[str, Any]:
@@ -178,7 +178,9 @@ def levers_off(names: str) -> dict[str, Any]:
     the system (`preftune.train.allocator.release_free_heap`); `finite`: the per-step check that the
     weights are finite takes a max-|x| norm (`torch._foreach_norm(·, inf)`) instead of each tensor's
     min and max (`preftune.train.guards`); `grads`: every step frees its gradients
-    (`zero_grad(set_to_none=True)`) instead of zeroing them in place under gradient accumulation.
+    (`zero_grad(set_to_none=True)`) instead of zeroing them in place under gradient accumulation;
+    `lse`: an LM-head chunk whose softmax is not kept takes its log-sum-exp with `torch.logsumexp` (a
+    second `[chunk, V]` buffer) instead of in its logits buffer (`preftune.models.head_logps`).
     Settings that take a value instead: `keep=C` keeps softmax within C float32 copies of the head
     weight (`keep` = `keep=0`; the default is logprobs._KEEP_WEIGHT_COPIES), `chunk=N` runs the head N
     tokens at a time (at the benchmarks' 32k vocabulary; default 2^22 / 32000 = 131), `micro=N` runs N
@@ -216,6 +218,10 @@ def levers_off(names: str) -> dict[str, Any]:
             import preftune.train.run as run
 
             run._KEEP_ACCUMULATED_GRADS = False
+        elif name == "lse" and not value:
+            import preftune.models.head_logps as hl
+
+            hl._LSE_IN_PLACE = False
         elif name == "trim" and not value:
             import preftune.train.allocator as al
 

@@ -4,7 +4,8 @@
 
 `lse`: `preftune.models.head_logps.HeadLogps` with no probabilities kept: forward keeps each token's
 log-sum-exp, backward recomputes each chunk's logits once and turns them into their gradient in
-place. `keep`: the same function keeping every chunk's softmax from forward (`keep_bytes` large
+place. `lse_logsumexp`: `lse` as it was before forward formed the log-sum-exp in the logits buffer (torch's
+`logsumexp`, a second `[chunk, V]` buffer). `keep`: the same function keeping every chunk's softmax from forward (`keep_bytes` large
 enough), so backward recomputes nothing: 3 head matmuls per token instead of 4, for 4·vocab bytes per
 token held from forward to backward. `checkpoint`: the previous path, `log_softmax +
 gather` per chunk under `torch.utils.checkpoint` (backward re-runs the chunk, then autograd's
@@ -40,6 +41,16 @@ def _paths(hidden: Any, targets: Any, head: Any, transform: Any, size: int) -> d
         out: torch.Tensor = HeadLogps.apply(hidden, targets, head.weight, 1.0, size, 0)
         return out
 
+    def lse_logsumexp() -> torch.Tensor:  # `lse` before its log-sum-exp was formed in the logits buffer
+        import preftune.models.head_logps as hl
+
+        hl._LSE_IN_PLACE = False
+        try:
+            out: torch.Tensor = HeadLogps.apply(hidden, targets, head.weight, 1.0, size, 0)
+        finally:
+            hl._LSE_IN_PLACE = True
+        return out
+
     def keep() -> torch.Tensor:
         out: torch.Tensor = HeadLogps.apply(hidden, targets, head.weight, 1.0, size, 1 << 62)
         return out
@@ -58,7 +69,7 @@ def _paths(hidden: Any, targets: Any, head: Any, transform: Any, size: int) -> d
         ]
         return torch.cat(outs)
 
-    return {"lse": lse, "keep": keep, "checkpoint": ckpt}
+    return {"lse": lse, "lse_logsumexp": lse_logsumexp, "keep": keep, "checkpoint": ckpt}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,12 +100,14 @@ def main(argv: list[str] | None = None) -> int:
         out = fn()
         grads[name] = [out.detach(), *torch.autograd.grad(out.sum() * 0.5, [hidden, head.weight])]
     diff = max(
-        float((x - y).abs().max()) for n in ("lse", "keep") for x, y in zip(grads[n], grads["checkpoint"])
+        float((x - y).abs().max())
+        for n in ("lse", "lse_logsumexp", "keep")
+        for x, y in zip(grads[n], grads["checkpoint"])
     )
     times: dict[str, list[tuple[float, float]]] = {n: [] for n in paths}
     load0 = bu.load_average()
     for rep in range(a.reps):
-        for name in list(paths)[rep % 3 :] + list(paths)[: rep % 3]:  # each path first in turn
+        for name in list(paths)[rep % len(paths) :] + list(paths)[: rep % len(paths)]:  # each first in turn
             t0, c0 = time.perf_counter(), time.process_time()
             out = paths[name]()
             torch.autograd.grad(out.sum(), [hidden, head.weight])
@@ -112,11 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         "speedup_cpu": med["checkpoint"][1] / med["lse"][1],
         "keep_vs_lse_wall": med["lse"][0] / med["keep"][0],
         "keep_vs_lse_cpu": med["lse"][1] / med["keep"][1],
+        "lse_in_place_vs_logsumexp_cpu": med["lse_logsumexp"][1] / med["lse"][1],
         "kept_bytes": a.tokens * a.vocab * 4,
         "max_abs_diff": diff,
     }
     rows = [
-        [n, med[n][0], med[n][1], med["checkpoint"][1] / med[n][1]] for n in ("checkpoint", "lse", "keep")
+        [n, med[n][0], med[n][1], med["checkpoint"][1] / med[n][1]]
+        for n in ("checkpoint", "lse_logsumexp", "lse", "keep")
     ]
     table = (
         f"{bu.md_table(['LM-head path', 'wall s (median)', 'CPU s (median)', 'speedup (CPU time)'], rows)}\n\n"

@@ -285,6 +285,16 @@ def test_rollout_prefill_smoke(monkeypatch: pytest.MonkeyPatch, capsys: pytest.C
     assert res["same_tokens"] is True and res["new_tokens"] == 16
 
 
+def test_rollout_kv_smoke(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import preftune.generation as generation
+
+    args = ("--quick", "--model-size", "tiny", "--prompts", "2", "--samples", "2", "--prompt-len", "10")
+    _in_process("rollout_kv.py", *args, monkeypatch=monkeypatch)
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["same_tokens_and_logps"] is True and res["new_tokens"] == 16 and res["reps"] == 1
+    assert generation._RESERVE_KV is True  # the lever is restored for whatever runs next
+
+
 def test_tokenize_speed_smoke(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     _in_process("tokenize_speed.py", "--rows", "50", "--tokens-per-pair", "30", monkeypatch=monkeypatch)
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

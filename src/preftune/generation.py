@@ -57,6 +57,82 @@ def _cache_of(out: Any) -> Any:
     return cache if cache is not None else out.past_key_values
 
 
+# Decoding writes each step's keys and values into room reserved ahead (`reserve_kv`) instead of letting
+# transformers' dynamic cache concatenate (False: its `torch.cat`; a benchmark lever).
+_RESERVE_KV = True
+
+try:  # transformers ≥ 4.56: a cache is a list of per-layer objects
+    from transformers.cache_utils import DynamicLayer
+except ImportError:  # pragma: no cover - older transformers: the cache concatenates
+    DynamicLayer = None  # type: ignore[misc, assignment]
+
+
+if DynamicLayer is not None:
+
+    class _ReservedLayer(DynamicLayer):  # type: ignore[misc, valid-type]
+        """A dynamic cache layer whose keys and values are the leading positions of a larger buffer.
+
+        transformers' `DynamicLayer.update` concatenates the new token's keys and values to the cache, which
+        copies the whole cache at every decoding step: O(L²) memory traffic for L positions, the bulk of
+        a CPU rollout's time on long prompts. Here a step writes its position into the buffer and the cache
+        is a view of the positions written so far (the attention sees the same values, in the same
+        layout). When the buffer is full it grows to twice its size (at most `limit` positions), so the
+        copies total O(L). A layer that something else replaced or resized falls back to concatenation.
+        """
+
+        def __init__(self, layer: Any, limit: int) -> None:
+            super().__init__()
+            self.device, self.is_initialized, self.limit = layer.keys.device, True, limit
+            self._room(layer.keys, layer.values, min(limit, 2 * layer.keys.shape[-2]))
+
+        def _room(self, keys: torch.Tensor, values: torch.Tensor, size: int) -> None:
+            n = keys.shape[-2]
+            self._k = keys.new_empty(*keys.shape[:-2], size, keys.shape[-1])
+            self._v = values.new_empty(*values.shape[:-2], size, values.shape[-1])
+            self._k[..., :n, :], self._v[..., :n, :] = keys, values
+            self.keys, self.values = self._k[..., :n, :], self._v[..., :n, :]
+
+        def update(
+            self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            keys, values = self.keys, self.values
+            if (
+                keys is None
+                or values is None
+                or keys.data_ptr() != self._k.data_ptr()
+                or len(keys) != len(self._k)
+            ):
+                return super().update(key_states, value_states, *args, **kwargs)  # resized elsewhere
+            n = keys.shape[-2]
+            m = n + key_states.shape[-2]
+            if m > self._k.shape[-2]:
+                if m > self.limit:  # (more positions than reserved for: concatenate from here on)
+                    return super().update(key_states, value_states, *args, **kwargs)
+                self._room(keys, values, min(self.limit, max(m, 2 * self._k.shape[-2])))
+            self._k[..., n:m, :], self._v[..., n:m, :] = key_states, value_states
+            self.keys, self.values = self._k[..., :m, :], self._v[..., :m, :]
+            return self.keys, self.values
+
+
+def reserve_kv(cache: Any, new_tokens: int) -> Any:
+    """Let `cache` (after the prefill) take up to `new_tokens` more positions per layer without
+    concatenation (`_ReservedLayer`); layers of other kinds (sliding windows, quantized, ...) and caches
+    of older transformers are left as they are. Returns `cache`."""
+    layers = getattr(cache, "layers", None)
+    if not _RESERVE_KV or DynamicLayer is None or not isinstance(layers, list) or new_tokens < 1:
+        return cache
+    for i, layer in enumerate(layers):
+        keys = getattr(layer, "keys", None)
+        if (
+            type(layer) is DynamicLayer
+            and isinstance(keys, torch.Tensor)
+            and keys.dim() == 4
+            and keys.numel()
+        ):
+            layers[i] = _ReservedLayer(layer, keys.shape[-2] + new_tokens)
+    return cache
+
+
 @torch.inference_mode()
 def _generate_batch(
     model: torch.nn.Module,
@@ -82,6 +158,7 @@ def _generate_batch(
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     extra = {"logits_to_keep": 1} if keep_logits else {}
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **extra)
+    reserve_kv(_cache_of(out), max_new_tokens - 1)
     done = torch.zeros(len(rows), dtype=torch.bool, device=device)
     new_tokens: list[torch.Tensor] = []
     pos = pos[:, -1:]

@@ -14,6 +14,10 @@ import torch
 
 from preftune.models import direct_grads
 
+# A chunk whose softmax is not kept forms its log-sum-exp in its logits buffer (False: `logsumexp`, which
+# allocates a second `[chunk, V]` buffer for its exp; a benchmark lever).
+_LSE_IN_PLACE = True
+
 
 class HeadLogps(torch.autograd.Function):
     """Chunked log-probs through a trainable bias-free linear head W [V, H] with linear logits z = c·h·Wᵀ.
@@ -95,14 +99,16 @@ def head_logps_forward(
         z = _linear_logits(hidden[start : start + size], weight, scale)
         z_y = z.gather(-1, targets[start : start + size, None]).squeeze(-1)
         budget -= z.numel() * z.element_size()
-        if budget >= 0:  # p = exp(z − m) / Σ exp(z − m) in the logits buffer: one exp pass for p and lse
+        # exp(z − m) in the logits buffer itself (no second [chunk, V] buffer): one exp pass gives lse
+        # and, for a kept chunk, p = exp(z − m) / Σ exp(z − m)
+        if budget < 0 and not _LSE_IN_PLACE:
+            lse = z.logsumexp(-1)
+        else:
             top = z.amax(-1, keepdim=True)
             total = z.sub_(top).exp_().sum(-1, keepdim=True)
-            if keep:
+            if keep and budget >= 0:
                 kept.append(z.div_(total))
             lse = (top + total.log()).squeeze(-1)
-        else:
-            lse = z.logsumexp(-1)
         outs.append(z_y - lse)
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses), kept

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from preftune.errors import ConfigError
-from preftune.generation import _cache_of, _eos_ids, _forward_params
+from preftune.generation import _cache_of, _eos_ids, _forward_params, reserve_kv
 from preftune.rl.sampling import Sampling, sample_step
 
 
@@ -159,6 +159,7 @@ class RolloutEngine:
             logits, cache, mask, pos = self._prefill(prompts, n, extra)
         else:
             logits, cache, mask, pos = self._prefill([p for p in prompts for _ in range(n)], 1, extra)
+        reserve_kv(cache, sampling.max_new_tokens - 1)
         device = logits.device
         eos = torch.tensor(self.eos_ids, dtype=torch.long, device=device)
         done = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
