@@ -123,7 +123,7 @@ def test_dpo_vs_trl_smoke_preftune_side(results: Path) -> None:
     _check_dpo_vs_trl(results, "preftune,preftune_base", "best")
     res = json.loads((results / "tmp" / "dpo_vs_trl_smoke.json").read_text())
     assert (
-        res["base_levers_off"] == "keep,tree,lean,fill,direct,trim,finite,grads"
+        res["base_levers_off"] == "keep,tree,lean,fill,direct,trim,finite,grads,lse"
     )  # the levers change the speed, not the losses:
     assert res["shapes"]["prompt_heavy"]["ratios"]["preftune_base"]["max_abs_loss_diff"] < 1e-5
 
@@ -154,6 +154,10 @@ def test_levers_off_sets_the_head_settings(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(run, "_KEEP_ACCUMULATED_GRADS", True)
     assert dpo_children.levers_off("finite,grads") == {}
     assert guards._EXTREMES_ON_CPU is False and run._KEEP_ACCUMULATED_GRADS is False
+    import preftune.models.head_logps as hl
+
+    monkeypatch.setattr(hl, "_LSE_IN_PLACE", True)
+    assert dpo_children.levers_off("lse") == {} and hl._LSE_IN_PLACE is False
     with pytest.raises(ValueError, match="chunk=N"):
         dpo_children.levers_off("tree=1")
 
