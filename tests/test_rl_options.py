@@ -239,3 +239,31 @@ def test_builder_and_policy_flags_reach_the_run() -> None:
     assert builder_options("dno", config.hparams) == {"margin": 0.5, "cut_rejected": True}
     grpo = _cli("grpo", *base[1:], "--eps-high", "0.28")
     assert dict(validate(grpo)[0][2])["eps_high"] == 0.28
+
+
+# (method, sampler, refused with one sample per prompt): a group baseline or a pair of samples needs
+# two; a baseline of its own (remax's greedy response, ppo's value, reinforce_pp's batch), a teacher
+# (dno) or a filter (raft) learns from one; samplers that set each prompt's count are not checked.
+ONE_SAMPLE = [
+    ("grpo", None, True), ("dr_grpo", None, True), ("rloo", None, True), ("grpo", "dapo_filter", True),
+    ("grpo", "vade", True), ("online_dpo", None, True), ("xpo", None, True), ("copg", None, True),
+    ("remax", None, False), ("ppo", None, False), ("reinforce_pp", None, False), ("dno", None, False),
+    ("raft", None, False), ("grpo", "gvm", False), ("reinforce_ada", None, False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "sampler", "refused"), ONE_SAMPLE)
+def test_one_sample_per_prompt_is_refused_where_it_teaches_nothing(
+    method: str, sampler: str | None, refused: bool
+) -> None:
+    values = {"model": "m", "prompts": "p.jsonl", "reward": "arithmetic", "out": "o", "num_generations": 1}
+    config = config_from_dict({"method": method, "sampler": sampler, **values})
+    if not refused:
+        validate(config)
+        validate(config_from_dict({**config_to_dict(config), "num_generations": 2}))
+        return
+    with pytest.raises(ConfigError) as err:
+        validate(config)
+    assert f"method '{method}' with num_generations = 1" in str(err.value)
+    assert "--num-generations 2 or more" in str(err.value)
+    validate(config_from_dict({**config_to_dict(config), "num_generations": 2}))  # two are enough

@@ -79,6 +79,7 @@ def validate_online(config: Any, strategy: str) -> None:
         from preftune.rl.builders import check_objective
 
         check_objective(config.method, resolve_objective(config), strategy)
+        check_group_size(config, "")
         return
     from preftune.rl import get_estimator
 
@@ -86,6 +87,39 @@ def validate_online(config: Any, strategy: str) -> None:
     get_estimator(estimator)
     _validate_ppo(config, estimator)
     check_sampler(config, estimator)
+    check_group_size(config, estimator)
+
+
+def check_group_size(config: Any, estimator: str) -> None:
+    """Refuse a number of samples per prompt that can teach nothing: a group baseline (GRPO, RLOO, ...)
+    over one sample gives every advantage 0, and a pair builder needs two samples of a prompt (TRL's
+    GRPOTrainer refuses fewer than 2 generations too). Samplers that set each prompt's count themselves
+    (reinforce_ada, gvm) are not checked."""
+    from preftune.online_methods import builder_of, preset_sampler
+    from preftune.rl.builders import BUILDERS
+    from preftune.rl.registry import REGISTRY
+    from preftune.rl.samplers import get_sampler
+
+    g = config.num_generations
+    if not get_sampler(preset_sampler(config.method, config.sampler, config.sampler_args)[0]).fixed_groups:
+        return
+    builder = builder_of(config.method)
+    if builder and g < BUILDERS[builder].min_samples:
+        why = f"it needs {BUILDERS[builder].min_samples} samples of a prompt to build an example"
+        other = "dno (its teacher's response is the other side of each pair) or raft"
+    elif not builder and g < REGISTRY[estimator].min_group:
+        why = (
+            f"its estimator '{estimator}' compares each sample with the other samples of its prompt, so "
+            "with one sample every advantage is 0"
+        )
+        other = "remax (the greedy response is the baseline), reinforce_pp or ppo"
+    else:
+        return
+    raise ConfigError(
+        f"method '{config.method}' with num_generations = {g}: {why} and nothing would be learned — use "
+        f"--num-generations 2 or more (TRL's default is 8), or a method that learns from one sample per "
+        f"prompt: {other}"
+    )
 
 
 def _validate_ppo(config: Any, estimator: str) -> None:

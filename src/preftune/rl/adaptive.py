@@ -49,6 +49,7 @@ def balanced_subset(good: list[int], bad: list[int], keep: int, rng: np.random.G
         "exit": HParam("balance", "when a prompt stops being sampled", choices=("balance", "pos")),
         "accept": ACCEPT,
     },
+    fixed_groups=False,
 )
 class ReinforceAda(Stateless):
     """Reinforce-Ada (Xiong et al. 2025, Algorithm 1): sample in rounds, deactivate a prompt once its
@@ -118,6 +119,7 @@ def gvm_allocation(
         "beta": HParam(2.0, "β of the allocation", low=1.0),
         "accept": ACCEPT,
     },
+    fixed_groups=False,
 )
 class GVM(Stateless):
     """GVM (Yao et al. 2025): minimise the variance of the stochastic gradient for a fixed budget by

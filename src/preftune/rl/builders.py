@@ -40,6 +40,7 @@ class BuilderSpec:
     kind: str  # "pairwise", "unpaired" or "listwise" (the objective's data kind)
     paper: str
     hparams: Mapping[str, HParam] = field(default_factory=dict)
+    min_samples: int = 1  # samples of one prompt it needs to build anything (a pair: 2)
 
     def validate(self, given: Mapping[str, Any]) -> dict[str, Any]:
         out = {k: p.default for k, p in self.hparams.items()}
@@ -59,6 +60,7 @@ BUILDERS: dict[str, BuilderSpec] = {
         "pairwise",
         "Guo et al. 2024, online AI feedback; Xiong et al. 2024",
         {"cut_rejected": CUT_REJECTED},
+        min_samples=2,
     ),
     "dno": BuilderSpec(
         "dno",
@@ -74,6 +76,7 @@ BUILDERS: dict[str, BuilderSpec] = {
         "pairwise",
         "Xie et al. 2024, Exploratory Preference Optimization, Alg. 1",
         {"cut_rejected": CUT_REJECTED},
+        min_samples=2,
     ),
     "best_of_k": BuilderSpec(
         "best_of_k",
@@ -84,7 +87,9 @@ BUILDERS: dict[str, BuilderSpec] = {
             "min_reward": HParam(None, "RAFT: keep only samples with reward ≥ this (unset: no bound)", type="float"),
         },
     ),
-    "groups": BuilderSpec("groups", "listwise", "Flet-Berliac et al. 2024, CoPG (all pairs of a prompt's samples)"),
+    "groups": BuilderSpec(
+        "groups", "listwise", "Flet-Berliac et al. 2024, CoPG (all pairs of a prompt's samples)", min_samples=2
+    ),
 }  # fmt: skip
 
 

@@ -35,6 +35,7 @@ def _centred(rewards: torch.Tensor, groups: Groups) -> torch.Tensor:
         ),
         "eps": EPS,
     },
+    min_group=2,
 )
 def grpo(rewards: torch.Tensor, groups: Groups, *, scale: str, eps: float) -> torch.Tensor:
     """GRPO: group-relative reward, scaled by the group's (or the batch's) unbiased std.
@@ -57,6 +58,7 @@ def grpo(rewards: torch.Tensor, groups: Groups, *, scale: str, eps: float) -> to
     "dr_grpo",
     paper="Liu et al. 2025, Understanding R1-Zero-Like Training (Dr. GRPO), eq. 3 / Appendix A",
     equation="A_i = r_i − mean_g r",
+    min_group=2,
 )
 def dr_grpo(rewards: torch.Tensor, groups: Groups) -> torch.Tensor:
     """Dr. GRPO: the group mean as baseline, no division by the std (removes GRPO's difficulty bias).
@@ -70,6 +72,7 @@ def dr_grpo(rewards: torch.Tensor, groups: Groups) -> torch.Tensor:
     "rloo",
     paper="Kool et al. 2019, Buy 4 REINFORCE Samples; Ahmadian et al. 2024, Back to Basics (RLOO)",
     equation="A_i = r_i − (Σ_{j≠i} r_j) / (G − 1)",
+    min_group=2,
 )
 def rloo(rewards: torch.Tensor, groups: Groups) -> torch.Tensor:
     """RLOO: each sample's baseline is the mean reward of the other G − 1 samples of its prompt.
@@ -190,6 +193,7 @@ def reinforce_pp(
     equation="A_t = whiten_batch(G_t) with r_i ← r_i − mean_g r",
     hparams=_PP_HPARAMS,
     inputs=_PP_INPUTS,
+    min_group=2,
 )
 def reinforce_pp_baseline(
     rewards: torch.Tensor,
@@ -229,6 +233,7 @@ def _bnpo_column(rewards: torch.Tensor, groups: Groups, max_weight: float) -> to
     equation="A_i = (r_i − p̂_g) / f_Beta(p̂_g; α, β), α = max(1 + a/3, 1), β = max(1 + b/3, 1)",
     hparams={"max_weight": HParam(1e6, "clamp of the weight 1/f_Beta", low=0.0, low_open=True)},
     columns=True,
+    min_group=2,
 )
 def bnpo(rewards: torch.Tensor, groups: Groups, *, max_weight: float) -> torch.Tensor:
     """BNPO: group-centred binary rewards divided by a Beta density fitted to the batch's success rates.
@@ -254,6 +259,7 @@ def bnpo(rewards: torch.Tensor, groups: Groups, *, max_weight: float) -> torch.T
         "pool_rewards": "rewards of every sample drawn for the prompts (all rounds); default: rewards",
         "pool_groups": "the pool's prompt indices (required with pool_rewards)",
     },
+    min_group=2,
 )
 def global_mean(
     rewards: torch.Tensor,

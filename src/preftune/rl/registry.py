@@ -50,6 +50,8 @@ class EstimatorSpec:
     inputs: Mapping[str, str] = field(default_factory=dict)
     required: tuple[str, ...] = ()
     columns: bool = False
+    # samples of one prompt the baseline needs: with fewer every advantage is 0 (a group baseline)
+    min_group: int = 1
 
     @property
     def summary(self) -> str:
@@ -94,6 +96,7 @@ def register(
     inputs: Mapping[str, str] | None = None,
     required: tuple[str, ...] = (),
     columns: bool = False,
+    min_group: int = 1,
 ) -> Callable[[F], F]:
     """Decorator: add an estimator function to `REGISTRY` under `name` with its metadata."""
 
@@ -101,7 +104,7 @@ def register(
         if name in REGISTRY:
             raise ValueError(f"estimator '{name}' registered twice")
         REGISTRY[name] = EstimatorSpec(
-            name, fn, paper, equation, dict(hparams or {}), dict(inputs or {}), required, columns
+            name, fn, paper, equation, dict(hparams or {}), dict(inputs or {}), required, columns, min_group
         )
         return fn
 

@@ -52,6 +52,8 @@ class SamplerSpec:
     paper: str
     rule: str
     hparams: Mapping[str, HParam] = field(default_factory=dict)
+    # every kept prompt gets exactly num_generations samples (False: the sampler sets each prompt's count)
+    fixed_groups: bool = True
 
     def validate(self, hparams: Mapping[str, Any] | None = None) -> dict[str, Any]:
         where = f"sampler '{self.name}'"
@@ -70,14 +72,19 @@ SAMPLERS: dict[str, SamplerSpec] = {}
 
 
 def register_sampler(
-    name: str, *, paper: str, rule: str, hparams: Mapping[str, HParam] | None = None
+    name: str,
+    *,
+    paper: str,
+    rule: str,
+    hparams: Mapping[str, HParam] | None = None,
+    fixed_groups: bool = True,
 ) -> Callable[[Callable[..., Sampler]], Callable[..., Sampler]]:
     """Decorator: add a sampler factory (a class taking `prompts` and its hyper-parameters)."""
 
     def wrap(make: Callable[..., Sampler]) -> Callable[..., Sampler]:
         if name in SAMPLERS:
             raise ValueError(f"sampler '{name}' registered twice")
-        SAMPLERS[name] = SamplerSpec(name, make, paper, rule, dict(hparams or {}))
+        SAMPLERS[name] = SamplerSpec(name, make, paper, rule, dict(hparams or {}), fixed_groups)
         return make
 
     return wrap
