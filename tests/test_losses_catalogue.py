@@ -72,3 +72,24 @@ def test_an_unknown_name_is_matched_against_every_family(capsys):
     assert "did you mean 'grpo'" in err and "ddpo" in err and "dpo_norm" in err
     assert main(["losses", "aligndistill"]) == 2
     assert "did you mean 'aligndistil'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        # a mistyped online preset without --data: the name, not "'data' is required"
+        (["train", "grpp", "--model", "m", "--prompts", "p.jsonl", "--out", "o"], "unknown method 'grpp' — did you mean 'grpo'?"),
+        (["train", "dpo:1,sfft:0.1", "--model", "m", "--data", "d.jsonl", "--out", "o"], "unknown method 'sfft' — did you mean 'sft'?"),
+        (["sweep", "--methods", "dpo,grpp", "--model", "m", "--data", "d.jsonl", "--out", "o"], "unknown method 'grpp' — did you mean 'grpo'?"),
+        (["sweep", "--methods", "dpo,adpa", "--model", "m", "--data", "d.jsonl", "--out", "o"], "sweep: 'adpa' (distillation) cannot be swept yet"),
+        (["sweep", "--methods", "rm", "--model", "m", "--data", "d.jsonl", "--out", "o"], "sweep: 'rm' (reward model) cannot be swept yet"),
+    ],
+)  # fmt: skip
+def test_an_unknown_method_is_matched_against_every_family(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    if "unknown method" in message:  # the list names every family's methods, not only the losses
+        assert all(name in err for name in ("grpo", "adpa", "ddpo", "dpo"))

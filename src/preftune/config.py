@@ -295,9 +295,23 @@ def reference_strategy(config: TrainConfig, needs_reference: bool) -> str:
     return "model" if config.ref_sync_every > 0 else "cache"
 
 
+def check_terms_known(method: str) -> None:
+    """Each term of an offline objective ("dpo", "dpo:1,sft:0.2") names a registered loss; an unknown
+    name is matched against every method family (a mistyped online preset is not an offline loss)."""
+    from preftune import losses
+    from preftune.losses.catalogue import unknown_method
+
+    for part in method.split(","):
+        name = part.partition(":")[0].strip()
+        if name and name not in losses.REGISTRY:
+            raise ConfigError(unknown_method(name))
+
+
 def validate(config: TrainConfig) -> list[tuple[Any, float, dict[str, Any]]]:
     """Check `config` before any model loads; return the resolved objective (see `resolve_objective`)."""
     online = is_online(config.method)
+    if not online and not is_distill(config.method):
+        check_terms_known(config.method)
     for name in ("model", "out") if online else ("model", "data", "out"):
         if not getattr(config, name):
             raise ConfigError(f"'{name}' is required — {FIELDS[name].metadata['help']}")

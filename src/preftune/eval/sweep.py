@@ -126,6 +126,8 @@ def parse_methods(text: str) -> list[str]:
     """'dpo,ipo, simpo' → ['dpo', 'ipo', 'simpo'], each checked against the loss registry (or an
     online method: grpo, rloo, remax, ...)."""
     from preftune import losses
+    from preftune.config import check_terms_known
+    from preftune.losses.catalogue import FAMILIES, find
     from preftune.online_methods import is_online
 
     methods = [m.strip() for m in text.split(",") if m.strip()]
@@ -134,8 +136,16 @@ def parse_methods(text: str) -> list[str]:
     if len(set(methods)) != len(methods):
         raise ConfigError(f"sweep: --methods lists a method twice ({text}); each needs its own run folder")
     for m in methods:
-        if not is_online(m):
-            losses.parse_objective(m)  # raises ConfigError with a "did you mean" for an unknown name
+        if is_online(m):
+            continue
+        entry = find(m)
+        if entry is not None:  # a method of another family (distillation, reward models, diffusion RL)
+            raise ConfigError(
+                f"sweep: '{m}' ({FAMILIES[entry.family][0]}) cannot be swept yet — a sweep compares "
+                f"preference losses and online RL methods on one model; train it with 'preftune train {m}'"
+            )
+        check_terms_known(m)  # an unknown name: matched against every family
+        losses.parse_objective(m)  # the objective's other rules (weights, one data kind)
     return methods
 
 

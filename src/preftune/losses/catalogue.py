@@ -113,6 +113,18 @@ def find(name: str) -> Entry | None:
     return next((e for e in entries() if e.name == name.strip()), None)
 
 
+def unknown_method(name: str) -> str:
+    """The error for a method name no family has: the closest name of any family, and the list."""
+    from difflib import get_close_matches
+
+    from preftune import losses
+
+    names = sorted([*losses.REGISTRY, *(e.name for e in entries())])
+    close = get_close_matches(name, names, n=1)
+    hint = f" — did you mean '{close[0]}'?" if close else ""
+    return f"unknown method '{name}'{hint} (run 'preftune losses' to list them: {', '.join(names)})"
+
+
 def detail(entry: Entry) -> str:
     """Markdown for `preftune losses NAME`: how to run the method, what it expands to, its options."""
     label, _title, run, doc = FAMILIES[entry.family]

@@ -56,18 +56,6 @@ def compact_lines() -> list[str]:
     return lines
 
 
-def _unknown(name: str) -> str:
-    from difflib import get_close_matches
-
-    from preftune import losses
-    from preftune.losses.catalogue import entries
-
-    names = sorted([*losses.REGISTRY, *(e.name for e in entries())])
-    close = get_close_matches(name, names, n=1)
-    hint = f" — did you mean '{close[0]}'?" if close else ""
-    return f"unknown method '{name}'{hint} (run 'preftune losses' to list them: {', '.join(names)})"
-
-
 def run(args: argparse.Namespace) -> int:
     from rich import box
     from rich.console import Console
@@ -76,14 +64,14 @@ def run(args: argparse.Namespace) -> int:
 
     from preftune import losses
     from preftune.errors import ConfigError
-    from preftune.losses.catalogue import detail, find
+    from preftune.losses.catalogue import detail, find, unknown_method
     from preftune.losses.docs import hparam_summary, method_section, short_paper
 
     console = Console()
     if args.name:
         entry = find(args.name)
         if entry is None and args.name.strip() not in losses.REGISTRY:
-            raise ConfigError(_unknown(args.name.strip()))
+            raise ConfigError(unknown_method(args.name.strip()))
         text = detail(entry) if entry else method_section(losses.get(args.name))
         console.print(Markdown(text))
         return 0
