@@ -113,3 +113,22 @@ def test_eval_needs_data_or_prompts(run: Path, capsys) -> None:
     assert main([*argv, "--kl-samples", "0"]) == 0  # both: one table, one eval.json
     metrics = json.loads((run / "grpo" / "eval.json").read_text())["metrics"]
     assert "rewards/accuracy" in metrics and "reward/gain" in metrics
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--num-samples", "0", "argument --num-samples: must be ≥ 1, got 0"),
+        ("--temperature", "-1", "argument --temperature: must be a finite number ≥ 0 (0: greedy), got -1"),
+        ("--max-new-tokens", "x", "argument --max-new-tokens: 'x' is not an integer"),
+        ("--kl-prompts", "0", "argument --kl-prompts: must be ≥ 1, got 0"),
+        ("--best-of-n", "-2", "argument --best-of-n: must be ≥ 0, got -2"),
+    ],
+)
+def test_bad_sampling_flags_stop_before_any_model_loads(
+    flag: str, value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stop:  # argparse's usage error: no run folder is even read
+        main(["eval", "runs/none", "--prompts", "p.jsonl", flag, value])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
