@@ -143,3 +143,38 @@ def test_pair_scores_become_smpos_smoothed_label(tmp_path: Path, images: dict[st
     path = write(tmp_path / "e.jsonl", [{**pair, "chosen_score": 1.0}])
     with pytest.raises(DataError, match=r"e.jsonl:1: field 'rejected_score': expected a number, got None"):
         read_image_records(path)
+
+
+def test_data_check_reads_image_preference_data_as_training_does(
+    tmp_path: Path, images: dict[str, bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`preftune data check` on image pairs: every image resolved and decoded, each bad row named
+    (a missing file, bytes that are no image), Pick-a-Pic ties counted; a text pair file is unchanged."""
+    from preftune.cli import main
+
+    (tmp_path / "img" / "bad.png").write_bytes(b"not a png")
+    good = write(tmp_path / "good.jsonl", [
+        {"prompt": "a red square", "chosen": "img/red.png", "rejected": "img/blue.png"},
+        {"caption": "c", "jpg_0": "img/red.png", "jpg_1": "img/blue.png", "label_0": 0.5},
+        {"caption": "c", "jpg_0": "img/blue.png", "jpg_1": "img/red.png", "label_0": 0},
+    ])  # fmt: skip
+    assert main(["data", "check", good]) == 0
+    out = capsys.readouterr().out
+    assert "OK — 2 rows of image preference data, pairwise (formats: pairs 1, pickapic 1)" in out
+    assert "1 ties dropped; images: 8×8 ×4" in out
+    bad = write(tmp_path / "bad.jsonl", [
+        {"prompt": "p", "chosen": "img/red.png", "rejected": "img/bad.png"},
+        {"prompt": "p", "chosen": "img/missing.png", "rejected": "img/blue.png"},
+        {"prompt": "p", "chosen": "img/red.png", "rejected": "img/blue.png"},
+    ])  # fmt: skip
+    assert main(["data", "check", bad]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (
+        f"{bad}:1: field 'rejected': cannot read the image (not a format PIL recognises) — give a "
+        "PNG/JPEG/WebP image"
+    )
+    assert out[1].startswith(f"{bad}:2: field 'chosen': no image file 'img/missing.png'")
+    assert out[2] == f"{bad}: 2 problem(s) in image preference data (docs/diffusion.md, 'Data')"
+    text = write(tmp_path / "text.jsonl", [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}])
+    assert main(["data", "check", text]) == 0
+    assert "kind pairwise (text)" in capsys.readouterr().out

@@ -22,10 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     data.set_defaults(func=lambda args: (data.print_help(), 2)[1])
     check = data_sub.add_parser(
         "check",
-        help="validate a data file (preference data or an online method's prompts) and summarise it",
+        help="validate a data file (preference data, an online method's prompts, image pairs) and summarise it",
         description="Check every record of PATH (JSONL, JSON, Parquet, CSV, a datasets folder or a hub id) "
-        "the way training does: preference data, or the prompt data of an online method (rows with a "
-        "'prompt' and extra columns for the reward). Lists each problem as PATH:ROW: field 'NAME': what — fix, and "
+        "the way training does: preference data, the prompt data of an online method (rows with a "
+        "'prompt' and extra columns for the reward), or the image preference data of a diffusion "
+        "pipeline (detected from image paths, bytes or Pick-a-Pic fields; each image decoded). Lists each problem as PATH:ROW: field 'NAME': what — fix, and "
         "exits 1 if there is any; otherwise prints a summary (with --tokenizer, token-length "
         "percentiles) and exits 0.",
     )
@@ -166,6 +167,8 @@ def _check(args: argparse.Namespace) -> int:
 
     if args.kind == "prompts":
         return _check_prompts(args)
+    if args.kind is None and not args.columns and _image_data(args):
+        return _check_images(args)
     result = check_data(
         args.path,
         kind=args.kind,
@@ -192,6 +195,37 @@ def _prompt_only(args: argparse.Namespace) -> bool:
 
     first = next((r for _, r in read_source(args.path, split=args.split).rows if r is not None), None)
     return first is not None and "prompt" in first and detect_kind(normalize(first)[0]) is None
+
+
+def _image_data(args: argparse.Namespace) -> bool:
+    """Whether PATH's first record is image preference data (a diffusion pipeline's training data)."""
+    from preftune.data.sources import read_source
+    from preftune.diffusion.imagedata import looks_like_images
+
+    first = next((r for _, r in read_source(args.path, split=args.split).rows if r is not None), None)
+    return first is not None and looks_like_images(first)
+
+
+def _check_images(args: argparse.Namespace) -> int:
+    """`data check` of image preference data: every row read as `preftune train METHOD --model
+    PIPELINE_FOLDER` reads it, each image decoded; problems as PATH:ROW: field 'NAME', else a summary."""
+    from preftune.diffusion.imagedata import check_image_file
+
+    records, summary, problems = check_image_file(args.path, split=args.split)
+    if problems:
+        shown = problems[: args.max_problems]
+        more = len(problems) - len(shown)
+        print("\n".join([*shown, *([f"... and {more} more"] if more else [])]))
+        print(f"{args.path}: {len(problems)} problem(s) in image preference data (docs/diffusion.md, 'Data')")
+        return 1
+    formats = ", ".join(f"{name} {n}" for name, n in sorted(summary["formats"].items()))
+    sizes = ", ".join(f"{size} ×{n}" for size, n in sorted(summary["sizes"].items(), key=lambda kv: -kv[1]))
+    kinds = " + ".join(sorted({r.kind for r in records})) or "none"
+    print(
+        f"{args.path}: OK — {len(records)} rows of image preference data, {kinds} (formats: {formats or 'none'}); "
+        f"{summary['ties']} ties dropped; images: {sizes or 'none'}"
+    )
+    return 0
 
 
 def _check_prompts(args: argparse.Namespace) -> int:

@@ -140,12 +140,14 @@ def pixels(data: bytes, resolution: int, *, where: Callable[[], tuple[str, int, 
     """[3, R, R] in [−1, 1]: the image resized (shorter side to R) and centre-cropped."""
     from PIL import Image, UnidentifiedImageError
 
+    from preftune.diffusion.imagedata import unreadable_image
+
     try:
         image = Image.open(io.BytesIO(data)).convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as err:
         path, row, field = where()
         raise DataError(
-            f"cannot read the image ({err})",
+            unreadable_image(err),
             path=path,
             row=row,
             field=field,

@@ -196,3 +196,83 @@ def read_image_records(
         else:
             records.append(parsed)
     return records, counts
+
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+
+
+def looks_like_images(record: dict[str, Any]) -> bool:
+    """Whether a row is image preference data: Pick-a-Pic or per-image fields, or a pair whose chosen
+    value is an image (bytes, a `datasets` Image dict, a data URL or a path with an image suffix)."""
+    kind = detect_format(record)
+    if kind in ("pickapic", "per_image"):
+        return True
+    value = record.get("chosen") if kind else None
+    if isinstance(value, (bytes, bytearray, dict)):
+        return True
+    return isinstance(value, str) and (
+        value.startswith("data:image/") or value.strip().lower().endswith(_IMAGE_SUFFIXES)
+    )
+
+
+def check_image_file(
+    source: str, *, split: str | None = None
+) -> tuple[list[ImageRecord], dict[str, Any], list[str]]:
+    """`preftune data check` of image preference data: (records, summary, problems) with every row read
+    as training reads it and each image decoded, one `PATH:ROW: field 'NAME': what — fix` per bad
+    row; summary: rows, ties (Pick-a-Pic label_0 = 0.5, dropped), rows per format, images per size."""
+    from preftune.data.sources import read_source
+
+    data = read_source(source, split=split)
+    problems = [p.render() for p in data.problems if p.row is None]
+    base = Path(source).expanduser().resolve().parent if Path(source).is_file() else Path.cwd()
+    records: list[ImageRecord] = []
+    summary: dict[str, Any] = {"rows": len(data.rows), "ties": 0, "formats": {}, "sizes": {}}
+    row_problems = {p.row: p.render() for p in data.problems if p.row is not None}
+    for row, record in data.rows:
+        try:
+            if record is None:
+                raise DataError(row_problems.get(row, f"{data.path}:{row}: unreadable row"))
+            parsed = parse_record(record, base, path=data.path, row=row)
+            sizes = (
+                []
+                if parsed is None
+                else [_image_size(parsed, i, data.path) for i in range(len(parsed.images))]
+            )
+        except DataError as err:
+            problems.append(str(err))
+            continue
+        if parsed is None:
+            summary["ties"] += 1
+            continue
+        records.append(parsed)
+        fmt = detect_format(record) or "?"
+        summary["formats"][fmt] = summary["formats"].get(fmt, 0) + 1
+        for size in sizes:
+            summary["sizes"][size] = summary["sizes"].get(size, 0) + 1
+    return records, summary, problems
+
+
+def unreadable_image(err: Exception) -> str:
+    """The message for image bytes PIL cannot decode (without PIL's in-memory file object)."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(err, UnidentifiedImageError):
+        return "cannot read the image (not a format PIL recognises)"
+    return f"cannot read the image ({err})"
+
+
+def _image_size(record: ImageRecord, index: int, path: str) -> str:
+    """ "W×H" of a record's image, decoded as training decodes it; a DataError naming its field."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        width, height = Image.open(io.BytesIO(record.images[index])).convert("RGB").size
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise DataError(
+            unreadable_image(err), path=path, row=record.row, field=record.fields[index],
+            fix="give a PNG/JPEG/WebP image",
+        ) from None  # fmt: skip
+    return f"{width}×{height}"
