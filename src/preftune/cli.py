@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 
 from preftune import __version__
 from preftune.errors import PreftuneError
@@ -30,6 +31,32 @@ DEFERRED: dict[str, tuple[str, str]] = {
         "list every method (losses, online RL, distillation, reward models), its knobs and paper",
     ),
 }
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer ≥ `low` (a bad value is argparse's one-line usage error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be ≥ {low}, got {value}")
+        return value
+
+    return parse
+
+
+def temperature_arg(text: str) -> float:
+    """An argparse type: a sampling temperature, a finite number ≥ 0 (0: greedy)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number ≥ 0 (0: greedy), got {text}")
+    return value
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from preftune.cli import int_at_least, temperature_arg
 from preftune.errors import ConfigError
 
 SWEEP_DOC = """Train each of --methods on the same model and data (OUT/METHOD/ per run), sharing one
@@ -50,34 +51,9 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_at_least(low: int) -> Any:
-    """An argparse type: an integer ≥ `low` (a bad value is argparse's one-line usage error)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be ≥ {low}, got {value}")
-        return value
-
-    return parse
-
-
-def _temperature(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number ≥ 0 (0: greedy), got {text}")
-    return value
-
-
 def _add_best_of_n_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("best-of-n (a reward-model run)")
-    g.add_argument("--best-of-n", type=_int_at_least(0), default=0, metavar="N",
+    g.add_argument("--best-of-n", type=int_at_least(0), default=0, metavar="N",
                    help="sample N completions per prompt of --prompts and report the gold reward of the "
                    "RM's pick among n = 1, 2, 4, ..., N (and of the best one, the oracle)")  # fmt: skip
     g.add_argument("--gold", default="arithmetic", help="gold reward spec (default: the task's verifier)")
@@ -92,19 +68,19 @@ def _add_best_of_n_flags(p: argparse.ArgumentParser) -> None:
     )
     h.add_argument(
         "--num-samples",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=1,
         help="a policy run's responses per prompt (default 1: greedy)",
     )
     h.add_argument(
         "--temperature",
-        type=_temperature,
+        type=temperature_arg,
         default=None,
         help="sampling temperature (default: 0, greedy, for a policy run; 1 for best-of-n)",
     )
     h.add_argument(
         "--max-new-tokens",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=None,
         help="longest response (default: the run's max_completion_length, else 128)",
     )
@@ -497,21 +473,21 @@ def _add_kl_flags(p: argparse.ArgumentParser, default_samples: int) -> None:
     g = p.add_argument_group("KL to the reference (sampled from the policy at temperature 1)")
     g.add_argument(
         "--kl-samples",
-        type=_int_at_least(0),
+        type=int_at_least(0),
         default=default_samples,
         metavar="N",
         help=f"responses sampled per held-out prompt (0: skip the KL estimate; default {default_samples})",
     )
     g.add_argument(
         "--kl-prompts",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=32,
         metavar="N",
         help="held-out prompts used (default 32)",
     )
     g.add_argument(
         "--kl-max-new-tokens",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=64,
         metavar="N",
         help="longest sampled response; longer ones are cut, which lowers the estimate (default 64)",
