@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_utils as bu  # noqa: E402
-from rollout_prefill import build  # noqa: E402
+from rollout_prefill import setup  # noqa: E402
 
 
 def timed(
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     import torch
 
-    from preftune.rl import RolloutEngine, Sampling
+    from preftune.rl import Sampling
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="16 new tokens, 1 repetition, JSON line, no files")
@@ -66,13 +66,8 @@ def _main(argv: list[str] | None) -> int:
     if a.quick:
         a.new_tokens, a.reps = 16, 1
     torch.set_num_threads(a.threads)
-    spec = bu.MODELS[a.model_size]
-    model = build(spec)
-    g = torch.Generator().manual_seed(1)
-    lo, hi = int(a.prompt_len * 0.9), int(a.prompt_len * 1.1)
-    lengths = torch.randint(lo, hi + 1, (a.prompts,), generator=g).tolist()
-    prompts = [torch.randint(3, spec.vocab_size - 1, (n,), generator=g).tolist() for n in lengths]
-    engine = RolloutEngine(model, spec.vocab_size - 1, batch_rows=a.prompts * a.samples)
+    model, prompts, engine = setup(a.model_size, a.prompts, a.samples, a.prompt_len)
+    lengths = [len(p) for p in prompts]
     sampling = Sampling(max_new_tokens=a.new_tokens, temperature=1.0, seed=0)
     load = [bu.load_average()[0]]
     timed(engine, prompts[:1], 2, Sampling(max_new_tokens=4, temperature=1.0, seed=0), True)  # warm-up

@@ -19,6 +19,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_utils as bu  # noqa: E402
@@ -42,6 +43,23 @@ def build(spec: bu.ModelSpec) -> object:
     return LlamaForCausalLM(cfg).to(torch.float32).eval()
 
 
+def setup(size: str, prompts: int, samples: int, prompt_len: int) -> tuple[Any, list[list[int]], Any]:
+    """(model, prompts, engine) of a rollout benchmark: the random Llama of `size`, `prompts` random
+    prompts with lengths drawn from ±10 % of `prompt_len` (seed 1), and an engine whose batch holds
+    every sample; EOS is the last vocabulary id, which the model does not pick."""
+    import torch
+
+    from preftune.rl import RolloutEngine
+
+    spec = bu.MODELS[size]
+    model = build(spec)
+    g = torch.Generator().manual_seed(1)
+    lo, hi = int(prompt_len * 0.9), int(prompt_len * 1.1)
+    lengths = torch.randint(lo, hi + 1, (prompts,), generator=g).tolist()
+    rows = [torch.randint(3, spec.vocab_size - 1, (n,), generator=g).tolist() for n in lengths]
+    return model, rows, RolloutEngine(model, spec.vocab_size - 1, batch_rows=prompts * samples)
+
+
 def timed(
     engine: object, prompts: list[list[int]], n: int, sampling: object, share: bool
 ) -> tuple[float, float, object]:
@@ -55,7 +73,7 @@ def timed(
 def main() -> None:
     import torch
 
-    from preftune.rl import RolloutEngine, Sampling
+    from preftune.rl import Sampling
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="16 new tokens, 1 repetition, JSON line")
@@ -70,13 +88,8 @@ def main() -> None:
     if a.quick:
         a.new_tokens, a.reps = 16, 1
     torch.set_num_threads(a.threads)
-    spec = bu.MODELS[a.model_size]
-    model = build(spec)
-    g = torch.Generator().manual_seed(1)
-    lo, hi = int(a.prompt_len * 0.9), int(a.prompt_len * 1.1)
-    lengths = torch.randint(lo, hi + 1, (a.prompts,), generator=g).tolist()
-    prompts = [torch.randint(3, spec.vocab_size - 1, (n,), generator=g).tolist() for n in lengths]
-    engine = RolloutEngine(model, spec.vocab_size - 1, batch_rows=a.prompts * a.samples)
+    model, prompts, engine = setup(a.model_size, a.prompts, a.samples, a.prompt_len)
+    lengths = [len(p) for p in prompts]
     full = Sampling(max_new_tokens=a.new_tokens, temperature=1.0, seed=0)
     prefill = Sampling(max_new_tokens=1, temperature=1.0, seed=0)
     timed(engine, prompts[:2], a.samples, prefill, True)  # warm-up
