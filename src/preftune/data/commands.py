@@ -163,17 +163,22 @@ def _common(
 
 
 def _check(args: argparse.Namespace) -> int:
+    from preftune.data.schema import detect_kind, normalize
+    from preftune.data.sources import read_source
     from preftune.data.validate import check_data, format_check
+    from preftune.diffusion.imagedata import looks_like_images
 
     if args.kind == "prompts":
         return _check_prompts(args)
-    if args.kind is None and not args.columns and _image_data(args):
-        return _check_images(args)
+    data = read_source(args.path, split=args.split)  # read once: the probes below see its first record
+    first: dict[str, Any] = next((r for _, r in data.rows if r is not None), {})
+    detect = args.kind is None and not args.columns
+    if detect and looks_like_images(first):  # a diffusion pipeline's image preference data
+        return _check_images(args, data)
     result = check_data(
-        args.path,
+        data,
         kind=args.kind,
         columns=args.columns,
-        split=args.split,
         tokenizer=args.tokenizer,
         chat_template=args.chat_template,
         max_length=args.max_length,
@@ -181,37 +186,25 @@ def _check(args: argparse.Namespace) -> int:
         max_completion_length=args.max_completion_length,
         truncation=args.truncation,
     )
-    if result.summary["kind"] is None and args.kind is None and not args.columns and _prompt_only(args):
-        return _check_prompts(args)  # no preference kind fits: an online method's prompt data?
+    # no preference kind fits and the rows have a `prompt`, nothing else of preference data: an
+    # online method's prompt data (`preftune train grpo --prompts PATH`)
+    if (
+        result.summary["kind"] is None
+        and detect
+        and "prompt" in first
+        and detect_kind(normalize(first)[0]) is None
+    ):
+        return _check_prompts(args)
     print(format_check(result, args.max_problems))
     return 0 if result.ok else 1
 
 
-def _prompt_only(args: argparse.Namespace) -> bool:
-    """Whether PATH's first record has a `prompt` and nothing that makes it preference data: the
-    prompt data of an online method (`preftune train grpo --prompts PATH`)."""
-    from preftune.data.schema import detect_kind, normalize
-    from preftune.data.sources import read_source
-
-    first = next((r for _, r in read_source(args.path, split=args.split).rows if r is not None), None)
-    return first is not None and "prompt" in first and detect_kind(normalize(first)[0]) is None
-
-
-def _image_data(args: argparse.Namespace) -> bool:
-    """Whether PATH's first record is image preference data (a diffusion pipeline's training data)."""
-    from preftune.data.sources import read_source
-    from preftune.diffusion.imagedata import looks_like_images
-
-    first = next((r for _, r in read_source(args.path, split=args.split).rows if r is not None), None)
-    return first is not None and looks_like_images(first)
-
-
-def _check_images(args: argparse.Namespace) -> int:
+def _check_images(args: argparse.Namespace, data: Any) -> int:
     """`data check` of image preference data: every row read as `preftune train METHOD --model
     PIPELINE_FOLDER` reads it, each image decoded; problems as PATH:ROW: field 'NAME', else a summary."""
     from preftune.diffusion.imagedata import check_image_file
 
-    records, summary, problems = check_image_file(args.path, split=args.split)
+    records, summary, problems = check_image_file(args.path, data)
     if problems:
         shown = problems[: args.max_problems]
         more = len(problems) - len(shown)

@@ -18,7 +18,7 @@ from preftune.data.layouts import parse_columns
 from preftune.data.lengths import Truncation
 from preftune.data.rows import Problem, render_problems
 from preftune.data.schema import validate
-from preftune.data.sources import read_source
+from preftune.data.sources import SourceData, read_source
 from preftune.data.tokenize import Tokenized, tokenize_records
 from preftune.errors import DataError
 
@@ -40,7 +40,7 @@ class CheckResult:
 
 
 def check_data(
-    source: str | Path | list[dict[str, Any]],
+    source: str | Path | list[dict[str, Any]] | SourceData,
     *,
     kind: str | None = None,
     columns: str | dict[str, str] | None = None,
@@ -52,9 +52,9 @@ def check_data(
     max_completion_length: int | None = None,
     truncation: str = "truncate",
 ) -> CheckResult:
-    """Check `source` as training would, without writing any cache."""
+    """Check `source` (or data `read_source` already read) as training would, without writing any cache."""
     cols = parse_columns(columns)
-    data = read_source(source, split=split)
+    data = source if isinstance(source, SourceData) else read_source(source, split=split)
     records, problems, found = validate(data, kind=kind, columns=cols)
     summary: dict[str, Any] = {
         "source": data.path,

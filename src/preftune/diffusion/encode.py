@@ -20,7 +20,6 @@ when the pipeline has no T5 — and the pooled projections), packed into [L + 1,
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -30,7 +29,6 @@ from typing import Any
 import torch
 
 from preftune.diffusion.imagedata import ImageRecord
-from preftune.errors import DataError
 
 ENCODED_PARTS = (
     "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"
@@ -138,21 +136,11 @@ def _pooled_prompt_encoder(folder: str | Path) -> Callable[[list[str]], torch.Te
 
 def pixels(data: bytes, resolution: int, *, where: Callable[[], tuple[str, int, str]]) -> torch.Tensor:
     """[3, R, R] in [−1, 1]: the image resized (shorter side to R) and centre-cropped."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    from preftune.diffusion.imagedata import unreadable_image
+    from preftune.diffusion.imagedata import open_image
 
-    try:
-        image = Image.open(io.BytesIO(data)).convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        path, row, field = where()
-        raise DataError(
-            unreadable_image(err),
-            path=path,
-            row=row,
-            field=field,
-            fix="give a PNG/JPEG/WebP image",
-        ) from None
+    image = open_image(data, where)
     w, h = image.size
     scale = resolution / min(w, h)
     image = image.resize(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,16 +177,11 @@ def read_image_records(
     fatal = [p for p in data.problems if p.row is None]
     if fatal:
         raise DataError(fatal[0].render())
-    base = Path(source).expanduser().resolve().parent if Path(source).is_file() else Path.cwd()
     records: list[ImageRecord] = []
     counts = {"rows": len(data.rows), "ties": 0, "invalid": 0}
-    problems = {p.row: p for p in data.problems if p.row is not None}
-    for row, record in data.rows:
+    for _row, _record, parse in _row_parsers(data, source):
         try:
-            if record is None:
-                problem = problems.get(row)
-                raise DataError(problem.render() if problem else f"{data.path}:{row}: unreadable row")
-            parsed = parse_record(record, base, path=data.path, row=row)
+            parsed = parse()
         except DataError:
             if on_invalid != "drop":
                 raise
@@ -196,6 +192,27 @@ def read_image_records(
         else:
             records.append(parsed)
     return records, counts
+
+
+def _row_parsers(
+    data: Any, source: str
+) -> list[tuple[int, dict[str, Any] | None, Callable[[], ImageRecord | None]]]:
+    """(row, record, parse) for each row of read data: `parse()` is the row's `ImageRecord` (None for a tie),
+    or a DataError naming the row (an unreadable line included). Image paths resolve against the data
+    file's folder (the working directory for a dataset folder or hub id)."""
+    base = Path(source).expanduser().resolve().parent if Path(source).is_file() else Path.cwd()
+    problems = {p.row: p for p in data.problems if p.row is not None}
+
+    def parser(row: int, record: dict[str, Any] | None) -> Callable[[], ImageRecord | None]:
+        def parse() -> ImageRecord | None:
+            if record is None:
+                problem = problems.get(row)
+                raise DataError(problem.render() if problem else f"{data.path}:{row}: unreadable row")
+            return parse_record(record, base, path=data.path, row=row)
+
+        return parse
+
+    return [(row, record, parser(row, record)) for row, record in data.rows]
 
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -215,25 +232,17 @@ def looks_like_images(record: dict[str, Any]) -> bool:
     )
 
 
-def check_image_file(
-    source: str, *, split: str | None = None
-) -> tuple[list[ImageRecord], dict[str, Any], list[str]]:
-    """`preftune data check` of image preference data: (records, summary, problems) with every row read
-    as training reads it and each image decoded, one `PATH:ROW: field 'NAME': what — fix` per bad
-    row; summary: rows, ties (Pick-a-Pic label_0 = 0.5, dropped), rows per format, images per size."""
-    from preftune.data.sources import read_source
-
-    data = read_source(source, split=split)
+def check_image_file(source: str, data: Any) -> tuple[list[ImageRecord], dict[str, Any], list[str]]:
+    """`preftune data check` of image preference data (`data`: `source` as `read_source` read it):
+    (records, summary, problems) with every row parsed as `read_image_records` parses it and each
+    image decoded as training decodes it, one `PATH:ROW: field 'NAME': what — fix` per bad row;
+    summary: rows, ties (Pick-a-Pic label_0 = 0.5, dropped), rows per format, images per size."""
     problems = [p.render() for p in data.problems if p.row is None]
-    base = Path(source).expanduser().resolve().parent if Path(source).is_file() else Path.cwd()
     records: list[ImageRecord] = []
     summary: dict[str, Any] = {"rows": len(data.rows), "ties": 0, "formats": {}, "sizes": {}}
-    row_problems = {p.row: p.render() for p in data.problems if p.row is not None}
-    for row, record in data.rows:
+    for _row, record, parse in _row_parsers(data, source):
         try:
-            if record is None:
-                raise DataError(row_problems.get(row, f"{data.path}:{row}: unreadable row"))
-            parsed = parse_record(record, base, path=data.path, row=row)
+            parsed = parse()
             sizes = (
                 []
                 if parsed is None
@@ -246,33 +255,36 @@ def check_image_file(
             summary["ties"] += 1
             continue
         records.append(parsed)
-        fmt = detect_format(record) or "?"
+        fmt = detect_format(record or {}) or "?"
         summary["formats"][fmt] = summary["formats"].get(fmt, 0) + 1
         for size in sizes:
             summary["sizes"][size] = summary["sizes"].get(size, 0) + 1
     return records, summary, problems
 
 
-def unreadable_image(err: Exception) -> str:
-    """The message for image bytes PIL cannot decode (without PIL's in-memory file object)."""
-    from PIL import UnidentifiedImageError
-
-    if isinstance(err, UnidentifiedImageError):
-        return "cannot read the image (not a format PIL recognises)"
-    return f"cannot read the image ({err})"
-
-
-def _image_size(record: ImageRecord, index: int, path: str) -> str:
-    """ "W×H" of a record's image, decoded as training decodes it; a DataError naming its field."""
+def open_image(data: bytes, where: Callable[[], tuple[str, int, str]]) -> Any:
+    """The decoded RGB image (PIL) of an image's bytes; a DataError at `where()` (path, row, field) when
+    PIL cannot read them."""
     import io
 
     from PIL import Image, UnidentifiedImageError
 
     try:
-        width, height = Image.open(io.BytesIO(record.images[index])).convert("RGB").size
+        return Image.open(io.BytesIO(data)).convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as err:
+        # (PIL's own message for an unknown format names its in-memory file object)
+        what = "not a format PIL recognises" if isinstance(err, UnidentifiedImageError) else str(err)
+        path, row, field = where()
         raise DataError(
-            unreadable_image(err), path=path, row=record.row, field=record.fields[index],
+            f"cannot read the image ({what})",
+            path=path,
+            row=row,
+            field=field,
             fix="give a PNG/JPEG/WebP image",
-        ) from None  # fmt: skip
+        ) from None
+
+
+def _image_size(record: ImageRecord, index: int, path: str) -> str:
+    """ "W×H" of a record's image, decoded as training decodes it."""
+    width, height = open_image(record.images[index], lambda: (path, record.row, record.fields[index])).size
     return f"{width}×{height}"
