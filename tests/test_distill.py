@@ -18,6 +18,7 @@ from preftune.losses.distill_losses import DISTILL_LOSSES
 from preftune.method_checks import DISTILL_METHODS
 from preftune.models.distill_head import distill_token_losses, nll_token_losses
 from preftune.models.logprobs import LogitTransform
+from preftune.train.api import train
 from preftune.train.distill_step import distill_on_batch
 from preftune.train.distributed import World
 from preftune.train.loop import Objective
@@ -287,3 +288,37 @@ def test_train_adpa_command_and_config_checks(models: dict[str, Path], tmp_path:
         validate(
             TrainConfig(method="aligndistil", teacher="t", teacher_ref="r", hparams={"contrast": "x"}, **base)
         )
+
+
+def test_a_teacher_with_another_tokenizer_or_vocabulary_is_refused_before_any_forward(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The teacher's distributions are indexed by its own token ids: a permuted tokenizer of the same
+    size used to train silently on wrongly indexed targets, a smaller vocabulary crashed with an index
+    error inside the teacher's embedding."""
+    from preftune.data.char_tokenizer import build_char_tokenizer
+    from preftune.models.tiny import save_tiny_model
+    from test_train_fixtures import ALPHABET
+
+    swapped = ALPHABET.replace("0", "#").replace("1", "0").replace("#", "1")
+    permuted = save_tiny_model(
+        "llama", tmp_path / "permuted", vocab_size=48, tokenizer=build_char_tokenizer(swapped), seed=2
+    )
+    small = save_tiny_model("llama", tmp_path / "small", vocab_size=40, seed=2)
+
+    def run(teacher: Path) -> str:
+        config = TrainConfig(
+            method="dckd", model=str(models["student"]), teacher=str(teacher), data=str(models["data"]),
+            out=str(tmp_path / f"out-{teacher.name}"), max_steps=1, batch_size=4, progress=False,
+            report=False,
+        )  # fmt: skip
+        with pytest.raises(ConfigError) as err:
+            train(config)
+        assert not (tmp_path / f"out-{teacher.name}" / "checkpoints").exists()
+        return str(err.value)
+
+    text = run(permuted)
+    assert "teacher" in text and "tokenizes differently" in text and str(permuted) in text
+    assert "2 tokens have other ids" in text and "'0' is" in text  # '0' and '1' exchanged
+    text = run(small)
+    assert f"teacher '{small}' has a vocabulary of 40 tokens" in text and "48" in text

@@ -162,10 +162,48 @@ def test_ce_on_outcome_labels_and_prm_on_step_labels_train(tmp_path):
     assert "f1" in json.loads((tmp_path / "prm" / "eval.json").read_text())["metrics"]
 
 
-def test_bad_settings_are_refused(tmp_path):
+def test_bad_settings_are_refused(tmp_path, capsys):
     model = tiny_model(tmp_path / "sft")
     data = write_jsonl(tmp_path / "p.jsonl", pair_rows(4))
     base = ["train", "rm", "--model", str(model), "--data", str(data), "--max-steps", "1"]
     assert main([*base, "--out", str(tmp_path / "a"), "--head", "implicit", "--beta", "-1"]) != 0
     assert main([*base, "--out", str(tmp_path / "b"), "--head", "nonsense"]) != 0
+    capsys.readouterr()
     assert main([*base, "--out", str(tmp_path / "c"), "--head", "implicit", "--loss", "regression"]) != 0
+    said = capsys.readouterr().err  # the reason is the implicit head, not the data (ratings or pairs)
+    assert "--head implicit trains on pairs" in said and "drop --head implicit" in said, said
+
+
+@pytest.mark.train_report
+def test_reward_model_runs_leave_a_report_like_every_run(tmp_path):
+    """`train rm` / `train prm` (scalar and implicit heads) end with OUT/summary.json and OUT/report.html;
+    they used to leave only summary.json (`preftune report OUT` was needed)."""
+    model = tiny_model(tmp_path / "sft")
+    pairs = write_jsonl(tmp_path / "p.jsonl", pair_rows(8))
+    steps = write_jsonl(tmp_path / "steps.jsonl", [{"prompt": "1+2=", "steps": ["1 2", "3."], "first_error": -1},
+                                                   {"prompt": "1+2=", "steps": ["1 2", "4."], "first_error": 1}])  # fmt: skip
+    common = [
+        "--model",
+        str(model),
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "2",
+        "--save-every",
+        "0",
+        "--no-progress",
+    ]
+    runs = {
+        "rm": ["train", "rm", "--data", str(pairs)],
+        "irm": ["train", "rm", "--data", str(pairs), "--head", "implicit"],
+        "prm": ["train", "prm", "--data", str(steps)],
+    }
+    for name, args in runs.items():
+        out = tmp_path / name
+        assert main([*args, "--out", str(out), *common]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["steps"] == 2 and summary["method"].startswith(args[1])
+        html = (out / "report.html").read_text()
+        assert "<html" in html.lower() and "loss" in html, name
+    assert main([*runs["rm"], "--out", str(tmp_path / "quiet"), *common, "--no-report"]) == 0
+    assert not (tmp_path / "quiet" / "report.html").exists()

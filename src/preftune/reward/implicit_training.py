@@ -15,8 +15,6 @@ folder, checkpoints and exact resume are `preftune.reward.scorer_loop`'s; OUT/fi
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -27,8 +25,15 @@ from preftune.errors import ConfigError
 from preftune.reward.implicit import ImplicitRM, implicit_ce, own_ends, write_folder
 from preftune.reward.losses import RMLoss, parse_rm_loss
 from preftune.reward.prm import prompt_runs
-from preftune.reward.scorer_loop import ScorerTask, check_config, claim, optimizer_step, pair_step, run_scorer
-from preftune.train import runfolder
+from preftune.reward.scorer_loop import (
+    ScorerTask,
+    check_config,
+    claim,
+    finish_scorer,
+    optimizer_step,
+    pair_step,
+    run_scorer,
+)
 from preftune.types import Example
 
 DEFAULT_BETA = 0.05
@@ -55,8 +60,14 @@ def settings_of(config: TrainConfig, kind: str) -> dict[str, Any]:
     loss = str(hp.get("loss", "bt" if kind == "rm" else "prm_bce"))
     if kind == "prm" and loss != "prm_bce":
         raise ConfigError(f"preftune train prm --head implicit trains with --loss prm_bce, not {loss}")
+    if kind == "rm" and loss == "regression":
+        raise ConfigError(
+            "preftune train rm --head implicit trains on pairs (--loss bt, ...) or on labelled responses "
+            "(--loss ce), not --loss regression: a regression reward model fits a scalar head to "
+            "ratings — drop --head implicit to train one"
+        )
     if kind == "rm" and loss != "ce":
-        parse_rm_loss(loss)  # a pairwise loss spec; refuses unknown names (regression has no pairs)
+        parse_rm_loss(loss)  # a pairwise loss spec; refuses unknown names
     from preftune.reward.implicit import STEP_VALUES
     from preftune.reward.prm import AGGREGATIONS
 
@@ -189,7 +200,7 @@ def train_implicit_rm(config: TrainConfig, log: Any = print) -> Any:
                 model=policy,
             )
 
-        return _finish(config, run_scorer(config, load, log), settings, f"rm (implicit, {loss})")
+        return _finish(config, run_scorer(config, load, log), settings, f"rm (implicit, {loss})", log)
     finally:
         lock.release()
 
@@ -200,15 +211,9 @@ def rm_held_out(config: TrainConfig, tokenizer: Any) -> list[Example]:
     return rm_examples(config.eval_data, config, tokenizer, config.eval_split) if config.eval_data else []
 
 
-def _finish(config: TrainConfig, run: Any, settings: dict[str, Any], method: str) -> Any:
-    from preftune.train.api import RunResult
-
+def _finish(config: TrainConfig, run: Any, settings: dict[str, Any], method: str, log: Any) -> Any:
     write_folder(run.final, config.model, settings)
-    summary = {"method": method, "steps": run.total, "train": run.last, "eval": run.evals,
-               "checkpoint": str(run.checkpoint) if run.checkpoint else None}  # fmt: skip
-    runfolder.write_atomic(Path(config.out) / "summary.json", json.dumps(summary, indent=1))
-    metrics = {**run.last, **{f"eval/{k}": v for k, v in run.evals.items()}}
-    return RunResult(Path(config.out), run.final, run.total, metrics)
+    return finish_scorer(config, run, method, log)
 
 
 def encode_items(tokenizer: Any, items: list[Any], separator: str) -> list[Any]:
@@ -299,6 +304,6 @@ def train_implicit_prm(config: TrainConfig, log: Any = print) -> Any:
                 model=policy,
             )
 
-        return _finish(config, run_scorer(config, load, log), settings, "prm (implicit, prm_bce)")
+        return _finish(config, run_scorer(config, load, log), settings, "prm (implicit, prm_bce)", log)
     finally:
         lock.release()

@@ -15,7 +15,6 @@ With `eval_data` (hard labels) the ProcessBench metrics of those items are logge
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,8 +23,14 @@ from preftune.config import TrainConfig
 from preftune.errors import ConfigError, DataError
 from preftune.reward.prm import PRM_LOSSES, score_encoded
 from preftune.reward.prm_data import EncodedItem, PRMItem, encode_steps, read_prm_data
-from preftune.reward.scorer_loop import ScorerTask, check_config, claim, optimizer_step, run_scorer
-from preftune.train import runfolder
+from preftune.reward.scorer_loop import (
+    ScorerTask,
+    check_config,
+    claim,
+    finish_scorer,
+    optimizer_step,
+    run_scorer,
+)
 
 PRM_FILE = "prm.json"
 HPARAMS = ("loss", "separator", "aggregation", "head")
@@ -102,7 +107,6 @@ def train_prm(config: TrainConfig, log: Any = print) -> Any:
 
 
 def _train(config: TrainConfig, settings: dict[str, str], log: Any) -> Any:
-    from preftune.train.api import RunResult
 
     loss, sep = settings["loss"], settings["separator"]
 
@@ -130,10 +134,4 @@ def _train(config: TrainConfig, settings: dict[str, str], log: Any) -> Any:
             files={PRM_FILE: json.dumps(settings, indent=1)},
         )
 
-    run = run_scorer(config, load, log)
-    summary = {"method": f"prm ({loss})", "steps": run.total, "train": run.last,
-               **({"eval": run.evals} if run.evals else {}),
-               "checkpoint": str(run.checkpoint) if run.checkpoint else None}  # fmt: skip
-    runfolder.write_atomic(Path(config.out) / "summary.json", json.dumps(summary, indent=1))
-    metrics = {**run.last, **{f"eval/{k}": v for k, v in run.evals.items()}}
-    return RunResult(Path(config.out), run.final, run.total, metrics)
+    return finish_scorer(config, run_scorer(config, load, log), f"prm ({loss})", log)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from preftune.config import TrainConfig, config_to_dict
+from preftune.config import FIELDS, TrainConfig, config_to_dict
 from preftune.errors import ConfigError
 from preftune.train import checkpoint as ckpt
 from preftune.train import runfolder
@@ -204,6 +204,9 @@ def run_scorer(config: TrainConfig, load: Callable[[Any], ScorerTask], log: Any)
                            config=config_to_dict(config))  # fmt: skip
     logger.truncate_after(start)
     log(f"{task.header}, {total} steps, batch {config.batch_size}")
+    if config.lr == FIELDS["lr"].default:
+        log(f"note: lr {config.lr:g} is the preference losses' default; reward models usually train at "
+            "1e-5 to 1e-4 (TRL's RewardConfig: 1e-4) — pass --lr")  # fmt: skip
     evals: dict[str, float] = {}
     for step in range(start, total):
         t0 = time.perf_counter()
@@ -233,3 +236,20 @@ def run_scorer(config: TrainConfig, load: Callable[[Any], ScorerTask], log: Any)
     for name, text in task.files.items():
         runfolder.write_atomic(final / name, text)
     return ScorerOutcome(total, last, evals, last_good, final)
+
+
+def finish_scorer(config: TrainConfig, run: ScorerOutcome, method: str, log: Any) -> Any:
+    """OUT/summary.json and (unless `report` is off) OUT/report.html of a finished scorer run, as every
+    other `preftune train` run leaves them; the RunResult."""
+    import json
+
+    from preftune.train.api import RunResult
+
+    out = Path(config.out)
+    summary = {"method": method, "steps": run.total, "train": run.last, "eval": run.evals,
+               "checkpoint": str(run.checkpoint) if run.checkpoint else None}  # fmt: skip
+    runfolder.write_atomic(out / "summary.json", json.dumps(summary, indent=1))
+    if config.report:
+        runfolder.write_run_report(out, log)
+    metrics = {**run.last, **{f"eval/{k}": v for k, v in run.evals.items()}}
+    return RunResult(out, run.final, run.total, metrics)

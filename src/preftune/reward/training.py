@@ -9,8 +9,6 @@ OUT/final/ is an `AutoModelForSequenceClassification(num_labels=1)` folder with 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -19,9 +17,8 @@ import torch
 from preftune.config import TrainConfig
 from preftune.errors import ConfigError, DataError
 from preftune.reward.losses import RMLoss, parse_rm_loss
-from preftune.reward.scorer_loop import ScorerTask, check_config, claim, pair_step, run_scorer
+from preftune.reward.scorer_loop import ScorerTask, check_config, claim, finish_scorer, pair_step, run_scorer
 from preftune.reward.scoring import branch_scores
-from preftune.train import runfolder
 from preftune.types import Example
 
 
@@ -225,7 +222,6 @@ def train_rm(config: TrainConfig, log: Any = print) -> Any:
 def _train(config: TrainConfig, loss_fn: RMLoss | None, loss: str, log: Any) -> Any:
     from preftune.reward.ensemble_run import head_settings, heads_manifest
     from preftune.reward.rated import rated_examples
-    from preftune.train.api import RunResult
 
     heads, how = head_settings(config) if "heads" in config.hparams else (1, "mean")
 
@@ -250,9 +246,4 @@ def _train(config: TrainConfig, loss_fn: RMLoss | None, loss: str, log: Any) -> 
             num_labels=heads,
         )
 
-    run = run_scorer(config, load, log)
-    summary = {"method": f"rm ({loss})", "steps": run.total, "train": run.last, "eval": run.evals,
-               "checkpoint": str(run.checkpoint) if run.checkpoint else None}  # fmt: skip
-    runfolder.write_atomic(Path(config.out) / "summary.json", json.dumps(summary, indent=1))
-    metrics = {**run.last, **{f"eval/{k}": v for k, v in run.evals.items()}}
-    return RunResult(Path(config.out), run.final, run.total, metrics)
+    return finish_scorer(config, run_scorer(config, load, log), f"rm ({loss})", log)

@@ -191,6 +191,7 @@ def _load_data(
         return None, list[PhaseSource](images), held
     tokenizer = load_tokenizer(config.tokenizer or config.model)
     faults.check_vocab(tokenizer, config)
+    faults.check_teachers(tokenizer, config)
     if is_online(config.method):  # the policy's own samples: groups, or what a builder makes of them
         phase = main_first(world, lambda: online_phase(config, tokenizer))
         return tokenizer, [phase], held_out_prompts(config, tokenizer)

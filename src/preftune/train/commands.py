@@ -93,6 +93,7 @@ class _TrainParser(argparse.ArgumentParser):
                 **(_SWITCH if key in switches else {}),
             )
         _add_diffusion_rl_options(self)  # after the loss flags: a shared key stays one flag
+        _add_reward_model_options(self)
 
     def _pairs(self, extras: list[str]) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -204,6 +205,31 @@ def _hparam_owners() -> list[tuple[str, Any]]:
         owners.append((presets, spec.hparams))
     owners += [(n, s.hparams) for n, s in sorted(DISTILL_LOSSES.items())]
     return owners
+
+
+_REWARD_MODEL_HELP = """\
+--loss L        rm: bt (default) | bt_margin | bt_scaled | center, or a weighted sum such as
+                'bt:1,center:0.01' (pairs); regression (rating data); ce (--head implicit, labels).
+                prm: prm_bce (default) | pav_mse (step labels)
+--head H        scalar (default: a new one-output head on --model) | implicit (r = β log π_θ/π_ref)
+--beta B        the implicit reward's β (--head implicit; default 0.05)
+--heads M       M scalar heads on one trunk (M ≥ 2; pairwise losses)
+--ensemble M    M reward models of seeds 0..M−1 (OUT/member-i)
+--aggregate A   how --heads / --ensemble members combine in OUT/final: mean (default) | min | uwo | median
+--aggregation A prm: how step scores make one reward: min (default) | last | sum | mean | prod;
+                --head implicit: outcome (rm default) or one of those
+--separator S   prm: the text between steps (default a newline)
+--step-value V  implicit prm: q (default: q_θ at the step's end) | delta (q_θ^{e_k} − q_θ^{e_(k−1)})
+--lr is the preference losses' 1e-6 unless given: reward models usually train at 1e-5–1e-4
+(TRL's RewardConfig: 1e-4). OUT/final/ loads with AutoModelForSequenceClassification (scalar heads)."""
+
+
+def _add_reward_model_options(p: argparse.ArgumentParser) -> None:
+    """The options of `train rm` / `train prm` (routed like every `--key value`, read by preftune.reward),
+    listed in --help: they are no registry's hyper-parameters."""
+    p.add_argument_group(
+        "reward models: METHOD rm | prm (docs/reward_models.md)", _REWARD_MODEL_HELP.replace("%", "%%")
+    )
 
 
 def _add_diffusion_rl_options(p: argparse.ArgumentParser) -> None:

@@ -71,6 +71,51 @@ def check_vocab(tokenizer: Any, config: TrainConfig) -> None:
             )
 
 
+def check_teachers(tokenizer: Any, config: TrainConfig) -> None:
+    """A distillation teacher (`teacher`, `teacher_ref`) must score the student's token ids: the same
+    vocabulary size as the student's head and, where its folder has a tokenizer, the same token → id
+    map. Otherwise its distributions are over other tokens: a smaller vocabulary fails as an index
+    error in its forward, a permuted one trains silently on wrongly indexed targets."""
+    from preftune.paths import pretrained_source
+
+    student = config.tokenizer or config.model
+    rows = embedding_rows(pretrained_source(config.model))
+    for name in ("teacher", "teacher_ref"):
+        value = getattr(config, name, None)
+        if not value:
+            continue
+        source = pretrained_source(value)
+        theirs = embedding_rows(source)
+        if rows is not None and theirs is not None and theirs != rows:
+            raise ConfigError(
+                f"{name} '{value}' has a vocabulary of {theirs} tokens, the student '{config.model}' "
+                f"{rows}: distillation compares their next-token distributions token by token, so the "
+                "student and its teachers need one tokenizer and one vocabulary — use a teacher trained "
+                "with the student's tokenizer"
+            )
+        _check_same_tokens(tokenizer, student, source, f"{name} '{value}'")
+
+
+def _check_same_tokens(tokenizer: Any, student: str, source: str, what: str) -> None:
+    from transformers import AutoTokenizer
+
+    try:
+        other = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError):  # a folder with weights only: the student's tokenizer is its own
+        return
+    ours, theirs = tokenizer.get_vocab(), other.get_vocab()
+    if ours == theirs:
+        return
+    differ = sorted(t for t in set(ours) | set(theirs) if ours.get(t) != theirs.get(t))
+    token = differ[0]
+    raise ConfigError(
+        f"{what} tokenizes differently from the student's tokenizer ({student}): {len(differ)} tokens "
+        f"have other ids, e.g. {token!r} is {ours.get(token)} in the student's and {theirs.get(token)} "
+        "in the teacher's — distillation compares distributions id by id, so use a teacher trained "
+        "with the student's tokenizer"
+    )
+
+
 def is_out_of_memory(err: BaseException) -> bool:
     """A failed allocation: torch's OutOfMemoryError, MemoryError, or the CPU allocator's RuntimeError."""
     if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
