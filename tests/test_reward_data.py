@@ -75,3 +75,38 @@ def test_bt_scaled_needs_a_positive_strength(tmp_path, capsys):
     plain = write_jsonl(tmp_path / "plain.jsonl", pair_rows(4))
     with pytest.raises(DataError, match="no pair has a margin, so bt_margin / bt_scaled would train"):
         train_rm(_config(model, plain, tmp_path / "b", "bt:1,bt_margin:0.5"))
+
+
+def test_data_check_reads_step_labels_and_ratings_as_training_does(tmp_path, capsys):
+    """`data check` used to call a PRM file with mismatched labels, or ratings of "high", OK (kind
+    prompts); it now detects both kinds and lists every bad row with the parser training uses."""
+    good = [{"prompt": "1+2=", "steps": ["1 2", "3."], "first_error": -1},
+            {"prompt": "1+2=", "steps": ["1 2", "4."], "labels": [1, 0]},
+            {"problem": "1+3=", "steps": ["1 3", "5.", "4."], "label": 1}]  # ProcessBench's fields  # fmt: skip
+    assert main(["data", "check", str(write_jsonl(tmp_path / "steps.jsonl", good))]) == 0
+    said = capsys.readouterr().out
+    assert "OK — 3 solutions of step-labelled data" in said and "7 steps (2–3 per solution)" in said
+    assert "2 with a wrong step, 1 all right" in said
+    bad = [good[0], {"prompt": "1+2=", "steps": ["1 2", "3."], "labels": [1]},
+           {"prompt": "1+2=", "steps": [], "first_error": -1},
+           {"prompt": "1+2=", "steps": ["1 2"], "first_error": 7}]  # fmt: skip
+    assert main(["data", "check", str(write_jsonl(tmp_path / "bad_steps.jsonl", bad))]) == 1
+    said = capsys.readouterr().out
+    assert "bad_steps.jsonl:2: field 'labels': has 1 labels for 2 steps" in said
+    assert "bad_steps.jsonl:3: field 'steps'" in said and "bad_steps.jsonl:4: field 'first_error'" in said
+    assert "3 problem(s) in step-labelled data" in said
+    rated = [{"prompt": "a", "response": "b", "rating": 4}, {"prompt": "a", "response": "c", "rating": 2.5}]
+    assert main(["data", "check", str(write_jsonl(tmp_path / "rated.jsonl", rated))]) == 0
+    assert "OK — 2 rated responses to 1 prompts" in capsys.readouterr().out
+    rated += [
+        {"prompt": "a", "response": "d", "rating": "high"},
+        {"prompt": "a", "response": "", "rating": 1},
+    ]
+    assert main(["data", "check", str(write_jsonl(tmp_path / "bad_rated.jsonl", rated))]) == 1
+    said = capsys.readouterr().out
+    assert (
+        "bad_rated.jsonl:3: field 'rating': is 'high'" in said
+        and "bad_rated.jsonl:4: field 'response'" in said
+    )
+    assert main(["data", "check", str(tmp_path / "rated.jsonl"), "--kind", "steps"]) == 1  # forced kind
+    assert "field 'steps'" in capsys.readouterr().out

@@ -124,12 +124,14 @@ def _common(
     p.add_argument("path", metavar="PATH", help="data file, datasets folder or hub dataset id")
     p.add_argument(
         "--kind",
-        choices=("pairwise", "unpaired", "ranked", "prompts")
+        choices=("pairwise", "unpaired", "ranked", "prompts", "steps", "rated")
         if checks_prompts
         else ("pairwise", "unpaired", "ranked"),
         help="record kind (default: detected from the fields"
         + (
-            "; prompts: an online method's prompt data, detected when rows have only a prompt and extra columns)"
+            "; prompts: an online method's prompt data, detected when rows have only a prompt and extra "
+            "columns; steps: a process reward model's step labels (prompt, steps, labels / first_error / "
+            "label); rated: rated responses (prompt, response, rating))"
             if checks_prompts
             else ")"
         ),
@@ -167,6 +169,7 @@ def _check(args: argparse.Namespace) -> int:
     from preftune.data.sources import read_source
     from preftune.data.validate import check_data, format_check
     from preftune.diffusion.imagedata import looks_like_images
+    from preftune.reward.data_check import looks_like_ratings, looks_like_steps
 
     if args.kind == "prompts":
         return _check_prompts(args)
@@ -175,6 +178,10 @@ def _check(args: argparse.Namespace) -> int:
     detect = args.kind is None and not args.columns
     if detect and looks_like_images(first):  # a diffusion pipeline's image preference data
         return _check_images(args, data)
+    if args.kind in ("steps", "rated") or (detect and (looks_like_steps(first) or looks_like_ratings(first))):
+        return _check_reward_data(
+            args, data, "steps" if args.kind == "steps" or looks_like_steps(first) else "rated"
+        )
     result = check_data(
         data,
         kind=args.kind,
@@ -218,6 +225,27 @@ def _check_images(args: argparse.Namespace, data: Any) -> int:
         f"{args.path}: OK — {len(records)} rows of image preference data, {kinds} (formats: {formats or 'none'}); "
         f"{summary['ties']} ties dropped; images: {sizes or 'none'}"
     )
+    return 0
+
+
+def _check_reward_data(args: argparse.Namespace, data: Any, kind: str) -> int:
+    """`data check` of step labels (kind steps) or ratings (kind rated): each row as training reads it."""
+    from preftune.data.rows import render_problems
+    from preftune.reward.data_check import check_ratings, check_steps
+
+    if args.kind not in (None, kind) and args.kind in ("steps", "rated"):
+        kind = args.kind
+    problems, summary = (check_steps if kind == "steps" else check_ratings)(data)
+    if problems:
+        what = (
+            "step-labelled data (preftune train prm)"
+            if kind == "steps"
+            else "rating data (--loss regression)"
+        )
+        print(render_problems(problems, args.max_problems))
+        print(f"{args.path}: {len(problems)} problem(s) in {what} (docs/reward_models.md) — fix the file")
+        return 1
+    print(summary)
     return 0
 
 
