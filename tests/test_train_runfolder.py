@@ -189,6 +189,32 @@ def test_resume_without_a_checkpoint_starts_over_in_the_same_folder(
     assert "lr: 0.001" in (out / "config.yaml").read_text()
 
 
+def test_a_run_with_relative_paths_resumes_from_its_own_folder_only(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """config.yaml keeps the paths as given: `--config runs/x/config.yaml --resume` from another
+    folder used to start a new run there from step 0. The printed command now changes to the run's
+    starting folder first, and a resume from elsewhere is refused, naming that folder."""
+    root, args = setup
+    monkeypatch.chdir(root)
+    on_step(monkeypatch, 2, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    capsys.readouterr()
+    assert main([*args, "--out", "runs/rel"]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    command = f"cd {shlex.quote(str(root))} && preftune train --config runs/rel/config.yaml --resume"
+    assert err.strip().endswith(f"resume with: {command}"), err[-500:]
+    (root / "elsewhere").mkdir()
+    monkeypatch.chdir(root / "elsewhere")
+    assert main(["train", "--config", "../runs/rel/config.yaml", "--resume"]) != 0
+    said = capsys.readouterr().err
+    assert f"is the config of the run in {root / 'runs' / 'rel'}" in said and f"cd {root}" in said, said
+    assert not (root / "elsewhere" / "runs").exists()
+    monkeypatch.chdir(root)
+    assert main(shlex.split(command.partition(" && ")[2])[1:]) == 0
+    assert "resuming from step 2 of 4" in capsys.readouterr().out
+    assert_same_final(root / "whole", root / "runs" / "rel")
+
+
 def test_sigterm_saves_a_checkpoint_and_the_printed_command_resumes_exactly(
     setup: Setup, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

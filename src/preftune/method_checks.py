@@ -7,11 +7,35 @@ from typing import Any
 from preftune.errors import ConfigError
 
 DISTILL_METHODS = ("adpa", "dckd", "aligndistil")  # preftune.losses.distill_losses (+ "nll", no method)
+DIFFUSION_LOSSES = ("diff_kto", "mapo", "smpo", "inpo", "seppo", "pso")  # preftune.losses.diffusion_losses
 
 
 def is_distill(method: str) -> bool:
     """Whether `method` is a distillation objective ("adpa", "dckd:1,adpa:0.5", "adpa:1,nll:0.1", ...)."""
     return any(part.partition(":")[0].strip() in DISTILL_METHODS for part in method.split(","))
+
+
+def check_model_kind(config: Any, terms: list[tuple[Any, float, dict[str, Any]]], pipeline: bool) -> None:
+    """The method fits the model: the diffusion-only losses need a diffusers pipeline folder, and on
+    one only the offline losses run (the online LM presets sample text, distillation compares
+    next-token distributions). Diffusion's online methods (ddpo, ...) check their model themselves."""
+    from preftune.online_methods import is_online
+
+    method = config.method.strip()
+    if pipeline and (is_online(method) or is_distill(method)):
+        what = "samples text from a language model" if is_online(method) else "distils a language model"
+        raise ConfigError(
+            f"method '{method}' {what}; --model {config.model} is a diffusers pipeline folder — its "
+            "online methods are ddpo, dpok, d3po, spo and awm, its offline ones dpo, hinge, ipo and the "
+            "diffusion losses (docs/diffusion.md)"
+        )
+    names = [spec.name for spec, _, _ in terms if spec.name in DIFFUSION_LOSSES]
+    if names and not pipeline:
+        raise ConfigError(
+            f"'{names[0]}' is a diffusion loss (docs/diffusion.md): --model must be a diffusers pipeline "
+            f"folder (model_index.json), not '{config.model}'; for a language model use dpo, kto, simpo, "
+            "... ('preftune losses')"
+        )
 
 
 def check_sampler(config: Any, estimator: str) -> None:

@@ -300,6 +300,7 @@ def _read_valid(
     """Read and check the records of `source`: one DataError listing every problem when a problem
     is fatal (no kind, a missing column) or bad rows may not be dropped."""
     source_data = read_source(source, split=split)
+    _refuse_images(source_data, cols)
     records, problems, found = validate(source_data, kind=kind, columns=cols)
     fatal = [p for p in problems if p.row is None]
     if fatal or found is None or (problems and on_invalid == "error"):
@@ -314,6 +315,22 @@ def _read_valid(
             )
         )
     return source_data, records, problems, found
+
+
+def _refuse_images(data: SourceData, cols: dict[str, str]) -> None:
+    """Image preference data (image paths, bytes, Pick-a-Pic fields) is a diffusion pipeline's: a
+    language model would learn the file names as text."""
+    from preftune.diffusion.imagedata import looks_like_images
+
+    first = next(((row, rec) for row, rec in data.rows if rec is not None), None)
+    if first is not None and not cols and looks_like_images(first[1]):
+        raise DataError(
+            "holds image preference data (images or image paths, not text)",
+            path=data.path,
+            row=first[0],
+            fix="train it with a diffusers pipeline folder as --model (docs/diffusion.md); a language "
+            "model needs text responses",
+        )
 
 
 def _summary(

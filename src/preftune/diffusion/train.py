@@ -43,11 +43,12 @@ def with_paper_defaults(config: Any) -> Any:
     folder and neither KEY nor TERM.KEY is set (so config.yaml records the value used)."""
     from dataclasses import replace
 
+    from preftune.method_checks import is_distill
     from preftune.online_methods import is_online
     from preftune.paths import is_pipeline_folder
 
-    if not is_pipeline_folder(config.model) or is_online(config.method):
-        return config
+    if not is_pipeline_folder(config.model) or is_online(config.method) or is_distill(config.method):
+        return config  # (refused by check_model_kind)
     hparams = dict(config.hparams)
     for spec, _ in losses.parse_objective(config.method):
         for key, value in DIFFUSION_DEFAULTS.get(spec.name, {}).items():

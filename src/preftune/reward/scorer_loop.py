@@ -34,6 +34,14 @@ def check_config(config: TrainConfig) -> None:
     for name in ("model", "data", "out"):
         if not getattr(config, name):
             raise ConfigError(f"'{name}' is required for preftune train rm (--{name})")
+    from preftune.paths import is_pipeline_folder
+
+    if is_pipeline_folder(config.model):
+        raise ConfigError(
+            f"--model {config.model} is a diffusers pipeline folder: preftune train rm / prm train a "
+            "language model into a reward model (a sequence classifier); a diffusion run takes an image "
+            "reward by name, --reward (docs/diffusion.md)"
+        )
     if config.lora or config.fsdp or config.stages > 1 or config.rounds > 1:
         raise ConfigError(
             "preftune train rm trains the whole model in one process and one phase: remove "

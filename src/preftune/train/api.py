@@ -21,6 +21,7 @@ import torch
 from preftune.config import TrainConfig, config_to_dict, validate
 from preftune.errors import TrainingError
 from preftune.online_methods import is_online
+from preftune.method_checks import check_model_kind
 from preftune.paths import is_pipeline_folder
 from preftune.rl.phase import OnlinePhase, held_out_prompts, online_phase
 from preftune.train import checkpoint as ckpt
@@ -95,6 +96,7 @@ def train(config: TrainConfig) -> RunResult:
 
         config = with_paper_defaults(config)
     objective = Objective(validate(config), "")
+    check_model_kind(config, objective.terms, is_pipeline_folder(config.model))
     objective.kind = objective_kind(objective.terms)
     check_sinks(config.report_to)
     faults.check_inputs(config)  # before the run folder is made

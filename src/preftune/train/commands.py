@@ -334,6 +334,32 @@ def _check_file_method(path: str | None, positional: str | None) -> None:
         )
 
 
+def _check_run_config_here(path: str | None, config: Any) -> None:
+    """`--config RUN/config.yaml --resume` from another folder than the run's: its relative paths
+    (out, data, prompts, ...) are read from the folder the run started in, so `out` would name
+    another folder and the run would start over there. Refused, with the folder to run it from."""
+    from pathlib import Path
+
+    if path is None or not config.resume or not config.out:
+        return
+    run_dir = Path(path).resolve().parent
+    out = Path(config.out)
+    if out.resolve() == run_dir or not (run_dir / "checkpoints").is_dir() or out.is_absolute():
+        return
+    parts = out.parts
+    start = run_dir.parents[len(parts) - 1] if run_dir.parts[-len(parts) :] == parts else None
+    raise ConfigError(
+        f"--config {path} is the config of the run in {run_dir}, whose paths are relative to the folder "
+        f"it started in: from here its out '{config.out}' is {out.resolve()}, another folder — "
+        + (
+            f"run the command from {start} (cd {start})"
+            if start
+            else "run it from the folder the run started in"
+        )
+        + f", or pass --out {run_dir}"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from preftune.config import load_config
     from preftune.train.api import train
@@ -343,6 +369,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = overrides_from_args(args)
     config = load_config(args.config, overrides)
     _check_file_method(args.config, getattr(args, "method_arg", None))
+    _check_run_config_here(args.config, config)
     from preftune.diffusion_methods import is_diffusion_rl
 
     if is_diffusion_rl(str(config.method)):  # a pipeline's denoiser on its own samples (docs/diffusion.md)

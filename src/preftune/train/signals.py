@@ -10,6 +10,7 @@ stop at the same step.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import threading
 from types import FrameType, TracebackType
@@ -92,7 +93,10 @@ class GracefulStop:
 def resume_command(out: str, world: World) -> str:
     """The command that continues this run exactly: config.yaml holds every setting."""
     launcher = f"torchrun --nproc_per_node {world.size} -m preftune" if world.size > 1 else "preftune"
-    return f"{launcher} train --config {os.path.join(out, 'config.yaml')} --resume"
+    here = (
+        "" if os.path.isabs(out) else f"cd {shlex.quote(os.getcwd())} && "
+    )  # its paths are relative to here
+    return f"{here}{launcher} train --config {os.path.join(out, 'config.yaml')} --resume"
 
 
 def stopped(signum: int, step: int, total: int, checkpoint: Any, out: str, world: World) -> Interrupted:

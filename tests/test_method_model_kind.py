@@ -1,0 +1,95 @@
+"""A method meets the model it fits: diffusion-only losses refuse a language model, language-model
+methods (online presets, distillation, reward models) refuse a diffusers pipeline folder, and image
+preference data refuses a language model — each before anything trains, with the fix. They used to
+train silently (inpo on a language model at β 2000, dpo on image file names as text) or fail with
+another subsystem's error ("folder is not a saved datasets dataset", "cannot load a tokenizer")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from preftune.cli import main
+from preftune.losses import REGISTRY
+from preftune.method_checks import DIFFUSION_LOSSES
+from test_train_fixtures import pair_rows, tiny_model, write_jsonl
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_the_diffusion_only_losses_are_those_of_the_diffusion_module() -> None:
+    from_module = {n for n, s in REGISTRY.items() if s.fn.__module__ == "preftune.losses.diffusion_losses"}
+    assert set(DIFFUSION_LOSSES) == from_module
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from PIL import Image
+
+    from preftune.diffusion.tiny import save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("kinds")
+    for name in ("a", "b"):
+        Image.new("RGB", (16, 16), (200, 10, 10) if name == "a" else (10, 10, 200)).save(root / f"{name}.png")
+    images = [{"prompt": "red", "chosen": str(root / "a.png"), "rejected": str(root / "b.png")}] * 4
+    return {
+        "lm": tiny_model(root / "lm"),
+        "pipe": save_tiny_pipeline(root / "pipe"),
+        "pairs": write_jsonl(root / "pairs.jsonl", pair_rows(4)),
+        "images": write_jsonl(root / "images.jsonl", images),
+        "prompts": write_jsonl(root / "prompts.jsonl", [{"prompt": "1+2="}] * 4),
+    }
+
+
+def _refused(args: list[str], out: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    capsys.readouterr()
+    assert main([*args, "--out", str(out), "--max-steps", "1", "--batch-size", "2", "--no-progress"]) != 0
+    assert not (out / "checkpoints").exists() and not (out / "final").exists()
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("loss", DIFFUSION_LOSSES)
+def test_a_diffusion_loss_refuses_a_language_model(
+    folders: dict[str, Path], loss: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    said = _refused(
+        ["train", loss, "--model", str(folders["lm"]), "--data", str(folders["pairs"])],
+        tmp_path / "o",
+        capsys,
+    )
+    assert f"'{loss}' is a diffusion loss" in said and "must be a diffusers pipeline folder" in said
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (
+            ["train", "grpo", "--prompts", "{prompts}", "--reward", "arithmetic"],
+            "samples text from a language model",
+        ),
+        (["train", "dckd", "--teacher", "{pipe}", "--data", "{pairs}"], "distils a language model"),
+        (["train", "rm", "--data", "{pairs}"], "train rm / prm train a language model into a reward model"),
+    ],
+)
+def test_language_model_methods_refuse_a_pipeline_folder(
+    folders: dict[str, Path],
+    args: list[str],
+    expected: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    filled = [a.format(**{k: str(v) for k, v in folders.items()}) for a in args]
+    said = _refused([*filled, "--model", str(folders["pipe"])], tmp_path / "o", capsys)
+    assert expected in said and "pipeline folder" in said, said
+
+
+def test_image_pairs_refuse_a_language_model(
+    folders: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    said = _refused(
+        ["train", "dpo", "--model", str(folders["lm"]), "--data", str(folders["images"])],
+        tmp_path / "o",
+        capsys,
+    )
+    assert "images.jsonl:1: holds image preference data" in said and "diffusers pipeline folder" in said
