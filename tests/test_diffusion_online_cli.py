@@ -169,3 +169,38 @@ def test_sample_writes_images_and_rewards_and_names_errors(root, capsys):
     assert "--reno steers sampling by a reward: pass --reward NAME" in capsys.readouterr().err
     assert main([*argv[:6], str(root / "s3"), "--reno", "--reward", f"{root}/rewards.py:bright"]) == 2
     assert "gives no gradient" in capsys.readouterr().err
+
+
+def test_a_stop_signal_saves_the_step_and_the_printed_command_resumes(root, monkeypatch, capsys):
+    """SIGTERM / Ctrl-C during an online diffusion run used to end it with the work since the last
+    `--save-every` checkpoint lost: it now ends at the step boundary with a checkpoint of that step."""
+    import os
+    import shlex
+    import signal
+
+    assert main(_argv(root, "ddpo", "sig-full", "--save-every", "0")) == 0
+    real = Method.step
+
+    def signalled(self, prompts, generator):
+        os.kill(os.getpid(), signal.SIGTERM)  # during step 1 of 2
+        monkeypatch.setattr(Method, "step", real)
+        return real(self, prompts, generator)
+
+    monkeypatch.setattr(Method, "step", signalled)
+    capsys.readouterr()
+    assert main(_argv(root, "ddpo", "sig-cut", "--save-every", "0")) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    out = root / "sig-cut"
+    command = f"preftune train --config {out / 'config.yaml'} --resume"
+    assert (
+        f"stopped by SIGTERM after step 1 of 2; checkpoint {out / 'checkpoints' / 'step-1'} saved" in err
+    ), err
+    assert err.strip().endswith(f"resume with: {command}")
+    assert main(shlex.split(command)[1:]) == 0
+    from safetensors.torch import load_file
+
+    a, b = (
+        load_file(str(root / f"sig-{d}/final/unet/diffusion_pytorch_model.safetensors"))
+        for d in ("full", "cut")
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

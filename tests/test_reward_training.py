@@ -155,3 +155,38 @@ def test_eval_of_a_reward_model_run(whole, capsys):
         s_c, s_r = pair_scores(model, examples)
     assert metrics["accuracy"] == pytest.approx(float((s_c > s_r).float().mean()))
     assert metrics["margin"] == pytest.approx(float((s_c - s_r).mean()), abs=1e-5)
+
+
+def test_a_stop_signal_saves_the_step_and_the_resumed_model_is_the_whole_one(whole, monkeypatch, capsys):
+    """SIGTERM / Ctrl-C during `train rm` used to end it at once, the steps since the last `--save-every`
+    checkpoint lost: it now ends after the step it interrupts, with that step's checkpoint (step 3, not
+    a multiple of save_every 2), and the printed command resumes to the unbroken run's weights."""
+    import os
+    import shlex
+    import signal
+
+    import preftune.train.loop as loop
+
+    root, base = whole
+    real, calls = loop.batch_indices, {"n": 0}
+
+    def signalled(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # during step 3 of 4
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "batch_indices", signalled)
+    out = root / "signalled"
+    capsys.readouterr()
+    assert main([*base, "--out", str(out)]) == 128 + signal.SIGTERM
+    monkeypatch.setattr(loop, "batch_indices", real)
+    err = capsys.readouterr().err
+    command = f"preftune train --config {out / 'config.yaml'} --resume"
+    assert (
+        f"stopped by SIGTERM after step 3 of 4; checkpoint {out / 'checkpoints' / 'step-3'} saved" in err
+    ), err
+    assert main(shlex.split(command)[1:]) == 0
+    a, b = (load_file(str(d / "final" / "model.safetensors")) for d in (root / "whole", out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _records(out) == _records(root / "whole")

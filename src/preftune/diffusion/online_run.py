@@ -144,6 +144,7 @@ def _setup(
 def _train(config: TrainConfig, options: dict[str, Any], log: Any) -> Any:
     from preftune.train.logging import MetricsLogger, Progress
     from preftune.train.loop import batch_indices
+    from preftune.train.signals import StepStops
 
     method, prompts, held_prompts, optimizer, scheduler, total = _setup(config, options)
     out = Path(config.out)
@@ -158,19 +159,25 @@ def _train(config: TrainConfig, options: dict[str, Any], log: Any) -> Any:
     held = heldout_set(method, held_prompts, int(options["heldout"]), config.seed)
     before = _before(method, held, config, logger, start, options, prompts)
     try:
-        for step in range(start, total):
-            t0 = time.perf_counter()
-            idx = batch_indices(len(prompts), config.batch_size, seed=config.seed, phase=0, step=step)
-            g = torch.Generator().manual_seed(noise_seed(config.seed, "online", step))
-            last = method.step([prompts[i] for i in idx], g)
-            last.update(lr=float(scheduler.get_last_lr()[0]), seconds=time.perf_counter() - t0)
-            scheduler.step()
-            done = step + 1
-            if done % config.log_every == 0 or done == total:
-                logger.log({"step": done, "split": "train", **last})
-            progress.update(done, last)
-            if (config.save_every and done % config.save_every == 0) or done == total:
-                last_good = _save(config, method, optimizer, scheduler, done, total, last)
+        with StepStops(str(config.out), total) as stops:  # a signal: checkpoint at the step's end, stop
+            for step in range(start, total):
+                t0 = time.perf_counter()
+                idx = batch_indices(len(prompts), config.batch_size, seed=config.seed, phase=0, step=step)
+                g = torch.Generator().manual_seed(noise_seed(config.seed, "online", step))
+                last = method.step([prompts[i] for i in idx], g)
+                last.update(lr=float(scheduler.get_last_lr()[0]), seconds=time.perf_counter() - t0)
+                scheduler.step()
+                done, saved = step + 1, None
+                if done % config.log_every == 0 or done == total:
+                    logger.log({"step": done, "split": "train", **last})
+                progress.update(done, last)
+                if (config.save_every and done % config.save_every == 0) or done == total:
+                    last_good = saved = _save(config, method, optimizer, scheduler, done, total, last)
+                stops.check(
+                    done,
+                    saved,
+                    lambda d=done, m=last: _save(config, method, optimizer, scheduler, d, total, m),
+                )
     finally:
         progress.close()
     after, images = heldout_rewards(method, held)

@@ -193,6 +193,7 @@ def run_scorer(config: TrainConfig, load: Callable[[Any], ScorerTask], log: Any)
     from preftune.train.loop import batch_indices
     from preftune.train.optim import build_optimizer, build_scheduler
     from preftune.train.setup import phase_steps
+    from preftune.train.signals import StepStops
 
     hf_logging.disable_progress_bar()  # "Writing model shards" bars would interleave with the log
     seed_everything(config.seed)
@@ -216,27 +217,33 @@ def run_scorer(config: TrainConfig, load: Callable[[Any], ScorerTask], log: Any)
         log(f"note: lr {config.lr:g} is the preference losses' default; reward models usually train at "
             "1e-5 to 1e-4 (TRL's RewardConfig: 1e-4) — pass --lr")  # fmt: skip
     evals: dict[str, float] = {}
-    for step in range(start, total):
-        t0 = time.perf_counter()
-        idx = batch_indices(len(task.data), config.batch_size, seed=config.seed, phase=0, step=step)
-        if task.sorted_batches:
-            idx = sorted(idx)
-        last = task.step(model, params, optimizer, scheduler, [task.data[i] for i in idx])
-        last["seconds"] = time.perf_counter() - t0
-        done = step + 1
-        if done % config.log_every == 0 or done == total:
-            logger.log({"step": done, "split": "train", **last})
-            shown = f"  {task.shown} {last[task.shown]:.3f}" if task.shown else ""
-            log(f"step {done}/{total}: loss {last['loss']:.4f}{shown}")
-        if task.evaluate and ((config.eval_every and done % config.eval_every == 0) or done == total):
-            evals = task.evaluate(model)
-            logger.log({"step": done, "split": "eval", **evals})
-        if (config.save_every and done % config.save_every == 0) or done == total:
-            state = {"phase": 0, "step_in_phase": done, "total_steps": total, "metrics": last}
-            last_good = ckpt.save_checkpoint(
-                out / "checkpoints", done, model=model, optimizer=optimizer, scheduler=scheduler,
-                trainer_state=state, loss_state={}, keep_last=config.keep_last,
-            )  # fmt: skip
+
+    def save(done: int) -> Path:
+        state = {"phase": 0, "step_in_phase": done, "total_steps": total, "metrics": last}
+        return ckpt.save_checkpoint(
+            out / "checkpoints", done, model=model, optimizer=optimizer, scheduler=scheduler,
+            trainer_state=state, loss_state={}, keep_last=config.keep_last,
+        )  # fmt: skip
+
+    with StepStops(str(out), total) as stops:  # a signal: checkpoint at the step's end, then stop
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            idx = batch_indices(len(task.data), config.batch_size, seed=config.seed, phase=0, step=step)
+            if task.sorted_batches:
+                idx = sorted(idx)
+            last = task.step(model, params, optimizer, scheduler, [task.data[i] for i in idx])
+            last["seconds"] = time.perf_counter() - t0
+            done, saved = step + 1, None
+            if done % config.log_every == 0 or done == total:
+                logger.log({"step": done, "split": "train", **last})
+                shown = f"  {task.shown} {last[task.shown]:.3f}" if task.shown else ""
+                log(f"step {done}/{total}: loss {last['loss']:.4f}{shown}")
+            if task.evaluate and ((config.eval_every and done % config.eval_every == 0) or done == total):
+                evals = task.evaluate(model)
+                logger.log({"step": done, "split": "eval", **evals})
+            if (config.save_every and done % config.save_every == 0) or done == total:
+                last_good = saved = save(done)
+            stops.check(done, saved, lambda d=done: save(d))
     logger.close()
     final = out / "final"
     model.save_pretrained(final)

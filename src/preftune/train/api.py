@@ -20,8 +20,8 @@ import torch
 
 from preftune.config import TrainConfig, config_to_dict, validate
 from preftune.errors import TrainingError
-from preftune.online_methods import is_online
 from preftune.method_checks import check_model_kind
+from preftune.online_methods import is_online
 from preftune.paths import is_pipeline_folder
 from preftune.rl.phase import OnlinePhase, held_out_prompts, online_phase
 from preftune.train import checkpoint as ckpt

@@ -13,6 +13,7 @@ import os
 import shlex
 import signal
 import threading
+from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -122,3 +123,35 @@ def stopped_at_once(step: int, checkpoint: Any, out: str, world: World) -> Inter
         f"resume with: {resume_command(out, world)}",
         signal.SIGINT,
     )
+
+
+class StepStops:
+    """The graceful stop of a one-process loop that is not the main training loop (reward models,
+    online diffusion): within `with`, a stop signal ends the loop at the next step boundary
+    (`check(done, ...)`), after a checkpoint of that step, with `stopped`'s error and resume command;
+    a second signal stops at once (`stopped_at_once`, the newest checkpoint written)."""
+
+    def __init__(self, out: str, total: int) -> None:
+        self.out, self.total, self.done = out, total, 0
+        self.graceful = GracefulStop()
+
+    def __enter__(self) -> StepStops:
+        self.graceful.__enter__()
+        return self
+
+    def check(self, done: int, saved: Any, save: Any) -> None:
+        """After step `done`: `saved` is the checkpoint written at this step (None: none), `save()`
+        writes one."""
+        self.done = done
+        if self.graceful.signum:
+            raise stopped(self.graceful.signum, done, self.total, saved or save(), self.out, World())
+
+    def __exit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.graceful.__exit__(kind, err, tb)
+        if kind is KeyboardInterrupt:
+            from preftune.train.checkpoint import list_checkpoints
+
+            newest = list_checkpoints(Path(self.out) / "checkpoints")
+            raise stopped_at_once(self.done, newest[-1] if newest else None, self.out, World()) from None
