@@ -204,3 +204,8 @@ def test_a_stop_signal_saves_the_step_and_the_printed_command_resumes(root, monk
         for d in ("full", "cut")
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()  # preftune eval names what a diffusion run is evaluated with instead
+    assert main(["eval", str(out), "--prompts", str(root / "prompts.jsonl"), "--reward", "shapes"]) == 2
+    said = capsys.readouterr().err
+    assert "is a diffusion run" in said and f"preftune sample --model {out / 'final'}" in said, said
+    assert "Traceback" not in said

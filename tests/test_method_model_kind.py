@@ -93,3 +93,26 @@ def test_image_pairs_refuse_a_language_model(
         capsys,
     )
     assert "images.jsonl:1: holds image preference data" in said and "diffusers pipeline folder" in said
+
+
+def test_a_damaged_or_missing_pipeline_weights_file_is_named_not_a_traceback(
+    folders: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    damaged, missing = tmp_path / "damaged", tmp_path / "missing"
+    shutil.copytree(folders["pipe"], damaged)
+    shutil.copytree(folders["pipe"], missing)
+    (damaged / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    (missing / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    said = _refused(
+        ["train", "dpo", "--model", str(damaged), "--data", str(folders["images"])], tmp_path / "a", capsys
+    )
+    assert f"{damaged / 'unet'}: cannot load the pipeline's unet" in said and "save_pretrained" in said, said
+    said = _refused(
+        ["train", "dpo", "--model", str(missing), "--data", str(folders["images"])], tmp_path / "b", capsys
+    )
+    assert f"{missing / 'vae'}: cannot load the pipeline's vae" in said and "Traceback" not in said, said
+    args = ["train", "dpo", "--model", str(folders["pipe"]), "--data", str(folders["images"]), "--lora"]
+    said = _refused([*args, "--lora-target-modules", "nosuch_proj"], tmp_path / "c", capsys)
+    assert "do not fit the pipeline's unet" in said and "to_q" in said, said

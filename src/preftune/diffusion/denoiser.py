@@ -17,6 +17,8 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +98,24 @@ def check_pipeline_folder(folder: str | Path) -> str:
     return name
 
 
+@contextmanager
+def component(folder: str | Path, part: str) -> Iterator[None]:
+    """Loading pipeline component `part` (None: the whole pipeline): a missing or damaged weights file
+    (diffusers / transformers raise OSError, or ValueError / safetensors' error for a bad header) is a
+    ConfigError naming the folder and the fix, not a traceback."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and "safetensor" not in type(err).__module__ + str(err).lower():
+            raise
+        where = Path(folder) / part if part else Path(folder)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"{where}: cannot load the pipeline's {part or 'components'} ({reason}) — its weights file is "
+            "missing or damaged: save the whole pipeline again with save_pretrained"
+        ) from None
+
+
 def load_pipeline(folder: str | Path, **kwargs: Any) -> Any:
     """The whole pipeline at `folder` (`DiffusionPipeline.from_pretrained`), naming as None each
     component model_index.json lists as null — diffusers refuses to load an SD3 pipeline saved
@@ -103,7 +123,8 @@ def load_pipeline(folder: str | Path, **kwargs: Any) -> Any:
     from diffusers import DiffusionPipeline
 
     absent = {k: None for k, v in pipeline_index(folder).items() if isinstance(v, list) and v[0] is None}
-    return DiffusionPipeline.from_pretrained(str(folder), **{**absent, **kwargs})
+    with component(folder, None):
+        return DiffusionPipeline.from_pretrained(str(folder), **{**absent, **kwargs})
 
 
 def training_scheduler(folder: str | Path) -> Any:
@@ -132,7 +153,8 @@ def load_denoiser(
 
     name = check_pipeline_folder(folder)
     model_cls = getattr(diffusers, "UNet2DConditionModel" if name == "unet" else TRANSFORMERS[0])
-    model: Any = model_cls.from_pretrained(str(folder), subfolder=name, torch_dtype=resolve_dtype(dtype))
+    with component(folder, name):
+        model: Any = model_cls.from_pretrained(str(folder), subfolder=name, torch_dtype=resolve_dtype(dtype))
     if gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if lora is not None:
@@ -144,7 +166,13 @@ def load_denoiser(
         config = LoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets
         )
-        model = get_peft_model(model, config)
+        try:
+            model = get_peft_model(model, config)
+        except ValueError as err:  # peft's "no target module found" (NoMatchingPeftModuleError)
+            raise ConfigError(
+                f"lora target_modules={targets!r} do not fit the pipeline's {name}: {err} — its attention "
+                f"projections are {', '.join(default)} (the default, all-linear)"
+            ) from None
     scheduler = training_scheduler(folder)
     kind = prediction_type_of(scheduler)
     total = int(scheduler.config.get("num_train_timesteps", 1000))

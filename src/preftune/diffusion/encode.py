@@ -77,12 +77,17 @@ def load_encoders(folder: str | Path) -> tuple[Any, Any, Any]:
     import diffusers
     import transformers
 
+    from preftune.diffusion.denoiser import component
+
     index = model_index(folder)
     vae_cls = getattr(diffusers, index.get("vae", ["diffusers", "AutoencoderKL"])[1])
-    vae = vae_cls.from_pretrained(str(folder), subfolder="vae")
+    with component(folder, "vae"):
+        vae = vae_cls.from_pretrained(str(folder), subfolder="vae")
     text_cls = getattr(transformers, index.get("text_encoder", ["transformers", "CLIPTextModel"])[1])
-    text_encoder = text_cls.from_pretrained(str(folder), subfolder="text_encoder")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), subfolder="tokenizer")
+    with component(folder, "text_encoder"):
+        text_encoder = text_cls.from_pretrained(str(folder), subfolder="text_encoder")
+    with component(folder, "tokenizer"):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), subfolder="tokenizer")
     for module in (vae, text_encoder):
         module.requires_grad_(False).eval()
     return vae, tokenizer, text_encoder
@@ -92,8 +97,11 @@ def load_vae(folder: str | Path) -> Any:
     """The pipeline's VAE, frozen, in eval mode."""
     import diffusers
 
+    from preftune.diffusion.denoiser import component
+
     vae_cls = getattr(diffusers, model_index(folder).get("vae", ["diffusers", "AutoencoderKL"])[1])
-    return vae_cls.from_pretrained(str(folder), subfolder="vae").requires_grad_(False).eval()
+    with component(folder, "vae"):
+        return vae_cls.from_pretrained(str(folder), subfolder="vae").requires_grad_(False).eval()
 
 
 def caption_encoder(folder: str | Path) -> Callable[[list[str]], torch.Tensor]:

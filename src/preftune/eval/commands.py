@@ -112,6 +112,15 @@ def _eval(args: argparse.Namespace) -> int:
             f"{run}: not a finished training run (needs config.yaml and final/) — pass the --out folder of "
             "a completed 'preftune train'"
         )
+    from preftune.paths import is_pipeline_folder
+
+    if is_pipeline_folder(final):
+        raise ConfigError(
+            f"{run} is a diffusion run (final/ is a diffusers pipeline folder): preftune eval scores "
+            "language-model runs — sample and score its images with 'preftune sample --model "
+            f"{final} --prompts PROMPTS --reward NAME' (samples.jsonl holds each image's reward); online "
+            "diffusion runs keep their held-out reward before and after in summary.json"
+        )
     config = load_config(run / "config.yaml")
     from preftune.reward.implicit import holds_steps, is_implicit
 
