@@ -186,3 +186,25 @@ def test_a_failed_place_check_trains_the_denoiser_again_as_a_longer_pretraining_
         assert all(torch.equal(kept[k], short[k]) for k in kept)
     unet_again, unet_short = weights("again", "unet"), weights("short", "unet")
     assert not all(torch.equal(unet_again[k], unet_short[k]) for k in unet_again)  # 4 steps are not 2
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--method", "grpo"], "trains an offline loss on image pairs"),
+        (
+            ["--method", "dpok"],
+            "the online diffusion methods (ddpo, dpok, d3po, spo, awm) run with preftune train",
+        ),
+        (["--method", "dpp"], "unknown loss 'dpp' — did you mean 'dpo'?"),
+        (["--level", "3", "--sft-steps", "9"], "--level, --sft-steps belong to the arithmetic task"),
+    ],
+)
+def test_diffusion_quickstart_refuses_what_it_cannot_run_before_pretraining(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], expected: str
+) -> None:
+    from preftune.cli import main
+
+    assert main(["quickstart", "--task", "diffusion", "--out", str(tmp_path / "qs"), *args]) == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "qs").exists()  # nothing pretrained

@@ -121,6 +121,23 @@ def heldout(
     return prompts, images, reward(images, prompts)
 
 
+def check_diffusion_method(method: str) -> None:
+    """The quickstart trains `method` on image pairs: an offline loss (or weighted sum) of the registry;
+    refused at once, before the pretraining, when it is not one."""
+    from preftune import losses
+    from preftune.diffusion_methods import is_diffusion_rl
+    from preftune.method_checks import is_distill
+    from preftune.online_methods import is_online
+
+    if is_online(method) or is_distill(method) or is_diffusion_rl(method) or method.strip() in ("rm", "prm"):
+        raise ConfigError(
+            f"quickstart --task diffusion trains an offline loss on image pairs (dpo, hinge, ipo, mapo, "
+            f"diff_kto, ...), not '{method}' — the online diffusion methods (ddpo, dpok, d3po, spo, awm) "
+            "run with preftune train on a pipeline folder (docs/diffusion.md)"
+        )
+    losses.parse_objective(method)  # an unknown name: "unknown loss ... did you mean ..."
+
+
 def run_diffusion_quickstart(
     out_dir: str | Path,
     *,
