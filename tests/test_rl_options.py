@@ -267,3 +267,17 @@ def test_one_sample_per_prompt_is_refused_where_it_teaches_nothing(
     assert f"method '{method}' with num_generations = 1" in str(err.value)
     assert "--num-generations 2 or more" in str(err.value)
     validate(config_from_dict({**config_to_dict(config), "num_generations": 2}))  # two are enough
+
+
+def test_a_batch_larger_than_the_prompt_file_is_refused(
+    root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It used to log `batch 64` and sample the file's 12 prompts each step, without a word."""
+    args = ["train", "grpo", "--model", str(root / "model"), "--prompts", str(root / "prompts.jsonl"),
+            "--reward", "arithmetic", "--out", str(root / "big-batch"), "--max-steps", "1", "--batch-size", "13"]  # fmt: skip
+    assert main(args) == 2
+    said = capsys.readouterr().err
+    assert (
+        "--batch-size 13 prompts per step is more than the 12 prompts of" in said
+        and "--batch-size 12" in said
+    )

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from preftune.errors import ConfigError
 from preftune.reward.registry import Reward
 from preftune.rl.draws import Drawn, StepSource, as_rollouts, columns
 from preftune.rl.prompts import PromptRow
@@ -268,6 +269,12 @@ def online_phase(config: Any, tokenizer: Any) -> OnlinePhase:
     from preftune.rl.ppo import token_credit
 
     prompts = run_prompts(config, config.prompts, tokenizer, config.split)
+    if config.batch_size > len(prompts):
+        raise ConfigError(
+            f"--batch-size {config.batch_size} prompts per step is more than the {len(prompts)} prompts of "
+            f"{config.prompts}: every step would sample those {len(prompts)}, not {config.batch_size} — give "
+            f"--batch-size {len(prompts)} or less, or more prompts"
+        )
     from preftune.rl.builders import builder_settings
 
     builder, builder_hparams = builder_settings(config)  # a builder's objective is an offline loss
