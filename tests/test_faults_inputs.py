@@ -131,6 +131,27 @@ def test_a_missing_model_folder_is_named(
     )
 
 
+@pytest.mark.parametrize("method", ["dpo", "grpo", "rm"])
+def test_a_folder_that_holds_no_model_is_named_before_any_loader_runs(
+    env: dict[str, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path, method: str
+) -> None:
+    """It used to fail in the tokenizer loader ("install sentencepiece or tiktoken")."""
+    (tmp_path / "notes.txt").write_text("not a model")
+    given = (
+        ["--prompts", str(env["pairs"]), "--reward", "arithmetic"]
+        if method == "grpo"
+        else ["--data", str(env["pairs"])]
+    )
+    capsys.readouterr()
+    rc = main(
+        ["train", method, "--model", str(tmp_path), *given, "--out", str(env["root"] / f"no-model-{method}")]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"--model {tmp_path}: not a model folder (no config.json in it)" in one_line(err), err
+    assert "sentencepiece" not in err
+
+
 def test_a_hub_like_model_name_with_the_hub_out_of_reach_names_both_readings(
     env: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -35,7 +35,9 @@ def check_config(config: TrainConfig) -> None:
         if not getattr(config, name):
             raise ConfigError(f"'{name}' is required for preftune train rm (--{name})")
     from preftune.paths import is_pipeline_folder
+    from preftune.train.faults import check_inputs
 
+    check_inputs(config)  # data and model found, the model folder a model
     if is_pipeline_folder(config.model):
         raise ConfigError(
             f"--model {config.model} is a diffusers pipeline folder: preftune train rm / prm train a "

@@ -12,7 +12,13 @@ import torch
 from preftune.config import TrainConfig
 from preftune.errors import ConfigError, TrainingError
 
-_FOLDERS = {"model": "model", "ref_model": "reference model", "tokenizer": "tokenizer"}
+_FOLDERS = {
+    "model": "model",
+    "ref_model": "reference model",
+    "tokenizer": "tokenizer",
+    "teacher": "teacher model",
+    "teacher_ref": "teacher reference model",
+}
 
 
 def check_inputs(config: TrainConfig) -> None:
@@ -29,9 +35,25 @@ def check_inputs(config: TrainConfig) -> None:
         value = getattr(config, name)
         if value:
             try:
-                pretrained_source(value, what)
+                source = pretrained_source(value, what)
             except ConfigError as err:
                 raise ConfigError(f"{name}: {err}") from None
+            if what != "tokenizer":
+                check_model_folder(source, name)
+
+
+def check_model_folder(source: str, name: str) -> None:
+    """A local folder given as a model holds a model: its config.json (a transformers model), a
+    diffusers pipeline's model_index.json or a peft adapter's adapter_config.json — else the loader
+    fails later with an unrelated tokenizer error ("install sentencepiece")."""
+    folder = Path(source)
+    marks = ("config.json", "model_index.json", "adapter_config.json")
+    if folder.is_dir() and not any((folder / m).is_file() for m in marks):
+        raise ConfigError(
+            f"--{name.replace('_', '-')} {source}: not a model folder (no config.json in it) — give a folder "
+            "written by save_pretrained (config.json, the weights and the tokenizer), a diffusers pipeline "
+            "folder, or a hub id"
+        )
 
 
 def token_ids(tokenizer: Any) -> int:
