@@ -394,3 +394,29 @@ def test_a_sweep_on_the_builtin_task_gives_remax_the_quickstarts_completion_budg
 
     cfg = QuickstartConfig()
     assert online_method_overrides(cfg) == {"remax": {"num_generations": cfg.num_generations - 1}}
+
+
+def test_a_sweep_of_online_methods_needs_no_preference_data(tmp_path, capsys):
+    """`--model M --prompts P --reward R` with online methods only used to be refused ("give both
+    --model and --data"), and prompt rows as --eval-data could not be read; the KL prompts are now the
+    held-out prompts. An offline method in the list still needs --data, and says so."""
+    from preftune.cli import main
+    from test_train_fixtures import tiny_model, write_jsonl
+
+    tiny_model(tmp_path / "model")
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"{a}+{b}="} for a in range(4) for b in range(2)])
+    write_jsonl(tmp_path / "held.jsonl", [{"prompt": f"{a}+{a}=", "answer": 2 * a} for a in range(3)])
+    (tmp_path / "rewards.py").write_text(
+        "def digits(prompts, completions, **kw):\n    return [1.0 * len(c) for c in completions]\n"
+    )
+    args = ["sweep", "--model", str(tmp_path / "model"), "--prompts", str(tmp_path / "prompts.jsonl"),
+            "--reward", f"{tmp_path / 'rewards.py'}:digits", "--eval-data", str(tmp_path / "held.jsonl"),
+            "--max-steps", "1", "--batch-size", "4", "--num-generations", "2", "--max-completion-length", "4",
+            "--kl-prompts", "2", "--kl-samples", "2", "--kl-max-new-tokens", "4"]  # fmt: skip
+    assert main([*args, "--methods", "grpo,rloo", "--out", str(tmp_path / "s")]) == 0
+    data = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert [(r["method"], r["status"]) for r in data["results"]] == [("grpo", "ok"), ("rloo", "ok")]
+    assert "2 prompts of" in data["task"] and "held.jsonl" in data["task"]
+    capsys.readouterr()
+    assert main([*args, "--methods", "grpo,dpo", "--out", str(tmp_path / "s2")]) == 2
+    assert "sweep: dpo train on preference pairs — give --data" in capsys.readouterr().err

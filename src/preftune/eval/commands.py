@@ -377,15 +377,8 @@ def _sweep_command(args: argparse.Namespace) -> int:
 
     quiet_libraries()
     from preftune.config import load_config
-    from preftune.data.formatting import load_tokenizer
     from preftune.eval.builtin import builtin_task
-    from preftune.eval.sweep import (
-        PolicyEvaluator,
-        SweepTask,
-        parse_methods,
-        prompts_from_data,
-        run_sweep,
-    )
+    from preftune.eval.sweep import PolicyEvaluator, parse_methods, run_sweep
     from preftune.train.commands import overrides_from_args
 
     methods = parse_methods(args.methods)
@@ -405,22 +398,15 @@ def _sweep_command(args: argparse.Namespace) -> int:
     file_values = load_config(args.config) if args.config else None
     model = overrides.get("model") or (file_values.model if file_values else "")
     data = overrides.get("data") or (file_values.data if file_values else "")
-    if bool(model) != bool(data):
+    prompts_file = overrides.get("prompts") or (file_values.prompts if file_values else "")
+    if bool(model) != bool(data or prompts_file):
         raise ConfigError(
-            "sweep: give both --model and --data, or neither (then the built-in arithmetic task is used)"
+            "sweep: give --model with --data (online methods only: with --prompts and --reward), or "
+            "neither (then the built-in arithmetic task is used)"
         )
     if model:
         base = load_config(args.config, {**overrides, "method": methods[0], "out": str(out)})
-        tokenizer = load_tokenizer(base.tokenizer or base.model)
-        source = base.eval_data or base.data
-        prompts = prompts_from_data(
-            source,
-            tokenizer,
-            limit=args.kl_prompts,
-            max_prompt_length=base.max_prompt_length,
-            cache_dir=base.cache_dir,
-        )
-        task = SweepTask(prompts=prompts, name=f"{len(prompts)} prompts of {source}")
+        task = _own_task(base, methods, args.kl_prompts)
     else:
         task_dir = Path(args.task_dir) if args.task_dir else out / "task"
         seed = int(overrides.get("seed", file_values.seed if file_values else 0))
@@ -453,6 +439,29 @@ def _sweep_command(args: argparse.Namespace) -> int:
         task.prompts = []  # no KL estimate; task accuracy, if any, is still measured
     result = run_sweep(methods, base, out, task=task, evaluate_fn=evaluator, **resume)
     return _sweep_status(out, result)
+
+
+def _own_task(base: Any, methods: list[str], limit: int) -> Any:
+    """The sweep task of a user's model: the KL prompts from --eval-data, else --data, else (online
+    methods only) --prompts — preference data read as pairs, prompt data as an online run reads it."""
+    from preftune.data.formatting import load_tokenizer
+    from preftune.eval.sweep import SweepTask, prompts_from_data
+    from preftune.online_methods import is_online
+    from preftune.rl.prompts import load_prompts
+
+    offline = [m for m in methods if not is_online(m)]
+    if offline and not base.data:
+        raise ConfigError(f"sweep: {', '.join(offline)} train on preference pairs — give --data")
+    tokenizer = load_tokenizer(base.tokenizer or base.model)
+    source = base.eval_data or base.data or base.prompts
+    if source == base.data or offline:
+        ids = prompts_from_data(source, tokenizer, limit=limit, max_prompt_length=base.max_prompt_length,
+                                cache_dir=base.cache_dir)  # fmt: skip
+    else:  # held-out or training prompts of online methods: `prompt` rows (with the reward's columns)
+        rows = load_prompts(source, tokenizer, chat_template=base.chat_template,
+                            max_prompt_length=base.max_prompt_length)  # fmt: skip
+        ids = list({tuple(r.ids): None for r in rows})[:limit]
+    return SweepTask(prompts=[list(p) for p in ids], name=f"{len(ids)} prompts of {source}")
 
 
 def _resume_options(args: argparse.Namespace, out: Path) -> dict[str, Any]:

@@ -276,6 +276,8 @@ def plot_method_bars(
              label=f"{baseline_label}: {scale * baseline:.1f}{'%' if percent else ''}")  # fmt: skip
         ax.legend(fontsize=8, frameon=False, loc="best")
     low, high = bar_axis_range(shown, least=1.0 if percent else 0.05 * max(1e-9, max(map(abs, shown))))
+    if high <= low:  # every value equal (all zero: nothing learnt): an axis of unit span above them
+        high = low + (abs(low) * 0.1 or 1.0)
     if horizontal:  # room for the labels right of the bars
         high += 0.25 * (high - low) if high > 0 else 0.0
         low -= 0.25 * (high - low) if low < 0 else 0.0
