@@ -99,7 +99,7 @@ def check_pipeline_folder(folder: str | Path) -> str:
 
 
 @contextmanager
-def component(folder: str | Path, part: str) -> Iterator[None]:
+def component(folder: str | Path, part: str | None) -> Iterator[None]:
     """Loading pipeline component `part` (None: the whole pipeline): a missing or damaged weights file
     (diffusers / transformers raise OSError, or ValueError / safetensors' error for a bad header) is a
     ConfigError naming the folder and the fix, not a traceback."""

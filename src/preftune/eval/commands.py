@@ -460,8 +460,8 @@ def _own_task(base: Any, methods: list[str], limit: int) -> Any:
     else:  # held-out or training prompts of online methods: `prompt` rows (with the reward's columns)
         rows = load_prompts(source, tokenizer, chat_template=base.chat_template,
                             max_prompt_length=base.max_prompt_length)  # fmt: skip
-        ids = list({tuple(r.ids): None for r in rows})[:limit]
-    return SweepTask(prompts=[list(p) for p in ids], name=f"{len(ids)} prompts of {source}")
+        ids = [list(p) for p in {tuple(r.ids): None for r in rows}][:limit]
+    return SweepTask(prompts=ids, name=f"{len(ids)} prompts of {source}")
 
 
 def _resume_options(args: argparse.Namespace, out: Path) -> dict[str, Any]:
