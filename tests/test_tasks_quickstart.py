@@ -313,6 +313,13 @@ def test_quickstart_help_states_the_configs_schedules() -> None:
     register(sub)
     cfg = QuickstartConfig()
     text = " ".join(sub.choices["quickstart"].format_help().split())
-    assert f"(default {cfg.max_steps}; online methods {cfg.online_steps})" in text
-    lr, online_lr = (f"{x:g}".replace("e-0", "e-") for x in (cfg.lr, cfg.online_lr))  # 3e-5, not 3e-05
-    assert f"(default {lr}; online methods {online_lr})" in text
+    from preftune.tasks.diffusion_quickstart import DiffusionQuickstartConfig
+
+    diff = DiffusionQuickstartConfig()
+    assert (
+        f"(default {cfg.max_steps}; online methods {cfg.online_steps}; --task diffusion {diff.max_steps})"
+        in text
+    )
+    lr, online_lr, diff_lr = (f"{x:g}".replace("e-0", "e-") for x in (cfg.lr, cfg.online_lr, diff.lr))  # 3e-5
+    assert f"(default {lr}; online methods {online_lr}; --task diffusion {diff_lr})" in text
+    assert f"(--task diffusion: {diff.beta:g})" in text
