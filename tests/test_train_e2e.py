@@ -14,6 +14,7 @@ import torch
 from preftune import losses
 from preftune.cli import main
 from preftune.errors import TrainingError
+from preftune.method_checks import DIFFUSION_LOSSES
 from test_train_fixtures import pair_rows, ranked_rows, tiny_model, unpaired_rows, write_jsonl
 
 
@@ -81,8 +82,10 @@ AT_REFERENCE = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(losses.REGISTRY))
+@pytest.mark.parametrize("name", sorted(set(losses.REGISTRY) - set(DIFFUSION_LOSSES)))
 def test_every_registered_loss_trains_from_the_cli(env: dict[str, Path], name: str) -> None:
+    """Every language-model loss; the diffusion-only ones refuse a language model
+    (tests/test_method_model_kind.py) and train on a pipeline (tests/test_diffusion_*.py)."""
     spec = losses.get(name)
     kind = {"any": "pairwise"}.get(spec.kind, spec.kind)
     records = run(env, name, f"reg-{name}", "--max-steps", "1", data=kind)
