@@ -98,3 +98,25 @@ def test_bad_specs_and_values(user_module: Path) -> None:
         load_reward("my_rewards:crashes")(p, c)
     with pytest.raises(ConfigError, match="column 'answer' has 2 values for 1 completions"):
         load_reward("arithmetic")(p, c, answer=["2", "3"])
+
+
+def test_what_trl_accepts_from_a_reward_function_and_what_it_names(tmp_path: Path) -> None:
+    """A numpy array or a list of bools (TRL converts both with torch.tensor) is a reward; a string is
+    named as one (it was read as 5 values); a function called `nan` in a file is not a weight."""
+    path = tmp_path / "rewards_np.py"
+    path.write_text(
+        "import numpy as np\n"
+        "def arr(prompts, completions, **kw):\n    return np.array([0.5] * len(completions), dtype=np.float32)\n"
+        "def flags(prompts, completions, **kw):\n    return [c.endswith('2') for c in completions]\n"
+        "def text(prompts, completions, **kw):\n    return 'hello'\n"
+        "def nan(prompts, completions, **kw):\n    return [2.0] * len(completions)\n"
+    )
+    p, c = ["1+1=\n"] * 2, ["answer: 2", "answer: 3"]
+    assert load_reward(f"{path}:arr")(p, c).tolist() == [0.5, 0.5]
+    assert load_reward(f"{path}:flags")(p, c).tolist() == [1.0, 0.0]
+    with pytest.raises(
+        ConfigError, match=r"returned str 'hello' for 2 completions; return a list of 2 floats"
+    ):
+        load_reward(f"{path}:text")(p, c)
+    assert load_reward(f"{path}:nan")(p, c).tolist() == [2.0, 2.0]
+    assert load_reward(f"{path}:nan:0.5")(p, c).tolist() == [1.0, 1.0]

@@ -75,6 +75,11 @@ def validate_online(config: Any, strategy: str) -> None:
     from preftune.config import FIELDS
     from preftune.online_methods import builder_of, expand
 
+    if config.data and not config.prompts:  # TRL's dataset_name / train_dataset is a prompt dataset
+        raise ConfigError(
+            f"method '{config.method}' samples its own responses to prompts: give the prompt file as "
+            f"--prompts {config.data} (rows with a 'prompt'; --data is the offline methods' preference data)"
+        )
     for name in ("prompts", "reward"):
         if not getattr(config, name):
             raise ConfigError(f"method '{config.method}' needs '{name}' — {FIELDS[name].metadata['help']}")

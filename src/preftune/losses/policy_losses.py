@@ -104,6 +104,18 @@ def get_policy(name: str) -> LossSpec:
 
 def parse_policy_objective(text: str) -> list[tuple[LossSpec, float]]:
     """Parse a weighted sum of policy terms, e.g. "ppo_clip:1,kl:0.04"."""
+    from preftune import losses
+
+    offline = [
+        p.partition(":")[0].strip() for p in text.split(",") if p.partition(":")[0].strip() in losses.REGISTRY
+    ]
+    offline = [name for name in offline if name not in POLICY_LOSSES]
+    if offline:
+        raise ConfigError(
+            f"objective '{text}': '{offline[0]}' is an offline loss of preference pairs, not a policy term; "
+            f"an online preset's objective sums policy terms ({', '.join(POLICY_LOSSES)}) — to train "
+            f"'{offline[0]}' on pairs of the policy's own samples, use online_dpo (--objective {offline[0]})"
+        )
     return parse_objective(text, POLICY_LOSSES)
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import numbers
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -125,10 +126,14 @@ def _call(
         raise
     except Exception as e:  # a user's function failed: say which one, keep the cause chained
         raise ConfigError(f"reward '{term.name}' raised {type(e).__name__}: {e}") from e
-    if isinstance(out, torch.Tensor):
+    if hasattr(out, "tolist") and not isinstance(out, (str, bytes)):  # a tensor or numpy array (as TRL)
         out = out.tolist()
-    if not isinstance(out, Sequence) or isinstance(out, str) or len(out) != n:
-        got = f"{len(out)} values" if isinstance(out, Sequence) else type(out).__name__
+    if not isinstance(out, Sequence) or isinstance(out, (str, bytes)) or len(out) != n:
+        got = (
+            f"{len(out)} values"
+            if isinstance(out, Sequence) and not isinstance(out, (str, bytes))
+            else (f"{type(out).__name__} {out!r:.40}")
+        )
         raise ConfigError(
             f"reward '{term.name}' returned {got} for {n} completions; return a list of {n} floats"
         )
@@ -137,7 +142,7 @@ def _call(
         if v is None:
             values.append(None)
             continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+        if not isinstance(v, numbers.Real) or not math.isfinite(float(v)):  # bools count 1 / 0, as in TRL
             raise ConfigError(
                 f"reward '{term.name}' returned {v!r} for completion {i}; rewards must be finite numbers"
             )
@@ -237,6 +242,8 @@ def _parse_part(part: str, text: str) -> RewardTerm:
             weight, name = float(tail), head
         except ValueError:
             pass
+        if not math.isfinite(weight) and head.strip().endswith(".py"):  # file.py:nan is a function
+            weight, name = 1.0, part
     if not name:
         raise ConfigError(f"reward '{text}': a term has no name; write e.g. 'arithmetic:1,mymod:fn:0.5'")
     term = _resolve(name.strip())
