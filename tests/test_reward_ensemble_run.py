@@ -199,3 +199,17 @@ def test_implicit_ensemble_refuses_heads(ens, capsys):
     assert "two kinds of ensemble" in capsys.readouterr().err
     assert main([*base, "--heads", "2", "--aggregate", "min"]) != 0
     assert "--head implicit takes --beta" in capsys.readouterr().err
+
+
+def test_the_ensemble_folder_has_a_summary_and_its_report_command_writes_each_members(ens, capsys):
+    """OUT held only config.yaml and final/ (and `preftune report OUT` failed: no metrics.jsonl)."""
+    out = ens / "ens"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "rm ensemble of 3 (min)" and summary["steps"] == 2
+    assert sorted(summary["members"]) == ["member-0", "member-1", "member-2"]
+    assert summary["members"]["member-1"]["steps"] == 2 and summary["final"]["aggregate"] == "min"
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert all(f"{out / f'member-{i}' / 'report.html'}" in said for i in range(3))
+    assert (out / "member-2" / "report.html").is_file()

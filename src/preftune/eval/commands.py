@@ -46,8 +46,12 @@ def _report(args: argparse.Namespace) -> int:
 
         print(f"wrote {write_sweep(read_sweep(folder))[1]}")
         return 0
-    path = write_report(folder)
-    print(f"wrote {path}")
+    members = sorted(folder.glob("member-*/metrics.jsonl"))
+    if members and not (folder / "metrics.jsonl").is_file():  # a reward-model ensemble: one per member
+        for member in members:
+            print(f"wrote {write_report(member.parent)}")
+        return 0
+    print(f"wrote {write_report(folder)}")
     return 0
 
 
@@ -115,12 +119,10 @@ def _eval(args: argparse.Namespace) -> int:
     from preftune.paths import is_pipeline_folder
 
     if is_pipeline_folder(final):
-        raise ConfigError(
-            f"{run} is a diffusion run (final/ is a diffusers pipeline folder): preftune eval scores "
-            "language-model runs — sample and score its images with 'preftune sample --model "
-            f"{final} --prompts PROMPTS --reward NAME' (samples.jsonl holds each image's reward); online "
-            "diffusion runs keep their held-out reward before and after in summary.json"
-        )
+        raise ConfigError(f"{run} is a diffusion run (final/ is a diffusers pipeline folder): preftune eval "
+                          f"scores language-model runs — sample and score its images with 'preftune sample --model {final} "
+                          "--prompts PROMPTS --reward NAME' (samples.jsonl holds each image's reward); online "
+                          "diffusion runs keep their held-out reward before and after in summary.json")  # fmt: skip
     config = load_config(run / "config.yaml")
     from preftune.reward.implicit import holds_steps, is_implicit
 

@@ -101,8 +101,13 @@ def train_ensemble(config: TrainConfig, log: Any = print) -> Any:
     write_atomic(
         out / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True)
     )
-    metrics = {f"member{i}/{k}": v for i, r in enumerate(results) for k, v in r.metrics.items()}
-    return RunResult(out, final, sum(r.steps for r in results), metrics)
+    summaries = [json.loads((out / f"member-{i}" / "summary.json").read_text()) for i in range(members)]
+    summary = {"method": f"rm ensemble of {members} ({how})", "steps": results[0].steps,
+               "members": {f"member-{i}": s for i, s in enumerate(summaries)}, "final": manifest}  # fmt: skip
+    write_atomic(out / "summary.json", json.dumps(summary, indent=1))
+    keys = [k for k in results[0].metrics if all(k in r.metrics for r in results)]
+    mean = {k: sum(r.metrics[k] for r in results) / members for k in keys}  # the members' mean, as logged
+    return RunResult(out, final, results[0].steps, mean)
 
 
 def _manifest(folder: str | Path) -> dict[str, Any]:
