@@ -110,3 +110,22 @@ def test_data_check_reads_step_labels_and_ratings_as_training_does(tmp_path, cap
     )
     assert main(["data", "check", str(tmp_path / "rated.jsonl"), "--kind", "steps"]) == 1  # forced kind
     assert "field 'steps'" in capsys.readouterr().out
+
+
+def test_the_wrong_data_or_loss_for_a_reward_model_says_which_fits(tmp_path, capsys):
+    """Pairs given to --loss regression listed a "field 'rating': missing" line per row; an unknown
+    loss listed the pairwise losses only; prompt rows could not be told from a broken file."""
+    model = tiny_model(tmp_path / "sft")
+    pairs = write_jsonl(tmp_path / "p.jsonl", pair_rows(4))
+    base = ["train", "rm", "--model", str(model), "--data", str(pairs), "--max-steps", "1"]
+    assert main([*base, "--out", str(tmp_path / "a"), "--loss", "regression"]) == 2
+    said = capsys.readouterr().err
+    assert "p.jsonl:1: holds preference pairs (prompt, chosen, rejected), not ratings" in said
+    assert "--loss bt" in said and said.count("\n") == 1
+    assert main([*base, "--out", str(tmp_path / "b"), "--loss", "foo"]) == 2
+    assert "center on pairs, regression on rating data" in capsys.readouterr().err
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "1+2=", "answer": 3}])
+    result = check_data(str(prompts), kind=None)  # read as preference data: the prompt-file hint
+    assert (
+        "rows with a 'prompt' and no response are prompts: give them as --prompts" in result.problems[0].fix
+    )

@@ -356,7 +356,13 @@ def validate(
                 Problem(
                     f"cannot tell the record kind from the fields {sorted(first)}",
                     path=data.path,
-                    fix="pass --kind pairwise|unpaired|ranked, or map your columns, e.g. "
+                    fix=(
+                        "rows with a 'prompt' and no response are prompts: give them as --prompts (an online "
+                        "method's; preftune eval RUN --prompts FILE --reward NAME), or "
+                        if "prompt" in first
+                        else ""
+                    )
+                    + "pass --kind pairwise|unpaired|ranked, or map your columns, e.g. "
                     "--columns chosen=response_a,rejected=response_b",
                 )
             )

@@ -89,8 +89,8 @@ def parse_rm_loss(spec: str) -> RMLoss:
             )
         if name not in PAIR_LOSSES:
             raise ConfigError(
-                f"unknown reward-model loss '{name}' in '{spec}' (known: {', '.join(PAIR_LOSSES)}); "
-                "write e.g. 'bt' or 'bt:1,center:0.01'"
+                f"unknown reward-model loss '{name}' in '{spec}' (known: {', '.join(PAIR_LOSSES)} on pairs, "
+                f"{', '.join(RATING_LOSSES)} on rating data); write e.g. 'bt' or 'bt:1,center:0.01'"
             )
         try:
             weight = float(weight_text) if weight_text else 1.0

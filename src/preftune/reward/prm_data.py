@@ -60,7 +60,8 @@ def _steps(record: dict[str, Any], path: str, row: int) -> tuple[str, ...]:
     if not isinstance(steps, list) or not steps or not all(isinstance(s, str) and s for s in steps):
         raise _fail(
             f"is {type(steps).__name__ if steps is not None else 'missing'}"
-            + (" or holds an empty or non-text step" if isinstance(steps, list) and steps else ""),
+            + (" or holds an empty or non-text step" if isinstance(steps, list) and steps else "")
+            + (" (empty)" if steps == [] else ""),
             path,
             row,
             "steps",

@@ -58,6 +58,10 @@ def rated_examples(source: str, config: TrainConfig, tokenizer: Any, split: str 
     data = read_source(source, split=split)
     problems = list(data.problems)
     rows = [(r, rec) for r, rec in data.rows if rec is not None]
+    if rows and "rating" not in rows[0][1] and {"chosen", "rejected"} <= set(rows[0][1]):
+        raise DataError("holds preference pairs (prompt, chosen, rejected), not ratings", path=data.path,
+                        row=rows[0][0], fix="--loss regression fits rated responses (prompt, response, rating): "
+                        "train pairs with --loss bt (or bt_margin, ...)")  # fmt: skip
     for row, rec in rows:
         problems += _row_problems(rec, row, data.path)
     if not rows and not problems:

@@ -44,7 +44,8 @@ def adapt_examples(
                 fix = (
                     "set ranked_pairs to turn ranked lists into pairs"
                     if ex.kind == "ranked"
-                    else "use an unpaired loss such as kto, or pairwise data"
+                    else "use an unpaired loss (kto, bco_unpaired; a reward model: --head implicit --loss ce), "
+                    "or pairwise data"
                 )
                 raise ConfigError(
                     f"{where}: row {ex.source_row} is {ex.kind} data but the loss is pairwise — {fix}"
