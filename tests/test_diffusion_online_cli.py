@@ -36,6 +36,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (base / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (base / "bad.jsonl").write_text('{"prompt": "red square top left"}\n{"text": "no prompt"}\n')
     (base / "rewards.py").write_text(REWARDS)
+    (base / "other.jsonl").write_text('{"prompt": "red square top left"}\n{"prompt": "a cat"}\n')
     return base
 
 
@@ -60,6 +61,7 @@ def _argv(root: Path, method: str, out: str, *extra: str) -> list[str]:
         (["--data", "x.jsonl"], "preftune train ddpo does not use data — remove --data"),
         (["--reward", "nosuch"], "--reward 'nosuch': unknown image reward (built-in: shapes"),
         (["--prompts", "{root}/bad.jsonl"], "bad.jsonl:2: field 'prompt': missing"),
+        (["--prompts", "{root}/other.jsonl"], "other.jsonl: prompt 2 'a cat' is not one of the shapes reward's"),
     ],
 )
 def test_argument_errors_name_the_field_and_the_fix(root, capsys, change, expected):
@@ -169,6 +171,8 @@ def test_sample_writes_images_and_rewards_and_names_errors(root, capsys):
     assert "--reno steers sampling by a reward: pass --reward NAME" in capsys.readouterr().err
     assert main([*argv[:6], str(root / "s3"), "--reno", "--reward", f"{root}/rewards.py:bright"]) == 2
     assert "gives no gradient" in capsys.readouterr().err
+    assert main([*argv[:6], str(root / "s4"), "--lam", "2", "--branching", "3"]) == 2  # were ignored
+    assert "--lam, --branching set DTS's tree search: add --dts N" in capsys.readouterr().err
 
 
 def test_a_stop_signal_saves_the_step_and_the_printed_command_resumes(root, monkeypatch, capsys):

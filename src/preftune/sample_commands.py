@@ -59,23 +59,35 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument(
         "--dts-mode",
-        default="sample",
-        help="sample: DTS, a draw from p·exp(λ r) (default); search: DTS*, the best rollout",
+        default=None,
+        help="sample: DTS, a draw from p·exp(λ r) (default); search: DTS*, the best rollout (with --dts)",
     )
-    p.add_argument("--lam", type=float, default=1.0, help="DTS λ of the tilt exp(λ r) (default 1)")
-    p.add_argument("--branching", type=int, default=4, help="DTS children per node (default 4)")
+    p.add_argument(
+        "--lam", type=float, default=None, help="DTS λ of the tilt exp(λ r) (default 1; with --dts)"
+    )
+    p.add_argument(
+        "--branching", type=int, default=None, help="DTS children per node (default 4; with --dts)"
+    )
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from preftune.diffusion.sample_run import SampleOptions, run_sample
+    from preftune.errors import ConfigError
     from preftune.train.logging import quiet_libraries
 
     quiet_libraries()
+    tree = {"--lam": args.lam, "--branching": args.branching, "--dts-mode": args.dts_mode}
+    stray = [flag for flag, value in tree.items() if value is not None]
+    if stray and args.dts <= 0:
+        raise ConfigError(
+            f"{', '.join(stray)} set DTS's tree search: add --dts N (rollouts, N ≥ 1) or drop them"
+        )
     options = SampleOptions(
         per_prompt=args.per_prompt, steps=args.steps, seed=args.seed, reward=args.reward, reno=args.reno,
-        reno_iterations=args.reno_iterations, dts=args.dts, dts_mode=args.dts_mode, lam=args.lam,
-        branching=args.branching, solver=args.solver,
+        reno_iterations=args.reno_iterations, dts=args.dts, dts_mode=args.dts_mode or "sample",
+        lam=1.0 if args.lam is None else args.lam, branching=4 if args.branching is None else args.branching,
+        solver=args.solver,
     )  # fmt: skip
     run_sample(args.model, args.prompts, args.out, options)
     return 0

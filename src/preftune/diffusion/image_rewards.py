@@ -29,12 +29,12 @@ def shapes_reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     from preftune.tasks.shapes import parse_prompt, reward
 
     parsed = []
-    for i, text in enumerate(prompts):
+    for text in prompts:
         try:
             parsed.append(parse_prompt(text))
         except ValueError:
             raise ConfigError(
-                f"reward 'shapes': prompt {i} {text!r} is not a prompt of the built-in task — use prompts "
+                f"reward 'shapes': the prompt {text!r} is not a prompt of the built-in task — use prompts "
                 "such as 'red square top left' (colours red/green/blue/yellow; places top left, top right, "
                 "bottom left, bottom right), or another --reward"
             ) from None

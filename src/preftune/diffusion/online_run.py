@@ -62,6 +62,18 @@ def check_online_diffusion(config: TrainConfig) -> dict[str, Any]:
             + ", ".join(f"--{n.replace('_', '-')}" for n in given)
         )
     _check_range(config)
+    if str(config.reward).strip() == "shapes":  # the built-in reward reads every prompt: check them now
+        from preftune.tasks.shapes import parse_prompt
+
+        for n, text in enumerate(read_prompts(str(config.prompts)), 1):
+            try:
+                parse_prompt(text)
+            except ValueError:
+                raise ConfigError(
+                    f"{config.prompts}: prompt {n} {text[:80]!r} is not one of the shapes reward's prompts — "
+                    "write 'COLOUR square PLACE' (red, green, blue, yellow; top left, top right, bottom "
+                    "left, bottom right), or give another --reward"
+                ) from None
     return method_options(method, dict(config.hparams))
 
 

@@ -396,9 +396,16 @@ def run(args: argparse.Namespace) -> int:
             "eval/loss",
             "eval/rewards/accuracy",
             "eval/accuracy",
+            "reward",
+            "eval/reward",
+            "eval/reward_gain",
         )
         if isinstance(result.metrics.get(k), float)
     )
     if os.environ.get("RANK", "0") == "0":
-        print(f"done: {result.steps} steps; final model in {result.final_dir}; {shown}", flush=True)
+        print(
+            f"done: {result.steps} steps; final model in {result.final_dir}"
+            + (f"; {shown}" if shown else ""),
+            flush=True,
+        )
     return 0
