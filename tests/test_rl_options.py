@@ -281,3 +281,17 @@ def test_a_batch_larger_than_the_prompt_file_is_refused(
         "--batch-size 13 prompts per step is more than the 12 prompts of" in said
         and "--batch-size 12" in said
     )
+
+
+def test_a_prompt_the_verifier_cannot_read_is_named_before_the_model_loads(
+    root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It was found at the first step's scoring, with no file or row, the whole prompt echoed."""
+    bad = tmp_path / "mixed.jsonl"
+    bad.write_text('{"prompt": "12+3=\\n"}\n{"prompt": "what is two plus two? ' + "x" * 200 + '\\n"}\n')
+    args = ["train", "grpo", "--model", str(root / "model"), "--prompts", str(bad), "--reward", "arithmetic",
+            "--out", str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "2"]  # fmt: skip
+    assert main(args) == 2
+    said = capsys.readouterr().err
+    assert f"{bad}:2: field 'prompt': not an arithmetic prompt: 'what is two plus two? xxx" in said
+    assert "x" * 100 not in said  # the prompt is cut

@@ -256,6 +256,24 @@ def held_out_reward(model: Any, phase: OnlinePhase, rows: list[PromptRow]) -> di
     return {"reward": mean, **({"accuracy": mean} if phase.verifier else {}), "prompts": float(len(rows))}
 
 
+def _check_verifier_prompts(config: Any, prompts: Sequence[PromptRow]) -> None:
+    """The built-in verifiers read every prompt as `A OP B=`: a prompt they cannot read is named with
+    its file and row now, before the model loads, not at the first step's scoring."""
+    from preftune.errors import DataError
+    from preftune.tasks.arithmetic import parse_prompt
+
+    names = {part.strip().partition(":")[0] for part in str(config.reward).split(",")}
+    if not names & {"arithmetic", "arithmetic_steps"}:
+        return
+    for p in prompts:
+        try:
+            parse_prompt(p.text)
+        except DataError as err:
+            raise DataError(
+                err.problem, path=str(config.prompts), row=p.row, field="prompt", fix=err.fix
+            ) from None
+
+
 def online_phase(config: Any, tokenizer: Any) -> OnlinePhase:
     """The online phase of `config` (an online method): its prompts, reward, estimator and sampling.
 
@@ -269,6 +287,7 @@ def online_phase(config: Any, tokenizer: Any) -> OnlinePhase:
     from preftune.rl.ppo import token_credit
 
     prompts = run_prompts(config, config.prompts, tokenizer, config.split)
+    _check_verifier_prompts(config, prompts)
     if config.batch_size > len(prompts):
         raise ConfigError(
             f"--batch-size {config.batch_size} prompts per step is more than the {len(prompts)} prompts of "

@@ -182,7 +182,7 @@ def parse_prompt(prompt: str) -> Problem:
     m = _PROMPT.match(prompt.strip(" ") if prompt else "")
     if not m:
         raise DataError(
-            f"not an arithmetic prompt: {prompt!r}",
+            f"not an arithmetic prompt: {prompt[:60]!r}{'…' if prompt and len(prompt) > 60 else ''}",
             field="prompt",
             fix="prompts look like '347+586=\\n' (see preftune.tasks.arithmetic)",
         )
