@@ -61,7 +61,10 @@ def _argv(root: Path, method: str, out: str, *extra: str) -> list[str]:
         (["--data", "x.jsonl"], "preftune train ddpo does not use data — remove --data"),
         (["--reward", "nosuch"], "--reward 'nosuch': unknown image reward (built-in: shapes"),
         (["--prompts", "{root}/bad.jsonl"], "bad.jsonl:2: field 'prompt': missing"),
-        (["--prompts", "{root}/other.jsonl"], "other.jsonl: prompt 2 'a cat' is not one of the shapes reward's"),
+        (
+            ["--prompts", "{root}/other.jsonl"],
+            "other.jsonl: prompt 2 'a cat' is not one of the shapes reward's",
+        ),
     ],
 )
 def test_argument_errors_name_the_field_and_the_fix(root, capsys, change, expected):
