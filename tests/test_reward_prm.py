@@ -59,6 +59,18 @@ def test_bad_records_name_file_row_and_field(tmp_path, record, message):
     assert str(info.value).replace(str(tmp_path) + "/", "").startswith(message)
 
 
+def test_every_bad_step_row_is_listed_at_once(tmp_path):
+    """Training stopped at the first bad row; a fix-and-rerun loop per row is what a list spares."""
+    rows = [{"prompt": "p", "steps": ["a"], "labels": [1]}, {"prompt": "p", "steps": ["a", "b"], "labels": [1]},
+            {"prompt": "p", "steps": [], "first_error": -1}, {"prompt": "p", "steps": ["a"], "first_error": 3}]  # fmt: skip
+    path = write_jsonl(tmp_path / "data.jsonl", rows)
+    with pytest.raises(DataError) as info:
+        read_prm_data(str(path))
+    text = str(info.value)
+    assert text.startswith(f"3 problems in step data {path}:")
+    assert all(f"data.jsonl:{row}: field" in text for row in (2, 3, 4))
+
+
 @pytest.fixture(scope="module")
 def prm_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("prm")

@@ -143,3 +143,11 @@ def test_other_ranks_leave_notices_and_warnings_to_rank_0() -> None:
     )
     assert out.returncode == 0 and out.stdout == ""
     assert out.stderr.splitlines() == ["before", "an error"]
+
+
+def test_a_step_without_an_optimizer_step_says_skipped_on_the_console() -> None:
+    """metrics.jsonl recorded `skipped: 1`; the console showed `loss=0 ... tokens/s=0` only."""
+    from preftune.train.logging import metrics_text
+
+    assert metrics_text({"loss": 0.0, "skipped": 1.0}) == "loss=0  skipped"
+    assert metrics_text({"loss": 0.5, "skipped": 0.0}) == "loss=0.5"

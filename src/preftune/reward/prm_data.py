@@ -125,18 +125,21 @@ def parse_record(record: dict[str, Any], path: str = "<records>", row: int = 1) 
 
 
 def read_prm_data(source: str | Path | list[dict[str, Any]], split: str | None = None) -> list[PRMItem]:
-    """Every record of a JSONL/JSON file (or a list of dicts) as PRMItems; the first unreadable or
-    invalid row raises a DataError naming PATH:ROW and the field."""
+    """Every record of a JSONL/JSON file (or a list of dicts) as PRMItems; invalid rows raise one
+    DataError listing each (`PATH:ROW: field 'NAME': what — fix`)."""
     from preftune.data.sources import read_source
+    from preftune.reward.data_check import check_steps
 
     data = read_source(source, split=split)
-    if data.problems:
-        p = data.problems[0]
+    problems, _summary = check_steps(data)  # every row parsed, every problem kept
+    if len(problems) == 1:
+        p = problems[0]
         raise DataError(p.message, path=p.path or data.path, row=p.row, field=p.field, fix=p.fix)
-    items = [parse_record(rec, data.path, row) for row, rec in data.rows if rec is not None]
-    if not items:
-        raise DataError("holds no records", path=data.path, fix="write one JSON object per line")
-    return items
+    if problems:
+        from preftune.data.rows import render_problems
+
+        raise DataError(f"{len(problems)} problems in step data {data.path}:\n" + render_problems(problems))
+    return [parse_record(rec, data.path, row) for row, rec in data.rows if rec is not None]
 
 
 @dataclass(frozen=True)

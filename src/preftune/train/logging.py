@@ -209,6 +209,8 @@ def metrics_text(metrics: dict[str, Any]) -> str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             shown = f"{value:.0f}" if key == "tokens_per_s" else f"{value:.4g}"
             parts.append(f"{key.replace('tokens_per_s', 'tokens/s')}={shown}")
+    if metrics.get("skipped"):  # no optimizer step: a non-finite loss, or nothing to train on
+        parts.append("skipped")
     return "  ".join(parts)
 
 
