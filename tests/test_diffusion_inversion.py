@@ -104,6 +104,7 @@ def test_smpo_trains_from_scored_pairs(tmp_path: Path) -> None:
                 cache_dir=str(tmp_path / "cache"), progress=False)  # fmt: skip
     with pytest.raises(ConfigError, match="pairs.jsonl:1: smpo needs chosen_score and rejected_score"):
         train(TrainConfig(data=str(data), out=str(tmp_path / "no"), **base))  # type: ignore[arg-type]
+    assert not (tmp_path / "cache").exists()  # refused before any image was encoded
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     scored = tmp_path / "data" / "scored.jsonl"
     scored.write_text(

@@ -94,9 +94,16 @@ def adapt_image_examples(examples: list[Example], loss_kind: str, where: str) ->
 
 
 def load_image_examples(
-    source: str, config: Any, loss_kind: str, *, split: str | None, log: Callable[[str], None]
+    source: str,
+    config: Any,
+    loss_kind: str,
+    *,
+    split: str | None,
+    log: Callable[[str], None],
+    scored: bool = False,
 ) -> list[Example]:
-    """Validated, encoded (cached) examples of an image preference file for a loss of `loss_kind`."""
+    """Validated, encoded (cached) examples of an image preference file for a loss of `loss_kind`;
+    `scored` (SmPO): every pair must carry its scores, checked before the images are encoded."""
     from preftune.diffusion.encode import encode_records
     from preftune.paths import cache_root
 
@@ -108,6 +115,12 @@ def load_image_examples(
     )
     if not records:
         raise ConfigError(f"{source}: no usable image preference rows")
+    unscored = next((r for r in records if r.label is None), None) if scored else None
+    if unscored is not None:
+        raise ConfigError(
+            f"{source}:{unscored.row}: smpo needs chosen_score and rejected_score on every pair (its smoothed "
+            "label p = σ(s_w − s_l)) — add both (normalised reward scores) to every row, or train dpo"
+        )
     cache = Path(config.cache_dir) / "diffusion" if config.cache_dir else cache_root() / "diffusion"
     latents, texts = encode_records(records, config.model, data_path=source, cache_dir=cache, log=log)
     return adapt_image_examples(to_examples(records, latents, texts), loss_kind, source)
@@ -175,14 +188,10 @@ def diffusion_sources(
 
         check_generation_config(config, generated, strategy)
         generated["vae"] = load_vae(config.model)
-    examples = load_image_examples(config.data, config, objective.kind, split=config.split, log=log)
-    if any(spec.name == "smpo" for spec, _, _ in objective.terms):
-        unlabelled = next((e for e in examples if e.label is None), None)
-        if unlabelled is not None:
-            raise ConfigError(
-                f"{config.data}:{unlabelled.source_row}: smpo needs chosen_score and rejected_score on "
-                "every pair (its smoothed label p = σ(s_w − s_l))"
-            )
+    scored = any(spec.name == "smpo" for spec, _, _ in objective.terms)
+    examples = load_image_examples(
+        config.data, config, objective.kind, split=config.split, log=log, scored=scored
+    )
     held: list[Example] = []
     if config.eval_data:
         held = load_image_examples(config.eval_data, config, objective.kind, split=config.eval_split, log=log)
