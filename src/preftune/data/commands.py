@@ -179,9 +179,10 @@ def _check(args: argparse.Namespace) -> int:
     if detect and looks_like_images(first):  # a diffusion pipeline's image preference data
         return _check_images(args, data)
     if args.kind in ("steps", "rated") or (detect and (looks_like_steps(first) or looks_like_ratings(first))):
-        return _check_reward_data(
-            args, data, "steps" if args.kind == "steps" or looks_like_steps(first) else "rated"
+        kind = (
+            args.kind if args.kind in ("steps", "rated") else "steps" if looks_like_steps(first) else "rated"
         )
+        return _check_reward_data(args, data, kind)
     result = check_data(
         data,
         kind=args.kind,
@@ -233,8 +234,6 @@ def _check_reward_data(args: argparse.Namespace, data: Any, kind: str) -> int:
     from preftune.data.rows import render_problems
     from preftune.reward.data_check import check_ratings, check_steps
 
-    if args.kind not in (None, kind) and args.kind in ("steps", "rated"):
-        kind = args.kind
     problems, summary = (check_steps if kind == "steps" else check_ratings)(data)
     if problems:
         what = (

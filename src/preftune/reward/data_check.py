@@ -2,6 +2,7 @@
 regression`), every row read by the parser training uses, every problem listed, else a summary.
 
     looks_like_steps(record) / looks_like_ratings(record)    detection from a file's first record
+    parse_steps(data)                                        → (PRMItems, problems); `read_prm_data`'s
     check_steps(data) / check_ratings(data)                  → (problems, summary line)
 """
 
@@ -26,8 +27,9 @@ def looks_like_ratings(record: dict[str, Any]) -> bool:
     return "rating" in record and "response" in record
 
 
-def check_steps(data: Any) -> tuple[list[Problem], str]:
-    """Every record of read data (`read_source`) as `train prm` parses it (`parse_record`)."""
+def parse_steps(data: Any) -> tuple[list[Any], list[Problem]]:
+    """(PRMItems, problems) of read data (`read_source`): every record parsed as `train prm` parses it
+    (`parse_record`), every problem kept."""
     from preftune.reward.prm_data import parse_record
 
     problems = list(data.problems)
@@ -41,6 +43,12 @@ def check_steps(data: Any) -> tuple[list[Problem], str]:
             problems.append(Problem(err.problem, row=err.row, field=err.field, fix=err.fix, path=err.path))
     if not items and not problems:
         problems.append(Problem("holds no records", path=data.path, fix="write one JSON object per line"))
+    return items, problems
+
+
+def check_steps(data: Any) -> tuple[list[Problem], str]:
+    """`parse_steps`'s problems, and the summary line of the items."""
+    items, problems = parse_steps(data)
     steps = [len(it.steps) for it in items]
     wrong = sum(it.first_error is not None and it.first_error >= 0 for it in items)
     soft = sum(it.first_error is None for it in items)

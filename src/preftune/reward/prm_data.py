@@ -128,10 +128,10 @@ def read_prm_data(source: str | Path | list[dict[str, Any]], split: str | None =
     """Every record of a JSONL/JSON file (or a list of dicts) as PRMItems; invalid rows raise one
     DataError listing each (`PATH:ROW: field 'NAME': what — fix`)."""
     from preftune.data.sources import read_source
-    from preftune.reward.data_check import check_steps
+    from preftune.reward.data_check import parse_steps
 
     data = read_source(source, split=split)
-    problems, _summary = check_steps(data)  # every row parsed, every problem kept
+    items, problems = parse_steps(data)  # every row parsed, every problem kept
     if len(problems) == 1:
         p = problems[0]
         raise DataError(p.message, path=p.path or data.path, row=p.row, field=p.field, fix=p.fix)
@@ -139,7 +139,7 @@ def read_prm_data(source: str | Path | list[dict[str, Any]], split: str | None =
         from preftune.data.rows import render_problems
 
         raise DataError(f"{len(problems)} problems in step data {data.path}:\n" + render_problems(problems))
-    return [parse_record(rec, data.path, row) for row, rec in data.rows if rec is not None]
+    return items
 
 
 @dataclass(frozen=True)

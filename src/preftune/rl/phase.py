@@ -256,14 +256,13 @@ def held_out_reward(model: Any, phase: OnlinePhase, rows: list[PromptRow]) -> di
     return {"reward": mean, **({"accuracy": mean} if phase.verifier else {}), "prompts": float(len(rows))}
 
 
-def _check_verifier_prompts(config: Any, prompts: Sequence[PromptRow]) -> None:
+def _check_verifier_prompts(reward: Reward, config: Any, prompts: Sequence[PromptRow]) -> None:
     """The built-in verifiers read every prompt as `A OP B=`: a prompt they cannot read is named with
     its file and row now, before the model loads, not at the first step's scoring."""
     from preftune.errors import DataError
     from preftune.tasks.arithmetic import parse_prompt
 
-    names = {part.strip().partition(":")[0] for part in str(config.reward).split(",")}
-    if not names & {"arithmetic", "arithmetic_steps"}:
+    if not any(term.name in ("arithmetic", "arithmetic_steps") for term in reward.terms):
         return
     for p in prompts:
         try:
@@ -287,7 +286,8 @@ def online_phase(config: Any, tokenizer: Any) -> OnlinePhase:
     from preftune.rl.ppo import token_credit
 
     prompts = run_prompts(config, config.prompts, tokenizer, config.split)
-    _check_verifier_prompts(config, prompts)
+    reward = load_reward(config.reward)
+    _check_verifier_prompts(reward, config, prompts)
     if config.batch_size > len(prompts):
         raise ConfigError(
             f"--batch-size {config.batch_size} prompts per step is more than the {len(prompts)} prompts of "
@@ -310,7 +310,7 @@ def online_phase(config: Any, tokenizer: Any) -> OnlinePhase:
         top_p=config.top_p,
     )
     return OnlinePhase(
-        0, prompts, steps, config.batch_size, config.seed, load_reward(config.reward), tokenizer,
+        0, prompts, steps, config.batch_size, config.seed, reward, tokenizer,
         online.estimator if online else "", config.num_generations, sampling,
         greedy_baseline=bool(online and online.greedy_baseline), verifier=config.reward.strip() == "arithmetic",
         estimator_hparams=online.estimator_hparams if online else {}, iterations=config.num_iterations,
