@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from preftune.config import TrainConfig, config_to_dict, validate
 from preftune.errors import ConfigError
 from preftune.losses import REGISTRY
 from preftune.reward import load_reward
-from preftune.rl.builders import best_of_k, best_worst, cut_at_divergence
+from preftune.rl.builders import all_pairs, best_of_k, best_worst, cut_at_divergence
 from preftune.rl.phase import OnlinePhase
 from preftune.rl.prompts import load_prompts
 from preftune.rl.sampling import Sampling
@@ -43,6 +44,24 @@ def test_best_worst_keeps_exactly_the_pairs_with_margin_above_the_threshold() ->
         assert kept == [i for i, v in enumerate(pools) if max(v) - min(v) > margin]
 
 
+def test_all_pairs_are_every_distinct_better_worse_pair_above_the_margin() -> None:
+    """`pairing all`: each (i, j) with r_i − r_j > margin, better first in sample order; a response
+    repeated in the pool counts once (its first copy), so no pair is trained twice."""
+    distinct = [[1], [2], [3], [4]]
+    assert all_pairs([1.0, 0.0, 1.0, 0.0], distinct) == [(0, 1), (0, 3), (2, 1), (2, 3)]  # k(G − k) = 4
+    assert all_pairs([1.0, 0.0, 1.0, 0.0], [[1], [2], [1], [2]]) == [(0, 1)]  # copies of 0 and 1
+    assert all_pairs([0.5, 0.5], [[1], [2]]) == []  # a tie is no pair
+    assert all_pairs([0.2, 0.9, 0.1], [[1], [2], [3]]) == [(0, 2), (1, 0), (1, 2)]
+    assert all_pairs([0.2, 0.9, 0.1], [[1], [2], [3]], margin=0.3) == [(1, 0), (1, 2)]
+    for values in (
+        [0.0, 0.4, 0.4, 0.1],
+        [1.0, 0.0, 1.0, 0.0],
+        [0.3, 0.3, 0.3],
+    ):  # best vs worst is one of them
+        one, every = best_worst(values), all_pairs(values, distinct[: len(values)])
+        assert (one in every) if one else not every
+
+
 def test_cut_at_divergence_keeps_the_rejected_through_its_first_differing_token() -> None:
     eos = 9
     assert cut_at_divergence([1, 2, 3, eos], [1, 2, 4, 5, 6, eos]) == [1, 2, 4]  # the mistake, then stop
@@ -65,6 +84,33 @@ def test_cut_rejected_ends_each_pair_s_rejected_at_its_divergence(root: Path) ->
             k = next(i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b)  # they differ
             assert c.response_ids == [chosen, rejected[: k + 1]] and c.prompt_ids == e.prompt_ids
         assert any(len(c.response_ids[1]) < len(e.response_ids[1]) for e, c in zip(pairs, cut_pairs))
+
+
+def test_pairing_all_trains_every_better_worse_pair_of_each_prompt(root: Path) -> None:
+    """The same samples as best vs worst (same seed): each prompt's best-vs-worst pair is among its
+    pairs, every pair's chosen response out-scores its rejected one, no pair repeats; XPO's ỹ is drawn
+    once per prompt and shared by that prompt's pairs."""
+    one, _ = _phase(root, "best_worst")
+    every, _ = _phase(root, "best_worst", pairing="all")
+    pairs, all_of = one.batch(0), every.batch(0)
+    assert len(all_of) > len(pairs) and every.metrics["pairs"] == len(all_of) / 4
+    score = {e.source_row: e for e in pairs}
+    for e in pairs:
+        assert e in all_of
+    tok = every.tokenizer
+    texts = [[tok.decode(r, skip_special_tokens=True) for r in e.response_ids] for e in all_of]
+    assert all(digits_reward([], [c])[0] > digits_reward([], [r])[0] for c, r in texts)
+    keys = [(e.source_row, tuple(e.response_ids[0]), tuple(e.response_ids[1])) for e in all_of]
+    assert len(set(keys)) == len(keys) and set(score) <= {e.source_row for e in all_of}
+    xpo, model = _phase(root, "xpo", pairing="all")
+    xpo.reference = SimpleNamespace(model=model)  # a frozen copy serves as π_ref
+    explore: dict[int, list[int]] = {}
+    for e in xpo.batch(0):
+        assert (
+            len(e.response_ids) == 3
+            and explore.setdefault(e.source_row, e.response_ids[2]) == e.response_ids[2]
+        )
+    assert len(explore) == len({e.source_row for e in all_of})
 
 
 def test_best_of_k_keeps_the_best_above_min_reward() -> None:
@@ -230,9 +276,16 @@ def test_presets_and_their_objective_checks() -> None:
         "beta": 0.1,
         "margin": 0.5,
         "cut_rejected": False,
+        "pairing": "best_worst",
     }  # kept in config.yaml
     cut = _config(hparams={"cut_rejected": "true"})  # as the command line gives it (--cut-rejected)
-    assert config_to_dict(cut, validate(cut))["hparams"] == {"beta": 0.1, "cut_rejected": True}
+    assert config_to_dict(cut, validate(cut))["hparams"] == {
+        "beta": 0.1,
+        "cut_rejected": True,
+        "pairing": "best_worst",
+    }
+    with pytest.raises(ConfigError, match="pairing"):
+        validate(_config(hparams={"pairing": "every"}))
     with pytest.raises(ConfigError, match="cut_rejected"):
         validate(_config(method="grpo", hparams={"cut_rejected": True}))
     assert validate(_config(method="xpo", hparams={"alpha": 0.1}))[0][2]["alpha"] == 0.1

@@ -232,11 +232,11 @@ def test_train_help_lists_every_online_and_distillation_knob(capsys: pytest.Capt
 
 def test_builder_and_policy_flags_reach_the_run() -> None:
     base = ["dno", "--model", "m", "--prompts", "p.jsonl", "--reward", "arithmetic", "--out", "o"]
-    config = _cli(*base, "--cut-rejected", "--margin", "0.5")
-    assert config.hparams == {"cut_rejected": "true", "margin": "0.5"}
+    config = _cli(*base, "--cut-rejected", "--margin", "0.5", "--pairing", "all")
+    assert config.hparams == {"cut_rejected": "true", "margin": "0.5", "pairing": "all"}
     from preftune.rl.builders import builder_options
 
-    assert builder_options("dno", config.hparams) == {"margin": 0.5, "cut_rejected": True}
+    assert builder_options("dno", config.hparams) == {"margin": 0.5, "cut_rejected": True, "pairing": "all"}
     grpo = _cli("grpo", *base[1:], "--eps-high", "0.28")
     assert dict(validate(grpo)[0][2])["eps_high"] == 0.28
 

@@ -105,8 +105,9 @@ def validate_online(config: Any, strategy: str) -> None:
         )
     if builder_of(config.method):
         from preftune.config import resolve_objective
-        from preftune.rl.builders import check_objective
+        from preftune.rl.builders import builder_options, check_objective
 
+        builder_options(config.method, config.hparams)  # the builder's options, in range
         check_objective(config.method, resolve_objective(config), strategy)
         check_group_size(config, "")
         return

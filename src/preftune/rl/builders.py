@@ -8,6 +8,8 @@ of the offline registry (`dpo`, `ipo`, `sft`, `copg_loss`, ...) in the prefix-sh
     xpo         as best_worst, plus a third branch ỹ ~ π_ref per pair, the sample of the `xpo_loss` term's
                 exploration bonus α·log π_θ(ỹ) (Xie et al. 2024, Alg. 1); not drawn when α = 0 (the
                 bonus is 0: the run is online DPO's exactly)
+    (`pairing all`: every distinct better-vs-worse pair of a prompt's pool instead of best vs worst;
+    XPO's ỹ is then drawn once per prompt and shared by its pairs)
     best_of_k   RAFT (Dong et al. 2023): the `keep` best samples of each prompt (reward ≥ min_reward)
                 as SFT targets (unpaired, label 1)
     groups      CoPG: each prompt's G samples as one ranked list, best first, the rewards as scores
@@ -54,12 +56,18 @@ CUT_REJECTED = HParam(
     "end the rejected response at its first token that differs from the chosen one (the mistake, where "
     "the chosen response is correct; the quickstart's first-error cut)",
 )
+PAIRING = HParam(
+    "best_worst",
+    "which pairs of a prompt's samples: best_worst (one: the best vs the worst) or all (every distinct "
+    "better-vs-worse pair, as offline pairs from K samples; pairs of one prompt share its packed row)",
+    choices=("best_worst", "all"),
+)
 BUILDERS: dict[str, BuilderSpec] = {
     "best_worst": BuilderSpec(
         "best_worst",
         "pairwise",
         "Guo et al. 2024, online AI feedback; Xiong et al. 2024",
-        {"cut_rejected": CUT_REJECTED},
+        {"cut_rejected": CUT_REJECTED, "pairing": PAIRING},
         min_samples=2,
     ),
     "dno": BuilderSpec(
@@ -69,13 +77,14 @@ BUILDERS: dict[str, BuilderSpec] = {
         {
             "margin": HParam(0.0, "DNO: keep a pair only when r_best − r_worst > margin", low=0.0),
             "cut_rejected": CUT_REJECTED,
+            "pairing": PAIRING,
         },
     ),
     "xpo": BuilderSpec(
         "xpo",
         "pairwise",
         "Xie et al. 2024, Exploratory Preference Optimization, Alg. 1",
-        {"cut_rejected": CUT_REJECTED},
+        {"cut_rejected": CUT_REJECTED, "pairing": PAIRING},
         min_samples=2,
     ),
     "best_of_k": BuilderSpec(
@@ -99,6 +108,18 @@ def best_worst(values: Sequence[float], margin: float = 0.0) -> tuple[int, int] 
     best = max(range(len(values)), key=lambda i: values[i])
     worst = min(range(len(values)), key=lambda i: values[i])
     return (best, worst) if values[best] - values[worst] > margin else None
+
+
+def all_pairs(
+    values: Sequence[float], branches: Sequence[Sequence[int]], margin: float = 0.0
+) -> list[tuple[int, int]]:
+    """Every (better, worse) pair of one prompt's samples with r_better − r_worse > margin, each distinct
+    response once (a repeated response is its first copy), better first in sample order."""
+    seen: dict[tuple[int, ...], int] = {}
+    for i, b in enumerate(branches):
+        seen.setdefault(tuple(b), i)
+    distinct = sorted(seen.values())
+    return [(i, j) for i in distinct for j in distinct if values[i] - values[j] > margin]
 
 
 def cut_at_divergence(chosen: Sequence[int], rejected: Sequence[int]) -> list[int]:
@@ -237,17 +258,35 @@ def build_examples(
             for (i, t), s in zip(present, scored.tolist()):
                 values[i].append(float(s))
                 branches[i] = [*branches[i], _eos_ids(phase.tokenizer, t)]
-    pairs = [best_worst(v, hp.get("margin", 0.0)) for v in values]
-    keep = [p for p, pair in enumerate(pairs) if pair is not None]
-    examples = [Example(rows[p].ids, [branches[p][pairs[p][0]], branches[p][pairs[p][1]]], source_row=rows[p].row) for p in keep]  # type: ignore[index]  # fmt: skip
-    if hp.get("cut_rejected"):
-        examples = [
-            replace(e, response_ids=[e.response_ids[0], cut_at_divergence(*e.response_ids)]) for e in examples
-        ]
+    examples, chosen, owner = _pair_examples(rows, branches, values, hp)
     if name == "dno":
-        metrics["teacher_chosen"] = sum(pairs[p][0] == g for p in keep) / max(len(keep), 1)  # type: ignore[index]
-    if name == "xpo" and keep and hp.get("explore", True):
-        explore = reference_samples(phase, [rows[p] for p in keep], sampling)
-        examples = [replace(e, response_ids=[*e.response_ids, y]) for e, y in zip(examples, explore)]
-    metrics["pairs"] = len(keep) / max(len(rows), 1)
+        metrics["teacher_chosen"] = sum(c == g for c in chosen) / max(len(chosen), 1)
+    if name == "xpo" and examples and hp.get("explore", True):  # one ỹ per prompt, shared by its pairs
+        order = list(dict.fromkeys(owner))
+        explore = dict(zip(order, reference_samples(phase, [rows[p] for p in order], sampling)))
+        examples = [replace(e, response_ids=[*e.response_ids, explore[p]]) for e, p in zip(examples, owner)]
+    metrics["pairs"] = len(examples) / max(len(rows), 1)
     return examples, metrics
+
+
+def _pair_examples(
+    rows: Sequence[Any], branches: list[list[list[int]]], values: list[list[float]], hp: Mapping[str, Any]
+) -> tuple[list[Example], list[int], list[int]]:
+    """The pairs of each prompt (`pairing`: best vs worst, or all), rejected cut with `cut_rejected`;
+    each pair's chosen index in its pool and its prompt's index in `rows`."""
+    margin = hp.get("margin", 0.0)
+    examples: list[Example] = []
+    chosen: list[int] = []
+    owner: list[int] = []
+    for p, (r, b, v) in enumerate(zip(rows, branches, values)):
+        if hp.get("pairing", "best_worst") == "all":
+            pairs = all_pairs(v, b, margin)
+        else:
+            one = best_worst(v, margin)
+            pairs = [] if one is None else [one]
+        for i, j in pairs:
+            rejected = cut_at_divergence(b[i], b[j]) if hp.get("cut_rejected") else b[j]
+            examples.append(Example(r.ids, [b[i], rejected], source_row=r.row))
+            chosen.append(i)
+            owner.append(p)
+    return examples, chosen, owner
