@@ -178,3 +178,48 @@ def test_data_check_reads_image_preference_data_as_training_does(
     text = write(tmp_path / "text.jsonl", [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}])
     assert main(["data", "check", text]) == 0
     assert "kind pairwise (text)" in capsys.readouterr().out
+
+
+def test_captions_longer_than_the_text_encoder_reads_are_named(
+    tmp_path: Path, images: dict[str, bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The tiny pipeline's character tokenizer reads 16 tokens: one per character (CLIP drops the spaces)
+    and its two marks. A longer caption is named with its row and length — the encoder sees it cut —
+    a caption that fits is not."""
+    from preftune.cli import main
+    from preftune.diffusion.encode import cut_captions_note, encode_records
+    from preftune.diffusion.tiny import save_tiny_pipeline
+
+    lines: list[str] = []
+    pipe = save_tiny_pipeline(tmp_path / "pipe")
+    pair = {"chosen": "img/red.png", "rejected": "img/blue.png"}
+    path = write(tmp_path / "d.jsonl", [
+        {"prompt": "a red square", **pair},  # 12 characters: fits
+        {"prompt": "a red circle at the top left", **pair},  # 22 characters and 2 marks: 24 tokens
+        {"prompt": "a red circle at the top left", **pair},
+        {"prompt": "fourteencharss", **pair},  # 14 characters: exactly the limit
+    ])  # fmt: skip
+    records, _ = read_image_records(path)
+    encode_records(records, pipe, data_path=path, cache_dir=tmp_path / "cache", log=lines.append)
+    assert "1 of 3 captions are longer than the text encoder reads (16 tokens" in lines[-1]
+    assert lines[-1].endswith(f"{path} row 2: 'a red circle at the top left' (24 tokens)")
+    assert cut_captions_note(pipe, {"a red square": "x", "fourteencharss": "y"}) == ""
+    prompts = tmp_path / "prompts.txt"  # `preftune sample` names them too
+    prompts.write_text("blue\na red circle at the top left\n")
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                str(pipe),
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(tmp_path / "s"),
+                "--steps",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert f"{prompts} prompt 2: 'a red circle at the top left' (24 tokens)" in capsys.readouterr().out

@@ -104,6 +104,10 @@ def test_lora_run_resumes_exactly_and_final_is_a_pipeline(setup: tuple[Path, Pat
     assert a.keys() == b.keys() and all("lora_" in k for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not (whole.out_dir / "checkpoints" / "step-4" / "model.safetensors").exists()
+    rows = [json.loads(line) for line in (whole.out_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["split"] == "train"]
+    for r in train_rows:  # an image run counts images (two per pair), not tokens
+        assert "tokens_per_s" not in r and r["images_per_s"] == pytest.approx(2 * r["examples_per_s"])
     loaded = StableDiffusionPipeline.from_pretrained(str(whole.final_dir), safety_checker=None)
     assert (whole.final_dir / "adapter" / "adapter_config.json").is_file()
     image = loaded("shape 0", num_inference_steps=2, height=16, width=16, output_type="pt").images

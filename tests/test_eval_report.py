@@ -111,6 +111,20 @@ def test_missing_metrics_are_skipped_and_named(tmp_path):
     assert "Not logged: grad_norm." in html
 
 
+def test_an_image_run_plots_images_per_second_and_does_not_miss_tokens(tmp_path):
+    """A diffusion run logs images_per_s: the throughput section plots it and names no tokens_per_s
+    as missing; a language run names images_per_s nowhere."""
+    image = tmp_path / "image"
+    keys = tuple(k for k in ALL_KEYS if k != "tokens_per_s") + ("images_per_s",)
+    _write_run(image, keys=keys, summary={"method": "dpo"})
+    html = write_report(image).read_text()
+    assert "throughput" in _pngs(html) and "Images per second" not in html.split("Not plotted")[-1]
+    assert "tokens_per_s" not in html
+    text = tmp_path / "text"
+    _write_run(text, summary={"method": "dpo"})
+    assert "images_per_s" not in write_report(text).read_text()
+
+
 def test_truncated_last_line_is_a_warning_not_an_error(tmp_path):
     run = tmp_path / "run"
     _write_run(run, keys=("loss",), steps=12, extra_lines=['{"step": 13, "split": "tr'])

@@ -151,3 +151,12 @@ def test_a_step_without_an_optimizer_step_says_skipped_on_the_console() -> None:
 
     assert metrics_text({"loss": 0.0, "skipped": 1.0}) == "loss=0  skipped"
     assert metrics_text({"loss": 0.5, "skipped": 0.0}) == "loss=0.5"
+
+
+def test_an_image_run_shows_images_per_second_not_tokens() -> None:
+    """A diffusion run counts images: its line says images/s (two per pair), never tokens/s."""
+    from preftune.train.logging import metrics_text
+
+    image_run = {k: v for k, v in METRICS.items() if k != "tokens_per_s"} | {"images_per_s": 20.0}
+    text = metrics_text(image_run)
+    assert text.endswith("lr=3.333e-07  images/s=20") and "tokens" not in text

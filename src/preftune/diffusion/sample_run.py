@@ -91,6 +91,14 @@ def run_sample(
     if options.solver:
         solver_scheduler(options.solver, training_scheduler(model))  # refuse before loading anything
     prompts = read_prompts(prompts_file)
+    from preftune.diffusion.encode import cut_captions_note
+
+    where: dict[str, str] = {}
+    for i, p in enumerate(prompts):  # each prompt where it first appears
+        where.setdefault(p, f"{prompts_file} prompt {i + 1}")
+    note = cut_captions_note(model, where)
+    if note:
+        log(note)
     reward = load_image_reward(options.reward) if options.reward else None
     unet = load_denoiser(model).eval().requires_grad_(False)
     pipe = Pipeline.load(model)

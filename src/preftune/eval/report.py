@@ -28,6 +28,7 @@ from preftune.eval.htmlkit import png_uri as png_uri
 from preftune.eval.htmlkit import write_atomic as write_atomic
 from preftune.eval.plots import Curve, Panel
 from preftune.eval.report_sections import (
+    INSTEAD_OF,
     MAX_OTHER_PANELS,
     NOT_METRICS,
     NOT_PLOTTED,
@@ -237,7 +238,9 @@ def _plot_sections(records: Sequence[Mapping[str, Any]]) -> list[str]:
             c.key
             for p in panels
             for c in p.curves
-            if not c.optional and c.key not in plots.panel_has_data(records, p)
+            if not c.optional
+            and c.key not in plots.panel_has_data(records, p)
+            and not any(INSTEAD_OF.get(c.key, "") in r for r in records)
         ]
         if not present:
             missing.append(f"{stitle} ({', '.join(absent_keys)})")

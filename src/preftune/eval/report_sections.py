@@ -95,6 +95,9 @@ SECTIONS: tuple[Section, ...] = (
         "Training speed per optimizer step, measured by the trainer.",
         Panel("Tokens per second", "tokens / s", (Curve("tokens_per_s", "tokens/s", NEUTRAL),)),
         Panel(
+            "Images per second", "images / s", (Curve("images_per_s", "images/s", NEUTRAL, optional=True),)
+        ),
+        Panel(
             "Examples per second", "examples (pairs) / s", (Curve("examples_per_s", "examples/s", SECOND),)
         ),
     ),
@@ -156,6 +159,7 @@ ONLINE_ONLY = {sid for sid, _, _, _ in ONLINE_SECTIONS}
 SECTIONS = SECTIONS[:1] + ONLINE_SECTIONS + SECTIONS[1:]
 NOT_METRICS = {"step", "split", "phase", "epoch", "time", "timestamp", "elapsed_s", "wall_time"}
 # Logged, shown in the final table, but not worth a plot: a 0/1 flag and per-step counts.
-NOT_PLOTTED = {"skipped", "tokens", "examples"}
+NOT_PLOTTED = {"skipped", "tokens", "images", "examples"}
+INSTEAD_OF = {"tokens_per_s": "images_per_s"}  # not missing where the run logged the other (an image run)
 NOT_SMOOTHED = {"lr", "skipped"}  # schedules and flags: an average would misstate them
 MAX_OTHER_PANELS = 12

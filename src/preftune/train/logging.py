@@ -36,6 +36,7 @@ PROGRESS_KEYS = (
     "grad_norm",
     "lr",
     "tokens_per_s",
+    "images_per_s",  # diffusion runs: images (a pair is two) per second
 )
 
 
@@ -208,7 +209,7 @@ def metrics_text(metrics: dict[str, Any]) -> str:
         value = metrics.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             shown = f"{value:.0f}" if key == "tokens_per_s" else f"{value:.4g}"
-            parts.append(f"{key.replace('tokens_per_s', 'tokens/s')}={shown}")
+            parts.append(f"{key.replace('_per_s', '/s')}={shown}")
     if metrics.get("skipped"):  # no optimizer step: a non-finite loss, or nothing to train on
         parts.append("skipped")
     return "  ".join(parts)

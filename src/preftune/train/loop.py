@@ -147,7 +147,8 @@ def objective_on_batch(
             with grads_into_params():  # (the head's weight gradient straight into .grad)
                 total.backward()
         sums.add_total("loss", total)
-        sums.add_total("tokens", float(sum(e.num_tokens for e in micro)))
+        images = sum(len(e.response_ids) for e in micro if "latents" in e.meta)  # diffusion examples
+        sums.add_total("images" if images else "tokens", float(images or sum(e.num_tokens for e in micro)))
         sums.add_total("examples", float(len(micro)))
         preference_metrics(batch, sums, unpaired=objective.kind == "unpaired")
     return sums

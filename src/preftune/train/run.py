@@ -203,11 +203,12 @@ class Run:
         if config.ref_sync_every and state.global_step % config.ref_sync_every == 0:
             ref.provider.sync(state.model, config.ref_sync_alpha)
         seconds = max(time.perf_counter() - t0, 1e-9)
+        unit = "images" if "images" in metrics else "tokens"  # an image run counts images, not tokens
         state.last = {
-            **{k: v for k, v in metrics.items() if k not in ("tokens", "examples")},
+            **{k: v for k, v in metrics.items() if k not in ("tokens", "images", "examples")},
             "grad_norm": grad_norm,
             "lr": lr,
-            "tokens_per_s": metrics["tokens"] / seconds,
+            f"{unit}_per_s": metrics[unit] / seconds,
             "examples_per_s": metrics["examples"] / seconds,
             "skipped": float(not finite),
         }
@@ -272,7 +273,7 @@ class Run:
             batch_size=self.eval_micro,
             autocast=self.autocast,
         )
-        metrics = {k: v for k, v in metrics.items() if k not in ("tokens",)}
+        metrics = {k: v for k, v in metrics.items() if k not in ("tokens", "images")}
         self.logger.log({"step": state.global_step, "split": "eval", **metrics})
         return metrics
 
