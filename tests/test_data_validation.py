@@ -38,6 +38,44 @@ def test_missing_field(tmp_path):
     assert text.startswith(f"{tmp_path / 'd.jsonl'}:2: field 'rejected': missing — add 'rejected'")
 
 
+def test_misspelled_field_is_named_not_silently_ignored(tmp_path):
+    """`promt`: without a prompt a pair's prompt would be the shared prefix of its responses, so the
+    row is refused naming the column and the field it likely means; extra columns that are no near
+    miss of a field the kind reads (`source`, `score` on pairs) and mapped columns stay allowed."""
+
+    def typo(name: str, rows: list[dict[str, object]], first: object = GOOD, **kw: object) -> str:
+        res = check_data(write_jsonl(tmp_path / name, [first, *rows]), **kw)  # type: ignore[arg-type]
+        found = [p for p in res.problems if "unknown column" in p.message]
+        assert len(found) == 1 and found[0].row == 2 and res.summary["valid"] == 1, res.problems
+        return found[0].render()
+
+    shared = {  # a shared prefix: trained with it as the prompt without the check
+        "promt": "Human: 7+1?",
+        "chosen": "Human: 7+1? Assistant: 8",
+        "rejected": "Human: 7+1? Assistant: 9",
+    }
+    text = typo("d.jsonl", [shared])
+    assert "field 'promt': unknown column — did you mean 'prompt'? (this row has no 'prompt')" in text
+    assert text.endswith("--columns prompt=promt")
+    assert "did you mean 'rejected'" in typo("e.jsonl", [{"prompt": "x", "chosen": "a", "rejeted": "b"}])
+    assert "did you mean 'label'" in typo(
+        "g.jsonl",
+        [{"prompt": "x", "completion": "a", "lable": True}],
+        {"prompt": "x", "completion": "b", "label": False},
+    )
+    assert "did you mean 'chosen'" in typo("i.jsonl", [{"prompt": "x", "Chosen": "a", "rejected": "b"}])
+    extra = {**GOOD, "source": "web", "score": 3, "id": 7, "chosen_rating": 5, "rejected_score": 1}
+    implicit = {
+        "prompt_id": "p7",
+        "chosen": "Human: 7+1? Assistant: 8",
+        "rejected": "Human: 7+1? Assistant: 9",
+    }
+    assert not check_data(write_jsonl(tmp_path / "j.jsonl", [GOOD, implicit])).problems
+    assert not check_data(write_jsonl(tmp_path / "f.jsonl", [GOOD, extra])).problems
+    mapped = [{"promt": "7+1=", "chosen": "8", "rejected": "9"}]
+    assert not check_data(write_jsonl(tmp_path / "h.jsonl", mapped), columns={"prompt": "promt"}).problems
+
+
 def test_wrong_type(tmp_path):
     row, field, text = only_problem(tmp_path / "d.jsonl", [{"prompt": "x", "chosen": 7, "rejected": "b"}])
     assert (row, field) == (2, "chosen") and "is an int, expected text or a list of messages" in text

@@ -57,6 +57,9 @@ def test_a_perfect_scorer_is_the_oracle_and_an_inverted_one_the_worst(tmp_path):
     assert 0 < best["rm"][0] < 1  # the gold varies, so picking has an effect
     assert best["rm"][-1] > best["rm"][0] > worst["rm"][-1]
     assert all(a >= b for a, b in zip(worst["rm"], worst["rm"][1:]))  # worst-of-n falls with n
+    one = sample_and_score(perfect, str(model), str(prompts), gold, 8, **{**kw, "max_new_tokens": 1})
+    assert 0.0 <= best["unfinished"] <= one["unfinished"] <= 1.0  # what ends within 1 token ends within 6
+    assert one["max_new_tokens"] == 1 and best["max_new_tokens"] == 6
 
 
 def test_eval_of_an_rm_run_writes_bins_and_the_best_of_n_curve(tmp_path, capsys):
@@ -69,8 +72,13 @@ def test_eval_of_an_rm_run_writes_bins_and_the_best_of_n_curve(tmp_path, capsys)
     args = ["eval", str(run), "--data", str(data), "--best-of-n", "4", "--prompts", str(prompts),
             "--gold", f"{tmp_path / 'gold.py'}:has_one", "--max-new-tokens", "6"]  # fmt: skip
     assert main(args) == 0
-    assert "best-of-4 (oracle)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "best-of-4 (oracle)" in out
     payload = json.loads((run / "eval.json").read_text())
+    cut = payload["best_of_n"]["unfinished"]  # samples cut at 6 tokens: named when most are
+    assert ("before their end of sequence and were judged cut off — raise --max-new-tokens" in out) == (
+        cut > 0.5
+    )
     bins = payload["reliability"]
     assert len(bins) == 10 and sum(b["pairs"] for b in bins) == 8
     assert [b["low"] for b in bins][:2] == [0.5, 0.55] and bins[-1]["high"] == 1.0

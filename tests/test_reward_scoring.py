@@ -101,3 +101,23 @@ def test_empty_response_is_a_data_error_naming_the_row(rm_dirs):
     model = load_scorer(rm_dirs["llama"])
     with pytest.raises(DataError, match=r"row 7.*empty response.*at least one token"):
         branch_scores(model, [[1, 5]], [[[6], []]], source_rows=[7])
+
+
+def test_token_ids_outside_the_vocabulary_are_a_data_error_not_an_index_error(rm_dirs):
+    """Ids of another tokenizer: named (example, part, id, the model's range), before the model runs —
+    for the scorer and for `sequence_logps` alike."""
+    from preftune.models.load import load_causal_lm
+    from preftune.models.logprobs import sequence_logps
+
+    model = load_scorer(rm_dirs["llama"])
+    rows = model.get_input_embeddings().num_embeddings
+    with pytest.raises(
+        DataError, match=rf"example 1, response 0: token id {rows} is not in .*0\.\.{rows - 1}"
+    ):
+        branch_scores(model, [[1, 5], [2]], [[[6], [7]], [[rows], [3]]])
+    with pytest.raises(DataError, match=r"example 0, prompt: token id -1"):
+        branch_scores(model, [[1, -1]], [[[6]]])
+    lm = load_causal_lm(rm_dirs["llama"])
+    with pytest.raises(DataError, match=rf"example 0, response 1: token id {rows + 5}"):
+        sequence_logps(lm, [[1, 5]], [[[6], [rows + 5]]])
+    assert branch_scores(model, [[1, 5]], [[[6], [rows - 1]]]).shape == (2,)  # the last id is fine

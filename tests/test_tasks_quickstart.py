@@ -160,9 +160,14 @@ def test_trainer_sees_the_same_token_ids_as_sft_and_generation(toy) -> None:
 
 def test_config_errors(tmp_path) -> None:
     from preftune.errors import ConfigError
+    from preftune.tasks.quickstart import run_quickstart
 
     with pytest.raises(ConfigError, match="samples_per_prompt"):
         prepare(tmp_path, config=replace(TOY, samples_per_prompt=1), log=lambda _m: None)
+    for typo, meant in (("grop", "grpo"), ("simpp", "simpo"), ("online_dop", "online_dpo")):
+        with pytest.raises(ConfigError, match=f"unknown method '{typo}' — did you mean '{meant}'"):
+            run_quickstart(tmp_path / typo, method=typo, config=TOY, log=lambda _m: None)
+        assert not (tmp_path / typo).exists()  # refused before anything is written
 
 
 def test_run_quickstart_toy_writes_summary_and_report(tmp_path) -> None:

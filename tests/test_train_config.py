@@ -76,6 +76,38 @@ def test_objective_routes_flat_and_dotted_hparams() -> None:
     assert terms[0][2]["beta"] == 0.4
 
 
+def test_gamma_reaches_simpo_and_alphapo_not_the_unused_discount(tmp_path: Path) -> None:
+    """`gamma` is both a config field (the PPO family's discount) and SimPO's / AlphaPO's margin γ:
+    given to an offline method with a γ term — flag, YAML key or Python override — it sets that γ;
+    to an offline method without one it is refused, not silently dropped; PPO keeps its discount."""
+    for method in ("simpo", "alphapo"):
+        c = cfg(method=method, gamma=0.3)
+        assert validate(c)[0][2]["gamma"] == 0.3 and c.gamma == 1.0
+    args = build_parser().parse_args(
+        ["train", "simpo", *"--model m --data d.jsonl --out o --gamma 1.6".split()]
+    )
+    assert (
+        validate(load_config(None, overrides_from_args(args)))[0][2]["gamma"] == 1.6
+    )  # SimPO's γ may exceed 1
+    example = Path(__file__).parent.parent / "examples" / "simpo.yaml"  # `gamma: 0.5` in the file
+    assert validate(load_config(example, BASE))[0][2]["gamma"] == 0.5
+    assert validate(cfg(method="simpo", hparams={"simpo.gamma": 0.7}))[0][2]["gamma"] == 0.7
+    with pytest.raises(ConfigError, match="no term of 'dpo' has a γ"):
+        validate(cfg(gamma=0.3))
+    ppo = load_config(
+        None,
+        {
+            "method": "ppo",
+            "model": "m",
+            "prompts": "p.jsonl",
+            "reward": "arithmetic",
+            "out": "o",
+            "gamma": 0.9,
+        },
+    )
+    assert ppo.gamma == 0.9 and "gamma" not in ppo.hparams
+
+
 @pytest.mark.parametrize(
     ("values", "match"),
     [

@@ -123,7 +123,30 @@ def config_from_dict(values: Mapping[str, Any], *, where: str = "config") -> Tra
             hparams[key] = value
     config = TrainConfig(**kwargs)
     config.hparams = hparams
+    _route_shared_keys(config, kwargs)
     return config
+
+
+# Keys that are both a config field and a loss hyper-parameter: `gamma` is the PPO family's discount
+# and SimPO's / AlphaPO's target margin.
+SHARED_KEYS = ("gamma",)
+
+
+def _route_shared_keys(config: TrainConfig, given: Mapping[str, Any]) -> None:
+    """A shared key given flat goes to the loss when the method is offline and one of its terms
+    declares it (`preftune train simpo --gamma 0.5` sets SimPO's γ, not the unused discount)."""
+    if is_online(config.method) or is_distill(config.method):
+        return
+    from preftune.losses import parse_objective
+
+    try:
+        terms = parse_objective(config.method)
+    except (ConfigError, ValueError):
+        return  # an unknown method: `validate` names it
+    for key in SHARED_KEYS:
+        if key in given and key not in config.hparams and any(key in spec.hparams for spec, _ in terms):
+            config.hparams[key] = given[key]
+            setattr(config, key, FIELDS[key].default)
 
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
@@ -327,6 +350,11 @@ def validate(config: TrainConfig) -> list[tuple[Any, float, dict[str, Any]]]:
             f"prompts / reward / estimator / objective / sampler / num_iterations are for the online methods "
             f"({', '.join(PRESETS)}), "
             f"not '{config.method}'"
+        )
+    if not online and config.gamma != FIELDS["gamma"].default:  # a loss's γ went to hparams
+        raise ConfigError(
+            f"gamma = {config.gamma:g}: no term of '{config.method}' has a γ, and the PPO family's discount "
+            "is for online methods — remove it"
         )
     _check_range(config)
     for sink in config.report_to:

@@ -257,7 +257,13 @@ class TrainConfig:
     value_lr: float | None = _online(
         None, "PPO family: learning rate of the value head (default: lr).", low=0.0
     )
-    gamma: float = _online(1.0, "PPO family: GAE discount γ.", low=0.0, high=1.0)
+    gamma: float = _online(
+        1.0,
+        "PPO family: GAE discount γ. With simpo or alphapo (a term with its own γ) --gamma is that "
+        "term's target margin instead.",
+        low=0.0,
+        high=1.0,
+    )
     lam: float = _online(0.95, "PPO family: GAE λ.", low=0.0, high=1.0)
     macro: str | None = _online(
         None, "MA-RLHF macro actions: fixed | randomized | ppl (ma_ppo: fixed).", choices=MACROS

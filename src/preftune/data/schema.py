@@ -375,10 +375,56 @@ def validate(
         record, names, _ = normalize(apply_columns(raw, columns))
         c = Checker(data.path, row, columns, names)
         rec = check(c, record)
+        _misspelled_fields(c, record, kind)
         problems.extend(c.problems)
-        if rec is not None:
+        if rec is not None and not c.problems:
             records.append(rec)
     return records, _sorted(problems), kind  # type: ignore[return-value]
+
+
+# The fields each kind reads: a column one or two letters off one of them, which the row lacks, is
+# a typo (`promt`): without it a pair would silently train on the shared prefix as its prompt.
+KIND_FIELDS: dict[str, tuple[str, ...]] = {
+    "pairwise": (
+        "prompt",
+        "chosen",
+        "rejected",
+        "label",
+        "margins",
+        "margin",
+        "score_chosen",
+        "score_rejected",
+    ),
+    "unpaired": ("prompt", "completion", "label"),
+    "ranked": ("prompt", "responses", "scores"),
+}
+
+
+def _misspelled_fields(c: Checker, record: dict[str, Any], kind: str) -> None:
+    """A problem for each column of `record` that looks like a misspelled field of `kind` it lacks."""
+    absent = [f for f in KIND_FIELDS[kind] if f not in record]
+    for key in record:
+        if key in ALL_FIELDS or key in c.columns.values():
+            continue
+        name = str(key).lower()  # `Prompt`, `promt`, `lable`, `rejeted` — not `prompt_id`, `chosen_rating`
+        close = [f for f in absent if _edits(name, f) <= (2 if len(f) >= 8 else 1)]
+        if close:
+            c.add(
+                str(key),
+                f"unknown column — did you mean '{close[0]}'? (this row has no '{close[0]}')",
+                f"rename the column to '{close[0]}', or map it: --columns {close[0]}={key}",
+            )
+
+
+def _edits(a: str, b: str) -> int:
+    """Edits (insert, delete, substitute, swap two neighbours) that turn `a` into `b`."""
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[len(a)][len(b)]
 
 
 def missing_columns(data: SourceData, columns: dict[str, str]) -> Problem | None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from preftune.errors import ConfigError
+from preftune.errors import ConfigError, DataError
 from preftune.models.direct_grads import embedding_inputs
 from preftune.models.head_logps import HeadLogps, head_logps_forward, linear_head_scale
 from preftune.models.load import unwrap_model
@@ -378,6 +378,21 @@ def example_stats(
     return SequenceStats(logps=logps, lengths=lengths, token_logps=matrix, values=value_matrix)
 
 
+def check_token_ids(model: Any, prompts: list[list[int]], branches: list[list[list[int]]]) -> None:
+    """DataError unless every id of `prompts` and `branches` is one of the model's input embedding rows
+    (ids of another tokenizer would fail deep inside the embedding with an IndexError)."""
+    rows = model.get_input_embeddings().num_embeddings
+    for i, (p, bs) in enumerate(zip(prompts, branches)):
+        for part, ids in [("prompt", p), *((f"response {k}", b) for k, b in enumerate(bs))]:
+            bad = next((t for t in ids if not 0 <= t < rows), None)
+            if bad is not None:
+                raise DataError(
+                    f"example {i}, {part}: token id {bad} is not in the model's vocabulary (ids 0..{rows - 1})",
+                    field="token ids",
+                    fix="encode the text with this model's own tokenizer (AutoTokenizer.from_pretrained of its folder)",
+                )
+
+
 def sequence_logps(
     model: Any,
     prompt_ids: list[list[int]],
@@ -399,6 +414,7 @@ def sequence_logps(
     `Rollouts.grouped_min_logits`) renormalises each token's softmax over the support a top-k / top-p
     sampler kept: the temperature-scaled logits ≥ the token's threshold (−inf: all).
     """
+    check_token_ids(unwrap_model(model), prompt_ids, response_ids)
     logps, lengths, tok, index, _ = _compute(
         model,
         prompt_ids,

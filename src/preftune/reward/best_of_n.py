@@ -64,7 +64,8 @@ def sample_and_score(
 ) -> dict[str, Any]:
     """Sample n_max completions per prompt of `prompts_path` from `policy`, score them with `scorer`
     (a reward function: an RM folder's `RewardModelFn`, an ensemble) and with the `gold` reward spec;
-    returns the curve (`best_of_n_curve`) with the prompt and sample counts."""
+    returns the curve (`best_of_n_curve`) with the prompt and sample counts and `unfinished`, the
+    fraction of samples cut at `max_new_tokens` before their end of sequence."""
     from preftune.data.formatting import load_tokenizer
     from preftune.generation import generate
     from preftune.models.load import load_causal_lm
@@ -82,4 +83,9 @@ def sample_and_score(
     gold_values = load_reward(gold)(texts, completions, **columns).view(len(rows), n_max)
     scores = torch.as_tensor(scorer(texts, completions), dtype=torch.float64).view(len(rows), n_max)
     curve = best_of_n_curve(scores, gold_values, curve_points(n_max))
-    return {"prompts": len(rows), "samples": n_max, "gold": gold, "policy": str(Path(policy)), **curve}
+    eos = tokenizer.eos_token_id
+    unfinished = sum(not s or s[-1] != eos for out in ids for s in out) / max(len(completions), 1)
+    return {
+        "prompts": len(rows), "samples": n_max, "gold": gold, "policy": str(Path(policy)),
+        "unfinished": unfinished, "max_new_tokens": max_new_tokens, **curve,
+    }  # fmt: skip

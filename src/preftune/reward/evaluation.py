@@ -133,4 +133,10 @@ def rm_eval_payload(run: Path, config: TrainConfig, args: Any) -> dict[str, Any]
             temperature=1.0 if args.temperature is None else args.temperature,
             max_new_tokens=args.max_new_tokens or 128, seed=args.seed,
         )  # fmt: skip
+        bon = out["best_of_n"]
+        if bon["unfinished"] > 0.5:  # the gold reward judges cut-off answers: the curve says little
+            print(
+                f"note: {bon['unfinished']:.0%} of the samples reached --max-new-tokens {bon['max_new_tokens']} "
+                "before their end of sequence and were judged cut off — raise --max-new-tokens"
+            )
     return out

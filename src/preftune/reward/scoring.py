@@ -18,7 +18,7 @@ import torch
 
 from preftune.errors import ConfigError, DataError
 from preftune.models.load import _check_source, resolve_dtype, unwrap_model
-from preftune.models.logprobs import trunk_hidden_states
+from preftune.models.logprobs import check_token_ids, trunk_hidden_states
 from preftune.models.packing import RowBatch, build_packed, build_padded, packing_support
 
 
@@ -108,6 +108,7 @@ def branch_scores(
                 field="response_ids",
                 fix="drop the row or give the response at least one token",
             )
+    check_token_ids(lm, prompts, branches)
     if pack and (reason := packing_support(lm.config)) is not None:
         warnings.warn(
             f"prefix-shared packing is off, using padded rows: {reason}", RuntimeWarning, stacklevel=2

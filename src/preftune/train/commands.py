@@ -214,7 +214,7 @@ _REWARD_MODEL_HELP = """\
 --head H        scalar (default: a new one-output head on --model) | implicit (r = β log π_θ/π_ref)
 --beta B        the implicit reward's β (--head implicit; default 0.05)
 --heads M       M scalar heads on one trunk (M ≥ 2; pairwise losses)
---ensemble M    M reward models of seeds 0..M−1 (OUT/member-i)
+--ensemble M    M reward models of seeds S..S+M−1, S = --seed (OUT/member-i)
 --aggregate A   how --heads / --ensemble members combine in OUT/final: mean (default) | min | uwo | median
 --aggregation A prm: how step scores make one reward: min (default) | last | sum | mean | prod;
                 --head implicit: outcome (rm default) or one of those
