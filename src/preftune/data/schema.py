@@ -351,9 +351,10 @@ def validate(
     first = next((r for _, r in data.rows if r is not None), None)
     if kind is None and first is not None:
         kind = detect_kind(normalize(apply_columns(first, columns))[0])
-        if kind is None:
+        if kind is None:  # a process reward model's step labels are named as such
             problems.append(
-                Problem(
+                _step_data(first, data.path)
+                or Problem(
                     f"cannot tell the record kind from the fields {sorted(first)}",
                     path=data.path,
                     fix=(
@@ -425,6 +426,21 @@ def _edits(a: str, b: str) -> int:
             if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
                 d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
     return d[len(a)][len(b)]
+
+
+def _step_data(record: dict[str, Any], path: str = "") -> Problem | None:
+    """The problem of a process reward model's step labels read as preference data (`preftune train rm`,
+    `preftune eval`), or None when `record` is no step-labelled row (`data check`'s own recognition)."""
+    from preftune.reward.data_check import looks_like_steps
+
+    if not looks_like_steps(record):
+        return None
+    return Problem(
+        f"looks like step-labelled data (prompt, steps, labels; fields {sorted(record)}), not preference data",
+        path=path,
+        fix="train a process reward model on it with 'preftune train prm' ('preftune eval' of a prm run "
+        f"reads it too), or check it with 'preftune data check {path or 'FILE'}'",
+    )
 
 
 def missing_columns(data: SourceData, columns: dict[str, str]) -> Problem | None:

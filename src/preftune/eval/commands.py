@@ -17,8 +17,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from preftune.cli import int_at_least, temperature_arg
 from preftune.errors import ConfigError
+from preftune.eval.eval_options import (
+    add_best_of_n_flags,
+    add_heldout_data_flags,
+    add_kl_flags,
+    heldout_data_overrides,
+)
 
 SWEEP_DOC = """Train each of --methods on the same model and data (OUT/METHOD/ per run), sharing one
 reference pass through the reference cache, then compare them: OUT/sweep.html and OUT/sweep.json hold
@@ -55,42 +60,6 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_best_of_n_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("best-of-n (a reward-model run)")
-    g.add_argument("--best-of-n", type=int_at_least(0), default=0, metavar="N",
-                   help="sample N completions per prompt of --prompts and report the gold reward of the "
-                   "RM's pick among n = 1, 2, 4, ..., N (and of the best one, the oracle)")  # fmt: skip
-    g.add_argument("--gold", default="arithmetic", help="gold reward spec (default: the task's verifier)")
-    g.add_argument("--policy", help="model to sample (default: the run's --model)")
-    h = p.add_argument_group(
-        "held-out prompts (--prompts): best-of-n of a reward-model run, or a policy run's held-out reward: "
-        "final/'s responses and the starting model's to the same prompts, scored by --reward"
-    )
-    h.add_argument("--prompts", help="prompt rows ('prompt' and the columns the reward reads)")
-    h.add_argument(
-        "--reward", help="a policy run's reward for --prompts (default: the run's --reward, else arithmetic)"
-    )
-    h.add_argument(
-        "--num-samples",
-        type=int_at_least(1),
-        default=1,
-        help="a policy run's responses per prompt (default 1: greedy)",
-    )
-    h.add_argument(
-        "--temperature",
-        type=temperature_arg,
-        default=None,
-        help="sampling temperature (default: 0, greedy, for a policy run; 1 for best-of-n)",
-    )
-    h.add_argument(
-        "--max-new-tokens",
-        type=int_at_least(1),
-        default=None,
-        help="longest response (default: the run's max_completion_length, else 128)",
-    )
-    h.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-
-
 def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -123,7 +92,8 @@ def _eval(args: argparse.Namespace) -> int:
                           f"scores language-model runs — sample and score its images with 'preftune sample --model {final} "
                           "--prompts PROMPTS --reward NAME' (samples.jsonl holds each image's reward); online "
                           "diffusion runs keep their held-out reward before and after in summary.json")  # fmt: skip
-    config = load_config(run / "config.yaml")
+    reading = heldout_data_overrides(args)  # --kind, --columns, --on-invalid over the run's own
+    config = load_config(run / "config.yaml", reading)
     from preftune.reward.implicit import holds_steps, is_implicit
 
     method = config.method
@@ -131,6 +101,9 @@ def _eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"preftune eval of a {method} run needs --data (held-out {method} data)")
     if method == "rm" and is_implicit(final) and holds_steps(args.data):
         method = "prm"  # an implicit outcome RM is a PRM too: ProcessBench metrics of step data
+    if method == "prm" and reading:
+        flags = ", ".join("--" + k.replace("_", "-") for k in reading)
+        raise ConfigError(f"{flags}: for preference data; step data ({args.data}) is read as it is")
     if method == "rm":  # a reward model: pairwise accuracy, calibration, best-of-n
         return _eval_reward_model(run, config, args)
     if method == "prm":  # a process reward model: ProcessBench metrics (first wrong step)
@@ -199,6 +172,8 @@ def _preference_metrics(
         truncation=config.truncation,
         cache_dir=config.cache_dir,
         kind=config.kind,
+        columns=config.columns,
+        on_invalid=config.on_invalid,
     )
     return eval_method, metrics
 
@@ -343,13 +318,15 @@ def _kl(
     from preftune.eval.kl import sequence_kl
     from preftune.eval.sweep import prompts_from_data
 
-    if args.data:
+    if args.data:  # read as the preference metrics read it, which said what was dropped
         prompts = prompts_from_data(
             args.data,
             models.tokenizer,
             limit=args.kl_prompts,
             max_prompt_length=config.max_prompt_length,
             cache_dir=config.cache_dir,
+            reading={"kind": config.kind, "columns": config.columns, "on_invalid": config.on_invalid},
+            notices=False,
         )
     else:  # the held-out prompts of --prompts
         prompts = [r.ids for r in (rows or [])[: args.kl_prompts]]
@@ -489,31 +466,6 @@ def _sweep_status(out: Path, result: Any) -> int:
     return 1 if len(failed) == len(result.results) else 0
 
 
-def _add_kl_flags(p: argparse.ArgumentParser, default_samples: int) -> None:
-    g = p.add_argument_group("KL to the reference (sampled from the policy at temperature 1)")
-    g.add_argument(
-        "--kl-samples",
-        type=int_at_least(0),
-        default=default_samples,
-        metavar="N",
-        help=f"responses sampled per held-out prompt (0: skip the KL estimate; default {default_samples})",
-    )
-    g.add_argument(
-        "--kl-prompts",
-        type=int_at_least(1),
-        default=32,
-        metavar="N",
-        help="held-out prompts used (default 32)",
-    )
-    g.add_argument(
-        "--kl-max-new-tokens",
-        type=int_at_least(1),
-        default=64,
-        metavar="N",
-        help="longest sampled response; longer ones are cut, which lowers the estimate (default 64)",
-    )
-
-
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add `report`, `eval` and `sweep` to `preftune`."""
     p = sub.add_parser(
@@ -544,14 +496,17 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a finished 'preftune train'")
     p.add_argument(
-        "--data", help="held-out preference data (same formats as training data); and/or --prompts below"
+        "--data",
+        help="held-out preference data (same formats as training data, read with the run's --kind, "
+        "--columns and --on-invalid unless given below); and/or --prompts below",
     )
     p.add_argument(
         "--ref-model", default=None, help="reference model folder (default: the run's ref_model or model)"
     )
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default 8)")
-    _add_kl_flags(p, default_samples=2)
-    _add_best_of_n_flags(p)
+    add_heldout_data_flags(p)
+    add_kl_flags(p, default_samples=2)
+    add_best_of_n_flags(p)
     p.set_defaults(func=_eval)
 
     from preftune.config import FIELDS
@@ -590,11 +545,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "the others (stopped, not started or failed) resume from their newest checkpoint (same flags as "
         "the first command)",
     )
-    _add_kl_flags(p, default_samples=4)
+    add_kl_flags(p, default_samples=4)
     group = p.add_argument_group(
         "shared run configuration (without --model/--data: the built-in arithmetic task)"
     )
     for name in FIELDS:
         if name not in ("method", "out", "resume", "hparams"):
-            _add_field(group, name)  # type: ignore[arg-type]
+            _add_field(group, name)
     p.set_defaults(func=_sweep)

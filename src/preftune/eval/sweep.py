@@ -496,13 +496,30 @@ def prompts_from_data(
     limit: int,
     max_prompt_length: int | None = None,
     cache_dir: str | None = None,
+    reading: dict[str, Any] | None = None,
+    notices: bool = True,
 ) -> list[list[int]]:
-    """The first `limit` distinct prompts of a preference data file, tokenized as the trainer does."""
+    """The first `limit` distinct prompts of a preference data file, tokenized as the trainer does;
+    `reading`: kind, columns and on_invalid as `prepare_examples` takes them; `notices=False` keeps
+    the data summary's notices (dropped rows, ...) quiet when another pass over the file gave them."""
+    import logging
+
     from preftune.data.pipeline import prepare_examples
 
-    prepared = prepare_examples(
-        source, tokenizer=tokenizer, max_prompt_length=max_prompt_length, cache_dir=cache_dir
-    )
+    data_log = logging.getLogger("preftune.data")
+    level = data_log.level
+    if not notices:
+        data_log.setLevel(logging.ERROR)
+    try:
+        prepared = prepare_examples(
+            source,
+            tokenizer=tokenizer,
+            max_prompt_length=max_prompt_length,
+            cache_dir=cache_dir,
+            **(reading or {}),
+        )
+    finally:
+        data_log.setLevel(level)
     seen: dict[tuple[int, ...], None] = {}
     for ex in prepared.examples:
         seen.setdefault(tuple(ex.prompt_ids))

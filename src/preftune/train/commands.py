@@ -114,13 +114,17 @@ class _TrainParser(argparse.ArgumentParser):
         return out
 
 
-def _add_field(parser: argparse.ArgumentParser, name: str) -> None:
+def _add_field(parser: argparse._ActionsContainer, name: str, default_text: str | None = None) -> None:
+    """The flag of config field `name` (absent from the namespace unless given); `default_text`
+    replaces the field's default in the help (e.g. `preftune eval`'s "the run's")."""
     f = FIELDS[name]
     base, _ = field_type(name)
     flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
     help_text = str(f.metadata["help"]).replace("%", "%%")
     default = None if f.default is dataclasses.MISSING else f.default
-    if default is not None and default != "":
+    if default_text is not None:
+        help_text += f" (default: {default_text})"
+    elif default is not None and default != "":
         help_text += f" (default: {default})"
     if base is bool:  # --fsdp, --fsdp true/false, --no-fsdp (TRL's habit: a bare flag is a switch)
         help_text += f"; a bare --{name.replace('_', '-')} is true, --no-{name.replace('_', '-')} false"
@@ -181,7 +185,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     group = p.add_argument_group("run configuration (any key also works in --config YAML)")
     for name in FIELDS:
         if name != "hparams":
-            _add_field(group, name)  # type: ignore[arg-type]
+            _add_field(group, name)
     _add_trl_names(p)
     p.set_defaults(func=run)
 

@@ -33,11 +33,14 @@ def evaluate(
     truncation: str = "truncate",
     cache_dir: str | None = None,
     kind: str | None = None,
+    columns: str | None = None,
+    on_invalid: str = "error",
 ) -> dict[str, float]:
     """Preference metrics (docs/algorithms.md §5) and the objective's loss of `model` on held-out `data`.
 
     model: a model folder (full weights or a PEFT adapter folder such as a LoRA run's OUT/final) or a
-        loaded module. data: a data source path or a list of `Example`s (already tokenized).
+        loaded module. data: a data source path or a list of `Example`s (already tokenized), read with
+        `kind`, `columns` and `on_invalid` as training reads its data (`prepare_examples`).
     ref_model: the reference folder (a run's base `model`); for a PEFT adapter it defaults to the base
         weights with adapters disabled. Reference log-probs go through the same on-disk cache as training.
     Returns e.g. {"loss", "rewards/accuracy", "rewards/margin", "logps/chosen", "policy_rank_accuracy", ...}.
@@ -58,6 +61,8 @@ def evaluate(
         max_completion_length=max_completion_length,
         truncation=truncation,
         kind=kind,
+        columns=columns,
+        on_invalid=on_invalid,
         hparams=dict(hparams or {}),
         micro_batch_size=batch_size,
     )
