@@ -93,7 +93,7 @@ def test_rpo_alpha_adds_the_nll_term_and_orpo_beta_is_lambda() -> None:
         load_config(None, {"method": "dpo:1,sft:0.1", "rpo_alpha": 1.0})
     c = load_config(None, parse("orpo", "--beta", "0.25"))
     [(spec, _, hp)] = resolve_objective(c)
-    assert (spec.name, hp) == ("orpo", {"odds_ratio_weight": 0.25})  # TRL's ORPO β is λ
+    assert (spec.name, hp["odds_ratio_weight"]) == ("orpo", 0.25)  # TRL's ORPO β is λ
     c = load_config(None, parse("--loss_type", "sigmoid,sft", "--loss_weights", "1,0.2"))
     assert c.method == "dpo:1,sft:0.2"
 
@@ -252,9 +252,18 @@ def test_config_yaml_records_every_resolved_hyper_parameter(tmp_path: Path) -> N
 
     base = {"model": "m", "data": "d", "out": "o"}
     for values, recorded in (
-        ({"method": "rpo", "beta": 0.2}, {"beta": 0.2, "sft_weight": 0.005, "sft_form": "paper"}),
-        ({"method": "dpo:1,sft:0.2"}, {"dpo.beta": 0.1}),  # several terms: TERM.KEY
-        ({"method": "modpo"}, {"beta": 0.1, "weights": []}),  # a tuple is written as a list
+        (
+            {"method": "rpo", "beta": 0.2},
+            {"beta": 0.2, "sft_weight": 0.005, "sft_form": "paper", "wpo_weighting": False},
+        ),
+        ({"method": "dpo"}, {"beta": 0.1, "wpo_weighting": False}),  # every option, WPO's too
+        # several terms: TERM.KEY, every term's every option
+        ({"method": "dpo:1,sft:0.2"}, {"dpo.beta": 0.1, "dpo.wpo_weighting": False}),
+        (
+            {"method": "simpo:1,sft:0.5"},
+            {"simpo.beta": 2.0, "simpo.gamma": 1.0, "simpo.wpo_weighting": False},
+        ),
+        ({"method": "modpo"}, {"beta": 0.1, "weights": [], "wpo_weighting": False}),  # a tuple: a list
     ):
         config = load_config(None, {**base, **values})
         objective = validate(config)

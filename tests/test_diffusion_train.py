@@ -142,9 +142,15 @@ def test_diffusion_beta_default_and_kto_on_pairs(setup: tuple[Path, Path, Path])
 
     root, pipe, data = setup
     result = train(config(root, pipe, data, "beta", max_steps=1))
-    assert yaml.safe_load((result.out_dir / "config.yaml").read_text())["hparams"] == {"beta": 5000.0}
+    assert yaml.safe_load((result.out_dir / "config.yaml").read_text())["hparams"] == {
+        "beta": 5000.0,
+        "wpo_weighting": False,
+    }
     result = train(config(root, pipe, data, "beta2", max_steps=1, hparams={"beta": 2500.0}))
-    assert yaml.safe_load((result.out_dir / "config.yaml").read_text())["hparams"] == {"beta": 2500.0}
+    assert yaml.safe_load((result.out_dir / "config.yaml").read_text())["hparams"] == {
+        "beta": 2500.0,
+        "wpo_weighting": False,
+    }
     result = train(config(root, pipe, data, "kto", method="diff_kto", max_steps=1, batch_size=8))
     assert result.metrics["examples_per_s"] > 0
     first = json.loads((result.out_dir / "metrics.jsonl").read_text().splitlines()[0])

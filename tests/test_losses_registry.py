@@ -19,8 +19,9 @@ def test_get_unknown_loss_suggests_the_close_name():
 
 def test_validate_fills_defaults_and_names_range_and_close_name():
     spec = losses.get("dpo")
-    assert spec.validate({}) == {"beta": 0.1}
-    assert spec.validate({"beta": "0.5"}) == {"beta": 0.5}
+    # every hyper-parameter resolved, wpo_weighting (which any pairwise loss takes) included
+    assert spec.validate({}) == {"beta": 0.1, "wpo_weighting": False}
+    assert spec.validate({"beta": "0.5"}) == {"beta": 0.5, "wpo_weighting": False}
     assert spec.validate({"wpo_weighting": "true"}) == {
         "beta": 0.1,
         "wpo_weighting": True,

@@ -274,6 +274,7 @@ def test_presets_and_their_objective_checks() -> None:
     assert [s.name for s, _, _ in validate(dno)] == ["dpo"]
     assert config_to_dict(dno, validate(dno))["hparams"] == {
         "beta": 0.1,
+        "wpo_weighting": False,
         "margin": 0.5,
         "cut_rejected": False,
         "pairing": "best_worst",
@@ -281,6 +282,7 @@ def test_presets_and_their_objective_checks() -> None:
     cut = _config(hparams={"cut_rejected": "true"})  # as the command line gives it (--cut-rejected)
     assert config_to_dict(cut, validate(cut))["hparams"] == {
         "beta": 0.1,
+        "wpo_weighting": False,
         "cut_rejected": True,
         "pairing": "best_worst",
     }

@@ -71,7 +71,7 @@ def test_help_lists_fields_and_loss_hparams(capsys: pytest.CaptureFixture[str]) 
 def test_objective_routes_flat_and_dotted_hparams() -> None:
     terms = validate(cfg(method="dpo:1.0,sft:0.2", hparams={"beta": 0.25}))
     assert [(s.name, w) for s, w, _ in terms] == [("dpo", 1.0), ("sft", 0.2)]
-    assert terms[0][2] == {"beta": 0.25} and terms[1][2] == {}
+    assert terms[0][2] == {"beta": 0.25, "wpo_weighting": False} and terms[1][2] == {}
     terms = validate(cfg(method="cdpo", hparams={"cdpo.beta": 0.4}))
     assert terms[0][2]["beta"] == 0.4
 
@@ -106,6 +106,24 @@ def test_gamma_reaches_simpo_and_alphapo_not_the_unused_discount(tmp_path: Path)
         },
     )
     assert ppo.gamma == 0.9 and "gamma" not in ppo.hparams
+
+
+@pytest.mark.parametrize("method", ["dpo", "dpo:1.0,sft:0.2"])
+def test_config_yaml_records_every_option_and_resumes_alike(tmp_path: Path, method: str) -> None:
+    """OUT/config.yaml holds every hyper-parameter of every term, defaults included (dpo's
+    wpo_weighting was left out); it loads back, and a resume from the command line (which gives
+    none) or from a config.yaml written before (without wpo_weighting) sees no change."""
+    from preftune.train.runfolder import config_changes, save_config_atomic
+
+    given = cfg(method=method)
+    save_config_atomic(given, tmp_path / "config.yaml")
+    recorded = load_config(tmp_path / "config.yaml")
+    key = "" if method == "dpo" else "dpo."
+    assert recorded.hparams == {f"{key}beta": 0.1, f"{key}wpo_weighting": False}
+    older = cfg(method=method, hparams={f"{key}beta": 0.1})
+    assert config_changes(recorded, given) == [] and config_changes(older, recorded) == []
+    changed = cfg(method=method, hparams={"wpo_weighting": True})
+    assert config_changes(recorded, changed) == [("dpo.wpo_weighting", False, True)]
 
 
 @pytest.mark.parametrize(

@@ -145,7 +145,8 @@ def test_dpo_learns_and_evaluates(env: dict[str, Path]) -> None:
     import yaml
 
     recorded = yaml.safe_load((env["root"] / "learn" / "config.yaml").read_text())
-    assert recorded["hparams"] == {"beta": 0.5}  # the resolved value the run used, not the CLI string
+    # the resolved values the run used (not the CLI string), defaults included
+    assert recorded["hparams"] == {"beta": 0.5, "wpo_weighting": False}
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     final = env["root"] / "learn" / "final"

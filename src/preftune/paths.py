@@ -40,6 +40,12 @@ def is_local_path(text: str) -> bool:
     return "/" in text and path.parent.is_dir()
 
 
+def looks_like_file(text: str) -> bool:
+    """True when `text`, though it may be read as a hub id, ends in what looks like a file extension
+    (`prefs.jsnl`, a typo of `.jsonl`): a message then names the local path that does not exist first."""
+    return bool(re.search(r"\.[A-Za-z][A-Za-z0-9]{0,9}$", Path(text).name))
+
+
 def hub_host() -> str:
     return urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
 

@@ -143,12 +143,38 @@ def load_hub(repo_id: str, name: str | None) -> Any:
 
     try:
         return datasets.load_dataset(repo_id, split=name or "train")
-    except Exception as err:  # network, missing repo, missing split...
+    except (ConnectionError, FileNotFoundError) as err:  # no such dataset, or none reachable/cached
+        raise not_found(repo_id, err) from None
+    except Exception as err:  # a missing split, a dataset the library cannot read...
         raise DataError(
             f"cannot load hub dataset ({type(err).__name__}: {err})",
             path=repo_id,
             fix="check the dataset id and split, and that you are online",
         ) from err
+
+
+def not_found(text: str, err: BaseException) -> DataError:
+    """`text` is neither a local file nor a hub dataset that could be loaded: one line naming both
+    readings, the local path first when `text` looks like one (a typo'd file name)."""
+    from preftune.paths import looks_like_file, offline
+
+    hub = f"{type(err).__name__}: {err}".splitlines()[0]
+    if looks_like_file(text):
+        return DataError(
+            f"no such file or folder (and no hub dataset of that name could be loaded: {hub})",
+            path=text,
+            fix="check the path (a JSONL/JSON/Parquet/CSV file or a datasets save_to_disk folder)",
+        )
+    return DataError(
+        f"neither a local file nor a reachable hub dataset ({hub})",
+        path=text,
+        fix="check the path (a local file without extension: ./NAME) or the dataset id"
+        + (
+            " (offline mode reads only datasets downloaded before)"
+            if offline()
+            else ", and that you are online"
+        ),
+    )
 
 
 def read_hub(repo_id: str, name: str | None) -> SourceData:

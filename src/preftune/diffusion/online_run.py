@@ -119,11 +119,8 @@ def train_online_diffusion(config: TrainConfig, log: Any = print) -> Any:
     diffusers_logging.disable_progress_bar()
     options = check_online_diffusion(config)
     config = replace(config, hparams=options)  # config.yaml records every option's value
-    lock = claim(config)
-    try:
+    with claim(config):  # a failed run puts the folder back as it was (RunLock.undo)
         return _train(config, options, log)
-    finally:
-        lock.release()
 
 
 def _setup(

@@ -210,9 +210,9 @@ class LossSpec:
         return doc.splitlines()[0] if doc else ""
 
     def defaults(self) -> dict[str, Any]:
-        """The hyper-parameters' defaults; options every loss of a kind takes (`wpo_weighting`) appear
-        only when given, so a method's resolved hyper-parameters are its own."""
-        return {k: p.default for k, p in self.hparams.items() if k != WPO_NAME}
+        """Every hyper-parameter's default, options every loss of a kind takes (`wpo_weighting`)
+        included: a run's resolved hyper-parameters (its config.yaml) name each value it used."""
+        return {k: p.default for k, p in self.hparams.items()}
 
     def validate(self, hparams: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Return `hparams` checked against this spec, coerced, with defaults filled in.

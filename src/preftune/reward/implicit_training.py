@@ -174,8 +174,7 @@ def train_implicit_rm(config: TrainConfig, log: Any = print) -> Any:
     check_config(config)
     loss = settings["loss"]
     loss_fn = None if loss == "ce" else parse_rm_loss(loss)
-    lock = claim(config)
-    try:
+    with claim(config):  # a failed run puts the folder back as it was (RunLock.undo)
         policy, reference = load_models(config)
         irm = ImplicitRM(policy, reference, settings["beta"])
 
@@ -201,8 +200,6 @@ def train_implicit_rm(config: TrainConfig, log: Any = print) -> Any:
             )
 
         return _finish(config, run_scorer(config, load, log), settings, f"rm (implicit, {loss})", log)
-    finally:
-        lock.release()
 
 
 def rm_held_out(config: TrainConfig, tokenizer: Any) -> list[Example]:
@@ -277,8 +274,7 @@ def train_implicit_prm(config: TrainConfig, log: Any = print) -> Any:
     settings = settings_of(config, "prm")
     check_config(config)
     sep = settings["separator"]
-    lock = claim(config)
-    try:
+    with claim(config):  # a failed run puts the folder back as it was (RunLock.undo)
         policy, reference = load_models(config)
         irm = ImplicitRM(policy, reference, settings["beta"])
 
@@ -305,5 +301,3 @@ def train_implicit_prm(config: TrainConfig, log: Any = print) -> Any:
             )
 
         return _finish(config, run_scorer(config, load, log), settings, "prm (implicit, prm_bce)", log)
-    finally:
-        lock.release()

@@ -99,11 +99,8 @@ def train_prm(config: TrainConfig, log: Any = print) -> Any:
         return train_implicit_prm(config, log)
     settings = _settings(config)
     check_config(config)
-    lock = claim(config)
-    try:
+    with claim(config):  # a failed run puts the folder back as it was (RunLock.undo)
         return _train(config, settings, log)
-    finally:
-        lock.release()
 
 
 def _train(config: TrainConfig, settings: dict[str, str], log: Any) -> Any:

@@ -54,10 +54,8 @@ def check_config(config: TrainConfig) -> None:
 def claim(config: TrainConfig) -> runfolder.RunLock:
     """Lock OUT; refuse to overwrite a run; on --resume, refuse settings that differ from config.yaml."""
     out = Path(config.out)
-    runfolder._make_folder(out)
-    lock = runfolder.RunLock(out)
+    lock = runfolder.lock_folder(out)  # a failed run's `with lock:` puts the folder back (RunLock.undo)
     try:
-        ckpt.remove_partial(out / "checkpoints")
         saved = out / "config.yaml"
         if config.resume and saved.is_file():
             _check_same(config, saved)
@@ -71,7 +69,7 @@ def claim(config: TrainConfig) -> runfolder.RunLock:
             saved, yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True)
         )
     except BaseException:
-        lock.release()
+        lock.undo()
         raise
     return lock
 

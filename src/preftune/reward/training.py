@@ -212,11 +212,8 @@ def train_rm(config: TrainConfig, log: Any = print) -> Any:
         from preftune.reward.ensemble_run import head_settings
 
         head_settings(config)  # refuses a bad count and rating data
-    lock = claim(config)
-    try:
+    with claim(config):  # a failed run puts the folder back as it was (RunLock.undo)
         return _train(config, loss_fn, loss, log)
-    finally:
-        lock.release()
 
 
 def _train(config: TrainConfig, loss_fn: RMLoss | None, loss: str, log: Any) -> Any:

@@ -113,6 +113,10 @@ def train(config: TrainConfig) -> RunResult:
         # rank 0 locks and checks the run folder; an error there stops every rank
         main_only(world, lambda: locks.append(runfolder.claim(config, _say)))
         return _train(config, objective, world)
+    except BaseException:
+        for lock in locks:  # failed before recording anything: the folder as it was (RunLock.undo)
+            lock.undo()
+        raise
     finally:
         for lock in locks:
             lock.release()

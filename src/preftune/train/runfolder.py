@@ -4,6 +4,10 @@ finish it (summary.json, report.html). See docs/training.md, "Resume" and "Fault
 - `claim` (rank 0 only): `--out` must be a writable folder; an exclusive `flock` on `OUT/.lock`
   (holding the pid) keeps a second run out; a folder that holds a run is never overwritten without
   `--resume`; `--resume` from a checkpoint refuses setting changes that would break exactness.
+- `RunLock.undo`: a run that fails before it has recorded anything (no metrics, checkpoint or other
+  file written since the claim) puts OUT back as it was: what it made (config.yaml, .lock, empty
+  folders, OUT itself) is removed, a config.yaml or .lock that was there is restored. A folder in
+  which the run recorded anything is left as it is, so a failed run never loses work.
 - `resume_checkpoint`: the checkpoint to resume from, or None (no `--resume`, or none written yet:
   the run starts from step 0 in the same folder).
 - `finish`: summary.json (atomic; its eval block rebuilt from metrics.jsonl when the final
@@ -17,6 +21,7 @@ import fcntl
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +50,56 @@ RESUME_SAFE = (
 RESUME_LENGTH = ("max_steps", "epochs")
 _NOT_COMPARED = ("resume", "out", "hparams")
 LOCK_NAME = ".lock"
+CONFIG_NAME = "config.yaml"
+_OWN = (CONFIG_NAME, LOCK_NAME)  # what claiming a folder writes (the files `RunLock.undo` puts back)
+
+
+def _recorded(out: Path) -> frozenset[tuple[str, int, int]]:
+    """(path, size, mtime) of every file under OUT but the claim's own (config.yaml, .lock and their
+    temporary files): what a run has recorded, or what an earlier run left."""
+    if not out.is_dir():
+        return frozenset()
+    found = set()
+    for p in out.rglob("*"):
+        rel = p.relative_to(out)
+        own = len(rel.parts) == 1 and (p.name in _OWN or p.name.startswith(f".{CONFIG_NAME}.tmp-"))
+        if not own and p.is_file() and not p.is_symlink():
+            st = p.stat()
+            found.add((str(rel), st.st_size, st.st_mtime_ns))
+    return frozenset(found)
+
+
+@dataclass
+class FolderBefore:
+    """What OUT held before a run claimed it: the topmost folder the claim creates (OUT or a parent;
+    None when OUT existed), its sub-folders, the bytes of config.yaml and .lock (None: absent), and
+    every other file (`_recorded`, taken once partial checkpoints are removed)."""
+
+    made: Path | None
+    folders: frozenset[Path]
+    own: dict[str, bytes | None]
+    files: frozenset[tuple[str, int, int]] = frozenset()
+
+    @classmethod
+    def take(cls, out: Path) -> FolderBefore:
+        made = None
+        for p in (out, *out.parents):
+            if p.exists() or p.is_symlink():
+                break
+            made = p
+        folders = frozenset(p for p in out.rglob("*") if p.is_dir()) if out.is_dir() else frozenset()
+        own = {n: (out / n).read_bytes() if (out / n).is_file() else None for n in _OWN}
+        return cls(made, folders, own)
 
 
 class RunLock:
     """An exclusive `flock` on OUT/.lock, which holds the owner's pid. The kernel drops the lock when
     the process ends, however it ends, so a lock file left by a dead process never blocks."""
 
+    before: FolderBefore | None = None  # set by `lock_folder`: what `undo` puts back
+
     def __init__(self, out: Path) -> None:
+        self.out = out
         self.path = out / LOCK_NAME
         self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -74,6 +122,86 @@ class RunLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+    def undo(self) -> None:
+        """For a run that failed: release the lock, first putting OUT back as it was before the claim
+        when the run recorded nothing in it (no file but config.yaml and .lock added or changed).
+        Only what the claim wrote is removed or restored (config.yaml, .lock, new empty folders):
+        never a checkpoint, metrics or any other file."""
+        before, self.before = self.before, None
+        try:
+            if before is not None and self._fd is not None and _recorded(self.out) == before.files:
+                self._put_back(before)
+            else:
+                before = None
+        except OSError:  # a folder it cannot read or write back: left as it is
+            before = None
+        finally:
+            self.release()
+        if before is not None:
+            _remove_new_folders(self.out, before)
+
+    def _put_back(self, before: FolderBefore) -> None:
+        for name, data in before.own.items():
+            path = self.out / name
+            if name == LOCK_NAME and data is not None and self._fd is not None:
+                os.ftruncate(self._fd, 0)
+                os.pwrite(self._fd, data, 0)
+            elif data is None:
+                path.unlink(missing_ok=True)  # (.lock while still locked: a waiting run sees it in use)
+            elif not path.is_file() or path.read_bytes() != data:
+                tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        """Release; on an exception, `undo` (the run failed)."""
+        if kind is None:
+            self.release()
+        else:
+            self.undo()
+
+
+def _remove_new_folders(out: Path, before: FolderBefore) -> None:
+    """Remove the empty folders a claim created (sub-folders, OUT and its parents up to `made`);
+    a folder that holds anything stays."""
+    new = [p for p in out.rglob("*") if p.is_dir() and p not in before.folders] if out.is_dir() else []
+    chain = [out, *out.parents]
+    made = chain[: chain.index(before.made) + 1] if before.made in chain else []
+    for folder in [*sorted(new, key=lambda p: len(p.parts), reverse=True), *made]:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or gone): it stays
+            if folder in made:
+                break
+
+
+def lock_folder(out: Path) -> RunLock:
+    """Make OUT (see `_make_folder`), lock it and remove partial checkpoints a killed run left; the
+    lock remembers what OUT held before, which `RunLock.undo` puts back if the run fails."""
+    try:
+        before: FolderBefore | None = FolderBefore.take(out)
+    except OSError:  # a folder it cannot list: a failed run leaves it as it is
+        before = None
+    _make_folder(out)
+    try:
+        lock = RunLock(out)
+    except OSError as err:  # EACCES, EROFS, or a file system without locks
+        raise ConfigError(
+            f"--out {out}: cannot write or lock {out / LOCK_NAME} ({err.strerror}) — make the folder "
+            "writable or pass another --out"
+        ) from None
+    ckpt.remove_partial(out / "checkpoints")  # (errors ignored)
+    try:
+        if before is not None:
+            before.files = _recorded(out)
+            lock.before = before
+    except OSError:
+        lock.before = None
+    return lock
 
 
 def _make_folder(out: Path) -> None:
@@ -101,16 +229,8 @@ def claim(config: TrainConfig, log: Callable[[str], None]) -> RunLock:
     """Rank 0, before anything loads: make and lock the run folder, check what is in it, and write
     config.yaml (not on a resume from a checkpoint: that happens in `accept_resume`). Return the lock."""
     out = Path(config.out)
-    _make_folder(out)
+    lock = lock_folder(out)
     try:
-        lock = RunLock(out)
-    except OSError as err:  # EACCES, EROFS, or a file system without locks
-        raise ConfigError(
-            f"--out {out}: cannot write or lock {out / LOCK_NAME} ({err.strerror}) — make the folder "
-            "writable or pass another --out"
-        ) from None
-    try:
-        ckpt.remove_partial(out / "checkpoints")
         if config.resume and _checkpoint_given(out, config.resume):
             check_resume_config(config, _saved_config_path(out, config.resume))
             return lock
@@ -125,9 +245,9 @@ def claim(config: TrainConfig, log: Callable[[str], None]) -> RunLock:
             )
         if config.resume:
             log(f"resume: no checkpoint under {out / 'checkpoints'} yet — starting from step 0 in {out}")
-        save_config_atomic(config, out / "config.yaml")
+        save_config_atomic(config, out / CONFIG_NAME)
     except BaseException:
-        lock.release()
+        lock.undo()
         raise
     return lock
 
