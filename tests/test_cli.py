@@ -287,3 +287,16 @@ def test_trl_tr_dpo_switches_and_report_to_none() -> None:
     assert c.ref_sync_every == 16
     with pytest.raises(ConfigError, match="ref_model_sync_steps takes effect with sync_ref_model"):
         load_config(None, parse("--ref_model_sync_steps", "16"))
+
+
+def test_sweep_help_lists_the_loss_flags_not_train_rm_options(capsys: pytest.CaptureFixture[str]) -> None:
+    """A sweep compares preference losses and online methods; reward models are not swept, so their
+    options (`--ensemble`, `--aggregate`, ...) appear in `train --help` only."""
+    from preftune.cli import main
+
+    for command, listed in (("train", True), ("sweep", False)):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        assert "--beta" in text and ("reward models: METHOD rm | prm" in text) == listed
+        assert ("--ensemble M" in text) == listed

@@ -128,8 +128,10 @@ def test_validate_names_step_data_and_keeps_the_prompts_hint_for_prompt_rows() -
     from preftune.data.rows import SourceData
     from preftune.data.schema import validate
 
-    _, problems, kind = validate(SourceData("s.jsonl", [(1, STEP_ROWS[0])]))
-    assert kind is None and "step-labelled" in problems[0].message
-    assert "preftune train prm" in (problems[0].fix or "")
+    trl = {"prompt": "12+9=", "completions": ["2+9+0=11 r1", "answer: 21"], "labels": [True, True]}
+    for row in (STEP_ROWS[0], trl):  # TRL's stepwise `completions` too
+        _, problems, kind = validate(SourceData("s.jsonl", [(1, row)]))
+        assert kind is None and "step-labelled" in problems[0].message
+        assert "preftune train prm" in (problems[0].fix or "")
     _, problems, _ = validate(SourceData("p.jsonl", [(1, {"prompt": "x"})]))
     assert "give them as --prompts" in (problems[0].fix or "")

@@ -35,6 +35,11 @@ def test_records_become_labels_with_the_math_shepherd_meaning():
     assert c.first_error == 1 and c.labels == (1.0, 0.0, 1.0)
     d = parse_record({"prompt": "p", "steps": ["a", "b"], "labels": [0.75, 0.25]})
     assert d.first_error is None and d.labels == (0.75, 0.25)
+    # TRL's stepwise supervision (PRMTrainer): the steps as `completions`, boolean labels
+    trl = parse_record({"prompt": "p", "completions": ["a", "b", "c"], "labels": [True, False, True]})
+    assert trl == parse_record({"prompt": "p", "steps": ["a", "b", "c"], "labels": [1, 0, 1]})
+    with pytest.raises(DataError, match="field 'completions': is list"):
+        parse_record({"prompt": "p", "completions": [], "labels": []})
 
 
 @pytest.mark.parametrize(

@@ -520,6 +520,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         allow_abbrev=False,
     )
     p.__class__ = _TrainParser  # adds the loss hyper-parameter flags (--beta, ...) and --TERM.KEY overrides
+    p._reward_model_options = False  # type: ignore[attr-defined]  # reward models are not swept
     p.add_argument("--methods", required=True, help="comma-separated losses, e.g. dpo,ipo,simpo,rdpo,kto")
     p.add_argument(
         "--out", required=True, help="sweep folder: OUT/METHOD/ per run, OUT/sweep.html, OUT/sweep.json"

@@ -17,9 +17,19 @@ from preftune.errors import DataError
 STEP_LABELS = ("labels", "first_error", "label")
 
 
+def steps_field(record: dict[str, Any]) -> str:
+    """The field holding a record's steps: `steps`, or TRL's stepwise-supervision `completions` (a
+    list of step texts with `labels`, `PRMTrainer`'s format) when the record has no `steps`."""
+    comps = record.get("completions")
+    if "steps" not in record and isinstance(comps, list) and all(isinstance(c, str) for c in comps):
+        return "completions"
+    return "steps"
+
+
 def looks_like_steps(record: dict[str, Any]) -> bool:
-    """A PRM record: a `steps` list and one of `labels`, `first_error` or ProcessBench's `label`."""
-    return "steps" in record and any(k in record for k in STEP_LABELS)
+    """A PRM record: a `steps` list (TRL: `completions`) and one of `labels`, `first_error` or
+    ProcessBench's `label`."""
+    return steps_field(record) in record and any(k in record for k in STEP_LABELS)
 
 
 def looks_like_ratings(record: dict[str, Any]) -> bool:

@@ -134,7 +134,9 @@ def holds_steps(path: str | None) -> bool:
         for line in f:
             if line.strip():
                 try:
-                    return isinstance(json.loads(line).get("steps"), list)
+                    from preftune.reward.data_check import looks_like_steps
+
+                    return looks_like_steps(json.loads(line))
                 except (ValueError, AttributeError):
                     return False
     return False

@@ -5,6 +5,7 @@ One record is a problem and a solution split into steps, with a label per step:
     {"prompt": "12+9=\\n", "steps": ["2+9+0=11 r1", "1+0+1=2 r21", "answer: 21"], "labels": [1, 1, 1]}
     {"prompt": "12+9=\\n", "steps": ["2+9+0=10 r0", "1+0+1=2 r20", "answer: 20"], "first_error": 0}
     {"problem": "...", "steps": [...], "label": 2}      the official ProcessBench format (Zheng et al. 2024)
+    {"prompt": "...", "completions": [...], "labels": [true, false]}   TRL's stepwise supervision (PRMTrainer)
 
 `labels` are per-step targets: 1/0 (correct / wrong), a Monte-Carlo success rate in [0, 1]
 (Math-Shepherd soft labels) or a PAV advantage in [−1, 1]. `first_error` (or ProcessBench's `label`)
@@ -56,7 +57,10 @@ def _fail(message: str, path: str, row: int, field: str, fix: str) -> DataError:
 
 
 def _steps(record: dict[str, Any], path: str, row: int) -> tuple[str, ...]:
-    steps = record.get("steps")
+    from preftune.reward.data_check import steps_field
+
+    field = steps_field(record)
+    steps = record.get(field)
     if not isinstance(steps, list) or not steps or not all(isinstance(s, str) and s for s in steps):
         raise _fail(
             f"is {type(steps).__name__ if steps is not None else 'missing'}"
@@ -64,7 +68,7 @@ def _steps(record: dict[str, Any], path: str, row: int) -> tuple[str, ...]:
             + (" (empty)" if steps == [] else ""),
             path,
             row,
-            "steps",
+            field,
             'give the solution as a non-empty list of non-empty step strings, e.g. ["2+9+0=11 r1", "answer: 11"]',
         )
     return tuple(steps)

@@ -55,6 +55,7 @@ class _TrainParser(argparse.ArgumentParser):
     """Adds the registry's loss flags on first use and collects unknown `--key value` pairs as overrides."""
 
     _loss_flags_added = False
+    _reward_model_options = True  # `train rm` / `train prm`'s options in --help (not a sweep's)
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
         self._add_loss_flags()
@@ -93,7 +94,8 @@ class _TrainParser(argparse.ArgumentParser):
                 **(_SWITCH if key in switches else {}),
             )
         _add_diffusion_rl_options(self)  # after the loss flags: a shared key stays one flag
-        _add_reward_model_options(self)
+        if self._reward_model_options:
+            _add_reward_model_options(self)
 
     def _pairs(self, extras: list[str]) -> dict[str, str]:
         out: dict[str, str] = {}
