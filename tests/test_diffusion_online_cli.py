@@ -84,9 +84,13 @@ def test_awm_needs_a_flow_pipeline_and_d3po_two_samples(root, capsys):
     assert main(_argv(root, "awm", "e-awm")) == 2
     assert "awm trains flow-matching pipelines" in capsys.readouterr().err
     argv = _argv(root, "d3po", "e-d3po")
-    argv[argv.index("--num-generations") + 1] = "1"
-    assert main(argv) == 2
-    assert "--num-generations must be ≥ 2" in capsys.readouterr().err
+    for count in ("1", "3"):  # one sample, or an odd count (the last sample of each prompt unused)
+        argv[argv.index("--num-generations") + 1] = count
+        assert main(argv) == 2
+        assert f"--num-generations must be even and ≥ 2 (got {count}" in capsys.readouterr().err
+    argv[argv.index("--num-generations") + 1] = "4"
+    assert main([*argv, "--temperature", "0.5"]) == 2  # a language sampler's option: not the policy's
+    assert "does not use temperature" in capsys.readouterr().err
 
 
 def test_a_broken_transformer_folder_is_refused_with_the_reason(tmp_path, capsys):
@@ -176,6 +180,8 @@ def test_sample_writes_images_and_rewards_and_names_errors(root, capsys):
     assert "gives no gradient" in capsys.readouterr().err
     assert main([*argv[:6], str(root / "s4"), "--lam", "2", "--branching", "3"]) == 2  # were ignored
     assert "--lam, --branching set DTS's tree search: add --dts N" in capsys.readouterr().err
+    assert main([*argv[:6], str(root / "s5"), "--reno-iterations", "5"]) == 2  # was ignored
+    assert "--reno-iterations sets ReNO's noise optimisation: add --reno" in capsys.readouterr().err
 
 
 def test_a_stop_signal_saves_the_step_and_the_printed_command_resumes(root, monkeypatch, capsys):

@@ -102,7 +102,7 @@ def test_cli_accepts_trl_names_and_config_yaml_loads_back() -> None:
         validate(_cli(*base, "--num_iterations", "0"))
     with pytest.raises(ConfigError, match="save_every = 3 must be a multiple of num_iterations = 2"):
         validate(_cli(*base, "--num_iterations", "2", "--save_every", "3"))
-    with pytest.raises(ConfigError, match="num_iterations are for the online methods"):
+    with pytest.raises(ConfigError, match="--num-iterations: for the online methods"):
         validate(_cli("dpo", "--model", "m", "--data", "d.jsonl", "--out", "o", "--num_iterations", "2"))
 
 

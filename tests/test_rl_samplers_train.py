@@ -77,7 +77,7 @@ def test_sampler_flags_are_checked_before_the_run() -> None:
         validate(_config(sampler="gvn"))
     with pytest.raises(ConfigError, match="sampler 'vade': unknown option 'decya'"):
         validate(_config(sampler="vade", sampler_args={"decya": 0.5}))
-    with pytest.raises(ConfigError, match="sampler / num_iterations are for the online methods"):
+    with pytest.raises(ConfigError, match="--sampler: for the online methods"):
         validate(TrainConfig(method="dpo", model="m", data="d", out="o", sampler="vade"))
     assert resolve_objective(_config(sampler="vade"))[0][0].name == "ppo_clip"
 

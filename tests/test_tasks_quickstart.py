@@ -168,6 +168,12 @@ def test_config_errors(tmp_path) -> None:
         with pytest.raises(ConfigError, match=f"unknown method '{typo}' — did you mean '{meant}'"):
             run_quickstart(tmp_path / typo, method=typo, config=TOY, log=lambda _m: None)
         assert not (tmp_path / typo).exists()  # refused before anything is written
+    for other, family in (("ddpo", "online diffusion RL"), ("adpa", "distillation"), ("rm", "reward model")):
+        with pytest.raises(
+            ConfigError, match=rf"'{other}' \({family}\) is not one of the quickstart's methods"
+        ):
+            run_quickstart(tmp_path / other, method=other, config=TOY, log=lambda _m: None)
+        assert not (tmp_path / other).exists()
 
 
 def test_run_quickstart_toy_writes_summary_and_report(tmp_path) -> None:

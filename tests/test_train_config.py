@@ -127,6 +127,24 @@ def test_config_yaml_records_every_option_and_resumes_alike(tmp_path: Path, meth
 
 
 @pytest.mark.parametrize(
+    "values",
+    [
+        {"temperature": 0.5}, {"num_generations": 4, "top_k": 5}, {"kl_coef": 0.1}, {"value_lr": 1e-3},
+        {"sampler_args": {"pool": 2}}, {"lam": 0.5}, {"macro_n": 3}, {"dpo_scale": 0.3}, {"prompts": "p.jsonl"},
+    ],
+)  # fmt: skip
+def test_online_fields_on_an_offline_method_are_refused_not_ignored(values: dict[str, object]) -> None:
+    """Every field only online methods read, given to dpo (or a distillation method), names itself."""
+    flags = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(values))
+    for method in ("dpo", "dckd"):
+        extra = {"teacher": "t"} if method == "dckd" else {}
+        with pytest.raises(ConfigError, match=f"^{flags}: for the online methods .* not '{method}'"):
+            validate(cfg(method=method, **extra, **values))
+    with pytest.raises(ConfigError, match=r"the preference pairs are --data"):
+        validate(load_config(None, {"method": "dpo", "model": "m", "out": "o", "prompts": "p.jsonl"}))
+
+
+@pytest.mark.parametrize(
     ("values", "match"),
     [
         ({"betta": 0.1}, "did you mean 'beta'"),

@@ -335,27 +335,11 @@ def validate(config: TrainConfig) -> list[tuple[Any, float, dict[str, Any]]]:
     online = is_online(config.method)
     if not online and not is_distill(config.method):
         check_terms_known(config.method)
+    if not online:
+        _check_no_online_fields(config)
     for name in ("model", "out") if online else ("model", "data", "out"):
         if not getattr(config, name):
             raise ConfigError(f"'{name}' is required — {FIELDS[name].metadata['help']}")
-    if not online and (
-        config.prompts
-        or config.reward
-        or config.estimator
-        or config.objective
-        or config.sampler
-        or config.num_iterations > 1
-    ):
-        raise ConfigError(
-            f"prompts / reward / estimator / objective / sampler / num_iterations are for the online methods "
-            f"({', '.join(PRESETS)}), "
-            f"not '{config.method}'"
-        )
-    if not online and config.gamma != FIELDS["gamma"].default:  # a loss's γ went to hparams
-        raise ConfigError(
-            f"gamma = {config.gamma:g}: no term of '{config.method}' has a γ, and the PPO family's discount "
-            "is for online methods — remove it"
-        )
     _check_range(config)
     for sink in config.report_to:
         if sink not in SINKS:
@@ -372,6 +356,27 @@ def validate(config: TrainConfig) -> list[tuple[Any, float, dict[str, Any]]]:
     check_distill(config, objective)
     _check_phases(config, objective, strategy, needs_ref)
     return objective
+
+
+def _check_no_online_fields(config: TrainConfig) -> None:
+    """An offline method given fields only online methods read (`--temperature`, `--num-generations`,
+    `--prompts`, ...) is refused, naming them: they would be ignored."""
+    from preftune.config_fields import online_only_fields
+
+    if config.gamma != FIELDS["gamma"].default:  # a loss's γ went to hparams (`_route_shared_keys`)
+        raise ConfigError(
+            f"gamma = {config.gamma:g}: no term of '{config.method}' has a γ, and the PPO family's discount "
+            "is for online methods — remove it"
+        )
+    defaults = TrainConfig()
+    given = sorted(n for n in online_only_fields() if getattr(config, n) != getattr(defaults, n))
+    if given:
+        flags = ", ".join(f"--{n.replace('_', '-')}" for n in given)
+        hint = " (the preference pairs are --data)" if config.prompts and not config.data else ""
+        raise ConfigError(
+            f"{flags}: for the online methods ({', '.join(PRESETS)}), not '{config.method}', which would "
+            f"ignore {'it' if len(given) == 1 else 'them'} — remove {'it' if len(given) == 1 else 'them'}{hint}"
+        )
 
 
 def _check_reference(config: TrainConfig, strategy: str, needs_ref: bool) -> None:

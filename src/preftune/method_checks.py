@@ -166,3 +166,21 @@ def _validate_ppo(config: Any, estimator: str) -> None:
             "method 'rto' needs dpo_model (--dpo-model PATH): a DPO model trained from `model` "
             "(in a sweep: list dpo before rto in --methods and its run serves)"
         )
+
+
+def check_quickstart_method(method: str) -> None:
+    """ConfigError, before anything is written, for a method the arithmetic quickstart does not run:
+    one of another family (distillation, reward models, diffusion RL) or a misspelled name, matched
+    against every family (`grop`: did you mean 'grpo'?)."""
+    from preftune.config import check_terms_known
+    from preftune.losses.catalogue import FAMILIES, find
+
+    for part in method.split(","):
+        entry = find(part.partition(":")[0])
+        if entry is not None:
+            raise ConfigError(
+                f"quickstart: '{part.strip()}' ({FAMILIES[entry.family][0]}) is not one of the quickstart's "
+                f"methods (preference losses and online RL) — train it with 'preftune train {entry.name}' "
+                f"({FAMILIES[entry.family][3]})"
+            )
+    check_terms_known(method)

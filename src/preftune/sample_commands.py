@@ -47,7 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "reward (SGD lr 5, Nesterov 0.9, gradient clip 0.1; the reward must be differentiable)",
     )
     p.add_argument(
-        "--reno-iterations", type=int, default=50, help="ReNO iterations (default 50, the paper's)"
+        "--reno-iterations",
+        type=int,
+        default=None,
+        help="ReNO iterations (default 50, the paper's; with --reno)",
     )
     p.add_argument(
         "--dts",
@@ -83,9 +86,11 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"{', '.join(stray)} set DTS's tree search: add --dts N (rollouts, N ≥ 1) or drop them"
         )
+    if args.reno_iterations is not None and not args.reno:
+        raise ConfigError("--reno-iterations sets ReNO's noise optimisation: add --reno or drop it")
     options = SampleOptions(
         per_prompt=args.per_prompt, steps=args.steps, seed=args.seed, reward=args.reward, reno=args.reno,
-        reno_iterations=args.reno_iterations, dts=args.dts, dts_mode=args.dts_mode or "sample",
+        reno_iterations=50 if args.reno_iterations is None else args.reno_iterations, dts=args.dts, dts_mode=args.dts_mode or "sample",
         lam=1.0 if args.lam is None else args.lam, branching=4 if args.branching is None else args.branching,
         solver=args.solver,
     )  # fmt: skip

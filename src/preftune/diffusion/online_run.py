@@ -32,7 +32,9 @@ from preftune.errors import ConfigError
 # TrainConfig fields an online diffusion run does not read: a value other than the default is refused.
 _UNUSED = ("data", "eval_split", "tokenizer", "kind", "columns", "chat_template", "stages", "rounds",
            "apo_alpha", "fsdp", "ref_model", "ref_sync_every", "estimator", "objective", "sampler",
-           "teacher", "teacher_ref", "num_iterations", "eval_every", "mixed_precision")  # fmt: skip
+           "teacher", "teacher_ref", "num_iterations", "eval_every", "mixed_precision", "temperature",
+           "top_p", "top_k", "kl_coef", "value_lr", "gamma", "lam", "macro", "macro_n", "macro_pooling",
+           "dpo_model", "dpo_scale", "dpo_clip", "sampler_args")  # fmt: skip
 
 
 def check_online_diffusion(config: TrainConfig) -> dict[str, Any]:

@@ -64,8 +64,11 @@ class Method:
             m.critic = LatentCritic(latent_shape(unet)[0], pipe.text_dim)
         if name in ("dpok", "awm"):
             m.reference = copy.deepcopy(unet).requires_grad_(False).eval()
-        if name == "d3po" and config.num_generations < 2:
-            raise ConfigError("d3po compares two samples of one noise: --num-generations must be ≥ 2")
+        if name == "d3po" and (config.num_generations < 2 or config.num_generations % 2):
+            raise ConfigError(
+                f"d3po compares two samples of one noise: --num-generations must be even and ≥ 2 (got "
+                f"{config.num_generations}; an odd count would leave one sample of each prompt unused)"
+            )
         return m
 
     def rows(self, prompts: list[str]) -> tuple[list[str], torch.Tensor]:

@@ -398,10 +398,10 @@ def run_quickstart(
     online = is_online(method)
     rto = method.strip() == "rto"  # RTO's token reward is a DPO model: the quickstart's DPO run, first
     if not online:
-        from preftune.config import check_terms_known
+        from preftune.method_checks import check_quickstart_method
 
-        check_terms_known(method)  # a misspelled method fails here, before training, matched
-        parse_objective(method)  # against every family (`grop`: did you mean 'grpo'?)
+        check_quickstart_method(method)
+        parse_objective(method)
     start = time.perf_counter()
     art = prepare(out, seed=seed, config=cfg, log=log, on_sft_step=on_sft_step, with_pairs=not online or rto)
 
