@@ -117,7 +117,7 @@ def _quickstart(args: argparse.Namespace) -> int:
 
     def log(message: str) -> None:
         bar.stop()  # the SFT may stop before its last step (accuracy target): the next line ends the bar
-        console.print(message)
+        console.print(message, soft_wrap=True)  # a long line stays one line in a log file
 
     try:
         summary = run_quickstart(
@@ -133,7 +133,8 @@ def _quickstart(args: argparse.Namespace) -> int:
     console.print(
         f"[bold green]done[/]: held-out accuracy {summary['accuracy_before']:.1%} → "
         f"{summary['accuracy_after']:.1%} (greedy) in {summary['seconds']:.0f}s. "
-        f"Open {args.out}/report.html"
+        f"Open {args.out}/report.html",
+        soft_wrap=True,
     )
     return 0
 
