@@ -203,7 +203,7 @@ def test_captions_longer_than_the_text_encoder_reads_are_named(
     encode_records(records, pipe, data_path=path, cache_dir=tmp_path / "cache", log=lines.append)
     assert "1 of 3 captions are longer than the text encoder reads (16 tokens" in lines[-1]
     assert lines[-1].endswith(f"{path} row 2: 'a red circle at the top left' (24 tokens)")
-    assert cut_captions_note(pipe, {"a red square": "x", "fourteencharss": "y"}) == ""
+    assert cut_captions_note(pipe, [("a red square", "x"), ("fourteencharss", "y")]) == ""
     prompts = tmp_path / "prompts.txt"  # `preftune sample` names them too
     prompts.write_text("blue\na red circle at the top left\n")
     assert (

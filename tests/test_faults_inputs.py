@@ -15,7 +15,7 @@ import torch
 from preftune import paths
 from preftune.cli import main
 from preftune.errors import ConfigError
-from test_train_fixtures import ALPHABET, pair_rows, tiny_model, write_jsonl
+from test_train_fixtures import ALPHABET, one_line, pair_rows, tiny_model, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -64,13 +64,6 @@ def train(
     capsys.readouterr()
     rc = main(argv)
     return rc, capsys.readouterr().err
-
-
-def one_line(err: str) -> str:
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("preftune: error:")]
-    assert len(lines) == 1, err
-    return lines[0].removeprefix("preftune: error: ")
 
 
 @pytest.mark.parametrize("value", ["missing.jsonl", "data/missing", "./missing", "a/b/c", "~/nope.jsonl"])

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from preftune.cli import main
-from test_train_fixtures import pair_rows, tiny_model, write_jsonl
+from test_train_fixtures import one_line, pair_rows, tiny_model, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,13 +35,6 @@ def train(env: dict[str, Path], capsys: pytest.CaptureFixture[str], *args: str) 
     capsys.readouterr()
     rc = main(argv)
     return rc, capsys.readouterr().err
-
-
-def one_line(err: str) -> str:
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("preftune: error:")]
-    assert len(lines) == 1, err
-    return lines[0].removeprefix("preftune: error: ")
 
 
 def files(folder: Path) -> dict[str, str]:

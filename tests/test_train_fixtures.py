@@ -68,6 +68,14 @@ def write_jsonl(path: Path, rows: Sequence[object]) -> Path:
     return path
 
 
+def one_line(err: str) -> str:
+    """The one `preftune: error:` line of a CLI's stderr, without its prefix (and no traceback)."""
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("preftune: error:")]
+    assert len(lines) == 1, err
+    return lines[0].removeprefix("preftune: error: ")
+
+
 def test_pair_rows_are_learnable_and_seeded() -> None:
     rows = pair_rows(20, seed=3)
     assert rows == pair_rows(20, seed=3)

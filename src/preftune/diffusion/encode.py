@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -207,20 +207,18 @@ def encode_records(
         latents, texts = _compute(records, folder, digests, captions, resolution, data_path)
         _write(file, latents, texts)
         log(f"diffusion data: encoded {len(digests)} images and {len(captions)} captions (cache {file})")
-        where: dict[str, str] = {}
-        for r in records:  # each caption where it first appears
-            for c in r.captions:
-                where.setdefault(c, f"{data_path} row {r.row}")
-        note = cut_captions_note(folder, where)
+        note = cut_captions_note(
+            folder, ((c, f"{data_path} row {r.row}") for r in records for c in r.captions)
+        )
         if note:
             log(f"diffusion data: {note}")
     return dict(zip(digests, latents)), dict(zip(captions, texts))
 
 
-def cut_captions_note(folder: str | Path, where: Mapping[str, str]) -> str:
-    """A notice naming the captions (keys of `where`, each with where it is read: "FILE row N") longer
-    than the pipeline's (first) tokenizer reads — its text encoder sees them cut there, as when the
-    pipeline samples — or "" when none is."""
+def cut_captions_note(folder: str | Path, places: Iterable[tuple[str, str]]) -> str:
+    """A notice naming the captions of `places` ((caption, where it is read: "FILE row N"), a caption
+    counted once, at its first place) longer than the pipeline's (first) tokenizer reads — its text
+    encoder sees them cut there, as when the pipeline samples — or "" when none is."""
     import transformers
 
     subfolder = Path(folder) / "tokenizer"
@@ -230,6 +228,9 @@ def cut_captions_note(folder: str | Path, where: Mapping[str, str]) -> str:
     limit = int(tokenizer.model_max_length)
     if limit <= 0 or limit > 1_000_000:  # a tokenizer without a limit
         return ""
+    where: dict[str, str] = {}
+    for caption, place in places:
+        where.setdefault(caption, place)
     lengths = {c: len(tokenizer(c).input_ids) for c in where}
     cut = [c for c in where if lengths[c] > limit]
     if not cut:

@@ -93,10 +93,7 @@ def run_sample(
     prompts = read_prompts(prompts_file)
     from preftune.diffusion.encode import cut_captions_note
 
-    where: dict[str, str] = {}
-    for i, p in enumerate(prompts):  # each prompt where it first appears
-        where.setdefault(p, f"{prompts_file} prompt {i + 1}")
-    note = cut_captions_note(model, where)
+    note = cut_captions_note(model, ((p, f"{prompts_file} prompt {i}") for i, p in enumerate(prompts, 1)))
     if note:
         log(note)
     reward = load_image_reward(options.reward) if options.reward else None
