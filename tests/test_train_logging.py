@@ -160,3 +160,30 @@ def test_an_image_run_shows_images_per_second_not_tokens() -> None:
     image_run = {k: v for k, v in METRICS.items() if k != "tokens_per_s"} | {"images_per_s": 20.0}
     text = metrics_text(image_run)
     assert text.endswith("lr=3.333e-07  images/s=20") and "tokens" not in text
+
+
+def test_the_command_line_drops_transformers_torchvision_advice_and_only_that() -> None:
+    """Importing diffusers' pipelines makes transformers log, once per class, that `CLIPImageProcessor`
+    requires torchvision and falls back to its PIL class — noise on every diffusion command. The
+    command line's `quiet_libraries` filters that message at its logger; other messages of the same
+    logger pass, and a second call adds no second filter."""
+    import logging
+
+    from preftune.train.logging import quiet_libraries
+
+    source = logging.getLogger("transformers.utils.import_utils")
+    before = list(source.filters)
+    try:
+        quiet_libraries()
+        quiet_libraries()
+        ours = [f for f in source.filters if type(f).__name__ == "_NoTorchvisionFallback"]
+        assert len(ours) == 1  # (an earlier command-line test of this session may have added it)
+
+        def record(message: str) -> logging.LogRecord:
+            return logging.LogRecord(source.name, logging.WARNING, __file__, 1, message, None, None)
+
+        advice = "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`"
+        assert not source.filter(record(advice))
+        assert source.filter(record("Could not load something else"))
+    finally:
+        source.filters[:] = before

@@ -196,6 +196,9 @@ def inpo(
     return LossOutput(losses, metrics, {})
 
 
+SEPPO_FLIPS = ("sft", "winner")
+
+
 def seppo_flip(rho_w: torch.Tensor) -> torch.Tensor:
     """SePPO's Anchor-based Adaptive Flipper: +1 (the reference sample is a loser) where the policy
     denoises the anchor x^w at least as well as the reference, mse_θ^w ≤ mse_ref^w (ρ_w ≥ 0); −1
@@ -217,11 +220,17 @@ def seppo_flip(rho_w: torch.Tensor) -> torch.Tensor:
             20, "DDIM (η = 0) steps of the reference sample that replaces the loser", low=1
         ),
         "aaf": HParam(True, "the AAF; false: every reference sample is a loser (the paper's ablation)"),
+        "flip": HParam(
+            "winner",
+            "what a flipped pair trains: winner (v1's equations: the reference sample as a second winner) "
+            "or sft (v2's abstract: the anchor alone, the reference sample dropped)",
+            choices=SEPPO_FLIPS,
+        ),
     },
     paper="Zhang et al. 2024, SePPO: Semi-Policy Preference Optimization for Diffusion Alignment "
     "(arXiv:2410.05255)",
-    equation="AAF loss (Eqs. 7–8 of the ICLR 2025 submission): −log σ(−β/2 · (Δ_w − s·Δ_ref)), "
-    "Δ = mse_θ − mse_ref, s = +1 if Δ_w ≤ 0 else −1",
+    equation="AAF loss (Eqs. 7–8 of the ICLR 2025 submission): −log σ(−β/2 · (Δ_w − c·Δ_ref)), "
+    "Δ = mse_θ − mse_ref, c = +1 if Δ_w ≤ 0, else 0 (v2: DPO → SFT) or −1 (v1)",
 )
 def seppo(
     batch: PreferenceBatch,
@@ -231,8 +240,9 @@ def seppo(
     ref_every: int,
     sample_steps: int,
     aaf: bool,
+    flip: str,
 ) -> LossOutput:
-    """SePPO with the Anchor-based Adaptive Flipper: −log σ(β (ρ_w − s·ρ_ref)), s = `seppo_flip(ρ_w)`.
+    """SePPO with the Anchor-based Adaptive Flipper: −log σ(β (ρ_w − c·ρ_ref)), c from `seppo_flip(ρ_w)`.
 
     Branch 0 is a winning image of the data (the anchor x^w), branch 1 the *reference sample*: an
     image the reference model — a previous checkpoint of the policy, drawn uniformly from the
@@ -243,21 +253,29 @@ def seppo(
     - s = +1 (the policy fits the anchor at least as well as the reference, Δ_w ≤ 0): the reference
       sample is a loser — this is Diffusion-DPO with x^ref as x^l (SPIN-Diffusion's loss);
     - s = −1 (the reference fits the anchor better, Δ_w > 0: per the paper's Theorem the reference is
-      the better model here, so its sample is likely a winner): −log σ(−β/2 · (Δ_w + Δ_ref)) lowers
-      the policy's error on both images.
+      the better model here, so its sample is likely a winner). What the pair then trains differs
+      between the paper's versions. `flip="winner"` (the default; v1, Eqs. 7–8: c = s = −1):
+      −log σ(−β/2 · (Δ_w + Δ_ref)) lowers the policy's error on both images. `flip="sft"` (v2,
+      "Self-Sampling Preference Optimization", July 2025, whose abstract says the training
+      "switches from DPO to SFT" when the sample is likely a winner): the reference sample's term is
+      dropped (c = 0) and −log σ(−β/2 · Δ_w) fits the anchor alone — an off-policy winning image,
+      the only data the method trains on — in the same sigmoid and β as the pair's DPO term.
 
     From the paper: the reference is a uniformly drawn previous checkpoint (ref ∼ U(0, k−1)), its
     samples replace the losers, and the flipper's sign compares the current and the reference
     model's noise-prediction errors on the winning anchor under the same ε and t. Inferred (the
     paper has no training code): the tie Δ_w = 0 (always so at the first step, θ = θ_ref) counts as
     s = +1; β = 5000 (Diffusion-DPO's, in these units); s is detached (a decision, not a gradient
-    path); snapshots every 30 steps follow the paper's checkpointing interval. `aaf=False`
+    path); snapshots every 30 steps follow the paper's checkpointing interval; v2's SFT as the DPO
+    logit without the reference-sample term (only v2's abstract was readable here; an unscaled
+    denoising mse would carry ~β/2 times less gradient than the pair's DPO term). `aaf=False`
     is the paper's "w/o AAF" ablation (s = +1 always). Metrics: `seppo/flipped`
     is the AAF rate (the fraction of pairs with s = −1); rewards are ρ (unscaled).
     """
     rho_w, rho_l, valid = pair_log_ratios(batch, "seppo")
     sign = seppo_flip(rho_w) if aaf else torch.ones_like(rho_w)
-    losses = -log_sigmoid(beta * (rho_w - sign * rho_l))
+    coefficient = sign.clamp(min=0.0) if flip == "sft" else sign  # a flipped pair: −1 (v1) or 0 (v2)
+    losses = -log_sigmoid(beta * (rho_w - coefficient * rho_l))
     metrics = {**pair_metrics(rho_w, rho_l), "seppo/flipped": (sign < 0).float()}
     losses, metrics = finish(losses, valid, metrics)
     return LossOutput(losses, metrics, {})

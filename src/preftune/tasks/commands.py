@@ -65,20 +65,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _quickstart(args: argparse.Namespace) -> int:
+    from preftune.train.logging import quiet_libraries
+
+    quiet_libraries()  # per-file "Loading weights" bars would drown the stage lines
     if args.task == "diffusion":
         return _diffusion_quickstart(args)
     from dataclasses import replace
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from transformers.utils import logging as hf_logging
 
     from preftune.errors import ConfigError
-    from preftune.tasks.quickstart import QuickstartConfig, run_quickstart
-
-    hf_logging.disable_progress_bar()  # per-file "Loading weights" bars would drown the stage lines
-
     from preftune.online_methods import is_online
+    from preftune.tasks.quickstart import QuickstartConfig, run_quickstart
 
     cfg = QuickstartConfig()
     online = is_online(args.method)

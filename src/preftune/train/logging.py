@@ -175,14 +175,27 @@ def _open_sink(name: str, out: Path, run_name: str, config: dict[str, Any]) -> _
     )
 
 
+class _NoTorchvisionFallback(logging.Filter):
+    """transformers' "`CLIPImageProcessor` requires torchvision (not installed); falling back to
+    `CLIPImageProcessorPil`", printed when diffusers' pipelines are imported: advice for code that
+    builds image processors, which preftune never does."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
 def quiet_libraries() -> None:
-    """For the command line: no per-file "Loading weights" bars from transformers and no
-    FutureWarnings from the libraries underneath (deprecation notices for their API's users, not
-    for someone running preftune). The Python API leaves both alone."""
+    """For the command line: no per-file "Loading weights" bars from transformers, no FutureWarnings
+    from the libraries underneath (deprecation notices for their API's users, not for someone
+    running preftune) and no torchvision advice on importing diffusers. The Python API leaves all
+    three alone."""
     warnings.filterwarnings("ignore", category=FutureWarning)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    source = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _NoTorchvisionFallback) for f in source.filters):
+        source.addFilter(_NoTorchvisionFallback())
 
 
 def quiet_other_ranks() -> None:
