@@ -33,7 +33,7 @@ def _batch(mse_policy: list[float], mse_ref: list[float], grad: bool = False):  
 def test_seppo_flipper_sign_rule_on_constructed_statistics() -> None:
     """Pair A: the policy fits the anchor better (Δ_w = 0.4 − 0.5 < 0) → s = +1, the reference sample is
     a loser: logit −β/2 (Δ_w − Δ_ref) = −5 (−0.1 − 0.1) = 1.0. Pair B: the reference fits the anchor
-    better (Δ_w = +0.1) → s = −1, flipped: v1 (`flip="winner"`, the default) counts the reference
+    better (Δ_w = +0.1) → s = −1, flipped: v1 (`aaf="v1"`, the default) counts the reference
     sample as a winner, −5 (0.1 + (−0.05)) = −0.25; v2's SFT drops its term, logit −5 · 0.1 = −0.5.
     Pair C: a tie (Δ_w = 0, as at the first step) → s = +1: logit −5 (0 − 0.2) = 1.0. β = 10."""
     _, batch = _batch([0.4, 0.5, 0.3, 0.6, 0.45, 0.7], [0.5, 0.4, 0.3, 0.5, 0.5, 0.5])
@@ -41,28 +41,28 @@ def test_seppo_flipper_sign_rule_on_constructed_statistics() -> None:
     expected = [math.log1p(math.exp(-1.0)), math.log1p(math.exp(0.25)), math.log1p(math.exp(-1.0))]
     assert out.losses.tolist() == pytest.approx(expected, abs=1e-6)
     assert out.metrics["seppo/flipped"].tolist() == [0.0, 1.0, 0.0]  # the AAF rate's per-pair terms
-    v2 = losses.get("seppo")(batch, beta=10.0, flip="sft")
+    v2 = losses.get("seppo")(batch, beta=10.0, aaf="v2")
     assert v2.losses.tolist() == pytest.approx(
         [expected[0], math.log1p(math.exp(0.5)), expected[2]], abs=1e-6
     )
-    no_aaf = losses.get("seppo")(batch, beta=10.0, aaf=False)  # the paper's "w/o AAF"
+    no_aaf = losses.get("seppo")(batch, beta=10.0, aaf="off")  # the paper's "w/o AAF"
     no_flip = math.log1p(math.exp(0.75))  # pair B as a loser: logit −5 (0.1 − (−0.05)) = −0.75
     assert no_aaf.losses[1].item() == pytest.approx(no_flip, abs=1e-6)
     assert no_aaf.metrics["seppo/flipped"].tolist() == [0.0, 0.0, 0.0]
 
 
-@pytest.mark.parametrize("flip", ["sft", "winner"])
-def test_seppo_flip_decides_which_way_the_reference_sample_moves(flip: str) -> None:
+@pytest.mark.parametrize("aaf", ["v1", "v2"])
+def test_seppo_flip_decides_which_way_the_reference_sample_moves(aaf: str) -> None:
     """With s = +1 the loss rises as the reference sample's mse falls (pushed away, as a loser); with
     s = −1 v1 pulls it in (as a winner) and v2's SFT leaves it alone (no gradient). The
     winner is pulled in either way."""
     policy, batch = _batch([0.4, 0.5, 0.6, 0.45], [0.5, 0.4, 0.5, 0.5], grad=True)
-    losses.get("seppo")(batch, beta=10.0, flip=flip).losses.sum().backward()
+    losses.get("seppo")(batch, beta=10.0, aaf=aaf).losses.sum().backward()
     assert policy.grad is not None
     g = policy.grad.tolist()  # d loss / d mse: rows [w_A, w_B, ref_A, ref_B]
     assert g[0] > 0 and g[1] > 0  # a lower winner mse always lowers the loss
     assert g[2] < 0  # pair A (s = +1): a higher mse on the reference sample lowers the loss
-    assert g[3] == 0 if flip == "sft" else g[3] > 0  # pair B (s = −1): a winner (v1) or dropped (v2)
+    assert g[3] == 0 if aaf == "v2" else g[3] > 0  # pair B (s = −1): a winner (v1) or dropped (v2)
 
 
 def test_seppo_without_flips_is_diffusion_dpo_and_with_flips_is_not() -> None:
@@ -79,8 +79,8 @@ def test_seppo_without_flips_is_diffusion_dpo_and_with_flips_is_not() -> None:
     worse[0] = ref[0] + 0.01  # pair 0's anchor now fits worse than the reference: flipped
     batch = pair_batch(DenoisingStats(mse=worse), DenoisingStats(mse=ref))
     d_w, d_l = float(worse[0] - ref[0]), float(worse[8] - ref[8])
-    for flip, logit in (("sft", -2500.0 * d_w), ("winner", -2500.0 * (d_w + d_l))):
-        flipped = losses.get("seppo")(batch, beta=5000.0, flip=flip).losses
+    for aaf, logit in (("v2", -2500.0 * d_w), ("v1", -2500.0 * (d_w + d_l))):
+        flipped = losses.get("seppo")(batch, beta=5000.0, aaf=aaf).losses
         assert float(flipped[0]) == pytest.approx(math.log1p(math.exp(-logit)), rel=1e-5)
         assert torch.allclose(flipped[1:], dpo[1:], atol=1e-6)
 

@@ -40,7 +40,7 @@ NOT_MET = {
     "seppo": pytest.mark.xfail(
         strict=True,
         reason="measured 0.4798 → 0.4773, gain −0.0026 ± 0.0006 (−4.0 s.e.) on the quickstart's 212 pairs "
-        "(3 December, on the 217 pairs of that day's pretraining: −7.9; flip=sft, the revised paper's "
+        "(3 December, on the 217 pairs of that day's pretraining: −7.9; aaf=v2, the revised paper's "
         "SFT: −7.1; at β 500: −5.8); without the flipper it rose (+3.9 s.e.): the flip, decided on one "
         "noisy draw, fits the model's own past samples",
     ),
@@ -52,7 +52,7 @@ NOT_MET = {
 }
 # Cases beyond each method at its defaults: (method, hyper-parameters).
 VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
-    "seppo-no-aaf": ("seppo", {"aaf": False}),  # the paper's "w/o AAF" ablation
+    "seppo-no-aaf": ("seppo", {"aaf": "off"}),  # the paper's "w/o AAF" ablation
     "pso-20-steps": ("pso", {"sample_steps": 20}),  # reference images at the task's 20 DDIM steps
     "dcpo": ("dpo", {"beta": 500.0}),  # DCPO: Diffusion-DPO at its β on two-caption rows (DATA)
     "diff_kto-batch-16": ("diff_kto", {}),  # the quickstart's 16 images per step (SCHEDULES)

@@ -196,7 +196,7 @@ def inpo(
     return LossOutput(losses, metrics, {})
 
 
-SEPPO_FLIPS = ("sft", "winner")
+SEPPO_AAF = ("v1", "v2", "off")
 
 
 def seppo_flip(rho_w: torch.Tensor) -> torch.Tensor:
@@ -219,12 +219,11 @@ def seppo_flip(rho_w: torch.Tensor) -> torch.Tensor:
         "sample_steps": HParam(
             20, "DDIM (η = 0) steps of the reference sample that replaces the loser", low=1
         ),
-        "aaf": HParam(True, "the AAF; false: every reference sample is a loser (the paper's ablation)"),
-        "flip": HParam(
-            "winner",
-            "what a flipped pair trains: winner (v1's equations: the reference sample as a second winner) "
-            "or sft (v2's abstract: the anchor alone, the reference sample dropped)",
-            choices=SEPPO_FLIPS,
+        "aaf": HParam(
+            "v1",
+            "the AAF: v1 (a flipped pair's reference sample is a second winner), v2 (the revised paper: "
+            "a flipped pair fits the anchor alone) or off (every reference sample a loser: the ablation)",
+            choices=SEPPO_AAF,
         ),
     },
     paper="Zhang et al. 2024, SePPO: Semi-Policy Preference Optimization for Diffusion Alignment "
@@ -239,8 +238,7 @@ def seppo(
     beta: float,
     ref_every: int,
     sample_steps: int,
-    aaf: bool,
-    flip: str,
+    aaf: str,
 ) -> LossOutput:
     """SePPO with the Anchor-based Adaptive Flipper: −log σ(β (ρ_w − c·ρ_ref)), c from `seppo_flip(ρ_w)`.
 
@@ -254,8 +252,8 @@ def seppo(
       sample is a loser — this is Diffusion-DPO with x^ref as x^l (SPIN-Diffusion's loss);
     - s = −1 (the reference fits the anchor better, Δ_w > 0: per the paper's Theorem the reference is
       the better model here, so its sample is likely a winner). What the pair then trains differs
-      between the paper's versions. `flip="winner"` (the default; v1, Eqs. 7–8: c = s = −1):
-      −log σ(−β/2 · (Δ_w + Δ_ref)) lowers the policy's error on both images. `flip="sft"` (v2,
+      between the paper's versions. `aaf="v1"` (the default; v1, Eqs. 7–8: c = s = −1):
+      −log σ(−β/2 · (Δ_w + Δ_ref)) lowers the policy's error on both images. `aaf="v2"` (v2,
       "Self-Sampling Preference Optimization", July 2025, whose abstract says the training
       "switches from DPO to SFT" when the sample is likely a winner): the reference sample's term is
       dropped (c = 0) and −log σ(−β/2 · Δ_w) fits the anchor alone — an off-policy winning image,
@@ -268,13 +266,13 @@ def seppo(
     s = +1; β = 5000 (Diffusion-DPO's, in these units); s is detached (a decision, not a gradient
     path); snapshots every 30 steps follow the paper's checkpointing interval; v2's SFT as the DPO
     logit without the reference-sample term (only v2's abstract was readable here; an unscaled
-    denoising mse would carry ~β/2 times less gradient than the pair's DPO term). `aaf=False`
+    denoising mse would carry ~β/2 times less gradient than the pair's DPO term). `aaf="off"`
     is the paper's "w/o AAF" ablation (s = +1 always). Metrics: `seppo/flipped`
     is the AAF rate (the fraction of pairs with s = −1); rewards are ρ (unscaled).
     """
     rho_w, rho_l, valid = pair_log_ratios(batch, "seppo")
-    sign = seppo_flip(rho_w) if aaf else torch.ones_like(rho_w)
-    coefficient = sign.clamp(min=0.0) if flip == "sft" else sign  # a flipped pair: −1 (v1) or 0 (v2)
+    sign = seppo_flip(rho_w) if aaf != "off" else torch.ones_like(rho_w)
+    coefficient = sign.clamp(min=0.0) if aaf == "v2" else sign  # a flipped pair: −1 (v1) or 0 (v2)
     losses = -log_sigmoid(beta * (rho_w - coefficient * rho_l))
     metrics = {**pair_metrics(rho_w, rho_l), "seppo/flipped": (sign < 0).float()}
     losses, metrics = finish(losses, valid, metrics)
