@@ -386,6 +386,8 @@ def test_online_methods_take_their_task_options_under_the_command_lines(tmp_path
         "dpo": {},
     }
     assert hparams_of(["raft"], {"min_reward": 0.5}) == {"raft": {"keep": 0, "min_reward": 0.5}}
+    # given for one term (TERM.KEY) wins too: the task's flat β would otherwise be a second value
+    assert hparams_of(["online_dpo"], {"dpo.beta": 0.3}) == {"online_dpo": {"dpo.beta": 0.3}}
 
 
 def test_a_sweep_on_the_builtin_task_gives_remax_the_quickstarts_completion_budget() -> None:

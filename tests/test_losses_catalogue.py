@@ -46,8 +46,13 @@ def test_listing_shows_every_family_with_its_command(capsys, monkeypatch):
     [
         (
             "grpo",
-            ["online RL", "--estimator", "GRPO: group-relative reward", "ppo_clip", "eps_high", "--prompts"],
+            ["online RL", "--estimator", "GRPO: group-relative reward", "ppo_clip", "eps_high", "--prompts"]
+            + ["estimator option", "--scale", "group|batch|none", "--eps", "0.0001"],
         ),
+        ("remax", ["--clip", "clip the advantage to [−clip, clip]"]),
+        ("reinforce_pp", ["--gamma", "discount of the per-token return"]),
+        ("rto", ["PPO option", "--kl-coef  ", "0.01", "--lam", "0.95", "--dpo-clip"]),
+        ("reinforce_ada", ["--sampler-args key", "per_round", "balance|pos"]),
         ("dno", ["builder dno", "--margin", "--cut-rejected", "Direct Preference Optimization"]),
         ("ppo", ["estimator gae", "--kl-coef", "0.05", "value"]),
         ("adpa", ["distillation", "--teacher", "log π_dpo(a|s_t) − log π_ref(a|s_t)", "rejected"]),
@@ -64,6 +69,28 @@ def test_one_method_in_detail(name, expected, capsys, monkeypatch):
     for text in expected:
         assert text in out, (name, text)
     assert "dpo_norm" not in out  # a method's page, not the whole list
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_an_online_methods_page_lists_every_option_of_its_parts(name, capsys, monkeypatch):
+    """`preftune losses NAME` lists the options of the preset's estimator (the PPO family's fields for
+    gae, which its credit reads instead) and of its sampler, each with its default, as it lists the
+    loss terms' hyper-parameters."""
+    from preftune.config_fields import ppo_only_fields
+    from preftune.online_methods import preset_sampler
+    from preftune.rl import ESTIMATORS, SAMPLERS
+
+    monkeypatch.setenv("COLUMNS", "300")
+    assert main(["losses", name]) == 0
+    out = capsys.readouterr().out
+    preset = PRESETS[name]
+    keys = list(ESTIMATORS[preset.estimator].hparams) if preset.estimator else []
+    flags = [f"--{k.replace('_', '-')} " for k in (ppo_only_fields() if preset.estimator == "gae" else keys)]
+    sampler_keys = [f" {k} " for k in SAMPLERS[preset.sampler].hparams]
+    for text in flags + sampler_keys:
+        assert text in out, (name, text)
+    for key, value in preset_sampler(name, None, None)[1].items():
+        assert f" {key} " in out and f" {value} " in out, (name, key)
 
 
 def test_an_unknown_name_is_matched_against_every_family(capsys):

@@ -180,9 +180,9 @@ def test_ppo_presets_and_config_errors() -> None:
         validate(_config(method="rto"))
     with pytest.raises(ConfigError, match="value head needs full fine-tuning"):
         validate(_config(lora=True))
-    with pytest.raises(ConfigError, match="value_lr is for the PPO family"):
+    with pytest.raises(ConfigError, match="^--value-lr: read only by the PPO family"):
         validate(_config(method="rloo", value_lr=1e-3))
-    with pytest.raises(ConfigError, match="macro is for the PPO family"):
+    with pytest.raises(ConfigError, match="^--macro: read only by the PPO family"):
         validate(_config(method="grpo", macro="fixed"))
     with pytest.raises(ConfigError, match="'macro' = 'fix' is not one of"):
         validate(_config(macro="fix"))

@@ -76,6 +76,30 @@ def test_objective_routes_flat_and_dotted_hparams() -> None:
     assert terms[0][2]["beta"] == 0.4
 
 
+def _parsed(*argv: str) -> TrainConfig:
+    args = build_parser().parse_args(["train", *argv, *"--model m --data d.jsonl --out o".split()])
+    return load_config(None, overrides_from_args(args))
+
+
+def test_one_terms_value_given_twice_differently_is_refused_naming_both() -> None:
+    """`--dpo.beta 0.2 --beta 0.1` set one value twice (the dotted one won silently): refused naming
+    both flags, for one term, a weighted sum and ORPO's β (TRL's name of odds_ratio_weight); the same
+    value twice is fine, and so is a flat key beside a TERM.KEY of another name."""
+    for method in ("dpo", "dpo:1,sft:0.2"):
+        with pytest.raises(ConfigError) as err:
+            validate(_parsed(method, "--dpo.beta", "0.2", "--beta", "0.1"))
+        assert str(err.value).startswith("--beta 0.1 and --dpo.beta 0.2 both set dpo's beta — give one")
+        assert validate(_parsed(method, "--dpo.beta", "0.2", "--beta", "0.2"))[0][2]["beta"] == 0.2
+    with pytest.raises(
+        ConfigError, match="^--beta 0.2 and --odds-ratio-weight 0.3 both set orpo's odds_ratio"
+    ):
+        validate(cfg(method="orpo", hparams={"beta": 0.2, "odds_ratio_weight": 0.3}))
+    terms = validate(cfg(method="dpo:1,ipo:1", hparams={"beta": 0.2, "ipo.token_mean": False}))
+    assert terms[0][2]["beta"] == terms[1][2]["beta"] == 0.2 and terms[1][2]["token_mean"] is False
+    with pytest.raises(ConfigError, match="both set ipo's beta"):  # a flat key sets every term with it
+        validate(cfg(method="dpo:1,ipo:1", hparams={"beta": 0.2, "ipo.beta": 0.3}))
+
+
 def test_gamma_reaches_simpo_and_alphapo_not_the_unused_discount(tmp_path: Path) -> None:
     """`gamma` is both a config field (the PPO family's discount) and SimPO's / AlphaPO's margin γ:
     given to an offline method with a γ term — flag, YAML key or Python override — it sets that γ;

@@ -127,26 +127,43 @@ def config_from_dict(values: Mapping[str, Any], *, where: str = "config") -> Tra
     return config
 
 
-# Keys that are both a config field and a loss hyper-parameter: `gamma` is the PPO family's discount
-# and SimPO's / AlphaPO's target margin.
+# Keys that are both a config field and a loss or estimator hyper-parameter: `gamma` is the PPO
+# family's discount, SimPO's / AlphaPO's target margin and REINFORCE++'s discount.
 SHARED_KEYS = ("gamma",)
 
 
 def _route_shared_keys(config: TrainConfig, given: Mapping[str, Any]) -> None:
-    """A shared key given flat goes to the loss when the method is offline and one of its terms
-    declares it (`preftune train simpo --gamma 0.5` sets SimPO's γ, not the unused discount)."""
-    if is_online(config.method) or is_distill(config.method):
+    """A shared key given flat goes to the hyper-parameter that reads it when the field would not be
+    read: an offline method's term (`preftune train simpo --gamma 0.5` sets SimPO's γ, not the unused
+    discount), an online builder's objective term (`online_dpo --objective simpo`) or an online
+    estimator other than the PPO family's gae (`reinforce_pp --gamma 0.9`: its return's discount)."""
+    if is_distill(config.method):
         return
+    takers = _shared_key_takers(config)
+    for key in SHARED_KEYS:
+        if key in given and key not in config.hparams and key in takers:
+            config.hparams[key] = given[key]
+            setattr(config, key, FIELDS[key].default)
+
+
+def _shared_key_takers(config: TrainConfig) -> set[str]:
+    """The hyper-parameter names of the parts of `config.method` that take flat keys besides the config
+    fields: the offline terms (of an offline method or an online builder) or the online estimator
+    (none for gae, whose γ and λ are the config fields); empty for an unknown method or part."""
     from preftune.losses import parse_objective
 
     try:
-        terms = parse_objective(config.method)
+        if not is_online(config.method):
+            return {k for spec, _ in parse_objective(config.method) for k in spec.hparams}
+        estimator, text, _, _ = expand(config.method, config.estimator, config.objective)
+        if builder_of(config.method):
+            return {k for spec, _ in parse_objective(text) for k in spec.hparams}
+        from preftune.rl import ESTIMATORS
+
+        spec = ESTIMATORS.get(estimator)
+        return set(spec.hparams) if spec is not None and estimator != "gae" else set()
     except (ConfigError, ValueError):
-        return  # an unknown method: `validate` names it
-    for key in SHARED_KEYS:
-        if key in given and key not in config.hparams and any(key in spec.hparams for spec, _ in terms):
-            config.hparams[key] = given[key]
-            setattr(config, key, FIELDS[key].default)
+        return set()  # an unknown method or term: `validate` names it
 
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
@@ -238,40 +255,55 @@ def resolve_objective(config: TrainConfig) -> list[tuple[Any, float, dict[str, A
     """[(LossSpec, weight, validated hyper-parameters)] of the config's objective.
 
     Flat keys go to every term that declares them; `TERM.KEY` to one term. A key no term declares is
-    an error with a "did you mean" over config fields and the terms' hyper-parameters.
+    an error with a "did you mean" over config fields and the terms' hyper-parameters; two keys that
+    set one term's value differently (`--beta 0.1 --dpo.beta 0.2`) are an error naming both.
     """
+    terms, given, defaults, builder_keys = _objective_parts(config)
+    per_term = _route_hparams(config, terms, given, builder_keys)
+    for key, value in defaults.items():
+        for spec, _ in terms:
+            if key in spec.hparams:
+                per_term[spec.name].setdefault(key, value)
+    return [(spec, weight, spec.validate(per_term[spec.name])) for spec, weight in terms]
+
+
+def _objective_parts(
+    config: TrainConfig,
+) -> tuple[list[tuple[Any, float]], Mapping[str, Any], dict[str, Any], set[str]]:
+    """(terms, the hyper-parameters given for them, the method's defaults, keys that are an online
+    builder's options) of the config's method: an offline objective, an online preset's policy
+    objective (the estimator's keys gone to it) or its builder's offline one, a distillation objective."""
     from preftune import losses
 
-    defaults: dict[str, Any] = {}
-    given: Mapping[str, Any] = config.hparams
-    builder_keys: set[str] = set()
     if is_online(config.method):  # a preset: its policy objective (kind "policy"), overridable
-        from preftune.losses.policy_losses import parse_policy_objective
-        from preftune.online_options import resolve_online
-
         if builder_of(config.method):  # sampled groups → offline examples: an offline objective
             from preftune.rl.builders import BUILDERS
 
             _, text, defaults, _ = expand(config.method, config.estimator, config.objective)
-            terms = losses.parse_objective(text)
             builder_keys = set(BUILDERS[builder_of(config.method)].hparams)
-        else:
-            online = resolve_online(config.method, config.estimator, config.objective, config.hparams)
-            terms = parse_policy_objective(online.objective)
-            given, defaults = online.term_hparams, online.defaults  # the estimator's keys went to it
-    elif is_distill(config.method):  # teacher distributions (kind "distill")
+            return losses.parse_objective(text), config.hparams, defaults, builder_keys
+        from preftune.losses.policy_losses import parse_policy_objective
+        from preftune.online_options import resolve_online
+
+        online = resolve_online(config.method, config.estimator, config.objective, config.hparams)
+        return parse_policy_objective(online.objective), online.term_hparams, online.defaults, set()
+    if is_distill(config.method):  # teacher distributions (kind "distill")
         from preftune.losses.distill_losses import parse_distill_objective
 
-        terms = parse_distill_objective(config.method)
-    else:
-        terms = losses.parse_objective(config.method)
+        return parse_distill_objective(config.method), config.hparams, {}, set()
+    return losses.parse_objective(config.method), config.hparams, {}, set()
+
+
+def _route_hparams(
+    config: TrainConfig, terms: list[tuple[Any, float]], given: Mapping[str, Any], skip: set[str]
+) -> dict[str, dict[str, Any]]:
+    """Each term's given hyper-parameters (before defaults): flat keys to every term that declares
+    them, `TERM.KEY` to that term; keys in `skip` (a builder's options) are left out. A term's value
+    set by two keys with different values is refused (`_check_one_value`)."""
     per_term: dict[str, dict[str, Any]] = {spec.name: {} for spec, _ in terms}
-    known = sorted(
-        ({k for spec, _ in terms for k in spec.hparams} | set(FIELDS) | set(TRL_HELP) | builder_keys)
-        - {"hparams"}
-    )
+    sources: dict[tuple[str, str], list[tuple[str, Any]]] = {}  # (term, name) → [(key, value)]
     for key, value in given.items():
-        if key in builder_keys:  # an option of the online method's example builder (rl.builders)
+        if key in skip:  # an option of the online method's example builder (rl.builders)
             continue
         term, dot, name = str(key).rpartition(".")
         if dot:
@@ -279,29 +311,51 @@ def resolve_objective(config: TrainConfig) -> list[tuple[Any, float, dict[str, A
                 raise ConfigError(
                     f"hyper-parameter '{key}': '{term}' is not a term of method '{config.method}'"
                 )
-            per_term[term][name] = value
+            sources.setdefault((term, name), []).append((key, value))
             continue
         takers = [spec.name for spec, _ in terms if key in spec.hparams]
         if key == "beta" and not takers and "orpo" in per_term:
             # TRL's ORPOConfig.beta is λ, the odds-ratio weight (Hong et al. 2024, ORPO, eq. 6)
-            key, name, takers = "odds_ratio_weight", "odds_ratio_weight", ["orpo"]
+            name, takers = "odds_ratio_weight", ["orpo"]
         if not takers:
-            hint = (
-                " (TRL's label_smoothing is ε of rdpo, TRL's 'robust', and of cdpo)"
-                if key == "epsilon"
-                else ""
-            )
-            raise ConfigError(
-                f"unknown option '{key}' for method '{config.method}'{did_you_mean(str(key), known)}{hint} "
-                f"(config fields: see 'preftune train --help'; loss options: 'preftune losses')"
-            )
+            _unknown_option(config, terms, str(key), skip)
         for t in takers:
-            per_term[t].setdefault(name, value)
-    for key, value in defaults.items():
-        for spec, _ in terms:
-            if key in spec.hparams:
-                per_term[spec.name].setdefault(key, value)
-    return [(spec, weight, spec.validate(per_term[spec.name])) for spec, weight in terms]
+            sources.setdefault((t, name), []).append((key, value))
+    specs = {spec.name: spec for spec, _ in terms}
+    for (term, name), values in sources.items():
+        _check_one_value(specs[term], name, values)
+        per_term[term][name] = next((v for k, v in values if "." in k), values[0][1])  # TERM.KEY first
+    return per_term
+
+
+def _unknown_option(config: TrainConfig, terms: list[tuple[Any, float]], key: str, extra: set[str]) -> None:
+    """ConfigError for a flat key no term of the objective declares, with a "did you mean" over the
+    terms' keys, the config fields, TRL's names and `extra` (a builder's options)."""
+    known = sorted(
+        ({k for spec, _ in terms for k in spec.hparams} | set(FIELDS) | set(TRL_HELP) | extra) - {"hparams"}
+    )
+    hint = " (TRL's label_smoothing is ε of rdpo, TRL's 'robust', and of cdpo)" if key == "epsilon" else ""
+    raise ConfigError(
+        f"unknown option '{key}' for method '{config.method}'{did_you_mean(key, known)}{hint} "
+        f"(config fields: see 'preftune train --help'; loss options: 'preftune losses')"
+    )
+
+
+def _check_one_value(spec: Any, name: str, values: list[tuple[str, Any]]) -> None:
+    """Keys that set term `spec`'s `name` (a flat key, its `TERM.KEY`, TRL's ORPO `beta`) agree: the
+    same value twice is fine, different ones are an error naming both flags (none silently wins)."""
+    hp = spec.hparams.get(name)
+    if hp is None or len(values) < 2:
+        return  # an unknown name: `spec.validate` names it
+    where = f"loss '{spec.name}'"
+    seen = {repr(hp.coerce(key, value, where)): (key, value) for key, value in values}
+    if len(seen) < 2:
+        return
+    flags = " and ".join(f"--{k if '.' in k else k.replace('_', '-')} {v}" for k, v in seen.values())
+    raise ConfigError(
+        f"{flags} both set {spec.name}'s {name} — give one of them, or the same value (a flat key sets "
+        f"every term that has it, --{spec.name}.{name} that term alone; in a config file the same keys)"
+    )
 
 
 def reference_strategy(config: TrainConfig, needs_reference: bool) -> str:

@@ -29,6 +29,13 @@ def _online(default: Any, help: str, **extra: Any) -> Any:
     return _f(default, help, online=True, **extra)
 
 
+def _ppo(default: Any, help: str, reader: str, **extra: Any) -> Any:
+    """A field that only the PPO family reads (`ppo_only_fields`); `reader` says which part of it:
+    `ppo` (estimator gae), `macro` (MA-RLHF's macro actions), `macro_fixed` (its fixed n-grams) or
+    `rto` (RTO's DPO token rewards)."""
+    return _online(default, help, ppo=reader, **extra)
+
+
 @dataclass
 class TrainConfig:
     """Everything one `preftune train` run needs. Each field's help is its documentation."""
@@ -249,33 +256,40 @@ class TrainConfig:
     )
     top_k: int = _online(0, "Online methods: sample from the k most likely tokens (0: off).", low=0)
     # --- PPO family (ppo, ma_ppo, rto: estimator gae with a value head; TRL's PPOConfig names) ---
-    kl_coef: float | None = _online(
+    kl_coef: float | None = _ppo(
         None,
         "PPO family: per-token KL penalty β·(log π − log π_ref) in the reward (ppo 0.05, rto 0.01).",
+        "ppo",
         low=0.0,
     )
-    value_lr: float | None = _online(
-        None, "PPO family: learning rate of the value head (default: lr).", low=0.0
+    value_lr: float | None = _ppo(
+        None, "PPO family: learning rate of the value head (default: lr).", "ppo", low=0.0
     )
-    gamma: float = _online(
+    gamma: float = _ppo(
         1.0,
-        "PPO family: GAE discount γ. With simpo or alphapo (a term with its own γ) --gamma is that "
-        "term's target margin instead.",
+        "PPO family: GAE discount γ. Where a term or estimator has its own γ, --gamma is that one "
+        "instead: simpo's / alphapo's target margin (also as an online builder's objective), "
+        "reinforce_pp's discount.",
+        "ppo",
         low=0.0,
         high=1.0,
     )
-    lam: float = _online(0.95, "PPO family: GAE λ.", low=0.0, high=1.0)
-    macro: str | None = _online(
-        None, "MA-RLHF macro actions: fixed | randomized | ppl (ma_ppo: fixed).", choices=MACROS
+    lam: float = _ppo(0.95, "PPO family: GAE λ.", "ppo", low=0.0, high=1.0)
+    macro: str | None = _ppo(
+        None, "MA-RLHF macro actions: fixed | randomized | ppl (ma_ppo: fixed).", "ppo", choices=MACROS
     )
-    macro_n: int = _online(5, "MA-RLHF: tokens per fixed macro action (1 = PPO).", low=1)
-    macro_pooling: str = _online(
-        "equal", "MA-RLHF: value/reward pooling over a macro action.", choices=POOLINGS
+    macro_n: int = _ppo(5, "MA-RLHF: tokens per fixed macro action (1 = PPO).", "macro_fixed", low=1)
+    macro_pooling: str = _ppo(
+        "equal", "MA-RLHF: value/reward pooling over a macro action.", "macro", choices=POOLINGS
     )
-    dpo_model: str | None = _online(None, "RTO: the DPO model whose token log-ratio to `model` is a reward.")
-    dpo_scale: float = _online(0.05, "RTO: scale s of the token reward s·(log π_dpo − log π_ref).", low=0.0)
-    dpo_clip: float = _online(
-        0.05, "RTO: clip c of each DPO token reward to [−c, c].", low=0.0, low_open=True
+    dpo_model: str | None = _ppo(
+        None, "RTO: the DPO model whose token log-ratio to `model` is a reward.", "ppo"
+    )
+    dpo_scale: float = _ppo(
+        0.05, "RTO: scale s of the token reward s·(log π_dpo − log π_ref).", "rto", low=0.0
+    )
+    dpo_clip: float = _ppo(
+        0.05, "RTO: clip c of each DPO token reward to [−c, c].", "rto", low=0.0, low_open=True
     )
     num_iterations: int = _online(
         1, "Online methods: optimizer steps per batch of rollouts, μ (TRL's num_iterations).", low=1
@@ -340,3 +354,9 @@ def online_only_fields() -> frozenset[str]:
     """The TrainConfig fields only online methods read (prompts, reward, num_generations, ...): those
     declared with `_online`."""
     return frozenset(name for name, f in FIELDS.items() if f.metadata.get("online"))
+
+
+def ppo_only_fields() -> dict[str, str]:
+    """The TrainConfig fields only the PPO family reads (declared with `_ppo`), each with the part of
+    it that reads the field: `ppo`, `macro`, `macro_fixed` or `rto` (`method_checks.check_ppo_fields`)."""
+    return {name: str(f.metadata["ppo"]) for name, f in FIELDS.items() if f.metadata.get("ppo")}

@@ -107,6 +107,7 @@ def validate_online(config: Any, strategy: str) -> None:
         from preftune.config import resolve_objective
         from preftune.rl.builders import builder_options, check_objective
 
+        check_ppo_fields(config, "")
         builder_options(config.method, config.hparams)  # the builder's options, in range
         check_objective(config.method, resolve_objective(config), strategy)
         check_group_size(config, "")
@@ -116,6 +117,7 @@ def validate_online(config: Any, strategy: str) -> None:
     estimator = expand(config.method, config.estimator, config.objective)[0]
     get_estimator(estimator)
     _validate_ppo(config, estimator)
+    check_ppo_fields(config, estimator)
     check_sampler(config, estimator)
     check_group_size(config, estimator)
 
@@ -152,12 +154,48 @@ def check_group_size(config: Any, estimator: str) -> None:
     )
 
 
+# who reads the fields of each part of the PPO family (`config_fields.ppo_only_fields`)
+_PPO_READERS = {
+    "ppo": "the PPO family (ppo, ma_ppo, rto; any method with --estimator gae)",
+    "macro": "MA-RLHF's macro actions (ma_ppo, or --macro with the PPO family)",
+    "macro_fixed": "MA-RLHF's fixed macro actions (ma_ppo, or --macro fixed with the PPO family)",
+    "rto": "RTO's DPO token rewards (rto, or --dpo-model with the PPO family)",
+}
+
+
+def check_ppo_fields(config: Any, estimator: str) -> None:
+    """Refuse the fields only the PPO family reads (`--lam`, `--gamma`, `--kl-coef`, `--macro-n`,
+    `--dpo-scale`, ...) where online `config.method` (with `estimator`; "" for a builder) would ignore
+    them, naming each flag and who reads it: GAE's γ and λ, the KL penalty, the value head's learning
+    rate, `--macro` and `--dpo-model` need estimator gae; `--macro-pooling` macro actions,
+    `--macro-n` fixed ones; `--dpo-scale` / `--dpo-clip` a DPO model. A γ that the method's estimator
+    or builder objective declares went to it (`config._route_shared_keys`)."""
+    from preftune.config_fields import TrainConfig, ppo_only_fields
+    from preftune.online_methods import PRESETS
+
+    gae = estimator == "gae"
+    macro = config.macro or PRESETS[config.method.strip()].macro
+    reads = {"ppo": gae, "macro": gae and macro is not None, "macro_fixed": gae and macro == "fixed"}
+    reads["rto"] = gae and bool(config.dpo_model)
+    defaults = TrainConfig()
+    ignored: dict[str, list[str]] = {}
+    for name, reader in ppo_only_fields().items():
+        if getattr(config, name) != getattr(defaults, name) and not reads[reader]:
+            ignored.setdefault(reader, []).append(f"--{name.replace('_', '-')}")
+    if not ignored:
+        return
+    parts = [f"{', '.join(flags)}: read only by {_PPO_READERS[reader]}" for reader, flags in ignored.items()]
+    many = sum(map(len, ignored.values())) > 1
+    how = f" (estimator {estimator})" if estimator else f" (builder {PRESETS[config.method.strip()].builder})"
+    it = "them" if many else "it"
+    raise ConfigError(
+        f"{'; '.join(parts)} — method '{config.method}'{'' if gae else how} would ignore {it}: remove {it}"
+    )
+
+
 def _validate_ppo(config: Any, estimator: str) -> None:
     """The PPO family (estimator gae): a value head on a fully fine-tuned policy; RTO's DPO model."""
-    ppo_keys = [k for k in ("macro", "dpo_model", "kl_coef", "value_lr") if getattr(config, k) is not None]
     if estimator != "gae":
-        if ppo_keys:
-            raise ConfigError(f"{ppo_keys[0]} is for the PPO family (estimator gae: ppo, ma_ppo, rto)")
         return
     if config.lora:
         raise ConfigError(f"method '{config.method}': the value head needs full fine-tuning, not lora (yet)")

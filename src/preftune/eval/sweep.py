@@ -165,13 +165,15 @@ def method_config(
 ) -> Any:
     """The config of `method` in a sweep: `base` with its method and run folder. An online method
     (grpo, rloo, ...) drops the preference data and takes `online` (prompts, reward, its schedule)
-    and `online_hparams` (its options on the task, under those of `base`); an offline one drops the
-    online settings."""
+    and `online_hparams` (its options on the task, under those of `base`: one that `base` sets, flat
+    or as TERM.KEY, is left out); an offline one drops the online settings."""
     from preftune.online_methods import is_online
 
     changes: dict[str, Any] = {"method": method, "out": str(out / method), "cache_dir": str(cache_dir)}
     if is_online(method):
-        hparams = {**(online_hparams or {}), **base.hparams}
+        given = {str(k).rpartition(".")[2] for k in base.hparams}  # flat or TERM.KEY: given wins
+        task = {k: v for k, v in (online_hparams or {}).items() if k not in given}
+        hparams = {**task, **base.hparams}
         changes.update(data=None, eval_data=None, eval_every=0, hparams=hparams, **online)
     else:
         changes.update(prompts=None, reward=None, estimator=None, objective=None, num_iterations=1)

@@ -9,7 +9,9 @@ from what `preftune train` accepts.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
 from preftune.losses.docs import method_section
 
@@ -149,7 +151,7 @@ def _online_detail(name: str) -> list[str]:
     from preftune.losses import REGISTRY
     from preftune.losses.policy_losses import POLICY_LOSSES
     from preftune.losses.registry import parse_objective
-    from preftune.online_methods import PRESETS
+    from preftune.online_methods import PRESETS, preset_sampler
     from preftune.rl.builders import BUILDERS
     from preftune.rl.registry import REGISTRY as ESTIMATORS
     from preftune.rl.samplers import SAMPLERS
@@ -160,8 +162,16 @@ def _online_detail(name: str) -> list[str]:
         est = ESTIMATORS[p.estimator]
         text = " ".join(inspect.cleandoc(est.fn.__doc__ or "").split("\n\n")[0].split())
         lines.append(f"- **advantage estimator** `{est.name}` (`--estimator`): {text} ({est.paper})")
+        if p.estimator == "gae":  # the PPO family reads config fields (rl.ppo.token_credit)
+            lines += ["", *_ppo_fields_table(name), ""]
+        elif est.hparams:
+            lines += ["", *_options_table(est.hparams, "estimator option"), ""]
     sampler = SAMPLERS[p.sampler]
     lines.append(f"- **sampler** `{sampler.name}` (`--sampler`): {sampler.rule.split(';')[0]}")
+    if sampler.hparams:
+        defaults = preset_sampler(name, None, None)[1]
+        table = _options_table(sampler.hparams, "`--sampler-args` key", defaults, flags=False)
+        lines += ["", *table, ""]
     if p.builder:
         builder = BUILDERS[p.builder]
         lines.append(
@@ -171,13 +181,45 @@ def _online_detail(name: str) -> list[str]:
             lines.append(f"  - `--{key.replace('_', '-')}` (default {hp.default}): {hp.doc}")
     if p.hparams:
         lines.append(f"- **preset values**: {', '.join(f'{k}={v}' for k, v in p.hparams.items())}")
-    if p.estimator == "gae":
-        lines.append(f"- **KL penalty in the token rewards** (`--kl-coef`): {p.kl_coef}")
     registry = REGISTRY if p.builder else POLICY_LOSSES
     lines += [f"- **objective** `{p.objective}` (`--objective`), its terms:", ""]
     for spec, _weight in parse_objective(p.objective, registry):
         lines.append(method_section(spec).replace("## ", "### ", 1))
     return lines
+
+
+def _options_table(
+    hparams: Mapping[str, Any], what: str, defaults: Mapping[str, Any] | None = None, flags: bool = True
+) -> list[str]:
+    """A Markdown table of options (`HParam`s) with their defaults (`defaults` overrides), valid values
+    and meaning; `flags`: each named as its `--flag`, else as a bare key."""
+    from preftune.losses.docs import _default, cell
+
+    rows = [f"| {what} | default | valid | meaning |", "|---|---|---|---|"]
+    for key, hp in hparams.items():
+        shown = f"--{key.replace('_', '-')}" if flags else key
+        hp = replace(hp, default=defaults[key]) if defaults and key in defaults else hp
+        value = "—" if hp.default is None else _default(hp)
+        rows.append(f"| `{shown}` | {value} | {cell(hp.range_text())} | {cell(hp.doc)} |")
+    return rows
+
+
+def _ppo_fields_table(method: str) -> list[str]:
+    """The PPO family's options (`config_fields.ppo_only_fields`: GAE's γ and λ, the KL penalty, the
+    value head's learning rate, MA-RLHF's and RTO's), with the preset's defaults."""
+    from preftune.config_fields import FIELDS, field_type, ppo_only_fields
+    from preftune.losses.registry import HParam
+    from preftune.online_methods import PRESETS
+
+    preset = PRESETS[method]
+    types = {int: "int", float: "float", str: "str"}
+    options = {}
+    for name in ppo_only_fields():
+        meta, base = FIELDS[name].metadata, field_type(name)[0]
+        bounds = {k: meta[k] for k in ("low", "high", "choices", "low_open", "high_open") if k in meta}
+        default = {"kl_coef": preset.kl_coef, "macro": preset.macro}.get(name, FIELDS[name].default)
+        options[name] = HParam(default, str(meta["help"]), type=types.get(base), **bounds)  # type: ignore[arg-type]
+    return _options_table(options, "PPO option")
 
 
 def _distill_detail(name: str) -> list[str]:

@@ -18,6 +18,7 @@ ratio), the kept support (`min_logits`), the advantage and the reward; the train
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -28,7 +29,7 @@ import torch
 from preftune.errors import ConfigError
 from preftune.reward.registry import Reward
 from preftune.rl.draws import Drawn, StepSource, as_rollouts, columns
-from preftune.rl.prompts import PromptRow
+from preftune.rl.prompts import PromptRow, preference_columns_note
 from preftune.rl.registry import estimate
 from preftune.rl.registry import get as get_estimator
 from preftune.rl.rollout import RolloutEngine
@@ -286,6 +287,9 @@ def online_phase(config: Any, tokenizer: Any) -> OnlinePhase:
     from preftune.rl.ppo import token_credit
 
     prompts = run_prompts(config, config.prompts, tokenizer, config.split)
+    note = preference_columns_note(prompts, str(config.prompts), config.method)
+    if note:  # a pairs file is a fine prompt source, but its responses are not trained on
+        logging.getLogger("preftune.rl").warning(note)
     reward = load_reward(config.reward)
     _check_verifier_prompts(reward, config, prompts)
     if config.batch_size > len(prompts):

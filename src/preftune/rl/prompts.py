@@ -114,3 +114,29 @@ def load_prompts(
         columns = {k: v for k, v in rec.items() if k != "prompt"}
         out.append(PromptRow(ids, text, columns, row))
     return out
+
+
+def preference_columns_note(rows: list[PromptRow], source: str, method: str) -> str:
+    """A one-line notice when prompt rows are preference data (rows of a kind `data.layouts.detect_kind`
+    finds: chosen / rejected, completion, responses), naming their preference columns
+    (`data.layouts.ALL_FIELDS`): online `method` samples its own responses to each prompt and trains
+    on none of those, which reach the reward only as keyword arguments; the offline methods train on
+    them (--data). A prompt on several rows is drawn as often. "" otherwise (other columns, such as a
+    reward's `answer`, are what prompt data is for)."""
+    from preftune.data.layouts import ALL_FIELDS, detect_kind
+
+    preference = [r for r in rows if detect_kind(r.columns) is not None]
+    if not preference:
+        return ""
+    found = sorted({k for r in preference for k in r.columns if k in ALL_FIELDS}, key=ALL_FIELDS.index)
+    distinct = len({r.text for r in rows})
+    repeats = (
+        f"; its {len(rows)} rows hold {distinct} distinct prompts (one on k rows is drawn k times an epoch)"
+        if distinct < len(rows)
+        else ""
+    )
+    return (
+        f"{source}: {method} reads each row's 'prompt' and samples its own responses; the columns "
+        f"{', '.join(found)} are not trained on (they reach the reward only as keyword arguments) — "
+        f"preference data trains the offline methods: preftune train dpo --data {source}{repeats}"
+    )
