@@ -84,7 +84,8 @@ def _parsed(*argv: str) -> TrainConfig:
 def test_one_terms_value_given_twice_differently_is_refused_naming_both() -> None:
     """`--dpo.beta 0.2 --beta 0.1` set one value twice (the dotted one won silently): refused naming
     both flags, for one term, a weighted sum and ORPO's β (TRL's name of odds_ratio_weight); the same
-    value twice is fine, and so is a flat key beside a TERM.KEY of another name."""
+    value twice is fine, and so is a flat key beside a TERM.KEY of another name, or beside a TERM.KEY
+    of a term it shares with others (`--beta 0.2 --ipo.beta 0.3` on dpo:1,ipo:1: ipo's own β)."""
     for method in ("dpo", "dpo:1,sft:0.2"):
         with pytest.raises(ConfigError) as err:
             validate(_parsed(method, "--dpo.beta", "0.2", "--beta", "0.1"))
@@ -96,8 +97,9 @@ def test_one_terms_value_given_twice_differently_is_refused_naming_both() -> Non
         validate(cfg(method="orpo", hparams={"beta": 0.2, "odds_ratio_weight": 0.3}))
     terms = validate(cfg(method="dpo:1,ipo:1", hparams={"beta": 0.2, "ipo.token_mean": False}))
     assert terms[0][2]["beta"] == terms[1][2]["beta"] == 0.2 and terms[1][2]["token_mean"] is False
-    with pytest.raises(ConfigError, match="both set ipo's beta"):  # a flat key sets every term with it
-        validate(cfg(method="dpo:1,ipo:1", hparams={"beta": 0.2, "ipo.beta": 0.3}))
+    # a flat key two terms share, and TERM.KEY for one of them: that term's own value, the other the flat
+    terms = validate(cfg(method="dpo:1,ipo:1", hparams={"beta": 0.2, "ipo.beta": 0.3}))
+    assert terms[0][2]["beta"] == 0.2 and terms[1][2]["beta"] == 0.3
 
 
 def test_gamma_reaches_simpo_and_alphapo_not_the_unused_discount(tmp_path: Path) -> None:

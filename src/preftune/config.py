@@ -298,10 +298,12 @@ def _route_hparams(
     config: TrainConfig, terms: list[tuple[Any, float]], given: Mapping[str, Any], skip: set[str]
 ) -> dict[str, dict[str, Any]]:
     """Each term's given hyper-parameters (before defaults): flat keys to every term that declares
-    them, `TERM.KEY` to that term; keys in `skip` (a builder's options) are left out. A term's value
-    set by two keys with different values is refused (`_check_one_value`)."""
+    them, `TERM.KEY` to that term (over a flat key several terms share); keys in `skip` (a
+    builder's options) are left out. A term's value set by two keys with different values is refused
+    (`_check_one_value`)."""
     per_term: dict[str, dict[str, Any]] = {spec.name: {} for spec, _ in terms}
     sources: dict[tuple[str, str], list[tuple[str, Any]]] = {}  # (term, name) → [(key, value)]
+    dotted = {tuple(str(k).rsplit(".", 1)) for k in given if "." in str(k)}  # (term, name) set alone
     for key, value in given.items():
         if key in skip:  # an option of the online method's example builder (rl.builders)
             continue
@@ -320,6 +322,8 @@ def _route_hparams(
         if not takers:
             _unknown_option(config, terms, str(key), skip)
         for t in takers:
+            if len(takers) > 1 and (t, name) in dotted:
+                continue  # a flat key shared by several terms, TERM.KEY overriding it for one
             sources.setdefault((t, name), []).append((key, value))
     specs = {spec.name: spec for spec, _ in terms}
     for (term, name), values in sources.items():
