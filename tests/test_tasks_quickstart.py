@@ -100,7 +100,13 @@ def test_prepare_writes_labelled_disjoint_data(toy) -> None:
         problem, *done = r["prompt"].split("\n")[:-1]
         ref = solution(parse_prompt(problem + "=\n" if not problem.endswith("=") else problem)).split("\n")
         assert done == ref[: len(done)] and r["chosen"] == ref[len(done)] != r["rejected"]
-    assert any(line.startswith("[1/5]") for line in logs) and any("[3/5]" in line for line in logs)
+    # prepare alone numbers its own three stages: SFT, sampling, writing + measuring
+    assert _stage_numbers(logs) == ["1/3", "2/3", "3/3"]
+
+
+def _stage_numbers(logs: list[str]) -> list[str]:
+    """The "k/n" of every stage line ("[k/n] ...") in order."""
+    return [line[1 : line.index("]")] for line in logs if line.startswith("[")]
 
 
 def test_prepare_accuracy_is_reproducible_and_in_range(toy) -> None:
@@ -181,7 +187,9 @@ def test_run_quickstart_toy_writes_summary_and_report(tmp_path) -> None:
     from preftune.tasks.quickstart import run_quickstart
 
     cfg = replace(TOY, max_steps=2, batch_size=4)
-    summary = run_quickstart(tmp_path, seed=1, config=cfg, log=lambda _m: None, progress=False)
+    logs: list[str] = []
+    summary = run_quickstart(tmp_path, seed=1, config=cfg, log=logs.append, progress=False)
+    assert _stage_numbers(logs) == ["1/5", "2/5", "3/5", "4/5", "5/5"]
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["method"] == summary["method"] == "dpo"
     assert on_disk["steps"] == 2 and on_disk["seconds"] > 0
@@ -235,11 +243,15 @@ def test_run_quickstart_online_method_trains_on_its_own_samples(tmp_path: Path) 
     from preftune.tasks.quickstart import run_quickstart
 
     cfg = replace(TOY, online_steps=2, online_batch_size=2, num_generations=2)
-    summary = run_quickstart(tmp_path, method="grpo", seed=1, config=cfg, log=lambda _m: None, progress=False)
+    logs: list[str] = []
+    summary = run_quickstart(tmp_path, method="grpo", seed=1, config=cfg, log=logs.append, progress=False)
     assert summary["method"] == "grpo" and summary["steps"] == 2
     assert 0.0 <= summary["accuracy_after"] <= 1.0 and "accuracy_before" in summary
     assert "sampling" not in summary["quickstart"]  # no pairs were sampled
-    assert _rows(tmp_path / "data" / "pairs.jsonl") == []
+    # only what the online run reads (its prompts) and the held-out prompts: no pairs files
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["heldout.jsonl", "prompts.jsonl"]
+    # SFT, writing + measuring, training, accuracy: numbered without the skipped sampling stage
+    assert _stage_numbers(logs) == ["1/4", "2/4", "3/4", "4/4"]
     prompts = [r["prompt"] for r in _rows(tmp_path / "data" / "prompts.jsonl")]
     assert prompts and not set(prompts) & set(on_disk_heldout(tmp_path))  # held-out prompts stay out
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -254,7 +266,10 @@ def test_run_quickstart_rto_uses_its_own_dpo_model_as_the_token_reward(tmp_path:
     from preftune.tasks.quickstart import run_quickstart
 
     cfg = replace(TOY, max_steps=2, batch_size=4, online_steps=2, online_batch_size=2, num_generations=2)
-    summary = run_quickstart(tmp_path, method="rto", seed=1, config=cfg, log=lambda _m: None, progress=False)
+    logs: list[str] = []
+    summary = run_quickstart(tmp_path, method="rto", seed=1, config=cfg, log=logs.append, progress=False)
+    # SFT, sampling, writing, the DPO run, the RTO run, accuracy: six stages, each its own number
+    assert _stage_numbers(logs) == [f"{k}/6" for k in range(1, 7)]
     dpo_final = tmp_path / "dpo" / "final"
     assert summary["method"] == "rto" and summary["steps"] == 2 and summary["dpo_model"] == str(dpo_final)
     dpo_config = yaml.safe_load((tmp_path / "dpo" / "config.yaml").read_text())
@@ -334,3 +349,14 @@ def test_quickstart_help_states_the_configs_schedules() -> None:
     lr, online_lr, diff_lr = (f"{x:g}".replace("e-0", "e-") for x in (cfg.lr, cfg.online_lr, diff.lr))  # 3e-5
     assert f"(default {lr}; online methods {online_lr}; --task diffusion {diff_lr})" in text
     assert f"(--task diffusion: {diff.beta:g})" in text
+
+
+def test_quickstart_offline_run_refuses_artifacts_prepared_without_pairs(tmp_path: Path) -> None:
+    """prepare(with_pairs=False) writes no pairs files and leaves their paths None; an offline run
+    on such artifacts is refused by name, not started on a missing file."""
+    from preftune.errors import ConfigError
+    from preftune.tasks.quickstart import Artifacts, QuickstartConfig, _offline_config
+
+    art = Artifacts(tmp_path, ArithmeticTask(), tmp_path / "sft", None, None, None, tmp_path / "h.jsonl", [])
+    with pytest.raises(ConfigError, match="dpo trains on pairs, but .* was prepared without them"):
+        _offline_config("dpo", art, QuickstartConfig(), 0, False, tmp_path / "dpo")

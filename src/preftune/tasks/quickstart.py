@@ -20,7 +20,6 @@ hard prompts still teach; β is 1, not 0.1 (see QuickstartConfig.beta); and by d
 from __future__ import annotations
 
 import json
-import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -32,7 +31,9 @@ import torch
 from preftune.errors import ConfigError
 from preftune.generation import generate
 from preftune.tasks.arithmetic import ArithmeticTask, parse_prompt
-from preftune.tasks.quickstart_report import sample_table, write_report
+from preftune.tasks.quickstart_pairs import build_pairs
+from preftune.tasks.quickstart_pairs import first_error_prefix as first_error_prefix  # re-exported
+from preftune.tasks.quickstart_report import Stages, prepare_stages, sample_table, write_report
 from preftune.tasks.sft import SFTConfig, encode, greedy_accuracy, max_new_tokens_for, train_sft
 
 Log = Callable[[str], None]
@@ -115,14 +116,15 @@ class QuickstartConfig:
 
 @dataclass
 class Artifacts:
-    """What `prepare` leaves: the task, the SFT model folder and the data files (all under out_dir)."""
+    """What `prepare` leaves: the task, the SFT model folder and the data files (all under out_dir; the
+    pairs files None when prepared without pairs, for an online method)."""
 
     out_dir: Path
     task: ArithmeticTask
     sft_dir: Path
-    pairs_path: Path
-    eval_pairs_path: Path
-    step_pairs_path: Path
+    pairs_path: Path | None
+    eval_pairs_path: Path | None
+    step_pairs_path: Path | None
     heldout_path: Path
     heldout_prompts: list[str]
     stats: dict[str, Any] = field(default_factory=dict)
@@ -191,86 +193,6 @@ def evaluate_accuracy(
     return sum(rewards) / max(1, len(rewards))
 
 
-def first_error_prefix(reference: str, sample: str) -> str:
-    """`sample` up to and including its first character that differs from `reference`.
-
-    A sample that is a strict prefix of the reference is returned whole: its error is the EOS the
-    tokenizer appends. Why cut: after the first error the rest of a wrong sample is mostly *correct*
-    arithmetic on wrong inputs (e.g. `4+8+0=12` after a dropped carry), and a pairwise loss on the
-    whole text pushes those correct computations down too; cut, the rejected side carries only the
-    mistake (the idea of Step-DPO, Lai et al. 2024, at token granularity; cf. Lin et al. 2024, cDPO).
-    """
-    i = next(
-        (j for j, (a, b) in enumerate(zip(reference, sample)) if a != b), min(len(reference), len(sample))
-    )
-    return sample if i >= len(sample) else sample[: i + 1]
-
-
-def build_pairs(
-    task: ArithmeticTask,
-    prompts: list[str],
-    responses: list[list[str]],
-    *,
-    pairs_per_prompt: int,
-    seed: int,
-    rejected: str = "first_error",
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
-    """Response-level and step-level preference records from verifier-labelled samples.
-
-    Response pairs: chosen = a fully correct sample (steps and answer; the reference solution when none
-    was sampled), rejected = a sample with a wrong answer (rejected="full") or that sample cut after its
-    first wrong character (rejected="first_error", see `first_error_prefix`); distinct texts only.
-    Step pairs (Step-DPO, Lai et al. 2024) via `preftune.data.transforms.step_dpo_pairs`, one per
-    distinct wrong sample whose first error is on a line it wrote.
-    """
-    if rejected not in ("first_error", "full"):
-        raise ConfigError(f"quickstart: rejected={rejected!r}; use 'first_error' or 'full'")
-    from preftune.data.transforms import step_dpo_pairs
-
-    rng = random.Random(f"pairs:{seed}")
-    pairs: list[dict[str, Any]] = []
-    step_records: list[dict[str, Any]] = []
-    counts = {"samples": 0, "correct": 0, "fully_correct": 0, "reference_chosen": 0}
-    for prompt, samples in zip(prompts, responses):
-        unique = list(dict.fromkeys(samples))
-        verdicts = [task.verify(prompt, s) for s in unique]
-        by_text = dict(zip(unique, verdicts))
-        counts["samples"] += len(samples)
-        counts["correct"] += sum(int(by_text[s].correct) for s in samples)
-        counts["fully_correct"] += sum(int(by_text[s].fully_correct) for s in samples)
-        good = [s for s, v in zip(unique, verdicts) if v.fully_correct]
-        # An empty response (EOS first) is wrong but cannot be a data record: it is left out.
-        bad = [(s, v) for s, v in zip(unique, verdicts) if not v.correct and s.strip()]
-        if bad and not good:
-            good = [task.solution(parse_prompt(prompt))]
-            counts["reference_chosen"] += 1
-        rng.shuffle(good)
-        reference_text = task.solution(parse_prompt(prompt))
-        seen: set[str] = set()
-        for s, _ in bad:
-            r = first_error_prefix(reference_text, s) if rejected == "first_error" else s
-            if r in seen or not r.strip():
-                continue
-            seen.add(r)
-            pairs.append({"prompt": prompt, "chosen": good[len(seen) % len(good)], "rejected": r})
-            if len(seen) == pairs_per_prompt:
-                break
-        reference = task.solution(parse_prompt(prompt)).split("\n")
-        for s, v in bad:
-            lines = s.split("\n")
-            k = v.first_error
-            if k is not None and k < len(lines) and k < len(reference):
-                step_records.append(
-                    {
-                        "prompt": prompt.rstrip("\n"),
-                        "steps": lines,
-                        "first_error": k,
-                        "correct_step": reference[k],
-                    }
-                )
-    return pairs, step_dpo_pairs(step_records, separator="\n"), counts
-
-
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -287,11 +209,15 @@ def prepare(
     log: Log = print,
     on_sft_step: Callable[[int, float], None] | None = None,
     with_pairs: bool = True,
+    stages: Stages | None = None,
 ) -> Artifacts:
     """Steps 1-3 of the quickstart (see module docstring), plus the SFT model's held-out accuracy.
-    `with_pairs=False` (online methods) skips the sampling and the pairs (their files are empty).
+    `with_pairs=False` (online methods) skips the sampling and the pairs: no pairs files, and the
+    Artifacts' pairs paths are None. `stages` numbers the stage lines (`run_quickstart` counts its
+    training stages in too); by default out of the preparation's own (`prepare_stages`).
 
-    Writes out_dir/sft/ (HF model + tokenizer) and out_dir/data/{pairs,eval_pairs,step_pairs,heldout}.jsonl.
+    Writes out_dir/sft/ (HF model + tokenizer), out_dir/data/{prompts,heldout}.jsonl and, with pairs,
+    out_dir/data/{pairs,eval_pairs,step_pairs}.jsonl.
     """
     cfg = config or QuickstartConfig()
     if cfg.samples_per_prompt < 2:
@@ -304,10 +230,11 @@ def prepare(
         p.prompt for p in task.problems(cfg.train_prompts, seed=20_000 + seed, exclude=set(heldout))
     ]
     stats: dict[str, Any] = {"level": cfg.level, "ops": cfg.ops}
+    stage = stages or Stages(prepare_stages(with_pairs), log)
 
     t0 = time.perf_counter()
     sft_cfg = SFTConfig(**{**asdict(cfg.sft), "seed": seed})
-    log(f"[1/5] SFT: tiny Llama ({sft_cfg.hidden_size}×{sft_cfg.num_layers}) on level-{cfg.level} arithmetic")
+    stage(f"SFT: tiny Llama ({sft_cfg.hidden_size}×{sft_cfg.num_layers}) on level-{cfg.level} arithmetic")
     sft = train_sft(task, out / "sft", sft_cfg, exclude_prompts=set(heldout), on_step=on_sft_step)
     stats["sft"] = {
         "steps": sft.steps,
@@ -323,21 +250,20 @@ def prepare(
     log(f"      {sft.steps} steps in {sft.seconds:.0f}s, final loss {sft.losses[-1]:.3f}{stopped}")
 
     model, _ = _load(sft.model_dir, task)
-    pairs, step_pairs = (
-        _sample_pairs(model, task, train_prompts, cfg, seed, log, stats) if with_pairs else ([], [])
+    pairs = _sample_pairs(model, task, train_prompts, cfg, seed, stage, stats) if with_pairs else None
+    stage(
+        f"writing {'data' if with_pairs else 'the prompts'} and measuring the SFT model on held-out prompts"
     )
-    log("[3/5] writing data and measuring the SFT model on held-out prompts")
-    eval_prompts = set(train_prompts[: max(1, int(len(train_prompts) * cfg.eval_fraction))])
     data = out / "data"
+    eval_prompts = set(train_prompts[: max(1, int(len(train_prompts) * cfg.eval_fraction))])
+    pair_paths: tuple[Path | None, Path | None, Path | None] = (
+        _write_pairs(data, *pairs, eval_prompts) if pairs is not None else (None, None, None)
+    )
     artifacts = Artifacts(
-        out_dir=out,
-        task=task,
-        sft_dir=sft.model_dir,
-        pairs_path=_write_jsonl(data / "pairs.jsonl", [r for r in pairs if r["prompt"] not in eval_prompts]),
-        eval_pairs_path=_write_jsonl(
-            data / "eval_pairs.jsonl", [r for r in pairs if r["prompt"] in eval_prompts]
-        ),
-        step_pairs_path=_write_jsonl(data / "step_pairs.jsonl", step_pairs),
+        out,
+        task,
+        sft.model_dir,
+        *pair_paths,
         heldout_path=_write_jsonl(
             data / "heldout.jsonl",
             [{"prompt": p, "answer": parse_prompt(p).answer} for p in heldout],
@@ -351,6 +277,17 @@ def prepare(
     stats["prepare_seconds"] = round(time.perf_counter() - t0, 1)
     log(f"      SFT held-out accuracy: greedy {before['greedy']:.1%}, sampled {before['sampled']:.1%}")
     return artifacts
+
+
+def _write_pairs(
+    data: Path, pairs: list[dict[str, Any]], step_pairs: list[dict[str, Any]], eval_prompts: set[str]
+) -> tuple[Path, Path, Path]:
+    """Writes data/pairs.jsonl, eval_pairs.jsonl (the pairs of `eval_prompts`) and step_pairs.jsonl."""
+    return (
+        _write_jsonl(data / "pairs.jsonl", [r for r in pairs if r["prompt"] not in eval_prompts]),
+        _write_jsonl(data / "eval_pairs.jsonl", [r for r in pairs if r["prompt"] in eval_prompts]),
+        _write_jsonl(data / "step_pairs.jsonl", step_pairs),
+    )
 
 
 def held_out_accuracy(
@@ -403,15 +340,20 @@ def run_quickstart(
         check_quickstart_method(method)
         parse_objective(method)
     start = time.perf_counter()
-    art = prepare(out, seed=seed, config=cfg, log=log, on_sft_step=on_sft_step, with_pairs=not online or rto)
+    with_pairs = not online or rto
+    # the preparation's stages, then the training runs (RTO's DPO run and its own) and the accuracy
+    stage = Stages(prepare_stages(with_pairs) + (2 if rto else 1) + 1, log)
+    art = prepare(
+        out, seed=seed, config=cfg, log=log, on_sft_step=on_sft_step, with_pairs=with_pairs, stages=stage
+    )
 
     extra: dict[str, Any] = {}
     if rto:
-        log(f"[4/5] training dpo (RTO's token-reward model) from the SFT model on {art.pairs_path.name}")
+        stage("training dpo (RTO's token-reward model) from the SFT model on pairs.jsonl")
         dpo = train(_offline_config("dpo", art, cfg, seed, progress, out / "dpo"))
         extra["dpo_model"] = str(dpo.final_dir)
     source = art.prompts_path if online else art.pairs_path
-    log(f"[4/5] training {method} from the SFT model on {source.name if source else ''}")
+    stage(f"training {method} from the SFT model on {source.name if source else ''}")
     t4 = time.perf_counter()
     result = train(
         _online_config(method, art, cfg, seed, progress, **extra)
@@ -420,7 +362,7 @@ def run_quickstart(
     )
     train_seconds = time.perf_counter() - t4
 
-    log("[5/5] held-out accuracy of the trained model")
+    stage("held-out accuracy of the trained model")
     before = art.stats["accuracy_before"]
     after = held_out_accuracy(result.final_dir, art.task, art.heldout_prompts, cfg, seed=seed)
     samples = _greedy_samples(art, result.final_dir)
@@ -468,15 +410,15 @@ def _sample_pairs(
     train_prompts: list[str],
     cfg: QuickstartConfig,
     seed: int,
-    log: Log,
+    stage: Stages,
     stats: dict[str, Any],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Step 2: K samples (and the greedy one) per training prompt, labelled by the verifier, as pairs
     (their counts in `stats["sampling"]`)."""
     t1 = time.perf_counter()
     K = cfg.samples_per_prompt
-    log(
-        f"[2/5] sampling {K} responses (temperature {cfg.sample_temperature:g})"
+    stage(
+        f"sampling {K} responses (temperature {cfg.sample_temperature:g})"
         f"{' + the greedy one' if cfg.include_greedy else ''} for each of {len(train_prompts)} training prompts"
     )
     responses = sample_responses(
@@ -494,7 +436,7 @@ def _sample_pairs(
         rejected=cfg.rejected,
     )
     stats["sampling"] = {**counts, "seconds": round(time.perf_counter() - t1, 1)}
-    log(
+    stage.log(
         f"      {counts['correct']}/{counts['samples']} samples right; "
         f"{len(pairs)} pairs, {len(step_pairs)} step pairs"
     )
@@ -551,6 +493,10 @@ def _offline_config(
     from preftune.config import TrainConfig
     from preftune.losses import parse_objective
 
+    if art.pairs_path is None:
+        raise ConfigError(
+            f"quickstart: {method} trains on pairs, but {art.out_dir} was prepared without them"
+        )
     terms = parse_objective(method)
     hparams = {"beta": cfg.beta} if any("beta" in spec.hparams for spec, _ in terms) else {}
     return TrainConfig(

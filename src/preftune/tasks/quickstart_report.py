@@ -1,5 +1,5 @@
-"""The quickstart's report parts: the table of held-out answers before and after training (checked by
-the verifier) and report.html with the task's statistics."""
+"""The quickstart's report parts: its numbered stage lines, the table of held-out answers before and
+after training (checked by the verifier) and report.html with the task's statistics."""
 
 from __future__ import annotations
 
@@ -10,6 +10,24 @@ from typing import Any
 from preftune.tasks.arithmetic import ArithmeticTask
 
 Log = Callable[[str], None]
+
+
+class Stages:
+    """The numbered stage lines of a run of `total` stages: each call logs "[k/total] message", k
+    counting the calls, so stages a run skips leave no gap in the numbers."""
+
+    def __init__(self, total: int, log: Log) -> None:
+        self.total, self.log, self.done = total, log, 0
+
+    def __call__(self, message: str) -> None:
+        self.done += 1
+        self.log(f"[{self.done}/{self.total}] {message}")
+
+
+def prepare_stages(with_pairs: bool) -> int:
+    """Stages of the quickstart's preparation: SFT, [sampling the pairs,] writing the data and
+    measuring the SFT model."""
+    return 3 if with_pairs else 2
 
 
 def sample_table(task: ArithmeticTask, prompts: list[str], before: list[str], after: list[str]) -> str:
