@@ -5,6 +5,7 @@ computed by hand, DPO starts at log 2, and a broken folder is a message, not a t
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -23,7 +24,7 @@ from preftune.diffusion.denoiser import (  # noqa: E402
     load_pipeline,
     training_scheduler,
 )
-from preftune.diffusion.encode import caption_encoder  # noqa: E402
+from preftune.diffusion.encode import T5_TOKENS, caption_encoder, cut_captions_note  # noqa: E402
 from preftune.diffusion.seam import draw_timesteps  # noqa: E402
 from preftune.diffusion.tiny import save_tiny_sd3_pipeline, write_image_pairs  # noqa: E402
 from preftune.types import Example  # noqa: E402
@@ -224,3 +225,61 @@ def test_flow_dpo_learns_a_brightness_preference(tmp_path: Path) -> None:
     assert result.metrics["eval/rewards/accuracy"] >= 0.9
     gain = _sample_brightness(result.final_dir) - before
     assert float(gain.mean()) > 3 * float(gain.std() / math.sqrt(len(gain)))
+
+
+CUT_WARNINGS = ("The following part of your input was truncated", "Token indices sequence length is longer")
+
+
+def test_sample_names_cut_prompts_once_without_the_libraries_warnings(
+    setup: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A prompt longer than the tiny CLIP tokenizers read (16 tokens): `preftune sample` names it in its
+    one notice; transformers' "Token indices sequence length is longer ..." and diffusers' "The following
+    part of your input was truncated because CLIP ..." (one per CLIP encoder) are not emitted while
+    preftune encodes, and the libraries' log levels are as they were after it."""
+    _, pipe, _ = setup
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    keep = Keep(logging.WARNING)
+    loggers = [logging.getLogger(name) for name in ("transformers", "diffusers")]
+    levels = [lg.level for lg in loggers]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("blue\na red circle at the top left\n")
+    for lg in loggers:
+        lg.addHandler(keep)
+    try:
+        argv = ["sample", "--model", str(pipe), "--prompts", str(prompts), "--out", str(tmp_path / "out"),
+                "--steps", "2"]  # fmt: skip
+        assert main(argv) == 0
+        # quieted only while preftune encodes: the same warning afterwards is emitted
+        logging.getLogger("diffusers.pipelines").warning(
+            "The following part of your input was truncated (later)"
+        )
+    finally:
+        for lg in loggers:
+            lg.removeHandler(keep)
+    assert [m for m in seen if m.startswith(CUT_WARNINGS)] == [
+        "The following part of your input was truncated (later)"
+    ]
+    assert [lg.level for lg in loggers] == levels
+    out = capsys.readouterr().out
+    assert out.count("longer than the text encoder reads (16 tokens") == 1
+
+
+def test_cut_captions_note_counts_what_t5_cuts(setup: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """With a T5 tokenizer (tokenizer_3; here the tiny CLIP one copied: a token per character, two marks)
+    the notice says how many of the cut captions T5 cuts at its T5_TOKENS too."""
+    _, pipe, _ = setup
+    folder = tmp_path / "pipe"
+    for part in ("tokenizer", "tokenizer_3"):
+        shutil.copytree(pipe / "tokenizer", folder / part)
+    long, longer = "a" * 40, "b" * T5_TOKENS  # 42 and T5_TOKENS + 2 tokens
+    note = cut_captions_note(folder, [("red", "p 1"), (long, "p 2"), (longer, "p 3")])
+    assert note.startswith("2 of 3 captions are longer than the text encoder reads (16 tokens")
+    assert f"as the pipeline cuts a prompt; T5 reads {T5_TOKENS} and cuts 1 of them — e.g. p 2:" in note
+    shutil.rmtree(folder / "tokenizer_3")
+    assert "T5" not in cut_captions_note(folder, [(long, "p 2")])

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ ENCODED_PARTS = (
 )  # fmt: skip
 ENCODED_FILES = ("transformer/config.json",)  # an SD3 transformer's widths shape its embeddings
 VERSION = "1"
+T5_TOKENS = 256  # the T5 tokens an SD3-style pipeline reads (StableDiffusion3Pipeline's default)
 
 
 def model_index(folder: str | Path) -> dict[str, Any]:
@@ -115,8 +118,9 @@ def caption_encoder(folder: str | Path) -> Callable[[list[str]], torch.Tensor]:
 
 
 def _pooled_prompt_encoder(folder: str | Path) -> Callable[[list[str]], torch.Tensor]:
-    """An SD3-style pipeline's `encode_prompt` (no classifier-free guidance, the pipeline's default
-    max_sequence_length), its outputs packed; the transformer is built on the meta device (only its
+    """An SD3-style pipeline's `encode_prompt` (no classifier-free guidance, max_sequence_length
+    `T5_TOKENS`, the pipeline's default), its outputs packed, the libraries' own warnings about cut
+    prompts quieted (`quiet_cut_warnings`); the transformer is built on the meta device (only its
     config is read: the width of T5's zeros) and the VAE is not loaded."""
     import diffusers
 
@@ -132,10 +136,10 @@ def _pooled_prompt_encoder(folder: str | Path) -> Callable[[list[str]], torch.Te
     pipe = load_pipeline(folder, transformer=stand_in, vae=None)
 
     def encode(captions: list[str]) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), quiet_cut_warnings():
             embeds, _, pooled, _ = pipe.encode_prompt(
                 prompt=captions, prompt_2=None, prompt_3=None, device=torch.device("cpu"),
-                do_classifier_free_guidance=False,
+                do_classifier_free_guidance=False, max_sequence_length=T5_TOKENS,
             )  # fmt: skip
         return pack_conditioning(embeds, pooled)
 
@@ -215,31 +219,63 @@ def encode_records(
     return dict(zip(digests, latents)), dict(zip(captions, texts))
 
 
+@contextmanager
+def quiet_cut_warnings() -> Iterator[None]:
+    """Within: transformers' and diffusers' loggers print errors only, so their own warnings about a
+    text cut to the encoder's length ("Token indices sequence length is longer than ...", "The
+    following part of your input was truncated because CLIP can only handle ..." and T5's) stay out of
+    the way of preftune's one notice (`cut_captions_note`); their levels are restored on the way out."""
+    loggers = [logging.getLogger(name) for name in ("transformers", "diffusers")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(max(logging.ERROR, lg.getEffectiveLevel()))
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def cut_captions_note(folder: str | Path, places: Iterable[tuple[str, str]]) -> str:
     """A notice naming the captions of `places` ((caption, where it is read: "FILE row N"), a caption
     counted once, at its first place) longer than the pipeline's (first) tokenizer reads — its text
-    encoder sees them cut there, as when the pipeline samples — or "" when none is."""
-    import transformers
-
-    subfolder = Path(folder) / "tokenizer"
-    if not subfolder.is_dir():
-        return ""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(subfolder))
-    limit = int(tokenizer.model_max_length)
-    if limit <= 0 or limit > 1_000_000:  # a tokenizer without a limit
-        return ""
+    encoder sees them cut there, as when the pipeline samples — or "" when none is. An SD3-style
+    pipeline with T5 (tokenizer_3) reads `T5_TOKENS` tokens there: the notice says how many it cuts."""
     where: dict[str, str] = {}
     for caption, place in places:
         where.setdefault(caption, place)
-    lengths = {c: len(tokenizer(c).input_ids) for c in where}
-    cut = [c for c in where if lengths[c] > limit]
-    if not cut:
+    counted = _token_counts(Path(folder) / "tokenizer", list(where))
+    cut = [c for c in where if counted and counted[1][c] > counted[0]]
+    if not counted or not cut:
         return ""
+    limit, lengths = counted
+    t5 = _token_counts(Path(folder) / "tokenizer_3", cut, T5_TOKENS)
+    t5_cut = (
+        ""
+        if t5 is None
+        else f"; T5 reads {T5_TOKENS} and cuts {sum(n > T5_TOKENS for n in t5[1].values())} of them"
+    )
     return (
         f"{len(cut)} of {len(where)} captions are longer than the text encoder reads ({limit} tokens, "
-        f"start and end marks included) and are cut there, as the pipeline cuts a prompt — e.g. "
+        f"start and end marks included) and are cut there, as the pipeline cuts a prompt{t5_cut} — e.g. "
         f"{where[cut[0]]}: {cut[0]!r} ({lengths[cut[0]]} tokens)"
     )
+
+
+def _token_counts(
+    subfolder: Path, captions: list[str], limit: int | None = None
+) -> tuple[int, dict[str, int]] | None:
+    """(the tokens the tokenizer in `subfolder` reads — `limit`, else its model_max_length —, each
+    caption's tokens uncut); None without a tokenizer there or a limit."""
+    import transformers
+
+    if not subfolder.is_dir():
+        return None
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(subfolder))
+    limit = limit or int(tokenizer.model_max_length)
+    if limit <= 0 or limit > 1_000_000:  # a tokenizer without a limit
+        return None
+    return limit, {c: len(tokenizer(c, verbose=False).input_ids) for c in captions}
 
 
 def _compute(
