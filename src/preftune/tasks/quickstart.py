@@ -340,11 +340,10 @@ def run_quickstart(
         check_quickstart_method(method)
         parse_objective(method)
     start = time.perf_counter()
-    with_pairs = not online or rto
-    # the preparation's stages, then the training runs (RTO's DPO run and its own) and the accuracy
-    stage = Stages(prepare_stages(with_pairs) + (2 if rto else 1) + 1, log)
+    pairs = not online or rto
+    stage = Stages(prepare_stages(pairs) + (2 if rto else 1) + 1, log)  # then the run(s), the accuracy
     art = prepare(
-        out, seed=seed, config=cfg, log=log, on_sft_step=on_sft_step, with_pairs=with_pairs, stages=stage
+        out, seed=seed, config=cfg, log=log, on_sft_step=on_sft_step, with_pairs=pairs, stages=stage
     )
 
     extra: dict[str, Any] = {}
