@@ -3,6 +3,7 @@ boolean switches, "did you mean" suggestions and `--chat-template`. No model is 
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -300,3 +301,67 @@ def test_sweep_help_lists_the_loss_flags_not_train_rm_options(capsys: pytest.Cap
         text = capsys.readouterr().out
         assert "--beta" in text and ("reward models: METHOD rm | prm" in text) == listed
         assert ("--ensemble M" in text) == listed
+
+
+def _help(*argv: str, capsys: pytest.CaptureFixture[str]) -> str:
+    from preftune.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", *argv, "--help"])
+    return capsys.readouterr().out
+
+
+def test_train_method_help_adds_the_methods_own_options(capsys: pytest.CaptureFixture[str]) -> None:
+    """`train METHOD --help` is `train --help` followed by METHOD's parts: its terms' hyper-parameters
+    as flags with their defaults; an online preset's estimator, sampler (and the preset's own values)
+    and terms. `train --help` stays the generic help."""
+    generic = _help(capsys=capsys)
+    assert "hyper-parameters (a term" not in generic and "dpo's hyper-parameters" not in generic
+    for argv in (("dpo",), ("--method", "dpo")):
+        text = _help(*argv, capsys=capsys)
+        assert text.startswith(generic.rstrip("\n")) and "dpo's hyper-parameters:" in text[len(generic) :]
+        assert "--beta V, --dpo.beta V" in " ".join(text.split())
+        assert "(valid: (0, inf); default: 0.1)" in " ".join(text.split())
+    grpo = " ".join(_help("grpo", capsys=capsys).split())
+    for piece in ("advantage estimator grpo:", "--scale V", "default: group", "prompt sampler uniform:",
+                  "ppo_clip's hyper-parameters:", "--eps-high V, --eps_high V, --ppo_clip.eps_high V",
+                  "online methods alone read", "--num-generations"):  # fmt: skip
+        assert piece in grpo, piece
+    dapo = " ".join(_help("dapo", capsys=capsys).split())
+    assert "default: 0.28 in this method" in dapo  # the preset's ε_high, not the term's 0.2
+    assert "--sampler-args '{\"max_draws\": V}'" in dapo and "prompt sampler dapo_filter:" in dapo
+    both = " ".join(_help("dpo:1,sft:0.2", capsys=capsys).split())
+    assert (
+        "dpo's hyper-parameters (a term of weight 1)" in both
+        and "sft's hyper-parameters (a term of weight 0.2)" in both
+    )
+    assert "unknown method 'dpoo' — did you mean 'dpo'?" in " ".join(_help("dpoo", capsys=capsys).split())
+    ddpo = " ".join(_help("ddpo", capsys=capsys).split())
+    assert "online diffusion RL ddpo: its options:" in ddpo and "--adv-clip V, --adv_clip V" in ddpo
+
+
+def test_every_flag_a_method_help_lists_is_taken_by_that_method() -> None:
+    """Contract over every offline loss, online preset and distillation term: each hyper-parameter
+    flag `train METHOD --help` lists, given its default, parses and reaches the method's parts."""
+    from preftune import losses
+    from preftune.method_checks import DISTILL_METHODS
+    from preftune.online_methods import PRESETS
+    from preftune.rl.builders import builder_settings
+    from preftune.train.method_help import method_parts
+
+    parser = build_parser(["train"])
+    base = "--model m --data d --out o --prompts p --reward arithmetic --teacher t".split()
+    for method in [*losses.REGISTRY, *PRESETS, *DISTILL_METHODS]:
+        parts = method_parts(method)
+        assert parts and not parts[0].title.startswith("METHOD"), method
+        for option in (o for part in parts for o in part.options if o.takes_value):
+            value = re.search(r"default: (.*?)(?: in this method)?\)$", option.help).group(1)  # type: ignore[union-attr]
+            if value in ("None", "()"):
+                continue
+            value = value.strip("()").replace(" ", "")  # a list of numbers, (1, 2), is written 1,2
+            for flag in option.flags:
+                args = parser.parse_args(["train", method, *base, flag, value])
+                config = load_config(None, overrides_from_args(args))
+                resolve_objective(config)
+                if method in PRESETS:
+                    builder_settings(config)

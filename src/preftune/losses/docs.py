@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+from typing import Any
 
 from preftune.losses.registry import REGISTRY, WPO_NAME, HParam, LossSpec
 
@@ -23,8 +24,13 @@ its two responses, detached; Zhou et al. 2024, without the paper's weight alignm
 """
 
 
-def _default(hp: HParam) -> str:
-    value = hp.default
+def default_text(hp: HParam) -> str:
+    """A hyper-parameter's default as the docs and `train METHOD --help` write it (`value_text`)."""
+    return value_text(hp.default)
+
+
+def value_text(value: Any) -> str:
+    """A hyper-parameter's value as the docs write it: `0.1`, `true`, `(1, 2)`."""
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, tuple):
@@ -35,7 +41,7 @@ def _default(hp: HParam) -> str:
 def hparam_summary(spec: LossSpec) -> str:
     """`beta=0.1, epsilon=0.1` — names and defaults, for tables (without the options every loss of a
     kind takes, such as `wpo_weighting`: the header says so)."""
-    return ", ".join(f"{k}={_default(hp)}" for k, hp in spec.hparams.items() if k != WPO_NAME) or "—"
+    return ", ".join(f"{k}={default_text(hp)}" for k, hp in spec.hparams.items() if k != WPO_NAME) or "—"
 
 
 def cell(text: str) -> str:
@@ -72,7 +78,7 @@ def method_section(spec: LossSpec) -> str:
     if spec.hparams:
         lines += ["| hyper-parameter | default | valid | meaning |", "|---|---|---|---|"]
         for key, hp in spec.hparams.items():
-            lines.append(f"| `{key}` | {_default(hp)} | {cell(hp.range_text())} | {cell(hp.doc)} |")
+            lines.append(f"| `{key}` | {default_text(hp)} | {cell(hp.range_text())} | {cell(hp.doc)} |")
         lines.append("")
     lines += [doc, ""]
     return "\n".join(lines)

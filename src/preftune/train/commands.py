@@ -63,9 +63,16 @@ class _TrainParser(argparse.ArgumentParser):
         ns.extra_overrides = self._pairs(list(extras))
         return ns, []
 
+    _help_method: str | None = None  # METHOD given before --help: its own options follow the usual ones
+
     def format_help(self) -> str:
         self._add_loss_flags()
-        return super().format_help()
+        text = super().format_help()
+        if not self._help_method:
+            return text
+        from preftune.train.method_help import method_help
+
+        return text + "\n" + method_help(self._help_method, argparse.HelpFormatter(self.prog))
 
     def _add_loss_flags(self) -> None:
         if self._loss_flags_added:
@@ -114,6 +121,19 @@ class _TrainParser(argparse.ArgumentParser):
             out[key.replace("-", "_")] = value
             i += 1
         return out
+
+
+class _MethodHelp(argparse.Action):
+    """-h / --help of `preftune train`: the usual help, followed by METHOD's own options when METHOD (or
+    --method) came before it (`preftune train dpo --help`)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        parser._help_method = getattr(namespace, "method_arg", None) or getattr(namespace, "method", None)
+        parser.print_help()
+        parser.exit()
 
 
 def _add_field(parser: argparse._ActionsContainer, name: str, default_text: str | None = None) -> None:
@@ -173,8 +193,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
         usage="preftune train [METHOD] --model M --data D --out O [--config FILE.yaml] [--KEY VALUE ...]",
+        add_help=False,
     )
     p.__class__ = _TrainParser
+    p.add_argument("-h", "--help", action=_MethodHelp, help="show this help message and exit")
     p.add_argument(
         "method_arg",
         nargs="?",
