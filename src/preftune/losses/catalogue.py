@@ -193,13 +193,13 @@ def _options_table(
 ) -> list[str]:
     """A Markdown table of options (`HParam`s) with their defaults (`defaults` overrides), valid values
     and meaning; `flags`: each named as its `--flag`, else as a bare key."""
-    from preftune.losses.docs import _default, cell
+    from preftune.losses.docs import cell, default_text
 
     rows = [f"| {what} | default | valid | meaning |", "|---|---|---|---|"]
     for key, hp in hparams.items():
         shown = f"--{key.replace('_', '-')}" if flags else key
         hp = replace(hp, default=defaults[key]) if defaults and key in defaults else hp
-        value = "—" if hp.default is None else _default(hp)
+        value = "—" if hp.default is None else default_text(hp)
         rows.append(f"| `{shown}` | {value} | {cell(hp.range_text())} | {cell(hp.doc)} |")
     return rows
 
