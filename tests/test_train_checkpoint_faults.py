@@ -22,7 +22,7 @@ from preftune.errors import TrainingError
 from preftune.train import checkpoint as ckpt
 from preftune.train.integrity import write_checksums
 from preftune.train.state_files import load_state, save_state
-from test_train_fixtures import pair_rows, tiny_model, write_jsonl
+from test_train_fixtures import one_line, pair_rows, tiny_model, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -286,3 +286,30 @@ def test_check_position_by_hand(tmp_path: Path, phase: int, in_phase: int, step:
         TrainingError, match=r"step 5 is not phase 0, step 3 of the run's 1 phase\(s\) of \[4\]"
     ):
         ckpt.check_position({**one, "step": 5}, [6], tmp_path)
+
+
+STATE_DOC = {"format": "preftune-state-1", "tensors": None}
+EDITS = {
+    "position-missing": ("trainer_state.json", '{"step": 3}', "is not a trainer state"),
+    "not-json": ("trainer_state.json", '{"step": 3', "cannot be read"),
+    "rng": ("rng.json", json.dumps({**STATE_DOC, "value": {"torch": 1}}), "does not fit this run"),
+    "scheduler": ("scheduler.json", json.dumps({**STATE_DOC, "value": {}}), "does not fit this run"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(EDITS))
+def test_edited_files_with_their_checksums_are_named(
+    run: tuple[Path, list[str]], capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    """A file edited and its checksum rewritten to match passes verification; reading it is then one
+    line naming the file (was a KeyError or TypeError traceback)."""
+    _, args = run
+    out = copy_run(run, f"edit-{kind}")
+    step3 = out / "checkpoints" / "step-3"
+    name, text, said = EDITS[kind]
+    (step3 / name).write_text(text)
+    write_checksums(step3)
+    assert main([*args, "--out", str(out), "--resume"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(f"resume: {step3 / name}") and said in line
+    assert "from another checkpoint" in line

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,29 @@ def test_checkpoint_roundtrip_prune_and_partial(tmp_path: Path) -> None:
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
     assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
     assert torch.equal(torch.rand(3), expected_rng)  # RNG restored to the state at save time
+
+
+def test_prune_never_deletes_the_checkpoint_just_written(tmp_path: Path) -> None:
+    """A run resumed from step-3 past a newer step-9 (damaged, or newer than `--resume PATH`) with
+    keep_last=1: each new checkpoint stays (the step-9 left by the earlier run is not counted), the
+    older one goes; re-saving step 9 replaces that folder, and a file in its place."""
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    root = tmp_path / "checkpoints"
+    for step in (3, 9):
+        _save(root, step, model, opt, keep=2)
+    (root / "step-9" / "model.safetensors").write_bytes(b"damaged")
+    _save(root, 4, model, opt, keep=1)
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-4", "step-9"]
+    _save(root, 5, model, opt, keep=1)
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-5", "step-9"]
+    _save(root, 9, model, opt, keep=1)  # the damaged step-9 is replaced by a complete one
+    assert [p.name for p in root.iterdir()] == ["step-9"]
+    assert ckpt.find_resume(tmp_path, "latest") == root / "step-9"
+    shutil.rmtree(root / "step-9")
+    (root / "step-9").write_text("not a checkpoint")
+    _save(root, 9, model, opt, keep=1)
+    assert [p.name for p in root.iterdir()] == ["step-9"] and (root / "step-9" / "checksums.json").is_file()
 
 
 def test_resume_errors(tmp_path: Path) -> None:

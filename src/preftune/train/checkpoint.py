@@ -3,7 +3,8 @@
 A checkpoint is written into `checkpoints/.tmp-step-N-PID/`, flushed, then renamed to `step-N/` in one
 `os.replace`: a folder named `step-N` is always complete, and a run killed while writing leaves only a
 `.tmp-*` folder that the next run removes. A write that fails (disk full, file-size limit) removes its
-`.tmp-*` folder and leaves the previous checkpoints as they were. Contents — no pickle anywhere:
+`.tmp-*` folder and leaves the previous checkpoints as they were; pruning never deletes the checkpoint
+just written (`prune`). Contents — no pickle anywhere:
 
     model.safetensors          policy weights (full fine-tuning), or
     adapter_model.safetensors  the PEFT adapter (LoRA runs)
@@ -37,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from preftune.errors import TrainingError
@@ -165,20 +167,44 @@ def save_checkpoint(
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
         write_checksums(tmp)
         _fsync_tree(tmp)
-        if final.exists():  # re-saving a step after a resume: the new folder replaces the old one
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _move_into_place(tmp, final)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if _errno(err) in NO_SPACE:
+        if os_error_number(err) in NO_SPACE:
             raise _no_space(err, final, tmp, root) from None
         raise
-    prune(root, keep_last)
+    prune(root, keep_last, upto=step)
     return final
 
 
-def _errno(err: BaseException) -> int | None:
-    """The OS error number of a failed write (safetensors reports it inside its message)."""
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename the complete `tmp` to `final`. Re-saving a step after a resume: the old `final` (a
+    checkpoint, or anything else by that name) is first renamed aside and deleted only once the new one
+    is in place, so no moment leaves that step without a complete folder but a rename's."""
+    if not (final.exists() or final.is_symlink()):
+        os.replace(tmp, final)
+        return
+    aside = final.with_name(f".tmp-old-{final.name}-{os.getpid()}")
+    _remove(aside)
+    os.replace(final, aside)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        os.replace(aside, final)
+        raise
+    _remove(aside)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def os_error_number(err: BaseException) -> int | None:
+    """The OS error number of a failed write (safetensors reports it inside its message); None for
+    another error."""
     if isinstance(err, OSError):
         return err.errno
     found = re.search(r"os error (\d+)", str(err))
@@ -186,7 +212,7 @@ def _errno(err: BaseException) -> int | None:
 
 
 def _no_space(err: BaseException, final: Path, tmp: Path, root: Path) -> TrainingError:
-    code = _errno(err) or errno.ENOSPC
+    code = os_error_number(err) or errno.ENOSPC
     previous = list_checkpoints(root)
     return TrainingError(
         f"no space left on device while writing checkpoint {final} ({os.strerror(code)}); "
@@ -204,9 +230,24 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def prune(root: Path, keep_last: int) -> None:
-    for old in list_checkpoints(root)[:-keep_last]:
+def prune(root: Path, keep_last: int, upto: int | None = None) -> None:
+    """Delete all but the newest `keep_last` checkpoints at steps up to `upto` (the one just written).
+
+    A checkpoint at a later step was left by the run this one resumed: a damaged newest one passed
+    over, or newer ones than the `--resume PATH` given. It is not counted, so the checkpoint just
+    written is never deleted (a run that fell back from a damaged step-9 to step-6 with keep_last=1
+    would otherwise delete each new checkpoint at once and keep the damaged one); it is replaced when
+    the run writes that step again, or deleted once it is among the older ones."""
+    found = list_checkpoints(root)
+    if upto is not None:
+        found = [p for p in found if _step_of(p) <= upto]
+    for old in found[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _step_of(path: Path) -> int:
+    named = STEP_DIR.match(path.name)
+    return int(named.group(1)) if named else -1
 
 
 def remove_partial(root: Path) -> None:
@@ -258,8 +299,22 @@ def resume_point(world: World, find: Callable[[], Path | None]) -> Path | None:
 
 
 def trainer_state(path: Path) -> dict[str, Any]:
-    """The checkpoint's trainer_state.json (step, position, how it was written)."""
-    return json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+    """The checkpoint's trainer_state.json (step, position, how it was written); a file that is not
+    one (an edit that kept its checksum in step) is an error naming it."""
+    file = path / "trainer_state.json"
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise TrainingError(
+            f"resume: {file} cannot be read ({err}) — resume from another checkpoint"
+        ) from None
+    position = ("step", "phase", "step_in_phase")
+    if not isinstance(state, dict) or not all(type(state.get(k)) is int for k in position):
+        raise TrainingError(
+            f"resume: {file} is not a trainer state (it needs whole numbers {', '.join(position)}); "
+            "it was edited or damaged — resume from another checkpoint"
+        )
+    return state
 
 
 def check_position(state: dict[str, Any], steps: list[int], path: Path) -> None:
@@ -307,24 +362,39 @@ def load_checkpoint(
     `weights=False`: the weights were loaded already (`load_weights`, FSDP); `load_optimizer`: how to
     load the saved optimizer state (FSDP: a whole state keyed by parameter name), else its load_state_dict.
     """
+    state = trainer_state(path)
     if weights:
         _load_weights(model, path)
-    try:
-        (load_optimizer or optimizer.load_state_dict)(load_state(path, "optimizer"))
-        scheduler.load_state_dict(load_state(path, "scheduler"))
-    except (KeyError, ValueError, TypeError, RuntimeError) as err:
-        raise TrainingError(
-            f"resume: {path}'s optimizer state does not fit this run's optimizer: {err}"
-        ) from None
-    set_rng_state(load_state(path, "rng"))
+    load_into = load_optimizer or optimizer.load_state_dict
+    _restoring(path, "optimizer.json", lambda: load_into(load_state(path, "optimizer")))
+    _restoring(path, "scheduler.json", lambda: scheduler.load_state_dict(load_state(path, "scheduler")))
+    _restoring(path, "rng.json", lambda: set_rng_state(load_state(path, "rng")))
     loss_state: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in load_file(str(path / "loss_state.safetensors")).items():
+    for key, value in _tensors(path, "loss_state.safetensors").items():
         term, _, name = key.partition("/")
         loss_state.setdefault(term, {})[name] = value
-    state = trainer_state(path)
     extra = {}
     for name in state.get("extra", []):
         if not re.fullmatch(r"[A-Za-z0-9_]+", str(name)):
             raise TrainingError(f"resume: {path / 'trainer_state.json'} names an odd extra file '{name}'")
-        extra[name] = load_file(str(path / f"{name}.safetensors"))
+        extra[name] = _tensors(path, f"{name}.safetensors")
     return state, loss_state, extra
+
+
+def _tensors(path: Path, file: str) -> dict[str, torch.Tensor]:
+    return _restoring(path, file, lambda: load_file(str(path / file)))  # type: ignore[no-any-return]
+
+
+def _restoring(path: Path, file: str, load: Callable[[], Any]) -> Any:
+    """`load()`, its failure an error naming the checkpoint's `file`: it verified against its checksum,
+    so it was written so (by another optimizer or scheduler than this run's) or edited with its
+    checksum; safetensors reports a damaged file with its own error type."""
+    try:
+        return load()
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, SafetensorError) as err:
+        if "out of memory" in str(err).lower():
+            raise
+        raise TrainingError(
+            f"resume: {path / file} does not fit this run ({type(err).__name__}: {err}) — resume with the "
+            "run's own settings, or from another checkpoint"
+        ) from None
