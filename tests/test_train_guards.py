@@ -1,6 +1,7 @@
 """Weights an optimizer step made non-finite stop the run before anything is saved (in `skip` mode too),
 naming the real last good checkpoint; a full disk or a file-size limit while writing a checkpoint is
-one named line, the partial folder is removed and the previous checkpoint still verifies."""
+one named line, the partial folder is removed and the previous checkpoint still verifies; so is one
+while writing the metrics log or final/ (which leaves no final.tmp/), and `--resume` then finishes."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from preftune.train import guards
 from preftune.train.distributed import World
 from preftune.train.guards import weights_finite
 from preftune.train.integrity import verify
-from test_train_fixtures import pair_rows, tiny_model, write_jsonl
+from test_train_fixtures import one_line, pair_rows, tiny_model, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -181,3 +182,59 @@ def test_file_size_limit_while_writing_a_checkpoint(env: dict[str, Any]) -> None
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert [p.name for p in root.iterdir()] == ["step-1"]
     verify(first)
+
+
+def test_file_size_limit_while_writing_the_metrics_log(
+    env: dict[str, Any], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file-size limit (as a full disk) that metrics.jsonl reaches in step 2: one line naming it
+    (the flush that fails names no file) instead of a traceback; `--resume` starts over in the
+    folder, dropping the partial last record."""
+    from preftune.train.logging import MetricsLogger
+
+    real, limits = MetricsLogger.truncate_after, resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def limited(self: MetricsLogger, step: int) -> str | None:  # once the run folder is set up
+        note = real(self, step)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (700, limits[1]))
+        return note
+
+    monkeypatch.setattr(MetricsLogger, "truncate_after", limited)
+    out = env["root"] / "full-log"
+    try:
+        assert main([*env["args"], "--out", str(out), "--lr", "1e-3", "--save-every", "0"]) == 2
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    assert one_line(capsys.readouterr().err) == (
+        f"no space left on device while writing {out / 'metrics.jsonl'} (File too large); no checkpoint "
+        "was written yet — free disk space (or raise the file-size limit), then rerun with --resume"
+    )
+    monkeypatch.setattr(MetricsLogger, "truncate_after", real)
+    assert main([*env["args"], "--out", str(out), "--lr", "1e-3", "--save-every", "0", "--resume"]) == 0
+    assert "dropped the partial last record" in capsys.readouterr().out
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_disk_full_while_writing_final(
+    env: dict[str, Any], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """safetensors' own error for ENOSPC in final/'s weights: one line naming final/ and the last
+    checkpoint; no final.tmp/ is left, and `--resume` from that checkpoint writes final/."""
+    from safetensors import SafetensorError
+    from transformers import PreTrainedModel
+
+    def full(self: Any, folder: str, **kw: Any) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(PreTrainedModel, "save_pretrained", full)
+        out = env["root"] / "full-final"
+        assert main([*env["args"], "--out", str(out), "--lr", "1e-3"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(f"no space left on device while writing {out / 'final'} (No space left")
+    assert f"the newest checkpoint {out / 'checkpoints' / 'step-4'} is intact" in line
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoints", "config.yaml", "metrics.jsonl"]
+    assert main([*env["args"], "--out", str(out), "--lr", "1e-3", "--resume"]) == 0
+    assert (out / "final" / "model.safetensors").is_file()

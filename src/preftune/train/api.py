@@ -8,7 +8,9 @@ then runs optimizer steps. Checkpoints record the next position (phase, step in 
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -113,9 +115,12 @@ def train(config: TrainConfig) -> RunResult:
         # rank 0 locks and checks the run folder; an error there stops every rank
         main_only(world, lambda: locks.append(runfolder.claim(config, _say)))
         return _train(config, objective, world)
-    except BaseException:
+    except BaseException as err:
         for lock in locks:  # failed before recording anything: the folder as it was (RunLock.undo)
             lock.undo()
+        full = faults.disk_full(err, Path(config.out))
+        if full is not None:
+            raise full from None
         raise
     finally:
         for lock in locks:
@@ -371,23 +376,7 @@ def _finish(config: TrainConfig, world: World, state: RunState, tokenizer: Any, 
     """Save OUT/final/ (gathered whole under FSDP), write summary.json and the report."""
     out = Path(config.out)
     final = out / "final"
-    model = state.model
-    if world.fsdp:
-        from preftune.models.sharding import full_state_dict
-
-        # a collective: every rank takes part; a LoRA run gathers its adapter only (peft keeps that)
-        lora = (lambda name: "lora_" in name) if hasattr(model.lm, "peft_config") else None
-        whole = full_state_dict(model, keep=world.is_main, only=lora)
-        if world.is_main:
-            save_final(model.lm, tokenizer, final, state_dict=whole, config=config)
-    elif world.is_main and tokenizer is None:  # a denoiser: final/ is the whole pipeline folder
-        from preftune.diffusion.denoiser import save_pipeline
-
-        save_pipeline(model, config.model, final)
-    elif world.is_main:
-        from preftune.rl.ppo import save_without_value_head
-
-        save_without_value_head(model, lambda: save_final(model, tokenizer, final, config=config), final)
+    _save_final(config, world, state, tokenizer, final)
     eval_metrics = state.eval_metrics
     if world.is_main:
         eval_metrics = runfolder.finish(
@@ -401,6 +390,36 @@ def _finish(config: TrainConfig, world: World, state: RunState, tokenizer: Any, 
     barrier(world)
     metrics = {**state.last, **{f"eval/{k}": v for k, v in eval_metrics.items()}}
     return RunResult(out, final, state.global_step, metrics)
+
+
+def _save_final(config: TrainConfig, world: World, state: RunState, tokenizer: Any, final: Path) -> None:
+    """OUT/final/, written as final.tmp/ and renamed: a write that fails removes final.tmp/ (a full
+    disk is an OSError naming final/, which `train` turns into one line)."""
+    model = state.model
+    try:
+        if world.fsdp:
+            from preftune.models.sharding import full_state_dict
+
+            # a collective: every rank takes part; a LoRA run gathers its adapter only (peft keeps that)
+            lora = (lambda name: "lora_" in name) if hasattr(model.lm, "peft_config") else None
+            whole = full_state_dict(model, keep=world.is_main, only=lora)
+            if world.is_main:
+                save_final(model.lm, tokenizer, final, state_dict=whole, config=config)
+        elif world.is_main and tokenizer is None:  # a denoiser: final/ is the whole pipeline folder
+            from preftune.diffusion.denoiser import save_pipeline
+
+            save_pipeline(model, config.model, final)
+        elif world.is_main:
+            from preftune.rl.ppo import save_without_value_head
+
+            save_without_value_head(model, lambda: save_final(model, tokenizer, final, config=config), final)
+    except Exception as err:
+        if world.is_main:
+            shutil.rmtree(final.with_name(final.name + ".tmp"), ignore_errors=True)
+        code = ckpt.os_error_number(err)
+        if code in ckpt.NO_SPACE and not isinstance(err, OSError):  # safetensors' own error type
+            raise OSError(code, os.strerror(code), str(final)) from err
+        raise
 
 
 def _fsdp_optimizer_loader(model: Any, optimizer: Any) -> Any:

@@ -3,6 +3,8 @@ model's embedding, and running out of memory (which step, what to lower, which c
 
 from __future__ import annotations
 
+import errno
+import os
 import traceback
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,7 @@ from typing import Any
 import torch
 
 from preftune.config import TrainConfig
-from preftune.errors import ConfigError, TrainingError
+from preftune.errors import ConfigError, PreftuneError, TrainingError
 
 _FOLDERS = {
     "model": "model",
@@ -174,3 +176,23 @@ def out_of_memory(
     )
     what = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return TrainingError(f"out of memory {where} ({what[:160]}) — lower {lower}; {kept}")
+
+
+def disk_full(err: BaseException, out: Path) -> TrainingError | None:
+    """One line for a write that failed on a full disk (or past a file-size limit or a quota) anywhere
+    in a run — config.yaml, the metrics log, final/, summary.json; a checkpoint says so itself (the
+    partial one removed): the file, and the newest checkpoint, which `--resume` continues from. None
+    for any other error."""
+    from preftune.train.checkpoint import NO_SPACE, list_checkpoints, os_error_number
+
+    code = os_error_number(err)
+    if isinstance(err, PreftuneError) or code not in NO_SPACE:
+        return None
+    file = getattr(err, "filename", None)
+    newest = list_checkpoints(out / "checkpoints")
+    kept = f"the newest checkpoint {newest[-1]} is intact" if newest else "no checkpoint was written yet"
+    return TrainingError(
+        f"no space left on device while writing {file or f'to the run folder {out}'} "
+        f"({os.strerror(code or errno.ENOSPC)}); {kept} — free disk space (or raise the file-size "
+        "limit), then rerun with --resume"
+    )

@@ -82,8 +82,11 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(_clean(record)) + "\n")
+        try:
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(_clean(record)) + "\n")
+        except OSError as err:  # (a full disk fails in the flush, whose error names no file)
+            raise OSError(err.errno, err.strerror, str(self.path)) from err
         step, split = int(record.get("step", 0)), record.get("split", "train")
         numbers = {
             f"{split}/{k}": float(v)
