@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 
 import preftune.train.run as train_run
 from preftune.cli import main
-from test_train_fixtures import pair_rows, tiny_model, write_jsonl
+from test_train_fixtures import one_line, pair_rows, tiny_model, write_jsonl
 
 # Runs `preftune train` and SIGKILLs itself when step 4 starts.
 DRIVER = """
@@ -179,3 +180,60 @@ def test_moving_references_resume_exactly(
     resumed = load_file(str(tmp_path / "stopped" / "final" / "model.safetensors"))
     for k in expected:
         assert torch.equal(expected[k], resumed[k]), k
+
+
+def test_gradient_accumulation_with_a_tied_head_resumes_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Micro-batches of 1 in batches of 4 keep the gradient buffers (zeroed) between steps, and the
+    tied embedding/head weight's gradient is added into its buffer in another order than a fresh one
+    is formed (float32 rounding): the checkpoint records which buffers were held, so the first step
+    after a resume adds as the uninterrupted run's step did."""
+    model = tiny_model(tmp_path / "model", arch="qwen2")  # tied input/output embeddings
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(24))
+    args = ["train", "dpo", "--model", str(model), "--data", str(data), "--cache-dir", str(tmp_path / "c"),
+            "--batch-size", "4", "--micro-batch-size", "1", "--max-steps", "5", "--save-every", "2",
+            "--lr", "3e-3", "--no-progress"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    real, calls = train_run.objective_on_batch, {"n": 0}
+
+    def stopping(*a: Any, **kw: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("stopped in step 4")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train_run, "objective_on_batch", stopping)
+    with pytest.raises(RuntimeError):
+        main([*args, "--out", str(tmp_path / "stopped")])
+    monkeypatch.setattr(train_run, "objective_on_batch", real)
+    state = json.loads((tmp_path / "stopped" / "checkpoints" / "step-2" / "trainer_state.json").read_text())
+    assert state["grads_held"]  # every trainable weight's buffer
+    assert main([*args, "--out", str(tmp_path / "stopped"), "--resume"]) == 0
+    expected = load_file(str(tmp_path / "whole" / "final" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "stopped" / "final" / "model.safetensors"))
+    assert [k for k in expected if not torch.equal(expected[k], resumed[k])] == []
+
+
+def test_data_changed_under_its_path_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The data file rewritten between a stop and `--resume` (same path, other rows): refused in one
+    line naming the file and the checkpoint, before anything is written; put back, the run resumes."""
+    model = tiny_model(tmp_path / "model")
+    rows = pair_rows(24)
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "run"
+    args = ["train", "dpo", "--model", str(model), "--data", str(data), "--cache-dir", str(tmp_path / "c"),
+            "--batch-size", "4", "--max-steps", "3", "--save-every", "2", "--out", str(out),
+            "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    shutil.rmtree(out / "final")
+    shutil.rmtree(out / "checkpoints" / "step-3")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    write_jsonl(data, rows[:12])
+    assert main([*args, "--resume"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(f"resume: data '{data}' now gives other examples than the run was trained on")
+    assert str(out / "checkpoints" / "step-2") in line and "put the data back as it was" in line
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    write_jsonl(data, rows)
+    assert main([*args, "--resume"]) == 0

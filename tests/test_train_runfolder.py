@@ -131,6 +131,31 @@ def test_a_changed_setting_is_refused_by_name_and_the_suggested_command_resumes_
     )
 
 
+def test_a_checkpoint_of_another_run_is_not_resumed_into_a_folder_with_a_run_of_its_own(
+    setup: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--out MINE --resume THEIRS/checkpoints/step-4`: the settings must equal THEIRS's run (its
+    weights and optimizer state were trained so; the optimizer state would bring back its lr while
+    MINE's config.yaml claimed another) and MINE's run (whose checkpoints and metrics would be
+    overwritten). Either refusal leaves MINE as it was."""
+    root, args = setup
+    mine, theirs = root / "mine", root / "whole" / "checkpoints" / "step-4"
+    assert main([*args, "--out", str(mine), "--lr", "1e-3", "--save-every", "2"]) == 0
+    before = {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main([*args, "--out", str(mine), "--lr", "1e-3", "--resume", str(theirs)]) == 2
+    assert (
+        f"differ from the run's ({root / 'whole' / 'config.yaml'}) and would break an exact resume: lr: 0.003 → 0.001"
+        in (capsys.readouterr().err)
+    )
+    assert main([*args, "--out", str(mine), "--resume", str(theirs)]) == 2
+    assert (
+        f"differ from the run's ({mine / 'config.yaml'}) and would break an exact resume: lr: 0.001 → 0.003"
+        in (capsys.readouterr().err)
+    )
+    assert {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()} == before
+
+
 def test_safe_settings_may_change_and_a_constant_lr_run_may_be_extended_exactly(
     setup: Setup, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -57,9 +57,10 @@ def claim(config: TrainConfig) -> runfolder.RunLock:
     lock = runfolder.lock_folder(out)  # a failed run's `with lock:` puts the folder back (RunLock.undo)
     try:
         saved = out / "config.yaml"
-        if config.resume and saved.is_file():
-            _check_same(config, saved)
-        elif not config.resume and runfolder.has_run(out):
+        if config.resume:
+            for path in runfolder.resume_configs(out, config.resume):
+                _check_same(config, path)
+        if not config.resume and runfolder.has_run(out):
             raise ConfigError(
                 f"run folder {out} already has a run — pass --resume to continue it, or another --out"
             )

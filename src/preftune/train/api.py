@@ -43,7 +43,7 @@ from preftune.train.evaluation import evaluate
 from preftune.train.logging import MetricsLogger, Progress, check_sinks, quiet_other_ranks
 from preftune.train.loop import Objective
 from preftune.train.optim import build_optimizer, build_scheduler
-from preftune.train.run import OfflinePhase, PhaseSource, Run, RunState
+from preftune.train.run import OfflinePhase, PhaseSource, Run, RunState, data_digest, hold_grads
 from preftune.train.setup import (
     build_phases,
     compute_dtype,
@@ -138,7 +138,8 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
     seed_everything(config.seed)
     tokenizer, sources, eval_examples = _load_data(config, objective, world)
     total = sum(s.steps for s in sources)
-    state = _initial_state(config, world, [s.steps for s in sources])
+    digest = data_digest(sources)
+    state = _initial_state(config, world, [s.steps for s in sources], digest)
     if objective.kind == "distill":
         from preftune.train.distill_step import load_teachers
 
@@ -152,6 +153,7 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
             if sampler is not None:
                 sampler.load_state_dict(state.extra.get("sampler", {}))
     run = _make_run(config, objective, world, sources, eval_examples, total, state)
+    run.data_digest = digest
     graceful = GracefulStop()
     try:
         graceful.__enter__()  # signals now stop the run at a step boundary, after a checkpoint
@@ -235,9 +237,9 @@ def _load_data(
     return tokenizer, sources, eval_examples
 
 
-def _initial_state(config: TrainConfig, world: World, steps: list[int]) -> RunState:
+def _initial_state(config: TrainConfig, world: World, steps: list[int], digest: str) -> RunState:
     """The policy (sharded under FSDP), its optimizer and scheduler, restored from the checkpoint to
-    resume when there is one."""
+    resume when there is one (trained on data of this `data_digest`)."""
     model = load_policy(config, world)
     if _value_head(config):  # PPO family: the critic's head on the policy trunk, before the optimizer
         from preftune.rl.ppo import attach_value_head
@@ -260,7 +262,7 @@ def _initial_state(config: TrainConfig, world: World, steps: list[int]) -> RunSt
     optimizer = _value_head_group(model, params, config) or build_optimizer(params, config)
     state = RunState(model, params, optimizer, build_scheduler(optimizer, config, sum(steps)))
     if resume_path is not None:
-        _restore(state, resume_path, config, world, steps)
+        _restore(state, resume_path, config, world, steps, digest)
     return state
 
 
@@ -298,8 +300,11 @@ def _check_sharding(resume_path: Path, world: World) -> None:
         )
 
 
-def _restore(state: RunState, path: Path, config: TrainConfig, world: World, steps: list[int]) -> None:
-    """Weights, optimizer, scheduler, RNG, loss state and position from the checkpoint `path`."""
+def _restore(
+    state: RunState, path: Path, config: TrainConfig, world: World, steps: list[int], digest: str
+) -> None:
+    """Weights, optimizer, scheduler, RNG, loss state and position from the checkpoint `path`;
+    `steps`: the phases' step counts, `digest`: the data's (`run.data_digest`)."""
     total = sum(steps)
     resume, state.loss_state, state.extra = ckpt.load_checkpoint(
         path,
@@ -310,6 +315,8 @@ def _restore(state: RunState, path: Path, config: TrainConfig, world: World, ste
         load_optimizer=_fsdp_optimizer_loader(state.model, state.optimizer) if world.fsdp else None,
     )
     ckpt.check_position(resume, steps, path)
+    runfolder.check_resume_data(config, resume, digest, path)
+    hold_grads(state.params, resume.get("grads_held"), path)
     state.phase, state.step_in_phase, state.global_step = runfolder.resume_position(
         resume, total=total, config=config, path=path
     )

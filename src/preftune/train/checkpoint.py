@@ -16,7 +16,8 @@ just written (`prune`). Contents — no pickle anywhere:
     scheduler.json             the LR scheduler's state_dict
     rng.json rng.safetensors   python and numpy RNG states (JSON); torch CPU/CUDA states (uint8 tensors)
     loss_state.safetensors     running state of stateful losses (e.g. BCO's δ), keys "TERM/NAME"
-    trainer_state.json         step, data position, stage/round, last metrics
+    trainer_state.json         step, data position, stage/round, last metrics, the gradient buffers
+                               held between steps and the training data's digest (`train.run`)
     checksums.json             size and SHA-256 of every other file, written last (`integrity`)
 
 Before a resume reads a checkpoint it verifies every file against checksums.json (`find_resume`);

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from preftune.config import TrainConfig
+from preftune.errors import TrainingError
 from preftune.train import checkpoint as ckpt
 from preftune.train import guards
 from preftune.train.distributed import World, main_only
@@ -73,6 +74,53 @@ class RunState:
     resume: dict[str, Any] | None = None
     extra: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     sampler: Any = None  # an online phase's sampler: its state_dict() goes into each checkpoint
+
+
+def held_grads(params: list[torch.nn.Parameter]) -> list[int]:
+    """Indices of the parameters whose gradient buffer stays allocated (zeroed) between steps: a step
+    adds into an existing buffer in another order than it forms a fresh gradient (the tied head's
+    direct gradient, `models.direct_grads`), so a resumed run must start as the stopped run went on."""
+    return [i for i, p in enumerate(params) if p.grad is not None]
+
+
+def hold_grads(params: list[torch.nn.Parameter], held: Any, path: Path) -> None:
+    """Allocate the zeroed gradient buffers a checkpoint's `grads_held` lists (none for a checkpoint
+    written before it was recorded: that run resumes within float32 rounding)."""
+    held = held or []
+    if not isinstance(held, list) or not all(isinstance(i, int) and 0 <= i < len(params) for i in held):
+        raise TrainingError(
+            f"resume: {path / 'trainer_state.json'} lists gradient buffers {held!r} that this run's "
+            f"{len(params)} trainable parameters do not have; it was edited or written by another "
+            "model — resume from another checkpoint"
+        )
+    for i in held:
+        params[i].grad = torch.zeros_like(params[i])
+
+
+def data_digest(sources: Sequence[Any]) -> str:
+    """A hash of what each phase trains on, in order: its examples' token ids, kinds, labels, scores
+    and margins (an online phase: its prompts' token ids, texts and columns; image examples: their
+    count and labels, not their latents). A checkpoint records it, so a resume whose data changed
+    under the same path (or tokenizes otherwise) is refused instead of silently trained on."""
+    import hashlib
+    from array import array
+
+    h = hashlib.blake2b(digest_size=16)
+    for source in sources:
+        prompts = getattr(source, "prompts", None)
+        rows: Sequence[Any] = source.examples if prompts is None else prompts
+        h.update(f"phase {source.index}: {len(rows)} rows\n".encode())
+        for row in rows:
+            if isinstance(row, Example):
+                ids = [row.prompt_ids, *row.response_ids]
+                other: tuple[Any, ...] = (row.kind, row.label, row.scores, row.margins, row.margin)
+            else:  # an online phase's PromptRow
+                ids, other = [row.ids], (row.text, sorted(row.columns.items(), key=lambda kv: kv[0]))
+            for seq in ids:
+                h.update(len(seq).to_bytes(8, "little"))
+                h.update(array("q", seq).tobytes())
+            h.update(repr(other).encode())
+    return h.hexdigest()
 
 
 class PhaseSource(Protocol):
@@ -127,6 +175,7 @@ class Run:
     logger: MetricsLogger
     progress: Progress
     log: Callable[[str], None]
+    data_digest: str = ""  # `data_digest` of the sources: each checkpoint records it
 
     def begin_phase(self, state: RunState, source: PhaseSource) -> Any:
         """Set up the phase's reference (rebuilt from the checkpoint when resuming mid-phase) and
@@ -307,6 +356,8 @@ class Run:
             "reference_fingerprint": ref.fingerprint,
             "metrics": state.last,
             "fsdp": world.fsdp,
+            "grads_held": held_grads(state.params),
+            "data_digest": self.data_digest,
         }
 
         def write() -> None:

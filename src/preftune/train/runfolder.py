@@ -232,7 +232,8 @@ def claim(config: TrainConfig, log: Callable[[str], None]) -> RunLock:
     lock = lock_folder(out)
     try:
         if config.resume and _checkpoint_given(out, config.resume):
-            check_resume_config(config, _saved_config_path(out, config.resume))
+            for saved in resume_configs(out, config.resume):
+                check_resume_config(config, saved)
             return lock
         if not config.resume and has_run(out):
             newest = ckpt.list_checkpoints(out / "checkpoints")
@@ -261,11 +262,18 @@ def _checkpoint_given(out: Path, resume: str) -> bool:
     return resume != "latest" or bool(ckpt.list_checkpoints(out / "checkpoints"))
 
 
-def _saved_config_path(out: Path, resume: str) -> Path:
-    """config.yaml of the run that wrote the checkpoint: OUT's, or for `--resume PATH` PATH/../../."""
-    if resume == "latest" or (out / "config.yaml").is_file():
-        return out / "config.yaml"
-    return Path(resume).resolve().parent.parent / "config.yaml"
+def resume_configs(out: Path, resume: str) -> list[Path]:
+    """The config.yaml files a resume's settings must equal: for `--resume PATH` to a checkpoint of
+    another run folder, that run's (PATH/../../config.yaml: its weights and optimizer state were
+    trained under those settings), then OUT's when it has one (OUT's checkpoints and metrics are
+    overwritten from PATH's step on, which only the same run may do)."""
+    own = out / CONFIG_NAME
+    found = [own] if own.is_file() else []
+    if resume != "latest":
+        theirs = Path(resume).resolve().parent.parent / CONFIG_NAME
+        if theirs.is_file() and not (own.is_file() and own.samefile(theirs)):
+            found.insert(0, theirs)
+    return found
 
 
 def resume_checkpoint(config: TrainConfig) -> Path | None:
@@ -354,6 +362,22 @@ def check_resume_config(config: TrainConfig, saved_path: Path) -> None:
         + f". Resume with the run's own settings — preftune train --config {saved_path} --resume "
         f"(only {', '.join(RESUME_SAFE)} may change, and max_steps/epochs with a constant learning rate) "
         "— or start a new run with another --out"
+    )
+
+
+def check_resume_data(config: TrainConfig, state: dict[str, Any], digest: str, path: Path) -> None:
+    """Refuse a resume whose training data is not what the checkpoint was trained on (`run.data_digest`:
+    the file was rewritten under the same path, or tokenizes otherwise); a checkpoint that does not
+    record it (written before it was) is not checked."""
+    saved = state.get("data_digest")
+    if not saved or saved == digest:
+        return
+    field = "prompts" if config.prompts and not config.data else "data"
+    raise TrainingError(
+        f"resume: {field} '{getattr(config, field)}' now gives other examples than the run was trained "
+        f"on (checkpoint {path}: data digest {saved}, now {digest}): the file changed since the run "
+        "started, or it tokenizes otherwise — put the data back as it was to continue the run exactly, "
+        "or start a new run with another --out"
     )
 
 
