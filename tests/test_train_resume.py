@@ -12,13 +12,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import preftune.train.run as train_run
+from online_fixtures import crash_in_call
 from preftune.cli import main
 from test_train_fixtures import one_line, pair_rows, tiny_model, write_jsonl
 
@@ -93,18 +92,7 @@ def test_interrupted_then_resume_equals_uninterrupted(
     whole: tuple[Path, list[str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root, args = whole
-    real, calls = train_run.objective_on_batch, {"n": 0}
-
-    def stopping(*a: Any, **kw: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise RuntimeError("stopped in step 4")
-        return real(*a, **kw)
-
-    monkeypatch.setattr(train_run, "objective_on_batch", stopping)
-    with pytest.raises(RuntimeError, match="step 4"):
-        main([*args, "--out", str(root / "stopped")])
-    monkeypatch.setattr(train_run, "objective_on_batch", real)
+    crash_in_call(monkeypatch, 4, lambda: main([*args, "--out", str(root / "stopped")]))
     check_resumed(root, args, root / "stopped")
 
 
@@ -163,18 +151,7 @@ def test_moving_references_resume_exactly(
         *extra,
     ]
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0
-    real, calls = train_run.objective_on_batch, {"n": 0}
-
-    def stopping(*a: Any, **kw: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise RuntimeError("stopped in step 6")
-        return real(*a, **kw)
-
-    monkeypatch.setattr(train_run, "objective_on_batch", stopping)
-    with pytest.raises(RuntimeError):
-        main([*args, "--out", str(tmp_path / "stopped")])
-    monkeypatch.setattr(train_run, "objective_on_batch", real)
+    crash_in_call(monkeypatch, 6, lambda: main([*args, "--out", str(tmp_path / "stopped")]))
     assert main([*args, "--out", str(tmp_path / "stopped"), "--resume"]) == 0
     expected = load_file(str(tmp_path / "whole" / "final" / "model.safetensors"))
     resumed = load_file(str(tmp_path / "stopped" / "final" / "model.safetensors"))
@@ -195,18 +172,7 @@ def test_gradient_accumulation_with_a_tied_head_resumes_exactly(
             "--batch-size", "4", "--micro-batch-size", "1", "--max-steps", "5", "--save-every", "2",
             "--lr", "3e-3", "--no-progress"]  # fmt: skip
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0
-    real, calls = train_run.objective_on_batch, {"n": 0}
-
-    def stopping(*a: Any, **kw: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise RuntimeError("stopped in step 4")
-        return real(*a, **kw)
-
-    monkeypatch.setattr(train_run, "objective_on_batch", stopping)
-    with pytest.raises(RuntimeError):
-        main([*args, "--out", str(tmp_path / "stopped")])
-    monkeypatch.setattr(train_run, "objective_on_batch", real)
+    crash_in_call(monkeypatch, 4, lambda: main([*args, "--out", str(tmp_path / "stopped")]))
     state = json.loads((tmp_path / "stopped" / "checkpoints" / "step-2" / "trainer_state.json").read_text())
     assert state["grads_held"]  # every trainable weight's buffer
     assert main([*args, "--out", str(tmp_path / "stopped"), "--resume"]) == 0
