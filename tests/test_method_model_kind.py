@@ -84,6 +84,71 @@ def test_language_model_methods_refuse_a_pipeline_folder(
     assert expected in said and "pipeline folder" in said, said
 
 
+@pytest.mark.parametrize(
+    "method, expected",
+    [
+        ("kto", "its reference point z₀ scores completions of other prompts under each prompt, which a "
+         "denoiser's per-image statistic does not give — use diff_kto, its diffusion form"),
+        ("kto:1,sft:0.1", "loss 'kto' cannot train a diffusion pipeline"),
+        ("ld_dpo", "it reads per-token log-probs, and a denoiser gives one statistic per image — use one of: "),
+        ("listwise_pl", "it trains on ranked lists of responses"),
+        ("sft", "alone it has no image data layout; on a pipeline folder it is a term beside a pairwise"),
+    ],
+)  # fmt: skip
+def test_a_language_only_loss_on_a_pipeline_folder_names_the_diffusion_loss_to_use(
+    folders: dict[str, Path], method: str, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused before the run folder is made (kto used to fail at its first step with "needs branch 1
+    = a completion of a different prompt", naming no diffusion loss)."""
+    said = _refused(
+        ["train", method, "--model", str(folders["pipe"]), "--data", str(folders["images"])],
+        tmp_path / "o",
+        capsys,
+    )
+    assert "--model " + str(folders["pipe"]) + " is a diffusers pipeline folder" in said
+    assert expected in said, said
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("method, counterpart", [("grpo", "ddpo"), ("ppo", "dpok"), ("online_dpo", "d3po")])
+def test_an_online_language_method_on_a_pipeline_folder_names_its_diffusion_counterpart(
+    folders: dict[str, Path],
+    method: str,
+    counterpart: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = ["train", method, "--prompts", str(folders["prompts"]), "--reward", "arithmetic"]
+    said = _refused([*args, "--model", str(folders["pipe"])], tmp_path / "o", capsys)
+    assert f"use {counterpart}, its diffusion counterpart (" in said, said
+
+
+def test_image_losses_are_those_that_train_a_pipeline_folder(
+    folders: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`image_losses` (what the refusals and the diffusion quickstart list) is what trains: each
+    takes a step on scored image pairs, and every other loss is refused before the run folder."""
+    from preftune.method_checks import image_losses
+
+    root = folders["images"].parent
+    rows = [{"prompt": "red", "chosen": str(root / "a.png"), "rejected": str(root / "b.png"),
+             "chosen_score": 1.0, "rejected_score": 0.0}] * 4  # fmt: skip
+    scored = write_jsonl(tmp_path / "scored.jsonl", rows)
+    trains = image_losses()
+    assert {"dpo", "diff_kto", "mapo", "smpo", "inpo", "bco_unpaired"} <= set(trains)
+    for name in sorted(REGISTRY):
+        out = tmp_path / name
+        args = ["train", name, "--model", str(folders["pipe"]), "--data", str(scored), "--out", str(out)]
+        code = main([*args, "--max-steps", "1", "--batch-size", "2", "--no-progress",
+                     "--cache-dir", str(tmp_path / "cache")])  # fmt: skip
+        said = capsys.readouterr().err
+        if name in trains:
+            assert code == 0 and (out / "final").is_dir(), (name, said)
+        else:
+            assert code == 2 and f"loss '{name}' cannot train a diffusion pipeline" in said, (name, said)
+            assert not out.exists()
+
+
 def test_image_pairs_refuse_a_language_model(
     folders: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

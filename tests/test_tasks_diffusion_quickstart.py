@@ -197,6 +197,15 @@ def test_a_failed_place_check_trains_the_denoiser_again_as_a_longer_pretraining_
             "the online diffusion methods (ddpo, dpok, d3po, spo, awm) run with preftune train",
         ),
         (["--method", "dpp"], "unknown loss 'dpp' — did you mean 'dpo'?"),
+        (["--method", "kto"], "'kto' cannot train a diffusion pipeline: its reference point z₀"),
+        (["--method", "kto"], "— use diff_kto, its diffusion form"),
+        (["--method", "dpo:1,kto:1"], "use diff_kto, its diffusion form"),
+        (["--method", "ld_dpo"], "it reads per-token log-probs"),
+        (["--method", "tpo"], "it trains on ranked lists of responses"),
+        (["--method", "sft"], "alone it has no image data layout"),
+        (["--method", "smpo"], "run it with preftune sweep --task diffusion --methods smpo"),
+        (["--method", "smooth_dpo"], "the quickstart's pairs do not carry"),
+        (["--method", "grpo"], "use ddpo, its diffusion counterpart"),
         (["--level", "3", "--sft-steps", "9"], "--level, --sft-steps belong to the arithmetic task"),
     ],
 )
@@ -208,3 +217,22 @@ def test_diffusion_quickstart_refuses_what_it_cannot_run_before_pretraining(
     assert main(["quickstart", "--task", "diffusion", "--out", str(tmp_path / "qs"), *args]) == 2
     assert expected in capsys.readouterr().err
     assert not (tmp_path / "qs").exists()  # nothing pretrained
+
+
+def test_an_unknown_diffusion_quickstart_method_is_matched_against_its_own_losses_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The suggestion and the list are the losses the diffusion quickstart runs (they listed every
+    loss, kto and the listwise ones included, which then failed after minutes of pretraining)."""
+    from preftune.cli import main
+    from preftune.tasks.diffusion_quickstart import quickstart_losses
+
+    assert main(["quickstart", "--task", "diffusion", "--out", str(tmp_path / "qs"), "--method", "kt"]) == 2
+    said = capsys.readouterr().err
+    assert "unknown loss 'kt'" in said and "did you mean 'kto'" not in said, said
+    listed = said.split("trains one of: ")[1].split(";")[0].split(", ")
+    assert listed == quickstart_losses()
+    assert "diff_kto" in listed and "dpo" in listed
+    for language_only in ("kto", "ld_dpo", "listwise_pl", "tpo", "sft", "smpo", "smooth_dpo"):
+        assert language_only not in listed
+    assert not (tmp_path / "qs").exists()

@@ -8,6 +8,12 @@ from preftune.errors import ConfigError
 
 DISTILL_METHODS = ("adpa", "dckd", "aligndistil")  # preftune.losses.distill_losses (+ "nll", no method)
 DIFFUSION_LOSSES = ("diff_kto", "mapo", "smpo", "inpo", "seppo", "pso")  # preftune.losses.diffusion_losses
+# a language loss whose diffusion form has another name (Diffusion-KTO: KTO on per-image statistics)
+DIFFUSION_COUNTERPARTS = {"kto": "diff_kto"}
+# an online language preset → the online diffusion method of the same idea (`diffusion_methods.METHODS`):
+# DDPO's per-prompt standardised rewards with PPO-clip are GRPO's; DPOK's value baseline and KL to the
+# pretrained model are PPO's; D3PO is DPO on the model's own sample pairs, as online DPO
+ONLINE_DIFFUSION_COUNTERPARTS = {"grpo": "ddpo", "ppo": "dpok", "online_dpo": "d3po"}
 
 
 def is_distill(method: str) -> bool:
@@ -25,10 +31,12 @@ def check_model_kind(config: Any, terms: list[tuple[Any, float, dict[str, Any]]]
     if pipeline and (is_online(method) or is_distill(method)):
         what = "samples text from a language model" if is_online(method) else "distils a language model"
         raise ConfigError(
-            f"method '{method}' {what}; --model {config.model} is a diffusers pipeline folder — its "
-            "online methods are ddpo, dpok, d3po, spo and awm, its offline ones dpo, hinge, ipo and the "
-            "diffusion losses (docs/diffusion.md)"
+            f"method '{method}' {what}; --model {config.model} is a diffusers pipeline folder — "
+            f"{online_counterpart(method)}its online methods are ddpo, dpok, d3po, spo and awm, its "
+            "offline ones dpo, hinge, ipo and the diffusion losses (docs/diffusion.md)"
         )
+    if pipeline:
+        check_image_objective(terms, config.model)
     names = [spec.name for spec, _, _ in terms if spec.name in DIFFUSION_LOSSES]
     if names and not pipeline:
         raise ConfigError(
@@ -36,6 +44,66 @@ def check_model_kind(config: Any, terms: list[tuple[Any, float, dict[str, Any]]]
             f"folder (model_index.json), not '{config.model}'; for a language model use dpo, kto, simpo, "
             "... ('preftune losses')"
         )
+
+
+def online_counterpart(method: str) -> str:
+    """The hint "use M (what M is); " for an online language preset with an online diffusion method
+    of the same idea (`ONLINE_DIFFUSION_COUNTERPARTS`), else ""."""
+    from preftune.diffusion_methods import METHODS
+
+    other = ONLINE_DIFFUSION_COUNTERPARTS.get(method.strip())
+    return f"use {other}, its diffusion counterpart ({METHODS[other].partition(': ')[2]}); " if other else ""
+
+
+def image_loss_problem(spec: Any, alone: bool = True) -> str:
+    """Why the registered loss `spec` cannot train a denoiser on image data ("" when it can): a
+    pipeline folder gives one denoising statistic per image (`diffusion.seam`), and image data holds
+    pairs or single labelled images. `alone`: the loss is the whole objective (sft joins others)."""
+    if spec.kind == "listwise":
+        return "it trains on ranked lists of responses, and image data holds pairs or single images"
+    if spec.kind == "any" and alone:
+        return (
+            "alone it has no image data layout; on a pipeline folder it is a term beside a pairwise or "
+            "unpaired loss (e.g. dpo:1,sft:0.1)"
+        )
+    if spec.needs_mismatched:
+        return (
+            "its reference point z₀ scores completions of other prompts under each prompt, which a "
+            "denoiser's per-image statistic does not give"
+        )
+    if spec.needs_token_logps:
+        return "it reads per-token log-probs, and a denoiser gives one statistic per image"
+    return ""
+
+
+def image_losses() -> list[str]:
+    """The offline losses `preftune train` trains a diffusers pipeline folder with, sorted."""
+    from preftune.losses import REGISTRY
+
+    return sorted(name for name, spec in REGISTRY.items() if not image_loss_problem(spec))
+
+
+def image_loss_refusal(name: str, why: str, losses: list[str]) -> str:
+    """The fix of a loss that cannot train a denoiser: its diffusion form when it has one under another
+    name (`DIFFUSION_COUNTERPARTS`), else the losses that can (`losses`)."""
+    other = DIFFUSION_COUNTERPARTS.get(name)
+    if other:
+        return f"{why} — use {other}, its diffusion form (docs/diffusion.md)"
+    return f"{why} — use one of: {', '.join(losses)} (docs/diffusion.md)"
+
+
+def check_image_objective(terms: list[tuple[Any, float, dict[str, Any]]], model: str) -> None:
+    """Each term of an offline objective on a diffusers pipeline folder trains a denoiser on image
+    data; refused before anything loads, naming the term, why and the loss to use (was a failed first
+    step: "needs branch 1 = a completion of a different prompt" for kto)."""
+    alone = len(terms) == 1
+    for spec, _, _ in terms:
+        why = image_loss_problem(spec, alone)
+        if why:
+            raise ConfigError(
+                f"loss '{spec.name}' cannot train a diffusion pipeline (--model {model} is a diffusers "
+                f"pipeline folder): {image_loss_refusal(spec.name, why, image_losses())}"
+            )
 
 
 def check_sampler(config: Any, estimator: str) -> None:

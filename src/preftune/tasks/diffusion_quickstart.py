@@ -121,21 +121,61 @@ def heldout(
     return prompts, images, reward(images, prompts)
 
 
+# losses that read a reward score on each pair, which the quickstart's pairs do not carry (the
+# diffusion sweep's `scored_pairs` adds them)
+SCORED_LOSSES = {
+    "smpo": "its smoothed label p = σ(s_w − s_l) reads chosen_score and rejected_score on each pair",
+    "smooth_dpo": "it reads a soft label p on each pair (from chosen_score and rejected_score)",
+}
+
+
+def quickstart_losses() -> list[str]:
+    """The losses `quickstart --task diffusion --method` accepts: those that train a denoiser
+    (`method_checks.image_losses`) on pairs without reward scores."""
+    from preftune.method_checks import image_losses
+
+    return [name for name in image_losses() if name not in SCORED_LOSSES]
+
+
 def check_diffusion_method(method: str) -> None:
-    """The quickstart trains `method` on image pairs: an offline loss (or weighted sum) of the registry;
-    refused at once, before the pretraining, when it is not one."""
+    """The quickstart trains `method` on image pairs: an offline loss (or weighted sum) of the registry
+    that trains a denoiser on unscored pairs; refused at once, before the pretraining, when it is not
+    one — a misspelled name is matched against those losses only."""
     from preftune import losses
     from preftune.diffusion_methods import is_diffusion_rl
-    from preftune.method_checks import is_distill
+    from preftune.losses.registry import _did_you_mean
+    from preftune.method_checks import image_loss_problem, image_loss_refusal, is_distill, online_counterpart
     from preftune.online_methods import is_online
 
+    accepted = quickstart_losses()
     if is_online(method) or is_distill(method) or is_diffusion_rl(method) or method.strip() in ("rm", "prm"):
         raise ConfigError(
-            f"quickstart --task diffusion trains an offline loss on image pairs (dpo, hinge, ipo, mapo, "
-            f"diff_kto, ...), not '{method}' — the online diffusion methods (ddpo, dpok, d3po, spo, awm) "
-            "run with preftune train on a pipeline folder (docs/diffusion.md)"
+            f"quickstart --task diffusion trains an offline loss on image pairs ({', '.join(accepted)}), "
+            f"not '{method}' — {online_counterpart(method) if is_online(method) else ''}the online "
+            "diffusion methods (ddpo, dpok, d3po, spo, awm) run with preftune train on a pipeline folder "
+            "(docs/diffusion.md)"
         )
-    losses.parse_objective(method)  # an unknown name: "unknown loss ... did you mean ..."
+    names = [part.partition(":")[0].strip() for part in method.split(",")]
+    for name in names:
+        spec = losses.REGISTRY.get(name)
+        if spec is None and name:  # (an empty term: parse_objective names it)
+            raise ConfigError(
+                f"quickstart --task diffusion: unknown loss '{name}'{_did_you_mean(name, accepted)} (it "
+                f"trains one of: {', '.join(accepted)}; or a weighted sum such as dpo:1,sft:0.1)"
+            )
+        if name in SCORED_LOSSES:
+            raise ConfigError(
+                f"quickstart --task diffusion: '{name}' cannot train here: {SCORED_LOSSES[name]}, which the "
+                f"quickstart's pairs do not carry — run it with preftune sweep --task diffusion --methods "
+                f"{name} (its pairs carry the rewards)"
+            )
+        why = image_loss_problem(spec, len(names) == 1) if spec is not None else ""
+        if why:
+            raise ConfigError(
+                f"quickstart --task diffusion: '{name}' cannot train a diffusion pipeline: "
+                + image_loss_refusal(name, why, accepted)
+            )
+    losses.parse_objective(method)  # weights, repeated terms, one data kind
 
 
 def run_diffusion_quickstart(
