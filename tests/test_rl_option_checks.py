@@ -137,3 +137,42 @@ def test_a_pairs_file_as_prompts_trains_with_a_notice(
             f"data trains the offline methods: preftune train dpo --data {pairs}; its 3 rows hold 2 "
             "distinct prompts (one on k rows is drawn k times an epoch)"
         ]
+
+
+def test_gae_options_are_the_config_fields_and_a_hyper_parameter_that_differs_is_refused() -> None:
+    """GAE's γ, λ and pooling are `--gamma`, `--lam`, `--macro-pooling` (what the PPO family reads).
+    As hyper-parameters (`--pooling unit`, YAML `hparams: {lam: 0.5}`) they went to the gae estimator,
+    were written to config.yaml as its values, and were ignored by the trainer."""
+    argv = "train ppo --model m --prompts p.jsonl --reward arithmetic --out o --pooling unit".split()
+    c = load_config(None, overrides_from_args(build_parser().parse_args(argv)))
+    with pytest.raises(ConfigError) as err:
+        validate(c)
+    assert str(err.value) == (
+        "hyper-parameter 'pooling' = 'unit': GAE's pooling is the field macro_pooling (--macro-pooling, now "
+        "'equal'), which method 'ppo' reads — the hyper-parameter would be ignored: give --macro-pooling "
+        "unit instead (in YAML: macro_pooling: unit)"
+    )
+    for method, extra in (("ppo", {}), ("grpo", {"estimator": "gae"})):
+        with pytest.raises(ConfigError, match=r"^hyper-parameter 'lam' = 0.5: .*give --lam 0.5 instead"):
+            validate(config(method=method, hparams={"lam": 0.5}, **extra))
+        with pytest.raises(ConfigError, match=r"^hyper-parameter 'gamma' = 0.9: .*give --gamma 0.9"):
+            validate(config(method=method, hparams={"gamma": 0.9}, **extra))
+    # the field is the one value: recorded once, as the field; a config.yaml of an earlier version
+    # (which wrote the estimator's defaults beside the fields) loads back unchanged
+    c = config(method="ppo", lam=0.5)
+    recorded = config_to_dict(c, validate(c))
+    assert recorded["lam"] == 0.5 and not {"gamma", "lam", "pooling"} & set(recorded["hparams"])
+    old = config(method="ppo", hparams={"gamma": 1.0, "lam": 0.95, "pooling": "equal"})
+    assert not {"gamma", "lam", "pooling"} & set(config_to_dict(old, validate(old))["hparams"])
+
+
+@pytest.mark.parametrize("method", ["raft", "copg", "online_dpo", "dno", "xpo"])
+def test_a_builder_method_refuses_an_estimator(method: str) -> None:
+    """A builder turns samples into offline examples; no estimator is used (`--estimator` was ignored,
+    and `--estimator gae` attached a value head that nothing trained)."""
+    for estimator in ("rloo", "gae"):
+        with pytest.raises(ConfigError) as err:
+            validate(config(method=method, estimator=estimator))
+        said = str(err.value)
+        assert said.startswith(f"--estimator {estimator}: method '{method}' is a builder method"), said
+        assert "so no advantage estimator is used; remove --estimator" in said

@@ -175,6 +175,7 @@ def validate_online(config: Any, strategy: str) -> None:
         from preftune.config import resolve_objective
         from preftune.rl.builders import builder_options, check_objective
 
+        check_no_estimator(config)
         check_ppo_fields(config, "")
         builder_options(config.method, config.hparams)  # the builder's options, in range
         check_objective(config.method, resolve_objective(config), strategy)
@@ -185,9 +186,53 @@ def validate_online(config: Any, strategy: str) -> None:
     estimator = expand(config.method, config.estimator, config.objective)[0]
     get_estimator(estimator)
     _validate_ppo(config, estimator)
+    check_gae_options(config, estimator)
     check_ppo_fields(config, estimator)
     check_sampler(config, estimator)
     check_group_size(config, estimator)
+
+
+def check_no_estimator(config: Any) -> None:
+    """A builder method (raft, copg, online_dpo, dno, xpo) uses no advantage estimator: `--estimator`
+    is refused (it was ignored; `--estimator gae` even attached a value head that nothing trained)."""
+    from preftune.online_methods import PRESETS
+    from preftune.rl.builders import BUILDERS
+
+    if not config.estimator:
+        return
+    method = config.method.strip()
+    preset = PRESETS[method]
+    raise ConfigError(
+        f"--estimator {config.estimator}: method '{method}' is a builder method — it turns each step's "
+        f"scored samples into offline {BUILDERS[preset.builder].kind} examples that its objective "
+        f"('{config.objective or preset.objective}') trains on, so no advantage estimator is used; remove "
+        "--estimator (the policy-gradient methods take one: grpo, rloo, ppo, ...)"
+    )
+
+
+def check_gae_options(config: Any, estimator: str) -> None:
+    """The gae estimator's γ, λ and pooling are the fields `--gamma`, `--lam`, `--macro-pooling`, which
+    the PPO family reads (`online_options.GAE_FIELDS`); the same names as hyper-parameters
+    (`--pooling unit`, YAML `hparams: {lam: 0.9}`) were recorded as the estimator's and ignored. One
+    that differs from its field is refused naming the flag; one equal to it (as config.yaml files
+    written before recorded them) is the same value."""
+    if estimator != "gae":
+        return
+    from preftune.online_options import GAE_FIELDS
+    from preftune.rl import get_estimator
+
+    options = get_estimator("gae").hparams
+    for key, field in GAE_FIELDS.items():
+        if key not in config.hparams:
+            continue
+        value = options[key].coerce(key, config.hparams[key], f"method '{config.method}'")
+        if value != getattr(config, field):
+            flag = f"--{field.replace('_', '-')}"
+            raise ConfigError(
+                f"hyper-parameter '{key}' = {value!r}: GAE's {key} is the field {field} ({flag}, now "
+                f"{getattr(config, field)!r}), which method '{config.method}' reads — the hyper-parameter "
+                f"would be ignored: give {flag} {value} instead (in YAML: {field}: {value})"
+            )
 
 
 def check_group_size(config: Any, estimator: str) -> None:

@@ -40,6 +40,10 @@ NOT_HERE: dict[str, str] = {
 }
 SCALES = {"group": "group", "batch": "batch", "none": "none", "true": "group", "false": "none"}
 TRL_KEYS = ("beta", "epsilon", "epsilon_high", "loss_type", "scale_rewards")
+# The gae estimator's options and the config fields the PPO family reads them from (`rl.ppo.token_credit`):
+# one value each, the field's; the same names as hyper-parameters are checked against the fields
+# (`method_checks.check_gae_options`), never given to the estimator.
+GAE_FIELDS = {"gamma": "gamma", "lam": "lam", "pooling": "macro_pooling"}
 
 
 @dataclass
@@ -115,8 +119,10 @@ def resolve_online(
 
     est, text, defaults, greedy = expand(method, estimator, objective)
     spec = get_estimator(est)
-    estimator_keys = spec.hparams
+    estimator_keys = spec.hparams if est != "gae" else {}
     values = dict(hparams)
+    if est == "gae":  # γ, λ and the pooling are config fields (GAE_FIELDS)
+        values = {k: v for k, v in values.items() if k not in GAE_FIELDS}
     text = _trl(values, text)
     est_hparams: dict[str, Any] = {}
     if "scale_rewards" in values:
@@ -133,7 +139,8 @@ def resolve_online(
             if key in est_hparams:
                 raise ConfigError(f"'scale_rewards' (TRL's name) and '{key}' both given; keep one")
             est_hparams[key] = values.pop(key)
-    return OnlineOptions(est, spec.validate(est_hparams), text, values, defaults, greedy)
+    chosen = spec.validate(est_hparams) if est != "gae" else {}
+    return OnlineOptions(est, chosen, text, values, defaults, greedy)
 
 
 def recorded_hparams(
