@@ -222,3 +222,47 @@ def test_a_stop_signal_saves_the_step_and_the_printed_command_resumes(root, monk
     said = capsys.readouterr().err
     assert "is a diffusion run" in said and f"preftune sample --model {out / 'final'}" in said, said
     assert "Traceback" not in said
+
+
+def test_resume_refuses_prompts_rewritten_under_their_path(root, tmp_path, capsys):
+    """The prompt file (or the held-out --eval-data file, whose rewards before training the run
+    reads back) rewritten between a stop and `--resume`: refused in one line naming the file and the
+    checkpoint (the run went on silently with the new prompts)."""
+    import shutil
+
+    from test_train_fixtures import one_line
+
+    texts = [p.text for p in all_prompts()]
+    prompts, held = tmp_path / "prompts.jsonl", tmp_path / "held.jsonl"
+
+    def write(path: Path, chosen: list[str]) -> None:
+        path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in chosen))
+
+    write(prompts, texts[:4])
+    write(held, texts[4:6])
+    argv = _argv(root, "ddpo", "unused", "--save-every", "1", "--eval-data", str(held))
+    argv[argv.index("--prompts") + 1] = str(prompts)
+    out = tmp_path / "run"
+    argv[argv.index("--out") + 1] = str(out)
+    assert main(argv) == 0
+    state = json.loads((out / "checkpoints" / "step-1" / "trainer_state.json").read_text())
+    assert state["data_digest"] and state["heldout_digest"]
+    shutil.rmtree(out / "final")
+    shutil.rmtree(out / "checkpoints" / "step-2")
+    capsys.readouterr()
+    write(prompts, texts[8:12])
+    assert main([*argv, "--resume"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(
+        f"resume: prompts '{prompts}' now gives other examples than the run was trained on"
+    )
+    assert str(out / "checkpoints" / "step-1") in line
+    write(prompts, texts[:4])
+    write(held, texts[6:8])
+    assert main([*argv, "--resume"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(f"resume: eval_data '{held}' now holds other prompts than the run's held-out")
+    assert str(out / "checkpoints" / "step-1") in line
+    write(held, texts[4:6])
+    assert main([*argv, "--resume"]) == 0
+    assert (out / "final").is_dir()

@@ -157,3 +157,33 @@ def test_eval_data_reports_processbench_during_training(prm_run, tmp_path: Path)
     assert json.loads((out / "summary.json").read_text())["eval"]["f1"] == pytest.approx(
         final["f1"], abs=1e-6
     )
+
+
+def test_resume_refuses_step_data_rewritten_under_its_path(prm_run, tmp_path, capsys):
+    """The step-labelled file rewritten between a stop and `--resume` (same path, other solutions):
+    refused in one line naming the file and the checkpoint (it was trained on silently)."""
+    import shutil
+
+    from test_train_fixtures import one_line
+
+    root, base = prm_run
+    data = write_jsonl(tmp_path / "pb.jsonl", processbench_from_task(24, seed=1))
+    out = tmp_path / "run"
+    args = [*base, "--out", str(out), "--no-report"]
+    args[args.index("--data") + 1] = str(data)
+    assert main(args) == 0
+    assert json.loads((out / "checkpoints" / "step-2" / "trainer_state.json").read_text())["data_digest"]
+    shutil.rmtree(out / "final")
+    shutil.rmtree(out / "checkpoints" / "step-4")
+    write_jsonl(data, processbench_from_task(24, seed=2))
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(f"resume: data '{data}' now gives other examples than the run was trained on")
+    assert str(out / "checkpoints" / "step-2") in line
+    assert not (out / "final").exists() and not (out / "checkpoints" / "step-4").exists()
+    write_jsonl(data, processbench_from_task(24, seed=1))
+    assert main([*args, "--resume"]) == 0
+    a = load_file(str(root / "whole" / "final" / "model.safetensors"))
+    b = load_file(str(out / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -190,3 +190,36 @@ def test_a_stop_signal_saves_the_step_and_the_resumed_model_is_the_whole_one(who
     a, b = (load_file(str(d / "final" / "model.safetensors")) for d in (root / "whole", out))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _records(out) == _records(root / "whole")
+
+
+@pytest.mark.parametrize("head", [["--loss", "bt"], ["--head", "implicit"]], ids=["scalar", "implicit"])
+def test_resume_refuses_data_rewritten_under_its_path(tmp_path, capsys, head):
+    """The pairs file rewritten between a stop and `--resume` (same path, other rows) used to be
+    trained on silently from the checkpoint's step: refused in one line naming the file and the
+    checkpoint, before anything is written; put back, the run resumes."""
+    import shutil
+
+    from test_train_fixtures import one_line
+
+    model = tiny_model(tmp_path / "sft")
+    rows = pair_rows(16, seed=1)
+    data = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    out = tmp_path / "run"
+    args = ["train", "rm", "--model", str(model), "--data", str(data), "--out", str(out), *head,
+            "--batch-size", "4", "--max-steps", "3", "--save-every", "2", "--no-report"]  # fmt: skip
+    assert main(args) == 0
+    state = json.loads((out / "checkpoints" / "step-2" / "trainer_state.json").read_text())
+    assert state["data_digest"]
+    shutil.rmtree(out / "final")
+    shutil.rmtree(out / "checkpoints" / "step-3")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    write_jsonl(data, rows[:8] + pair_rows(8, seed=2))
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(f"resume: data '{data}' now gives other examples than the run was trained on")
+    assert str(out / "checkpoints" / "step-2") in line and "put the data back as it was" in line
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    write_jsonl(data, rows)
+    assert main([*args, "--resume"]) == 0
+    assert "resuming from step 2 of 3" in capsys.readouterr().out

@@ -153,13 +153,15 @@ def _setup(
 
 
 def _train(config: TrainConfig, options: dict[str, Any], log: Any) -> Any:
+    from preftune.train.digests import rows_digest
     from preftune.train.logging import MetricsLogger, Progress
     from preftune.train.loop import batch_indices
     from preftune.train.signals import StepStops
 
     method, prompts, held_prompts, optimizer, scheduler, total = _setup(config, options)
     out = Path(config.out)
-    start, last, last_good = _resume(config, method, optimizer, scheduler, total, log)
+    digests = {"data_digest": rows_digest(prompts), "heldout_digest": rows_digest(held_prompts)}
+    start, last, last_good = _resume(config, method, optimizer, scheduler, total, log, digests)
     logger = MetricsLogger(out, sinks=config.report_to, run_name=config.run_name or out.name, config={})
     logger.truncate_after(start)
     progress = Progress(total, enabled=True, live=config.progress, log_every=config.log_every, start=start)
@@ -183,11 +185,13 @@ def _train(config: TrainConfig, options: dict[str, Any], log: Any) -> Any:
                     logger.log({"step": done, "split": "train", **last})
                 progress.update(done, last)
                 if (config.save_every and done % config.save_every == 0) or done == total:
-                    last_good = saved = _save(config, method, optimizer, scheduler, done, total, last)
+                    last_good = saved = _save(
+                        config, method, optimizer, scheduler, done, total, last, digests
+                    )
                 stops.check(
                     done,
                     saved,
-                    lambda d=done, m=last: _save(config, method, optimizer, scheduler, d, total, m),
+                    lambda d=done, m=last: _save(config, method, optimizer, scheduler, d, total, m, digests),
                 )
     finally:
         progress.close()
@@ -198,9 +202,11 @@ def _train(config: TrainConfig, options: dict[str, Any], log: Any) -> Any:
 
 
 def _resume(config: TrainConfig, method: Method, optimizer: Any, scheduler: Any, total: int,
-            log: Any) -> tuple[int, dict[str, float], Path | None]:  # fmt: skip
+            log: Any, digests: dict[str, str]) -> tuple[int, dict[str, float], Path | None]:  # fmt: skip
     """(first step, last metrics, checkpoint): the denoiser, optimizer (critic included), schedule,
-    RNG and critic restored from the checkpoint to resume; (0, {}, None) to start afresh."""
+    RNG and critic restored from the checkpoint to resume; (0, {}, None) to start afresh. `digests`:
+    of the training and held-out prompts, refused when the checkpoint records others."""
+    from preftune.errors import TrainingError
     from preftune.train import checkpoint as ckpt
     from preftune.train import runfolder
 
@@ -209,6 +215,15 @@ def _resume(config: TrainConfig, method: Method, optimizer: Any, scheduler: Any,
         return 0, {}, None
     state, _, extra = ckpt.load_checkpoint(path, model=method.unet, optimizer=optimizer, scheduler=scheduler)
     ckpt.check_position(state, [total], path)
+    runfolder.check_resume_data(config, state, digests["data_digest"], path)
+    saved = state.get("heldout_digest")
+    if config.eval_data and saved and saved != digests["heldout_digest"]:
+        raise TrainingError(
+            f"resume: eval_data '{config.eval_data}' now holds other prompts than the run's held-out "
+            f"rewards before training ({Path(config.out) / BEFORE}) were sampled from (checkpoint {path}): "
+            "the file changed since the run started — put it back as it was to continue the run "
+            "exactly, or start a new run with another --out"
+        )
     _, _, step = runfolder.resume_position(state, total=total, config=config, path=path)
     if method.critic is not None:
         method.critic.load_state_dict(extra["critic"])
@@ -240,10 +255,10 @@ def _before(method: Method, held: Held, config: TrainConfig, logger: Any, start:
 
 
 def _save(config: TrainConfig, method: Method, optimizer: Any, scheduler: Any, done: int, total: int,
-          last: dict[str, float]) -> Path:  # fmt: skip
+          last: dict[str, float], digests: dict[str, str]) -> Path:  # fmt: skip
     from preftune.train import checkpoint as ckpt
 
-    state = {"phase": 0, "step_in_phase": done, "total_steps": total, "metrics": last}
+    state = {"phase": 0, "step_in_phase": done, "total_steps": total, "metrics": last, **digests}
     extra = {"critic": method.critic.state_dict()} if method.critic is not None else None
     return ckpt.save_checkpoint(
         Path(config.out) / "checkpoints", done, model=method.unet, optimizer=optimizer, scheduler=scheduler,

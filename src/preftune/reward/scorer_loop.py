@@ -90,14 +90,16 @@ def _check_same(config: TrainConfig, saved_path: Path) -> None:
 
 
 def resume(config: TrainConfig, model: Any, optimizer: Any, scheduler: Any, total: int,
-           log: Any) -> tuple[int, dict[str, float], Path | None]:  # fmt: skip
+           log: Any, digest: str = "") -> tuple[int, dict[str, float], Path | None]:  # fmt: skip
     """(first step, last metrics, checkpoint) — from the checkpoint to resume, weights, optimizer,
-    scheduler and RNG restored; (0, {}, None) to start afresh."""
+    scheduler and RNG restored; (0, {}, None) to start afresh. `digest`: the training data's
+    (`digests.rows_digest`), refused when the checkpoint records another."""
     path = runfolder.resume_checkpoint(config)
     if path is None:
         return 0, {}, None
     state, _, _ = ckpt.load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
     ckpt.check_position(state, [total], path)
+    runfolder.check_resume_data(config, state, digest, path)
     _, _, step = runfolder.resume_position(state, total=total, config=config, path=path)
     log(f"resuming from step {step} of {total} ({path})")
     return step, dict(state.get("metrics", {})), path
@@ -190,6 +192,7 @@ def run_scorer(config: TrainConfig, load: Callable[[Any], ScorerTask], log: Any)
     from preftune.data.formatting import load_tokenizer
     from preftune.reward.scoring import load_scorer
     from preftune.train.api import seed_everything
+    from preftune.train.digests import rows_digest
     from preftune.train.logging import MetricsLogger
     from preftune.train.loop import batch_indices
     from preftune.train.optim import build_optimizer, build_scheduler
@@ -209,7 +212,8 @@ def run_scorer(config: TrainConfig, load: Callable[[Any], ScorerTask], log: Any)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, config)
     scheduler = build_scheduler(optimizer, config, total)
-    start, last, last_good = resume(config, model, optimizer, scheduler, total, log)
+    digest = rows_digest(task.data)  # each checkpoint records it: a resume refuses other data
+    start, last, last_good = resume(config, model, optimizer, scheduler, total, log, digest)
     logger = MetricsLogger(out, sinks=config.report_to, run_name=config.run_name or out.name,
                            config=config_to_dict(config))  # fmt: skip
     logger.truncate_after(start)
@@ -220,7 +224,8 @@ def run_scorer(config: TrainConfig, load: Callable[[Any], ScorerTask], log: Any)
     evals: dict[str, float] = {}
 
     def save(done: int) -> Path:
-        state = {"phase": 0, "step_in_phase": done, "total_steps": total, "metrics": last}
+        state = {"phase": 0, "step_in_phase": done, "total_steps": total, "metrics": last,
+                 "data_digest": digest}  # fmt: skip
         return ckpt.save_checkpoint(
             out / "checkpoints", done, model=model, optimizer=optimizer, scheduler=scheduler,
             trainer_state=state, loss_state={}, keep_last=config.keep_last,

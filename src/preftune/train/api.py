@@ -30,6 +30,7 @@ from preftune.train import checkpoint as ckpt
 from preftune.train import faults, runfolder
 from preftune.train.allocator import apply_mmap_threshold
 from preftune.train.batches import objective_kind, prompt_groups
+from preftune.train.digests import data_digest
 from preftune.train.distributed import (
     World,
     barrier,
@@ -43,7 +44,7 @@ from preftune.train.evaluation import evaluate
 from preftune.train.logging import MetricsLogger, Progress, check_sinks, quiet_other_ranks
 from preftune.train.loop import Objective
 from preftune.train.optim import build_optimizer, build_scheduler
-from preftune.train.run import OfflinePhase, PhaseSource, Run, RunState, data_digest, hold_grads
+from preftune.train.run import OfflinePhase, PhaseSource, Run, RunState, hold_grads
 from preftune.train.setup import (
     build_phases,
     compute_dtype,

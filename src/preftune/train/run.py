@@ -97,32 +97,6 @@ def hold_grads(params: list[torch.nn.Parameter], held: Any, path: Path) -> None:
         params[i].grad = torch.zeros_like(params[i])
 
 
-def data_digest(sources: Sequence[Any]) -> str:
-    """A hash of what each phase trains on, in order: its examples' token ids, kinds, labels, scores
-    and margins (an online phase: its prompts' token ids, texts and columns; image examples: their
-    count and labels, not their latents). A checkpoint records it, so a resume whose data changed
-    under the same path (or tokenizes otherwise) is refused instead of silently trained on."""
-    import hashlib
-    from array import array
-
-    h = hashlib.blake2b(digest_size=16)
-    for source in sources:
-        prompts = getattr(source, "prompts", None)
-        rows: Sequence[Any] = source.examples if prompts is None else prompts
-        h.update(f"phase {source.index}: {len(rows)} rows\n".encode())
-        for row in rows:
-            if isinstance(row, Example):
-                ids = [row.prompt_ids, *row.response_ids]
-                other: tuple[Any, ...] = (row.kind, row.label, row.scores, row.margins, row.margin)
-            else:  # an online phase's PromptRow
-                ids, other = [row.ids], (row.text, sorted(row.columns.items(), key=lambda kv: kv[0]))
-            for seq in ids:
-                h.update(len(seq).to_bytes(8, "little"))
-                h.update(array("q", seq).tobytes())
-            h.update(repr(other).encode())
-    return h.hexdigest()
-
-
 class PhaseSource(Protocol):
     """The examples of each optimizer step of one phase."""
 
