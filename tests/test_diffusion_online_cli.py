@@ -266,3 +266,32 @@ def test_resume_refuses_prompts_rewritten_under_their_path(root, tmp_path, capsy
     write(held, texts[4:6])
     assert main([*argv, "--resume"]) == 0
     assert (out / "final").is_dir()
+
+
+def test_a_stop_signal_while_the_results_are_written_says_what_is_saved(root, monkeypatch, capsys):
+    """Ctrl-C after the last step, while the trained pipeline is written: the run said "preftune:
+    interrupted"; it now says that final/ was not written, names the step-2 checkpoint and the command
+    that evaluates and writes the results from it."""
+    import os
+    import shlex
+    import signal
+
+    import preftune.diffusion.denoiser as denoiser
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(denoiser, "save_pipeline", signalled)
+    out = root / "sig-final"
+    capsys.readouterr()
+    assert main(_argv(root, "ddpo", "sig-final", "--save-every", "0")) == 130
+    monkeypatch.undo()
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    command = f"preftune train --config {out / 'config.yaml'} --resume"
+    assert line == (
+        "preftune: error: stopped by SIGINT after training finished (step 2 of 2), while the run wrote "
+        f"its results: final/ was not written; the newest checkpoint is {out / 'checkpoints' / 'step-2'} "
+        f"— write final/ and summary.json from it with: {command}"
+    )
+    assert main(shlex.split(command)[1:]) == 0
+    assert (out / "final" / "model_index.json").is_file() and (out / "summary.json").is_file()

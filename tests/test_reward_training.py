@@ -223,3 +223,46 @@ def test_resume_refuses_data_rewritten_under_its_path(tmp_path, capsys, head):
     write_jsonl(data, rows)
     assert main([*args, "--resume"]) == 0
     assert "resuming from step 2 of 3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("head", [[], ["--head", "implicit"]], ids=["scalar", "implicit"])
+def test_a_stop_signal_while_final_is_written_says_what_is_saved(whole, monkeypatch, capsys, head):
+    """SIGTERM after the last step, while OUT/final/ is written (the implicit RM: while its reference
+    copy is added): the run said nothing (SIGTERM) or "interrupted" (Ctrl-C); it now says that final/
+    was not written, names the step-4 checkpoint and the command that writes the results from it.
+    final/ is written whole or not at all (final.tmp/ is removed)."""
+    import os
+    import shlex
+    import signal
+
+    from transformers import PreTrainedModel
+
+    from preftune.reward import implicit_training
+
+    root, base = whole
+    out = root / f"signal-in-final{'-'.join(head)}"
+
+    def signalled(final, *args, **kwargs):
+        Path(final).mkdir(parents=True, exist_ok=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if head:
+        monkeypatch.setattr(implicit_training, "write_folder", signalled)
+    else:
+        monkeypatch.setattr(PreTrainedModel, "save_pretrained", lambda self, path, **_: signalled(path))
+    args = [*base, *head]
+    if head:
+        args[args.index("--loss") + 1] = "bt"
+    capsys.readouterr()
+    assert main([*args, "--out", str(out)]) == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    command = f"preftune train --config {out / 'config.yaml'} --resume"
+    assert line == (
+        "preftune: error: stopped by SIGTERM after training finished (step 4 of 4), while the run wrote "
+        f"its results: final/ was not written; the newest checkpoint is {out / 'checkpoints' / 'step-4'} "
+        f"— write final/ and summary.json from it with: {command}"
+    )
+    assert not (out / "final").exists() and not (out / "final.tmp").exists()
+    assert main(shlex.split(command)[1:]) == 0
+    assert (out / "final" / "model.safetensors").is_file() and (out / "summary.json").is_file()

@@ -272,6 +272,80 @@ def test_sighup_stops_the_same_way(
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-3"]
 
 
+def test_a_signal_while_final_is_written_says_what_is_saved_and_the_command_finishes_the_run(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SIGTERM after the last step, during the final save: the run used to end with no word (SIGTERM)
+    or "preftune: interrupted" (Ctrl-C). It now says that final/ was not written, names the newest
+    checkpoint and the command that writes the results from it; no final.tmp/ is left."""
+    root, args = setup
+    out = root / "signal-in-final"
+    before = signal.getsignal(signal.SIGTERM)
+    real = api.save_final
+
+    def signalled(*a: Any, **kw: Any) -> Any:
+        def half_written(*b: Any, **k: Any) -> Any:
+            (out / "final.tmp").mkdir(exist_ok=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        monkeypatch.setattr(a[0], "save_pretrained", half_written)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(api, "save_final", signalled)
+    capsys.readouterr()
+    assert main([*args, "--out", str(out)]) == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    command = f"preftune train --config {out / 'config.yaml'} --resume"
+    assert err.strip().splitlines()[-1] == (
+        "preftune: error: stopped by SIGTERM after training finished (step 4 of 4), while the run wrote "
+        f"its results: final/ was not written; the newest checkpoint is {out / 'checkpoints' / 'step-4'} "
+        f"— write final/ and summary.json from it with: {command}"
+    )
+    assert signal.getsignal(signal.SIGTERM) == before  # the handlers are restored
+    assert not (out / "final").exists() and not (out / "final.tmp").exists()
+    assert main(shlex.split(command)[1:]) == 0
+    assert "resuming from step 4 of 4" in capsys.readouterr().out
+    assert_same_final(root / "whole", out)
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+
+
+def test_a_signal_after_final_is_written_says_so(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C while summary.json is written: final/ is named as written; SIGHUP during the report:
+    final/ and summary.json are, and `preftune report OUT` writes the report."""
+    from preftune.train import runfolder
+
+    root, args = setup
+    out = root / "signal-in-summary"
+    real = runfolder.write_atomic
+
+    def in_summary(path: Path, text: str) -> None:
+        if path.name == "summary.json":
+            os.kill(os.getpid(), signal.SIGINT)
+        real(path, text)
+
+    monkeypatch.setattr(runfolder, "write_atomic", in_summary)
+    capsys.readouterr()
+    assert main([*args, "--out", str(out)]) == 130
+    monkeypatch.undo()
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("preftune: error: stopped by SIGINT after training finished (step 4 of 4)"), line
+    assert f"final/ is written ({out / 'final'}); summary.json was not; the newest checkpoint is" in line
+    assert line.endswith(
+        f"— write summary.json (and final/ again) from it with: preftune train --config {out / 'config.yaml'} --resume"
+    )
+    assert_same_final(root / "whole", out)
+    out = root / "signal-in-report"
+    monkeypatch.setattr(runfolder, "write_run_report", lambda *_: os.kill(os.getpid(), signal.SIGHUP))
+    assert main([*args, "--out", str(out)]) == 128 + signal.SIGHUP
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.endswith(
+        f"final/ and summary.json are written ({out}); the report was not — write it with: preftune report {out}"
+    ), line
+
+
 def test_a_second_ctrl_c_stops_at_once_and_the_newest_checkpoint_resumes_exactly(
     setup: Setup, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

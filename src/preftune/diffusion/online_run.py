@@ -156,7 +156,7 @@ def _train(config: TrainConfig, options: dict[str, Any], log: Any) -> Any:
     from preftune.train.digests import rows_digest
     from preftune.train.logging import MetricsLogger, Progress
     from preftune.train.loop import batch_indices
-    from preftune.train.signals import StepStops
+    from preftune.train.signals import Finishing, StepStops
 
     method, prompts, held_prompts, optimizer, scheduler, total = _setup(config, options)
     out = Path(config.out)
@@ -195,10 +195,10 @@ def _train(config: TrainConfig, options: dict[str, Any], log: Any) -> Any:
                 )
     finally:
         progress.close()
-    after, images = heldout_rewards(method, held)
-    return _finish(
-        config, method, logger, last, last_good, (before, after), images, held, total, progress.print
-    )
+    with Finishing(str(config.out), total, total) as finishing:  # a signal: say what is saved
+        after, images = heldout_rewards(method, held)
+        return _finish(config, method, logger, last, last_good, (before, after), images, held, total,
+                       progress.print, finishing)  # fmt: skip
 
 
 def _resume(config: TrainConfig, method: Method, optimizer: Any, scheduler: Any, total: int,
@@ -274,7 +274,7 @@ def mean_se(values: torch.Tensor) -> tuple[float, float]:
 
 def _finish(config: TrainConfig, method: Method, logger: Any, last: dict[str, float], last_good: Path | None,
             rewards: tuple[torch.Tensor, torch.Tensor], images: torch.Tensor, held: Held, total: int,
-            log: Any) -> Any:  # fmt: skip
+            log: Any, finishing: Any) -> Any:  # fmt: skip
     """OUT/final (the pipeline with the trained denoiser), the held-out numbers, summary.json, report."""
     import json
 
@@ -290,10 +290,12 @@ def _finish(config: TrainConfig, method: Method, logger: Any, last: dict[str, fl
     logger.log({"step": total, "split": "eval", **numbers})
     logger.close()
     save_pipeline(method.unet, config.model, out / "final")
+    finishing.wrote("final/")
     (out / "samples_after.png").write_bytes(_grid(images, held))
     summary = {"method": config.method, "steps": total, "train": last, "eval": numbers,
                "checkpoint": str(last_good) if last_good else None}  # fmt: skip
     runfolder.write_atomic(out / "summary.json", json.dumps(summary, indent=1))
+    finishing.wrote("summary.json")
     if config.report:
         try:
             from preftune.eval.report import write_report

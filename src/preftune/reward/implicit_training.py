@@ -29,7 +29,6 @@ from preftune.reward.scorer_loop import (
     ScorerTask,
     check_config,
     claim,
-    finish_scorer,
     optimizer_step,
     pair_step,
     run_scorer,
@@ -197,20 +196,16 @@ def train_implicit_rm(config: TrainConfig, log: Any = print) -> Any:
                 evaluate=(lambda model: evaluate_implicit_pairs(irm, held, loss, size)) if held else None,
                 sorted_batches=loss == "ce",  # a pair's two halves adjacent: one packed row
                 model=policy,
+                complete=lambda final: write_folder(final, config.model, settings),
             )
 
-        return _finish(config, run_scorer(config, load, log), settings, f"rm (implicit, {loss})", log)
+        return run_scorer(config, load, log, f"rm (implicit, {loss})")
 
 
 def rm_held_out(config: TrainConfig, tokenizer: Any) -> list[Example]:
     from preftune.reward.training import rm_examples
 
     return rm_examples(config.eval_data, config, tokenizer, config.eval_split) if config.eval_data else []
-
-
-def _finish(config: TrainConfig, run: Any, settings: dict[str, Any], method: str, log: Any) -> Any:
-    write_folder(run.final, config.model, settings)
-    return finish_scorer(config, run, method, log)
 
 
 def encode_items(tokenizer: Any, items: list[Any], separator: str) -> list[Any]:
@@ -298,6 +293,7 @@ def train_implicit_prm(config: TrainConfig, log: Any = print) -> Any:
                 evaluate=evaluate,
                 sorted_batches=True,
                 model=policy,
+                complete=lambda final: write_folder(final, config.model, settings),
             )
 
-        return _finish(config, run_scorer(config, load, log), settings, "prm (implicit, prm_bce)", log)
+        return run_scorer(config, load, log, "prm (implicit, prm_bce)")

@@ -27,7 +27,6 @@ from preftune.reward.scorer_loop import (
     ScorerTask,
     check_config,
     claim,
-    finish_scorer,
     optimizer_step,
     run_scorer,
 )
@@ -131,4 +130,4 @@ def _train(config: TrainConfig, settings: dict[str, str], log: Any) -> Any:
             files={PRM_FILE: json.dumps(settings, indent=1)},
         )
 
-    return finish_scorer(config, run_scorer(config, load, log), f"prm ({loss})", log)
+    return run_scorer(config, load, log, f"prm ({loss})")

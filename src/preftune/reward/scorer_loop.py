@@ -1,6 +1,6 @@
 """The training loop `preftune train rm` and `preftune train prm` share: run folder, steps, checkpoints.
 
-    outcome = run_scorer(config, load, log)     # load(tokenizer) → ScorerTask (data, step, header)
+    result = run_scorer(config, load, log, "rm (bt)")   # load(tokenizer) → ScorerTask (data, step, header)
 
 A scorer (a sequence classifier with one output) trains in a small loop of its own, built from the
 training parts: the run folder's lock and resume rules (`train/runfolder.py`), checkpoints
@@ -155,6 +155,8 @@ class ScorerTask:
              the end (None: no held-out data).
     sorted_batches: hand the batch's examples over in data order (a prompt's solutions adjacent).
     files:   extra files written into OUT/final/ (name → text).
+    complete: completes OUT/final/ after the weights, tokenizer and files (the implicit RM's
+             reference copy), or None.
     num_labels: the scorer's outputs (M > 1: M heads on one trunk, `preftune train rm --heads M`).
     model:   the model to train, built by the task (the implicit RM's causal LM); None: a scalar-head
              scorer from `config.model` (`load_scorer`).
@@ -169,6 +171,7 @@ class ScorerTask:
     files: dict[str, str] = field(default_factory=dict)
     num_labels: int = 1
     model: Any = None
+    complete: Callable[[Path], None] | None = None
 
 
 @dataclass
@@ -183,10 +186,11 @@ class ScorerOutcome:
     final: Path
 
 
-def run_scorer(config: TrainConfig, load: Callable[[Any], ScorerTask], log: Any) -> ScorerOutcome:
+def run_scorer(config: TrainConfig, load: Callable[[Any], ScorerTask], log: Any, method: str) -> Any:
     """Seed, load the tokenizer and `load(tokenizer)`'s task, build the scorer (its new head drawn from
     the seeded RNG), optimizer and schedule, resume if asked, run the steps with logging, evaluation
-    and checkpoints, and save OUT/final/ (weights, tokenizer, the task's files)."""
+    and checkpoints, save OUT/final/ (weights, tokenizer, the task's files) and finish the run as
+    `method` (`finish_scorer`); a stop signal while it writes them says what is saved. The RunResult."""
     from transformers.utils import logging as hf_logging
 
     from preftune.data.formatting import load_tokenizer
@@ -197,7 +201,7 @@ def run_scorer(config: TrainConfig, load: Callable[[Any], ScorerTask], log: Any)
     from preftune.train.loop import batch_indices
     from preftune.train.optim import build_optimizer, build_scheduler
     from preftune.train.setup import phase_steps
-    from preftune.train.signals import StepStops
+    from preftune.train.signals import Finishing, StepStops
 
     hf_logging.disable_progress_bar()  # "Writing model shards" bars would interleave with the log
     seed_everything(config.seed)
@@ -251,17 +255,40 @@ def run_scorer(config: TrainConfig, load: Callable[[Any], ScorerTask], log: Any)
                 last_good = saved = save(done)
             stops.check(done, saved, lambda d=done: save(d))
     logger.close()
-    final = out / "final"
-    model.save_pretrained(final)
-    tokenizer.save_pretrained(final)
-    for name, text in task.files.items():
-        runfolder.write_atomic(final / name, text)
-    return ScorerOutcome(total, last, evals, last_good, final)
+    outcome = ScorerOutcome(total, last, evals, last_good, out / "final")
+    with Finishing(str(out), total, total) as finishing:  # a signal: say what is saved
+        write_final(outcome.final, model, tokenizer, task)
+        finishing.wrote("final/")
+        return finish_scorer(config, outcome, method, log, finishing.wrote)
 
 
-def finish_scorer(config: TrainConfig, run: ScorerOutcome, method: str, log: Any) -> Any:
-    """OUT/summary.json and (unless `report` is off) OUT/report.html of a finished scorer run, as every
-    other `preftune train` run leaves them; the RunResult."""
+def write_final(final: Path, model: Any, tokenizer: Any, task: ScorerTask) -> None:
+    """OUT/final/: the weights, the tokenizer, the task's files and what `task.complete` adds, written
+    as final.tmp/ and renamed, so that final/ is whole or not there (or the previous one)."""
+    import shutil
+
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name, text in task.files.items():
+            runfolder.write_atomic(tmp / name, text)
+        if task.complete is not None:
+            task.complete(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def finish_scorer(
+    config: TrainConfig, run: ScorerOutcome, method: str, log: Any, wrote: Callable[[str], None]
+) -> Any:
+    """OUT/summary.json (then `wrote("summary.json")`) and (unless `report` is off) OUT/report.html of
+    a finished scorer run, as every other `preftune train` run leaves them; the RunResult."""
     import json
 
     from preftune.train.api import RunResult
@@ -270,6 +297,7 @@ def finish_scorer(config: TrainConfig, run: ScorerOutcome, method: str, log: Any
     summary = {"method": method, "steps": run.total, "train": run.last, "eval": run.evals,
                "checkpoint": str(run.checkpoint) if run.checkpoint else None}  # fmt: skip
     runfolder.write_atomic(out / "summary.json", json.dumps(summary, indent=1))
+    wrote("summary.json")
     if config.report:
         runfolder.write_run_report(out, log)
     metrics = {**run.last, **{f"eval/{k}": v for k, v in run.evals.items()}}

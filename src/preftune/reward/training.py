@@ -17,7 +17,7 @@ import torch
 from preftune.config import TrainConfig
 from preftune.errors import ConfigError, DataError
 from preftune.reward.losses import RMLoss, parse_rm_loss
-from preftune.reward.scorer_loop import ScorerTask, check_config, claim, finish_scorer, pair_step, run_scorer
+from preftune.reward.scorer_loop import ScorerTask, check_config, claim, pair_step, run_scorer
 from preftune.reward.scoring import branch_scores
 from preftune.types import Example
 
@@ -243,4 +243,4 @@ def _train(config: TrainConfig, loss_fn: RMLoss | None, loss: str, log: Any) -> 
             num_labels=heads,
         )
 
-    return finish_scorer(config, run_scorer(config, load, log), f"rm ({loss})", log)
+    return run_scorer(config, load, log, f"rm ({loss})")

@@ -53,7 +53,7 @@ from preftune.train.setup import (
     phase_steps,
     save_final,
 )
-from preftune.train.signals import GracefulStop, stopped_at_once
+from preftune.train.signals import Finishing, GracefulStop, stopped_at_once
 
 __all__ = ["RunResult", "evaluate", "train"]
 
@@ -186,7 +186,8 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
         graceful.__exit__(None, None, None)
         run.progress.close()
         run.logger.close()
-    return _finish(config, world, state, tokenizer, run.log)
+    with Finishing(config.out, state.global_step, total, world) as finishing:  # a signal: say what is saved
+        return _finish(config, world, state, tokenizer, run.log, finishing)
 
 
 def _load_data(
@@ -380,11 +381,14 @@ def _make_run(
     )  # fmt: skip
 
 
-def _finish(config: TrainConfig, world: World, state: RunState, tokenizer: Any, log: Any) -> RunResult:
+def _finish(
+    config: TrainConfig, world: World, state: RunState, tokenizer: Any, log: Any, finishing: Finishing
+) -> RunResult:
     """Save OUT/final/ (gathered whole under FSDP), write summary.json and the report."""
     out = Path(config.out)
     final = out / "final"
     _save_final(config, world, state, tokenizer, final)
+    finishing.wrote("final/")
     eval_metrics = state.eval_metrics
     if world.is_main:
         eval_metrics = runfolder.finish(
@@ -394,6 +398,7 @@ def _finish(config: TrainConfig, world: World, state: RunState, tokenizer: Any, 
             eval_metrics=eval_metrics,
             checkpoint=state.last_good,
             log=log,
+            wrote=finishing.wrote,
         )
     barrier(world)
     metrics = {**state.last, **{f"eval/{k}": v for k, v in eval_metrics.items()}}
@@ -421,9 +426,11 @@ def _save_final(config: TrainConfig, world: World, state: RunState, tokenizer: A
             from preftune.rl.ppo import save_without_value_head
 
             save_without_value_head(model, lambda: save_final(model, tokenizer, final, config=config), final)
-    except Exception as err:
+    except BaseException as err:  # (a stop signal too: `Finishing` says that final/ was not written)
         if world.is_main:
             shutil.rmtree(final.with_name(final.name + ".tmp"), ignore_errors=True)
+        if not isinstance(err, Exception):
+            raise
         code = ckpt.os_error_number(err)
         if code in ckpt.NO_SPACE and not isinstance(err, OSError):  # safetensors' own error type
             raise OSError(code, os.strerror(code), str(final)) from err

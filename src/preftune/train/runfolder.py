@@ -435,9 +435,11 @@ def finish(
     eval_metrics: dict[str, float],
     checkpoint: Path | None,
     log: Callable[[str], None],
+    wrote: Callable[[str], None] = lambda _name: None,
 ) -> dict[str, float]:
-    """Rank 0, after final/ is saved: summary.json and report.html. Returns the eval metrics (rebuilt
-    from metrics.jsonl when this process did not run the final evaluation: it ran before a kill)."""
+    """Rank 0, after final/ is saved: summary.json (then `wrote("summary.json")`) and report.html.
+    Returns the eval metrics (rebuilt from metrics.jsonl when this process did not run the final
+    evaluation: it ran before a kill)."""
     out = Path(config.out)
     if not eval_metrics and config.eval_data:
         eval_metrics = last_eval(out / "metrics.jsonl", steps)
@@ -449,6 +451,7 @@ def finish(
         "checkpoint": str(checkpoint) if checkpoint else None,
     }
     write_atomic(out / "summary.json", json.dumps(summary, indent=1))
+    wrote("summary.json")
     if config.report:
         write_run_report(out, log)
     return eval_metrics

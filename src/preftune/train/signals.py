@@ -155,3 +155,67 @@ class StepStops:
 
             newest = list_checkpoints(Path(self.out) / "checkpoints")
             raise stopped_at_once(self.done, newest[-1] if newest else None, self.out, World()) from None
+
+
+class Finishing:
+    """After the last step, while a run evaluates and writes its results (final/, summary.json, the
+    report): the stop signals, whose training handlers are gone by then, stop the run at once with
+    `error()` — what is on disk (final/ written or not, the newest checkpoint) and how to write the
+    rest — instead of "interrupted" (SIGINT) or no word at all (SIGTERM, SIGHUP). The run says what it
+    finished writing with `wrote("final/")`, `wrote("summary.json")`. An outer stop (a sweep's) keeps
+    the signals: it lets the run finish, then stops."""
+
+    def __init__(self, out: str, step: int, total: int, world: World | None = None) -> None:
+        self.out, self.step, self.total = out, step, total
+        self.world = world or World()
+        self.written: list[str] = []
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def wrote(self, name: str) -> None:
+        self.written.append(name)
+
+    def __enter__(self) -> Finishing:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                if not isinstance(getattr(signal.getsignal(sig), "__self__", None), GracefulStop):
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.signum = signum
+        raise KeyboardInterrupt
+
+    def __exit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        installed = bool(self._previous)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+        if kind is KeyboardInterrupt and installed:
+            raise self.error() from None
+
+    def error(self) -> Interrupted:
+        """Where the run stopped, what of its results is on disk, and the command that writes the rest."""
+        from preftune.train.checkpoint import list_checkpoints
+
+        out = Path(self.out)
+        newest = list_checkpoints(out / "checkpoints")
+        point = f"the newest checkpoint is {newest[-1]}" if newest else "no checkpoint was written"
+        resume = resume_command(self.out, self.world)
+        if "final/" not in self.written:
+            state = f"final/ was not written; {point}"
+            fix = f"write final/ and summary.json from it with: {resume}" if newest else "train again"
+        elif "summary.json" not in self.written:
+            state = f"final/ is written ({out / 'final'}); summary.json was not; {point}"
+            fix = f"write summary.json (and final/ again) from it with: {resume}" if newest else "train again"
+        else:
+            state = f"final/ and summary.json are written ({out}); the report was not"
+            fix = f"write it with: preftune report {shlex.quote(self.out)}"
+        name = signal.Signals(self.signum or signal.SIGINT).name
+        return Interrupted(
+            f"stopped by {name} after training finished (step {self.step} of {self.total}), while the "
+            f"run wrote its results: {state} — {fix}",
+            self.signum or signal.SIGINT,
+        )
