@@ -236,3 +236,57 @@ def test_an_unknown_diffusion_quickstart_method_is_matched_against_its_own_losse
     for language_only in ("kto", "ld_dpo", "listwise_pl", "tpo", "sft", "smpo", "smooth_dpo"):
         assert language_only not in listed
     assert not (tmp_path / "qs").exists()
+
+
+def _no_preparation(*_args: object, **_kw: object) -> None:
+    raise AssertionError("the task was prepared before the methods were checked")
+
+
+def test_diffusion_sweep_refuses_every_method_that_cannot_train_a_pipeline_before_preparing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sweep --task diffusion ran kto, the listwise losses, sft alone and the online language presets
+    only to fail each at its run's start, after minutes of pretraining; all are named at once, each
+    with the single-run refusal's reason and fix, before the task folder is made."""
+    from preftune.cli import main
+
+    monkeypatch.setattr("preftune.tasks.diffusion_sweep.diffusion_sweep_task", _no_preparation)
+
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--task", "diffusion", "--methods", "dpo,kto,tpo,sft,grpo", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "sweep: 4 of --methods cannot train the diffusion task's pipeline (nothing was prepared)" in err
+    assert "loss 'kto' cannot train a diffusion pipeline: its reference point z₀" in err
+    assert "— use diff_kto, its diffusion form" in err
+    assert "loss 'tpo' cannot train a diffusion pipeline: it trains on ranked lists of responses" in err
+    assert "loss 'sft' cannot train a diffusion pipeline: alone it has no image data layout" in err
+    assert "'grpo' samples text from a language model — use ddpo, its diffusion counterpart" in err
+    assert "the losses that train a pipeline: alphapo," in err and "'dpo'" not in err
+    assert not out.exists()  # nothing prepared
+
+    assert main(["sweep", "--task", "diffusion", "--methods", "dpo,kt", "--out", str(out)]) == 2
+    err = capsys.readouterr().err  # matched against the losses that train a pipeline, not every family
+    assert "sweep --task diffusion: unknown loss 'kt' (it trains one of: alphapo, aot," in err
+    assert "'kto'" not in err and ", kto," not in err  # (every family's list suggested kto)
+    assert not out.exists()
+
+
+def test_a_language_sweep_refuses_diffusion_losses_before_preparing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The arithmetic task's sweep ran mapo and diff_kto only to fail each at its run's start, after
+    the SFT model was trained; both are named up front with the way to run them."""
+    from preftune.cli import main
+
+    monkeypatch.setattr("preftune.eval.builtin.builtin_task", _no_preparation)
+
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--methods", "dpo,mapo,diff_kto", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "sweep: 2 of --methods cannot train a language model (nothing was prepared)" in err
+    assert "'mapo' is a diffusion loss (docs/diffusion.md): it trains a diffusers pipeline folder — " in err
+    assert "sweep it with --task diffusion; for a language model use dpo, kto, simpo" in err
+    assert (
+        "'diff_kto' is a diffusion loss" in err and "for a language model use kto, its language form" in err
+    )
+    assert not out.exists()

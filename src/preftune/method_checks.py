@@ -10,6 +10,7 @@ DISTILL_METHODS = ("adpa", "dckd", "aligndistil")  # preftune.losses.distill_los
 DIFFUSION_LOSSES = ("diff_kto", "mapo", "smpo", "inpo", "seppo", "pso")  # preftune.losses.diffusion_losses
 # a language loss whose diffusion form has another name (Diffusion-KTO: KTO on per-image statistics)
 DIFFUSION_COUNTERPARTS = {"kto": "diff_kto"}
+LANGUAGE_FORMS = {v: k for k, v in DIFFUSION_COUNTERPARTS.items()}  # diff_kto → kto
 # an online language preset → the online diffusion method of the same idea (`diffusion_methods.METHODS`):
 # DDPO's per-prompt standardised rewards with PPO-clip are GRPO's; DPOK's value baseline and KL to the
 # pretrained model are PPO's; D3PO is DPO on the model's own sample pairs, as online DPO
@@ -41,8 +42,7 @@ def check_model_kind(config: Any, terms: list[tuple[Any, float, dict[str, Any]]]
     if names and not pipeline:
         raise ConfigError(
             f"'{names[0]}' is a diffusion loss (docs/diffusion.md): --model must be a diffusers pipeline "
-            f"folder (model_index.json), not '{config.model}'; for a language model use dpo, kto, simpo, "
-            "... ('preftune losses')"
+            f"folder (model_index.json), not '{config.model}'; {language_loss_hint(names[0])}"
         )
 
 
@@ -89,21 +89,84 @@ def image_loss_refusal(name: str, why: str, losses: list[str]) -> str:
     other = DIFFUSION_COUNTERPARTS.get(name)
     if other:
         return f"{why} — use {other}, its diffusion form (docs/diffusion.md)"
+    if not losses:  # (the caller lists them once)
+        return f"{why} — use another loss"
     return f"{why} — use one of: {', '.join(losses)} (docs/diffusion.md)"
+
+
+def language_loss_hint(name: str) -> str:
+    """What a language model trains instead of the diffusion loss `name`: its language form where it
+    has one (diff_kto → kto), else the usual losses."""
+    other = LANGUAGE_FORMS.get(name)
+    if other:
+        return f"for a language model use {other}, its language form"
+    return "for a language model use dpo, kto, simpo, ... ('preftune losses')"
+
+
+def image_term_refusal(spec: Any, alone: bool = True, losses: list[str] | None = None) -> str:
+    """ "why — the loss to use" for a term that cannot train a denoiser on image data, "" when it can;
+    `losses`: the ones to name (default `image_losses()`; [] when the caller lists them)."""
+    why = image_loss_problem(spec, alone)
+    return image_loss_refusal(spec.name, why, image_losses() if losses is None else losses) if why else ""
 
 
 def check_image_objective(terms: list[tuple[Any, float, dict[str, Any]]], model: str) -> None:
     """Each term of an offline objective on a diffusers pipeline folder trains a denoiser on image
     data; refused before anything loads, naming the term, why and the loss to use (was a failed first
     step: "needs branch 1 = a completion of a different prompt" for kto)."""
-    alone = len(terms) == 1
     for spec, _, _ in terms:
-        why = image_loss_problem(spec, alone)
-        if why:
+        refusal = image_term_refusal(spec, len(terms) == 1)
+        if refusal:
             raise ConfigError(
                 f"loss '{spec.name}' cannot train a diffusion pipeline (--model {model} is a diffusers "
-                f"pipeline folder): {image_loss_refusal(spec.name, why, image_losses())}"
+                f"pipeline folder): {refusal}"
             )
+
+
+def sweep_misfit(method: str, diffusion: bool) -> str:
+    """Why the sweep method `method` (its names already known) cannot train the sweep's model, "" when
+    it can: on a diffusers pipeline (`diffusion`) what `check_model_kind` refuses for a run, else a
+    diffusion-only loss on a language model."""
+    from preftune import losses
+    from preftune.online_methods import is_online
+
+    if is_online(method):
+        if not diffusion:
+            return ""
+        return (
+            f"'{method}' samples text from a language model — {online_counterpart(method)}the online "
+            "diffusion methods (ddpo, dpok, d3po, spo, awm) run with preftune train on a pipeline folder, "
+            "not in a sweep"
+        )
+    terms = losses.parse_objective(method)
+    for spec, _ in terms:
+        refusal = image_term_refusal(spec, len(terms) == 1, losses=[]) if diffusion else ""
+        if refusal:
+            return f"loss '{spec.name}' cannot train a diffusion pipeline: {refusal}"
+        if not diffusion and spec.name in DIFFUSION_LOSSES:
+            return (
+                f"'{spec.name}' is a diffusion loss (docs/diffusion.md): it trains a diffusers pipeline folder "
+                f"— sweep it with --task diffusion; {language_loss_hint(spec.name)}"
+            )
+    return ""
+
+
+def check_sweep_methods(methods: list[str], diffusion: bool) -> None:
+    """Every method of a sweep trains its model, checked before the task is prepared (a misfit was
+    refused only when its run started, after the task's minutes of pretraining or SFT); each misfit is
+    named with the method to use instead (`sweep_misfit`)."""
+    misfits = [m for m in (sweep_misfit(method, diffusion) for method in methods) if m]
+    if misfits:
+        model = "the diffusion task's pipeline" if diffusion else "a language model"
+        raise ConfigError(
+            f"sweep: {len(misfits)} of --methods cannot train {model} (nothing was prepared): "
+            + "; ".join(misfits)
+            + (
+                f" (the losses that train a pipeline: {', '.join(image_losses())}; docs/diffusion.md)"
+                if diffusion
+                else ""
+            )
+        )
 
 
 def check_sampler(config: Any, estimator: str) -> None:

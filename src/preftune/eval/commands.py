@@ -358,9 +358,12 @@ def _sweep_command(args: argparse.Namespace) -> int:
     from preftune.config import load_config
     from preftune.eval.builtin import builtin_task
     from preftune.eval.sweep import PolicyEvaluator, parse_methods, run_sweep
+    from preftune.method_checks import check_sweep_methods
+    from preftune.paths import is_pipeline_folder
     from preftune.train.commands import overrides_from_args
 
-    methods = parse_methods(args.methods)
+    builtin_diffusion = args.task == "diffusion" and not getattr(args, "model", None)
+    methods = parse_methods(args.methods, diffusion=builtin_diffusion)
     out = Path(args.out)
     taken = [m for m in methods if (out / m / "metrics.jsonl").is_file()]
     if taken and not args.resume_sweep:  # checked before any work, not after the SFT model and the first runs
@@ -383,6 +386,8 @@ def _sweep_command(args: argparse.Namespace) -> int:
             "sweep: give --model with --data (online methods only: with --prompts and --reward), or "
             "neither (then the built-in arithmetic task is used)"
         )
+    if not model or not is_pipeline_folder(model):  # (a pipeline folder of your own: each run checks)
+        check_sweep_methods(methods, diffusion=args.task == "diffusion" and not model)
     if model:
         base = load_config(args.config, {**overrides, "method": methods[0], "out": str(out)})
         task = _own_task(base, methods, args.kl_prompts)

@@ -122,12 +122,15 @@ class SweepResult:
         }
 
 
-def parse_methods(text: str) -> list[str]:
+def parse_methods(text: str, diffusion: bool = False) -> list[str]:
     """'dpo,ipo, simpo' → ['dpo', 'ipo', 'simpo'], each checked against the loss registry (or an
-    online method: grpo, rloo, remax, ...)."""
+    online method: grpo, rloo, remax, ...); `diffusion` (the diffusion task): an unknown name is matched
+    against the losses that train a pipeline folder only."""
     from preftune import losses
     from preftune.config import check_terms_known
     from preftune.losses.catalogue import FAMILIES, find
+    from preftune.losses.registry import _did_you_mean
+    from preftune.method_checks import image_losses
     from preftune.online_methods import is_online
 
     methods = [m.strip() for m in text.split(",") if m.strip()]
@@ -143,6 +146,12 @@ def parse_methods(text: str) -> list[str]:
             raise ConfigError(
                 f"sweep: '{m}' ({FAMILIES[entry.family][0]}) cannot be swept yet — a sweep compares "
                 f"preference losses and online RL methods on one model; train it with 'preftune train {m}'"
+            )
+        unknown = [n for n in (p.partition(":")[0].strip() for p in m.split(",")) if n not in losses.REGISTRY]
+        if diffusion and unknown and unknown[0]:
+            raise ConfigError(
+                f"sweep --task diffusion: unknown loss '{unknown[0]}'{_did_you_mean(unknown[0], image_losses())} "
+                f"(it trains one of: {', '.join(image_losses())})"
             )
         check_terms_known(m)  # an unknown name: matched against every family
         losses.parse_objective(m)  # the objective's other rules (weights, one data kind)
