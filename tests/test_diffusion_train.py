@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -155,3 +156,30 @@ def test_diffusion_beta_default_and_kto_on_pairs(setup: tuple[Path, Path, Path])
     assert result.metrics["examples_per_s"] > 0
     first = json.loads((result.out_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert first["loss"] == pytest.approx(0.5, abs=1e-6)  # policy = reference: g = z = 0, 1 − σ(0)
+
+
+@pytest.mark.parametrize("method", ["dpo", "diff_kto"])  # diff_kto: each pair split into two images
+def test_resume_refuses_an_image_rewritten_under_its_path(
+    setup: tuple[Path, Path, Path], tmp_path: Path, method: str
+) -> None:
+    """The run's data digest covered the rows' count and labels, so an image file rewritten between
+    stop and --resume trained silently on the new pixels; the checkpoint now records each row's image
+    digests (the latent cache's SHA-256 keys), and the resume is refused naming the file and the row."""
+    from PIL import Image
+
+    from preftune.errors import TrainingError
+
+    root, pipe, _ = setup
+    data = write_image_pairs(tmp_path / "data", pairs=4, seed=5)
+    train(config(root, pipe, data, f"rewritten-{method}", method=method, max_steps=2))
+    again = train(
+        config(root, pipe, data, f"rewritten-{method}", method=method, max_steps=3, resume="latest")
+    )
+    assert again.steps == 3  # the same images: resumed
+    image = data.parent / "img" / "2-rejected.png"
+    Image.fromarray(255 - np.asarray(Image.open(image))).save(image)  # same path, other pixels
+    with pytest.raises(TrainingError) as err:
+        train(config(root, pipe, data, f"rewritten-{method}", method=method, max_steps=4, resume="latest"))
+    assert str(err.value).startswith(f"resume: data '{data}' row 3: its images or caption are not the ones")
+    assert "an image file was rewritten under the same path" in str(err.value)
+    assert f"checkpoint {root / f'rewritten-{method}' / 'checkpoints' / 'step-3'}" in str(err.value)

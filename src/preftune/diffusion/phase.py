@@ -53,6 +53,10 @@ def to_examples(
         meta: dict[str, object] = {
             "latents": [latents[d] for d in r.digests],
             "text": [texts[c] for c in r.captions],
+            # what the run digest covers (`digests.image_rows_digest`): the images' SHA-256 (the
+            # latent cache's keys, hashed once when read) and the captions
+            "image_digests": r.digests,
+            "captions": r.captions,
         }
         out.append(
             Example(
@@ -85,7 +89,8 @@ def adapt_image_examples(examples: list[Example], loss_kind: str, where: str) ->
             texts: list[Any] = e.meta["text"]  # type: ignore[assignment]
             latents: list[Any] = e.meta["latents"]  # type: ignore[assignment]
             for k, label in ((0, 1.0), (1, 0.0)):
-                meta: dict[str, object] = {
+                meta = {
+                    **e.meta,
                     "latents": [latents[k]],
                     "text": [texts[k] if len(texts) > 1 else texts[0]],
                 }

@@ -30,7 +30,7 @@ from preftune.train import checkpoint as ckpt
 from preftune.train import faults, runfolder
 from preftune.train.allocator import apply_mmap_threshold
 from preftune.train.batches import objective_kind, prompt_groups
-from preftune.train.digests import data_digest
+from preftune.train.digests import data_digest, image_rows_digest
 from preftune.train.distributed import (
     World,
     barrier,
@@ -139,8 +139,8 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
     seed_everything(config.seed)
     tokenizer, sources, eval_examples = _load_data(config, objective, world)
     total = sum(s.steps for s in sources)
-    digest = data_digest(sources)
-    state = _initial_state(config, world, [s.steps for s in sources], digest)
+    digests = {"data_digest": data_digest(sources), "image_rows": image_rows_digest(sources)}
+    state = _initial_state(config, world, [s.steps for s in sources], digests)
     if objective.kind == "distill":
         from preftune.train.distill_step import load_teachers
 
@@ -154,7 +154,7 @@ def _train(config: TrainConfig, objective: Objective, world: World) -> RunResult
             if sampler is not None:
                 sampler.load_state_dict(state.extra.get("sampler", {}))
     run = _make_run(config, objective, world, sources, eval_examples, total, state)
-    run.data_digest = digest
+    run.data_digest, run.image_rows = digests["data_digest"], digests["image_rows"]
     graceful = GracefulStop()
     try:
         graceful.__enter__()  # signals now stop the run at a step boundary, after a checkpoint
@@ -239,9 +239,9 @@ def _load_data(
     return tokenizer, sources, eval_examples
 
 
-def _initial_state(config: TrainConfig, world: World, steps: list[int], digest: str) -> RunState:
+def _initial_state(config: TrainConfig, world: World, steps: list[int], digests: dict[str, str]) -> RunState:
     """The policy (sharded under FSDP), its optimizer and scheduler, restored from the checkpoint to
-    resume when there is one (trained on data of this `data_digest`)."""
+    resume when there is one (trained on data of these `digests`: `data_digest`, `image_rows`)."""
     model = load_policy(config, world)
     if _value_head(config):  # PPO family: the critic's head on the policy trunk, before the optimizer
         from preftune.rl.ppo import attach_value_head
@@ -264,7 +264,7 @@ def _initial_state(config: TrainConfig, world: World, steps: list[int], digest: 
     optimizer = _value_head_group(model, params, config) or build_optimizer(params, config)
     state = RunState(model, params, optimizer, build_scheduler(optimizer, config, sum(steps)))
     if resume_path is not None:
-        _restore(state, resume_path, config, world, steps, digest)
+        _restore(state, resume_path, config, world, steps, digests)
     return state
 
 
@@ -303,10 +303,10 @@ def _check_sharding(resume_path: Path, world: World) -> None:
 
 
 def _restore(
-    state: RunState, path: Path, config: TrainConfig, world: World, steps: list[int], digest: str
+    state: RunState, path: Path, config: TrainConfig, world: World, steps: list[int], digests: dict[str, str]
 ) -> None:
     """Weights, optimizer, scheduler, RNG, loss state and position from the checkpoint `path`;
-    `steps`: the phases' step counts, `digest`: the data's (`run.data_digest`)."""
+    `steps`: the phases' step counts, `digests`: the data's (`run.data_digest`, `run.image_rows`)."""
     total = sum(steps)
     resume, state.loss_state, state.extra = ckpt.load_checkpoint(
         path,
@@ -317,7 +317,8 @@ def _restore(
         load_optimizer=_fsdp_optimizer_loader(state.model, state.optimizer) if world.fsdp else None,
     )
     ckpt.check_position(resume, steps, path)
-    runfolder.check_resume_data(config, resume, digest, path)
+    runfolder.check_resume_data(config, resume, digests["data_digest"], path)
+    runfolder.check_resume_images(config, resume, digests["image_rows"], path)
     hold_grads(state.params, resume.get("grads_held"), path)
     state.phase, state.step_in_phase, state.global_step = runfolder.resume_position(
         resume, total=total, config=config, path=path

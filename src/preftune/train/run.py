@@ -150,6 +150,7 @@ class Run:
     progress: Progress
     log: Callable[[str], None]
     data_digest: str = ""  # `data_digest` of the sources: each checkpoint records it
+    image_rows: str = ""  # `image_rows_digest` of an offline diffusion run's sources (recorded too)
 
     def begin_phase(self, state: RunState, source: PhaseSource) -> Any:
         """Set up the phase's reference (rebuilt from the checkpoint when resuming mid-phase) and
@@ -332,6 +333,7 @@ class Run:
             "fsdp": world.fsdp,
             "grads_held": held_grads(state.params),
             "data_digest": self.data_digest,
+            **({"image_rows": self.image_rows} if self.image_rows else {}),
         }
 
         def write() -> None:

@@ -381,6 +381,22 @@ def check_resume_data(config: TrainConfig, state: dict[str, Any], digest: str, p
     )
 
 
+def check_resume_images(config: TrainConfig, state: dict[str, Any], now: str, path: Path) -> None:
+    """Refuse a resume of an offline diffusion run whose images or captions are not the ones the
+    checkpoint was trained on (`digests.image_rows_digest`: an image file rewritten under the same
+    path), naming the first such row; a checkpoint that does not record them is not checked."""
+    from preftune.train.digests import changed_image_row
+
+    row = changed_image_row(state.get("image_rows") or "", now)
+    if row:
+        raise TrainingError(
+            f"resume: data '{config.data}' row {row}: its images or caption are not the ones the run was "
+            f"trained on (checkpoint {path}): an image file was rewritten under the same path, or the "
+            "caption changed, since the run started — put the data back as it was to continue the run "
+            "exactly, or start a new run with another --out"
+        )
+
+
 def resume_position(
     state: dict[str, Any], *, total: int, config: TrainConfig, path: Path
 ) -> tuple[int, int, int]:
