@@ -164,7 +164,7 @@ def test_resume_refuses_step_data_rewritten_under_its_path(prm_run, tmp_path, ca
     refused in one line naming the file and the checkpoint (it was trained on silently)."""
     import shutil
 
-    from test_train_fixtures import one_line
+    from test_train_fixtures import assert_resume_refuses_data
 
     root, base = prm_run
     data = write_jsonl(tmp_path / "pb.jsonl", processbench_from_task(24, seed=1))
@@ -176,11 +176,7 @@ def test_resume_refuses_step_data_rewritten_under_its_path(prm_run, tmp_path, ca
     shutil.rmtree(out / "final")
     shutil.rmtree(out / "checkpoints" / "step-4")
     write_jsonl(data, processbench_from_task(24, seed=2))
-    capsys.readouterr()
-    assert main([*args, "--resume"]) == 2
-    line = one_line(capsys.readouterr().err)
-    assert line.startswith(f"resume: data '{data}' now gives other examples than the run was trained on")
-    assert str(out / "checkpoints" / "step-2") in line
+    assert_resume_refuses_data(main, capsys, args, out, "data", data, out / "checkpoints" / "step-2")
     assert not (out / "final").exists() and not (out / "checkpoints" / "step-4").exists()
     write_jsonl(data, processbench_from_task(24, seed=1))
     assert main([*args, "--resume"]) == 0

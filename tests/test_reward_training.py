@@ -199,7 +199,7 @@ def test_resume_refuses_data_rewritten_under_its_path(tmp_path, capsys, head):
     checkpoint, before anything is written; put back, the run resumes."""
     import shutil
 
-    from test_train_fixtures import one_line
+    from test_train_fixtures import assert_resume_refuses_data
 
     model = tiny_model(tmp_path / "sft")
     rows = pair_rows(16, seed=1)
@@ -212,14 +212,8 @@ def test_resume_refuses_data_rewritten_under_its_path(tmp_path, capsys, head):
     assert state["data_digest"]
     shutil.rmtree(out / "final")
     shutil.rmtree(out / "checkpoints" / "step-3")
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     write_jsonl(data, rows[:8] + pair_rows(8, seed=2))
-    capsys.readouterr()
-    assert main([*args, "--resume"]) == 2
-    line = one_line(capsys.readouterr().err)
-    assert line.startswith(f"resume: data '{data}' now gives other examples than the run was trained on")
-    assert str(out / "checkpoints" / "step-2") in line and "put the data back as it was" in line
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert_resume_refuses_data(main, capsys, args, out, "data", data, out / "checkpoints" / "step-2")
     write_jsonl(data, rows)
     assert main([*args, "--resume"]) == 0
     assert "resuming from step 2 of 3" in capsys.readouterr().out

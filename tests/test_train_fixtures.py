@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,28 @@ def one_line(err: str) -> str:
     lines = [line for line in err.splitlines() if line.startswith("preftune: error:")]
     assert len(lines) == 1, err
     return lines[0].removeprefix("preftune: error: ")
+
+
+def assert_resume_refuses_data(
+    main: Callable[[list[str]], int],
+    capsys: Any,
+    argv: list[str],
+    out: Path,
+    what: str,
+    path: Path,
+    checkpoint: Path,
+) -> None:
+    """`argv --resume` after `path` was rewritten: exit 2, one line naming the file (`what`: "data",
+    "prompts") and `checkpoint`, and nothing under `out` written or removed."""
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(f"resume: {what} '{path}' now gives other examples than the run was trained on"), (
+        line
+    )
+    assert str(checkpoint) in line and "put the data back as it was" in line, line
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_pair_rows_are_learnable_and_seeded() -> None:

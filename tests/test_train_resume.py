@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from online_fixtures import crash_in_call
 from preftune.cli import main
-from test_train_fixtures import one_line, pair_rows, tiny_model, write_jsonl
+from test_train_fixtures import assert_resume_refuses_data, pair_rows, tiny_model, write_jsonl
 
 # Runs `preftune train` and SIGKILLs itself when step 4 starts.
 DRIVER = """
@@ -194,12 +194,7 @@ def test_data_changed_under_its_path_is_refused(tmp_path: Path, capsys: pytest.C
     assert main(args) == 0
     shutil.rmtree(out / "final")
     shutil.rmtree(out / "checkpoints" / "step-3")
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     write_jsonl(data, rows[:12])
-    assert main([*args, "--resume"]) == 2
-    line = one_line(capsys.readouterr().err)
-    assert line.startswith(f"resume: data '{data}' now gives other examples than the run was trained on")
-    assert str(out / "checkpoints" / "step-2") in line and "put the data back as it was" in line
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert_resume_refuses_data(main, capsys, args, out, "data", data, out / "checkpoints" / "step-2")
     write_jsonl(data, rows)
     assert main([*args, "--resume"]) == 0
