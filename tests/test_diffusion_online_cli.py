@@ -16,6 +16,7 @@ from preftune.cli import main  # noqa: E402
 from preftune.diffusion.online_steps import Method  # noqa: E402
 from preftune.diffusion.tiny import save_tiny_pipeline  # noqa: E402
 from preftune.tasks.shapes import all_prompts  # noqa: E402
+from test_train_fixtures import assert_resume_refuses_data, one_line, stopped_before_final  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -230,8 +231,6 @@ def test_resume_refuses_prompts_rewritten_under_their_path(root, tmp_path, capsy
     checkpoint (the run went on silently with the new prompts)."""
     import shutil
 
-    from test_train_fixtures import assert_resume_refuses_data, one_line
-
     texts = [p.text for p in all_prompts()]
     prompts, held = tmp_path / "prompts.jsonl", tmp_path / "held.jsonl"
 
@@ -280,12 +279,7 @@ def test_a_stop_signal_while_the_results_are_written_says_what_is_saved(root, mo
     capsys.readouterr()
     assert main(_argv(root, "ddpo", "sig-final", "--save-every", "0")) == 130
     monkeypatch.undo()
-    line = capsys.readouterr().err.strip().splitlines()[-1]
-    command = f"preftune train --config {out / 'config.yaml'} --resume"
-    assert line == (
-        "preftune: error: stopped by SIGINT after training finished (step 2 of 2), while the run wrote "
-        f"its results: final/ was not written; the newest checkpoint is {out / 'checkpoints' / 'step-2'} "
-        f"— write final/ and summary.json from it with: {command}"
-    )
+    expected, command = stopped_before_final("SIGINT", 2, out)
+    assert capsys.readouterr().err.strip().splitlines()[-1] == expected
     assert main(shlex.split(command)[1:]) == 0
     assert (out / "final" / "model_index.json").is_file() and (out / "summary.json").is_file()

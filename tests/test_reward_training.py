@@ -15,7 +15,14 @@ from preftune.config import load_config
 from preftune.errors import ConfigError
 from preftune.reward import load_reward
 from preftune.reward import training as rm_training
-from test_train_fixtures import pair_rows, ranked_rows, tiny_model, write_jsonl
+from test_train_fixtures import (
+    assert_resume_refuses_data,
+    pair_rows,
+    ranked_rows,
+    stopped_before_final,
+    tiny_model,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -199,8 +206,6 @@ def test_resume_refuses_data_rewritten_under_its_path(tmp_path, capsys, head):
     checkpoint, before anything is written; put back, the run resumes."""
     import shutil
 
-    from test_train_fixtures import assert_resume_refuses_data
-
     model = tiny_model(tmp_path / "sft")
     rows = pair_rows(16, seed=1)
     data = write_jsonl(tmp_path / "prefs.jsonl", rows)
@@ -250,13 +255,8 @@ def test_a_stop_signal_while_final_is_written_says_what_is_saved(whole, monkeypa
     capsys.readouterr()
     assert main([*args, "--out", str(out)]) == 128 + signal.SIGTERM
     monkeypatch.undo()
-    line = capsys.readouterr().err.strip().splitlines()[-1]
-    command = f"preftune train --config {out / 'config.yaml'} --resume"
-    assert line == (
-        "preftune: error: stopped by SIGTERM after training finished (step 4 of 4), while the run wrote "
-        f"its results: final/ was not written; the newest checkpoint is {out / 'checkpoints' / 'step-4'} "
-        f"— write final/ and summary.json from it with: {command}"
-    )
+    expected, command = stopped_before_final("SIGTERM", 4, out)
+    assert capsys.readouterr().err.strip().splitlines()[-1] == expected
     assert not (out / "final").exists() and not (out / "final.tmp").exists()
     assert main(shlex.split(command)[1:]) == 0
     assert (out / "final" / "model.safetensors").is_file() and (out / "summary.json").is_file()

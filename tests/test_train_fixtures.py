@@ -76,6 +76,17 @@ def one_line(err: str) -> str:
     return lines[0].removeprefix("preftune: error: ")
 
 
+def stopped_before_final(signal_name: str, step: int, out: Path) -> tuple[str, str]:
+    """The last stderr line of a run stopped by `signal_name` after its last step `step` (of `step`)
+    and before final/ was written, and the resume command it prints."""
+    command = f"preftune train --config {out / 'config.yaml'} --resume"
+    return (
+        f"preftune: error: stopped by {signal_name} after training finished (step {step} of {step}), while "
+        f"the run wrote its results: final/ was not written; the newest checkpoint is "
+        f"{out / 'checkpoints' / f'step-{step}'} — write final/ and summary.json from it with: {command}"
+    ), command
+
+
 def assert_resume_refuses_data(
     main: Callable[[list[str]], int],
     capsys: Any,

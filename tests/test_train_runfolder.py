@@ -27,7 +27,7 @@ import preftune.train.run as train_run
 from preftune.cli import main
 from preftune.config import TrainConfig, save_config
 from slow_steps import slow_step_driver
-from test_train_fixtures import pair_rows, tiny_model, write_jsonl
+from test_train_fixtures import pair_rows, stopped_before_final, tiny_model, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -295,13 +295,8 @@ def test_a_signal_while_final_is_written_says_what_is_saved_and_the_command_fini
     capsys.readouterr()
     assert main([*args, "--out", str(out)]) == 128 + signal.SIGTERM
     monkeypatch.undo()
-    err = capsys.readouterr().err
-    command = f"preftune train --config {out / 'config.yaml'} --resume"
-    assert err.strip().splitlines()[-1] == (
-        "preftune: error: stopped by SIGTERM after training finished (step 4 of 4), while the run wrote "
-        f"its results: final/ was not written; the newest checkpoint is {out / 'checkpoints' / 'step-4'} "
-        f"— write final/ and summary.json from it with: {command}"
-    )
+    expected, command = stopped_before_final("SIGTERM", 4, out)
+    assert capsys.readouterr().err.strip().splitlines()[-1] == expected
     assert signal.getsignal(signal.SIGTERM) == before  # the handlers are restored
     assert not (out / "final").exists() and not (out / "final.tmp").exists()
     assert main(shlex.split(command)[1:]) == 0
